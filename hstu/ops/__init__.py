@@ -1,0 +1,31 @@
+"""HSTU ops: fused attention and jagged-tensor ops, each with a pure-PyTorch reference.
+
+``hstu.ops.hstu_attention`` dispatches to the CUDA kernel when the extension is built and supports the call,
+else to the reference; the jagged ops are vectorised torch on every device.
+"""
+
+from hstu.ops._extension import extension_available
+from hstu.ops.hstu_attention import attention_mask, hstu_attention, hstu_attention_reference
+from hstu.ops.jagged import (
+    candidate_mask,
+    concat_2d_jagged,
+    dense_to_jagged,
+    jagged_to_padded_dense,
+    lengths_to_offsets,
+    sequence_positions,
+    split_2d_jagged,
+)
+
+__all__ = [
+    "attention_mask",
+    "candidate_mask",
+    "concat_2d_jagged",
+    "dense_to_jagged",
+    "extension_available",
+    "hstu_attention",
+    "hstu_attention_reference",
+    "jagged_to_padded_dense",
+    "lengths_to_offsets",
+    "sequence_positions",
+    "split_2d_jagged",
+]

@@ -1,0 +1,90 @@
+"""Argument checks shared by every op: each problem becomes a ValueError/TypeError naming the argument.
+
+Value checks (monotone offsets, lengths against max_seqlen, ...) read small index tensors on the host. They are
+skipped while tracing with fake tensors or under torch.compile, where the values do not exist yet.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def values_are_concrete(*tensors: Optional[torch.Tensor]) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not any(isinstance(t, FakeTensor) or (t is not None and t.device.type == "meta") for t in tensors)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(name: str, t: object, ndim: int, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    t = check_tensor(name, t)
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_index_tensor(name: str, t: object, length: Optional[int] = None) -> torch.Tensor:
+    t = check_tensor(name, t)
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {str(t.dtype).replace('torch.', '')}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if length is not None and t.numel() != length:
+        raise ValueError(f"{name} must have {length} elements, got {t.numel()}")
+    return t
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}; use one device")
+
+
+def check_int(name: str, value: object, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, torch.Tensor) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        value = int(value)  # numpy integers and SymInts
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_offsets(name: str, offsets: object, total: Optional[int] = None) -> torch.Tensor:
+    """offsets: 1-D int tensor with offsets[0] == 0, non-decreasing, offsets[-1] == total (when given)."""
+    offsets = check_index_tensor(name, offsets)
+    if offsets.numel() < 1:
+        raise ValueError(f"{name} must have at least one element (B+1 entries, starting with 0)")
+    if values_are_concrete(offsets):
+        host = offsets.detach().cpu()
+        if int(host[0]) != 0:
+            raise ValueError(f"{name}[0] must be 0, got {int(host[0])}")
+        steps = host[1:] - host[:-1]
+        if bool((steps < 0).any()):
+            bad = int(torch.nonzero(steps < 0)[0])
+            raise ValueError(
+                f"{name} must be non-decreasing, but {name}[{bad + 1}]={int(host[bad + 1])} < "
+                f"{name}[{bad}]={int(host[bad])}"
+            )
+        if total is not None and int(host[-1]) != total:
+            raise ValueError(f"{name}[-1] must equal the number of rows {total}, got {int(host[-1])}")
+    return offsets
+
+
+def lengths_of(offsets: torch.Tensor) -> torch.Tensor:
+    return offsets[1:] - offsets[:-1]

@@ -1,0 +1,285 @@
+"""``hstu_attention``: argument checks, the ``hstu::`` custom ops with autograd, and the dispatcher.
+
+Dispatch: the fused CUDA kernel when the extension is built, the tensors are on CUDA and the kernel supports the
+configuration; otherwise the pure-PyTorch reference (with one warning per reason on GPU). Backward through the
+reference recomputes the forward under autograd, so both paths share the same custom-op boundary and work under
+``torch.compile`` and with fake tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from hstu.ops._extension import warn_once
+from hstu.ops._validation import (
+    check_float_tensor,
+    check_index_tensor,
+    check_int,
+    check_offsets,
+    check_same_device,
+    lengths_of,
+    values_are_concrete,
+)
+from hstu.ops.hstu_attention import cuda
+from hstu.ops.hstu_attention.reference import hstu_attention_reference, hstu_attention_reference_backward
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _use_kernel(q, k, v, rab, dropout_p) -> bool:
+    if q.device.type != "cuda":
+        return False
+    reason = cuda.unsupported_reason(q, k, v, rab, dropout_p)
+    if reason is None:
+        return True
+    warn_once(f"hstu_attention:{reason}", f"hstu_attention runs the PyTorch reference on GPU: {reason}")
+    return False
+
+
+@torch.library.custom_op("hstu::hstu_attention_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seqlen: int,
+    alpha: float,
+    scaling_seqlen: int,
+    causal: bool,
+    window_size: int,
+    num_contexts: Optional[torch.Tensor],
+    num_targets: Optional[torch.Tensor],
+    target_group_size: int,
+    rab: Optional[torch.Tensor],
+    dropout_p: float,
+    dropout_seed: int,
+    deterministic: bool,
+) -> torch.Tensor:
+    args = (q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
+            num_targets, target_group_size, rab, dropout_p, dropout_seed)  # fmt: skip
+    if _use_kernel(q, k, v, rab, dropout_p):
+        return cuda.forward(*args)
+    return _reference_forward(*args)
+
+
+def _reference_forward(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
+                       num_targets, target_group_size, rab, dropout_p, dropout_seed):  # fmt: skip
+    return hstu_attention_reference(
+        q, k, v, seq_offsets, max_seqlen, alpha=alpha, scaling_seqlen=scaling_seqlen, causal=causal,
+        window_size=window_size, num_contexts=num_contexts, num_targets=num_targets,
+        target_group_size=target_group_size, rab=rab, dropout_p=dropout_p, dropout_seed=dropout_seed,
+    )  # fmt: skip
+
+
+@_forward_op.register_fake
+def _(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts, num_targets,
+      target_group_size, rab, dropout_p, dropout_seed, deterministic):  # fmt: skip
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+@torch.library.custom_op("hstu::hstu_attention_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seqlen: int,
+    alpha: float,
+    scaling_seqlen: int,
+    causal: bool,
+    window_size: int,
+    num_contexts: Optional[torch.Tensor],
+    num_targets: Optional[torch.Tensor],
+    target_group_size: int,
+    rab: Optional[torch.Tensor],
+    rab_needs_grad: bool,
+    dropout_p: float,
+    dropout_seed: int,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dq, dk, dv, drab; drab is an empty tensor when rab_needs_grad is False."""
+    if _use_kernel(q, k, v, rab, dropout_p):
+        dq, dk, dv, drab = cuda.backward(
+            grad_out.contiguous(), q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
+            num_contexts, num_targets, target_group_size, rab, rab_needs_grad, dropout_p, dropout_seed, deterministic,
+        )  # fmt: skip
+        return dq, dk, dv, drab if drab is not None else q.new_empty(0)
+    dq, dk, dv, drab = hstu_attention_reference_backward(
+        grad_out, q, k, v, seq_offsets, max_seqlen, alpha=alpha, scaling_seqlen=scaling_seqlen, causal=causal,
+        window_size=window_size, num_contexts=num_contexts, num_targets=num_targets,
+        target_group_size=target_group_size, rab=rab, rab_needs_grad=rab_needs_grad, dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+    )  # fmt: skip
+    return dq, dk, dv, drab if drab is not None else q.new_empty(0)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
+      num_targets, target_group_size, rab, rab_needs_grad, dropout_p, dropout_seed, deterministic):  # fmt: skip
+    drab = torch.empty_like(rab) if rab_needs_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drab
+
+
+_SAVED_PARAMS = ("max_seqlen", "alpha", "scaling_seqlen", "causal", "window_size")
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts, num_targets,
+     target_group_size, rab, dropout_p, dropout_seed, deterministic) = inputs  # fmt: skip
+    ctx.save_for_backward(q, k, v, seq_offsets, num_contexts, num_targets, rab)
+    ctx.params = (max_seqlen, alpha, scaling_seqlen, causal, window_size)
+    ctx.target_group_size = target_group_size
+    ctx.dropout = (dropout_p, dropout_seed)
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, grad_out):
+    q, k, v, seq_offsets, num_contexts, num_targets, rab = ctx.saved_tensors
+    rab_needs_grad = rab is not None and ctx.needs_input_grad[12]
+    dq, dk, dv, drab = _backward_op(
+        grad_out, q, k, v, seq_offsets, *ctx.params, num_contexts, num_targets, ctx.target_group_size, rab,
+        rab_needs_grad, *ctx.dropout, ctx.deterministic,
+    )  # fmt: skip
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None,
+            drab if rab_needs_grad else None, None, None, None)  # fmt: skip
+
+
+torch.library.register_autograd("hstu::hstu_attention_forward", _backward, setup_context=_setup_context)
+
+
+def _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
+              num_targets, target_group_size, rab, dropout_p):  # fmt: skip
+    q = check_float_tensor("q", q, 3, SUPPORTED_DTYPES)
+    k = check_float_tensor("k", k, 3, SUPPORTED_DTYPES)
+    v = check_float_tensor("v", v, 3, SUPPORTED_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must be (T, H, Dv) with T, H = {tuple(q.shape[:2])}, got {tuple(v.shape)}")
+    if q.shape[2] == 0 or v.shape[2] == 0:
+        raise ValueError(f"head dims must be positive, got Dqk={q.shape[2]}, Dv={v.shape[2]}")
+    seq_offsets = check_offsets("seq_offsets", seq_offsets, total=q.shape[0])
+    batch = seq_offsets.numel() - 1
+    max_seqlen = check_int("max_seqlen", max_seqlen, minimum=0)
+    if scaling_seqlen is not None:
+        scaling_seqlen = check_int("scaling_seqlen", scaling_seqlen, minimum=1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    window_size = check_int("window_size", window_size)
+    target_group_size = check_int("target_group_size", target_group_size)
+    if target_group_size < 1:
+        raise ValueError(f"target_group_size must be >= 1, got {target_group_size}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not causal and (num_contexts is not None or num_targets is not None):
+        raise ValueError("num_contexts and num_targets need causal=True (they define causal masks)")
+    if num_contexts is not None:
+        num_contexts = check_index_tensor("num_contexts", num_contexts, length=batch)
+    if num_targets is not None:
+        num_targets = check_index_tensor("num_targets", num_targets, length=batch)
+    if rab is not None:
+        rab = check_float_tensor("rab", rab, 4, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+        if rab.shape[0] != batch or rab.shape[1] not in (1, q.shape[1]):
+            raise ValueError(
+                f"rab must be (B={batch}, H={q.shape[1]} or 1, >=max_seqlen, >=max_seqlen), got {tuple(rab.shape)}"
+            )
+        if rab.shape[2] < max_seqlen or rab.shape[3] < max_seqlen:
+            raise ValueError(f"rab's last two dims must be >= max_seqlen={max_seqlen}, got {tuple(rab.shape)}")
+    check_same_device("q", q, k=k, v=v, seq_offsets=seq_offsets, num_contexts=num_contexts,
+                      num_targets=num_targets, rab=rab)  # fmt: skip
+
+    if batch > 0 and values_are_concrete(seq_offsets, num_contexts, num_targets):
+        lengths = lengths_of(seq_offsets).cpu().to(torch.int64)
+        longest = int(lengths.max())
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} is less than the longest sequence ({longest})")
+        targets = torch.zeros_like(lengths) if num_targets is None else num_targets.cpu().to(torch.int64)
+        if bool((targets < 0).any()):
+            raise ValueError("num_targets must be non-negative")
+        if bool((targets > lengths).any()):
+            b = int(torch.nonzero(targets > lengths)[0])
+            raise ValueError(f"num_targets[{b}]={int(targets[b])} exceeds the sequence length {int(lengths[b])}")
+        if num_contexts is not None:
+            contexts = num_contexts.cpu().to(torch.int64)
+            if bool((contexts < 0).any()):
+                raise ValueError("num_contexts must be non-negative")
+            history = lengths - targets
+            if bool((contexts > history).any()):
+                b = int(torch.nonzero(contexts > history)[0])
+                raise ValueError(
+                    f"num_contexts[{b}]={int(contexts[b])} exceeds the non-target length {int(history[b])} "
+                    "(contexts must come before the targets)"
+                )
+    return q, k, v, seq_offsets, max_seqlen, scaling_seqlen, window_size, target_group_size, num_contexts, num_targets, rab
+
+
+def hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seqlen: int,
+    *,
+    alpha: float = 1.0,
+    scaling_seqlen: Optional[int] = None,
+    causal: bool = True,
+    window_size: int = -1,
+    num_contexts: Optional[torch.Tensor] = None,
+    num_targets: Optional[torch.Tensor] = None,
+    target_group_size: int = 1,
+    rab: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Jagged HSTU attention: O_i = sum_j visible(i,j) SiLU(alpha (q_i.k_j + rab_ij)) / N v_j.
+
+    Args:
+        q, k: (T, H, Dqk); v: (T, H, Dv); one float dtype (float32, bfloat16, float16; float64 for checks).
+        seq_offsets: (B+1,) int32/int64 jagged offsets, seq_offsets[0] == 0, non-decreasing, [-1] == T.
+        max_seqlen: an upper bound on every sequence length (also the default N).
+        alpha: scale of the scores before SiLU (the layers use 1/sqrt(Dqk)).
+        scaling_seqlen: N, the divisor of the SiLU weights; defaults to max_seqlen.
+        causal: causal masks (contexts, targets, window); False: full/symmetric-window attention.
+        window_size: local attention window (< 0: none).
+        num_contexts: (B,) contextual prefix lengths: those rows see the whole history, everyone sees them.
+        num_targets: (B,) target (candidate) suffix lengths: targets see the history and their own group.
+        target_group_size: targets attend to each other inside groups of this size.
+        rab: (B, H or 1, >=max_seqlen, >=max_seqlen) relative attention bias, added before alpha.
+        dropout_p: attention-weight dropout probability (pass 0 in evaluation).
+        deterministic: reproducible backward (no atomics) when the kernel runs.
+    Returns:
+        (T, H, Dv) in q's dtype.
+    """
+    (q, k, v, seq_offsets, max_seqlen, scaling_seqlen, window_size, target_group_size, num_contexts, num_targets,
+     rab) = _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
+                      num_targets, target_group_size, rab, dropout_p)  # fmt: skip
+    dropout_seed = 0
+    if dropout_p > 0.0:
+        # A CPU draw needs no device sync and follows torch.manual_seed.
+        dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
+    return _forward_op(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        seq_offsets.to(torch.int32).contiguous(),
+        max_seqlen,
+        float(alpha),
+        scaling_seqlen if scaling_seqlen is not None else max(max_seqlen, 1),
+        causal,
+        window_size,
+        None if num_contexts is None else num_contexts.to(torch.int32).contiguous(),
+        None if num_targets is None else num_targets.to(torch.int32).contiguous(),
+        target_group_size,
+        rab,
+        float(dropout_p),
+        dropout_seed,
+        bool(deterministic),
+    )

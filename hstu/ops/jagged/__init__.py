@@ -1,0 +1,19 @@
+from hstu.ops.jagged.op import (
+    candidate_mask,
+    concat_2d_jagged,
+    dense_to_jagged,
+    jagged_to_padded_dense,
+    lengths_to_offsets,
+    sequence_positions,
+    split_2d_jagged,
+)
+
+__all__ = [
+    "candidate_mask",
+    "concat_2d_jagged",
+    "dense_to_jagged",
+    "jagged_to_padded_dense",
+    "lengths_to_offsets",
+    "sequence_positions",
+    "split_2d_jagged",
+]

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from hstu.ops import (
+    candidate_mask,
+    concat_2d_jagged,
+    dense_to_jagged,
+    jagged_to_padded_dense,
+    lengths_to_offsets,
+    sequence_positions,
+    split_2d_jagged,
+)
+
+LENGTH_CASES = [[3, 0, 1, 5], [0], [1], [0, 0], [7, 2]]
+
+
+def jagged(lengths, dim=4, dtype=torch.float64):
+    offsets = lengths_to_offsets(torch.tensor(lengths, dtype=torch.int64))
+    return torch.randn(sum(lengths), dim, dtype=dtype, requires_grad=True), offsets
+
+
+def test_lengths_to_offsets():
+    assert lengths_to_offsets(torch.tensor([2, 0, 3], dtype=torch.int32)).tolist() == [0, 2, 2, 5]
+    assert lengths_to_offsets(torch.tensor([2, 0, 3], dtype=torch.int32)).dtype == torch.int32
+    assert lengths_to_offsets(torch.tensor([], dtype=torch.int64)).tolist() == [0]
+    with pytest.raises(ValueError, match="lengths must be non-negative"):
+        lengths_to_offsets(torch.tensor([1, -1]))
+    with pytest.raises(TypeError, match="lengths must be int32 or int64"):
+        lengths_to_offsets(torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("lengths", LENGTH_CASES)
+@pytest.mark.parametrize("max_length", [0, 2, 8])
+def test_jagged_to_padded_dense_matches_loop(lengths, max_length):
+    values, offsets = jagged(lengths)
+    dense = jagged_to_padded_dense(values, offsets, max_length, padding_value=-3.0)
+    expected = torch.full((len(lengths), max_length, 4), -3.0, dtype=torch.float64)
+    for b, length in enumerate(lengths):
+        n = min(length, max_length)
+        expected[b, :n] = values[int(offsets[b]) : int(offsets[b]) + n]
+    torch.testing.assert_close(dense, expected)
+    assert torch.autograd.gradcheck(lambda x: jagged_to_padded_dense(x, offsets, max_length), (values,))
+
+
+@pytest.mark.parametrize("lengths", LENGTH_CASES)
+def test_dense_to_jagged_inverts_padding(lengths):
+    values, offsets = jagged(lengths)
+    dense = jagged_to_padded_dense(values, offsets, max(lengths + [1]))
+    torch.testing.assert_close(dense_to_jagged(dense, offsets), values)
+    dense = dense.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda d: dense_to_jagged(d, offsets), (dense,))
+
+
+@pytest.mark.parametrize("lengths_a,lengths_b", [([1, 0, 2], [3, 1, 0]), ([0], [0]), ([2, 2], [0, 5]), ([], [])])
+def test_concat_and_split_roundtrip(lengths_a, lengths_b):
+    a, offsets_a = jagged(lengths_a)
+    b, offsets_b = jagged(lengths_b)
+    merged, offsets = concat_2d_jagged(a, offsets_a, b, offsets_b)
+    expected = []
+    for i in range(len(lengths_a)):
+        expected.append(a[int(offsets_a[i]) : int(offsets_a[i + 1])])
+        expected.append(b[int(offsets_b[i]) : int(offsets_b[i + 1])])
+    torch.testing.assert_close(merged, torch.cat(expected) if expected else merged.new_zeros(0, 4))
+    assert offsets.tolist() == (offsets_a + offsets_b).tolist()
+    back_a, back_b = split_2d_jagged(merged, offsets_a, offsets_b)
+    torch.testing.assert_close(back_a, a)
+    torch.testing.assert_close(back_b, b)
+    if a.numel() + b.numel():
+        assert torch.autograd.gradcheck(lambda x, y: concat_2d_jagged(x, offsets_a, y, offsets_b)[0], (a, b))
+        m = merged.detach().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda x: split_2d_jagged(x, offsets_a, offsets_b), (m,))
+
+
+def test_candidate_mask_and_positions():
+    offsets = torch.tensor([0, 3, 3, 7])
+    mask = candidate_mask(offsets, torch.tensor([1, 0, 2]))
+    assert mask.tolist() == [False, False, True, False, False, True, True]
+    assert sequence_positions(offsets).tolist() == [0, 1, 2, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match="num_candidates must be in"):
+        candidate_mask(offsets, torch.tensor([4, 0, 0]))
+
+
+class TestBadInputs:
+    def test_offsets_errors(self):
+        values = torch.randn(5, 2)
+        with pytest.raises(ValueError, match="non-decreasing"):
+            jagged_to_padded_dense(values, torch.tensor([0, 3, 2, 5]), 4)
+        with pytest.raises(ValueError, match=r"offsets\[-1\] must equal"):
+            jagged_to_padded_dense(values, torch.tensor([0, 3]), 4)
+        with pytest.raises(TypeError, match="offsets must be int32 or int64"):
+            jagged_to_padded_dense(values, torch.tensor([0.0, 5.0]), 4)
+        with pytest.raises(TypeError, match="values must be a torch.Tensor"):
+            jagged_to_padded_dense([1, 2], torch.tensor([0, 2]), 4)
+        with pytest.raises(ValueError, match="max_length must be >= 0"):
+            jagged_to_padded_dense(values, torch.tensor([0, 5]), -1)
+
+    def test_dense_to_jagged_errors(self):
+        with pytest.raises(ValueError, match="sequence of length 5 > dense.shape"):
+            dense_to_jagged(torch.randn(1, 4, 2), torch.tensor([0, 5]))
+        with pytest.raises(ValueError, match="describes 2 sequences but dense has batch 1"):
+            dense_to_jagged(torch.randn(1, 4, 2), torch.tensor([0, 1, 2]))
+
+    def test_concat_errors(self):
+        a, b = torch.randn(3, 2), torch.randn(2, 3)
+        with pytest.raises(ValueError, match="values_a rows"):
+            concat_2d_jagged(a, torch.tensor([0, 3]), b, torch.tensor([0, 2]))
+        with pytest.raises(ValueError, match="offsets_a has 2 entries but offsets_b has 3"):
+            concat_2d_jagged(a, torch.tensor([0, 3]), torch.randn(2, 2), torch.tensor([0, 1, 2]))
+        with pytest.raises(TypeError, match="values_a is"):
+            concat_2d_jagged(a, torch.tensor([0, 3]), torch.randn(2, 2).double(), torch.tensor([0, 2]))
+        with pytest.raises(ValueError, match="values has 4 rows"):
+            split_2d_jagged(torch.randn(4, 2), torch.tensor([0, 3]), torch.tensor([0, 2]))
