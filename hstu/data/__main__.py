@@ -1,0 +1,5 @@
+import sys
+
+from hstu.data.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""Out-of-core grouping of an interaction log by user, time ordered.
+
+Raw logs arrive in file order (KuaiRand: by date, users interleaved). Holding a 300M-row log in memory is not an
+option, so rows are processed in three streaming passes with memory bounded by ``sort_buffer_rows``:
+
+1. ``add``: parsed blocks are appended as fixed-size binary records to a spill file; per-user counts and the set of
+   items are accumulated on the side (small arrays indexed by id).
+2. Users are cut into contiguous id ranges ("buckets") of about ``sort_buffer_rows`` rows; the spill is read once
+   more in chunks and each record is appended to its bucket's file (skipped when one bucket suffices).
+3. Each bucket is loaded alone, stably sorted by (user, time, arrival order) and appended to the output columns.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from hstu.data.processed import NpyAppender
+
+RECORD = np.dtype([("user", "<i8"), ("item", "<i8"), ("time", "<i8"), ("action", "<i8")])
+DEFAULT_SORT_BUFFER_ROWS = 4_000_000
+
+
+def _grow(array: np.ndarray, size: int) -> np.ndarray:
+    if size <= len(array):
+        return array
+    grown = np.zeros(max(size, 2 * len(array)), dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
+
+
+class InteractionSorter:
+    def __init__(self, work_dir: str, sort_buffer_rows: int = DEFAULT_SORT_BUFFER_ROWS, show_progress: bool = True):
+        self.work_dir = work_dir
+        self.sort_buffer_rows = max(1, int(sort_buffer_rows))
+        self.show_progress = show_progress
+        self.spill_path = os.path.join(work_dir, "spill.bin")
+        self._spill = open(self.spill_path, "wb")
+        self.num_rows = 0
+        self.user_counts = np.zeros(1024, dtype=np.int64)
+        self.item_seen = np.zeros(1024, dtype=bool)
+
+    def add(self, user: np.ndarray, item: np.ndarray, time: np.ndarray, action: np.ndarray) -> None:
+        n = len(user)
+        if n == 0:
+            return
+        records = np.empty(n, dtype=RECORD)
+        records["user"], records["item"], records["time"], records["action"] = user, item, time, action
+        self._spill.write(records.tobytes())
+        self.num_rows += n
+        self.user_counts = _grow(self.user_counts, int(user.max()) + 1)
+        self.user_counts += np.bincount(user, minlength=len(self.user_counts))
+        self.item_seen = _grow(self.item_seen, int(item.max()) + 1)
+        self.item_seen[item] = True
+
+    def _iter_spill(self, path: str, desc: str):
+        chunk = self.sort_buffer_rows
+        total = os.path.getsize(path) // RECORD.itemsize
+        with open(path, "rb") as f, tqdm(total=total, desc=desc, unit="row", disable=not self.show_progress) as bar:
+            while True:
+                records = np.fromfile(f, dtype=RECORD, count=chunk)
+                if len(records) == 0:
+                    return
+                bar.update(len(records))
+                yield records
+
+    def finish(
+        self, out_dir: str, *, time_divisor: int = 1, remap_items: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """Write ``item.npy``, ``timestamp.npy``, ``action.npy`` into ``out_dir``.
+
+        Returns ``(offsets, user_ids, item_raw_ids)``; ``item_raw_ids[new_id]`` is the raw id when remapping
+        (new ids are 1..K in raw-id order, 0 stays unused), else ``None``.
+        """
+        self._spill.close()
+        user_ids = np.flatnonzero(self.user_counts)
+        lengths = self.user_counts[user_ids]
+        offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+
+        item_raw_ids = None
+        item_lookup = None
+        if remap_items:
+            item_raw_ids = np.concatenate([[-1], np.flatnonzero(self.item_seen)]).astype(np.int64)
+            item_lookup = np.cumsum(self.item_seen).astype(np.int64)
+
+        # A user never straddles two buckets, so a bucket may exceed the buffer by one user's length.
+        bucket_of_user_rank = offsets[:-1] // self.sort_buffer_rows
+        _, bucket_of_user_rank = np.unique(bucket_of_user_rank, return_inverse=True)
+        num_buckets = int(bucket_of_user_rank.max()) + 1 if len(user_ids) else 0
+        bucket_paths = [self.spill_path]
+        if num_buckets > 1:
+            bucket_of_uid = np.zeros(len(self.user_counts), dtype=np.int64)
+            bucket_of_uid[user_ids] = bucket_of_user_rank
+            bucket_paths = [os.path.join(self.work_dir, f"bucket-{b:05d}.bin") for b in range(num_buckets)]
+            files = [open(p, "wb") for p in bucket_paths]
+            try:
+                for records in self._iter_spill(self.spill_path, "partition by user"):
+                    bucket = bucket_of_uid[records["user"]]
+                    order = np.argsort(bucket, kind="stable")
+                    bounds = np.searchsorted(bucket[order], np.arange(num_buckets + 1))
+                    for b in np.flatnonzero(np.diff(bounds)):
+                        files[b].write(records[order[bounds[b] : bounds[b + 1]]].tobytes())
+            finally:
+                for f in files:
+                    f.close()
+            os.remove(self.spill_path)
+
+        columns = {
+            name: NpyAppender(os.path.join(out_dir, f"{name}.npy"), self.num_rows) for name in ("item", "timestamp", "action")
+        }
+        with tqdm(total=self.num_rows, desc="sort by user and time", unit="row", disable=not self.show_progress) as bar:
+            for path in bucket_paths if num_buckets else []:
+                records = np.fromfile(path, dtype=RECORD)
+                # Two stable passes = sort by (user, time) keeping file order among equal timestamps.
+                order = np.argsort(records["time"], kind="stable")
+                order = order[np.argsort(records["user"][order], kind="stable")]
+                records = records[order]
+                del order
+                item = records["item"] if item_lookup is None else item_lookup[records["item"]]
+                columns["item"].append(item)
+                columns["timestamp"].append(records["time"] // time_divisor)
+                columns["action"].append(records["action"])
+                bar.update(len(records))
+                del records, item
+                os.remove(path)
+        for appender in columns.values():
+            appender.close()
+        return offsets, user_ids, item_raw_ids

@@ -1,0 +1,99 @@
+"""Raw dataset → processed directory: the shared pipeline behind ``python -m hstu.data prepare``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from hstu.data.errors import DataFormatError
+from hstu.data.external_sort import DEFAULT_SORT_BUFFER_ROWS, InteractionSorter
+from hstu.data.processed import ContextualFeature, atomic_output_dir, write_metadata, write_user_columns
+from hstu.data.textio import DEFAULT_BLOCK_BYTES
+
+RAW_DATASETS = ("ml-1m", "ml-20m", "kuairand-pure", "kuairand-1k", "kuairand-27k")
+DATASETS = RAW_DATASETS + ("synthetic",)
+
+
+@dataclass
+class PrepareOptions:
+    remap_items: bool = False
+    sort_buffer_rows: int = DEFAULT_SORT_BUFFER_ROWS
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    show_progress: bool = True
+
+
+@dataclass
+class InteractionBlock:
+    user: np.ndarray
+    item: np.ndarray
+    time: np.ndarray  # sort key, in the source's finest unit
+    action: np.ndarray
+
+
+@dataclass
+class RawSource:
+    """What a raw-format reader provides to :func:`build_processed`."""
+
+    dataset: str
+    blocks: Callable[[PrepareOptions], Iterable[InteractionBlock]]
+    time_divisor: int  # time key // divisor = unix seconds
+    action_spec: dict
+    # Given the sorted raw user ids, the per-user contextual features (user_id first).
+    contextual: Callable[[np.ndarray], list[ContextualFeature]]
+    extra_metadata: dict = field(default_factory=dict)
+    # Input files, validated (headers, presence) before any output is written.
+    check: Optional[Callable[[], None]] = None
+
+
+def file_progress(paths: list[str], desc: str, enabled: bool):
+    total = sum(os.path.getsize(p) for p in paths)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled)
+
+
+def build_processed(source: RawSource, out_dir: str, options: PrepareOptions, overwrite: bool = False) -> dict:
+    if source.check is not None:
+        source.check()
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        work = os.path.join(tmp, "_work")
+        os.makedirs(work)
+        sorter = InteractionSorter(work, options.sort_buffer_rows, options.show_progress)
+        for block in source.blocks(options):
+            sorter.add(block.user, block.item, block.time, block.action)
+        if sorter.num_rows == 0:
+            raise DataFormatError(out_dir, f"{source.dataset}: the raw files contain no interactions")
+        offsets, user_ids, item_raw_ids = sorter.finish(
+            tmp, time_divisor=source.time_divisor, remap_items=options.remap_items
+        )
+        shutil.rmtree(work)
+        contextual = source.contextual(user_ids)
+        write_user_columns(tmp, offsets, user_ids, contextual)
+        extra = dict(source.extra_metadata)
+        extra["item_ids"] = "remapped to 1..K in raw-id order (0 unused); item_raw_id.npy maps back" if options.remap_items else "raw"
+        if item_raw_ids is not None:
+            np.save(os.path.join(tmp, "item_raw_id.npy"), item_raw_ids)
+        return write_metadata(tmp, dataset=source.dataset, action=source.action_spec, contextual=contextual, extra=extra)
+
+
+def user_id_feature(user_ids: np.ndarray) -> ContextualFeature:
+    return ContextualFeature("user_id", np.asarray(user_ids, dtype=np.int64), int(user_ids.max()) + 1 if len(user_ids) else 1)
+
+
+def prepare(dataset: str, raw_dir: str, out_dir: str, options: Optional[PrepareOptions] = None, overwrite: bool = False) -> dict:
+    """Convert the raw files of ``dataset`` in ``raw_dir`` into the processed format at ``out_dir``."""
+    options = options or PrepareOptions()
+    if dataset in ("ml-1m", "ml-20m"):
+        from hstu.data import movielens
+
+        source = movielens.source(dataset, raw_dir)
+    elif dataset.startswith("kuairand-"):
+        from hstu.data import kuairand
+
+        source = kuairand.source(dataset, raw_dir)
+    else:
+        raise ValueError(f"unknown raw dataset {dataset!r}; choose one of {', '.join(RAW_DATASETS)}")
+    return build_processed(source, out_dir, options, overwrite=overwrite)
