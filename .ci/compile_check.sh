@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Compile-checks csrc/ with nvcc (object files only, no link, no GPU): the torch binding TU and a representative
+# subset of the generated kernel instantiations (every head dim, both dtypes, with and without rab, forward and
+# backward), for sm_80 and sm_90a. Uses the CPU torch headers of the venv (plus a stub for the one CUDA-build-only
+# header they lack). Set HSTU_COMPILE_CHECK_ALL=1 to compile every instantiation for both architectures.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PY" ] || PY="$(command -v python3)"
+NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
+if [ ! -x "$NVCC" ]; then
+  echo "compile_check: nvcc not found; skipping the CUDA compile check" >&2
+  exit "${HSTU_REQUIRE_NVCC:-0}"
+fi
+CUTLASS_INC="${CUTLASS_INCLUDE_DIR:-$("$PY" - <<'PY'
+import pathlib
+try:
+    import cutlass_library
+    print(pathlib.Path(cutlass_library.__file__).resolve().parent / "source" / "include")
+except ImportError:
+    print("")
+PY
+)}"
+if [ -z "$CUTLASS_INC" ] || [ ! -d "$CUTLASS_INC/cute" ]; then
+  echo "compile_check: CUTLASS headers not found (pip install nvidia-cutlass or set CUTLASS_INCLUDE_DIR)" >&2
+  exit 1
+fi
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/stub/c10/cuda/impl"
+printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$WORK/stub/c10/cuda/impl/cuda_cmake_macros.h"
+TORCH_INC="$("$PY" -c 'import torch.utils.cpp_extension as c; print(" ".join("-I"+p for p in c.include_paths()))')"
+PY_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+CUDA_INC="$(dirname "$(dirname "$NVCC")")/include"
+JOBS="${JOBS:-$(nproc)}"
+COMMON=(-std=c++17 -O3 --expt-relaxed-constexpr --expt-extended-lambda -I"$ROOT/csrc/hstu_attention" -I"$CUTLASS_INC")
+start=$(date +%s)
+
+echo "[compile_check] binding TU (host compiler, torch headers)"
+"$NVCC" "${COMMON[@]}" -x cu -gencode=arch=compute_90a,code=sm_90a -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
+  -DTORCH_EXTENSION_NAME=_C -w -c csrc/hstu_attention/hstu_api.cpp -o "$WORK/api.o"
+
+INST=csrc/hstu_attention/instantiations
+if [ "${HSTU_COMPILE_CHECK_ALL:-0}" = "1" ]; then
+  mapfile -t FILES < <(ls $INST/*.cu)
+  ARCHS=(80 90a)
+else
+  FILES=(
+    $INST/hstu_fwd_bf16_hdim32_norab_sm80.cu
+    $INST/hstu_fwd_fp16_hdim64_rab_sm80.cu
+    $INST/hstu_fwd_bf16_hdim128_rab_sm80.cu
+    $INST/hstu_fwd_bf16_hdim256_norab_sm80.cu
+    $INST/hstu_bwd_fp16_hdim32_rab_sm80.cu
+    $INST/hstu_bwd_bf16_hdim64_norab_sm80.cu
+    $INST/hstu_bwd_bf16_hdim128_rab_sm80.cu
+    $INST/hstu_bwd_fp16_hdim256_rab_sm80.cu
+  )
+  ARCHS=(80 90a)
+fi
+jobs_list=()
+for arch in "${ARCHS[@]}"; do
+  for f in "${FILES[@]}"; do jobs_list+=("$arch $f"); done
+done
+printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c '
+  arch="$0"; f="$1"; o="'"$WORK"'/$(basename "$f" .cu)_$arch.o"
+  if ! "'"$NVCC"'" '"${COMMON[*]}"' -gencode=arch=compute_$arch,code=sm_$arch -Xptxas=-warn-spills -c "$f" -o "$o" 2>"$o.log"; then
+    echo "[compile_check] FAILED sm_$arch $f"; cat "$o.log"; exit 255
+  fi
+  grep -i "spill\|warning" "$o.log" | sed "s|^|[compile_check] sm_$arch $(basename $f): |" || true
+  echo "[compile_check] ok sm_$arch $f"'
+end=$(date +%s)
+echo "[compile_check] all good in $((end - start)) s (${#jobs_list[@]} kernel TUs + binding, $JOBS jobs)"

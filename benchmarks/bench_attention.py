@@ -1,0 +1,222 @@
+"""Microbenchmark of the fused HSTU attention kernels (forward, backward, forward+backward TFLOP/s).
+
+FLOPs follow the FlashAttention convention: fwd = 4 * sum_b L_b^2 * H * D (x 1/2 when causal), bwd = 2.5 x fwd.
+Times are triton.testing.do_bench medians (CUDA events). The same run measures the bf16 GEMM peak (8192^3) and,
+where it fits in memory, the PyTorch reference. Writes benchmarks/results/attention_<gpu>.json and a PNG.
+
+    python benchmarks/bench_attention.py [--out DIR] [--quick] [--no-reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hstu.ops import hstu_attention  # noqa: E402
+from hstu.ops.hstu_attention import cuda as hstu_cuda  # noqa: E402
+from hstu.ops.hstu_attention.reference import hstu_attention_reference  # noqa: E402
+
+# name, B, L, H, D, jagged, extra kwargs
+SHAPES = [
+    ("32x4096x4x256", 32, 4096, 4, 256, False, {}),
+    ("32x4096x4x128", 32, 4096, 4, 128, False, {}),
+    ("16x8192x4x128", 16, 8192, 4, 128, False, {}),
+    ("64x1024x4x128", 64, 1024, 4, 128, False, {}),
+    ("jagged 32x4096x4x128", 32, 4096, 4, 128, True, {}),
+    ("128x200x1x64", 128, 200, 1, 64, False, {}),
+    ("32x4096x4x128 ctx+tgt", 32, 4096, 4, 128, False, {"contexts": 16, "targets": 256}),
+]
+
+
+def do_bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def make_inputs(B, L, H, D, jagged, extra, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if jagged:
+        lengths = torch.randint(L // 4, L + 1, (B,), generator=g, device="cuda")
+    else:
+        lengths = torch.full((B,), L, device="cuda")
+    offsets = torch.zeros(B + 1, dtype=torch.int32, device="cuda")
+    offsets[1:] = torch.cumsum(lengths, 0)
+    T = int(offsets[-1])
+    q, k, v = (torch.randn(T, H, D, device="cuda", dtype=dtype, generator=g) * 0.5 for _ in range(3))
+    kwargs = {"alpha": 1.0 / math.sqrt(D), "causal": True}
+    if "contexts" in extra:
+        kwargs["num_contexts"] = torch.full((B,), extra["contexts"], dtype=torch.int32, device="cuda")
+    if "targets" in extra:
+        kwargs["num_targets"] = torch.full((B,), extra["targets"], dtype=torch.int32, device="cuda")
+    return q, k, v, offsets, lengths, kwargs
+
+
+def flops_fwd(lengths, H, D, causal=True) -> float:
+    total = float((lengths.double() ** 2).sum()) * 4 * H * D
+    return total / 2 if causal else total
+
+
+def time_impl(fn, q, k, v, offsets, L, kwargs):
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(qg, kg, vg, offsets, L, **kwargs)
+    dout = torch.randn_like(out)
+    t_fwd = do_bench(lambda: fn(q, k, v, offsets, L, **kwargs))
+
+    def fwd_bwd():
+        o = fn(qg, kg, vg, offsets, L, **kwargs)
+        torch.autograd.grad(o, (qg, kg, vg), dout)
+
+    out = fn(qg, kg, vg, offsets, L, **kwargs)
+    t_bwd = do_bench(lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True))
+    t_fb = do_bench(fwd_bwd)
+    return t_fwd, t_bwd, t_fb
+
+
+def time_kernel(q, k, v, offsets, L, kwargs):
+    """The fused kernels called directly (no autograd / argument validation in the timed region)."""
+    nc, nt = kwargs.get("num_contexts"), kwargs.get("num_targets")
+    common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, nc, nt, 1, None)
+    dout = torch.randn_like(q)
+
+    def fwd():
+        return hstu_cuda.forward(q, k, v, *common, 0.0, 0)
+
+    def bwd():
+        return hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, True)
+
+    def fwd_bwd():
+        fwd()
+        bwd()
+
+    return do_bench(fwd), do_bench(bwd), do_bench(fwd_bwd)
+
+
+def profile_breakdown() -> None:
+    """Average CUDA time per kernel (forward, dk/dv, dq) for the two head dims of the headline shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for B, L, H, D in ((32, 4096, 4, 128), (32, 4096, 4, 256)):
+        q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, False, {})
+        common = (offsets, L, kwargs["alpha"], L, True, -1, None, None, 1, None)
+        dout = torch.randn_like(q)
+        for _ in range(2):
+            hstu_cuda.forward(q, k, v, *common, 0.0, 0)
+            hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                hstu_cuda.forward(q, k, v, *common, 0.0, 0)
+                hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, True)
+            torch.cuda.synchronize()
+        fl = flops_fwd(lengths, H, D)
+        for evt in prof.key_averages():
+            if "hstu" in evt.key:
+                ms = evt.device_time / 1e3 if hasattr(evt, "device_time") else evt.cuda_time / 1e3
+                name = re.sub(r"<.*", "", evt.key.replace("void ", "").replace("hstu::", ""))
+                print(f"  profile {B}x{L}x{H}x{D} {name:28s} {ms:7.3f} ms/call  ({evt.count} calls)"
+                      f"  = {fl / ms / 1e9:6.1f} fwd-equivalent TFLOP/s", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def gemm_peak() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--quick", action="store_true", help="first three shapes only")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel time breakdown (torch.profiler) of two shapes")
+    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "sm80-path v1"))
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs a GPU"
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    peak = gemm_peak()
+    print(f"GPU {gpu}  torch {torch.__version__}  CUDA {torch.version.cuda}  bf16 GEMM 8192^3: {peak:.0f} TFLOP/s")
+    shapes = SHAPES[:3] if args.quick else SHAPES
+    for name, B, L, H, D, jagged, extra in shapes:
+        q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, jagged, extra)
+        reason = hstu_cuda.unsupported_reason(q, k, v, None, 0.0)
+        fl = flops_fwd(lengths, H, D)
+        row = {"shape": name, "B": B, "L": L, "H": H, "D": D, "jagged": jagged, **{k2: v2 for k2, v2 in extra.items()},
+               "kernel": "hstu fused (cuda)" if reason is None else f"reference ({reason})"}  # fmt: skip
+        if reason is None:
+            tf, tb, tfb = time_kernel(q, k, v, offsets, L, kwargs)
+            _, _, ofb = time_impl(hstu_attention, q, k, v, offsets, L, kwargs)
+            row["op_fwdbwd_tflops"] = 3.5 * fl / ofb / 1e9  # public op: validation + autograd included
+        else:
+            tf, tb, tfb = time_impl(hstu_attention, q, k, v, offsets, L, kwargs)
+        row.update(fwd_ms=tf, bwd_ms=tb, fwdbwd_ms=tfb, fwd_tflops=fl / tf / 1e9, bwd_tflops=2.5 * fl / tb / 1e9,
+                   fwdbwd_tflops=3.5 * fl / tfb / 1e9)  # fmt: skip
+        # reference: padded (B, H, L, L) scores in fp32 chunks; only where it comfortably fits
+        if not args.no_reference and B * H * L * L * 4 * 6 < 40e9:
+            try:
+                ref = lambda *a, **kw: hstu_attention_reference(*a, upcast=False, **kw)  # noqa: E731
+                rf, rb, rfb = time_impl(ref, q, k, v, offsets, L, kwargs)
+                row.update(ref_fwd_tflops=fl / rf / 1e9, ref_bwd_tflops=2.5 * fl / rb / 1e9,
+                           ref_fwdbwd_tflops=3.5 * fl / rfb / 1e9)  # fmt: skip
+            except torch.OutOfMemoryError:
+                row["ref"] = "out of memory"
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"{name:24s} fwd {row['fwd_tflops']:6.1f}  bwd {row['bwd_tflops']:6.1f}  fwd+bwd {row['fwdbwd_tflops']:6.1f}"
+              f"  TFLOP/s  (ms {tf:.3f}/{tb:.3f}/{tfb:.3f})"
+              + (f"  op fwd+bwd {row['op_fwdbwd_tflops']:.1f}" if "op_fwdbwd_tflops" in row else "")
+              + (f"  ref {row['ref_fwd_tflops']:.1f}/{row['ref_bwd_tflops']:.1f}/{row['ref_fwdbwd_tflops']:.1f}"
+                 if "ref_fwd_tflops" in row else ""), flush=True)  # fmt: skip
+        del q, k, v
+        torch.cuda.empty_cache()
+    if args.profile:
+        profile_breakdown()
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
+    result = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+              "label": args.label, "gemm_bf16_tflops": peak, "dtype": "bfloat16", "causal": True, "rows": rows}  # fmt: skip
+    (out_dir / f"attention_{tag}.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out_dir / f'attention_{tag}.json'}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(11, 4.5))
+        names = [r["shape"] for r in rows]
+        width = 0.14
+        series = [("fwd_tflops", "fwd"), ("bwd_tflops", "bwd"), ("fwdbwd_tflops", "fwd+bwd"),
+                  ("ref_fwd_tflops", "torch ref fwd"), ("ref_fwdbwd_tflops", "torch ref fwd+bwd")]  # fmt: skip
+        for s, (key, label) in enumerate(series):
+            ax.bar([i + (s - 2) * width for i in range(len(rows))], [r.get(key, 0) for r in rows], width, label=label)
+        ax.axhline(peak, color="k", ls="--", lw=1, label=f"bf16 GEMM {peak:.0f}")
+        ax.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"HSTU attention, causal, bf16 — {gpu}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"attention_{tag}.png", dpi=110)
+        print(f"wrote {out_dir / f'attention_{tag}.png'}")
+    except ImportError:
+        print("matplotlib not installed: no PNG")
+
+
+if __name__ == "__main__":
+    main()

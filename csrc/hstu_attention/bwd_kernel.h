@@ -1,0 +1,321 @@
+// Backward kernels (sm80 tensor-core path, also run on sm90). No softmax statistics are needed for HSTU:
+//   x = alpha * (q.k + rab), P = SiLU(x) / N, dP = dO . v, dS = dP * SiLU'(x) * alpha / N
+//   dV = P^T dO, dK = dS^T Q, dQ = dS K, drab = dS.
+// Two kernels, no atomics (deterministic by construction):
+//   dkdv: a block owns a key tile and walks the query tiles that can see it;
+//   dq:   a block owns a query tile and walks the key tiles it can see.
+#pragma once
+
+#include "fwd_kernel.h"
+
+namespace hstu {
+
+enum BwdPass : int { kPassBoth = 0, kPassDV = 1, kPassDK = 2 };
+
+template <typename Element_, int kHeadDim_, bool kHasRab_, int kWarps_, int kBlockM_, int kStages_ = 2>
+struct BwdDkDvTraits {
+  static constexpr int kStages = kStages_;  // Q/dO shared-memory pipeline depth
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kHasRab = kHasRab_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockN = 16 * kWarps;  // keys per block
+  static constexpr int kBlockM = kBlockM_;     // queries per step
+  static constexpr int kSmemKV = kBlockN * kHeadDim;
+  static constexpr int kSmemQ = kBlockM * kHeadDim;
+  static constexpr int kSmemBytes = (2 * kSmemKV + 2 * kStages * kSmemQ) * 2;
+};
+
+template <typename Element_, int kHeadDim_, bool kHasRab_, int kWarps_, int kBlockN_, int kMI_ = 1, int kStages_ = 2>
+struct BwdDqTraits {
+  static constexpr int kStages = kStages_;  // K/V shared-memory pipeline depth
+  static constexpr int kMI = kMI_;
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kHasRab = kHasRab_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = 16 * kMI * kWarps;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kSmemQ = kBlockM * kHeadDim;
+  static constexpr int kSmemKV = kBlockN * kHeadDim;
+  static constexpr int kSmemBytes = (2 * kSmemQ + 2 * kStages * kSmemKV) * 2;
+};
+
+__device__ __forceinline__ float silu_grad(float x, float sig) { return sig * (1.f + x * (1.f - sig)); }
+
+template <typename Traits, int kPass>
+__global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const AttnParams p) {
+  using Element = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
+  constexpr bool kDoDV = kPass != kPassDK;
+  constexpr bool kDoDK = kPass != kPassDV;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sK = reinterpret_cast<Element*>(smem_raw);
+  Element* sV = sK + Traits::kSmemKV;
+  Element* sQ = sV + Traits::kSmemKV;  // kStages slots
+  Element* sdO = sQ + Traits::kStages * Traits::kSmemQ;
+
+  const WorkItem w = schedule_block(p, /*reverse=*/false);
+  const SeqMask& mk = w.mask;
+  const int n0 = w.tile * BN;
+  if (n0 >= mk.L) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  // A 1-head rab whose gradient is wanted sums over heads: one block then walks all heads in turn, adding into
+  // drab in a fixed order (deterministic, no atomics).
+  const bool head_loop = kDoDK && p.drab != nullptr && p.rab_heads == 1 && p.heads > 1;
+  const int h_begin = w.head, h_end = head_loop ? p.heads : w.head + 1;
+  const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;  // rows before the key tile see none of it
+  const int m_tiles = (mk.L + BM - 1) / BM;
+  const int key_lo = n0 + warp * 16 + g;  // keys key_lo and key_lo + 8 of this thread
+  const float ds_scale = p.alpha * p.inv_scale;
+
+  auto next_tile = [&](int m) {
+    for (++m; m < m_tiles; ++m)
+      if (mk.tile_any(m * BM, m * BM + BM, n0, n0 + BN)) return m;
+    return m_tiles;
+  };
+
+  for (int head = h_begin; head < h_end; ++head) {
+    const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(head) * D;
+    const Element* gQ = reinterpret_cast<const Element*>(p.q) + base;
+    const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
+    const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
+    const Element* gdO = reinterpret_cast<const Element*>(p.dout) + base;
+    const int hr = (Traits::kHasRab && p.rab_heads == 1) ? 0 : head;
+
+    __syncthreads();  // the previous head's shared tiles are no longer read
+    load_tile_async<BN, D, NT>(sK, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+    load_tile_async<BN, D, NT>(sV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+    auto load_q = [&](int m, int stage) {
+      const int m0 = m * BM;
+      load_tile_async<BM, D, NT>(sQ + stage * Traits::kSmemQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
+      load_tile_async<BM, D, NT>(sdO + stage * Traits::kSmemQ, gdO + m0 * p.row_stride, p.row_stride, mk.L - m0,
+                                 tid);
+    };
+    constexpr int kStages = Traits::kStages;
+    int m = next_tile(m_begin - 1);
+    int m_load = m;
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) {
+      if (m_load < m_tiles) {
+        load_q(m_load, st);
+        m_load = next_tile(m_load);
+      }
+      cp_async_commit();
+    }
+
+    float acc_dv[kDoDV ? D / 8 : 1][4];
+    float acc_dk[kDoDK ? D / 8 : 1][4];
+    zero_acc(acc_dv);
+    zero_acc(acc_dk);
+
+    int it = 0;
+    while (m < m_tiles) {
+      const int stage = it % kStages;
+      cute::cp_async_wait<kStages - 2>();
+      __syncthreads();
+      if (m_load < m_tiles) {
+        load_q(m_load, (it + kStages - 1) % kStages);
+        m_load = next_tile(m_load);
+      }
+      cp_async_commit();
+      const Element* tQ = sQ + stage * Traits::kSmemQ;
+      const Element* tdO = sdO + stage * Traits::kSmemQ;
+      const int m0 = m * BM;
+
+      float st[BM / 8][4];  // S^T: rows = keys, cols = queries
+      zero_acc(st);
+      gemm_ss_nk<BM / 8, D, D, D>(st, sK, warp * 16, tQ, lane);
+      float dpt[kDoDK ? BM / 8 : 1][4];  // dP^T
+      if constexpr (kDoDK) {
+        zero_acc(dpt);
+        gemm_ss_nk<BM / 8, D, D, D>(dpt, sV, warp * 16, tdO, lane);
+      }
+      auto pointwise = [&](auto masked_tag) {
+        constexpr bool kMasked = decltype(masked_tag)::value;
+#pragma unroll
+        for (int nb = 0; nb < BM / 8; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = key_lo + (e >> 1) * 8;
+            const int i = m0 + nb * 8 + 2 * t + (e & 1);
+            const bool inside = !kMasked || (i < mk.L && j < mk.L);
+            float x = st[nb][e];
+            if constexpr (Traits::kHasRab) {
+              if (inside) x += rab_at<Element>(p, w.batch, hr, i, j);
+            }
+            x *= p.alpha;
+            const float sig = sigmoid_t<Element>(x);
+            const bool vis = !kMasked || mk.visible(i, j);
+            st[nb][e] = vis ? x * sig : 0.f;
+            if constexpr (kDoDK) {
+              const float ds = vis ? dpt[nb][e] * silu_grad(x, sig) : 0.f;
+              dpt[nb][e] = ds;
+              if (p.drab != nullptr && inside) {
+                float* dr = p.drab + w.batch * p.drab_batch_stride + hr * p.drab_head_stride +
+                            static_cast<int64_t>(i) * p.drab_row_stride + j;
+                if (head_loop)
+                  *dr += ds * ds_scale;
+                else
+                  *dr = ds * ds_scale;
+              }
+            }
+          }
+        }
+      };
+      if (mk.tile_full(m0, m0 + BM, n0, n0 + BN))
+        pointwise(std::false_type{});
+      else
+        pointwise(std::true_type{});
+      if constexpr (kDoDV) {
+        uint32_t pa[BM / 16][4];
+        acc_to_a<Element, BM / 8>(pa, st);
+        gemm_rs_kn<D / 8, BM, D>(acc_dv, pa, tdO, lane);
+      }
+      if constexpr (kDoDK) {
+        uint32_t pa[BM / 16][4];
+        acc_to_a<Element, BM / 8>(pa, dpt);
+        gemm_rs_kn<D / 8, BM, D>(acc_dk, pa, tQ, lane);
+      }
+      ++it;
+      m = next_tile(m);
+    }
+    cp_async_wait_all();
+
+    if constexpr (kDoDV) {
+      Element* gdV = reinterpret_cast<Element*>(p.dv) + base + n0 * p.row_stride;
+      store_acc_rows<Element, D / 8>(gdV, p.row_stride, acc_dv, p.inv_scale, warp * 16, mk.L - n0, lane);
+    }
+    if constexpr (kDoDK) {
+      Element* gdK = reinterpret_cast<Element*>(p.dk) + base + n0 * p.row_stride;
+      store_acc_rows<Element, D / 8>(gdK, p.row_stride, acc_dk, ds_scale, warp * 16, mk.L - n0, lane);
+    }
+  }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const AttnParams p) {
+  using Element = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sdO = sQ + Traits::kSmemQ;
+  Element* sK = sdO + Traits::kSmemQ;  // kStages slots
+  Element* sV = sK + Traits::kStages * Traits::kSmemKV;
+
+  const WorkItem w = schedule_block(p, /*reverse=*/true);
+  const SeqMask& mk = w.mask;
+  const int m0 = w.tile * BM;
+  if (m0 >= mk.L) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+
+  const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
+  const Element* gQ = reinterpret_cast<const Element*>(p.q) + base;
+  const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
+  const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
+  const Element* gdO = reinterpret_cast<const Element*>(p.dout) + base;
+  const int hr = (Traits::kHasRab && p.rab_heads == 1) ? 0 : w.head;
+
+  load_tile_async<BM, D, NT>(sQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
+  load_tile_async<BM, D, NT>(sdO, gdO + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
+
+  const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
+  auto next_tile = [&](int n) {
+    for (++n; n < n_tiles; ++n)
+      if (mk.tile_any(m0, m0 + BM, n * BN, n * BN + BN)) return n;
+    return n_tiles;
+  };
+  auto load_kv = [&](int n, int stage) {
+    const int n0 = n * BN;
+    load_tile_async<BN, D, NT>(sK + stage * Traits::kSmemKV, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+    load_tile_async<BN, D, NT>(sV + stage * Traits::kSmemKV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+  };
+  // Pipeline: the prologue requests the first kStages - 1 visible K/V tiles (one commit group each, Q rides in the
+  // first); iteration `it` waits for group `it`, then requests the next tile into the slot freed by iteration it-1.
+  constexpr int kStages = Traits::kStages;
+  int n = next_tile(-1);
+  int n_load = n;
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (n_load < n_tiles) {
+      load_kv(n_load, st);
+      n_load = next_tile(n_load);
+    }
+    cp_async_commit();
+  }
+
+  constexpr int MI = Traits::kMI;
+  float acc_dq[MI][D / 8][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) zero_acc(acc_dq[mi]);
+  const int warp_row0 = warp * 16 * MI;
+  const int row_lo = m0 + warp_row0 + g;
+  int it = 0;
+  while (n < n_tiles) {
+    const int stage = it % kStages;
+    cute::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (n_load < n_tiles) {
+      load_kv(n_load, (it + kStages - 1) % kStages);
+      n_load = next_tile(n_load);
+    }
+    cp_async_commit();
+    const Element* tK = sK + stage * Traits::kSmemKV;
+    const Element* tV = sV + stage * Traits::kSmemKV;
+    const int n0 = n * BN;
+
+    float s[MI][BN / 8][4];
+    float dp[MI][BN / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      zero_acc(s[mi]);
+      zero_acc(dp[mi]);
+    }
+    gemm_ss_nk_mi<MI, BN / 8, D, D, D>(s, sQ, warp_row0, tK, lane);
+    gemm_ss_nk_mi<MI, BN / 8, D, D, D>(dp, sdO, warp_row0, tV, lane);
+    auto pointwise = [&](auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = row_lo + 16 * mi + (e >> 1) * 8;
+            const int j = n0 + nb * 8 + 2 * t + (e & 1);
+            float x = s[mi][nb][e];
+            if constexpr (Traits::kHasRab) {
+              if (!kMasked || (i < mk.L && j < mk.L)) x += rab_at<Element>(p, w.batch, hr, i, j);
+            }
+            x *= p.alpha;
+            const float sig = sigmoid_t<Element>(x);
+            const bool vis = !kMasked || mk.visible(i, j);
+            dp[mi][nb][e] = vis ? dp[mi][nb][e] * silu_grad(x, sig) : 0.f;
+          }
+        }
+      }
+    };
+    if (mk.tile_full(m0, m0 + BM, n0, n0 + BN))
+      pointwise(std::false_type{});
+    else
+      pointwise(std::true_type{});
+    uint32_t pa[MI][BN / 16][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], dp[mi]);
+    gemm_rs_kn_mi<MI, D / 8, BN, D>(acc_dq, pa, tK, lane);
+    ++it;
+    n = next_tile(n);
+  }
+  cp_async_wait_all();
+  Element* gdQ = reinterpret_cast<Element*>(p.dq) + base + m0 * p.row_stride;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+    store_acc_rows<Element, D / 8>(gdQ, p.row_stride, acc_dq[mi], p.alpha * p.inv_scale, warp_row0 + 16 * mi,
+                                   mk.L - m0, lane);
+}
+
+}  // namespace hstu

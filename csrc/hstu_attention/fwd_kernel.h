@@ -1,0 +1,158 @@
+// Forward mainloop + epilogue (sm80 tensor-core path; also the path that runs on sm90).
+// Block = kWarps warps, each warp owns 16 * kMI query rows; the block walks the key tiles its query tile can see,
+// double-buffering K/V in shared memory with cp.async. GEMMs: S = Q K^T (A and B from shared memory), then
+// O += SiLU(S) V with SiLU(S) converted in registers from the accumulator layout to the A-operand layout.
+#pragma once
+
+#include "hstu.h"
+#include "mask.h"
+#include "tile_scheduler.h"
+#include "utils.h"
+
+namespace hstu {
+
+template <typename Element_, int kHeadDim_, bool kHasRab_, int kWarps_, int kBlockN_, int kMI_ = 1, int kStages_ = 2>
+struct FwdTraits {
+  static constexpr int kStages = kStages_;  // K/V shared-memory pipeline depth
+  static constexpr int kMI = kMI_;
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kHasRab = kHasRab_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = 16 * kMI * kWarps;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kSmemQ = kBlockM * kHeadDim;
+  static constexpr int kSmemKV = kBlockN * kHeadDim;
+  static constexpr int kSmemBytes = (kSmemQ + 2 * kStages * kSmemKV) * 2;
+};
+
+template <typename Element>
+__device__ __forceinline__ float rab_at(const AttnParams& p, int b, int hr, int i, int j) {
+  const Element* r = reinterpret_cast<const Element*>(p.rab) + b * p.rab_batch_stride + hr * p.rab_head_stride +
+                     static_cast<int64_t>(i) * p.rab_row_stride + j;
+  return to_float<Element>(*r);
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnParams p) {
+  using Element = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sK = sQ + Traits::kSmemQ;  // kStages slots
+  Element* sV = sK + Traits::kStages * Traits::kSmemKV;
+
+  const WorkItem w = schedule_block(p, /*reverse=*/true);
+  const SeqMask& mk = w.mask;
+  const int m0 = w.tile * BM;
+  if (m0 >= mk.L) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+
+  const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
+  const Element* gQ = reinterpret_cast<const Element*>(p.q) + base;
+  const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
+  const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
+
+  load_tile_async<BM, D, NT>(sQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
+
+  const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
+  auto next_tile = [&](int n) {
+    for (++n; n < n_tiles; ++n)
+      if (mk.tile_any(m0, m0 + BM, n * BN, n * BN + BN)) return n;
+    return n_tiles;
+  };
+  auto load_kv = [&](int n, int stage) {
+    const int n0 = n * BN;
+    load_tile_async<BN, D, NT>(sK + stage * Traits::kSmemKV, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+    load_tile_async<BN, D, NT>(sV + stage * Traits::kSmemKV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+  };
+
+  // Pipeline: the prologue requests the first kStages - 1 visible K/V tiles (one commit group each, Q rides in the
+  // first); iteration `it` waits for group `it`, then requests the next tile into the slot freed by iteration it-1.
+  constexpr int kStages = Traits::kStages;
+  int n = next_tile(-1);
+  int n_load = n;
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (n_load < n_tiles) {
+      load_kv(n_load, st);
+      n_load = next_tile(n_load);
+    }
+    cp_async_commit();
+  }
+
+  constexpr int MI = Traits::kMI;
+  float acc_o[MI][D / 8][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) zero_acc(acc_o[mi]);
+  const int hr = (Traits::kHasRab && p.rab_heads == 1) ? 0 : w.head;
+  const int warp_row0 = warp * 16 * MI;       // first row of this warp inside the tile
+  const int row_lo = m0 + warp_row0 + g;      // rows row_lo + 16 mi + {0, 8} of this thread
+
+  int it = 0;
+  while (n < n_tiles) {
+    const int stage = it % kStages;
+    cute::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (n_load < n_tiles) {
+      load_kv(n_load, (it + kStages - 1) % kStages);
+      n_load = next_tile(n_load);
+    }
+    cp_async_commit();
+
+    const Element* tK = sK + stage * Traits::kSmemKV;
+    const Element* tV = sV + stage * Traits::kSmemKV;
+    float s[MI][BN / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) zero_acc(s[mi]);
+    gemm_ss_nk_mi<MI, BN / 8, D, D, D>(s, sQ, warp_row0, tK, lane);
+
+    const int n0 = n * BN;
+    // Two unrolled copies of the pointwise stage: tiles wholly inside the sequence and visible skip every mask
+    // and bounds test (a uniform branch, instead of predicated mask code on every element).
+    auto pointwise = [&](auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = row_lo + 16 * mi + (e >> 1) * 8;
+            const int j = n0 + nb * 8 + 2 * t + (e & 1);
+            float x = s[mi][nb][e];
+            if constexpr (Traits::kHasRab) {
+              if (!kMasked || (i < mk.L && j < mk.L)) x += rab_at<Element>(p, w.batch, hr, i, j);
+            }
+            x *= p.alpha;
+            float pv = x * sigmoid_t<Element>(x);
+            if constexpr (kMasked) {
+              if (!mk.visible(i, j)) pv = 0.f;
+            }
+            s[mi][nb][e] = pv;
+          }
+        }
+      }
+    };
+    if (mk.tile_full(m0, m0 + BM, n0, n0 + BN))
+      pointwise(std::false_type{});
+    else
+      pointwise(std::true_type{});
+    uint32_t pa[MI][BN / 16][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], s[mi]);
+    gemm_rs_kn_mi<MI, D / 8, BN, D>(acc_o, pa, tV, lane);
+    ++it;
+    n = next_tile(n);
+  }
+  cp_async_wait_all();
+
+  Element* gO = reinterpret_cast<Element*>(p.out) + base + m0 * p.row_stride;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+    store_acc_rows<Element, D / 8>(gO, p.row_stride, acc_o[mi], p.inv_scale, warp_row0 + 16 * mi, mk.L - m0, lane);
+}
+
+}  // namespace hstu

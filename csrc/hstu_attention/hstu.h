@@ -1,0 +1,54 @@
+// Host/device parameter block and launcher declarations of the fused HSTU attention kernels.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace hstu {
+
+// Everything a kernel needs, passed by value. Tensors are jagged (T, H, D) with unit stride in D.
+struct AttnParams {
+  // inputs
+  const void* __restrict__ q;
+  const void* __restrict__ k;
+  const void* __restrict__ v;
+  const int* __restrict__ seq_offsets;   // (B + 1,)
+  const int* __restrict__ num_contexts;  // (B,) or nullptr
+  const int* __restrict__ num_targets;   // (B,) or nullptr
+  const void* __restrict__ rab;          // (B, Hr, >=N, >=N), q's dtype, or nullptr
+  int64_t rab_batch_stride;
+  int64_t rab_head_stride;
+  int64_t rab_row_stride;
+  int rab_heads;  // 1 or H
+
+  // outputs (forward) / gradient inputs+outputs (backward)
+  void* __restrict__ out;
+  const void* __restrict__ dout;
+  void* __restrict__ dq;
+  void* __restrict__ dk;
+  void* __restrict__ dv;
+  float* __restrict__ drab;  // fp32, laid out like a contiguous (B, Hr, rab_rows, rab_cols), or nullptr
+  int64_t drab_batch_stride;
+  int64_t drab_head_stride;
+  int64_t drab_row_stride;
+
+  // row strides (elements) of the (T, H, D) tensors; head stride is D
+  int64_t row_stride;
+  int batch;
+  int heads;
+  int max_seqlen;
+  float alpha;
+  float inv_scale;  // 1 / scaling_seqlen
+  bool causal;
+  int window;  // < 0: no window
+  int group;   // target group size >= 1
+};
+
+// One explicit specialisation per (element type, head dim, rab) lives in instantiations/*.cu.
+template <typename Element, int kHeadDim, bool kHasRab>
+void run_fwd(const AttnParams& params, cudaStream_t stream);
+
+template <typename Element, int kHeadDim, bool kHasRab>
+void run_bwd(const AttnParams& params, cudaStream_t stream);
+
+}  // namespace hstu

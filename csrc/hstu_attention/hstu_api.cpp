@@ -1,0 +1,220 @@
+// Torch-facing entry points of the fused HSTU attention kernels: argument checks, parameter packing, dispatch
+// over (dtype, head dim, rab) to the compiled instantiations.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "hstu.h"
+
+namespace hstu {
+namespace {
+
+void check_qkv(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 3, name, " must be (T, H, D)");
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == q.sizes(), name, " must have q's shape");
+  TORCH_CHECK(t.device() == q.device(), name, " must be on q's device");
+}
+
+const int* opt_int_ptr(const std::optional<at::Tensor>& t, int64_t batch, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kInt && t->is_contiguous() && t->numel() == batch, name,
+              " must be a contiguous int32 CUDA tensor of shape (B,)");
+  return t->data_ptr<int>();
+}
+
+AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seq_offsets,
+                       int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal, int64_t window,
+                       const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
+                       int64_t group, const std::optional<at::Tensor>& rab) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (T, H, D) CUDA tensor");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "q must be bfloat16 or float16");
+  check_qkv(k, q, "k");
+  check_qkv(v, q, "v");
+  TORCH_CHECK(seq_offsets.is_cuda() && seq_offsets.scalar_type() == at::kInt && seq_offsets.dim() == 1 &&
+                  seq_offsets.is_contiguous() && seq_offsets.numel() >= 1,
+              "seq_offsets must be a contiguous int32 CUDA tensor of shape (B + 1,)");
+  TORCH_CHECK(max_seqlen >= 0 && max_seqlen < (1 << 30), "max_seqlen out of range");
+  TORCH_CHECK(scaling_seqlen > 0, "scaling_seqlen must be positive");
+  TORCH_CHECK(group >= 1, "target_group_size must be >= 1");
+  TORCH_CHECK(q.size(0) * q.size(1) * q.size(2) < (int64_t(1) << 31) * 8, "tensor too large");
+  AttnParams p{};
+  const int64_t batch = seq_offsets.numel() - 1;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.seq_offsets = seq_offsets.data_ptr<int>();
+  p.num_contexts = opt_int_ptr(num_contexts, batch, "num_contexts");
+  p.num_targets = opt_int_ptr(num_targets, batch, "num_targets");
+  p.row_stride = q.stride(0);
+  p.batch = static_cast<int>(batch);
+  p.heads = static_cast<int>(q.size(1));
+  p.max_seqlen = static_cast<int>(max_seqlen);
+  p.alpha = static_cast<float>(alpha);
+  p.inv_scale = static_cast<float>(1.0 / static_cast<double>(scaling_seqlen));
+  p.causal = causal;
+  p.window = window < 0 ? -1 : static_cast<int>(std::min<int64_t>(window, 1 << 30));
+  p.group = static_cast<int>(group);
+  if (rab.has_value()) {
+    const at::Tensor& r = *rab;
+    TORCH_CHECK(r.is_cuda() && r.device() == q.device() && r.dim() == 4, "rab must be a 4-d CUDA tensor on q's device");
+    TORCH_CHECK(r.scalar_type() == q.scalar_type(), "rab must have q's dtype (the binding casts it)");
+    TORCH_CHECK(r.size(0) == batch && (r.size(1) == 1 || r.size(1) == q.size(1)), "rab must be (B, 1 or H, N, N)");
+    TORCH_CHECK(r.size(2) >= max_seqlen && r.size(3) >= max_seqlen, "rab's last two dims must be >= max_seqlen");
+    TORCH_CHECK(r.stride(3) == 1, "rab must have unit stride in its last dim");
+    p.rab = r.data_ptr();
+    p.rab_batch_stride = r.stride(0);
+    p.rab_head_stride = r.stride(1);
+    p.rab_row_stride = r.stride(2);
+    p.rab_heads = static_cast<int>(r.size(1));
+  }
+  return p;
+}
+
+template <bool kBwd, typename T, int D>
+void dispatch_rab(const AttnParams& p, cudaStream_t s) {
+  if (p.rab != nullptr) {
+#ifndef HSTU_DISABLE_RAB
+    if constexpr (kBwd) run_bwd<T, D, true>(p, s); else run_fwd<T, D, true>(p, s);
+#else
+    TORCH_CHECK(false, "hstu attention: built with HSTU_DISABLE_RAB");
+#endif
+  } else {
+    if constexpr (kBwd) run_bwd<T, D, false>(p, s); else run_fwd<T, D, false>(p, s);
+  }
+}
+
+template <bool kBwd, typename T>
+void dispatch_hdim(const AttnParams& p, int hdim, cudaStream_t s) {
+  switch (hdim) {
+#ifndef HSTU_DISABLE_HDIM32
+    case 32: return dispatch_rab<kBwd, T, 32>(p, s);
+#endif
+#ifndef HSTU_DISABLE_HDIM64
+    case 64: return dispatch_rab<kBwd, T, 64>(p, s);
+#endif
+#ifndef HSTU_DISABLE_HDIM128
+    case 128: return dispatch_rab<kBwd, T, 128>(p, s);
+#endif
+#ifndef HSTU_DISABLE_HDIM256
+    case 256: return dispatch_rab<kBwd, T, 256>(p, s);
+#endif
+    default: TORCH_CHECK(false, "hstu attention: head dim ", hdim, " is not compiled in");
+  }
+}
+
+template <bool kBwd>
+void dispatch(const AttnParams& p, at::ScalarType dtype, int hdim, cudaStream_t s) {
+  if (dtype == at::kBFloat16) {
+#ifndef HSTU_DISABLE_BF16
+    return dispatch_hdim<kBwd, __nv_bfloat16>(p, hdim, s);
+#endif
+  } else {
+#ifndef HSTU_DISABLE_FP16
+    return dispatch_hdim<kBwd, __half>(p, hdim, s);
+#endif
+  }
+  TORCH_CHECK(false, "hstu attention: dtype ", dtype, " is not compiled in");
+}
+
+}  // namespace
+
+// out: preallocated (T, H, D) like q (the caller may poison it); returns out.
+at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seq_offsets,
+               int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal, int64_t window,
+               const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
+               int64_t group, const std::optional<at::Tensor>& rab, at::Tensor out) {
+  c10::cuda::CUDAGuard guard(q.device());
+  AttnParams p = make_params(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
+                             num_targets, group, rab);
+  check_qkv(out, q, "out");
+  p.out = out.data_ptr();
+  if (q.numel() > 0) dispatch<false>(p, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
+  return out;
+}
+
+// dq, dk, dv: preallocated like q; drab: fp32 zeros shaped like rab (contiguous) or None.
+void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const at::Tensor& seq_offsets, int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal,
+         int64_t window, const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
+         int64_t group, const std::optional<at::Tensor>& rab, at::Tensor dq, at::Tensor dk, at::Tensor dv,
+         const std::optional<at::Tensor>& drab) {
+#ifdef HSTU_DISABLE_BACKWARD
+  TORCH_CHECK(false, "hstu attention: built with HSTU_DISABLE_BACKWARD");
+#else
+  c10::cuda::CUDAGuard guard(q.device());
+  AttnParams p = make_params(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
+                             num_targets, group, rab);
+  check_qkv(dout, q, "grad_out");
+  check_qkv(dq, q, "dq");
+  check_qkv(dk, q, "dk");
+  check_qkv(dv, q, "dv");
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  if (drab.has_value()) {
+    TORCH_CHECK(rab.has_value(), "drab needs rab");
+    const at::Tensor& d = *drab;
+    TORCH_CHECK(d.is_cuda() && d.scalar_type() == at::kFloat && d.is_contiguous() && d.sizes() == rab->sizes(),
+                "drab must be a contiguous float32 tensor shaped like rab");
+    p.drab = d.data_ptr<float>();
+    p.drab_batch_stride = d.stride(0);
+    p.drab_head_stride = d.stride(1);
+    p.drab_row_stride = d.stride(2);
+  }
+  if (q.numel() > 0) dispatch<true>(p, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
+#endif
+}
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  pybind11::list dtypes, hdims;
+#ifndef HSTU_DISABLE_BF16
+  dtypes.append("bfloat16");
+#endif
+#ifndef HSTU_DISABLE_FP16
+  dtypes.append("float16");
+#endif
+#ifndef HSTU_DISABLE_HDIM32
+  hdims.append(32);
+#endif
+#ifndef HSTU_DISABLE_HDIM64
+  hdims.append(64);
+#endif
+#ifndef HSTU_DISABLE_HDIM128
+  hdims.append(128);
+#endif
+#ifndef HSTU_DISABLE_HDIM256
+  hdims.append(256);
+#endif
+  d["dtypes"] = dtypes;
+  d["head_dims"] = hdims;
+#ifdef HSTU_DISABLE_RAB
+  d["rab"] = false;
+#else
+  d["rab"] = true;
+#endif
+#ifdef HSTU_DISABLE_BACKWARD
+  d["backward"] = false;
+#else
+  d["backward"] = true;
+#endif
+  d["dropout"] = false;
+  return d;
+}
+
+}  // namespace hstu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hstu fused CUDA kernels";
+  m.def("hstu_attn_fwd", &hstu::fwd, "HSTU attention forward");
+  m.def("hstu_attn_bwd", &hstu::bwd, "HSTU attention backward");
+  m.def("build_info", &hstu::build_info, "what this build compiled in");
+}

@@ -1,0 +1,62 @@
+// The visibility rule of the op contract, per element and per tile (conservative tile tests used to skip work).
+#pragma once
+
+namespace hstu {
+
+struct SeqMask {
+  int L;        // sequence length
+  int c;        // contextual rows
+  int h;        // history end = L - num_targets
+  int w;        // window (< 0: none)
+  int g;        // target group size
+  bool causal;
+
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    if (i >= L || j >= L) return false;
+    if (!causal) return w < 0 || abs(i - j) <= w;
+    if (i < c) return j < h;
+    if (i < h) return j <= i && (w < 0 || i - j <= w || j < c);
+    if (j < h) return w < 0 || h - j <= w || j < c;
+    const int gs = h + ((i - h) / g) * g;
+    return j >= gs && j <= i;
+  }
+
+  // Whether any (i, j) with m0 <= i < m1, n0 <= j < n1 may be visible (false only when none is).
+  __device__ __forceinline__ bool tile_any(int m0, int m1, int n0, int n1) const {
+    m1 = min(m1, L);
+    n1 = min(n1, L);
+    if (m0 >= m1 || n0 >= n1) return false;
+    if (!causal) return w < 0 || (n0 <= m1 - 1 + w && n1 - 1 >= m0 - w);
+    if (m0 < c && n0 < h) return true;
+    int r0 = max(m0, c), r1 = min(m1, h);
+    if (r0 < r1 && n0 <= r1 - 1 && (w < 0 || n0 < c || n1 - 1 >= r0 - w)) return true;
+    r0 = max(m0, h);
+    r1 = m1;
+    if (r0 < r1) {
+      if (n0 < h && (w < 0 || n0 < c || n1 - 1 >= h - w)) return true;
+      const int gs = h + ((r0 - h) / g) * g;
+      if (n0 <= r1 - 1 && n1 - 1 >= gs) return true;
+    }
+    return false;
+  }
+
+  // Whether every (i, j) of the tile is inside the sequence and visible (false when unsure).
+  __device__ __forceinline__ bool tile_full(int m0, int m1, int n0, int n1) const {
+    if (m1 > L || n1 > L) return false;
+    if (!causal) return w < 0 || max(m1 - 1 - n0, n1 - 1 - m0) <= w;
+    if (m0 >= c && m1 <= h) {
+      if (n1 - 1 > m0) return false;
+      if (w < 0 || n1 <= c) return true;
+      return (m1 - 1) - n0 <= w;
+    }
+    return false;
+  }
+
+  // Exclusive upper bound of the keys any row of [m0, m1) may see.
+  __device__ __forceinline__ int key_end(int m0, int m1) const {
+    if (causal && m0 >= c) return min(m1, L);
+    return L;
+  }
+};
+
+}  // namespace hstu

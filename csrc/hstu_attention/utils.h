@@ -1,0 +1,310 @@
+// Warp-level building blocks of the sm80-style path: swizzled shared-memory tiles, cp.async tile loads,
+// ldmatrix fragment loads and the m16n8k16 tensor-core MMA (CuTe's SM80 MMA / SM75 LDSM / SM80 cp.async atoms).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+namespace hstu {
+
+template <typename Element>
+struct MmaAtom;
+template <>
+struct MmaAtom<__nv_bfloat16> {
+  using Op = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+};
+template <>
+struct MmaAtom<__half> {
+  using Op = cute::SM80_16x8x16_F32F16F16F32_TN;
+};
+
+// d += a * b for one 16x8x16 tile: a = 4 regs (16x16, row major), b = 2 regs (16x8, "col major").
+template <typename Element>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  MmaAtom<Element>::Op::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2], d[3]);
+}
+
+template <typename Element>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 r = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+template <typename Element>
+__device__ __forceinline__ float to_float(Element x);
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+
+// A shared-memory tile of kRows x kCols 16-bit elements, row major, with its 16-byte chunks XOR-swizzled by row
+// so that the eight row addresses of one ldmatrix phase fall into distinct bank groups.
+template <int kCols>
+struct SmemTile {
+  static constexpr int kChunks = kCols / 8;
+  static_assert(kChunks == 4 || kChunks % 8 == 0, "head dim must be 32 or a multiple of 64");
+  __device__ __forceinline__ static int offset(int row, int col) {
+    const int chunk = col >> 3;
+    const int sw = (kChunks >= 8) ? (row & 7) : ((row >> 1) & 3);
+    return row * kCols + ((chunk ^ sw) << 3) + (col & 7);
+  }
+};
+
+// Asynchronously copies rows [0, kRows) of a (rows, kCols) global tile (row stride in elements) into a swizzled
+// shared tile; rows >= valid_rows are zero-filled and never read from global memory.
+template <int kRows, int kCols, int kThreads, typename Element>
+__device__ __forceinline__ void load_tile_async(Element* smem, const Element* gmem, int64_t row_stride,
+                                                int valid_rows, int tid) {
+  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kTotal = kRows * kChunksPerRow;
+  using Copy = cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t, cute::uint128_t>;
+#pragma unroll
+  for (int idx = tid; idx < kTotal; idx += kThreads) {
+    const int row = idx / kChunksPerRow;
+    const int col = (idx % kChunksPerRow) * 8;
+    const bool ok = row < valid_rows;
+    const Element* src = ok ? gmem + row * row_stride + col : gmem;  // never forms an address past the sequence
+    Copy::copy(*reinterpret_cast<const cute::uint128_t*>(src),
+               *reinterpret_cast<cute::uint128_t*>(smem + SmemTile<kCols>::offset(row, col)), ok);
+  }
+}
+
+__device__ __forceinline__ void cp_async_commit() { cute::cp_async_fence(); }
+__device__ __forceinline__ void cp_async_wait_all() { cute::cp_async_wait<0>(); }
+
+// A operand (16 rows x 16 k) from a row-major [m][k] shared tile.
+template <int kCols, typename Element>
+__device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const Element* tile, int row0, int k0, int lane) {
+  const int row = row0 + (lane & 15);
+  const int col = k0 + ((lane >> 4) << 3);
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(tile + SmemTile<kCols>::offset(row, col)),
+                                a[0], a[1], a[2], a[3]);
+}
+
+// B operands of two n8 blocks (n0..n0+15) x 16 k from a shared tile stored [n][k] (k contiguous).
+// b[nb][0..1] feed the MMA of n block nb.
+template <int kCols, typename Element>
+__device__ __forceinline__ void ldsm_b_nk(uint32_t (&b)[2][2], const Element* tile, int n0, int k0, int lane) {
+  const int row = n0 + (lane & 7) + ((lane >> 4) << 3);
+  const int col = k0 + (((lane >> 3) & 1) << 3);
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(tile + SmemTile<kCols>::offset(row, col)),
+                                b[0][0], b[0][1], b[1][0], b[1][1]);
+}
+
+// B operands of two n8 blocks (n0..n0+15) x 16 k from a shared tile stored [k][n] (n contiguous): transposing load.
+template <int kCols, typename Element>
+__device__ __forceinline__ void ldsm_b_kn(uint32_t (&b)[2][2], const Element* tile, int k0, int n0, int lane) {
+  const int row = k0 + (lane & 15);
+  const int col = n0 + ((lane >> 4) << 3);
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(tile + SmemTile<kCols>::offset(row, col)),
+                                b[0][0], b[0][1], b[1][0], b[1][1]);
+}
+
+// The GEMM loops below are software-pipelined by hand: the ldmatrix / mma atoms are volatile asm, which the
+// compiler keeps in program order, so the fragments of step s+1 are requested before the MMAs of step s issue.
+// A step is (k block, chunk of up to 4 n-pairs); fragments are double-buffered in registers.
+
+// acc[16 x 8*kNB] += A[16 x kK] * B^T where A comes from a [m][k] tile (rows row0..row0+15) and B from a [n][k]
+// tile (rows 0..8*kNB-1); kK = number of k columns used.
+template <int kNB, int kK, int kColsA, int kColsB, typename Element>
+__device__ __forceinline__ void gemm_ss_nk(float (&acc)[kNB][4], const Element* tile_a, int row0,
+                                           const Element* tile_b, int lane) {
+  constexpr int kNP = kNB / 2;
+  constexpr int kC = kNP < 4 ? kNP : 4;
+  constexpr int kChunks = kNP / kC;
+  constexpr int kSteps = (kK / 16) * kChunks;
+  static_assert(kNP % kC == 0, "n pairs must split into chunks");
+  uint32_t a[2][4];
+  uint32_t b[2][kC][2][2];
+  auto load = [&](int s) {
+    const int kk = s / kChunks, ch = s % kChunks;
+    if (ch == 0) ldsm_a<kColsA>(a[kk & 1], tile_a, row0, kk * 16, lane);
+#pragma unroll
+    for (int c = 0; c < kC; ++c) ldsm_b_nk<kColsB>(b[s & 1][c], tile_b, (ch * kC + c) * 16, kk * 16, lane);
+  };
+  load(0);
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    if (s + 1 < kSteps) load(s + 1);
+    const int kk = s / kChunks, ch = s % kChunks;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+      mma16816<Element>(acc[2 * (ch * kC + c)], a[kk & 1], b[s & 1][c][0][0], b[s & 1][c][0][1]);
+      mma16816<Element>(acc[2 * (ch * kC + c) + 1], a[kk & 1], b[s & 1][c][1][0], b[s & 1][c][1][1]);
+    }
+  }
+}
+
+// acc[16 x 8*kNB] += P[16 x kK] * B where P is held in registers as A fragments (pa[kK/16][4]) and B comes from a
+// [k][n] tile (rows 0..kK-1, cols 0..8*kNB-1).
+template <int kNB, int kK, int kColsB, typename Element>
+__device__ __forceinline__ void gemm_rs_kn(float (&acc)[kNB][4], const uint32_t (&pa)[kK / 16][4],
+                                           const Element* tile_b, int lane) {
+  constexpr int kNP = kNB / 2;
+  constexpr int kC = kNP < 4 ? kNP : 4;
+  constexpr int kChunks = kNP / kC;
+  constexpr int kSteps = (kK / 16) * kChunks;
+  static_assert(kNP % kC == 0, "n pairs must split into chunks");
+  uint32_t b[2][kC][2][2];
+  auto load = [&](int s) {
+    const int kk = s / kChunks, ch = s % kChunks;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) ldsm_b_kn<kColsB>(b[s & 1][c], tile_b, kk * 16, (ch * kC + c) * 16, lane);
+  };
+  load(0);
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    if (s + 1 < kSteps) load(s + 1);
+    const int kk = s / kChunks, ch = s % kChunks;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+      mma16816<Element>(acc[2 * (ch * kC + c)], pa[kk], b[s & 1][c][0][0], b[s & 1][c][0][1]);
+      mma16816<Element>(acc[2 * (ch * kC + c) + 1], pa[kk], b[s & 1][c][1][0], b[s & 1][c][1][1]);
+    }
+  }
+}
+
+// Multi-row-block variants: a warp owns kMI blocks of 16 rows (rows row0 + 16*mi), so every B fragment read from
+// shared memory feeds kMI MMAs (half the shared-memory traffic per MMA at kMI = 2).
+template <int kMI, int kNB, int kK, int kColsA, int kColsB, typename Element>
+__device__ __forceinline__ void gemm_ss_nk_mi(float (&acc)[kMI][kNB][4], const Element* tile_a, int row0,
+                                              const Element* tile_b, int lane) {
+  constexpr int kNP = kNB / 2;
+  constexpr int kC = kNP < 4 ? kNP : 4;
+  constexpr int kChunks = kNP / kC;
+  constexpr int kSteps = (kK / 16) * kChunks;
+  static_assert(kNP % kC == 0, "n pairs must split into chunks");
+  uint32_t a[2][kMI][4];
+  uint32_t b[2][kC][2][2];
+  auto load = [&](int s) {
+    const int kk = s / kChunks, ch = s % kChunks;
+    if (ch == 0) {
+#pragma unroll
+      for (int mi = 0; mi < kMI; ++mi) ldsm_a<kColsA>(a[kk & 1][mi], tile_a, row0 + 16 * mi, kk * 16, lane);
+    }
+#pragma unroll
+    for (int c = 0; c < kC; ++c) ldsm_b_nk<kColsB>(b[s & 1][c], tile_b, (ch * kC + c) * 16, kk * 16, lane);
+  };
+  load(0);
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    if (s + 1 < kSteps) load(s + 1);
+    const int kk = s / kChunks, ch = s % kChunks;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+#pragma unroll
+      for (int mi = 0; mi < kMI; ++mi) {
+        mma16816<Element>(acc[mi][2 * (ch * kC + c)], a[kk & 1][mi], b[s & 1][c][0][0], b[s & 1][c][0][1]);
+        mma16816<Element>(acc[mi][2 * (ch * kC + c) + 1], a[kk & 1][mi], b[s & 1][c][1][0], b[s & 1][c][1][1]);
+      }
+    }
+  }
+}
+
+template <int kMI, int kNB, int kK, int kColsB, typename Element>
+__device__ __forceinline__ void gemm_rs_kn_mi(float (&acc)[kMI][kNB][4], const uint32_t (&pa)[kMI][kK / 16][4],
+                                              const Element* tile_b, int lane) {
+  constexpr int kNP = kNB / 2;
+  constexpr int kC = kNP < 4 ? kNP : 4;
+  constexpr int kChunks = kNP / kC;
+  constexpr int kSteps = (kK / 16) * kChunks;
+  static_assert(kNP % kC == 0, "n pairs must split into chunks");
+  uint32_t b[2][kC][2][2];
+  auto load = [&](int s) {
+    const int kk = s / kChunks, ch = s % kChunks;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) ldsm_b_kn<kColsB>(b[s & 1][c], tile_b, kk * 16, (ch * kC + c) * 16, lane);
+  };
+  load(0);
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    if (s + 1 < kSteps) load(s + 1);
+    const int kk = s / kChunks, ch = s % kChunks;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+#pragma unroll
+      for (int mi = 0; mi < kMI; ++mi) {
+        mma16816<Element>(acc[mi][2 * (ch * kC + c)], pa[mi][kk], b[s & 1][c][0][0], b[s & 1][c][0][1]);
+        mma16816<Element>(acc[mi][2 * (ch * kC + c) + 1], pa[mi][kk], b[s & 1][c][1][0], b[s & 1][c][1][1]);
+      }
+    }
+  }
+}
+
+// Converts a 16 x kN fp32 accumulator (kN/8 n8 blocks) into A fragments of a 16 x kN operand.
+template <typename Element, int kNB>
+__device__ __forceinline__ void acc_to_a(uint32_t (&pa)[kNB / 2][4], const float (&acc)[kNB][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kNB / 2; ++kk) {
+    pa[kk][0] = pack2<Element>(acc[2 * kk][0], acc[2 * kk][1]);
+    pa[kk][1] = pack2<Element>(acc[2 * kk][2], acc[2 * kk][3]);
+    pa[kk][2] = pack2<Element>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    pa[kk][3] = pack2<Element>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+  }
+}
+
+template <int kNB>
+__device__ __forceinline__ void zero_acc(float (&acc)[kNB][4]) {
+#pragma unroll
+  for (int i = 0; i < kNB; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+  }
+}
+
+// 1 / (1 + exp(-x)) with the approximate exp2 and reciprocal units (relative error ~1e-7, far below bf16/fp16
+// rounding); exp overflowing to +inf gives exactly 0.
+__device__ __forceinline__ float sigmoidf_fast(float x) {
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-x * 1.4426950408889634f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+  return r;
+}
+
+// One special-function op instead of two: sigmoid(x) = 0.5 + 0.5 tanh(x / 2). tanh.approx has ~2^-11 relative
+// error, under bf16's rounding of P (2^-9), so bf16 uses it; fp16 (2^-11 rounding) keeps the exp/rcp form.
+template <typename Element>
+__device__ __forceinline__ float sigmoid_t(float x) {
+  if constexpr (sizeof(Element) == 2 && std::is_same_v<Element, __nv_bfloat16>) {
+    float t;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * x));
+    return fmaf(0.5f, t, 0.5f);
+  } else {
+    return sigmoidf_fast(x);
+  }
+}
+
+// Stores a warp's 16 x kD fp32 accumulator (times scale) as Element rows row_base + {g, g+8}, rows >= valid_rows
+// skipped. gmem points at row 0 of the tile.
+template <typename Element, int kNB>
+__device__ __forceinline__ void store_acc_rows(Element* gmem, int64_t row_stride, const float (&acc)[kNB][4],
+                                               float scale, int row_base, int valid_rows, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row_base + g + half * 8;
+    if (row < valid_rows) {
+      Element* dst = gmem + row * row_stride;
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+        const uint32_t v = pack2<Element>(acc[nb][half * 2] * scale, acc[nb][half * 2 + 1] * scale);
+        *reinterpret_cast<uint32_t*>(dst + nb * 8 + 2 * t) = v;
+      }
+    }
+  }
+}
+
+}  // namespace hstu
