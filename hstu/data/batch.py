@@ -45,7 +45,9 @@ class JaggedBatch:
 
     @property
     def seq_offsets(self) -> torch.Tensor:
-        return torch.ops.fbgemm.asynchronous_complete_cumsum(self.seq_lengths)
+        from hstu.ops import lengths_to_offsets
+
+        return lengths_to_offsets(self.seq_lengths)
 
     def labels(self) -> torch.Tensor:
         """Actions of the candidates, concatenated over samples (ranking labels)."""

@@ -1,0 +1,84 @@
+"""HSTU ranking model: history as interleaved item/action tokens, candidates scored by a multi-task MLP head.
+
+Sparse part: ``self.embeddings`` (tables ``item``, ``action`` and the contextual features). Dense part:
+``self.encoder`` and ``self.head``. The candidates' actions are the labels and never enter the network.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from hstu.data.batch import JaggedBatch
+from hstu.models.losses import MultiTaskLoss
+from hstu.models.retrieval import StepOutput, interleave_contextual, sparse_features
+from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
+from hstu.modules.encoder import EncoderConfig, EncoderInputs, HSTUEncoder
+from hstu.ops import candidate_mask
+
+
+class MLPHead(nn.Module):
+    """LayerNorm -> [Linear -> SiLU -> dropout]* -> Linear to the task logits."""
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], num_outputs: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.LayerNorm(input_dim)]
+        width = input_dim
+        for hidden in hidden_dims:
+            layers += [nn.Linear(width, hidden), nn.SiLU(), nn.Dropout(dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, num_outputs))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class RankingModel(nn.Module):
+    def __init__(
+        self,
+        num_items: int,
+        action_vocab_size: int,
+        encoder_config: EncoderConfig,
+        loss: MultiTaskLoss,
+        head_hidden_dims: Sequence[int] = (512,),
+        head_dropout: float = 0.0,
+        *,
+        contextual_vocab_sizes: Optional[dict[str, int]] = None,
+        embedding_init_std: float = 0.02,
+    ):
+        super().__init__()
+        if not encoder_config.interleave_actions:
+            raise ValueError("the ranking model feeds actions as interleaved tokens: set interleave_actions=True")
+        self.contextual_keys = list((contextual_vocab_sizes or {}).keys())
+        tables = [EmbeddingTableSpec("item", num_items), EmbeddingTableSpec("action", action_vocab_size)]
+        tables += [EmbeddingTableSpec(name, size) for name, size in (contextual_vocab_sizes or {}).items()]
+        self.embeddings = SparseEmbeddings(tables, encoder_config.embedding_dim, init_std=embedding_init_std)
+        self.encoder = HSTUEncoder(encoder_config)
+        self.head = MLPHead(encoder_config.embedding_dim, head_hidden_dims, loss.num_outputs, head_dropout)
+        self.loss = loss
+
+    def predict(self, batch: JaggedBatch) -> tuple[torch.Tensor, "object"]:
+        """Logits (num_candidates_total, num_outputs) of the candidates, in batch order."""
+        values = self.embeddings(sparse_features(self.embeddings, batch, ["item", "action"], self.contextual_keys))
+        outputs = self.encoder(
+            EncoderInputs(
+                item_embeddings=values["item"],
+                seq_lengths=batch.seq_lengths,
+                timestamps=batch.sequence["timestamp"].values(),
+                num_candidates=batch.num_candidates,
+                action_embeddings=values["action"],
+                contextual_embeddings=interleave_contextual(values, self.contextual_keys, batch.batch_size),
+                num_contextual=len(self.contextual_keys),
+            )
+        )
+        is_candidate = candidate_mask(batch.seq_offsets, batch.num_candidates)
+        return self.head(outputs.item_outputs[is_candidate]), outputs
+
+    def forward(self, batch: JaggedBatch) -> StepOutput:
+        logits, outputs = self.predict(batch)
+        loss, details = self.loss(logits, batch.labels())
+        return StepOutput(loss, outputs.num_tokens, outputs.sum_squared_lengths,
+                          {"num_candidates": int(logits.shape[0]), **details})

@@ -1,0 +1,130 @@
+"""HSTU retrieval model: next-item prediction at every position, sampled softmax, full-catalogue evaluation.
+
+Sparse part: ``self.embeddings`` (:class:`~hstu.modules.SparseEmbeddings`; tables ``item`` and optional contextual
+features). Dense part: ``self.encoder`` (:class:`~hstu.modules.HSTUEncoder`). The loss has no parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from hstu.data.batch import JaggedBatch
+from hstu.models.losses import SampledSoftmaxLoss
+from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
+from hstu.modules.encoder import EncoderConfig, EncoderInputs, HSTUEncoder, l2_normalize
+from hstu.ops import lengths_to_offsets
+from hstu.ops.jagged.reference import sequence_ids_and_positions
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    num_tokens: int  # tokens through the HSTU layers
+    sum_squared_lengths: int  # Σ L² of the token sequences (attention FLOPs)
+    extras: dict
+
+
+def sparse_features(embeddings: SparseEmbeddings, batch: JaggedBatch, sequence_keys: Sequence[str],
+                    contextual_keys: Sequence[str]):
+    """The KJT of a batch restricted to the features the model has tables for."""
+    ids = {}
+    lengths = batch.seq_lengths
+    for key in sequence_keys:
+        ids[key] = (batch.sequence[key].values(), lengths)
+    if contextual_keys:
+        if batch.contextual is None:
+            raise ValueError(f"the model uses contextual features {list(contextual_keys)} but the batch has none")
+        for key in contextual_keys:
+            jagged = batch.contextual[key]
+            ids[key] = (jagged.values(), jagged.lengths())
+    return embeddings.make_features(ids)
+
+
+def interleave_contextual(values: dict[str, torch.Tensor], keys: Sequence[str], batch_size: int) -> Optional[torch.Tensor]:
+    """(B*C, D) contextual embeddings, sample-major (all features of sample 0, then sample 1, ...)."""
+    if not keys:
+        return None
+    stacked = torch.stack([values[k] for k in keys], dim=1)  # (B, C, D): one value per sample and feature
+    return stacked.reshape(batch_size * len(keys), -1)
+
+
+class RetrievalModel(nn.Module):
+    def __init__(
+        self,
+        num_items: int,
+        encoder_config: EncoderConfig,
+        loss: SampledSoftmaxLoss,
+        *,
+        contextual_vocab_sizes: Optional[dict[str, int]] = None,
+        embedding_init_std: float = 0.02,
+        item_id_low: int = 1,
+        l2_norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.contextual_keys = list((contextual_vocab_sizes or {}).keys())
+        tables = [EmbeddingTableSpec("item", num_items)]
+        tables += [EmbeddingTableSpec(name, size) for name, size in (contextual_vocab_sizes or {}).items()]
+        self.embeddings = SparseEmbeddings(tables, encoder_config.embedding_dim, init_std=embedding_init_std)
+        self.encoder = HSTUEncoder(encoder_config)
+        self.loss = loss
+        self.num_items = int(num_items)
+        self.item_id_low = int(item_id_low)
+        self.l2_norm_eps = l2_norm_eps
+
+    # ---- shared by training and evaluation ----------------------------------------------------------------------
+    def encode(self, batch: JaggedBatch, next_timestamps: Optional[torch.Tensor] = None):
+        values = self.embeddings(sparse_features(self.embeddings, batch, ["item"], self.contextual_keys))
+        inputs = EncoderInputs(
+            item_embeddings=values["item"],
+            seq_lengths=batch.seq_lengths,
+            timestamps=batch.sequence["timestamp"].values(),
+            contextual_embeddings=interleave_contextual(values, self.contextual_keys, batch.batch_size),
+            num_contextual=len(self.contextual_keys),
+            next_timestamps=next_timestamps,
+        )
+        return values["item"], self.encoder(inputs)
+
+    def forward(self, batch: JaggedBatch) -> StepOutput:
+        """Training step: every position predicts the next item of its sequence."""
+        item_embeddings, outputs = self.encode(batch)
+        lengths = batch.seq_lengths.to(torch.int64)
+        offsets = lengths_to_offsets(lengths)
+        seq_ids, positions = sequence_ids_and_positions(offsets, item_embeddings.shape[0])
+        has_next = positions < (lengths - 1)[seq_ids]
+        query_rows = torch.nonzero(has_next).squeeze(1)
+        items = batch.sequence["item"].values()
+        result = self.loss(
+            outputs.item_outputs[query_rows],
+            items[query_rows + 1],
+            item_embeddings[query_rows + 1],
+            lambda ids: self.embeddings.lookup("item", ids),
+        )
+        return StepOutput(result.loss, outputs.num_tokens, outputs.sum_squared_lengths,
+                          {"num_queries": int(query_rows.numel()), "accidental_hits": result.accidental_hits})
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def catalogue_embeddings(self, chunk: int = 1 << 16) -> torch.Tensor:
+        """L2-normalised embeddings of item ids [item_id_low, num_items), through the (maybe sharded) tables."""
+        device = next(self.encoder.parameters()).device
+        ids = torch.arange(self.item_id_low, self.num_items, device=device)
+        parts = [self.embeddings.lookup("item", ids[i : i + chunk]) for i in range(0, ids.numel(), chunk)]
+        return l2_normalize(torch.cat(parts).float(), self.l2_norm_eps)
+
+    @torch.no_grad()
+    def user_embeddings(self, batch: JaggedBatch, next_timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, D) L2-normalised output at each sequence's last event (zeros for empty sequences).
+
+        next_timestamps: (B,) request time of the item to predict, for a relative bias with time reference "next".
+        """
+        _, outputs = self.encode(batch, next_timestamps)
+        lengths = batch.seq_lengths.to(torch.int64)
+        last = (lengths_to_offsets(lengths)[1:] - 1).clamp(min=0)
+        if outputs.item_outputs.shape[0] == 0:
+            return outputs.item_outputs.new_zeros(lengths.numel(), self.encoder.config.embedding_dim)
+        users = outputs.item_outputs[last].float() * (lengths > 0).unsqueeze(1)
+        return l2_normalize(users, self.l2_norm_eps)

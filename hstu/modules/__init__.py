@@ -1,0 +1,24 @@
+"""Building blocks of HSTU models: embeddings (sparse part), HSTU layers, encoders and pre/post-processing."""
+
+from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
+from hstu.modules.encoder import EncoderConfig, EncoderInputs, EncoderOutputs, HSTUEncoder
+from hstu.modules.hstu_layer import HSTULayer, HSTUStack
+from hstu.modules.positional import (
+    PositionalEncoder,
+    RelativeAttentionBias,
+    log_time_buckets,
+)
+
+__all__ = [
+    "EmbeddingTableSpec",
+    "EncoderConfig",
+    "EncoderInputs",
+    "EncoderOutputs",
+    "HSTUEncoder",
+    "HSTULayer",
+    "HSTUStack",
+    "PositionalEncoder",
+    "RelativeAttentionBias",
+    "SparseEmbeddings",
+    "log_time_buckets",
+]

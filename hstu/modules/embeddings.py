@@ -1,0 +1,97 @@
+"""The sparse part of every model: one TorchRec ``EmbeddingCollection`` holding all embedding tables.
+
+Everything that indexes a table goes through :class:`SparseEmbeddings` (one ``EmbeddingCollection`` call per
+lookup), so the collection can be sharded by TorchRec's ``DistributedModelParallel`` without touching model code.
+Each table serves exactly one feature of the same name (``item``, ``action``, one per contextual feature).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+@dataclass(frozen=True)
+class EmbeddingTableSpec:
+    name: str  # table name == feature name
+    num_embeddings: int
+
+
+def _truncated_normal_init(weight: torch.Tensor, std: float) -> torch.Tensor:
+    # Meta's HSTU initialises item embeddings with a truncated normal of std 0.02.
+    with torch.no_grad():
+        return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+class SparseEmbeddings(nn.Module):
+    """All embedding tables of a model, in one ``EmbeddingCollection`` (attribute ``collection``)."""
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingTableSpec],
+        embedding_dim: int,
+        init_std: float = 0.02,
+        device: Optional[torch.device] = None,
+    ):
+        super().__init__()
+        if not tables:
+            raise ValueError("need at least one embedding table")
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate embedding table names: {names}")
+        for table in tables:
+            if table.num_embeddings < 1:
+                raise ValueError(f"table {table.name!r} needs num_embeddings >= 1, got {table.num_embeddings}")
+        self.feature_names: list[str] = names
+        self.embedding_dim = int(embedding_dim)
+        self.collection = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=t.name,
+                    embedding_dim=self.embedding_dim,
+                    num_embeddings=int(t.num_embeddings),
+                    feature_names=[t.name],
+                    init_fn=functools.partial(_truncated_normal_init, std=init_std),
+                )
+                for t in tables
+            ],
+            device=device,
+        )
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """Embeddings of every feature of ``features`` (keys = this module's feature names), as (N_f, D) values."""
+        return {name: jagged.values() for name, jagged in self.collection(features).items()}
+
+    def make_features(self, ids_by_feature: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyedJaggedTensor:
+        """KJT over all of this module's features from {name: (values, lengths)}; absent features stay empty.
+
+        All given features must share one batch size (the KJT stride); absent ones get zero lengths.
+        """
+        unknown = set(ids_by_feature) - set(self.feature_names)
+        if unknown:
+            raise KeyError(f"no embedding table for features {sorted(unknown)}; tables: {self.feature_names}")
+        first_values, first_lengths = next(iter(ids_by_feature.values()))
+        stride = first_lengths.numel()
+        values, lengths = [], []
+        for name in self.feature_names:
+            if name in ids_by_feature:
+                v, l = ids_by_feature[name]
+                if l.numel() != stride:
+                    raise ValueError(f"feature {name!r} has batch size {l.numel()}, expected {stride}")
+                values.append(v.to(torch.int64))
+                lengths.append(l.to(torch.int64))
+            else:
+                lengths.append(torch.zeros(stride, dtype=torch.int64, device=first_lengths.device))
+        return KeyedJaggedTensor(keys=list(self.feature_names), values=torch.cat(values), lengths=torch.cat(lengths))
+
+    def lookup(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, D) of 1-D ``ids`` of one feature (e.g. negative items, the whole catalogue)."""
+        lengths = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+        return self(self.make_features({feature: (ids.reshape(-1), lengths)}))[feature]

@@ -1,0 +1,119 @@
+"""The HSTU layer (Zhai et al. 2024) on jagged tokens, and a stack of them.
+
+    normed = LayerNorm(x)
+    u, v, q, k = split(SiLU(uvqk_proj(normed)))           # per head
+    attn = hstu_attention(q, k, v, alpha=1/sqrt(d_qk))    # SiLU-weighted, causal + context/target masks
+    y = output_proj(dropout(LayerNorm(attn) * u))
+    return x + y
+
+Tensor-parallel friendliness: ``uvqk_proj`` lays its output out head by head ([u_h | v_h | q_h | k_h] for every
+head h), so splitting its output features into contiguous chunks (Megatron column parallel) gives every rank whole
+heads; ``output_proj`` consumes heads in the same order (row parallel). Both are plain ``nn.Linear`` modules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hstu.ops import hstu_attention
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer of one forward shares: jagged layout, masks and the relative bias inputs."""
+
+    seq_offsets: torch.Tensor  # (B+1,)
+    max_seqlen: int  # the longest sequence in this batch (tokens)
+    num_contexts: Optional[torch.Tensor] = None  # (B,)
+    num_targets: Optional[torch.Tensor] = None  # (B,)
+    time_buckets: Optional[torch.Tensor] = None  # (B, N, N) for the relative attention bias
+    relative_positions: Optional[torch.Tensor] = None  # (B, N, N) pos_i - pos_j when not token distances
+
+
+class HSTULayer(nn.Module):
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        qk_dim: int,
+        v_dim: int,
+        *,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        alpha: Optional[float] = None,
+        scaling_seqlen: Optional[int] = None,
+        target_group_size: int = 1,
+        layer_norm_eps: float = 1e-6,
+        relative_attention_bias: Optional[nn.Module] = None,
+        recompute: bool = False,
+    ):
+        super().__init__()
+        self.embedding_dim, self.num_heads, self.qk_dim, self.v_dim = embedding_dim, num_heads, qk_dim, v_dim
+        self.alpha = 1.0 / math.sqrt(qk_dim) if alpha is None else float(alpha)
+        self.scaling_seqlen = scaling_seqlen
+        self.target_group_size = target_group_size
+        self.dropout = float(dropout)
+        self.attention_dropout = float(attention_dropout)
+        self.recompute = recompute
+        self.deterministic = False  # reproducible attention backward (set by the trainer)
+        self.input_norm = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)
+        self.uvqk_proj = nn.Linear(embedding_dim, num_heads * (2 * v_dim + 2 * qk_dim), bias=True)
+        self.attention_norm = nn.LayerNorm(num_heads * v_dim, eps=layer_norm_eps)
+        self.output_proj = nn.Linear(num_heads * v_dim, embedding_dim, bias=False)
+        self.relative_attention_bias = relative_attention_bias
+        # Meta's reference initialises the fused u|v|q|k weight with N(0, 0.02) and the output with Xavier.
+        nn.init.normal_(self.uvqk_proj.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.uvqk_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+
+    def split_uvqk(self, projected: torch.Tensor):
+        per_head = projected.view(-1, self.num_heads, 2 * self.v_dim + 2 * self.qk_dim)
+        u, v, q, k = per_head.split([self.v_dim, self.v_dim, self.qk_dim, self.qk_dim], dim=-1)
+        return u.reshape(-1, self.num_heads * self.v_dim), v, q, k
+
+    def _forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        u, v, q, k = self.split_uvqk(F.silu(self.uvqk_proj(self.input_norm(x))))
+        rab = None
+        if self.relative_attention_bias is not None:
+            batch = inputs.seq_offsets.numel() - 1
+            rab = self.relative_attention_bias(inputs.time_buckets, batch, inputs.max_seqlen, inputs.relative_positions)
+            rab = rab.to(q.dtype) if q.dtype != torch.float32 else rab
+        attn = hstu_attention(
+            q, k, v, inputs.seq_offsets, inputs.max_seqlen,
+            alpha=self.alpha,
+            scaling_seqlen=self.scaling_seqlen,
+            causal=True,
+            num_contexts=inputs.num_contexts,
+            num_targets=inputs.num_targets,
+            target_group_size=self.target_group_size,
+            rab=rab,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            deterministic=self.deterministic,
+        )  # fmt: skip
+        gated = self.attention_norm(attn.reshape(-1, self.num_heads * self.v_dim)) * u
+        gated = F.dropout(gated, p=self.dropout, training=self.training)
+        return x + self.output_proj(gated)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing restores the RNG, so dropout masks match in the recomputation.
+            return checkpoint(self._forward, x, inputs, use_reentrant=False)
+        return self._forward(x, inputs)
+
+
+class HSTUStack(nn.Module):
+    def __init__(self, layers: list[HSTULayer]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, inputs)
+        return x

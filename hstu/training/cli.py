@@ -1,0 +1,45 @@
+"""Command line of the training scripts: ``--gin-config-file`` plus repeated ``--gin-param KEY=VALUE``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from hstu.training.config import parse_gin
+
+
+def build_parser(task: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"pretrain_gr_{task}.py",
+        description=f"Train an HSTU {task} model (launch with torchrun; gin configures everything).",
+        epilog="example: torchrun --nproc_per_node 1 ./training/pretrain_gr_retrieval.py "
+        "--gin-config-file ./configs/synthetic_retrieval.gin --gin-param TrainerArgs.max_epochs=2",
+    )
+    parser.add_argument("--gin-config-file", action="append", default=[], metavar="FILE",
+                        help="gin file (repeatable; later files override earlier ones)")
+    parser.add_argument("--gin-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="gin binding, e.g. TrainerArgs.max_epochs=3 or DatasetArgs.dataset_dir='\"data/ml-1m\"'")
+    parser.add_argument("--run-dir", help="shortcut for TrainerArgs.run_dir")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    return parser
+
+
+def main(task: str, argv: Optional[Sequence[str]] = None) -> int:
+    options = build_parser(task).parse_args(argv)
+    # torch.fx warns once per process about a tracing check TorchRec performs on every lookup: noise for users.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    bindings = list(options.gin_param)
+    if options.run_dir:
+        bindings.append(f"TrainerArgs.run_dir = {options.run_dir!r}")
+    for path in options.gin_config_file:
+        if not os.path.isfile(path):
+            print(f"error: gin config file {path} not found", file=sys.stderr)
+            return 2
+    args = parse_gin(options.gin_config_file, bindings)
+    from hstu.training.trainer import run
+
+    run(task, args, resume=options.resume)
+    return 0

@@ -1,0 +1,306 @@
+"""The training loop shared by retrieval and ranking."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hstu.modules.hstu_layer import HSTULayer
+from hstu.training import checkpoint as ckpt
+from hstu.training.config import AllArgs, OptimizerArgs
+from hstu.training.distributed import ParallelContext, setup_parallelism, teardown, unwrap_model, wrap_model
+from hstu.training.flops import train_step_flops
+from hstu.training.run_logging import RunLogger
+from hstu.training.tasks import TASKS, Task
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    tokens: int = 0
+    last_eval_step: int = -1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, args: OptimizerArgs) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = args.optimizer.lower()
+    if name in ("adam", "adamw"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        return cls(params, lr=args.learning_rate, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    raise ValueError(f"OptimizerArgs.optimizer must be adam, adamw or sgd, got {args.optimizer!r}")
+
+
+def lr_multiplier(step: int, total_steps: int, args: OptimizerArgs) -> float:
+    """Linear warmup over ``warmup_steps``, then constant / linear / cosine decay to ``min_lr_ratio``."""
+    if args.warmup_steps > 0 and step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    if args.decay == "constant":
+        return 1.0
+    span = max(1, total_steps - args.warmup_steps)
+    progress = min(1.0, (step - args.warmup_steps) / span)
+    if args.decay == "linear":
+        shape = 1.0 - progress
+    elif args.decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"OptimizerArgs.decay must be constant, linear or cosine, got {args.decay!r}")
+    return args.min_lr_ratio + (1.0 - args.min_lr_ratio) * shape
+
+
+class Trainer:
+    def __init__(self, task_name: str, args: AllArgs, resume: bool = False):
+        self.args = args
+        t = args.trainer
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.ctx: ParallelContext = setup_parallelism(args.parallelism, t.device)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(t.seed)  # identical initialisation on every rank
+        self.task: Task = TASKS[task_name](args, self.ctx)
+        self.train_loader, self.eval_loader = self.task.loaders()
+        self.model = self.task.build_model().to(self.ctx.device)
+        for module in self.model.modules():
+            if isinstance(module, HSTULayer):
+                module.deterministic = t.deterministic
+        self.wrapped = wrap_model(self.model, self.ctx, args.parallelism)
+        self.optimizer = build_optimizer(self.model, args.optimizer)
+        steps_per_epoch = len(self.train_loader)
+        self.total_steps = t.max_epochs * steps_per_epoch
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps) if t.max_epochs else t.max_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, self.total_steps, args.optimizer)
+        )
+        self.state = TrainState()
+        self.pending_rng: Optional[dict] = None
+        resume_from = ckpt.latest_checkpoint(t.run_dir) if resume else None
+        if resume and resume_from is None and self.ctx.is_main:
+            print(f"[hstu] --resume: no checkpoint in {t.run_dir}, starting from scratch", flush=True)
+        if resume_from is not None:
+            self._load(resume_from)
+        else:
+            if self.ctx.is_main and os.path.isdir(os.path.join(t.run_dir, ckpt.CHECKPOINT_DIR)):
+                print(f"[hstu] starting afresh: removing the old checkpoints in {t.run_dir} (use --resume to continue)",
+                      flush=True)
+                shutil.rmtree(os.path.join(t.run_dir, ckpt.CHECKPOINT_DIR))
+            self.ctx.barrier()
+            # Different dropout / negative samples per rank, reproducible from the seed.
+            seed_everything(t.seed + 1_000_003 * self.ctx.rank)
+        self.logger = RunLogger(t.run_dir, self.ctx.is_main, t.tensorboard,
+                                resume_step=self.state.step if resume_from else None)
+        if self.ctx.is_main:
+            with open(os.path.join(t.run_dir, "config.json"), "w") as f:
+                json.dump({"task": task_name, **args.to_dict()}, f, indent=2, default=str)
+        self.use_bf16 = self.ctx.device.type == "cuda" and t.bf16
+        self.peak_eval: dict = {}
+        self.last_eval: dict = {}
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        t = self.args.trainer
+        shared = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "train_state": asdict(self.state),
+        } if self.ctx.is_main else {}
+        rank_state = {"rng": ckpt.capture_rng_state(), "train_loader": self.train_loader.state_dict()}
+        ckpt.save_checkpoint(t.run_dir, self.state.step, rank=self.ctx.rank, shared_state=shared,
+                             rank_state=rank_state, barrier=self.ctx.barrier, keep_last=t.keep_last_checkpoints)
+
+    def _load(self, path: str) -> None:
+        shared, mine = ckpt.load_checkpoint(path, self.ctx.rank, map_location=self.ctx.device)
+        self.model.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.state = TrainState(**shared["train_state"])
+        self.train_loader.load_state_dict(mine["train_loader"])
+        # Restored once the loader's iterator exists: creating it may draw from the global RNG.
+        self.pending_rng = mine["rng"]
+        if self.ctx.is_main:
+            print(f"[hstu] resumed from {path} at step {self.state.step} (epoch {self.state.epoch})", flush=True)
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self, with_baseline: bool = False) -> dict:
+        rng = ckpt.capture_rng_state()  # evaluation must not shift the training random streams
+        self.model.eval()
+        started = time.perf_counter()
+        try:
+            metrics = self.task.evaluate(self.wrapped, self.eval_loader, self.args.trainer.eval_max_batches, with_baseline)
+        finally:
+            self.model.train()
+            ckpt.restore_rng_state(rng)
+        record = {"step": self.state.step, "epoch": self.state.epoch, **metrics,
+                  "eval_seconds": round(time.perf_counter() - started, 3)}
+        self.logger.log_eval(record)
+        self.logger.plot() if self.args.trainer.plot else None
+        self.state.last_eval_step = self.state.step
+        self.last_eval = record
+        return record
+
+    def _restore_pending_rng(self) -> None:
+        if self.pending_rng is not None:
+            ckpt.restore_rng_state(self.pending_rng)
+            self.pending_rng = None
+
+    def _eval_due(self, end_of_epoch: bool) -> bool:
+        t = self.args.trainer
+        if self.state.last_eval_step == self.state.step:
+            return False
+        if t.eval_interval_steps and self.state.step % t.eval_interval_steps == 0:
+            return True
+        return end_of_epoch and t.eval_every_epochs > 0 and self.state.epoch % t.eval_every_epochs == 0
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        t = self.args.trainer
+        ctx = self.ctx
+        encoder_config = self.model.encoder.config
+        progress = tqdm(total=self.total_steps, initial=self.state.step, disable=not (t.progress_bar and ctx.is_main),
+                        desc=f"{self.task.name}", unit="step", dynamic_ncols=True, file=sys.stdout,
+                        mininterval=0.1 if sys.stdout.isatty() else 5.0)
+        pending_losses: list[torch.Tensor] = []
+        pending_records: list[dict] = []
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+        interrupted = False
+        self.model.train()
+        while self.state.step < self.total_steps and not interrupted:
+            self.train_loader.set_epoch(self.state.epoch)
+            for batch in self.train_loader:
+                self._restore_pending_rng()
+                batch = batch.to(ctx.device, non_blocking=True)
+                autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+                with autocast:
+                    out = self.wrapped(batch)
+                out.loss.backward()
+                if t.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip_norm)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.step += 1
+                self.state.tokens += out.num_tokens
+                window_tokens += out.num_tokens
+                head = self.task.head_flops(out.extras.get("num_queries", out.extras.get("num_candidates", 0)))
+                window_flops += train_step_flops(encoder_config, out.num_tokens, out.sum_squared_lengths, head)
+                pending_losses.append(out.loss.detach())
+                pending_records.append({"step": self.state.step, "epoch": self.state.epoch, "lr": lr})
+                progress.update(1)
+
+                last_step = self.state.step >= self.total_steps
+                stop_now = t.stop_after_steps is not None and self.state.step >= t.stop_after_steps
+                if self.state.step % t.log_interval_steps == 0 or last_step or stop_now:
+                    losses = torch.stack(pending_losses).float().cpu().tolist()  # one device sync per log interval
+                    for record, loss in zip(pending_records, losses):
+                        record["loss"] = loss
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    throughput = {"tokens_per_s": window_tokens / elapsed}
+                    if ctx.device.type == "cuda":
+                        throughput["tflops"] = window_flops / elapsed / 1e12
+                    pending_records[-1].update({k: round(v, 3) for k, v in throughput.items()})
+                    self.logger.log_train(pending_records)
+                    postfix = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{throughput['tokens_per_s']:,.0f}"}
+                    if "tflops" in throughput:
+                        postfix["TFLOP/s"] = f"{throughput['tflops']:.1f}"
+                    progress.set_postfix(postfix, refresh=False)
+                    pending_losses, pending_records = [], []
+                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+                if t.eval_interval_steps and self.state.step % t.eval_interval_steps == 0 and not last_step:
+                    self._report(self.evaluate(), progress)
+                    if not t.checkpoint_interval_steps and not stop_now:
+                        self._save()
+                    window_start = time.perf_counter()
+                if t.checkpoint_interval_steps and self.state.step % t.checkpoint_interval_steps == 0 and not stop_now:
+                    self._save()
+                if stop_now:
+                    interrupted = True
+                    break
+                if last_step and self.train_loader.batches_consumed < len(self.train_loader):
+                    break  # (at an epoch's end the loop ends by itself, so that the epoch counts as finished)
+            else:
+                # The loader finished the epoch (a run resumed exactly at an epoch's end gets no batch in it).
+                self._restore_pending_rng()
+                self.state.epoch += 1
+                if self._eval_due(end_of_epoch=True) and self.state.step < self.total_steps:
+                    self._report(self.evaluate(), progress)
+                    if not t.checkpoint_interval_steps:
+                        self._save()
+                    window_start = time.perf_counter()
+        progress.close()
+        if interrupted:
+            self._save()
+            if ctx.is_main:
+                print(f"[hstu] stopped after step {self.state.step} (stop_after_steps); resume with --resume", flush=True)
+            self.logger.close()
+            return {"interrupted": True, "step": self.state.step}
+        final = self.evaluate(with_baseline=t.compute_baseline)
+        if t.save_final_checkpoint:
+            self._save()
+        self._report(final, None, final_summary=True)
+        self.logger.close()
+        return final
+
+    def _report(self, record: dict, progress, final_summary: bool = False) -> None:
+        if not self.ctx.is_main:
+            return
+        keys = [k for k in record if k not in ("step", "epoch", "num_samples", "eval_seconds") and not k.startswith("baseline/")]
+        text = " ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record[k], float))
+        line = f"[eval] step {record['step']} epoch {record['epoch']}: {text}"
+        if progress is not None:
+            progress.write(line)
+        else:
+            print(line, flush=True)
+        if final_summary:
+            print(format_summary(record, self.task.headline_metrics or tuple(keys[:2])), flush=True)
+            with open(os.path.join(self.args.trainer.run_dir, "summary.json"), "w") as f:
+                json.dump(record, f, indent=2)
+            print(f"[hstu] run directory: {os.path.abspath(self.args.trainer.run_dir)} "
+                  "(metrics.jsonl, train_log.jsonl, training_curves.png, tensorboard/, checkpoints/)", flush=True)
+
+    def close(self) -> None:
+        teardown(self.ctx)
+
+
+def format_summary(record: dict, metrics: tuple[str, ...]) -> str:
+    lines = [f"final evaluation (step {record['step']}, epoch {record['epoch']}):"]
+    header = f"  {'model':<12}" + "".join(f"{m:>12}" for m in metrics)
+    lines.append(header)
+    lines.append(f"  {'HSTU':<12}" + "".join(f"{record.get(m, float('nan')):>12.4f}" for m in metrics))
+    if any(f"baseline/popularity/{m}" in record for m in metrics):
+        lines.append(f"  {'popularity':<12}" + "".join(
+            f"{record.get(f'baseline/popularity/{m}', float('nan')):>12.4f}" for m in metrics))
+    return "\n".join(lines)
+
+
+def run(task_name: str, args: AllArgs, resume: bool = False) -> dict:
+    trainer = Trainer(task_name, args, resume=resume)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+__all__ = ["Trainer", "TrainState", "build_optimizer", "lr_multiplier", "run", "seed_everything", "unwrap_model"]
