@@ -1,6 +1,8 @@
 // Backward kernels (sm80 tensor-core path, also run on sm90). No softmax statistics are needed for HSTU:
 //   x = alpha * (q.k + rab), P = SiLU(x) / N, dP = dO . v, dS = dP * SiLU'(x) * alpha / N
 //   dV = P^T dO, dK = dS^T Q, dQ = dS K, drab = dS.
+// With dropout (kDropout, keep mask from dropout.h, the same bits as the forward): P and dS are multiplied by
+// keep / (1 - p); the keep flags zero elements in registers, 1 / (1 - p) joins the store scales.
 // Two kernels, no atomics (deterministic by construction):
 //   dkdv: a block owns a key tile and walks the query tiles that can see it;
 //   dq:   a block owns a query tile and walks the key tiles it can see.
@@ -45,10 +47,11 @@ struct BwdDqTraits {
 
 __device__ __forceinline__ float silu_grad(float x, float sig) { return sig * (1.f + x * (1.f - sig)); }
 
-template <typename Traits, int kPass>
+template <typename Traits, int kPass, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
+  static_assert(BM % 16 == 0 && BN % 16 == 0, "dropout.h's 2 x 2 Philox grouping needs 16-aligned tiles");
   constexpr bool kDoDV = kPass != kPassDK;
   constexpr bool kDoDK = kPass != kPassDV;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -70,7 +73,12 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
   const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;  // rows before the key tile see none of it
   const int m_tiles = (mk.L + BM - 1) / BM;
   const int key_lo = n0 + warp * 16 + g;  // keys key_lo and key_lo + 8 of this thread
-  const float ds_scale = p.alpha * p.inv_scale;
+  float ds_scale = p.alpha * p.inv_scale;  // dS (dk, drab) scale; P (dv) uses p_scale
+  float p_scale = p.inv_scale;
+  if constexpr (kDropout) {
+    ds_scale *= p.dropout_scale;
+    p_scale *= p.dropout_scale;
+  }
 
   auto next_tile = [&](int m) {
     for (++m; m < m_tiles; ++m)
@@ -126,6 +134,12 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
       const Element* tdO = sdO + stage * Traits::kSmemQ;
       const int m0 = m * BM;
 
+      // Dropout keep flags (before the GEMMs: fewer registers live): bit 4 nb + e belongs to st[nb][e] /
+      // dpt[nb][e] (key n0 + 16 warp + g + 8 (e >> 1), query m0 + 8 nb + 2 t + (e & 1)); the counter is this
+      // head's (the 1-head-rab loop walks heads).
+      uint32_t keep = 0;
+      if constexpr (kDropout)
+        keep = dropout_bits_kq<BM / 8>(p, static_cast<uint32_t>(w.batch * p.heads + head), n0 + warp * 16, m0, lane);
       float st[BM / 8][4];  // S^T: rows = keys, cols = queries
       zero_acc(st);
       gemm_ss_nk<BM / 8, D, D, D>(st, sK, warp * 16, tQ, lane);
@@ -149,7 +163,8 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
             }
             x *= p.alpha;
             const float sig = sigmoid_t<Element>(x);
-            const bool vis = !kMasked || mk.visible(i, j);
+            bool vis = !kMasked || mk.visible(i, j);
+            if constexpr (kDropout) vis = vis && ((keep >> (nb * 4 + e)) & 1u);
             st[nb][e] = vis ? x * sig : 0.f;
             if constexpr (kDoDK) {
               const float ds = vis ? dpt[nb][e] * silu_grad(x, sig) : 0.f;
@@ -187,7 +202,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
 
     if constexpr (kDoDV) {
       Element* gdV = reinterpret_cast<Element*>(p.dv) + base + n0 * p.row_stride;
-      store_acc_rows<Element, D / 8>(gdV, p.row_stride, acc_dv, p.inv_scale, warp * 16, mk.L - n0, lane);
+      store_acc_rows<Element, D / 8>(gdV, p.row_stride, acc_dv, p_scale, warp * 16, mk.L - n0, lane);
     }
     if constexpr (kDoDK) {
       Element* gdK = reinterpret_cast<Element*>(p.dk) + base + n0 * p.row_stride;
@@ -196,10 +211,11 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
   }
 }
 
-template <typename Traits>
+template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
+  static_assert(BM % 16 == 0 && BN % 16 == 0, "dropout.h's 2 x 2 Philox grouping needs 16-aligned tiles");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
   Element* sdO = sQ + Traits::kSmemQ;
@@ -254,6 +270,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
   for (int mi = 0; mi < MI; ++mi) zero_acc(acc_dq[mi]);
   const int warp_row0 = warp * 16 * MI;
   const int row_lo = m0 + warp_row0 + g;
+  const uint32_t drop_bh = static_cast<uint32_t>(w.batch * p.heads + w.head);  // dropout counter (kDropout only)
   int it = 0;
   while (n < n_tiles) {
     const int stage = it % kStages;
@@ -268,6 +285,19 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
     const Element* tV = sV + stage * Traits::kSmemKV;
     const int n0 = n * BN;
 
+    // Dropout keep flags (forward layout; before the GEMMs: fewer registers live): bit
+    // mi * kKeepBits + 4 nb + e of keep (32-bit words) belongs to dp[mi][nb][e].
+    constexpr int kKeepBits = BN / 8 * 4;  // flags per 16-row block: 16 or 32, never straddling a word
+    uint32_t keep[(MI * kKeepBits + 31) / 32];
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int w32 = 0; w32 < (MI * kKeepBits + 31) / 32; ++w32) keep[w32] = 0u;
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const uint32_t bits = dropout_bits_qk<BN / 8>(p, drop_bh, m0 + warp_row0 + 16 * mi, n0, lane);
+        keep[mi * kKeepBits / 32] |= bits << (mi * kKeepBits % 32);
+      }
+    }
     float s[MI][BN / 8][4];
     float dp[MI][BN / 8][4];
 #pragma unroll
@@ -293,7 +323,8 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
             }
             x *= p.alpha;
             const float sig = sigmoid_t<Element>(x);
-            const bool vis = !kMasked || mk.visible(i, j);
+            bool vis = !kMasked || mk.visible(i, j);
+            if constexpr (kDropout) vis = vis && dropout_flag(keep, mi * kKeepBits + nb * 4 + e);
             dp[mi][nb][e] = vis ? dp[mi][nb][e] * silu_grad(x, sig) : 0.f;
           }
         }
@@ -313,9 +344,14 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
   cp_async_wait_all();
   Element* gdQ = reinterpret_cast<Element*>(p.dq) + base + m0 * p.row_stride;
 #pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-    store_acc_rows<Element, D / 8>(gdQ, p.row_stride, acc_dq[mi], p.alpha * p.inv_scale, warp_row0 + 16 * mi,
-                                   mk.L - m0, lane);
+  for (int mi = 0; mi < MI; ++mi) {
+    if constexpr (kDropout)
+      store_acc_rows<Element, D / 8>(gdQ, p.row_stride, acc_dq[mi], p.alpha * p.inv_scale * p.dropout_scale,
+                                     warp_row0 + 16 * mi, mk.L - m0, lane);
+    else  // the p == 0 kernels keep their exact pre-dropout code
+      store_acc_rows<Element, D / 8>(gdQ, p.row_stride, acc_dq[mi], p.alpha * p.inv_scale, warp_row0 + 16 * mi,
+                                     mk.L - m0, lane);
+  }
 }
 
 }  // namespace hstu

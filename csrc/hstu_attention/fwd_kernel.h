@@ -4,6 +4,7 @@
 // O += SiLU(S) V with SiLU(S) converted in registers from the accumulator layout to the A-operand layout.
 #pragma once
 
+#include "dropout.h"
 #include "hstu.h"
 #include "mask.h"
 #include "tile_scheduler.h"
@@ -34,10 +35,12 @@ __device__ __forceinline__ float rab_at(const AttnParams& p, int b, int hr, int 
   return to_float<Element>(*r);
 }
 
-template <typename Traits>
+// kDropout: attention dropout (dropout.h); the false instantiation (p == 0) contains no dropout code at all.
+template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
+  static_assert(BM % 16 == 0 && BN % 16 == 0, "dropout.h's 2 x 2 Philox grouping needs 16-aligned tiles");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
   Element* sK = sQ + Traits::kSmemQ;  // kStages slots
@@ -90,6 +93,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
   const int hr = (Traits::kHasRab && p.rab_heads == 1) ? 0 : w.head;
   const int warp_row0 = warp * 16 * MI;       // first row of this warp inside the tile
   const int row_lo = m0 + warp_row0 + g;      // rows row_lo + 16 mi + {0, 8} of this thread
+  const uint32_t drop_bh = static_cast<uint32_t>(w.batch * p.heads + w.head);  // dropout counter (kDropout only)
 
   int it = 0;
   while (n < n_tiles) {
@@ -104,6 +108,19 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
 
     const Element* tK = sK + stage * Traits::kSmemKV;
     const Element* tV = sV + stage * Traits::kSmemKV;
+    // Dropout keep flags of this thread's elements (before the GEMM: fewer registers live): bit
+    // mi * kKeepBits + 4 nb + e of keep (32-bit words) belongs to s[mi][nb][e].
+    constexpr int kKeepBits = BN / 8 * 4;  // flags per 16-row block: 16 or 32, never straddling a word
+    uint32_t keep[(MI * kKeepBits + 31) / 32];
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int w32 = 0; w32 < (MI * kKeepBits + 31) / 32; ++w32) keep[w32] = 0u;
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const uint32_t bits = dropout_bits_qk<BN / 8>(p, drop_bh, m0 + warp_row0 + 16 * mi, n * BN, lane);
+        keep[mi * kKeepBits / 32] |= bits << (mi * kKeepBits % 32);
+      }
+    }
     float s[MI][BN / 8][4];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) zero_acc(s[mi]);
@@ -131,6 +148,10 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
             if constexpr (kMasked) {
               if (!mk.visible(i, j)) pv = 0.f;
             }
+            if constexpr (kDropout) {
+              // 1 / (1 - p) is folded into the epilogue scale
+              if (!dropout_flag(keep, mi * kKeepBits + nb * 4 + e)) pv = 0.f;
+            }
             s[mi][nb][e] = pv;
           }
         }
@@ -150,9 +171,11 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
   cp_async_wait_all();
 
   Element* gO = reinterpret_cast<Element*>(p.out) + base + m0 * p.row_stride;
+  float o_scale = p.inv_scale;
+  if constexpr (kDropout) o_scale *= p.dropout_scale;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
-    store_acc_rows<Element, D / 8>(gO, p.row_stride, acc_o[mi], p.inv_scale, warp_row0 + 16 * mi, mk.L - m0, lane);
+    store_acc_rows<Element, D / 8>(gO, p.row_stride, acc_o[mi], o_scale, warp_row0 + 16 * mi, mk.L - m0, lane);
 }
 
 }  // namespace hstu

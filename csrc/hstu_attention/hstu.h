@@ -42,6 +42,13 @@ struct AttnParams {
   bool causal;
   int window;  // < 0: no window
   int group;   // target group size >= 1
+
+  // attention dropout (dropout.h): active when `dropout` is set (p > 0); keep when a Philox word >= threshold
+  bool dropout;
+  uint32_t dropout_seed_lo;
+  uint32_t dropout_seed_hi;
+  uint32_t dropout_threshold;  // min(ceil(p * 2^32), 2^32 - 1)
+  float dropout_scale;         // 1 / (1 - p)
 };
 
 // One explicit specialisation per (element type, head dim, rab) lives in instantiations/*.cu.
@@ -50,5 +57,10 @@ void run_fwd(const AttnParams& params, cudaStream_t stream);
 
 template <typename Element, int kHeadDim, bool kHasRab>
 void run_bwd(const AttnParams& params, cudaStream_t stream);
+
+// Debug: writes the dropout keep mask (batch, heads, max_seqlen, max_seqlen) as contiguous bool. Specialised in
+// every forward translation unit (so any pruned build has one); the template arguments only pick that unit.
+template <typename Element, int kHeadDim, bool kHasRab>
+void run_dropout_keep_mask(const AttnParams& params, bool* out, cudaStream_t stream);
 
 }  // namespace hstu

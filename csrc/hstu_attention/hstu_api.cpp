@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
+#include <cmath>
+#include <cstdint>
 #include <optional>
 
 #include "hstu.h"
@@ -77,6 +79,19 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return p;
 }
 
+// Dropout fields of the parameter block (dropout.h): p in [0, 1); p == 0 leaves dropout off (the kernels without
+// any dropout code run).
+void set_dropout(AttnParams& p, double dropout_p, int64_t seed) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
+  p.dropout = dropout_p > 0.0;
+  const uint64_t s = static_cast<uint64_t>(seed);
+  p.dropout_seed_lo = static_cast<uint32_t>(s & 0xffffffffu);
+  p.dropout_seed_hi = static_cast<uint32_t>(s >> 32);
+  const double thr = std::ceil(dropout_p * 4294967296.0);  // exact: p * 2^32 only shifts the exponent
+  p.dropout_threshold = thr >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(thr);
+  p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+}
+
 template <bool kBwd, typename T, int D>
 void dispatch_rab(const AttnParams& p, cudaStream_t s) {
   if (p.rab != nullptr) {
@@ -129,10 +144,12 @@ void dispatch(const AttnParams& p, at::ScalarType dtype, int hdim, cudaStream_t 
 at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seq_offsets,
                int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal, int64_t window,
                const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
-               int64_t group, const std::optional<at::Tensor>& rab, at::Tensor out) {
+               int64_t group, const std::optional<at::Tensor>& rab, at::Tensor out, double dropout_p,
+               int64_t dropout_seed) {
   c10::cuda::CUDAGuard guard(q.device());
   AttnParams p = make_params(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
                              num_targets, group, rab);
+  set_dropout(p, dropout_p, dropout_seed);
   check_qkv(out, q, "out");
   p.out = out.data_ptr();
   if (q.numel() > 0) dispatch<false>(p, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
@@ -144,13 +161,14 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
          const at::Tensor& seq_offsets, int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal,
          int64_t window, const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
          int64_t group, const std::optional<at::Tensor>& rab, at::Tensor dq, at::Tensor dk, at::Tensor dv,
-         const std::optional<at::Tensor>& drab) {
+         const std::optional<at::Tensor>& drab, double dropout_p, int64_t dropout_seed) {
 #ifdef HSTU_DISABLE_BACKWARD
   TORCH_CHECK(false, "hstu attention: built with HSTU_DISABLE_BACKWARD");
 #else
   c10::cuda::CUDAGuard guard(q.device());
   AttnParams p = make_params(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
                              num_targets, group, rab);
+  set_dropout(p, dropout_p, dropout_seed);
   check_qkv(dout, q, "grad_out");
   check_qkv(dq, q, "dq");
   check_qkv(dk, q, "dk");
@@ -171,6 +189,38 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   }
   if (q.numel() > 0) dispatch<true>(p, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
 #endif
+}
+
+// Debug: fills out (B, H, N, N) contiguous bool CUDA tensor with the kernels' dropout keep mask for
+// (seed, p): out[b, h, i, j] is whether the attention weight of row i, key j of sequence b, head h is kept.
+at::Tensor dropout_keep_mask(int64_t seed, double dropout_p, at::Tensor out) {
+  TORCH_CHECK(out.is_cuda() && out.scalar_type() == at::kBool && out.dim() == 4 && out.is_contiguous(),
+              "out must be a contiguous (B, H, N, N) bool CUDA tensor");
+  TORCH_CHECK(out.size(2) == out.size(3), "out must be (B, H, N, N)");
+  TORCH_CHECK(out.size(2) < (1 << 30) && out.size(0) * out.size(1) < (int64_t(1) << 31), "out is too large");
+  c10::cuda::CUDAGuard guard(out.device());
+  AttnParams p{};
+  p.batch = static_cast<int>(out.size(0));
+  p.heads = static_cast<int>(out.size(1));
+  p.max_seqlen = static_cast<int>(out.size(2));
+  set_dropout(p, dropout_p, seed);
+  // Any compiled forward unit carries the mask kernel; pick one that the build switches kept.
+#ifndef HSTU_DISABLE_BF16
+  using MaskT = __nv_bfloat16;
+#else
+  using MaskT = __half;
+#endif
+#if !defined(HSTU_DISABLE_HDIM32)
+  constexpr int kMaskD = 32;
+#elif !defined(HSTU_DISABLE_HDIM64)
+  constexpr int kMaskD = 64;
+#elif !defined(HSTU_DISABLE_HDIM128)
+  constexpr int kMaskD = 128;
+#else
+  constexpr int kMaskD = 256;
+#endif
+  run_dropout_keep_mask<MaskT, kMaskD, false>(p, out.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream().stream());
+  return out;
 }
 
 pybind11::dict build_info() {
@@ -206,7 +256,7 @@ pybind11::dict build_info() {
 #else
   d["backward"] = true;
 #endif
-  d["dropout"] = false;
+  d["dropout"] = true;
   return d;
 }
 
@@ -214,7 +264,18 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hstu fused CUDA kernels";
-  m.def("hstu_attn_fwd", &hstu::fwd, "HSTU attention forward");
-  m.def("hstu_attn_bwd", &hstu::bwd, "HSTU attention backward");
+  namespace py = pybind11;
+  m.def("hstu_attn_fwd", &hstu::fwd, "HSTU attention forward", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("seq_offsets"), py::arg("max_seqlen"), py::arg("alpha"), py::arg("scaling_seqlen"), py::arg("causal"),
+        py::arg("window"), py::arg("num_contexts"), py::arg("num_targets"), py::arg("group"), py::arg("rab"),
+        py::arg("out"), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0);
+  m.def("hstu_attn_bwd", &hstu::bwd, "HSTU attention backward", py::arg("dout"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("seq_offsets"), py::arg("max_seqlen"), py::arg("alpha"), py::arg("scaling_seqlen"),
+        py::arg("causal"), py::arg("window"), py::arg("num_contexts"), py::arg("num_targets"), py::arg("group"),
+        py::arg("rab"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("drab"), py::arg("dropout_p") = 0.0,
+        py::arg("dropout_seed") = 0);
+  m.def("hstu_dropout_keep_mask", &hstu::dropout_keep_mask,
+        "debug: the attention kernels' dropout keep mask (B, H, N, N) for (seed, p), written into out",
+        py::arg("seed"), py::arg("dropout_p"), py::arg("out"));
   m.def("build_info", &hstu::build_info, "what this build compiled in");
 }

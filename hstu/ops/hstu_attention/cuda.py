@@ -9,6 +9,18 @@ Kernels (sm80 tensor-core path, also used on sm90): forward; backward as a dk/dv
 atomics, so the backward is deterministic whatever ``deterministic`` says. rab is read in q's dtype (cast here
 when it differs); its gradient is accumulated in float32 and returned in rab's dtype.
 
+Attention dropout (dropout_p > 0): the kernels drop weight W_ij when a Philox4x32-10 word keyed by
+``dropout_seed`` and counted by (batch, head, row, column) falls below ceil(p * 2^32) (csrc/hstu_attention/dropout.h),
+and scale the kept ones by 1 / (1 - p). The mask is a pure function of (seed, b, h, i, j), so the forward, dk/dv and
+dq kernels regenerate the same bits independently of their tiling, and no mask is stored between forward and
+backward. ``dropout_keep_mask`` returns the kernels' mask (a small debug kernel evaluating the same device function)
+and ``dropout_keep_mask_reference`` computes it in PyTorch; the reference applied with that mask
+(``hstu_attention_reference(..., dropout_p=p, dropout_mask=mask)``) is what the kernels must match.
+The dispatcher draws ``dropout_seed`` (an int in [0, 2**62)) per call. The PyTorch reference path uses the same seed
+with its own generator (``torch.rand``), i.e. a different mask for the same seed: each path is self-consistent
+between its forward and backward (the dispatcher makes the same kernel/reference choice for both), but the kernel
+and the reference do not drop the same elements for one seed.
+
 Debugging: HSTU_POISON_OUTPUTS=1 fills every output buffer with NaN before the kernels run, so elements a kernel
 fails to write show up in comparisons (the CUDA parity tests set it).
 """
@@ -16,6 +28,7 @@ fails to write show up in comparisons (the CUDA parity tests set it).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional
 
@@ -67,11 +80,96 @@ def unsupported_reason(
     if rab is not None and not info.get("rab", False):
         return "this build has no rab kernels (HSTU_DISABLE_RAB)"
     if dropout_p > 0.0 and not info.get("dropout", False):
-        return "attention dropout is not implemented in the fused kernel yet"
+        return "this build of the fused kernel has no attention dropout (rebuild the extension)"
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (rab is not None and rab.requires_grad)
     if needs_grad and not info.get("backward", False):
         return "this build has no backward kernels (HSTU_DISABLE_BACKWARD)"
     return None
+
+
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The kernels' keep threshold: a Philox word w keeps its weight when w >= min(ceil(p * 2^32), 2^32 - 1)."""
+    return min(math.ceil(float(dropout_p) * 4294967296.0), _MASK32)
+
+
+def _seed_arg(seed: int) -> int:
+    """Any Python int as the signed 64-bit value whose bits key the Philox generator."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return s - (1 << 64) if s >= (1 << 63) else s
+
+
+def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # a (int64 holding uint32 values) * m (uint32) as (high, low) 32-bit words, without int64 overflow.
+    p_lo = a * (m & 0xFFFF)
+    p_hi = a * (m >> 16)
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (mid >> 32), mid & _MASK32
+
+
+def philox4x32_10(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 on int64 tensors holding uint32 counters (Random123 / cuRAND constants)."""
+    for r in range(10):
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        if r < 9:
+            k0 = (k0 + _PHILOX_W0) & _MASK32
+            k1 = (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_keep_mask_reference(
+    seed: int, batch: int, heads: int, max_seqlen: int, dropout_p: float, device="cpu"
+) -> torch.Tensor:
+    """The kernels' keep mask computed in PyTorch: bool (batch, heads, max_seqlen, max_seqlen).
+
+    Position (b, h, i, j): Philox4x32-10 with key (seed low 32 bits, seed high 32 bits) and counter
+    (key16(j & ~8), key16(i & ~8), b * heads + h, 0), key16(x) = (x >> 4) * 8 + (x & 7); word 2 * bit3(i) + bit3(j)
+    of the result; kept when that word >= dropout_threshold(p).
+    """
+    n = int(max_seqlen)
+    seed = _seed_arg(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = seed & _MASK32, seed >> 32
+    idx = torch.arange(n, device=device, dtype=torch.int64)
+    base = idx & ~8
+    key16 = ((base >> 4) << 3) | (base & 7)
+    bh = torch.arange(batch * heads, device=device, dtype=torch.int64).view(-1, 1, 1)
+    c0 = key16.view(1, 1, n).expand(batch * heads, n, n)
+    c1 = key16.view(1, n, 1).expand(batch * heads, n, n)
+    c2 = bh.expand(batch * heads, n, n)
+    words = philox4x32_10(c0, c1, c2, torch.zeros_like(c0), k0, k1)
+    word = ((idx >> 3) & 1).view(1, n, 1) * 2 + ((idx >> 3) & 1).view(1, 1, n)
+    low = torch.where(word == 0, words[0], words[1])
+    chosen = torch.where(word < 2, low, torch.where(word == 2, words[2], words[3]))
+    return (chosen >= dropout_threshold(dropout_p)).view(batch, heads, n, n)
+
+
+def dropout_keep_mask(
+    seed: int, batch: int, heads: int, max_seqlen: int, dropout_p: float, device="cuda"
+) -> torch.Tensor:
+    """Debug: the fused kernels' dropout keep mask, bool (batch, heads, max_seqlen, max_seqlen) on ``device``.
+
+    Evaluated by a small CUDA kernel with the same device function the attention kernels use; entry [b, h, i, j]
+    says whether weight (row i, key j) of sequence b, head h survives dropout with this seed and p.
+    """
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if min(batch, heads, max_seqlen) < 0:
+        raise ValueError("batch, heads and max_seqlen must be non-negative")
+    ext = load_extension()
+    if ext is None or not hasattr(ext, "hstu_dropout_keep_mask"):
+        raise RuntimeError("the hstu CUDA extension with attention dropout is not built")
+    out = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.bool, device=device)
+    if out.numel() > 0:
+        ext.hstu_dropout_keep_mask(_seed_arg(seed), float(dropout_p), out)
+    return out
 
 
 def _rab_for_kernel(rab: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -102,14 +200,13 @@ def forward(
     dropout_p: float,
     dropout_seed: int,
 ) -> torch.Tensor:
-    if dropout_p > 0.0:
-        raise NotImplementedError("attention dropout is not implemented in the fused kernel")
     ext = load_extension()
     out = _new_like(q)
     ext.hstu_attn_fwd(
         q, k, v, seq_offsets, int(max_seqlen), float(alpha), int(scaling_seqlen), bool(causal), int(window_size),
         num_contexts, num_targets, int(target_group_size), _rab_for_kernel(rab, q.dtype), out,
-    )
+        dropout_p=float(dropout_p), dropout_seed=_seed_arg(dropout_seed),
+    )  # fmt: skip
     return out
 
 
@@ -133,9 +230,10 @@ def backward(
     dropout_seed: int,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Returns dq, dk, dv and drab (shaped like rab, or None when rab_needs_grad is False)."""
-    if dropout_p > 0.0:
-        raise NotImplementedError("attention dropout is not implemented in the fused kernel")
+    """Returns dq, dk, dv and drab (shaped like rab, or None when rab_needs_grad is False).
+
+    dropout_p / dropout_seed must be the forward's: the kernels regenerate its keep mask from them.
+    """
     ext = load_extension()
     grad_out = grad_out.contiguous()
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
@@ -146,7 +244,8 @@ def backward(
     ext.hstu_attn_bwd(
         grad_out, q, k, v, seq_offsets, int(max_seqlen), float(alpha), int(scaling_seqlen), bool(causal),
         int(window_size), num_contexts, num_targets, int(target_group_size), rab_k, dq, dk, dv, drab,
-    )
+        dropout_p=float(dropout_p), dropout_seed=_seed_arg(dropout_seed),
+    )  # fmt: skip
     if drab is not None and drab.dtype != rab.dtype:
         drab = drab.to(rab.dtype)
     return dq, dk, dv, drab
