@@ -142,11 +142,14 @@ def run(args):
             tokens += int(lengths.sum())
             flops += step_flops(lengths, args.dim, args.layers, args.heads, args.head_dim) / ctx.tp_size
 
-    per_rank = torch.tensor([compute_times, step_times], dtype=torch.float64)
+    # Collectives run on the process group's device (NCCL has no CPU backend).
+    per_rank = torch.tensor([compute_times, step_times], dtype=torch.float64, device=ctx.device)
     gathered = [torch.zeros_like(per_rank) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, per_rank)
-    totals = torch.tensor([tokens, flops], dtype=torch.float64)
+    gathered = [g.cpu() for g in gathered]
+    totals = torch.tensor([tokens, flops], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(totals)
+    totals = totals.cpu()
     if ctx.is_main:
         compute = torch.stack([g[0] for g in gathered])  # (ranks, steps)
         steps = torch.stack([g[1] for g in gathered])

@@ -158,4 +158,4 @@ class MultiTaskLoss(nn.Module):
             return F.cross_entropy(logits, actions.clamp(0, self.num_outputs - 1)), {}
         labels = bitmask_to_labels(actions, self.num_outputs)
         per_task = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
-        return (per_task * self.task_weights).sum(), {"per_task": per_task.detach()}
+        return (per_task * self.task_weights.to(per_task.device)).sum(), {"per_task": per_task.detach()}
