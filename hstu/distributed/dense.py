@@ -129,14 +129,16 @@ class DenseParallel:
             p.grad = torch.zeros_like(p)
         return p.grad
 
-    def step(self) -> Optional[float]:
-        """Optimizer step (with gradient clipping when configured); returns the gradient norm if computed."""
+    def step(self) -> Optional[float | torch.Tensor]:
+        """Optimizer step (with gradient clipping when configured); returns the gradient norm if computed.
+
+        Megatron's optimizer returns a float; the torch path returns a 0-dim tensor (no host sync per step)."""
         if self.megatron_ddp is not None:
             _, grad_norm, _ = self.optimizer.step()
             return None if grad_norm is None else float(grad_norm)
         grad_norm = None
         if self.grad_clip_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip_norm)
         self.optimizer.step()
         return grad_norm
 
@@ -180,8 +182,9 @@ def wrap_dense(dense: nn.Module, ctx: ParallelContext, settings: Any = None, opt
     settings = ParallelismSettings.from_args(settings)
     opt = optimizer if isinstance(optimizer, DenseOptimizerSettings) else DenseOptimizerSettings.from_args(optimizer)
     dense.to(ctx.device)
-    if not ctx.uses_cuda:
-        if ctx.is_main:
+    if not ctx.uses_cuda or ctx.world_size == 1:
+        # Megatron-core DDP needs CUDA, and a single process has no gradients to reduce: plain torch optimizer.
+        if ctx.is_main and ctx.world_size > 1:
             logger.info("dense data parallelism on CPU: fp32 all-reduce of gradients over the DP group after "
                         "backward (Megatron-core DDP needs CUDA)")
         if settings.use_distributed_optimizer and ctx.is_main:

@@ -35,15 +35,18 @@ class ParallelModel:
         self.dense.finish_grad_sync()
         self.sparse.finish_grad_sync()
 
-    def step(self) -> Optional[float]:
-        """Dense + replicated-table optimizer steps; returns the dense gradient norm when clipping computed it."""
+    def step(self):
+        """Dense + replicated-table optimizer steps; returns the dense gradient norm when clipping computed it
+        (a float from Megatron's optimizer, a 0-dim tensor from the torch path), else None."""
         grad_norm = self.dense.step()
         self.sparse.step()
         return grad_norm
 
-    def set_learning_rate(self, lr: float) -> None:
+    def set_learning_rate(self, lr: float, sparse_lr: Optional[float] = None) -> None:
+        """Learning rate of the next update; call it before the forward/backward (the sharded tables are updated
+        inside backward). ``sparse_lr``: the tables' rate when it differs from the dense one."""
         self.dense.set_learning_rate(lr)
-        self.sparse.set_learning_rate(lr)
+        self.sparse.set_learning_rate(lr if sparse_lr is None else sparse_lr)
 
 
 def _sparse_child(model: nn.Module, attribute: Optional[str]) -> nn.Module:

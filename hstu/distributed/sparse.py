@@ -122,6 +122,10 @@ class ShardedSparse:
                 group["lr"] = lr
         for group in self.fused_optimizer.param_groups:
             group["lr"] = lr
+        # FBGEMM's fused kernels read the learning rate from param_groups only in the fused optimizer's step() /
+        # zero_grad() (which do nothing else: the update happens in backward). Without this call a new learning
+        # rate (warmup, decay) never reaches the sharded tables.
+        self.fused_optimizer.step()
 
     def describe(self) -> str:
         rows = [f"  {d.table:<20} {d.requested:>13} -> {d.sharding}{'  (' + d.reason + ')' if d.reason else ''}"

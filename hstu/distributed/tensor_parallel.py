@@ -116,6 +116,7 @@ class TensorParallelHSTULayer(nn.Module):
         self.target_group_size = layer.target_group_size
         self.dropout, self.attention_dropout = layer.dropout, layer.attention_dropout
         self.recompute = layer.recompute
+        self.deterministic = bool(getattr(layer, "deterministic", False))  # reproducible attention backward
 
         self.input_norm = layer.input_norm.to(ctx.device)
         if self.sequence_parallel:
@@ -165,7 +166,7 @@ class TensorParallelHSTULayer(nn.Module):
             q, k, v, inputs.seq_offsets, inputs.max_seqlen, alpha=self.alpha, scaling_seqlen=self.scaling_seqlen,
             causal=True, num_contexts=inputs.num_contexts, num_targets=inputs.num_targets,
             target_group_size=self.target_group_size, rab=rab,
-            dropout_p=self.attention_dropout if self.training else 0.0,
+            dropout_p=self.attention_dropout if self.training else 0.0, deterministic=self.deterministic,
         )  # fmt: skip
         gated = self.attention_norm(attn.reshape(num_tokens, -1)) * u
         if self.dropout > 0 and self.training:

@@ -12,7 +12,7 @@ from hstu.training.config import (
     TrainerArgs,
     parse_gin,
 )
-from hstu.training.distributed import ParallelContext, setup_parallelism, unwrap_model, wrap_model
+from hstu.training.distributed import ParallelContext, parallelism_settings, setup_parallelism
 
 __all__ = [
     "AllArgs",
@@ -25,8 +25,7 @@ __all__ = [
     "RankingArgs",
     "RetrievalArgs",
     "TrainerArgs",
+    "parallelism_settings",
     "parse_gin",
     "setup_parallelism",
-    "unwrap_model",
-    "wrap_model",
 ]

@@ -1,8 +1,9 @@
-"""Checkpoints: model + optimizer + LR schedule (rank 0), data position + RNG states (every rank).
+"""Run checkpoints: ``hstu.distributed`` checkpoints (sharded tables, dense part, optimizers) + the trainer's state.
 
-Layout: ``<run_dir>/checkpoints/step_00000100/{state.pt, rank_<r>.pt}`` and ``<run_dir>/checkpoints/latest``
-(the directory name of the newest complete checkpoint, written last and atomically). Sharded embeddings (issue 6)
-will need per-rank model state: ``save_checkpoint``/``load_checkpoint`` are the functions to extend.
+Layout: ``<run_dir>/checkpoints/step_00000100/`` (``sparse/``, ``dense_tp<t>.pt``, ``meta.pt`` from
+``hstu.distributed.save_checkpoint``; ``rank<r>.pt`` = the trainer's per-rank extra state: train state, data position,
+RNG states) and ``<run_dir>/checkpoints/latest`` (the directory name of the newest complete checkpoint, written last
+and atomically). The LR schedule is a function of the step, so it needs no state.
 """
 
 from __future__ import annotations
@@ -22,7 +23,20 @@ def capture_rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        tracker = _megatron_rng_tracker()
+        if tracker is not None:
+            state["megatron_cuda"] = tracker.get_states()
     return state
+
+
+def _megatron_rng_tracker():
+    """Megatron's tensor-parallel CUDA RNG tracker when seeded (TP dropout), else None."""
+    try:
+        from megatron.core import tensor_parallel
+    except ImportError:
+        return None
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    return tracker if getattr(tracker, "states_", None) else None
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
@@ -31,6 +45,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+        tracker = _megatron_rng_tracker()
+        if "megatron_cuda" in state and tracker is not None:
+            tracker.set_states(state["megatron_cuda"])
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -43,19 +60,18 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return path if os.path.isdir(path) else None
 
 
-def save_checkpoint(run_dir: str, step: int, *, rank: int, shared_state: dict, rank_state: dict,
-                    barrier=lambda: None, keep_last: int = 2) -> str:
-    """Write one checkpoint; ``shared_state`` from rank 0 only, ``rank_state`` from every rank."""
+def save_checkpoint(run_dir: str, step: int, parallel, extra_state: dict, keep_last: int = 2) -> str:
+    """Collective: write ``step_<step>/`` through :func:`hstu.distributed.save_checkpoint`, then point ``latest`` at it.
+
+    ``extra_state`` is this rank's own state (data position, RNG states, step counters).
+    """
+    from hstu.distributed import save_checkpoint as save_parallel
+
+    ctx = parallel.ctx
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     path = os.path.join(root, f"step_{step:08d}")
-    if rank == 0:
-        os.makedirs(path, exist_ok=True)
-    barrier()
-    _atomic_save(rank_state, os.path.join(path, f"rank_{rank}.pt"))
-    if rank == 0:
-        _atomic_save(shared_state, os.path.join(path, "state.pt"))
-    barrier()
-    if rank == 0:
+    save_parallel(path, parallel, extra_state=extra_state)  # ends with a barrier: every rank has written
+    if ctx.is_main:
         tmp = os.path.join(root, "latest.tmp")
         with open(tmp, "w") as f:
             f.write(os.path.basename(path))
@@ -64,20 +80,18 @@ def save_checkpoint(run_dir: str, step: int, *, rank: int, shared_state: dict, r
         for old in steps[: max(0, len(steps) - keep_last)]:
             if os.path.join(root, old) != path:
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    barrier()
+    ctx.barrier()
     return path
 
 
-def load_checkpoint(path: str, rank: int, map_location="cpu") -> tuple[dict, dict]:
-    rank_file = os.path.join(path, f"rank_{rank}.pt")
-    if not os.path.isfile(rank_file):
-        raise FileNotFoundError(f"{rank_file} is missing: was the checkpoint written with another world size?")
-    shared = torch.load(os.path.join(path, "state.pt"), map_location=map_location, weights_only=False)
-    mine = torch.load(rank_file, map_location="cpu", weights_only=False)
-    return shared, mine
+def load_checkpoint(path: str, parallel) -> dict:
+    """Collective: restore tables, optimizers and the dense part; returns this rank's extra state."""
+    from hstu.distributed import load_checkpoint as load_parallel
 
-
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    if not os.path.isfile(os.path.join(path, "meta.pt")):
+        raise FileNotFoundError(f"{path} is not a checkpoint of hstu.distributed (meta.pt missing)")
+    extra = load_parallel(path, parallel)
+    if not extra:
+        raise FileNotFoundError(f"{path}: no state for rank {parallel.ctx.rank}: was the checkpoint written with "
+                                "another world size? (tables and dense weights reshard, the data position does not)")
+    return extra

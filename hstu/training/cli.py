@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from hstu.training.config import parse_gin
@@ -31,6 +32,11 @@ def main(task: str, argv: Optional[Sequence[str]] = None) -> int:
     options = build_parser(task).parse_args(argv)
     # torch.fx warns once per process about a tracing check TorchRec performs on every lookup: noise for users.
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    # The TorchRec planner warns about how it is constructed on every run; Megatron about missing TE/Apex (the torch
+    # fallbacks are what we use on CPU).
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="HeuristicalStorageReservation")
     bindings = list(options.gin_param)
     if options.run_dir:
         bindings.append(f"TrainerArgs.run_dir = {options.run_dir!r}")

@@ -140,12 +140,30 @@ class RankingArgs:
 @gin.configurable
 @dataclass
 class ParallelismArgs:
+    """Read by ``hstu.distributed`` (``ParallelismSettings.from_args``: same field names; None = its default).
+
+    world = tensor_model_parallel_size x data-parallel size. Embedding tables are sharded by TorchRec over all
+    ranks; see docs/distributed.md.
+    """
+
     backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
-    data_parallel: str = "ddp"  # how dense parameters are replicated (the distributed issue adds megatron)
-    tensor_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    embedding_sharding: dict = field(default_factory=dict)  # table -> sharding type (distributed issue)
-    find_unused_parameters: bool = False
+    tensor_model_parallel_size: int = 1  # > 1 needs CUDA (Megatron-core TP layers)
+    sequence_parallel: bool = False  # with tensor_model_parallel_size > 1
+    use_distributed_optimizer: bool = False  # Megatron's distributed optimizer (CUDA)
+    grad_reduce_in_fp32: bool = True  # Megatron DDP gradient reduction in fp32
+    embedding_sharding: dict = field(default_factory=dict)  # table -> row_wise|table_wise|column_wise|data_parallel
+    default_embedding_sharding: str = "auto"  # tables not listed ("auto": the TorchRec planner picks RW/TW/CW)
+    data_parallel_max_rows: int = 0  # tables with at most this many rows default to data_parallel (0: off)
+    # Optimizer of the embedding tables (fused into backward for sharded tables): rowwise_adagrad | adagrad | adam |
+    # sgd. None: follow OptimizerArgs.optimizer (adam/adamw -> adam, sgd -> sgd). FBGEMM has no fused Adam on CPU:
+    # there "adam" keeps the tables unsharded (replicated, dense Adam), so CPU runs that shard tables set
+    # rowwise_adagrad.
+    sparse_optimizer: Optional[str] = None
+    sparse_learning_rate: Optional[float] = None  # None: OptimizerArgs.learning_rate (follows the same LR schedule)
+    sparse_eps: Optional[float] = None  # None: OptimizerArgs.eps
+    sparse_beta1: Optional[float] = None  # None: OptimizerArgs.betas[0]
+    sparse_beta2: Optional[float] = None  # None: OptimizerArgs.betas[1]
+    sparse_weight_decay: Optional[float] = None  # None: OptimizerArgs.weight_decay
 
 
 ARG_CLASSES = (TrainerArgs, DatasetArgs, NetworkArgs, EmbeddingArgs, OptimizerArgs, RetrievalArgs, RankingArgs,

@@ -15,7 +15,7 @@ from hstu.metrics import RankingMetrics, RetrievalMetrics, seen_item_mask, targe
 from hstu.models import MultiTaskLoss, RankingModel, RetrievalModel, SampledSoftmaxLoss, bitmask_to_labels
 from hstu.modules.encoder import EncoderConfig
 from hstu.training.config import KUAIRAND_TASKS, AllArgs
-from hstu.training.distributed import ParallelContext, unwrap_model
+from hstu.training.distributed import ParallelContext
 
 PREPARE_HINTS = {
     "synthetic": "python -m hstu.data prepare synthetic --out-dir {dir}",
@@ -113,7 +113,7 @@ class Task:
 
     def loaders(self):
         d, t = self.args.dataset, self.args.trainer
-        common = dict(rank=self.ctx.data_parallel_rank, world_size=self.ctx.data_parallel_size,
+        common = dict(rank=self.ctx.dp_rank, world_size=self.ctx.dp_size,
                       num_workers=d.num_workers, pin_memory=self.ctx.device.type == "cuda")
         train = make_dataloader(self.train_dataset, d.batch_size, shuffle=d.shuffle, seed=t.seed,
                                 balance_workload=d.balance_workload, drop_last=False, **common)
@@ -188,7 +188,6 @@ class RetrievalTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, loader, max_batches: Optional[int] = None, with_baseline: bool = False) -> dict:
-        model = unwrap_model(model)
         device = self.ctx.device
         metrics = RetrievalMetrics(self.args.retrieval.eval_top_k, device=device)
         baseline = RetrievalMetrics(self.args.retrieval.eval_top_k, device=device) if with_baseline else None
@@ -225,9 +224,9 @@ class RetrievalTask(Task):
                 scores = popularity.unsqueeze(0).expand(target_columns.numel(), -1)
                 baseline.update(target_ranks(scores, target_columns, exclude))
         loader.set_epoch(-1)  # leave the cursor so the next evaluation starts from the beginning again
-        out = metrics.compute(self.ctx.data_parallel_group)
+        out = metrics.compute(self.ctx.dp_group)
         if baseline is not None:
-            out.update({f"baseline/popularity/{k}": v for k, v in baseline.compute(self.ctx.data_parallel_group).items()
+            out.update({f"baseline/popularity/{k}": v for k, v in baseline.compute(self.ctx.dp_group).items()
                         if k != "num_samples"})
         return out
 
@@ -292,7 +291,6 @@ class RankingTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, loader, max_batches: Optional[int] = None, with_baseline: bool = False) -> dict:
-        model = unwrap_model(model)
         device = self.ctx.device
         metrics = RankingMetrics(self.task_names, device=device)
         baseline = RankingMetrics(self.task_names, device=device) if with_baseline else None
@@ -315,9 +313,9 @@ class RankingTask(Task):
                 candidates = batch.sequence["item"].values()[_candidate_rows(batch)]
                 baseline.update(rates[candidates.clamp(max=rates.shape[0] - 1)].float(), labels, users)
         loader.set_epoch(-1)
-        out = metrics.compute(self.ctx.data_parallel_group)
+        out = metrics.compute(self.ctx.dp_group)
         if baseline is not None:
-            out.update({f"baseline/popularity/{k}": v for k, v in baseline.compute(self.ctx.data_parallel_group).items()})
+            out.update({f"baseline/popularity/{k}": v for k, v in baseline.compute(self.ctx.dp_group).items()})
         return out
 
 

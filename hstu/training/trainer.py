@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hstu.distributed import ParallelModel, parallelize
 from hstu.modules.hstu_layer import HSTULayer
 from hstu.training import checkpoint as ckpt
 from hstu.training.config import AllArgs, OptimizerArgs
-from hstu.training.distributed import ParallelContext, setup_parallelism, teardown, unwrap_model, wrap_model
+from hstu.training.distributed import ParallelContext, setup_parallelism, teardown
 from hstu.training.flops import train_step_flops
 from hstu.training.run_logging import RunLogger
 from hstu.training.tasks import TASKS, Task
@@ -38,17 +39,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def build_optimizer(model: torch.nn.Module, args: OptimizerArgs) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    name = args.optimizer.lower()
-    if name in ("adam", "adamw"):
-        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        return cls(params, lr=args.learning_rate, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    raise ValueError(f"OptimizerArgs.optimizer must be adam, adamw or sgd, got {args.optimizer!r}")
 
 
 def lr_multiplier(step: int, total_steps: int, args: OptimizerArgs) -> float:
@@ -70,29 +60,43 @@ def lr_multiplier(step: int, total_steps: int, args: OptimizerArgs) -> float:
 
 class Trainer:
     def __init__(self, task_name: str, args: AllArgs, resume: bool = False):
+        self.ctx: Optional[ParallelContext] = None
+        try:
+            self._setup(task_name, args, resume)
+        except BaseException:
+            self.close()  # process groups of a failed start (e.g. missing dataset)
+            raise
+
+    def _setup(self, task_name: str, args: AllArgs, resume: bool) -> None:
         self.args = args
         t = args.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        self.ctx: ParallelContext = setup_parallelism(args.parallelism, t.device)
+        # Same path for every world size (1 included): torch.distributed + Megatron parallel_state.
+        self.ctx, self.parallel_settings = setup_parallelism(args.parallelism, args.optimizer, t.device, seed=t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(t.seed)  # identical initialisation on every rank
+        seed_everything(t.seed)  # identical initialisation on every rank (replicas and TP slices start equal)
         self.task: Task = TASKS[task_name](args, self.ctx)
-        self.train_loader, self.eval_loader = self.task.loaders()
-        self.model = self.task.build_model().to(self.ctx.device)
-        for module in self.model.modules():
-            if isinstance(module, HSTULayer):
-                module.deterministic = t.deterministic
-        self.wrapped = wrap_model(self.model, self.ctx, args.parallelism)
-        self.optimizer = build_optimizer(self.model, args.optimizer)
+        self.train_loader, self.eval_loader = self.task.loaders()  # sharded by the data-parallel rank
+        self.model = self.task.build_model()  # on CPU; the tables are moved onto the device by sharding
+        for name, child in self.model.named_children():
+            if name != "embeddings":  # dense modules and parameter-free ones with buffers (loss weights)
+                child.to(self.ctx.device)
+        self._set_deterministic(t.deterministic)
+        # Tables sharded in place (TorchRec, fused optimizer in backward), HSTU layers tensor-parallel when TP > 1,
+        # the dense part wrapped (Megatron DDP + optimizer on CUDA, fp32 all-reduce + torch optimizer on CPU).
+        self.parallel: ParallelModel = parallelize(self.model, self.ctx, self.parallel_settings, args.optimizer,
+                                                   grad_clip_norm=t.grad_clip_norm)
+        self._set_deterministic(t.deterministic)  # the tensor-parallel layers too
+        if self.ctx.is_main:
+            print(f"[hstu] {self.ctx.describe()}\n[hstu] {self.parallel.sparse.describe()}", flush=True)
         steps_per_epoch = len(self.train_loader)
         self.total_steps = t.max_epochs * steps_per_epoch
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps) if t.max_epochs else t.max_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_multiplier(step, self.total_steps, args.optimizer)
-        )
+        lr, sparse_lr = args.optimizer.learning_rate, args.parallelism.sparse_learning_rate
+        self.base_lr, self.base_sparse_lr = lr, (lr if sparse_lr is None else sparse_lr)
         self.state = TrainState()
         self.pending_rng: Optional[dict] = None
         resume_from = ckpt.latest_checkpoint(t.run_dir) if resume else None
@@ -106,8 +110,10 @@ class Trainer:
                       flush=True)
                 shutil.rmtree(os.path.join(t.run_dir, ckpt.CHECKPOINT_DIR))
             self.ctx.barrier()
-            # Different dropout / negative samples per rank, reproducible from the seed.
-            seed_everything(t.seed + 1_000_003 * self.ctx.rank)
+            # Different dropout / negative samples per data-parallel rank, reproducible from the seed. The ranks of
+            # one TP group share the stream: they must draw the same negatives and input dropout (the dropout
+            # inside TP layers uses Megatron's per-TP-rank tracker).
+            seed_everything(t.seed + 1_000_003 * self.ctx.dp_rank)
         self.logger = RunLogger(t.run_dir, self.ctx.is_main, t.tensorboard,
                                 resume_step=self.state.step if resume_from else None)
         if self.ctx.is_main:
@@ -117,28 +123,30 @@ class Trainer:
         self.peak_eval: dict = {}
         self.last_eval: dict = {}
 
+    def _set_deterministic(self, deterministic: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, HSTULayer) or hasattr(module, "deterministic"):
+                module.deterministic = deterministic
+
+    def learning_rates(self, step: int) -> tuple[float, float]:
+        """(dense, sparse) learning rates of update ``step`` (0-based): warmup/decay applied to both."""
+        m = lr_multiplier(step, self.total_steps, self.args.optimizer)
+        return self.base_lr * m, self.base_sparse_lr * m
+
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def _save(self) -> None:
+        """Collective: tables + dense part + optimizers via hstu.distributed, plus this rank's trainer state."""
         t = self.args.trainer
-        shared = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "train_state": asdict(self.state),
-        } if self.ctx.is_main else {}
-        rank_state = {"rng": ckpt.capture_rng_state(), "train_loader": self.train_loader.state_dict()}
-        ckpt.save_checkpoint(t.run_dir, self.state.step, rank=self.ctx.rank, shared_state=shared,
-                             rank_state=rank_state, barrier=self.ctx.barrier, keep_last=t.keep_last_checkpoints)
+        extra = {"train_state": asdict(self.state), "rng": ckpt.capture_rng_state(),
+                 "train_loader": self.train_loader.state_dict(), "world_size": self.ctx.world_size}
+        ckpt.save_checkpoint(t.run_dir, self.state.step, self.parallel, extra, keep_last=t.keep_last_checkpoints)
 
     def _load(self, path: str) -> None:
-        shared, mine = ckpt.load_checkpoint(path, self.ctx.rank, map_location=self.ctx.device)
-        self.model.load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
-        self.scheduler.load_state_dict(shared["scheduler"])
-        self.state = TrainState(**shared["train_state"])
-        self.train_loader.load_state_dict(mine["train_loader"])
+        extra = ckpt.load_checkpoint(path, self.parallel)
+        self.state = TrainState(**extra["train_state"])
+        self.train_loader.load_state_dict(extra["train_loader"])
         # Restored once the loader's iterator exists: creating it may draw from the global RNG.
-        self.pending_rng = mine["rng"]
+        self.pending_rng = extra["rng"]
         if self.ctx.is_main:
             print(f"[hstu] resumed from {path} at step {self.state.step} (epoch {self.state.epoch})", flush=True)
 
@@ -148,7 +156,7 @@ class Trainer:
         self.model.eval()
         started = time.perf_counter()
         try:
-            metrics = self.task.evaluate(self.wrapped, self.eval_loader, self.args.trainer.eval_max_batches, with_baseline)
+            metrics = self.task.evaluate(self.model, self.eval_loader, self.args.trainer.eval_max_batches, with_baseline)
         finally:
             self.model.train()
             ckpt.restore_rng_state(rng)
@@ -181,7 +189,9 @@ class Trainer:
         progress = tqdm(total=self.total_steps, initial=self.state.step, disable=not (t.progress_bar and ctx.is_main),
                         desc=f"{self.task.name}", unit="step", dynamic_ncols=True, file=sys.stdout,
                         mininterval=0.1 if sys.stdout.isatty() else 5.0)
+        parallel = self.parallel
         pending_losses: list[torch.Tensor] = []
+        grad_norm = None
         pending_records: list[dict] = []
         window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         interrupted = False
@@ -191,16 +201,16 @@ class Trainer:
             for batch in self.train_loader:
                 self._restore_pending_rng()
                 batch = batch.to(ctx.device, non_blocking=True)
+                # Before backward: the sharded tables' fused optimizer updates inside it.
+                lr, sparse_lr = self.learning_rates(self.state.step)
+                parallel.set_learning_rate(lr, sparse_lr)
+                parallel.zero_grad()
                 autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
                 with autocast:
-                    out = self.wrapped(batch)
+                    out = self.model(batch)  # no wrapper: tables are sharded in place; per-rank mean loss
                 out.loss.backward()
-                if t.grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip_norm)
-                lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                parallel.finish_grad_sync()  # DP average of dense + replicated-table grads, TP partial sums
+                grad_norm = parallel.step()  # dense optimizer (clipping inside), replicated tables
                 self.state.step += 1
                 self.state.tokens += out.num_tokens
                 window_tokens += out.num_tokens
@@ -213,13 +223,23 @@ class Trainer:
                 last_step = self.state.step >= self.total_steps
                 stop_now = t.stop_after_steps is not None and self.state.step >= t.stop_after_steps
                 if self.state.step % t.log_interval_steps == 0 or last_step or stop_now:
-                    losses = torch.stack(pending_losses).float().cpu().tolist()  # one device sync per log interval
+                    # One collective + one device sync per log interval: losses averaged over the DP group (the
+                    # TP ranks of a group hold the same loss), tokens summed over it.
+                    packed = torch.cat([torch.stack(pending_losses).float(),
+                                        torch.tensor([float(window_tokens)], device=ctx.device)])
+                    if ctx.dp_size > 1:
+                        torch.distributed.all_reduce(packed, group=ctx.dp_group)  # SUM (gloo has no AVG)
+                        packed[:-1].div_(ctx.dp_size)
+                    values = packed.cpu().tolist()
+                    losses, global_tokens = values[:-1], values[-1]
                     for record, loss in zip(pending_records, losses):
                         record["loss"] = loss
+                    if grad_norm is not None:
+                        pending_records[-1]["grad_norm"] = round(float(grad_norm), 4)
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    throughput = {"tokens_per_s": window_tokens / elapsed}
+                    throughput = {"tokens_per_s": global_tokens / elapsed}  # all data-parallel ranks together
                     if ctx.device.type == "cuda":
-                        throughput["tflops"] = window_flops / elapsed / 1e12
+                        throughput["tflops"] = window_flops / elapsed / 1e12  # per GPU (this rank's work)
                     pending_records[-1].update({k: round(v, 3) for k, v in throughput.items()})
                     self.logger.log_train(pending_records)
                     postfix = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{throughput['tokens_per_s']:,.0f}"}
@@ -281,7 +301,9 @@ class Trainer:
                   "(metrics.jsonl, train_log.jsonl, training_curves.png, tensorboard/, checkpoints/)", flush=True)
 
     def close(self) -> None:
-        teardown(self.ctx)
+        if self.ctx is not None:
+            teardown(self.ctx)
+            self.ctx = None
 
 
 def format_summary(record: dict, metrics: tuple[str, ...]) -> str:
@@ -303,4 +325,4 @@ def run(task_name: str, args: AllArgs, resume: bool = False) -> dict:
         trainer.close()
 
 
-__all__ = ["Trainer", "TrainState", "build_optimizer", "lr_multiplier", "run", "seed_everything", "unwrap_model"]
+__all__ = ["Trainer", "TrainState", "lr_multiplier", "run", "seed_everything"]
