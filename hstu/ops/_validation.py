@@ -71,19 +71,33 @@ def check_offsets(name: str, offsets: object, total: Optional[int] = None) -> to
     if offsets.numel() < 1:
         raise ValueError(f"{name} must have at least one element (B+1 entries, starting with 0)")
     if values_are_concrete(offsets):
-        host = offsets.detach().cpu()
-        if int(host[0]) != 0:
-            raise ValueError(f"{name}[0] must be 0, got {int(host[0])}")
-        steps = host[1:] - host[:-1]
-        if bool((steps < 0).any()):
-            bad = int(torch.nonzero(steps < 0)[0])
-            raise ValueError(
-                f"{name} must be non-decreasing, but {name}[{bad + 1}]={int(host[bad + 1])} < "
-                f"{name}[{bad}]={int(host[bad])}"
-            )
-        if total is not None and int(host[-1]) != total:
-            raise ValueError(f"{name}[-1] must equal the number of rows {total}, got {int(host[-1])}")
+        check_offsets_values(name, offsets.detach().cpu(), total)
     return offsets
+
+
+def check_offsets_values(name: str, host: torch.Tensor, total: Optional[int] = None) -> None:
+    """The value checks of ``check_offsets`` on a host copy (lets callers batch several copies into one sync)."""
+    if int(host[0]) != 0:
+        raise ValueError(f"{name}[0] must be 0, got {int(host[0])}")
+    steps = host[1:] - host[:-1]
+    if bool((steps < 0).any()):
+        bad = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(
+            f"{name} must be non-decreasing, but {name}[{bad + 1}]={int(host[bad + 1])} < "
+            f"{name}[{bad}]={int(host[bad])}"
+        )
+    if total is not None and int(host[-1]) != total:
+        raise ValueError(f"{name}[-1] must equal the number of rows {total}, got {int(host[-1])}")
+
+
+def to_host(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """int64 host copies of small index tensors with a single device-to-host transfer."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    flat = torch.cat([t.detach().reshape(-1).to(torch.int64) for t in present]).cpu()
+    pieces = iter(torch.split(flat, [t.numel() for t in present]))
+    return [None if t is None else next(pieces) for t in tensors]
 
 
 def lengths_of(offsets: torch.Tensor) -> torch.Tensor:

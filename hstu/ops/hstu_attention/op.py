@@ -17,9 +17,10 @@ from hstu.ops._validation import (
     check_float_tensor,
     check_index_tensor,
     check_int,
-    check_offsets,
+    check_offsets_values,
     check_same_device,
     lengths_of,
+    to_host,
     values_are_concrete,
 )
 from hstu.ops.hstu_attention import cuda
@@ -164,7 +165,9 @@ def _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, w
         raise ValueError(f"v must be (T, H, Dv) with T, H = {tuple(q.shape[:2])}, got {tuple(v.shape)}")
     if q.shape[2] == 0 or v.shape[2] == 0:
         raise ValueError(f"head dims must be positive, got Dqk={q.shape[2]}, Dv={v.shape[2]}")
-    seq_offsets = check_offsets("seq_offsets", seq_offsets, total=q.shape[0])
+    seq_offsets = check_index_tensor("seq_offsets", seq_offsets)
+    if seq_offsets.numel() < 1:
+        raise ValueError("seq_offsets must have at least one element (B+1 entries, starting with 0)")
     batch = seq_offsets.numel() - 1
     max_seqlen = check_int("max_seqlen", max_seqlen, minimum=0)
     if scaling_seqlen is not None:
@@ -196,19 +199,22 @@ def _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, w
     check_same_device("q", q, k=k, v=v, seq_offsets=seq_offsets, num_contexts=num_contexts,
                       num_targets=num_targets, rab=rab)  # fmt: skip
 
-    if batch > 0 and values_are_concrete(seq_offsets, num_contexts, num_targets):
-        lengths = lengths_of(seq_offsets).cpu().to(torch.int64)
-        longest = int(lengths.max())
+    if values_are_concrete(seq_offsets, num_contexts, num_targets):
+        # One device-to-host copy for every value check: the op runs once per layer in the training loop.
+        offsets_host, contexts, targets = to_host(seq_offsets, num_contexts, num_targets)
+        check_offsets_values("seq_offsets", offsets_host, total=q.shape[0])
+        lengths = lengths_of(offsets_host)
+        longest = int(lengths.max()) if batch > 0 else 0
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is less than the longest sequence ({longest})")
-        targets = torch.zeros_like(lengths) if num_targets is None else num_targets.cpu().to(torch.int64)
+        if targets is None:
+            targets = torch.zeros_like(lengths)
         if bool((targets < 0).any()):
             raise ValueError("num_targets must be non-negative")
         if bool((targets > lengths).any()):
             b = int(torch.nonzero(targets > lengths)[0])
             raise ValueError(f"num_targets[{b}]={int(targets[b])} exceeds the sequence length {int(lengths[b])}")
-        if num_contexts is not None:
-            contexts = num_contexts.cpu().to(torch.int64)
+        if contexts is not None:
             if bool((contexts < 0).any()):
                 raise ValueError("num_contexts must be non-negative")
             history = lengths - targets
