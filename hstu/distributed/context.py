@@ -52,6 +52,9 @@ class ParallelismSettings:
     sparse_beta1: float = 0.9
     sparse_beta2: float = 0.999
     sparse_weight_decay: float = 0.0
+    # One process has nothing to shard: by default its tables stay plain (dense optimizer), which keeps a single-GPU
+    # run identical to the unsharded model. True shards them anyway (the 1-rank side of equivalence tests).
+    shard_single_process: bool = False
     # Process group backend: "auto" = nccl with CUDA, gloo without.
     backend: str = "auto"
     timeout_minutes: int = 30

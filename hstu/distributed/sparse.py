@@ -156,6 +156,10 @@ def _decide(collections: dict[str, EmbeddingCollection], settings: ParallelismSe
     for path, ec in collections.items():
         configs = ec.embedding_configs()
         requested = {c.name: _requested_sharding(c.name, c.num_embeddings, settings) for c in configs}
+        if ctx.world_size == 1 and not settings.shard_single_process:
+            reason = "single process: kept unsharded, dense optimizer (shard_single_process=False)"
+            decisions += [TableDecision(c.name, path, requested[c.name], "replicated", reason) for c in configs]
+            continue
         if on_cpu and settings.sparse_optimizer not in _CPU_FUSED_OPTIMIZERS:
             reason = f"FBGEMM has no fused {settings.sparse_optimizer} on CPU: kept unsharded, dense optimizer"
             decisions += [TableDecision(c.name, path, requested[c.name], "replicated", reason) for c in configs]

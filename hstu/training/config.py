@@ -164,6 +164,8 @@ class ParallelismArgs:
     sparse_beta1: Optional[float] = None  # None: OptimizerArgs.betas[0]
     sparse_beta2: Optional[float] = None  # None: OptimizerArgs.betas[1]
     sparse_weight_decay: Optional[float] = None  # None: OptimizerArgs.weight_decay
+    # A single process keeps its tables unsharded (dense optimizer) unless this is True.
+    shard_single_process: bool = False
 
 
 ARG_CLASSES = (TrainerArgs, DatasetArgs, NetworkArgs, EmbeddingArgs, OptimizerArgs, RetrievalArgs, RankingArgs,

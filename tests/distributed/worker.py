@@ -127,7 +127,7 @@ class Optim:  # dense optimizer settings, OptimizerArgs-like
 def build(ctx, settings: dict, tp_size: int):
     torch.manual_seed(0)  # identical construction on every rank and in every world size
     model = TinyModel()
-    ps = ParallelismSettings(tensor_model_parallel_size=tp_size, sparse_learning_rate=0.05, **settings)
+    ps = ParallelismSettings(tensor_model_parallel_size=tp_size, sparse_learning_rate=0.05, shard_single_process=True, **settings)
     return model, parallelize(model, ctx, ps, Optim(), grad_clip_norm=None)
 
 
@@ -174,7 +174,7 @@ def run_ranking_model(ctx, tp_size: int) -> list[float]:
     config = EncoderConfig(embedding_dim=DIM, num_layers=2, num_heads=2, qk_dim=8, v_dim=8, dropout=0.0,
                            input_dropout=0.0, max_tokens=64, interleave_actions=True, relative_attention_bias=True)
     model = RankingModel(NUM_ITEMS, 256, config, MultiTaskLoss("bitmask", 2), head_hidden_dims=(16,))
-    ps = ParallelismSettings(tensor_model_parallel_size=tp_size, sparse_learning_rate=0.05,
+    ps = ParallelismSettings(tensor_model_parallel_size=tp_size, sparse_learning_rate=0.05, shard_single_process=True,
                              embedding_sharding={"item": "row_wise", "action": "table_wise"})
     parallel = parallelize(model, ctx, ps, Optim())
     losses = []
