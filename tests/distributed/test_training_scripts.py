@@ -8,11 +8,12 @@ sharded run (exact losses). Tiny synthetic data and small overrides keep the fiv
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from tests.launching import free_port, write_tiny_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -25,18 +26,7 @@ COMMON = ["TrainerArgs.progress_bar=False", "TrainerArgs.log_interval_steps=1", 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from hstu.data.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic(str(root / "rating"), show_progress=False, **TINY_DATA)
-    write_synthetic(str(root / "bitmask"), show_progress=False, actions="bitmask", **TINY_DATA)
-    return root
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
+    return write_tiny_datasets(tmp_path_factory.mktemp("data"), **TINY_DATA)
 
 
 def torchrun2(script, config, run_dir, params, resume=False):

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.launching import free_port, write_tiny_datasets
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
@@ -15,20 +17,7 @@ TINY_DATA = dict(num_users=600, num_items=300, num_topics=6, mean_length=40, min
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from hstu.data.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic(str(root / "rating"), show_progress=False, **TINY_DATA)
-    write_synthetic(str(root / "bitmask"), show_progress=False, actions="bitmask", **TINY_DATA)
-    return root
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
+    return write_tiny_datasets(tmp_path_factory.mktemp("data"), **TINY_DATA)
 
 
 def torchrun(script, config, run_dir, params, port=None, resume=False):
