@@ -3,7 +3,8 @@
 # racecheck on a small representative subset, benchmark. Logs and results go to $OUT (default ./gpu_check_out):
 #   build.log  test.log  sanitizer.log  bench.log  attention_<gpu>.json  attention_<gpu>.png  summary.txt
 # Stages: HSTU_GPU_STAGES (default "build test sanitize bench"); per-stage time limits in seconds:
-# HSTU_T_BUILD / HSTU_T_TEST / HSTU_T_SANITIZE / HSTU_T_BENCH. On the lent machine run it as
+# HSTU_T_BUILD / HSTU_T_TEST / HSTU_T_SANITIZE / HSTU_T_BENCH; HSTU_SANITIZE_TOOLS (default "memcheck racecheck");
+# HSTU_BENCH_ARGS (extra benchmark arguments). On the lent machine run it as
 #   source .device/wheels/setup.sh && bash scripts/gpu_check.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,13 +57,15 @@ for dim, rab_heads, causal, window, tgt in [(64, 1, True, -1, True), (128, 2, Tr
     nc = torch.tensor([0, 0, 3, 4], dtype=torch.int32, device="cuda") if tgt else None
     args = (q, k, v, offsets, 130, 0.125, 130, causal, window, nc, nt, 2, rab)
     out = cuda.forward(*args, 0.0, 0)
-    grads = cuda.backward(torch.randn_like(out), *args[:13], rab is not None, 0.0, 0, True)
+    for deterministic in (False, True):  # atomic-dq path, then the split path
+        grads = cuda.backward(torch.randn_like(out), *args[:13], rab is not None, 0.0, 0, deterministic)
+        assert all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
 torch.cuda.synchronize()
 print("sanitize case done")
 PY
   t0=$(date +%s)
   : >"$OUT/sanitizer.log"
-  for tool in memcheck racecheck; do
+  for tool in ${HSTU_SANITIZE_TOOLS:-memcheck racecheck}; do
     timeout "${HSTU_T_SANITIZE:-150}" compute-sanitizer --tool $tool --error-exitcode 3 --target-processes all \
       $PY "$OUT/sanitize_case.py" >>"$OUT/sanitizer.log" 2>&1
     note "compute-sanitizer $tool rc=$? ($(grep -c 'ERROR SUMMARY: 0 errors\|RACECHECK SUMMARY: 0 hazards' "$OUT/sanitizer.log") clean summaries so far) $(grep -E 'SUMMARY' "$OUT/sanitizer.log" | tail -1)"

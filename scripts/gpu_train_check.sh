@@ -34,7 +34,8 @@ launch() {  # name script config [gin params...]
 
 SYNTH=("DatasetArgs.dataset_dir='data/synthetic'" "DatasetArgs.dataset_name='synthetic'" "DatasetArgs.prepare_if_missing=True")
 # 1. The paper's ML-1M recipe on the ML-1M-sized synthetic data (d=50: the attention runs the PyTorch reference).
-launch retrieval_ml1m_recipe pretrain_gr_retrieval.py ml1m_retrieval.gin "${SYNTH[@]}" "RetrievalArgs.filter_seen_items=False"
+launch retrieval_ml1m_recipe pretrain_gr_retrieval.py ml1m_retrieval.gin "${SYNTH[@]}" "RetrievalArgs.filter_seen_items=False" \
+  "TrainerArgs.profile_steps=${PROFILE_STEPS:-20}"
 # 2. A kernel-shaped retrieval model (4 heads x 64, bf16) on the same data.
 launch retrieval_kernel_shape pretrain_gr_retrieval.py synthetic_retrieval.gin "DatasetArgs.max_seqlen=200" \
   "NetworkArgs.hidden_dim=256" "NetworkArgs.num_heads=4" "NetworkArgs.qk_dim=64" "NetworkArgs.v_dim=64" \
@@ -63,3 +64,6 @@ for name in sorted(os.listdir(out)):
     print(f"{name:<26}{rows[-1]['step']:>7}{tps:>14,.0f}{tflops:>10.2f}{epoch_s:>10.2f}  {metrics}")
 print("* s/epoch: one pass over ML-1M-sized data at the measured speed + one full evaluation")
 PY
+for profile in "$OUT"/*/profile.txt; do
+  [[ -f $profile ]] && { echo "[gpu-check] $profile"; head -n 40 "$profile"; }
+done

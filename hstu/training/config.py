@@ -42,6 +42,9 @@ class TrainerArgs:
     plot: bool = True
     compute_baseline: bool = True  # popularity baseline (retrieval) printed next to the final metrics
     num_threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch's default)
+    # torch.profiler over this many training steps after 10 warm-up steps: top ops by device and host time go to
+    # <run_dir>/profile.txt (rank 0). 0: off.
+    profile_steps: int = 0
 
 
 @gin.configurable

@@ -23,6 +23,7 @@ from hstu.training import checkpoint as ckpt
 from hstu.training.config import AllArgs, OptimizerArgs
 from hstu.training.distributed import ParallelContext, setup_parallelism, teardown
 from hstu.training.flops import train_step_flops
+from hstu.training.profiling import StepProfiler
 from hstu.training.run_logging import RunLogger
 from hstu.training.tasks import TASKS, Task
 
@@ -195,6 +196,7 @@ class Trainer:
         pending_records: list[dict] = []
         window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         interrupted = False
+        profiler = StepProfiler(t.profile_steps, t.run_dir, ctx.is_main, ctx.device, first_step=self.state.step)
         self.model.train()
         while self.state.step < self.total_steps and not interrupted:
             self.train_loader.set_epoch(self.state.epoch)
@@ -219,6 +221,7 @@ class Trainer:
                 pending_losses.append(out.loss.detach())
                 pending_records.append({"step": self.state.step, "epoch": self.state.epoch, "lr": lr})
                 progress.update(1)
+                profiler.after_step(self.state.step)
 
                 last_step = self.state.step >= self.total_steps
                 stop_now = t.stop_after_steps is not None and self.state.step >= t.stop_after_steps
@@ -270,6 +273,7 @@ class Trainer:
                         self._save()
                     window_start = time.perf_counter()
         progress.close()
+        profiler.finish()
         if interrupted:
             self._save()
             if ctx.is_main:
