@@ -1,6 +1,26 @@
-"""Shared pieces of the tests that launch training processes: free ports and tiny synthetic datasets."""
+"""Shared pieces of the tests that launch training processes: torchrun commands, their environment, free ports
+and tiny synthetic datasets."""
 
+import os
 import socket
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def torchrun_command(nproc: int, script: str, *args: str) -> list:
+    """``torchrun --standalone``: the launcher binds a free rendezvous port itself, so concurrent or back-to-back
+    launches cannot race for a port picked beforehand."""
+    launcher = _TORCHRUN if os.path.exists(_TORCHRUN) else "torchrun"
+    return [launcher, "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc), script, *args]
+
+
+def launch_env(**overrides: str) -> dict:
+    """Environment of a launched process: this checkout first on PYTHONPATH, the caller's entries kept (the GPU
+    machine provides torchrec/megatron/gin through PYTHONPATH)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **overrides)
 
 
 def free_port() -> int:

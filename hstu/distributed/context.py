@@ -158,6 +158,13 @@ def init_parallelism(settings: Any = None, *, device: Optional[str | torch.devic
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
+    tp = int(settings.tensor_model_parallel_size)
+    if tp > 1 and device.type != "cuda" and settings.sequence_parallel:
+        # Megatron's sequence-parallel gathers use a CUDA buffer; plain TP (all-reduces) runs on gloo.
+        raise ValueError(
+            f"sequence_parallel=True with tensor_model_parallel_size={tp} needs CUDA: set "
+            "ParallelismArgs.sequence_parallel = False to run tensor parallelism on CPU (gloo)."
+        )
     backend = settings.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -174,14 +181,8 @@ def init_parallelism(settings: Any = None, *, device: Optional[str | torch.devic
         owns = True
     world_size, rank = dist.get_world_size(), dist.get_rank()
 
-    tp = int(settings.tensor_model_parallel_size)
     if world_size % tp != 0:
         raise ValueError(f"world size {world_size} is not a multiple of tensor_model_parallel_size={tp}")
-    if tp > 1 and device.type != "cuda":
-        raise RuntimeError(
-            f"tensor_model_parallel_size={tp} needs CUDA: Megatron-core's tensor-parallel layers and collectives "
-            "run on GPUs only. Use tensor_model_parallel_size=1 on CPU (data parallelism and sharded tables work)."
-        )
 
     from megatron.core import parallel_state
 

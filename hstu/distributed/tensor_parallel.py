@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hstu.distributed.context import ParallelContext
 from hstu.distributed.dense import TP_PARTIAL_GRAD, megatron_model_config
-from hstu.ops import hstu_attention
+from hstu.modules.hstu_layer import layer_attention
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +145,11 @@ class TensorParallelHSTULayer(nn.Module):
             self.uvqk_proj.weight.copy_(layer.uvqk_proj.weight[rows])
             self.uvqk_proj.bias.copy_(layer.uvqk_proj.bias[rows])
             self.output_proj.weight.copy_(layer.output_proj.weight[:, features])
-        # perform_initialization=False skips Megatron's own attribute setup: mark the split dims here.
-        set_tensor_model_parallel_attributes(self.uvqk_proj.weight, is_parallel=True, dim=0, stride=1)
-        set_tensor_model_parallel_attributes(self.uvqk_proj.bias, is_parallel=True, dim=0, stride=1)
-        set_tensor_model_parallel_attributes(self.output_proj.weight, is_parallel=True, dim=1, stride=1)
+        # Megatron marks some of these itself (the bias always, the weights only when it initialises them);
+        # its setter refuses to mark a tensor twice.
+        for tensor, dim in ((self.uvqk_proj.weight, 0), (self.uvqk_proj.bias, 0), (self.output_proj.weight, 1)):
+            if not getattr(tensor, "tensor_model_parallel", False):
+                set_tensor_model_parallel_attributes(tensor, is_parallel=True, dim=dim, stride=1)
 
     def _forward(self, x: torch.Tensor, inputs, num_tokens: int) -> torch.Tensor:
         projected, _ = self.uvqk_proj(self.input_norm(x).unsqueeze(1))  # SP: tokens all-gathered
@@ -157,17 +158,7 @@ class TensorParallelHSTULayer(nn.Module):
         per_head = projected[:num_tokens].view(num_tokens, self.local_heads, -1)
         u, v, q, k = per_head.split([self.v_dim, self.v_dim, self.qk_dim, self.qk_dim], dim=-1)
         u = u.reshape(num_tokens, self.local_heads * self.v_dim)
-        rab = None
-        if self.relative_attention_bias is not None:
-            batch = inputs.seq_offsets.numel() - 1
-            rab = self.relative_attention_bias(inputs.time_buckets, batch, inputs.max_seqlen)
-            rab = rab.to(q.dtype) if q.dtype != torch.float32 else rab
-        attn = hstu_attention(
-            q, k, v, inputs.seq_offsets, inputs.max_seqlen, alpha=self.alpha, scaling_seqlen=self.scaling_seqlen,
-            causal=True, num_contexts=inputs.num_contexts, num_targets=inputs.num_targets,
-            target_group_size=self.target_group_size, rab=rab,
-            dropout_p=self.attention_dropout if self.training else 0.0, deterministic=self.deterministic,
-        )  # fmt: skip
+        attn = layer_attention(self, q, k, v, inputs)
         gated = self.attention_norm(attn.reshape(num_tokens, -1)) * u
         if self.dropout > 0 and self.training:
             with _dropout_rng(self.ctx):

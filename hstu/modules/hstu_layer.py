@@ -80,23 +80,7 @@ class HSTULayer(nn.Module):
 
     def _forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         u, v, q, k = self.split_uvqk(F.silu(self.uvqk_proj(self.input_norm(x))))
-        rab = None
-        if self.relative_attention_bias is not None:
-            batch = inputs.seq_offsets.numel() - 1
-            rab = self.relative_attention_bias(inputs.time_buckets, batch, inputs.max_seqlen, inputs.relative_positions)
-            rab = rab.to(q.dtype) if q.dtype != torch.float32 else rab
-        attn = hstu_attention(
-            q, k, v, inputs.seq_offsets, inputs.max_seqlen,
-            alpha=self.alpha,
-            scaling_seqlen=self.scaling_seqlen,
-            causal=True,
-            num_contexts=inputs.num_contexts,
-            num_targets=inputs.num_targets,
-            target_group_size=self.target_group_size,
-            rab=rab,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            deterministic=self.deterministic,
-        )  # fmt: skip
+        attn = layer_attention(self, q, k, v, inputs)
         gated = self.attention_norm(attn.reshape(-1, self.num_heads * self.v_dim)) * u
         gated = F.dropout(gated, p=self.dropout, training=self.training)
         return x + self.output_proj(gated)
@@ -106,6 +90,29 @@ class HSTULayer(nn.Module):
             # Non-reentrant checkpointing restores the RNG, so dropout masks match in the recomputation.
             return checkpoint(self._forward, x, inputs, use_reentrant=False)
         return self._forward(x, inputs)
+
+
+def layer_attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    inputs: AttentionInputs) -> torch.Tensor:
+    """The attention step of an HSTU layer (``HSTULayer`` or its tensor-parallel twin, which holds the same
+    attributes): relative bias from the batch's positions/time buckets, masks from the batch, dropout in training."""
+    rab = None
+    if layer.relative_attention_bias is not None:
+        batch = inputs.seq_offsets.numel() - 1
+        rab = layer.relative_attention_bias(inputs.time_buckets, batch, inputs.max_seqlen, inputs.relative_positions)
+        rab = rab.to(q.dtype) if q.dtype != torch.float32 else rab
+    return hstu_attention(
+        q, k, v, inputs.seq_offsets, inputs.max_seqlen,
+        alpha=layer.alpha,
+        scaling_seqlen=layer.scaling_seqlen,
+        causal=True,
+        num_contexts=inputs.num_contexts,
+        num_targets=inputs.num_targets,
+        target_group_size=layer.target_group_size,
+        rab=rab,
+        dropout_p=layer.attention_dropout if layer.training else 0.0,
+        deterministic=layer.deterministic,
+    )  # fmt: skip
 
 
 class HSTUStack(nn.Module):

@@ -150,7 +150,7 @@ class ParallelismArgs:
     """
 
     backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
-    tensor_model_parallel_size: int = 1  # > 1 needs CUDA (Megatron-core TP layers)
+    tensor_model_parallel_size: int = 1  # > 1 with sequence_parallel needs CUDA; without it TP also runs on gloo
     sequence_parallel: bool = False  # with tensor_model_parallel_size > 1
     use_distributed_optimizer: bool = False  # Megatron's distributed optimizer (CUDA)
     grad_reduce_in_fp32: bool = True  # Megatron DDP gradient reduction in fp32

@@ -1,6 +1,6 @@
 """N ranks vs 1 rank on the same global batches (CPU, gloo): same loss sequence for 20 steps; checkpoint resume.
 
-Each launch is a ``torchrun`` subprocess on a free local port running ``tests/distributed/worker.py``.
+Each launch is a ``torchrun --standalone`` subprocess running ``tests/distributed/worker.py``.
 Tolerance: relative 1e-4 per step (observed ~3e-6 on CPU: the only difference is the fp32 summation order of
 gradient reductions). Same-world-size resume must be bit exact.
 """
@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.launching import free_port
+from tests.launching import launch_env, torchrun_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "distributed", "worker.py")
@@ -24,12 +23,9 @@ SHARDED = ("row_wise", "table_wise", "column_wise", "mixed")
 
 
 def launch(nproc: int, out: str, scenarios: str, *extra: str, device: str = "cpu", timeout: int = 300) -> dict:
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [torchrun if os.path.exists(torchrun) else "torchrun", "--nnodes", "1", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER, "--out", out,
-               "--scenarios", scenarios, "--device", device, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    command = torchrun_command(nproc, WORKER, "--out", out, "--scenarios", scenarios, "--device", device, *extra)
+    done = subprocess.run(command, cwd=ROOT, env=launch_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-60:])
         raise AssertionError(f"torchrun exited with {done.returncode}:\n{tail}")
@@ -93,6 +89,23 @@ def test_checkpoint_resume_other_world_size(runs):
     assert_close(two["checkpoint"]["straight"], one["resume_other_world"])
 
 
+def test_tensor_parallel_two_ranks_match_one_rank_on_cpu(runs, tmp_path):
+    # TP=2 without sequence parallelism (its gathers need CUDA) on gloo: heads split over the ranks, the output
+    # projection all-reduced, the attention LayerNorm's statistics shared; the ranking model adds rab + interleaving.
+    one, _ = runs
+    tp2 = launch(2, str(tmp_path / "tp2.json"), "row_wise,ranking_model", "--tp", "2", "--no-sequence-parallel")
+    assert tp2["tp_size"] == 2 and tp2["dp_size"] == 1
+    for scenario in ("row_wise", "ranking_model"):
+        assert_close(one[scenario], tp2[scenario])
+
+
+def test_sequence_parallel_on_cpu_is_refused():
+    from hstu.distributed import ParallelismSettings, init_parallelism
+
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        init_parallelism(ParallelismSettings(tensor_model_parallel_size=2, sequence_parallel=True), device="cpu")
+
+
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (TorchRec on CUDA needs "
                                     "fbgemm-gpu; Megatron TP collectives need NCCL): scripts/gpu_distributed_check.sh")
 
@@ -109,3 +122,12 @@ def test_gpu_tensor_parallel_and_data_parallel_match_one_gpu(tmp_path):
         assert_close(one[scenario], tp2[scenario], rtol=1e-3)
         assert_close(one[scenario], dp2[scenario], rtol=1e-3)
     assert dp2["checkpoint"]["resumed"] == dp2["checkpoint"]["straight"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs: scripts/gpu_distributed_check.sh")
+def test_gpu_tensor_and_data_parallel_together_match_one_gpu(tmp_path):
+    one = launch(1, str(tmp_path / "one.json"), "row_wise,ranking_model", device="cuda")
+    both = launch(4, str(tmp_path / "tp2dp2.json"), "row_wise,ranking_model", "--tp", "2", device="cuda")
+    assert both["tp_size"] == 2 and both["dp_size"] == 2
+    for scenario in ("row_wise", "ranking_model"):
+        assert_close(one[scenario], both[scenario], rtol=1e-3)

@@ -120,6 +120,9 @@ SCENARIO_SETTINGS = {
 }
 
 
+SEQUENCE_PARALLEL = True  # set from --no-sequence-parallel in main()
+
+
 class Optim:  # dense optimizer settings, OptimizerArgs-like
     optimizer, learning_rate, betas, eps, weight_decay = "adam", 1e-2, (0.9, 0.98), 1e-8, 0.0
 
@@ -127,7 +130,8 @@ class Optim:  # dense optimizer settings, OptimizerArgs-like
 def build(ctx, settings: dict, tp_size: int):
     torch.manual_seed(0)  # identical construction on every rank and in every world size
     model = TinyModel()
-    ps = ParallelismSettings(tensor_model_parallel_size=tp_size, sparse_learning_rate=0.05, shard_single_process=True, **settings)
+    ps = ParallelismSettings(tensor_model_parallel_size=tp_size, sequence_parallel=SEQUENCE_PARALLEL,
+                             sparse_learning_rate=0.05, shard_single_process=True, **settings)
     return model, parallelize(model, ctx, ps, Optim(), grad_clip_norm=None)
 
 
@@ -174,8 +178,8 @@ def run_ranking_model(ctx, tp_size: int) -> list[float]:
     config = EncoderConfig(embedding_dim=DIM, num_layers=2, num_heads=2, qk_dim=8, v_dim=8, dropout=0.0,
                            input_dropout=0.0, max_tokens=64, interleave_actions=True, relative_attention_bias=True)
     model = RankingModel(NUM_ITEMS, 256, config, MultiTaskLoss("bitmask", 2), head_hidden_dims=(16,))
-    ps = ParallelismSettings(tensor_model_parallel_size=tp_size, sparse_learning_rate=0.05, shard_single_process=True,
-                             embedding_sharding={"item": "row_wise", "action": "table_wise"})
+    ps = ParallelismSettings(tensor_model_parallel_size=tp_size, sequence_parallel=SEQUENCE_PARALLEL,
+                             sparse_learning_rate=0.05, shard_single_process=True, embedding_sharding={"item": "row_wise", "action": "table_wise"})
     parallel = parallelize(model, ctx, ps, Optim())
     losses = []
     for step in range(STEPS):
@@ -207,12 +211,16 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--scenarios", default="row_wise")
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--no-sequence-parallel", action="store_true", help="TP without SP (the only TP on CPU)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--checkpoint-dir", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    ctx = init_parallelism(ParallelismSettings(tensor_model_parallel_size=args.tp), device=args.device, seed=0)
+    global SEQUENCE_PARALLEL
+    SEQUENCE_PARALLEL = not args.no_sequence_parallel
+    ctx = init_parallelism(ParallelismSettings(tensor_model_parallel_size=args.tp, sequence_parallel=SEQUENCE_PARALLEL),
+                           device=args.device, seed=0)
     results = {"world_size": ctx.world_size, "tp_size": ctx.tp_size, "dp_size": ctx.dp_size}
     for scenario in args.scenarios.split(","):
         if scenario == "checkpoint":

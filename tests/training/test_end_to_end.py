@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.launching import free_port, write_tiny_datasets
+from tests.launching import free_port, launch_env, torchrun_command, write_tiny_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -20,17 +20,14 @@ def tiny_data(tmp_path_factory):
     return write_tiny_datasets(tmp_path_factory.mktemp("data"), **TINY_DATA)
 
 
-def torchrun(script, config, run_dir, params, port=None, resume=False):
-    port = port or free_port()
-    cmd = [TORCHRUN, "--nproc_per_node", "1", "--master_addr", "localhost", "--master_port", str(port),
-           os.path.join(ROOT, "training", script), "--gin-config-file", os.path.join(ROOT, "configs", config),
-           "--run-dir", str(run_dir)]
+def torchrun(script, config, run_dir, params, resume=False):
+    cmd = torchrun_command(1, os.path.join(ROOT, "training", script), "--gin-config-file",
+                           os.path.join(ROOT, "configs", config), "--run-dir", str(run_dir))
     for p in params:
         cmd += ["--gin-param", p]
     if resume:
         cmd.append("--resume")
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=ROOT, env=launch_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
 
@@ -100,13 +97,12 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_data, tmp_path, 
     ]
     if task == "ranking":
         params.append("DatasetArgs.num_candidates=3")
-    port = free_port()
     # 600 users / 32 per batch = 19 steps an epoch: stop after step 7 (past an evaluation, mid-epoch) and resume.
     full, part = tmp_path / "full", tmp_path / "part"
-    torchrun(script, config, full, params, port)
-    torchrun(script, config, part, params + ["TrainerArgs.stop_after_steps=7"], port)
+    torchrun(script, config, full, params)
+    torchrun(script, config, part, params + ["TrainerArgs.stop_after_steps=7"])
     assert len(read_jsonl(part / "train_log.jsonl")) == 7
-    torchrun(script, config, part, params, port, resume=True)
+    torchrun(script, config, part, params, resume=True)
     expected = [(r["step"], r["loss"]) for r in read_jsonl(full / "train_log.jsonl")]
     resumed = [(r["step"], r["loss"]) for r in read_jsonl(part / "train_log.jsonl")]
     assert resumed == expected
@@ -130,7 +126,6 @@ def test_seed_command_without_data_says_how_to_prepare_it(tmp_path, script, conf
     # The seed's exact launch command, from a directory without data/.
     cmd = [TORCHRUN, "--nproc_per_node", "1", "--master_addr", "localhost", "--master_port", str(free_port()),
            os.path.join(ROOT, "training", script), "--gin-config-file", os.path.join(ROOT, "configs", config)]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"python -m hstu.data prepare {dataset}" in result.stdout + result.stderr
