@@ -68,6 +68,14 @@ def _dropout_rng(ctx: ParallelContext):
     return contextlib.nullcontext()
 
 
+def _in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Megatron's parallel linears compute in the autocast dtype but size their sequence-parallel backward buffers
+    from the input's dtype; an fp32 input (LayerNorm output under autocast) makes that reduce-scatter mix dtypes."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return x.to(torch.get_autocast_dtype("cuda"))
+    return x
+
+
 class TensorParallelLayerNorm(nn.Module):
     """LayerNorm over a feature dimension split across the TP group (this rank holds ``local_dim`` features)."""
 
@@ -152,7 +160,8 @@ class TensorParallelHSTULayer(nn.Module):
                 set_tensor_model_parallel_attributes(tensor, is_parallel=True, dim=dim, stride=1)
 
     def _forward(self, x: torch.Tensor, inputs, num_tokens: int) -> torch.Tensor:
-        projected, _ = self.uvqk_proj(self.input_norm(x).unsqueeze(1))  # SP: tokens all-gathered
+        # SP: the column-parallel projection all-gathers the tokens.
+        projected, _ = self.uvqk_proj(_in_autocast_dtype(self.input_norm(x)).unsqueeze(1))
         projected = F.silu(projected.squeeze(1))
         padded_tokens = projected.shape[0]
         per_head = projected[:num_tokens].view(num_tokens, self.local_heads, -1)
@@ -165,7 +174,8 @@ class TensorParallelHSTULayer(nn.Module):
                 gated = F.dropout(gated, p=self.dropout, training=True)
         if padded_tokens > num_tokens:
             gated = F.pad(gated, (0, 0, 0, padded_tokens - num_tokens))
-        out, _ = self.output_proj(gated.unsqueeze(1))  # SP: reduce-scatter back to this rank's tokens
+        # SP: the row-parallel projection reduce-scatters back to this rank's tokens.
+        out, _ = self.output_proj(_in_autocast_dtype(gated).unsqueeze(1))
         return x + out.squeeze(1)
 
     def forward(self, x: torch.Tensor, inputs, num_tokens: int) -> torch.Tensor:

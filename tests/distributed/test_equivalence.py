@@ -112,8 +112,9 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs
 
 @needs_two_gpus
 def test_gpu_tensor_parallel_and_data_parallel_match_one_gpu(tmp_path):
-    one = launch(1, str(tmp_path / "one.json"), "row_wise,ranking_model", device="cuda")
-    tp2 = launch(2, str(tmp_path / "tp2.json"), "row_wise,ranking_model", "--tp", "2", device="cuda")
+    one = launch(1, str(tmp_path / "one.json"), "row_wise,ranking_model,ranking_model_bf16", device="cuda")
+    tp2 = launch(2, str(tmp_path / "tp2.json"), "row_wise,ranking_model,ranking_model_bf16", "--tp", "2",
+                 device="cuda")
     dp2 = launch(2, str(tmp_path / "dp2.json"), "row_wise,ranking_model,checkpoint", device="cuda",
                  *("--checkpoint-dir", str(tmp_path / "ckpt")))
     assert tp2["tp_size"] == 2 and tp2["dp_size"] == 1 and dp2["dp_size"] == 2
@@ -122,6 +123,9 @@ def test_gpu_tensor_parallel_and_data_parallel_match_one_gpu(tmp_path):
         assert_close(one[scenario], tp2[scenario], rtol=1e-3)
         assert_close(one[scenario], dp2[scenario], rtol=1e-3)
     assert dp2["checkpoint"]["resumed"] == dp2["checkpoint"]["straight"]
+    # bf16 autocast through the TP+SP layer (the training default on GPU): bf16 rounding differs between the
+    # split and unsplit matmuls, so only a loose match is expected.
+    assert_close(one["ranking_model_bf16"], tp2["ranking_model_bf16"], rtol=5e-2)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs: scripts/gpu_distributed_check.sh")

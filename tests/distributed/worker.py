@@ -20,6 +20,7 @@ Scenarios (``--scenarios``, comma separated):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -169,7 +170,7 @@ def run_resume_other_world(ctx, tp_size: int, directory: str) -> list[float]:
     return train(model, parallel, ctx, range(10, 20))
 
 
-def run_ranking_model(ctx, tp_size: int) -> list[float]:
+def run_ranking_model(ctx, tp_size: int, bf16: bool = False) -> list[float]:
     from hstu.data.batch import JaggedBatch
     from hstu.models import MultiTaskLoss, RankingModel
     from hstu.modules import EncoderConfig
@@ -196,7 +197,8 @@ def run_ranking_model(ctx, tp_size: int) -> list[float]:
         batch = JaggedBatch(sequence=sequence, num_candidates=torch.full((per_rank,), 2),
                             is_padding=torch.zeros(per_rank, dtype=torch.bool), max_seqlen=16).to(ctx.device)
         parallel.zero_grad()
-        loss = model(batch).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():  # TrainerArgs.bf16
+            loss = model(batch).loss
         loss.backward()
         parallel.finish_grad_sync()
         parallel.step()
@@ -230,6 +232,8 @@ def main():
             results[scenario] = run_resume_other_world(ctx, args.tp, args.checkpoint_dir)
         elif scenario == "ranking_model":
             results[scenario] = run_ranking_model(ctx, args.tp)
+        elif scenario == "ranking_model_bf16":
+            results[scenario] = run_ranking_model(ctx, args.tp, bf16=True)
         else:
             model, parallel = build(ctx, SCENARIO_SETTINGS[scenario], args.tp)
             results[scenario] = train(model, parallel, ctx, range(STEPS))
