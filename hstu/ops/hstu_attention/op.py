@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from hstu.ops._extension import warn_once
+from hstu.ops._extension import load_extension, warn_once
 from hstu.ops._validation import (
     check_float_tensor,
     check_index_tensor,
@@ -27,6 +28,24 @@ from hstu.ops.hstu_attention import cuda
 from hstu.ops.hstu_attention.reference import hstu_attention_reference, hstu_attention_reference_backward
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _padded_head_dim(q: torch.Tensor, v: torch.Tensor) -> int:
+    """The compiled kernel head dim to zero-pad q, k and v to when their own dims are not one (0: no padding).
+
+    Zero columns leave q.k and the kept output columns unchanged and receive zero gradient, so padding is exact;
+    it costs the padded FLOPs (e.g. the paper's ML-1M d=50 runs the d=64 kernel instead of the PyTorch reference).
+    """
+    if not q.is_cuda or load_extension() is None:
+        return 0
+    info = cuda._build_info()
+    if str(q.dtype).removeprefix("torch.") not in info.get("dtypes", []):
+        return 0  # the reference runs anyway (e.g. float32): padding would only add work
+    compiled = info.get("head_dims", [])
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dqk == dv and dqk in compiled:
+        return 0
+    return min((d for d in compiled if d >= max(dqk, dv)), default=0)
 
 
 def _use_kernel(q, k, v, rab, dropout_p) -> bool:
@@ -271,7 +290,11 @@ def hstu_attention(
     if dropout_p > 0.0:
         # A CPU draw needs no device sync and follows torch.manual_seed.
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
-    return _forward_op(
+    head_dim = _padded_head_dim(q, v)
+    value_dim = v.shape[-1]
+    if head_dim:
+        q, k, v = (F.pad(t, (0, head_dim - t.shape[-1])) for t in (q, k, v))
+    out = _forward_op(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
@@ -289,3 +312,4 @@ def hstu_attention(
         dropout_seed,
         bool(deterministic),
     )
+    return out[..., :value_dim] if head_dim else out
