@@ -210,17 +210,30 @@ def test_backward_is_deterministic():
 
 
 @gpu_test
-def test_unsupported_head_dim_falls_back():
+def test_head_dims_without_a_kernel_are_padded_or_fall_back():
     from hstu.ops import hstu_attention
-    from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention import cuda, op
     from hstu.ops.hstu_attention.reference import hstu_attention_reference
 
-    q = torch.randn(10, 2, 48, device="cuda", dtype=torch.bfloat16)
     offsets = torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda")
+    q = torch.randn(10, 2, 48, device="cuda", dtype=torch.bfloat16)
     assert cuda.unsupported_reason(q, q, q, None, 0.0) is not None
     assert cuda.unsupported_reason(q.float(), q.float(), q.float(), None, 0.0) is not None
     q32 = q[..., :32].contiguous()
     assert cuda.unsupported_reason(q32, q32, q32, None, 0.5) is None  # dropout runs in the kernel
+    # d=48 (and d=50, the paper's ML-1M width) run the d=64 kernel on zero-padded inputs: no fallback warning.
+    assert op._padded_head_dim(q, q) == 64 and op._padded_head_dim(q.float(), q.float()) == 0
+    for dim in (48, 50):
+        q, k, v = (torch.randn(10, 2, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            out = hstu_attention(q, k, v, offsets, 6, alpha=dim**-0.5)
+        reference = hstu_attention_reference(q.double(), k.double(), v.double(), offsets, 6, alpha=dim**-0.5)
+        same_dtype = hstu_attention_reference(q, k, v, offsets, 6, alpha=dim**-0.5)
+        assert out.shape == (10, 2, dim)
+        assert (out.double() - reference).abs().max() <= 2 * (same_dtype.double() - reference).abs().max() + 1e-6
+    # Above the largest compiled dim: the reference, bit for bit.
+    q = torch.randn(10, 2, 320, device="cuda", dtype=torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = hstu_attention(q, q, q, offsets, 6)
