@@ -20,22 +20,32 @@ NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 -c "import fbgemm_gpu, torchrec, megatron.core; print('torchrec', torchrec.__version__, 'megatron-core', megatron.core.__version__)"
 nvidia-smi -L
 
-# 1. Equivalence: TP=2 and DP=2 on 2 GPUs vs 1 GPU (20 steps), DP=2 checkpoint resume; plus the CPU tests.
+# 1. Equivalence on GPUs: TP=2 (+SP, fp32 and bf16) and DP=2 vs 1 GPU, TP=2 x DP=2 on 4 GPUs, DP=2 checkpoint
+# resume; both training scripts under torchrun on 2 GPUs. (CI runs the CPU tests; ALL_TESTS=1 adds them here.)
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
-  python3 -m pytest -q -p no:cacheprovider tests/distributed 2>&1 | tee "$OUT/pytest_distributed.txt" || true  # the benchmarks still run
+  selection=(tests/distributed/test_equivalence.py -k gpu)
+  [[ "${ALL_TESTS:-0}" == 1 ]] && selection=(tests/distributed)
+  { python3 -m pytest -q -p no:cacheprovider "${selection[@]}"
+    [[ "${ALL_TESTS:-0}" == 1 ]] || python3 -m pytest -q -p no:cacheprovider tests/distributed/test_training_scripts.py
+  } 2>&1 | tee "$OUT/pytest_distributed.txt" || true  # the benchmarks still run
 fi
 
 if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
   # 2. Weak scaling on the kuairand_1k shape (history 4096, 3 layers, hidden 512, 4 heads x 128), 8 samples/GPU.
   for n in 1 2 4; do
     (( n <= NGPU )) || continue
-    torchrun --nproc_per_node "$n" benchmarks/bench_scaling.py --mode scaling --out "$OUT/scaling_${n}gpu.json"
+    torchrun --standalone --nproc_per_node "$n" benchmarks/bench_scaling.py --mode scaling --out "$OUT/scaling_${n}gpu.json"
   done
   if (( NGPU >= 2 )); then
-    torchrun --nproc_per_node 2 benchmarks/bench_scaling.py --mode scaling --tp 2 --out "$OUT/scaling_tp2.json"
-    # 3. Step-time spread across DP ranks, round robin vs Σ L²-balanced batches (long-tailed lengths).
-    torchrun --nproc_per_node 2 benchmarks/bench_scaling.py --mode balance --out "$OUT/balance_off.json"
-    torchrun --nproc_per_node 2 benchmarks/bench_scaling.py --mode balance --balanced --out "$OUT/balance_on.json"
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_scaling.py --mode scaling --tp 2 --out "$OUT/scaling_tp2.json"
+    # 3. Step-time spread across DP ranks, round robin vs Σ L²-balanced batches (long-tailed lengths), with few
+    # (8) and more (32) sequences per rank: with few the GPU is not full and time follows the longest sequence.
+    for bs in 8 32; do
+      torchrun --standalone --nproc_per_node 2 benchmarks/bench_scaling.py --mode balance --batch-size $bs \
+        --out "$OUT/balance_off_b$bs.json"
+      torchrun --standalone --nproc_per_node 2 benchmarks/bench_scaling.py --mode balance --balanced --batch-size $bs \
+        --out "$OUT/balance_on_b$bs.json"
+    done
   fi
 fi
 
@@ -51,7 +61,7 @@ if [[ "${SKIP_TRAIN:-0}" != 1 ]] && (( NGPU >= 2 )); then
     local params=(--gin-param TrainerArgs.progress_bar=False --gin-param TrainerArgs.log_interval_steps=10)
     for p in "$@"; do params+=(--gin-param "$p"); done
     echo "=== $name: $nproc GPUs, $config ==="
-    torchrun --nproc_per_node "$nproc" --master_addr localhost --master_port 6000 "training/$script" \
+    torchrun --standalone --nproc_per_node "$nproc" "training/$script" \
       --gin-config-file "configs/$config" --run-dir "$OUT/train/$name" "${params[@]}" 2>&1 | tail -n 25
   }
   train ranking_tp2 2 pretrain_gr_ranking.py kuairand_1k_ranking_tp2.gin "${LONG[@]}" TrainerArgs.max_steps=60 \
