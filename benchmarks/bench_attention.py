@@ -85,7 +85,11 @@ def time_impl(fn, q, k, v, offsets, L, kwargs):
 
 
 def time_kernel(q, k, v, offsets, L, kwargs):
-    """The fused kernels called directly (no autograd / argument validation in the timed region)."""
+    """The fused kernels called directly (no autograd / argument validation in the timed region).
+
+    Backward as the op runs it by default (deterministic=False: atomic dq); also returns the deterministic
+    (split dk/dv + dq kernels) backward time.
+    """
     nc, nt = kwargs.get("num_contexts"), kwargs.get("num_targets")
     common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, nc, nt, 1, None)
     dout = torch.randn_like(q)
@@ -93,14 +97,14 @@ def time_kernel(q, k, v, offsets, L, kwargs):
     def fwd():
         return hstu_cuda.forward(q, k, v, *common, 0.0, 0)
 
-    def bwd():
-        return hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, True)
+    def bwd(deterministic=False):
+        return hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, deterministic)
 
     def fwd_bwd():
         fwd()
         bwd()
 
-    return do_bench(fwd), do_bench(bwd), do_bench(fwd_bwd)
+    return do_bench(fwd), do_bench(bwd), do_bench(fwd_bwd), do_bench(lambda: bwd(True))
 
 
 def profile_breakdown() -> None:
@@ -111,20 +115,24 @@ def profile_breakdown() -> None:
         q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, False, {})
         common = (offsets, L, kwargs["alpha"], L, True, -1, None, None, 1, None)
         dout = torch.randn_like(q)
-        for _ in range(2):
+        for det in (False, True):
             hstu_cuda.forward(q, k, v, *common, 0.0, 0)
-            hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, True)
+            hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, det)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 hstu_cuda.forward(q, k, v, *common, 0.0, 0)
-                hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, True)
+                hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False)  # atomic dq
+                hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, True)  # split, deterministic
             torch.cuda.synchronize()
         fl = flops_fwd(lengths, H, D)
         for evt in prof.key_averages():
             if "hstu" in evt.key:
                 ms = evt.device_time / 1e3 if hasattr(evt, "device_time") else evt.cuda_time / 1e3
                 name = re.sub(r"<.*", "", evt.key.replace("void ", "").replace("hstu::", ""))
+                last = re.search(r"(true|false)>\s*(\(|$)", evt.key)  # dkdv: <traits, pass, dropout, atomic dq>
+                if "dkdv" in evt.key and last:
+                    name += " atomic" if last.group(1) == "true" else " split"
                 print(f"  profile {B}x{L}x{H}x{D} {name:28s} {ms:7.3f} ms/call  ({evt.count} calls)"
                       f"  = {fl / ms / 1e9:6.1f} fwd-equivalent TFLOP/s", flush=True)
         del q, k, v
@@ -144,7 +152,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first three shapes only")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel time breakdown (torch.profiler) of two shapes")
-    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "sm80-path v1"))
+    ap.add_argument("--only", default="", help="regex: benchmark only the shapes whose name matches")
+    ap.add_argument("--no-op", action="store_true", help="skip timing the public op (autograd + validation)")
+    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "sm80-path v7 atomic dq"))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a GPU"
     gpu = torch.cuda.get_device_name()
@@ -152,6 +162,8 @@ def main() -> None:
     peak = gemm_peak()
     print(f"GPU {gpu}  torch {torch.__version__}  CUDA {torch.version.cuda}  bf16 GEMM 8192^3: {peak:.0f} TFLOP/s")
     shapes = SHAPES[:3] if args.quick else SHAPES
+    if args.only:
+        shapes = [s for s in shapes if re.search(args.only, s[0])]
     for name, B, L, H, D, jagged, extra in shapes:
         q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, jagged, extra)
         reason = hstu_cuda.unsupported_reason(q, k, v, None, 0.0)
@@ -159,9 +171,11 @@ def main() -> None:
         row = {"shape": name, "B": B, "L": L, "H": H, "D": D, "jagged": jagged, **{k2: v2 for k2, v2 in extra.items()},
                "kernel": "hstu fused (cuda)" if reason is None else f"reference ({reason})"}  # fmt: skip
         if reason is None:
-            tf, tb, tfb = time_kernel(q, k, v, offsets, L, kwargs)
-            _, _, ofb = time_impl(hstu_attention, q, k, v, offsets, L, kwargs)
-            row["op_fwdbwd_tflops"] = 3.5 * fl / ofb / 1e9  # public op: validation + autograd included
+            tf, tb, tfb, tbd = time_kernel(q, k, v, offsets, L, kwargs)
+            row.update(bwd_det_ms=tbd, bwd_det_tflops=2.5 * fl / tbd / 1e9)
+            if not args.no_op:
+                _, _, ofb = time_impl(hstu_attention, q, k, v, offsets, L, kwargs)
+                row["op_fwdbwd_tflops"] = 3.5 * fl / ofb / 1e9  # public op: validation + autograd included
         else:
             tf, tb, tfb = time_impl(hstu_attention, q, k, v, offsets, L, kwargs)
         row.update(fwd_ms=tf, bwd_ms=tb, fwdbwd_ms=tfb, fwd_tflops=fl / tf / 1e9, bwd_tflops=2.5 * fl / tb / 1e9,
@@ -179,6 +193,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name:24s} fwd {row['fwd_tflops']:6.1f}  bwd {row['bwd_tflops']:6.1f}  fwd+bwd {row['fwdbwd_tflops']:6.1f}"
               f"  TFLOP/s  (ms {tf:.3f}/{tb:.3f}/{tfb:.3f})"
+              + (f"  bwd(det) {row['bwd_det_tflops']:.1f}" if "bwd_det_tflops" in row else "")
               + (f"  op fwd+bwd {row['op_fwdbwd_tflops']:.1f}" if "op_fwdbwd_tflops" in row else "")
               + (f"  ref {row['ref_fwd_tflops']:.1f}/{row['ref_bwd_tflops']:.1f}/{row['ref_fwdbwd_tflops']:.1f}"
                  if "ref_fwd_tflops" in row else ""), flush=True)  # fmt: skip

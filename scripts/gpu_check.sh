@@ -2,9 +2,10 @@
 # GPU-machine check of the fused HSTU attention kernels: build, CUDA parity tests, compute-sanitizer memcheck +
 # racecheck on a small representative subset, benchmark. Logs and results go to $OUT (default ./gpu_check_out):
 #   build.log  test.log  sanitizer.log  bench.log  attention_<gpu>.json  attention_<gpu>.png  summary.txt
-# Stages: HSTU_GPU_STAGES (default "build test sanitize bench"); per-stage time limits in seconds:
+# Stages: HSTU_GPU_STAGES (default "build test sanitize bench"; also "bench_alt", and "prebuild" on a CPU machine);
+# per-stage time limits in seconds:
 # HSTU_T_BUILD / HSTU_T_TEST / HSTU_T_SANITIZE / HSTU_T_BENCH; HSTU_SANITIZE_TOOLS (default "memcheck racecheck");
-# HSTU_BENCH_ARGS (extra benchmark arguments). On the lent machine run it as
+# HSTU_TEST_K (a pytest -k expression), HSTU_BENCH_ARGS (extra benchmark arguments). On the lent machine run it as
 #   source .device/wheels/setup.sh && bash scripts/gpu_check.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +17,7 @@ STAGES="${HSTU_GPU_STAGES:-build test sanitize bench}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export PYTHONUNBUFFERED=1
+export HSTU_ATOMIC_DQ="${HSTU_ATOMIC_DQ:-1}"  # the atomic-dq backward is opt-in for users until verified here
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -25,9 +27,75 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 note "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
 note "torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)') nvcc $(nvcc --version | tail -1)"
 
+# Prebuilt kernels: `HSTU_GPU_STAGES=prebuild bash scripts/gpu_check.sh` (on any machine with nvcc 13.0 and the
+# CUTLASS headers, no GPU) compiles every kernel instantiation for sm_90a with setup.py's nvcc flags into
+# .device/hstu_objs (carry it). The build stage then compiles only the torch binding and links it with those
+# objects, if they match the current sources (hash); otherwise it runs the full setup.py build.
+OBJ_DIR="${HSTU_OBJ_DIR:-$ROOT/.device/hstu_objs}"
+DISABLE_NAMES="HSTU_DISABLE_BF16 HSTU_DISABLE_FP16 HSTU_DISABLE_HDIM32 HSTU_DISABLE_HDIM64 HSTU_DISABLE_HDIM128 HSTU_DISABLE_HDIM256 HSTU_DISABLE_RAB HSTU_DISABLE_BACKWARD"
+defines() { for n in $DISABLE_NAMES; do [[ "${!n:-0}" =~ ^(1|true|yes|on)$ ]] && printf -- '-D%s ' "$n"; done; true; }
+src_hash() { { cat csrc/hstu_attention/*.h csrc/hstu_attention/instantiations/*.cu; defines; echo sm_90a; } | sha256sum | cut -c1-16; }
+selected_units() {
+  for f in csrc/hstu_attention/instantiations/*.cu; do
+    b=$(basename "$f")
+    [[ "${HSTU_DISABLE_BACKWARD:-0}" =~ ^(1|true|yes|on)$ && $b == hstu_bwd_* ]] && continue
+    [[ "${HSTU_DISABLE_RAB:-0}" =~ ^(1|true|yes|on)$ && $b == *_rab_* ]] && continue
+    skip=0
+    for part in BF16 FP16 HDIM32 HDIM64 HDIM128 HDIM256; do
+      n=HSTU_DISABLE_$part
+      lower=$(echo "$part" | tr 'A-Z' 'a-z')
+      [[ "${!n:-0}" =~ ^(1|true|yes|on)$ && $b == *_${lower}_* ]] && skip=1
+    done
+    [ $skip = 0 ] && echo "$f"
+  done
+}
+
+if has prebuild; then
+  CUTLASS_INC="${CUTLASS_INCLUDE_DIR:-$($PY -c 'import cutlass_library, pathlib; print(pathlib.Path(cutlass_library.__file__).resolve().parent / "source" / "include")')}"
+  rm -rf "$OBJ_DIR" && mkdir -p "$OBJ_DIR"
+  t0=$(date +%s)
+  export NVCC_FLAGS="-O3 -std=c++17 --expt-relaxed-constexpr --expt-extended-lambda -lineinfo -Xptxas=-warn-spills -DNDEBUG \
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+    -D__CUDA_NO_HALF2_OPERATORS__ $(defines) -gencode=arch=compute_90a,code=sm_90a -Xcompiler -fPIC \
+    -I$ROOT/csrc/hstu_attention -I$CUTLASS_INC"
+  selected_units | xargs -P "${JOBS:-$(nproc)}" -I{} bash -c 'nvcc $NVCC_FLAGS -c {} -o "'"$OBJ_DIR"'/$(basename {} .cu).o" || exit 255'
+  rc=$?
+  [ $rc -eq 0 ] && src_hash >"$OBJ_DIR/SOURCE_HASH" \
+    && (cd "$(dirname "$OBJ_DIR")" && XZ_OPT="-6 -T0" tar -cJf "$(basename "$OBJ_DIR").tar.xz" "$(basename "$OBJ_DIR")")
+  note "prebuild rc=$rc in $(( $(date +%s) - t0 )) s: $(ls "$OBJ_DIR"/*.o 2>/dev/null | wc -l) objects, hash $(cat "$OBJ_DIR/SOURCE_HASH" 2>/dev/null)"
+  [[ " $STAGES " == " prebuild " ]] && exit $rc
+fi
+
+# carry the compressed objects (.device/hstu_objs.tar.xz): the directory itself is over the transfer limit
+if has build && [ ! -f "$OBJ_DIR/SOURCE_HASH" ] && [ -f "$OBJ_DIR.tar.xz" ]; then
+  $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$OBJ_DIR.tar.xz" "$(dirname "$OBJ_DIR")"
+fi
+if has build && [ -f "$OBJ_DIR/SOURCE_HASH" ] && [ "$(cat "$OBJ_DIR/SOURCE_HASH")" = "$(src_hash)" ] \
+   && [[ "$TORCH_CUDA_ARCH_LIST" == "9.0a" ]]; then
+  t0=$(date +%s)
+  HSTU_OBJS="$(ls "$OBJ_DIR"/*.o | tr '\n' ' ')" HSTU_DEFINES="$(defines)" timeout "${HSTU_T_BUILD:-300}" $PY - >"$OUT/build.log" 2>&1 <<'PY'
+import os, shutil, sysconfig
+from torch.utils.cpp_extension import load
+cutlass = os.environ.get("CUTLASS_INCLUDE_DIR", "")
+m = load(name="_C", sources=["csrc/hstu_attention/hstu_api.cpp"], extra_cflags=["-O3", "-DNDEBUG", *os.environ["HSTU_DEFINES"].split()],
+         extra_include_paths=["csrc/hstu_attention", cutlass], extra_ldflags=os.environ["HSTU_OBJS"].split(),
+         build_directory=os.makedirs("/tmp/hstu_link", exist_ok=True) or "/tmp/hstu_link", with_cuda=True, verbose=True)
+dst = os.path.join("hstu", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+shutil.copy(m.__file__, dst)
+print("linked", dst, "from prebuilt objects")
+PY
+  rc=$?
+  note "build (prebuilt kernels $(cat "$OBJ_DIR/SOURCE_HASH"), binding compiled + linked here) rc=$rc in $(( $(date +%s) - t0 )) s"
+  if [ $rc -eq 0 ] && $PY -c 'from hstu import _C; _C.build_info()' >>"$OUT/build.log" 2>&1; then
+    STAGES="${STAGES/build/}"
+  else
+    note "prebuilt link failed: full build"; tail -5 "$OUT/build.log"
+  fi
+fi
+
 if has build; then
   t0=$(date +%s)
-  timeout "${HSTU_T_BUILD:-300}" env HSTU_FORCE_BUILD=1 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+  timeout "${HSTU_T_BUILD:-300}" env HSTU_FORCE_BUILD=1 $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1
   rc=$?
   note "build rc=$rc in $(( $(date +%s) - t0 )) s (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
   grep -E "ptxas warning|error:|Error" "$OUT/build.log" | head -20 | tee -a "$SUMMARY"
@@ -38,7 +106,7 @@ $PY -c 'import torch; from hstu import _C; print("extension:", _C.build_info())'
 if has test; then
   t0=$(date +%s)
   timeout "${HSTU_T_TEST:-240}" $PY -m pytest -q -p no:cacheprovider --tb=line -rf --maxfail=40 \
-    tests/ops/test_hstu_attention_cuda.py >"$OUT/test.log" 2>&1
+    tests/ops/test_hstu_attention_cuda.py ${HSTU_TEST_K:+-k "$HSTU_TEST_K"} >"$OUT/test.log" 2>&1
   rc=$?
   note "tests rc=$rc in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/test.log")"
   grep -E "^FAILED|Error" "$OUT/test.log" | head -25 | cut -c1-400 | tee -a "$SUMMARY"
@@ -78,4 +146,15 @@ if has bench; then
   timeout "${HSTU_T_BENCH:-200}" $PY benchmarks/bench_attention.py --out "$OUT" ${HSTU_BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
   note "bench rc=$? in $(( $(date +%s) - t0 )) s"
   cat "$OUT/bench.log" | grep -v "^wrote" | tee -a "$SUMMARY"
+fi
+
+# Tile-tuning variants (benchmark knobs of launch.h), same shapes: the 8-warp head-dim-128 dk/dv kernel and the
+# two-pass head-dim-256 atomic path. Add "bench_alt" to HSTU_GPU_STAGES.
+if has bench_alt; then
+  t0=$(date +%s)
+  HSTU_BWD_WARPS=8 HSTU_BWD_D256_2PASS=1 timeout "${HSTU_T_BENCH:-200}" $PY benchmarks/bench_attention.py \
+    --only 'x4x(128|256)$' --no-reference --no-op --out /tmp/hstu_bench_alt --label "knobs: HSTU_BWD_WARPS=8 HSTU_BWD_D256_2PASS=1" \
+    >"$OUT/bench_alt.log" 2>&1
+  note "bench_alt (HSTU_BWD_WARPS=8, HSTU_BWD_D256_2PASS=1) rc=$? in $(( $(date +%s) - t0 )) s"
+  grep -v "^wrote" "$OUT/bench_alt.log" | tee -a "$SUMMARY"
 fi

@@ -3,9 +3,12 @@
 //   dV = P^T dO, dK = dS^T Q, dQ = dS K, drab = dS.
 // With dropout (kDropout, keep mask from dropout.h, the same bits as the forward): P and dS are multiplied by
 // keep / (1 - p); the keep flags zero elements in registers, 1 / (1 - p) joins the store scales.
-// Two kernels, no atomics (deterministic by construction):
-//   dkdv: a block owns a key tile and walks the query tiles that can see it;
-//   dq:   a block owns a query tile and walks the key tiles it can see.
+// Two paths:
+//   deterministic (no atomics): dkdv kernel (a block owns a key tile and walks the query tiles that can see it)
+//     plus dq kernel (a block owns a query tile and walks the key tiles it can see); S and dP are computed twice.
+//   atomic dq (kAtomicDq): the dkdv kernel also forms dQ_partial = dS K for its key tile (dS^T goes through shared
+//     memory once, transposed by ldmatrix) and adds it into a float32 workspace with vector atomics; a final
+//     elementwise kernel (launch.h) scales and converts it. One pass: S and dP are computed once.
 #pragma once
 
 #include "fwd_kernel.h"
@@ -14,19 +17,39 @@ namespace hstu {
 
 enum BwdPass : int { kPassBoth = 0, kPassDV = 1, kPassDK = 2 };
 
-template <typename Element_, int kHeadDim_, bool kHasRab_, int kWarps_, int kBlockM_, int kStages_ = 2>
+// kDSplit = 2: two warps share each 16-key block and own half of the head dim each (dK / dV accumulators, and the
+// partial sums of S^T and dP^T over their half, exchanged through shared memory): one pass at head dim 256.
+template <typename Element_, int kHeadDim_, bool kHasRab_, int kWarps_, int kBlockM_, int kStages_ = 2,
+          int kDSplit_ = 1>
 struct BwdDkDvTraits {
   static constexpr int kStages = kStages_;  // Q/dO shared-memory pipeline depth
+  static constexpr int kDSplit = kDSplit_;
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kHasRab = kHasRab_;
   static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockN = 16 * kWarps;  // keys per block
+  static constexpr int kBlockN = 16 * kWarps / kDSplit;  // keys per block
   static constexpr int kBlockM = kBlockM_;     // queries per step
   static constexpr int kSmemKV = kBlockN * kHeadDim;
   static constexpr int kSmemQ = kBlockM * kHeadDim;
   static constexpr int kSmemBytes = (2 * kSmemKV + 2 * kStages * kSmemQ) * 2;
+  // Atomic dq: dS^T tile (keys x queries) in shared memory, and the warp grid of dQ_partial = dS K (kBlockM x
+  // kHeadDim): kDqWarpsN warps across the head dim (>= 16 columns each), kDqWarpsM across the rows; each warp
+  // covers its columns in chunks of kDqChunk so that at most 32 accumulator floats per thread are live.
+  static constexpr int kSmemDS = kBlockN * kBlockM;
+  static constexpr int kXchFloats = kDSplit > 1 ? kWarps * 32 * (kBlockM / 8) * 8 : 0;  // S^T + dP^T partials
+  static constexpr int kSmemBytesAtomic = kSmemBytes + kSmemDS * 2 + kXchFloats * 4;
+  static constexpr int kDqWarpsN = (kWarps < kHeadDim / 16) ? kWarps : kHeadDim / 16;
+  static constexpr int kDqWarpsM = kWarps / kDqWarpsN;
+  static constexpr int kDqRows = kBlockM / kDqWarpsM;
+  static constexpr int kDqCols = kHeadDim / kDqWarpsN;
+  static constexpr int kDqMI = kDqRows / 16;
+  static constexpr int kDqChunkMax = 64 / kDqMI;
+  static constexpr int kDqChunk = (kDqCols < kDqChunkMax) ? kDqCols : kDqChunkMax;
+  static_assert(kDqWarpsM * kDqWarpsN == kWarps && kDqRows % 16 == 0 && kDqCols % kDqChunk == 0 &&
+                    kDqChunk % 16 == 0,
+                "atomic-dq warp grid");
 };
 
 template <typename Element_, int kHeadDim_, bool kHasRab_, int kWarps_, int kBlockN_, int kMI_ = 1, int kStages_ = 2>
@@ -47,18 +70,21 @@ struct BwdDqTraits {
 
 __device__ __forceinline__ float silu_grad(float x, float sig) { return sig * (1.f + x * (1.f - sig)); }
 
-template <typename Traits, int kPass, bool kDropout>
+// kAtomicDq: also accumulate dq into p.dq_accum (needs the dS pass: kPassBoth or kPassDK).
+template <typename Traits, int kPass, bool kDropout, bool kAtomicDq>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
   static_assert(BM % 16 == 0 && BN % 16 == 0, "dropout.h's 2 x 2 Philox grouping needs 16-aligned tiles");
   constexpr bool kDoDV = kPass != kPassDK;
   constexpr bool kDoDK = kPass != kPassDV;
+  static_assert(!kAtomicDq || kDoDK, "atomic dq needs dS");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sK = reinterpret_cast<Element*>(smem_raw);
   Element* sV = sK + Traits::kSmemKV;
   Element* sQ = sV + Traits::kSmemKV;  // kStages slots
   Element* sdO = sQ + Traits::kStages * Traits::kSmemQ;
+  Element* sdS = sdO + Traits::kStages * Traits::kSmemQ;  // kAtomicDq only: dS^T, [key][query] (BN x BM)
 
   const WorkItem w = schedule_block(p, /*reverse=*/false);
   const SeqMask& mk = w.mask;
@@ -72,7 +98,10 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
   const int h_begin = w.head, h_end = head_loop ? p.heads : w.head + 1;
   const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;  // rows before the key tile see none of it
   const int m_tiles = (mk.L + BM - 1) / BM;
-  const int key_lo = n0 + warp * 16 + g;  // keys key_lo and key_lo + 8 of this thread
+  constexpr int DS = Traits::kDSplit, DH = D / DS;  // warps per 16-key block; head-dim columns per warp
+  static_assert(DS == 1 || (kAtomicDq && kPass == kPassBoth && DH % 64 == 0), "split head dim: one atomic pass");
+  const int wk = warp / DS, wd = warp % DS;  // key block, head-dim part of this warp
+  const int key_lo = n0 + wk * 16 + g;       // keys key_lo and key_lo + 8 of this thread
   float ds_scale = p.alpha * p.inv_scale;  // dS (dk, drab) scale; P (dv) uses p_scale
   float p_scale = p.inv_scale;
   if constexpr (kDropout) {
@@ -80,11 +109,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
     p_scale *= p.dropout_scale;
   }
 
-  auto next_tile = [&](int m) {
-    for (++m; m < m_tiles; ++m)
-      if (mk.tile_any(m * BM, m * BM + BM, n0, n0 + BN)) return m;
-    return m_tiles;
-  };
+  auto next_tile = [&](int m) { return mk.next_query_tile(m, m_tiles, BM, n0, n0 + BN); };
 
   for (int head = h_begin; head < h_end; ++head) {
     const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(head) * D;
@@ -95,13 +120,10 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
     const int hr = (Traits::kHasRab && p.rab_heads == 1) ? 0 : head;
 
     __syncthreads();  // the previous head's shared tiles are no longer read
-    load_tile_async<BN, D, NT>(sK, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
-    load_tile_async<BN, D, NT>(sV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+    load_tile_pair_async<BN, D, NT>(sK, sV, gK, gV, p.row_stride, n0, mk.L, tid);
     auto load_q = [&](int m, int stage) {
-      const int m0 = m * BM;
-      load_tile_async<BM, D, NT>(sQ + stage * Traits::kSmemQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
-      load_tile_async<BM, D, NT>(sdO + stage * Traits::kSmemQ, gdO + m0 * p.row_stride, p.row_stride, mk.L - m0,
-                                 tid);
+      load_tile_pair_async<BM, D, NT>(sQ + stage * Traits::kSmemQ, sdO + stage * Traits::kSmemQ, gQ, gdO,
+                                      p.row_stride, m * BM, mk.L, tid);
     };
     constexpr int kStages = Traits::kStages;
     int m = next_tile(m_begin - 1);
@@ -115,8 +137,8 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
       cp_async_commit();
     }
 
-    float acc_dv[kDoDV ? D / 8 : 1][4];
-    float acc_dk[kDoDK ? D / 8 : 1][4];
+    float acc_dv[kDoDV ? DH / 8 : 1][4];
+    float acc_dk[kDoDK ? DH / 8 : 1][4];
     zero_acc(acc_dv);
     zero_acc(acc_dk);
 
@@ -139,14 +161,36 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
       // head's (the 1-head-rab loop walks heads).
       uint32_t keep = 0;
       if constexpr (kDropout)
-        keep = dropout_bits_kq<BM / 8>(p, static_cast<uint32_t>(w.batch * p.heads + head), n0 + warp * 16, m0, lane);
+        keep = dropout_bits_kq<BM / 8>(p, static_cast<uint32_t>(w.batch * p.heads + head), n0 + wk * 16, m0, lane);
       float st[BM / 8][4];  // S^T: rows = keys, cols = queries
       zero_acc(st);
-      gemm_ss_nk<BM / 8, D, D, D>(st, sK, warp * 16, tQ, lane);
+      // Column offsets of wd * DH (a multiple of 64) commute with the swizzle: the sub-tiles are plain pointers.
+      gemm_ss_nk<BM / 8, DH, D, D>(st, sK + wd * DH, wk * 16, tQ + wd * DH, lane);
       float dpt[kDoDK ? BM / 8 : 1][4];  // dP^T
       if constexpr (kDoDK) {
         zero_acc(dpt);
-        gemm_ss_nk<BM / 8, D, D, D>(dpt, sV, warp * 16, tdO, lane);
+        gemm_ss_nk<BM / 8, DH, D, D>(dpt, sV + wd * DH, wk * 16, tdO + wd * DH, lane);
+      }
+      if constexpr (DS == 2) {
+        // Sum the two halves' partial S^T and dP^T: both warps of the pair end with identical full values (a + b
+        // == b + a). Layout [warp][float4 slot][lane]: conflict-free 16-byte accesses. The pair synchronises on
+        // its own named barrier; the next iteration's block barrier guards the slots against reuse.
+        float4* xch = reinterpret_cast<float4*>(sdS + Traits::kSmemDS);
+        constexpr int NS = BM / 8;  // float4 slots per array
+        float4* mine = xch + warp * (2 * NS) * 32 + lane;
+        const float4* other = xch + (warp ^ 1) * (2 * NS) * 32 + lane;
+#pragma unroll
+        for (int nb = 0; nb < NS; ++nb) {
+          mine[nb * 32] = make_float4(st[nb][0], st[nb][1], st[nb][2], st[nb][3]);
+          mine[(NS + nb) * 32] = make_float4(dpt[nb][0], dpt[nb][1], dpt[nb][2], dpt[nb][3]);
+        }
+        named_barrier_sync<64>(1 + wk);
+#pragma unroll
+        for (int nb = 0; nb < NS; ++nb) {
+          const float4 a = other[nb * 32], b = other[(NS + nb) * 32];
+          st[nb][0] += a.x, st[nb][1] += a.y, st[nb][2] += a.z, st[nb][3] += a.w;
+          dpt[nb][0] += b.x, dpt[nb][1] += b.y, dpt[nb][2] += b.z, dpt[nb][3] += b.w;
+        }
       }
       auto pointwise = [&](auto masked_tag) {
         constexpr bool kMasked = decltype(masked_tag)::value;
@@ -169,7 +213,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
             if constexpr (kDoDK) {
               const float ds = vis ? dpt[nb][e] * silu_grad(x, sig) : 0.f;
               dpt[nb][e] = ds;
-              if (p.drab != nullptr && inside) {
+              if (p.drab != nullptr && inside && (DS == 1 || wd == 0)) {
                 float* dr = p.drab + w.batch * p.drab_batch_stride + hr * p.drab_head_stride +
                             static_cast<int64_t>(i) * p.drab_row_stride + j;
                 if (head_loop)
@@ -181,19 +225,58 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
           }
         }
       };
-      if (mk.tile_full(m0, m0 + BM, n0, n0 + BN))
-        pointwise(std::false_type{});
-      else
-        pointwise(std::true_type{});
+      with_tile_mask(mk, m0, m0 + BM, n0, n0 + BN, pointwise);
       if constexpr (kDoDV) {
         uint32_t pa[BM / 16][4];
         acc_to_a<Element, BM / 8>(pa, st);
-        gemm_rs_kn<D / 8, BM, D>(acc_dv, pa, tdO, lane);
+        gemm_rs_kn<DH / 8, BM, D>(acc_dv, pa, tdO + wd * DH, lane);
       }
       if constexpr (kDoDK) {
         uint32_t pa[BM / 16][4];
         acc_to_a<Element, BM / 8>(pa, dpt);
-        gemm_rs_kn<D / 8, BM, D>(acc_dk, pa, tQ, lane);
+        if (kAtomicDq && wd == 0) {
+          // dS^T rows (keys) 16 wk + g (+8), columns (queries) 16 kk + 2 t (+8): the A fragments as stored.
+#pragma unroll
+          for (int kk = 0; kk < BM / 16; ++kk) {
+            const int r = wk * 16 + g, c = kk * 16 + 2 * t;
+            *reinterpret_cast<uint32_t*>(sdS + SmemTile<BM>::offset(r, c)) = pa[kk][0];
+            *reinterpret_cast<uint32_t*>(sdS + SmemTile<BM>::offset(r + 8, c)) = pa[kk][1];
+            *reinterpret_cast<uint32_t*>(sdS + SmemTile<BM>::offset(r, c + 8)) = pa[kk][2];
+            *reinterpret_cast<uint32_t*>(sdS + SmemTile<BM>::offset(r + 8, c + 8)) = pa[kk][3];
+          }
+        }
+        gemm_rs_kn<DH / 8, BM, D>(acc_dk, pa, tQ + wd * DH, lane);
+      }
+      if constexpr (kAtomicDq) {
+        // dQ_partial[BM x D] = dS[BM x BN] K[BN x D]; every warp's dS^T rows must be in shared memory. The next
+        // iteration's first barrier keeps sdS alive until every warp has read it.
+        __syncthreads();
+        constexpr int MIQ = Traits::kDqMI, CH = Traits::kDqChunk;
+        const int wm = warp / Traits::kDqWarpsN, wn = warp % Traits::kDqWarpsN;
+        const int qrow0 = wm * Traits::kDqRows;
+        const int valid = mk.L - m0;
+        float* gAcc = p.dq_accum + base + static_cast<int64_t>(m0) * p.row_stride;
+#pragma unroll 1
+        for (int ch = 0; ch < Traits::kDqCols / CH; ++ch) {
+          const int col0 = wn * Traits::kDqCols + ch * CH;
+          float acc_q[MIQ][CH / 8][4];
+#pragma unroll
+          for (int mi = 0; mi < MIQ; ++mi) zero_acc(acc_q[mi]);
+          gemm_tt_kn_mi<MIQ, CH / 8, BN, BM, D>(acc_q, sdS, qrow0, sK, col0, lane);
+#pragma unroll
+          for (int mi = 0; mi < MIQ; ++mi) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int row = qrow0 + 16 * mi + g + 8 * half;
+              if (row < valid) {
+                float* dst = gAcc + static_cast<int64_t>(row) * p.row_stride + col0 + 2 * t;
+#pragma unroll
+                for (int nb = 0; nb < CH / 8; ++nb)
+                  atomic_add2(dst + nb * 8, acc_q[mi][nb][2 * half], acc_q[mi][nb][2 * half + 1]);
+              }
+            }
+          }
+        }
       }
       ++it;
       m = next_tile(m);
@@ -201,12 +284,12 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
     cp_async_wait_all();
 
     if constexpr (kDoDV) {
-      Element* gdV = reinterpret_cast<Element*>(p.dv) + base + n0 * p.row_stride;
-      store_acc_rows<Element, D / 8>(gdV, p.row_stride, acc_dv, p_scale, warp * 16, mk.L - n0, lane);
+      Element* gdV = reinterpret_cast<Element*>(p.dv) + base + n0 * p.row_stride + wd * DH;
+      store_acc_rows<Element, DH / 8>(gdV, p.row_stride, acc_dv, p_scale, wk * 16, mk.L - n0, lane);
     }
     if constexpr (kDoDK) {
-      Element* gdK = reinterpret_cast<Element*>(p.dk) + base + n0 * p.row_stride;
-      store_acc_rows<Element, D / 8>(gdK, p.row_stride, acc_dk, ds_scale, warp * 16, mk.L - n0, lane);
+      Element* gdK = reinterpret_cast<Element*>(p.dk) + base + n0 * p.row_stride + wd * DH;
+      store_acc_rows<Element, DH / 8>(gdK, p.row_stride, acc_dk, ds_scale, wk * 16, mk.L - n0, lane);
     }
   }
 }
@@ -236,19 +319,13 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
   const Element* gdO = reinterpret_cast<const Element*>(p.dout) + base;
   const int hr = (Traits::kHasRab && p.rab_heads == 1) ? 0 : w.head;
 
-  load_tile_async<BM, D, NT>(sQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
-  load_tile_async<BM, D, NT>(sdO, gdO + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
+  load_tile_pair_async<BM, D, NT>(sQ, sdO, gQ, gdO, p.row_stride, m0, mk.L, tid);
 
   const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
-  auto next_tile = [&](int n) {
-    for (++n; n < n_tiles; ++n)
-      if (mk.tile_any(m0, m0 + BM, n * BN, n * BN + BN)) return n;
-    return n_tiles;
-  };
+  auto next_tile = [&](int n) { return mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM); };
   auto load_kv = [&](int n, int stage) {
-    const int n0 = n * BN;
-    load_tile_async<BN, D, NT>(sK + stage * Traits::kSmemKV, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
-    load_tile_async<BN, D, NT>(sV + stage * Traits::kSmemKV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+    load_tile_pair_async<BN, D, NT>(sK + stage * Traits::kSmemKV, sV + stage * Traits::kSmemKV, gK, gV,
+                                    p.row_stride, n * BN, mk.L, tid);
   };
   // Pipeline: the prologue requests the first kStages - 1 visible K/V tiles (one commit group each, Q rides in the
   // first); iteration `it` waits for group `it`, then requests the next tile into the slot freed by iteration it-1.
@@ -287,17 +364,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
 
     // Dropout keep flags (forward layout; before the GEMMs: fewer registers live): bit
     // mi * kKeepBits + 4 nb + e of keep (32-bit words) belongs to dp[mi][nb][e].
-    constexpr int kKeepBits = BN / 8 * 4;  // flags per 16-row block: 16 or 32, never straddling a word
+    constexpr int kKeepBits = BN / 2;
     uint32_t keep[(MI * kKeepBits + 31) / 32];
-    if constexpr (kDropout) {
-#pragma unroll
-      for (int w32 = 0; w32 < (MI * kKeepBits + 31) / 32; ++w32) keep[w32] = 0u;
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        const uint32_t bits = dropout_bits_qk<BN / 8>(p, drop_bh, m0 + warp_row0 + 16 * mi, n0, lane);
-        keep[mi * kKeepBits / 32] |= bits << (mi * kKeepBits % 32);
-      }
-    }
+    if constexpr (kDropout) dropout_bits_qk_mi<MI, BN>(keep, p, drop_bh, m0 + warp_row0, n0, lane);
     float s[MI][BN / 8][4];
     float dp[MI][BN / 8][4];
 #pragma unroll
@@ -330,10 +399,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
         }
       }
     };
-    if (mk.tile_full(m0, m0 + BM, n0, n0 + BN))
-      pointwise(std::false_type{});
-    else
-      pointwise(std::true_type{});
+    with_tile_mask(mk, m0, m0 + BM, n0, n0 + BN, pointwise);
     uint32_t pa[MI][BN / 16][4];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], dp[mi]);
@@ -351,6 +417,20 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
     else  // the p == 0 kernels keep their exact pre-dropout code
       store_acc_rows<Element, D / 8>(gdQ, p.row_stride, acc_dq[mi], p.alpha * p.inv_scale, warp_row0 + 16 * mi,
                                      mk.L - m0, lane);
+  }
+}
+
+// dq = scale * workspace in q's dtype (atomic-dq path); n4 = T * H * D / 4 (D is a multiple of 8).
+template <typename Element>
+__global__ void __launch_bounds__(256) hstu_dq_convert_kernel(const float* __restrict__ acc, Element* __restrict__ dq,
+                                                               int64_t n4, float scale) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4; i += stride) {
+    const float4 v = reinterpret_cast<const float4*>(acc)[i];
+    uint2 o;
+    o.x = pack2<Element>(v.x * scale, v.y * scale);
+    o.y = pack2<Element>(v.z * scale, v.w * scale);
+    reinterpret_cast<uint2*>(dq)[i] = o;
   }
 }
 

@@ -116,6 +116,23 @@ __host__ __device__ __forceinline__ uint32_t dropout_bits_kq(const AttnParams& p
   return bits;
 }
 
+// Keep flags of a warp's kMI row blocks (rows row0 + 16 mi + ..., keys col0 + ...) in the forward / dq layout,
+// packed: bit mi * kBN / 2 + 4 nb + e of keep (32-bit words) belongs to acc[mi][nb][e]. kBN / 2 (16 or 32) flags
+// per row block, so a block never straddles a word.
+template <int kMI, int kBN>
+__host__ __device__ __forceinline__ void dropout_bits_qk_mi(uint32_t (&keep)[(kMI * (kBN / 2) + 31) / 32],
+                                                            const AttnParams& p, uint32_t bh, int row0, int col0,
+                                                            int lane) {
+  constexpr int kKeepBits = kBN / 2;
+#pragma unroll
+  for (int w32 = 0; w32 < (kMI * kKeepBits + 31) / 32; ++w32) keep[w32] = 0u;
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi) {
+    const uint32_t bits = dropout_bits_qk<kBN / 8>(p, bh, row0 + 16 * mi, col0, lane);
+    keep[mi * kKeepBits / 32] |= bits << (mi * kKeepBits % 32);
+  }
+}
+
 // Flag `bit` of a packed array of keep flags (bits 32 w .. 32 w + 31 in keep[w]).
 template <int kWords>
 __host__ __device__ __forceinline__ bool dropout_flag(const uint32_t (&keep)[kWords], int bit) {

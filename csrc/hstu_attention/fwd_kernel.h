@@ -61,15 +61,10 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
   load_tile_async<BM, D, NT>(sQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
 
   const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
-  auto next_tile = [&](int n) {
-    for (++n; n < n_tiles; ++n)
-      if (mk.tile_any(m0, m0 + BM, n * BN, n * BN + BN)) return n;
-    return n_tiles;
-  };
+  auto next_tile = [&](int n) { return mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM); };
   auto load_kv = [&](int n, int stage) {
-    const int n0 = n * BN;
-    load_tile_async<BN, D, NT>(sK + stage * Traits::kSmemKV, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
-    load_tile_async<BN, D, NT>(sV + stage * Traits::kSmemKV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+    load_tile_pair_async<BN, D, NT>(sK + stage * Traits::kSmemKV, sV + stage * Traits::kSmemKV, gK, gV,
+                                    p.row_stride, n * BN, mk.L, tid);
   };
 
   // Pipeline: the prologue requests the first kStages - 1 visible K/V tiles (one commit group each, Q rides in the
@@ -110,25 +105,16 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
     const Element* tV = sV + stage * Traits::kSmemKV;
     // Dropout keep flags of this thread's elements (before the GEMM: fewer registers live): bit
     // mi * kKeepBits + 4 nb + e of keep (32-bit words) belongs to s[mi][nb][e].
-    constexpr int kKeepBits = BN / 8 * 4;  // flags per 16-row block: 16 or 32, never straddling a word
+    constexpr int kKeepBits = BN / 2;  // flags per 16-row block (dropout_bits_qk_mi)
     uint32_t keep[(MI * kKeepBits + 31) / 32];
-    if constexpr (kDropout) {
-#pragma unroll
-      for (int w32 = 0; w32 < (MI * kKeepBits + 31) / 32; ++w32) keep[w32] = 0u;
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        const uint32_t bits = dropout_bits_qk<BN / 8>(p, drop_bh, m0 + warp_row0 + 16 * mi, n * BN, lane);
-        keep[mi * kKeepBits / 32] |= bits << (mi * kKeepBits % 32);
-      }
-    }
+    if constexpr (kDropout) dropout_bits_qk_mi<MI, BN>(keep, p, drop_bh, m0 + warp_row0, n * BN, lane);
     float s[MI][BN / 8][4];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) zero_acc(s[mi]);
     gemm_ss_nk_mi<MI, BN / 8, D, D, D>(s, sQ, warp_row0, tK, lane);
 
     const int n0 = n * BN;
-    // Two unrolled copies of the pointwise stage: tiles wholly inside the sequence and visible skip every mask
-    // and bounds test (a uniform branch, instead of predicated mask code on every element).
+    // pointwise stage, two unrolled copies (with_tile_mask: fully visible tiles skip every mask and bounds test)
     auto pointwise = [&](auto masked_tag) {
       constexpr bool kMasked = decltype(masked_tag)::value;
 #pragma unroll
@@ -157,10 +143,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
         }
       }
     };
-    if (mk.tile_full(m0, m0 + BM, n0, n0 + BN))
-      pointwise(std::false_type{});
-    else
-      pointwise(std::true_type{});
+    with_tile_mask(mk, m0, m0 + BM, n0, n0 + BN, pointwise);
     uint32_t pa[MI][BN / 16][4];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], s[mi]);

@@ -31,6 +31,11 @@ struct AttnParams {
   int64_t drab_batch_stride;
   int64_t drab_head_stride;
   int64_t drab_row_stride;
+  // Atomic dq (deterministic = false): fp32 (T, H, D) workspace, zero on entry, same row stride as q; the dk/dv
+  // kernel adds alpha-free partial dq = dS K into it and a final kernel writes dq = scale * workspace in q's dtype.
+  // nullptr: the deterministic dq kernel runs instead.
+  float* __restrict__ dq_accum;
+  int64_t total_rows;  // T (tokens)
 
   // row strides (elements) of the (T, H, D) tensors; head stride is D
   int64_t row_stride;

@@ -157,11 +157,13 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 }
 
 // dq, dk, dv: preallocated like q; drab: fp32 zeros shaped like rab (contiguous) or None.
+// deterministic: dq from its own kernel (no atomics, bitwise reproducible); false: the dk/dv kernel also adds dq
+// into a float32 workspace with atomics (one pass over S and dP, faster; the summation order varies).
 void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
          const at::Tensor& seq_offsets, int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal,
          int64_t window, const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
          int64_t group, const std::optional<at::Tensor>& rab, at::Tensor dq, at::Tensor dk, at::Tensor dv,
-         const std::optional<at::Tensor>& drab, double dropout_p, int64_t dropout_seed) {
+         const std::optional<at::Tensor>& drab, double dropout_p, int64_t dropout_seed, bool deterministic) {
 #ifdef HSTU_DISABLE_BACKWARD
   TORCH_CHECK(false, "hstu attention: built with HSTU_DISABLE_BACKWARD");
 #else
@@ -186,6 +188,12 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
     p.drab_batch_stride = d.stride(0);
     p.drab_head_stride = d.stride(1);
     p.drab_row_stride = d.stride(2);
+  }
+  at::Tensor dq_accum;
+  if (!deterministic && q.numel() > 0) {
+    dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    p.dq_accum = dq_accum.data_ptr<float>();
+    p.total_rows = q.size(0);
   }
   if (q.numel() > 0) dispatch<true>(p, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
 #endif
@@ -257,6 +265,7 @@ pybind11::dict build_info() {
   d["backward"] = true;
 #endif
   d["dropout"] = true;
+  d["atomic_dq"] = true;
   return d;
 }
 
@@ -273,7 +282,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("seq_offsets"), py::arg("max_seqlen"), py::arg("alpha"), py::arg("scaling_seqlen"),
         py::arg("causal"), py::arg("window"), py::arg("num_contexts"), py::arg("num_targets"), py::arg("group"),
         py::arg("rab"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("drab"), py::arg("dropout_p") = 0.0,
-        py::arg("dropout_seed") = 0);
+        py::arg("dropout_seed") = 0, py::arg("deterministic") = true);
   m.def("hstu_dropout_keep_mask", &hstu::dropout_keep_mask,
         "debug: the attention kernels' dropout keep mask (B, H, N, N) for (seed, p), written into out",
         py::arg("seed"), py::arg("dropout_p"), py::arg("out"));

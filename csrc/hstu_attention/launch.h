@@ -2,12 +2,14 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
 
 #include "bwd_kernel.h"
 #include "fwd_kernel.h"
+#include "tile_config.h"
 
 namespace hstu {
 
@@ -22,25 +24,6 @@ inline void set_smem(Kernel kernel, int bytes) {
                "cudaFuncSetAttribute");
 }
 
-template <int kHeadDim>
-struct TileConfig {
-  // forward: warps, 16-row blocks per warp, key tile. Two row blocks per warp halve the shared-memory reads per
-  // MMA; head dim 256 keeps one (its output accumulator alone takes 128 registers per thread).
-  static constexpr int kFwdWarps = 4;
-  static constexpr int kFwdMI = kHeadDim >= 256 ? 1 : 2;
-  static constexpr int kFwdBlockN = kHeadDim >= 128 ? 32 : 64;
-  static constexpr int kFwdStages = kHeadDim >= 256 ? 2 : 4;
-  // dk/dv: warps (x16 keys), query tile; head dim 256 runs dv and dk in two passes to fit registers
-  static constexpr int kDkDvWarps = 4;
-  static constexpr int kDkDvBlockM = kHeadDim >= 128 ? 32 : 64;
-  static constexpr bool kDkDvSplit = kHeadDim >= 256;
-  static constexpr int kDkDvStages = kHeadDim >= 256 ? 2 : (kHeadDim >= 64 ? 3 : 4);
-  // dq: warps, 16-row blocks per warp, key tile
-  static constexpr int kDqWarps = 4;
-  static constexpr int kDqMI = kHeadDim >= 256 ? 1 : 2;
-  static constexpr int kDqBlockN = kHeadDim >= 64 ? 32 : 64;
-  static constexpr int kDqStages = kHeadDim >= 256 ? 2 : (kHeadDim >= 128 ? 3 : 4);
-};
 
 inline dim3 grid_for(const AttnParams& p, int tile, int heads) {
   return dim3((p.max_seqlen + tile - 1) / tile, p.batch, heads);
@@ -66,26 +49,91 @@ void launch_fwd(const AttnParams& p, cudaStream_t stream) {
     launch_fwd_impl<Element, kHeadDim, kHasRab, false>(p, stream);
 }
 
+template <typename Element, int kHeadDim>
+void launch_dq_convert(const AttnParams& p, cudaStream_t stream) {
+  const int64_t n4 = p.total_rows * p.row_stride / 4;
+  if (n4 == 0) return;
+  float scale = p.alpha * p.inv_scale;
+  if (p.dropout) scale *= p.dropout_scale;
+  const int64_t blocks = std::min<int64_t>((n4 + 255) / 256, 132 * 16);
+  hstu_dq_convert_kernel<Element><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      p.dq_accum, reinterpret_cast<Element*>(p.dq), n4, scale);
+  check_cuda(cudaGetLastError(), "backward dq convert launch");
+}
+
+// The dk/dv kernel launches (one or two passes) for the tile traits DkDv.
+template <typename DkDv, bool kSplit, bool kDropout>
+void launch_dkdv(const AttnParams& p, cudaStream_t stream) {
+  const bool head_loop = p.drab != nullptr && p.rab_heads == 1 && p.heads > 1;
+  const bool atomic_dq = p.dq_accum != nullptr;
+  // The dS pass (dk, or dk + dv) of the atomic path also produces dq.
+  auto launch_ds_pass = [&](auto kernel, int smem, const char* what) {
+    set_smem(kernel, smem);
+    kernel<<<grid_for(p, DkDv::kBlockN, head_loop ? 1 : p.heads), DkDv::kThreads, smem, stream>>>(p);
+    check_cuda(cudaGetLastError(), what);
+  };
+  if constexpr (DkDv::kDSplit > 1) {
+    launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout, true>, DkDv::kSmemBytesAtomic,
+                   "backward dk/dv/dq (split head dim) launch");
+  } else if constexpr (kSplit) {
+    auto kdv = hstu_bwd_dkdv_kernel<DkDv, kPassDV, kDropout, false>;
+    set_smem(kdv, DkDv::kSmemBytes);
+    kdv<<<grid_for(p, DkDv::kBlockN, p.heads), DkDv::kThreads, DkDv::kSmemBytes, stream>>>(p);
+    check_cuda(cudaGetLastError(), "backward dv launch");
+    if (atomic_dq)
+      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDropout, true>, DkDv::kSmemBytesAtomic,
+                     "backward dk+dq launch");
+    else
+      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDropout, false>, DkDv::kSmemBytes, "backward dk launch");
+  } else {
+    if (atomic_dq)
+      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout, true>, DkDv::kSmemBytesAtomic,
+                     "backward dk/dv/dq launch");
+    else
+      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout, false>, DkDv::kSmemBytes,
+                     "backward dk/dv launch");
+  }
+}
+
+// Benchmark knobs (tile tuning), read once per process. HSTU_BWD_WARPS=8 runs the atomic-dq dk/dv kernel of bf16,
+// head dim 128, no rab, no dropout with 8 warps (128 keys per block) instead of 4. HSTU_BWD_D256_2PASS=1 runs the
+// atomic path at head dim 256 as a dV pass + a dK/dq pass (4 warps each) instead of the one split-head-dim pass.
+inline int env_knob(const char* name) {
+  const char* e = std::getenv(name);
+  return e ? std::atoi(e) : 0;
+}
+inline int bwd_warps_knob() {
+  static const int v = env_knob("HSTU_BWD_WARPS");
+  return v;
+}
+inline bool bwd_d256_two_pass_knob() {
+  static const bool v = env_knob("HSTU_BWD_D256_2PASS") != 0;
+  return v;
+}
+
 template <typename Element, int kHeadDim, bool kHasRab, bool kDropout>
 void launch_bwd_impl(const AttnParams& p, cudaStream_t stream) {
   using Cfg = TileConfig<kHeadDim>;
   using DkDv = BwdDkDvTraits<Element, kHeadDim, kHasRab, Cfg::kDkDvWarps, Cfg::kDkDvBlockM, Cfg::kDkDvStages>;
-  const bool head_loop = p.drab != nullptr && p.rab_heads == 1 && p.heads > 1;
-  if constexpr (Cfg::kDkDvSplit) {
-    auto kdv = hstu_bwd_dkdv_kernel<DkDv, kPassDV, kDropout>;
-    set_smem(kdv, DkDv::kSmemBytes);
-    kdv<<<grid_for(p, DkDv::kBlockN, p.heads), DkDv::kThreads, DkDv::kSmemBytes, stream>>>(p);
-    check_cuda(cudaGetLastError(), "backward dv launch");
-    auto kdk = hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDropout>;
-    set_smem(kdk, DkDv::kSmemBytes);
-    kdk<<<grid_for(p, DkDv::kBlockN, head_loop ? 1 : p.heads), DkDv::kThreads, DkDv::kSmemBytes, stream>>>(p);
-    check_cuda(cudaGetLastError(), "backward dk launch");
-  } else {
-    auto k = hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout>;
-    set_smem(k, DkDv::kSmemBytes);
-    k<<<grid_for(p, DkDv::kBlockN, head_loop ? 1 : p.heads), DkDv::kThreads, DkDv::kSmemBytes, stream>>>(p);
-    check_cuda(cudaGetLastError(), "backward dk/dv launch");
+  const bool atomic_dq = p.dq_accum != nullptr;
+  bool done = false;
+  if constexpr (std::is_same_v<Element, __nv_bfloat16> && !kHasRab && !kDropout && kHeadDim == 128) {
+    if (atomic_dq && bwd_warps_knob() == 8) {
+      using DkDv8 = BwdDkDvTraits<Element, kHeadDim, kHasRab, 8, Cfg::kDkDvBlockM, Cfg::kDkDvStages>;
+      launch_dkdv<DkDv8, Cfg::kDkDvSplit, kDropout>(p, stream);
+      done = true;
+    }
   }
+  if constexpr (Cfg::kDkDvSplit) {
+    if (atomic_dq && !bwd_d256_two_pass_knob()) {
+      using DkDv1 = BwdDkDvTraits<Element, kHeadDim, kHasRab, Cfg::kDkDvOnePassWarps, Cfg::kDkDvBlockM,
+                                  Cfg::kDkDvStages, 2>;
+      launch_dkdv<DkDv1, false, kDropout>(p, stream);
+      done = true;
+    }
+  }
+  if (!done) launch_dkdv<DkDv, Cfg::kDkDvSplit, kDropout>(p, stream);
+  if (atomic_dq) return;  // launch_bwd converts the workspace
   using Dq = BwdDqTraits<Element, kHeadDim, kHasRab, Cfg::kDqWarps, Cfg::kDqBlockN, Cfg::kDqMI, Cfg::kDqStages>;
   auto kq = hstu_bwd_dq_kernel<Dq, kDropout>;
   set_smem(kq, Dq::kSmemBytes);
@@ -95,11 +143,14 @@ void launch_bwd_impl(const AttnParams& p, cudaStream_t stream) {
 
 template <typename Element, int kHeadDim, bool kHasRab>
 void launch_bwd(const AttnParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.max_seqlen == 0) return;
-  if (p.dropout)
-    launch_bwd_impl<Element, kHeadDim, kHasRab, true>(p, stream);
-  else
-    launch_bwd_impl<Element, kHeadDim, kHasRab, false>(p, stream);
+  if (p.batch > 0 && p.max_seqlen > 0) {
+    if (p.dropout)
+      launch_bwd_impl<Element, kHeadDim, kHasRab, true>(p, stream);
+    else
+      launch_bwd_impl<Element, kHeadDim, kHasRab, false>(p, stream);
+  }
+  // Atomic path: every dq element comes from the (zeroed) workspace, also rows no block touched.
+  if (p.dq_accum != nullptr) launch_dq_convert<Element, kHeadDim>(p, stream);
 }
 
 static inline void launch_dropout_keep_mask(const AttnParams& p, bool* out, cudaStream_t stream) {

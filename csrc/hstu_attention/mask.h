@@ -1,6 +1,8 @@
 // The visibility rule of the op contract, per element and per tile (conservative tile tests used to skip work).
 #pragma once
 
+#include <type_traits>
+
 namespace hstu {
 
 struct SeqMask {
@@ -52,11 +54,36 @@ struct SeqMask {
     return false;
   }
 
+  // The first key tile after tile n (tiles of bn keys, n < n_tiles) that rows [m0, m1) may see; n_tiles if none.
+  __device__ __forceinline__ int next_key_tile(int n, int n_tiles, int bn, int m0, int m1) const {
+    for (++n; n < n_tiles; ++n)
+      if (tile_any(m0, m1, n * bn, n * bn + bn)) return n;
+    return n_tiles;
+  }
+
+  // The first query tile after tile m (tiles of bm rows) that may see keys [n0, n1); m_tiles if none.
+  __device__ __forceinline__ int next_query_tile(int m, int m_tiles, int bm, int n0, int n1) const {
+    for (++m; m < m_tiles; ++m)
+      if (tile_any(m * bm, m * bm + bm, n0, n1)) return m;
+    return m_tiles;
+  }
+
   // Exclusive upper bound of the keys any row of [m0, m1) may see.
   __device__ __forceinline__ int key_end(int m0, int m1) const {
     if (causal && m0 >= c) return min(m1, L);
     return L;
   }
 };
+
+// The pointwise stage of a (rows [m0, m1) x keys [n0, n1)) tile: f(std::false_type) when the tile is wholly inside
+// the sequence and visible (no per-element mask or bounds tests), else f(std::true_type) (exact per-element rule).
+// Two unrolled copies behind a uniform branch instead of mask code predicated onto every element.
+template <typename F>
+__device__ __forceinline__ void with_tile_mask(const SeqMask& mk, int m0, int m1, int n0, int n1, F&& f) {
+  if (mk.tile_full(m0, m1, n0, n1))
+    f(std::false_type{});
+  else
+    f(std::true_type{});
+}
 
 }  // namespace hstu

@@ -82,6 +82,15 @@ __device__ __forceinline__ void load_tile_async(Element* smem, const Element* gm
   }
 }
 
+// Rows [row0, row0 + kRows) of two tensors with the same row stride (K and V, or Q and dO, of one sequence and head)
+// into two swizzled shared tiles; rows at or past len are zero-filled.
+template <int kRows, int kCols, int kThreads, typename Element>
+__device__ __forceinline__ void load_tile_pair_async(Element* s0, Element* s1, const Element* g0, const Element* g1,
+                                                     int64_t row_stride, int row0, int len, int tid) {
+  load_tile_async<kRows, kCols, kThreads>(s0, g0 + row0 * row_stride, row_stride, len - row0, tid);
+  load_tile_async<kRows, kCols, kThreads>(s1, g1 + row0 * row_stride, row_stride, len - row0, tid);
+}
+
 __device__ __forceinline__ void cp_async_commit() { cute::cp_async_fence(); }
 __device__ __forceinline__ void cp_async_wait_all() { cute::cp_async_wait<0>(); }
 
@@ -111,6 +120,16 @@ __device__ __forceinline__ void ldsm_b_kn(uint32_t (&b)[2][2], const Element* ti
   const int col = n0 + ((lane >> 4) << 3);
   cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(tile + SmemTile<kCols>::offset(row, col)),
                                 b[0][0], b[0][1], b[1][0], b[1][1]);
+}
+
+// A operand (16 rows x 16 k) from a shared tile stored [k][m] (m contiguous): transposing load. Lane l addresses
+// row k0 + (l & 7) + 8 (l >> 4), column m0 + 8 ((l >> 3) & 1), so the four 8x8 matrices arrive in A-fragment order.
+template <int kCols, typename Element>
+__device__ __forceinline__ void ldsm_a_t(uint32_t (&a)[4], const Element* tile, int m0, int k0, int lane) {
+  const int row = k0 + (lane & 7) + ((lane >> 4) << 3);
+  const int col = m0 + (((lane >> 3) & 1) << 3);
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(tile + SmemTile<kCols>::offset(row, col)),
+                                a[0], a[1], a[2], a[3]);
 }
 
 // The GEMM loops below are software-pipelined by hand: the ldmatrix / mma atoms are volatile asm, which the
@@ -244,6 +263,57 @@ __device__ __forceinline__ void gemm_rs_kn_mi(float (&acc)[kMI][kNB][4], const u
   }
 }
 
+// acc[kMI][kNB] (rows m0 + 16 mi, columns n0 + 8 nb) += A * B with A read from a [k][m] shared tile (transposing
+// ldmatrix, tile width kColsA) and B from a [k][n] shared tile (tile width kColsB); k runs over 0..kK-1.
+template <int kMI, int kNB, int kK, int kColsA, int kColsB, typename Element>
+__device__ __forceinline__ void gemm_tt_kn_mi(float (&acc)[kMI][kNB][4], const Element* tile_a, int m0,
+                                              const Element* tile_b, int n0, int lane) {
+  static_assert(kNB % 2 == 0, "n blocks come in pairs");
+  constexpr int kNP = kNB / 2;
+  uint32_t a[2][kMI][4];
+  uint32_t b[2][kNP][2][2];
+  auto load = [&](int kk) {
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi) ldsm_a_t<kColsA>(a[kk & 1][mi], tile_a, m0 + 16 * mi, kk * 16, lane);
+#pragma unroll
+    for (int np = 0; np < kNP; ++np) ldsm_b_kn<kColsB>(b[kk & 1][np], tile_b, kk * 16, n0 + 16 * np, lane);
+  };
+  load(0);
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    if (kk + 1 < kK / 16) load(kk + 1);
+#pragma unroll
+    for (int np = 0; np < kNP; ++np) {
+#pragma unroll
+      for (int mi = 0; mi < kMI; ++mi) {
+        mma16816<Element>(acc[mi][2 * np], a[kk & 1][mi], b[kk & 1][np][0][0], b[kk & 1][np][0][1]);
+        mma16816<Element>(acc[mi][2 * np + 1], a[kk & 1][mi], b[kk & 1][np][1][0], b[kk & 1][np][1][1]);
+      }
+    }
+  }
+}
+
+// bar.sync on named barrier `id` (1..15; 0 is __syncthreads) for kThreads threads (a multiple of 32).
+template <int kThreads>
+__device__ __forceinline__ void named_barrier_sync(int id) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kThreads) : "memory");
+#elif defined(HSTU_HOST_EMULATION)  // the tests' host emulation of the kernels
+  hstu_emulation_named_barrier(id, kThreads);
+#endif
+}
+
+// Fire-and-forget float32 add of two adjacent floats (8-byte aligned) in global memory: one vector reduction on
+// sm_90, two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* addr, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(addr), make_float2(x, y));
+#else
+  atomicAdd(addr, x);
+  atomicAdd(addr + 1, y);
+#endif
+}
+
 // Converts a 16 x kN fp32 accumulator (kN/8 n8 blocks) into A fragments of a 16 x kN operand.
 template <typename Element, int kNB>
 __device__ __forceinline__ void acc_to_a(uint32_t (&pa)[kNB / 2][4], const float (&acc)[kNB][4]) {
@@ -268,10 +338,14 @@ __device__ __forceinline__ void zero_acc(float (&acc)[kNB][4]) {
 // 1 / (1 + exp(-x)) with the approximate exp2 and reciprocal units (relative error ~1e-7, far below bf16/fp16
 // rounding); exp overflowing to +inf gives exactly 0.
 __device__ __forceinline__ float sigmoidf_fast(float x) {
+#if defined(__CUDA_ARCH__)
   float e, r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-x * 1.4426950408889634f));
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
   return r;
+#else  // host emulation of the kernels (tests only)
+  return 1.f / (1.f + exp2f(-x * 1.4426950408889634f));
+#endif
 }
 
 // One special-function op instead of two: sigmoid(x) = 0.5 + 0.5 tanh(x / 2). tanh.approx has ~2^-11 relative
@@ -280,7 +354,11 @@ template <typename Element>
 __device__ __forceinline__ float sigmoid_t(float x) {
   if constexpr (sizeof(Element) == 2 && std::is_same_v<Element, __nv_bfloat16>) {
     float t;
+#if defined(__CUDA_ARCH__)
     asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * x));
+#else  // host emulation of the kernels (tests only)
+    t = tanhf(0.5f * x);
+#endif
     return fmaf(0.5f, t, 0.5f);
   } else {
     return sigmoidf_fast(x);

@@ -40,6 +40,9 @@ HEAD_DIMS = (32, 64, 128, 256)
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     monkeypatch.setenv("HSTU_POISON_OUTPUTS", "1")
+    # The atomic-dq backward is opt-in for users until verified on a GPU; these tests are that verification, so
+    # deterministic=False runs it here.
+    monkeypatch.setenv("HSTU_ATOMIC_DQ", "1")
     yield
 
 
@@ -113,7 +116,16 @@ def _describe(cfg: dict) -> str:
         f" tgt={cfg['num_targets'][:8]}" if cfg["num_targets"] else "")  # fmt: skip
 
 
-def _check_config(cfg: dict) -> None:
+def _op_with(deterministic):
+    """hstu_attention with an explicit backward mode (None: the op's default; the atomic-dq path in these tests)."""
+    from hstu.ops import hstu_attention
+
+    if deterministic is None:
+        return hstu_attention
+    return lambda *args, **kwargs: hstu_attention(*args, deterministic=deterministic, **kwargs)
+
+
+def _check_config(cfg: dict, deterministic=None) -> None:
     from hstu.ops.hstu_attention import cuda
     from hstu.testing.parity import attention_parity
 
@@ -122,7 +134,8 @@ def _check_config(cfg: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to the reference would warn: fail instead
         attention_parity(
-            q, k, v, offsets, cfg["max_seqlen"], rab=rab, rab_requires_grad=cfg["rab_grad"], alpha=cfg["alpha"],
+            q, k, v, offsets, cfg["max_seqlen"], impl=_op_with(deterministic), rab=rab,
+            rab_requires_grad=cfg["rab_grad"], alpha=cfg["alpha"],
             scaling_seqlen=cfg["scaling"], causal=cfg["causal"], window_size=cfg["window"], num_contexts=nc,
             num_targets=nt, target_group_size=cfg["group"],
         )  # fmt: skip
@@ -190,6 +203,79 @@ def test_float32_rab_with_bf16_inputs(rab_heads):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         attention_parity(q, k, v, offsets, 130, rab=rab, rab_requires_grad=True, alpha=0.125)
+
+
+# Jagged batches (empty, length-1, odd lengths) x masks x rab kinds for both backward paths; fp16 on every other case.
+_ATOMIC_CASES = {
+    "causal_rab1": dict(rab_kind="one", rab_grad=True),
+    "ctx_tgt_rabH": dict(rab_kind="heads", rab_grad=True, num_targets=[0, 1, 20, 9, 64, 3],
+                         num_contexts=[0, 0, 5, 3, 12, 0]),
+    "tgt_group_window_rab1": dict(rab_kind="one", rab_grad=True, window=17, num_targets=[0, 1, 20, 9, 64, 30],
+                                  group=4),
+    "noncausal_window_norab": dict(rab_kind="none", rab_grad=False, causal=False, window=40),
+    "window_rabH_nograd": dict(rab_kind="heads", rab_grad=False, window=5, scaling=97),
+}
+
+
+@gpu_test
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize("case", list(_ATOMIC_CASES))
+def test_atomic_dq_parity(deterministic, dim, case):
+    """Atomic-dq backward (deterministic=False) and the split backward (True) against the fp32 reference."""
+    lengths = [0, 1, 77, 130, 255, 190]
+    idx = list(_ATOMIC_CASES).index(case)
+    cfg = dict(seed=60_000 + 10 * dim + idx, dtype=torch.float16 if (idx + dim // 32) % 2 else torch.bfloat16, dim=dim,
+               heads=3, lengths=lengths, max_seqlen=max(lengths) + 1, causal=True, window=-1, num_contexts=None,
+               num_targets=None, group=1, alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
+    cfg.update(_ATOMIC_CASES[case])
+    try:
+        _check_config(cfg, deterministic=deterministic)
+    except AssertionError as err:
+        raise AssertionError(f"deterministic={deterministic} {_describe(cfg)}: {err}") from None
+
+
+@gpu_test
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+def test_atomic_dq_parity_dropout(deterministic, dim):
+    """Both backward paths with attention dropout (the dq scale carries 1 / (1 - p))."""
+    cfg = dict(seed=61_000 + dim, dtype=torch.bfloat16, dim=dim, heads=2, lengths=[0, 1, 77, 130, 255], max_seqlen=255,
+               causal=True, window=-1, num_contexts=None, num_targets=[0, 1, 20, 9, 64], group=2, rab_kind="one",
+               rab_grad=True, alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
+    try:
+        _check_dropout_config(cfg, 0.3, torch_seed=dim, deterministic=deterministic)
+    except AssertionError as err:
+        raise AssertionError(f"deterministic={deterministic} {_describe(cfg)}: {err}") from None
+
+
+@gpu_test
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+def test_atomic_dq_matches_split_path(dim):
+    """The atomic path's dk, dv and drab (no atomics there) are bitwise reproducible run to run, its dq differs only
+    by the float32 summation order; its dq matches the split path's closely."""
+    from hstu.ops import hstu_attention
+
+    cfg = _random_config(11)
+    cfg.update(dtype=torch.bfloat16, dim=dim, lengths=[300, 0, 1, 511, 64], max_seqlen=511, rab_kind="one",
+               rab_grad=True, heads=4, causal=True, window=-1, num_contexts=None, num_targets=None)  # fmt: skip
+    q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
+    runs = {}
+    for det in (False, False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, rab)]
+        out = hstu_attention(*leaves[:3], offsets, 511, rab=leaves[3], alpha=cfg["alpha"], deterministic=det)
+        out.backward(torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(3), device="cuda"
+                                 ).to(out.dtype))  # fmt: skip
+        runs.setdefault(det, []).append([t.grad.clone() for t in leaves])
+    (a, b), (c,) = runs[False], runs[True]
+    for name, x, y in zip(("dq", "dk", "dv", "drab"), a, b):
+        assert not bool(torch.isnan(x).any()), name
+        if name == "dq":
+            torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=2e-2)
+        else:
+            assert torch.equal(x, y), name
+    scale = float(c[0].float().abs().max())
+    assert float((a[0].float() - c[0].float()).abs().max()) <= 2e-2 * max(scale, 1e-3)
 
 
 @gpu_test
@@ -277,18 +363,20 @@ def _op_seed(torch_seed: int) -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def _seeded_op(torch_seed: int):
+def _seeded_op(torch_seed: int, deterministic=None):
     """hstu_attention with its dropout seed pinned by torch.manual_seed (ignores the reference-only dropout_mask)."""
     from hstu.ops import hstu_attention
 
     def impl(*args, dropout_mask=None, **kwargs):
         torch.manual_seed(torch_seed)
+        if deterministic is not None:
+            kwargs["deterministic"] = deterministic
         return hstu_attention(*args, **kwargs)
 
     return impl
 
 
-def _check_dropout_config(cfg: dict, p: float, torch_seed: int) -> None:
+def _check_dropout_config(cfg: dict, p: float, torch_seed: int, deterministic=None) -> None:
     """Kernel forward + every gradient vs the fp32 reference applied with the kernels' own keep mask."""
     from hstu.ops.hstu_attention import cuda
     from hstu.testing.parity import attention_parity
@@ -300,7 +388,7 @@ def _check_dropout_config(cfg: dict, p: float, torch_seed: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to the reference would warn: fail instead
         attention_parity(
-            q, k, v, offsets, cfg["max_seqlen"], impl=_seeded_op(torch_seed), rab=rab,
+            q, k, v, offsets, cfg["max_seqlen"], impl=_seeded_op(torch_seed, deterministic), rab=rab,
             rab_requires_grad=cfg["rab_grad"], alpha=cfg["alpha"], scaling_seqlen=cfg["scaling"],
             causal=cfg["causal"], window_size=cfg["window"], num_contexts=nc, num_targets=nt,
             target_group_size=cfg["group"], dropout_p=p, dropout_mask=mask,
@@ -467,6 +555,170 @@ def test_dropout_empty_batch():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Host emulation of the kernels (csrc/hstu_attention/emulation): the real kernel sources, compiled by g++ with one
+# fiber per CUDA thread and emulated ldmatrix / mma.sync / barriers / atomics, run on the CPU against the fp32
+# reference under the same parity rule. Catches indexing, layout, masking and barrier-protocol bugs without a GPU
+# (not timing, not memory-model races). Needs g++ and the CUDA headers; skips otherwise.
+
+_EMU_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "hstu_attention")
+
+
+def _cuda_include_dir():
+    import glob
+
+    cands = [os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "include")]
+    cands += sorted(glob.glob("/usr/local/cuda*/targets/*/include")) + sorted(glob.glob("/usr/local/cuda*/include"))
+    for c in cands:
+        if os.path.exists(os.path.join(c, "cuda_bf16.h")) and os.path.exists(os.path.join(c, "cuda_runtime.h")):
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    import ctypes
+    import shutil
+    import subprocess
+
+    cxx, inc = shutil.which("g++"), _cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("host emulation needs g++ and the CUDA headers")
+    src = os.path.abspath(_EMU_DIR)
+    lib = str(tmp_path_factory.mktemp("hstu_emu") / "libhstu_emu.so")
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-w", f"-I{src}/emulation", f"-I{src}", f"-I{inc}",
+           f"{src}/emulation/harness.cpp", "-o", lib]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # cp.async copies land as late as a wait allows: a tile read before its wait sees stale / poisoned data (the
+    # library reads the variable once, when it is loaded)
+    old = os.environ.get("HSTU_EMU_LAZY_CP_ASYNC")
+    os.environ["HSTU_EMU_LAZY_CP_ASYNC"] = "1"
+    try:
+        return ctypes.CDLL(lib)
+    finally:
+        if old is None:
+            del os.environ["HSTU_EMU_LAZY_CP_ASYNC"]
+        else:
+            os.environ["HSTU_EMU_LAZY_CP_ASYNC"] = old
+
+
+def _emu_impl(emu, deterministic, variant=0):
+    """hstu_attention-like callable (CPU tensors) running the emulated kernels; dropout uses the kernels' Philox."""
+    import ctypes
+
+    vp, i64, i32, f32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint32
+
+    class Args(ctypes.Structure):
+        _fields_ = [(n, vp) for n in ("q", "k", "v", "dout", "out", "dq", "dk", "dv", "drab", "dq_accum", "offsets",
+                                      "ctx", "tgt", "rab")]
+        _fields_ += [(n, i64) for n in ("rab_bs", "rab_hs", "rab_rs", "drab_bs", "drab_hs", "drab_rs", "row_stride",
+                                        "total_rows")]
+        _fields_ += [(n, i32) for n in ("batch", "heads", "max_seqlen", "causal", "window", "group", "rab_heads",
+                                        "dtype", "D", "dropout", "variant")]
+        _fields_ += [(n, f32) for n in ("alpha", "inv_scale", "dropout_scale")]
+        _fields_ += [(n, u32) for n in ("seed_lo", "seed_hi", "threshold")]  # fmt: skip
+
+    from hstu.ops.hstu_attention import cuda
+
+    def ptr(t):
+        return None if t is None else vp(t.data_ptr())
+
+    def args_for(q, k, v, offsets, n, alpha, scaling, causal, window, nc, nt, group, rab, p, seed):
+        a = Args()
+        a.q, a.k, a.v, a.offsets, a.ctx, a.tgt, a.rab = map(ptr, (q, k, v, offsets, nc, nt, rab))
+        if rab is not None:
+            a.rab_bs, a.rab_hs, a.rab_rs, _ = rab.stride()
+            a.rab_heads = rab.shape[1]
+        a.row_stride, a.total_rows = q.stride(0), q.shape[0]
+        a.batch, a.heads, a.max_seqlen, a.D = offsets.numel() - 1, q.shape[1], n, q.shape[2]
+        a.causal, a.window, a.group, a.variant = int(causal), max(window, -1), group, variant
+        a.dtype = 0 if q.dtype == torch.bfloat16 else 1
+        a.alpha, a.inv_scale = alpha, 1.0 / scaling
+        s = seed & 0xFFFFFFFFFFFFFFFF
+        a.dropout, a.seed_lo, a.seed_hi = int(p > 0), s & 0xFFFFFFFF, s >> 32
+        a.threshold, a.dropout_scale = cuda.dropout_threshold(p), 1.0 / (1.0 - p)
+        return a
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, rab, offsets, n, alpha, scaling, causal, window, nc, nt, group, p, seed):
+            rab_k = None if rab is None else rab.detach().to(q.dtype).contiguous()
+            out = torch.full_like(q, float("nan"))
+            a = args_for(q, k, v, offsets, n, alpha, scaling, causal, window, nc, nt, group, rab_k, p, seed)
+            a.out = ptr(out)
+            if q.numel():
+                emu.emu_fwd(ctypes.byref(a))
+            ctx.save_for_backward(q, k, v, rab_k, offsets, nc, nt)
+            ctx.cfg = (n, alpha, scaling, causal, window, group, p, seed)
+            ctx.rab_grad = rab is not None and rab.requires_grad
+            ctx.rab_dtype = None if rab is None else rab.dtype
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, rab_k, offsets, nc, nt = ctx.saved_tensors
+            n, alpha, scaling, causal, window, group, p, seed = ctx.cfg
+            dout = dout.contiguous()
+            dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
+            a = args_for(q, k, v, offsets, n, alpha, scaling, causal, window, nc, nt, group, rab_k, p, seed)
+            a.dout, a.dq, a.dk, a.dv = map(ptr, (dout, dq, dk, dv))
+            drab = acc = None
+            if ctx.rab_grad:
+                drab = torch.zeros(rab_k.shape, dtype=torch.float32)
+                a.drab = ptr(drab)
+                a.drab_bs, a.drab_hs, a.drab_rs, _ = drab.stride()
+            if not deterministic and q.numel():
+                acc = torch.zeros(q.shape, dtype=torch.float32)  # the binding's zeroed workspace
+                a.dq_accum = ptr(acc)
+            if q.numel():
+                emu.emu_bwd(ctypes.byref(a))
+            return dq, dk, dv, None if drab is None else drab.to(ctx.rab_dtype), *([None] * 11)
+
+    def impl(q, k, v, offsets, n, *, rab=None, alpha=1.0, scaling_seqlen=None, causal=True, window_size=-1,
+             num_contexts=None, num_targets=None, target_group_size=1, dropout_p=0.0, dropout_mask=None, seed=77):
+        scaling = n if scaling_seqlen is None else scaling_seqlen
+        return Fn.apply(q.contiguous(), k.contiguous(), v.contiguous(), rab, offsets, n, alpha, scaling, causal,
+                        window_size, num_contexts, num_targets, target_group_size, dropout_p, seed)  # fmt: skip
+
+    return impl
+
+
+_EMU_CASES = {
+    # name: (dim, dtype, deterministic, variant, dropout p, config overrides)
+    "atomic_d64_rab1": (64, torch.bfloat16, False, 0, 0.0, dict(rab_kind="one", rab_grad=True)),
+    "atomic_d256_onepass_ctx_tgt_rabH": (256, torch.float16, False, 0, 0.0, dict(
+        rab_kind="heads", rab_grad=True, num_targets=[0, 1, 20, 9, 64], num_contexts=[0, 0, 5, 3, 12])),
+    "atomic_d32_dropout_noncausal": (32, torch.float16, False, 0, 0.3, dict(causal=False, window=30)),
+    "atomic_d128_8warps_window": (128, torch.bfloat16, False, 8, 0.0, dict(window=17, num_targets=[0, 1, 20, 9, 64],
+                                                                          group=4)),
+    "atomic_d256_twopass": (256, torch.bfloat16, False, 2, 0.0, dict(rab_kind="one", rab_grad=True)),
+    "split_d128_rab1_dropout": (128, torch.bfloat16, True, 0, 0.5, dict(rab_kind="one", rab_grad=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(_EMU_CASES))
+def test_cpu_emulated_kernels_parity(emulator, case):
+    """Forward and every gradient of the emulated kernels against the fp32 reference (parity rule), both backward
+    paths (atomic dq incl. the one-pass head-dim-256 kernel and the benchmark-knob variants; split)."""
+    from hstu.testing.parity import attention_parity
+    from hstu.ops.hstu_attention import cuda
+
+    dim, dtype, det, variant, p, extra = _EMU_CASES[case]
+    lengths = [0, 1, 77, 130, 100]
+    cfg = dict(seed=70_000 + len(case), dtype=dtype, dim=dim, heads=2, lengths=lengths, max_seqlen=131, causal=True,
+               window=-1, num_contexts=None, num_targets=None, group=1, rab_kind="none", rab_grad=False,
+               alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
+    cfg.update(extra)
+    q, k, v, offsets, rab, nc, nt = _build_inputs(cfg, device="cpu")
+    kwargs = dict(alpha=cfg["alpha"], causal=cfg["causal"], window_size=cfg["window"], num_contexts=nc,
+                  num_targets=nt, target_group_size=cfg["group"])  # fmt: skip
+    if p > 0:
+        mask = cuda.dropout_keep_mask_reference(77, len(lengths), cfg["heads"], cfg["max_seqlen"], p)
+        kwargs.update(dropout_p=p, dropout_mask=mask)
+    attention_parity(q, k, v, offsets, cfg["max_seqlen"], impl=_emu_impl(emulator, det, variant), rab=rab,
+                     rab_requires_grad=cfg["rab_grad"], **kwargs)  # fmt: skip
+
+
 def test_cpu_philox_known_answers():
     """Random123's Philox4x32-10 known-answer vectors (the kernels' dropout.h implements the same function)."""
     from hstu.ops.hstu_attention.cuda import philox4x32_10
@@ -526,7 +778,13 @@ def test_cpu_dropout_arguments_reach_the_extension(monkeypatch):
     cuda.forward(q, q, q, *common, 0.25, 2**62 - 7)
     assert calls["fwd"] == dict(dropout_p=0.25, dropout_seed=2**62 - 7)
     cuda.backward(q, q, q, q, *common, False, 0.5, 2**64 - 1, True)
-    assert calls["bwd"] == dict(dropout_p=0.5, dropout_seed=-1)  # the same 64 bits, as a signed int64
+    assert calls["bwd"] == dict(dropout_p=0.5, dropout_seed=-1, deterministic=True)  # seed: same 64 bits, signed
+    monkeypatch.setenv("HSTU_ATOMIC_DQ", "1")  # opt-in
+    cuda.backward(q, q, q, q, *common, False, 0.0, 3, False)
+    assert calls["bwd"] == dict(dropout_p=0.0, dropout_seed=3, deterministic=False)  # the atomic-dq path
+    monkeypatch.delenv("HSTU_ATOMIC_DQ")  # default until GPU-verified: always the split, atomic-free path
+    cuda.backward(q, q, q, q, *common, False, 0.0, 3, False)
+    assert calls["bwd"]["deterministic"] is True
     cuda.forward(q, q, q, *common, 0.0, 0)
     assert calls["fwd"] == dict(dropout_p=0.0, dropout_seed=0)
     with pytest.raises(ValueError):

@@ -5,9 +5,19 @@ q, k, v contiguous (T, H, D) of one dtype on one CUDA device; seq_offsets contig
 num_contexts / num_targets None or contiguous int32 (B,); rab None or (B, H or 1, >=max_seqlen, >=max_seqlen)
 with unit stride in the last dim. ``scaling_seqlen`` is already resolved (never None).
 
-Kernels (sm80 tensor-core path, also used on sm90): forward; backward as a dk/dv kernel plus a dq kernel with no
-atomics, so the backward is deterministic whatever ``deterministic`` says. rab is read in q's dtype (cast here
-when it differs); its gradient is accumulated in float32 and returned in rab's dtype.
+Kernels (sm80 tensor-core path, also used on sm90): forward; backward in one of two ways, picked by
+``deterministic``:
+  * atomic dq (``deterministic=False`` with ``HSTU_ATOMIC_DQ=1``): one dk/dv kernel also computes dq = dS K for its key tile and adds
+    it with float32 atomics into a zeroed (T, H, D) float32 workspace, which a small kernel scales and casts to
+    q's dtype. S and dP are computed once (D = 256 too: one pass with two warps per key block, each owning half
+    the head dim). dq meets the same tolerance, but its float32 summation order varies between runs, so dq is not
+    bitwise reproducible.
+  * split (``deterministic=True``, and every backward unless ``HSTU_ATOMIC_DQ=1``): a dk/dv kernel plus a separate
+    dq kernel, no atomics anywhere; bitwise reproducible. The atomic path is opt-in until it has passed the CUDA
+    test file and the sanitizer on a GPU (so far it is checked by the CPU emulation in csrc/hstu_attention/emulation).
+dk, dv and drab never use atomics (drab of a 1-head rab is summed over heads in a fixed order), so they are
+reproducible either way. rab is read in q's dtype (cast here when it differs); its gradient is accumulated in
+float32 and returned in rab's dtype.
 
 Attention dropout (dropout_p > 0): the kernels drop weight W_ij when a Philox4x32-10 word keyed by
 ``dropout_seed`` and counted by (batch, head, row, column) falls below ceil(p * 2^32) (csrc/hstu_attention/dropout.h),
@@ -49,6 +59,11 @@ def _build_info() -> dict:
 
 def _poison() -> bool:
     return os.environ.get("HSTU_POISON_OUTPUTS", "0") not in ("", "0")
+
+
+def _atomic_dq_enabled() -> bool:
+    """HSTU_ATOMIC_DQ=1 lets deterministic=False backwards take the atomic-dq path (opt-in: not yet GPU-verified)."""
+    return os.environ.get("HSTU_ATOMIC_DQ", "0") in ("1", "true", "on")
 
 
 def _new_like(t: torch.Tensor) -> torch.Tensor:
@@ -233,6 +248,8 @@ def backward(
     """Returns dq, dk, dv and drab (shaped like rab, or None when rab_needs_grad is False).
 
     dropout_p / dropout_seed must be the forward's: the kernels regenerate its keep mask from them.
+    deterministic=False takes the faster atomic-dq path when HSTU_ATOMIC_DQ=1 (dq not bitwise reproducible);
+    otherwise the split, atomic-free path (bitwise reproducible).
     """
     ext = load_extension()
     grad_out = grad_out.contiguous()
@@ -245,6 +262,7 @@ def backward(
         grad_out, q, k, v, seq_offsets, int(max_seqlen), float(alpha), int(scaling_seqlen), bool(causal),
         int(window_size), num_contexts, num_targets, int(target_group_size), rab_k, dq, dk, dv, drab,
         dropout_p=float(dropout_p), dropout_seed=_seed_arg(dropout_seed),
+        deterministic=bool(deterministic) or not _atomic_dq_enabled(),
     )  # fmt: skip
     if drab is not None and drab.dtype != rab.dtype:
         drab = drab.to(rab.dtype)

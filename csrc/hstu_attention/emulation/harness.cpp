@@ -1,0 +1,228 @@
+// Host emulation of the attention kernels, for tests without a GPU (tests/ops/test_hstu_attention_cuda.py builds it
+// with g++ and drives it through ctypes). The real kernel sources (fwd_kernel.h / bwd_kernel.h) run block after
+// block, one ucontext fiber per CUDA thread; emu_core.hpp and the fake cute/arch headers emulate barriers,
+// ldmatrix, mma.sync, cp.async (synchronous) and atomics. The kernel choice below mirrors launch.h: keep them in step.
+// variant: 0 = default, 8 = the HSTU_BWD_WARPS=8 kernel (head dim 128), 2 = the HSTU_BWD_D256_2PASS=1 path.
+#define HSTU_HOST_EMULATION 1
+#include <functional>
+#include "emu_core.hpp"
+#include "bwd_kernel.h"
+#include "tile_config.h"
+
+using namespace hstu;
+
+namespace hstu { alignas(128) unsigned char smem_raw[256 * 1024]; }
+
+namespace {
+std::function<void()>* g_body;
+
+void fiber_main() {
+  (*g_body)();
+  emu::g_cur->done = true;
+  swapcontext(&emu::g_cur->ctx, &emu::g_sched);
+}
+
+// smem_bytes: the dynamic shared memory the real launch requests; writes past it abort (poison check per block).
+void launch(std::function<void()> body, dim3 grid, int threads, int smem_bytes) {
+  g_body = &body;
+  std::vector<emu::Fiber> fibers(threads);
+  for (auto& f : fibers) f.stack.resize(1 << 20);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        emu::g_block_idx = make_uint3(bx, by, bz);
+        emu::g_grid_dim = make_uint3(grid.x, grid.y, grid.z);
+        emu::g_block_dim = make_uint3(threads, 1, 1);
+        std::memset(hstu::smem_raw, 0xff, sizeof(hstu::smem_raw));  // NaN poison: reads of unwritten shared memory show
+        for (auto& b : emu::g_bars) b = emu::Bar{};
+        for (int t = 0; t < threads; ++t) {
+          auto& f = fibers[t];
+          f.done = false;
+          f.cp_groups.clear();
+          f.cp_open.clear();
+          f.tid = make_uint3(t, 0, 0);
+          f.linear = t;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.data();
+          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_link = nullptr;
+          makecontext(&f.ctx, (void (*)())fiber_main, 0);
+        }
+        long stall = 0;
+        for (;;) {
+          bool all_done = true;
+          for (auto& f : fibers) {
+            if (f.done) continue;
+            all_done = false;
+            emu::g_cur = &f;
+            swapcontext(&emu::g_sched, &f.ctx);
+          }
+          if (all_done) break;
+          if (++stall > 100000000L) { std::fprintf(stderr, "emulation: deadlock?\n"); std::abort(); }
+        }
+        for (auto& b : emu::g_bars)
+          if (b.arrived != 0) { std::fprintf(stderr, "emulation: barrier left with waiters\n"); std::abort(); }
+        for (size_t i = smem_bytes; i < sizeof(hstu::smem_raw); ++i)
+          if (hstu::smem_raw[i] != 0xff) {
+            std::fprintf(stderr, "emulation: shared-memory write at byte %zu past the %d requested\n", i, smem_bytes);
+            std::abort();
+          }
+        for (auto& f : fibers)
+          if (!f.cp_groups.empty() || !f.cp_open.empty()) {  // copies still in flight at exit: apply (harmless)
+            for (auto& g : f.cp_groups) for (auto& c : g) cute::emu_apply(c);
+            for (auto& c : f.cp_open) cute::emu_apply(c);
+          }
+      }
+}
+
+dim3 grid_for(const AttnParams& p, int tile, int heads) {
+  return dim3((p.max_seqlen + tile - 1) / tile, p.batch, heads);
+}
+
+template <typename Element, int D, bool kRab, bool kDrop>
+void fwd_impl(const AttnParams& p) {
+  using Cfg = TileConfig<D>;
+  using Traits = FwdTraits<Element, D, kRab, Cfg::kFwdWarps, Cfg::kFwdBlockN, Cfg::kFwdMI, Cfg::kFwdStages>;
+  launch([&] { hstu_fwd_kernel<Traits, kDrop>(p); }, grid_for(p, Traits::kBlockM, p.heads), Traits::kThreads,
+         Traits::kSmemBytes);
+}
+
+template <typename DkDv, bool kSplit, bool kDrop>
+void dkdv(const AttnParams& p) {
+  const bool head_loop = p.drab != nullptr && p.rab_heads == 1 && p.heads > 1;
+  const bool atomic = p.dq_accum != nullptr;
+  const dim3 g = grid_for(p, DkDv::kBlockN, head_loop ? 1 : p.heads);
+  const int nt = DkDv::kThreads, sm = DkDv::kSmemBytes, sma = DkDv::kSmemBytesAtomic;
+  if constexpr (DkDv::kDSplit > 1) {
+    launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, true>(p); }, g, nt, sma);
+  } else if constexpr (kSplit) {
+    launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDV, kDrop, false>(p); }, grid_for(p, DkDv::kBlockN, p.heads), nt,
+           sm);
+    if (atomic)
+      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDrop, true>(p); }, g, nt, sma);
+    else
+      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDrop, false>(p); }, g, nt, sm);
+  } else {
+    if (atomic)
+      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, true>(p); }, g, nt, sma);
+    else
+      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, false>(p); }, g, nt, sm);
+  }
+}
+
+template <typename Element, int D, bool kRab, bool kDrop>
+void bwd_impl(const AttnParams& p, int variant) {
+  using Cfg = TileConfig<D>;
+  using DkDv = BwdDkDvTraits<Element, D, kRab, Cfg::kDkDvWarps, Cfg::kDkDvBlockM, Cfg::kDkDvStages>;
+  const bool atomic = p.dq_accum != nullptr;
+  if (p.batch > 0 && p.max_seqlen > 0) {
+    bool done = false;
+    if constexpr (D == 128) {
+      if (atomic && variant == 8) {  // the HSTU_BWD_WARPS=8 knob's kernel
+        using DkDv8 = BwdDkDvTraits<Element, D, kRab, 8, Cfg::kDkDvBlockM, Cfg::kDkDvStages>;
+        dkdv<DkDv8, Cfg::kDkDvSplit, kDrop>(p);
+        done = true;
+      }
+    }
+    if constexpr (Cfg::kDkDvSplit) {
+      if (atomic && variant != 2) {  // variant 2: the HSTU_BWD_D256_2PASS knob
+        using DkDv1 =
+            BwdDkDvTraits<Element, D, kRab, Cfg::kDkDvOnePassWarps, Cfg::kDkDvBlockM, Cfg::kDkDvStages, 2>;
+        dkdv<DkDv1, false, kDrop>(p);
+        done = true;
+      }
+    }
+    if (!done) dkdv<DkDv, Cfg::kDkDvSplit, kDrop>(p);
+    if (!atomic) {
+      using Dq = BwdDqTraits<Element, D, kRab, Cfg::kDqWarps, Cfg::kDqBlockN, Cfg::kDqMI, Cfg::kDqStages>;
+      launch([&] { hstu_bwd_dq_kernel<Dq, kDrop>(p); }, grid_for(p, Dq::kBlockM, p.heads), Dq::kThreads,
+             Dq::kSmemBytes);
+    }
+  }
+  if (atomic) {
+    float scale = p.alpha * p.inv_scale;
+    if (p.dropout) scale *= p.dropout_scale;
+    const int64_t n4 = p.total_rows * p.row_stride / 4;
+    if (n4 > 0)
+      launch([&] { hstu_dq_convert_kernel<Element>(p.dq_accum, reinterpret_cast<Element*>(p.dq), n4, scale); },
+             dim3(std::min<int64_t>((n4 + 255) / 256, 3)), 256, 0);
+  }
+}
+
+template <bool kBwd, typename T, int D>
+void dispatch3(const AttnParams& p, int variant) {
+  auto go = [&](auto rab, auto drop) {
+    if constexpr (kBwd) bwd_impl<T, D, decltype(rab)::value, decltype(drop)::value>(p, variant);
+    else fwd_impl<T, D, decltype(rab)::value, decltype(drop)::value>(p);
+  };
+  const bool rab = p.rab != nullptr;
+  if (rab && p.dropout) go(std::true_type{}, std::true_type{});
+  else if (rab) go(std::true_type{}, std::false_type{});
+  else if (p.dropout) go(std::false_type{}, std::true_type{});
+  else go(std::false_type{}, std::false_type{});
+}
+
+template <bool kBwd>
+void dispatch(const AttnParams& p, int dtype, int D, int variant) {
+  if (dtype == 0) {
+    switch (D) {
+      case 32: return dispatch3<kBwd, __nv_bfloat16, 32>(p, variant);
+      case 64: return dispatch3<kBwd, __nv_bfloat16, 64>(p, variant);
+      case 128: return dispatch3<kBwd, __nv_bfloat16, 128>(p, variant);
+      case 256: return dispatch3<kBwd, __nv_bfloat16, 256>(p, variant);
+    }
+  } else {
+    switch (D) {
+      case 32: return dispatch3<kBwd, __half, 32>(p, variant);
+      case 64: return dispatch3<kBwd, __half, 64>(p, variant);
+      case 128: return dispatch3<kBwd, __half, 128>(p, variant);
+      case 256: return dispatch3<kBwd, __half, 256>(p, variant);
+    }
+  }
+  std::abort();
+}
+}  // namespace
+
+extern "C" {
+// ints: batch, heads, max_seqlen, causal, window, group, rab_heads, dtype(0 bf16, 1 fp16), D, dropout(0/1), variant,
+// total_rows. int64s: rab strides (batch, head, row), drab strides, row_stride. floats: alpha, inv_scale,
+// dropout_scale. uint32s: seed lo, seed hi, threshold.
+struct EmuArgs {
+  const void *q, *k, *v, *dout;
+  void *out, *dq, *dk, *dv;
+  float *drab, *dq_accum;
+  const int *offsets, *ctx, *tgt;
+  const void* rab;
+  int64_t rab_bs, rab_hs, rab_rs, drab_bs, drab_hs, drab_rs, row_stride, total_rows;
+  int batch, heads, max_seqlen, causal, window, group, rab_heads, dtype, D, dropout, variant;
+  float alpha, inv_scale, dropout_scale;
+  uint32_t seed_lo, seed_hi, threshold;
+};
+
+static AttnParams to_params(const EmuArgs& a) {
+  AttnParams p{};
+  p.q = a.q; p.k = a.k; p.v = a.v; p.seq_offsets = a.offsets; p.num_contexts = a.ctx; p.num_targets = a.tgt;
+  p.rab = a.rab; p.rab_batch_stride = a.rab_bs; p.rab_head_stride = a.rab_hs; p.rab_row_stride = a.rab_rs;
+  p.rab_heads = a.rab_heads; p.out = a.out; p.dout = a.dout; p.dq = a.dq; p.dk = a.dk; p.dv = a.dv;
+  p.drab = a.drab; p.drab_batch_stride = a.drab_bs; p.drab_head_stride = a.drab_hs; p.drab_row_stride = a.drab_rs;
+  p.dq_accum = a.dq_accum; p.total_rows = a.total_rows;
+  p.row_stride = a.row_stride; p.batch = a.batch; p.heads = a.heads; p.max_seqlen = a.max_seqlen;
+  p.alpha = a.alpha; p.inv_scale = a.inv_scale; p.causal = a.causal != 0; p.window = a.window; p.group = a.group;
+  p.dropout = a.dropout != 0; p.dropout_seed_lo = a.seed_lo; p.dropout_seed_hi = a.seed_hi;
+  p.dropout_threshold = a.threshold; p.dropout_scale = a.dropout_scale;
+  return p;
+}
+
+int emu_fwd(const EmuArgs* a) {
+  const AttnParams p = to_params(*a);
+  if (p.batch == 0 || p.max_seqlen == 0) return 0;
+  dispatch<false>(p, a->dtype, a->D, a->variant);
+  return 0;
+}
+int emu_bwd(const EmuArgs* a) {
+  const AttnParams p = to_params(*a);
+  dispatch<true>(p, a->dtype, a->D, a->variant);
+  return 0;
+}
+long emu_switches() { return emu::g_switches; }
+}
