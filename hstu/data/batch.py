@@ -34,6 +34,8 @@ class JaggedBatch:
     contextual: Optional[KeyedJaggedTensor] = None
     # Retrieval evaluation: the held-out next item of each sample (B,), -1 for padding samples.
     target_item: Optional[torch.Tensor] = None
+    # seq_lengths as they were on the host before ``to(device)``: batch statistics without a device sync.
+    host_seq_lengths: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -48,6 +50,12 @@ class JaggedBatch:
         from hstu.ops import lengths_to_offsets
 
         return lengths_to_offsets(self.seq_lengths)
+
+    def seq_lengths_on_host(self) -> torch.Tensor:
+        """seq_lengths on the CPU: the copy kept by ``to`` or, for a batch built on the device, one transfer."""
+        if self.host_seq_lengths is not None:
+            return self.host_seq_lengths
+        return self.seq_lengths.cpu()
 
     def labels(self) -> torch.Tensor:
         """Actions of the candidates, concatenated over samples (ranking labels)."""
@@ -67,6 +75,7 @@ class JaggedBatch:
             is_padding=move(self.is_padding),
             contextual=move(self.contextual),
             target_item=move(self.target_item),
+            host_seq_lengths=self.seq_lengths_on_host(),
         )
 
     def pin_memory(self) -> "JaggedBatch":

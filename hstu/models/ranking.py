@@ -67,6 +67,7 @@ class RankingModel(nn.Module):
             EncoderInputs(
                 item_embeddings=values["item"],
                 seq_lengths=batch.seq_lengths,
+                host_seq_lengths=batch.seq_lengths_on_host(),
                 timestamps=batch.sequence["timestamp"].values(),
                 num_candidates=batch.num_candidates,
                 action_embeddings=values["action"],

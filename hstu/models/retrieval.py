@@ -17,7 +17,7 @@ from hstu.models.losses import SampledSoftmaxLoss
 from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
 from hstu.modules.encoder import EncoderConfig, EncoderInputs, HSTUEncoder, l2_normalize
 from hstu.ops import lengths_to_offsets
-from hstu.ops.jagged.reference import sequence_ids_and_positions
+from hstu.ops.jagged.reference import lengths_to_offsets_reference, sequence_ids_and_positions
 
 
 @dataclass
@@ -50,6 +50,20 @@ def interleave_contextual(values: dict[str, torch.Tensor], keys: Sequence[str], 
         return None
     stacked = torch.stack([values[k] for k in keys], dim=1)  # (B, C, D): one value per sample and feature
     return stacked.reshape(batch_size * len(keys), -1)
+
+
+def rows_with_next(lengths: torch.Tensor, host_lengths: torch.Tensor) -> torch.Tensor:
+    """Ascending jagged rows that have a next event in their sequence (all but each sequence's last row).
+
+    Built from per-sequence counts rather than a boolean mask: the host lengths give the output size, so no
+    nonzero (a device sync on GPU) is needed.
+    """
+    lengths = lengths.to(torch.int64)
+    offsets = lengths_to_offsets(lengths, host_lengths)
+    num_queries = int((host_lengths.to(torch.int64) - 1).clamp(min=0).sum())
+    query_offsets = lengths_to_offsets_reference((lengths - 1).clamp(min=0))
+    seq_ids, positions = sequence_ids_and_positions(query_offsets, num_queries)
+    return offsets[:-1][seq_ids] + positions
 
 
 class RetrievalModel(nn.Module):
@@ -85,17 +99,14 @@ class RetrievalModel(nn.Module):
             contextual_embeddings=interleave_contextual(values, self.contextual_keys, batch.batch_size),
             num_contextual=len(self.contextual_keys),
             next_timestamps=next_timestamps,
+            host_seq_lengths=batch.seq_lengths_on_host(),
         )
         return values["item"], self.encoder(inputs)
 
     def forward(self, batch: JaggedBatch) -> StepOutput:
         """Training step: every position predicts the next item of its sequence."""
         item_embeddings, outputs = self.encode(batch)
-        lengths = batch.seq_lengths.to(torch.int64)
-        offsets = lengths_to_offsets(lengths)
-        seq_ids, positions = sequence_ids_and_positions(offsets, item_embeddings.shape[0])
-        has_next = positions < (lengths - 1)[seq_ids]
-        query_rows = torch.nonzero(has_next).squeeze(1)
+        query_rows = rows_with_next(batch.seq_lengths, batch.seq_lengths_on_host())
         items = batch.sequence["item"].values()
         result = self.loss(
             outputs.item_outputs[query_rows],
@@ -104,7 +115,7 @@ class RetrievalModel(nn.Module):
             lambda ids: self.embeddings.lookup("item", ids),
         )
         return StepOutput(result.loss, outputs.num_tokens, outputs.sum_squared_lengths,
-                          {"num_queries": int(query_rows.numel()), "accidental_hits": result.accidental_hits})
+                          {"num_queries": query_rows.numel(), "accidental_hits": result.accidental_hits})
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -123,7 +134,7 @@ class RetrievalModel(nn.Module):
         """
         _, outputs = self.encode(batch, next_timestamps)
         lengths = batch.seq_lengths.to(torch.int64)
-        last = (lengths_to_offsets(lengths)[1:] - 1).clamp(min=0)
+        last = (lengths_to_offsets(lengths, batch.seq_lengths_on_host())[1:] - 1).clamp(min=0)
         if outputs.item_outputs.shape[0] == 0:
             return outputs.item_outputs.new_zeros(lengths.numel(), self.encoder.config.embedding_dim)
         users = outputs.item_outputs[last].float() * (lengths > 0).unsqueeze(1)

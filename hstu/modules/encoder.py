@@ -21,8 +21,9 @@ from torch import nn
 
 from hstu.modules.hstu_layer import AttentionInputs, HSTULayer, HSTUStack
 from hstu.modules.positional import PositionalEncoder, RelativeAttentionBias, token_positions
-from hstu.ops import concat_2d_jagged, jagged_to_padded_dense, lengths_to_offsets, split_2d_jagged
-from hstu.ops.jagged.reference import sequence_ids_and_positions
+from hstu.ops import concat_2d_jagged, lengths_to_offsets, split_2d_jagged
+from hstu.ops._validation import to_host
+from hstu.ops.jagged.reference import jagged_to_padded_dense_reference, sequence_ids_and_positions
 
 
 @dataclass
@@ -64,6 +65,10 @@ class EncoderInputs:
     contextual_embeddings: Optional[torch.Tensor] = None  # (B * C, D), sample-major
     num_contextual: int = 0
     next_timestamps: Optional[torch.Tensor] = None  # (B,) time of the request after the last event (rab "next")
+    # Host copies of seq_lengths / num_candidates (e.g. JaggedBatch.host_seq_lengths): the batch statistics the
+    # encoder needs as Python ints come from them instead of device syncs. Missing ones cost one transfer.
+    host_seq_lengths: Optional[torch.Tensor] = None
+    host_num_candidates: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -111,21 +116,24 @@ class HSTUEncoder(nn.Module):
             num_candidates = torch.zeros_like(lengths)
         num_candidates = num_candidates.to(torch.int64)
         device = inputs.item_embeddings.device
+        host_lengths, host_candidates = _host_lengths_and_candidates(inputs, lengths)
 
         # 1. Events -> tokens (item tokens, plus action tokens of the history when interleaving).
-        event_offsets = lengths_to_offsets(lengths)
+        event_offsets = lengths_to_offsets(lengths, host_lengths)
         event_seq, event_pos = sequence_ids_and_positions(event_offsets, num_events)
         history = lengths - num_candidates
+        host_token_lengths = host_lengths
         if c.interleave_actions:
             if inputs.action_embeddings is None:
                 raise ValueError("interleave_actions needs action embeddings")
             token_lengths = 2 * history + num_candidates
-            token_offsets = lengths_to_offsets(token_lengths)
+            host_token_lengths = 2 * (host_lengths - host_candidates) + host_candidates
+            token_offsets = lengths_to_offsets(token_lengths, host_token_lengths)
             in_history = event_pos < history[event_seq]
             item_slot = torch.where(in_history, 2 * event_pos, history[event_seq] + event_pos)
             item_dest = token_offsets[:-1][event_seq] + item_slot
             action_dest = (token_offsets[:-1][event_seq] + 2 * event_pos + 1)[in_history]
-            tokens = inputs.item_embeddings.new_zeros(int(token_offsets[-1]), c.embedding_dim)
+            tokens = inputs.item_embeddings.new_zeros(int(host_token_lengths.sum()), c.embedding_dim)
             tokens = tokens.index_put((item_dest,), inputs.item_embeddings)
             tokens = tokens.index_put((action_dest,), inputs.action_embeddings[in_history].to(tokens.dtype))
             token_times = inputs.timestamps.new_zeros(tokens.shape[0])
@@ -133,7 +141,6 @@ class HSTUEncoder(nn.Module):
             token_times = token_times.index_put((action_dest,), inputs.timestamps[in_history])
         else:
             token_lengths, token_offsets = lengths, event_offsets
-            item_dest = torch.arange(num_events, device=device)
             tokens, token_times = inputs.item_embeddings, inputs.timestamps
 
         # 2. Contextual tokens in front; their time is the first event's (they carry no time of their own).
@@ -156,13 +163,14 @@ class HSTUEncoder(nn.Module):
             )
             token_times = token_times.squeeze(-1)
             token_lengths = token_lengths + inputs.num_contextual
+            host_token_lengths = host_token_lengths + inputs.num_contextual
             token_offsets = new_offsets
             num_contexts = ctx_lengths
         total_tokens = tokens.shape[0]
 
         # 3. Position / time encodings and input dropout.
         token_seq, token_pos = sequence_ids_and_positions(token_offsets, total_tokens)
-        max_tokens = int(token_lengths.max()) if batch > 0 else 0
+        max_tokens = int(host_token_lengths.max()) if batch > 0 else 0
         if max_tokens > c.max_tokens:
             raise ValueError(f"a sequence has {max_tokens} tokens, more than the encoder's max_tokens={c.max_tokens}")
         positions = token_positions(token_pos, token_lengths, num_candidates, token_seq, c.position_encoding)
@@ -182,7 +190,8 @@ class HSTUEncoder(nn.Module):
         if c.relative_attention_bias and c.rab_use_position and inputs.num_candidates is not None:
             # Candidates share a position, so the bias uses position differences rather than token distances.
             shared = token_positions(token_pos, token_lengths, num_candidates, token_seq, "absolute")
-            padded = jagged_to_padded_dense(shared.unsqueeze(-1), token_offsets, max_tokens).squeeze(-1)
+            # The offsets were built above from checked lengths: the public op's checks would only add syncs.
+            padded = jagged_to_padded_dense_reference(shared.unsqueeze(-1), token_offsets, max_tokens).squeeze(-1)
             relative_positions = padded.unsqueeze(2) - padded.unsqueeze(1)
         attention_inputs = AttentionInputs(
             seq_offsets=token_offsets,
@@ -204,8 +213,24 @@ class HSTUEncoder(nn.Module):
         return EncoderOutputs(
             item_outputs=item_outputs,
             num_tokens=total_tokens,
-            sum_squared_lengths=int((token_lengths**2).sum()),
+            sum_squared_lengths=int((host_token_lengths**2).sum()),
         )
+
+
+def _host_lengths_and_candidates(inputs: EncoderInputs, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 host copies of the sequence lengths and candidate counts; the missing ones in one transfer."""
+    host_lengths, host_candidates = inputs.host_seq_lengths, inputs.host_num_candidates
+    if inputs.num_candidates is None:
+        host_candidates = torch.zeros(lengths.numel(), dtype=torch.int64)
+    copied_lengths, copied_candidates = to_host(
+        lengths if host_lengths is None else None, inputs.num_candidates if host_candidates is None else None
+    )
+    host_lengths = copied_lengths if host_lengths is None else host_lengths
+    host_candidates = copied_candidates if host_candidates is None else host_candidates
+    for name, host in (("host_seq_lengths", host_lengths), ("host_num_candidates", host_candidates)):
+        if host.shape != lengths.shape:
+            raise ValueError(f"{name} must have the shape of seq_lengths {tuple(lengths.shape)}, got {tuple(host.shape)}")
+    return host_lengths.to(torch.int64), host_candidates.to(torch.int64)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -284,3 +284,15 @@ def test_registered_as_custom_op():
         (torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.tensor([0, 2, 5], dtype=torch.int32),
          3, 1.0, 3, True, -1, None, None, 1, None, 0.0, 0, False),  # fmt: skip
     )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [-1, 0, 2])
+def test_mask_without_contexts_or_targets_matches_zero_counts(causal, window):
+    # Absent num_contexts / num_targets take a shorter path that must equal the general rules with zeros.
+    lengths = torch.tensor([0, 1, 5, 9])
+    zeros = torch.zeros(4, dtype=torch.int64)
+    got = attention_mask(lengths, 9, causal=causal, window_size=window)
+    general = attention_mask(lengths, 9, causal=causal, window_size=window,
+                             num_contexts=zeros if causal else None, num_targets=zeros if causal else None)  # fmt: skip
+    assert torch.equal(got, general)

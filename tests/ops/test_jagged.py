@@ -110,3 +110,34 @@ class TestBadInputs:
             concat_2d_jagged(a, torch.tensor([0, 3]), torch.randn(2, 2).double(), torch.tensor([0, 2]))
         with pytest.raises(ValueError, match="values has 4 rows"):
             split_2d_jagged(torch.randn(4, 2), torch.tensor([0, 3]), torch.tensor([0, 2]))
+
+
+def test_lengths_to_offsets_checks_the_host_copy():
+    lengths = torch.tensor([2, 0, 3])
+    assert lengths_to_offsets(lengths, host_lengths=lengths.clone()).tolist() == [0, 2, 2, 5]
+    with pytest.raises(ValueError, match="lengths must be non-negative"):
+        lengths_to_offsets(torch.tensor([1, 1]), host_lengths=torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match="host_lengths must have 2 elements"):
+        lengths_to_offsets(torch.tensor([1, 1]), host_lengths=torch.tensor([1]))
+
+
+@pytest.mark.parametrize("lengths", LENGTH_CASES)
+@pytest.mark.parametrize("max_length", [0, 2, 8])
+def test_padded_slots_truncate_into_the_spare_slot(lengths, max_length):
+    from hstu.ops.jagged.reference import pad_to_slots, padded_slots, unpad_from_slots
+
+    values, offsets = jagged(lengths)
+    slots = padded_slots(offsets, values.shape[0], max_length)
+    dense = pad_to_slots(values, slots, len(lengths), max_length, padding_value=-1.0)
+    assert dense.shape == (len(lengths), max_length, 4) and dense.is_contiguous()
+    for b, n in enumerate(lengths):
+        kept = min(n, max_length)
+        start = int(offsets[b])
+        assert torch.equal(dense[b, :kept], values[start : start + kept])
+        assert bool((dense[b, kept:] == -1.0).all())
+    # Truncated rows get no gradient; kept rows get the dense gradient back.
+    dense.sum().backward()
+    in_range = torch.cat([torch.arange(n) < max_length for n in lengths]) if lengths else torch.zeros(0, dtype=torch.bool)
+    assert torch.equal(values.grad[:, 0], in_range.to(values.dtype))
+    if max_length >= max(lengths, default=0):
+        assert torch.equal(unpad_from_slots(dense, slots), values)

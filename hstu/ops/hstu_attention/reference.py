@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hstu.ops.jagged.reference import dense_to_jagged_reference, jagged_to_padded_dense_reference
+from hstu.ops.jagged.reference import pad_to_slots, padded_slots, unpad_from_slots
 
 # Score elements materialised at once (B_chunk * H * N * N); keeps the reference usable at L = 8192.
 _MAX_SCORE_ELEMENTS = 1 << 27
@@ -36,11 +36,15 @@ def attention_mask(
     i = torch.arange(max_seqlen, device=device).view(1, -1, 1)
     j = torch.arange(max_seqlen, device=device).view(1, 1, -1)
     seq_len = lengths.view(batch, 1, 1).to(torch.int64)
-    inside = (i < seq_len) & (j < seq_len)
+    # Terms of the rules below that are constant for absent features are left out: every op is a kernel launch.
     if not causal:
-        if window_size >= 0:
-            inside = inside & ((i - j).abs() <= window_size)
-        return inside
+        inside = (i < seq_len) & (j < seq_len)
+        return inside & ((i - j).abs() <= window_size) if window_size >= 0 else inside
+    if num_contexts is None and num_targets is None:
+        # Plain causal attention: j <= i < L already implies j < L.
+        visible = (j <= i) & (i < seq_len)
+        return visible & (i - j <= window_size) if window_size >= 0 else visible
+    inside = (i < seq_len) & (j < seq_len)
 
     def zeros_or(t: Optional[torch.Tensor]) -> torch.Tensor:
         if t is None:
@@ -75,7 +79,8 @@ def dropout_keep_mask(
 def _padded_problem(q, k, v, seq_offsets, max_seqlen, causal, window_size, num_contexts, num_targets,
                     target_group_size, dropout_p, dropout_seed, dropout_mask, compute_dtype):  # fmt: skip
     lengths = seq_offsets[1:] - seq_offsets[:-1]
-    padded = [jagged_to_padded_dense_reference(t.to(compute_dtype), seq_offsets, max_seqlen) for t in (q, k, v)]
+    slots = padded_slots(seq_offsets, q.shape[0], max_seqlen)
+    padded = [pad_to_slots(t.to(compute_dtype), slots, lengths.numel(), max_seqlen) for t in (q, k, v)]
     visible = attention_mask(
         lengths,
         max_seqlen,
@@ -88,7 +93,7 @@ def _padded_problem(q, k, v, seq_offsets, max_seqlen, causal, window_size, num_c
     batch, num_heads = seq_offsets.numel() - 1, q.shape[1]
     if dropout_p > 0.0 and dropout_mask is None:
         dropout_mask = dropout_keep_mask((batch, num_heads, max_seqlen, max_seqlen), dropout_p, dropout_seed, q.device)
-    return padded, visible, dropout_mask
+    return padded, visible, dropout_mask, slots
 
 
 def _batch_chunks(batch: int, num_heads: int, n: int):
@@ -134,7 +139,7 @@ def hstu_attention_reference(
     scale = 1.0 / float(scaling_seqlen if scaling_seqlen is not None else max_seqlen)
     if batch == 0 or n == 0 or q.shape[0] == 0:
         return q.new_zeros(q.shape[0], num_heads, dim_v) + 0 * v.sum()
-    (q_pad, k_pad, v_pad), visible, dropout_mask = _padded_problem(
+    (q_pad, k_pad, v_pad), visible, dropout_mask, slots = _padded_problem(
         q, k, v, seq_offsets, n, causal, window_size, num_contexts, num_targets, target_group_size, dropout_p,
         dropout_seed, dropout_mask, compute_dtype,
     )  # fmt: skip
@@ -148,7 +153,7 @@ def hstu_attention_reference(
         if dropout_p > 0.0:
             weights = weights * dropout_mask[rows].to(weights.dtype) / (1.0 - dropout_p)
         outputs.append(torch.einsum("bhij,bjhd->bihd", weights, v_pad[rows]))
-    return dense_to_jagged_reference(torch.cat(outputs, dim=0), seq_offsets).to(q.dtype)
+    return unpad_from_slots(torch.cat(outputs, dim=0), slots).to(q.dtype)
 
 
 def hstu_attention_reference_backward(
@@ -186,11 +191,11 @@ def hstu_attention_reference_backward(
     drab = torch.zeros_like(rab) if rab is not None and rab_needs_grad else None
     if batch == 0 or n == 0 or q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), drab
-    (q_pad, k_pad, v_pad), visible, dropout_mask = _padded_problem(
+    (q_pad, k_pad, v_pad), visible, dropout_mask, slots = _padded_problem(
         q, k, v, seq_offsets, n, causal, window_size, num_contexts, num_targets, target_group_size, dropout_p,
         dropout_seed, dropout_mask, compute_dtype,
     )  # fmt: skip
-    do_pad = jagged_to_padded_dense_reference(grad_out.to(compute_dtype), seq_offsets, n)
+    do_pad = pad_to_slots(grad_out.to(compute_dtype), slots, batch, n)
     dq_pad, dk_pad, dv_pad = torch.zeros_like(q_pad), torch.zeros_like(k_pad), torch.zeros_like(v_pad)
     for rows in _batch_chunks(batch, num_heads, n):
         scores = torch.einsum("bihd,bjhd->bhij", q_pad[rows], k_pad[rows])
@@ -210,5 +215,5 @@ def hstu_attention_reference_backward(
         if drab is not None:
             per_head = dscores if rab.shape[1] == num_heads else dscores.sum(dim=1, keepdim=True)
             drab[rows, :, :n, :n] = per_head.to(drab.dtype)
-    grads = [dense_to_jagged_reference(g, seq_offsets).to(t.dtype) for g, t in ((dq_pad, q), (dk_pad, k), (dv_pad, v))]
+    grads = [unpad_from_slots(g, slots).to(t.dtype) for g, t in ((dq_pad, q), (dk_pad, k), (dv_pad, v))]
     return grads[0], grads[1], grads[2], drab

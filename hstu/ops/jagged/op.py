@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from hstu.ops._validation import (
@@ -16,11 +18,18 @@ from hstu.ops._validation import (
 from hstu.ops.jagged import reference
 
 
-def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
-    """(B,) non-negative lengths -> (B+1,) offsets starting at 0, same dtype and device."""
+def lengths_to_offsets(lengths: torch.Tensor, host_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B,) non-negative lengths -> (B+1,) offsets starting at 0, same dtype and device.
+
+    host_lengths: a host copy of ``lengths`` the caller already holds; the value check reads it instead of
+    ``lengths``, which on GPU would cost a device sync.
+    """
     lengths = check_index_tensor("lengths", lengths)
-    if values_are_concrete(lengths) and lengths.numel() and bool((lengths < 0).any()):
-        raise ValueError(f"lengths must be non-negative, got minimum {int(lengths.min())}")
+    if host_lengths is not None:
+        host_lengths = check_index_tensor("host_lengths", host_lengths, length=lengths.numel())
+    checked = lengths if host_lengths is None else host_lengths
+    if values_are_concrete(checked) and checked.numel() and bool((checked < 0).any()):
+        raise ValueError(f"lengths must be non-negative, got minimum {int(checked.min())}")
     return reference.lengths_to_offsets_reference(lengths)
 
 

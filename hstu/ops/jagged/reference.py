@@ -23,20 +23,43 @@ def sequence_ids_and_positions(offsets: torch.Tensor, total: int) -> tuple[torch
     return seq_ids, positions
 
 
+def padded_slots(offsets: torch.Tensor, total: int, max_length: int) -> torch.Tensor:
+    """For every jagged row, its row in the flattened (B * max_length + 1, *D) padded tensor.
+
+    Rows past max_length all go to the spare last slot, so truncation needs no boolean indexing (on GPU a boolean
+    index is a nonzero and a device sync). Compute once per batch and share between every tensor of that layout.
+    """
+    batch = offsets.numel() - 1
+    seq_ids, positions = sequence_ids_and_positions(offsets, total)
+    slots = seq_ids * max_length + positions
+    return torch.where(positions < max_length, slots, batch * max_length)
+
+
+def pad_to_slots(values: torch.Tensor, slots: torch.Tensor, batch: int, max_length: int,
+                 padding_value: float = 0.0) -> torch.Tensor:
+    """(T, *D) jagged -> (B, max_length, *D) dense through the ``padded_slots`` of its offsets."""
+    flat = values.new_full((batch * max_length + 1, *values.shape[1:]), padding_value)
+    flat = flat.index_put((slots,), values)
+    return flat[:-1].view(batch, max_length, *values.shape[1:])
+
+
+def unpad_from_slots(dense: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pad_to_slots`` for sequences no longer than dense.shape[1]."""
+    return dense.reshape(-1, *dense.shape[2:])[slots]
+
+
 def jagged_to_padded_dense_reference(
     values: torch.Tensor, offsets: torch.Tensor, max_length: int, padding_value: float = 0.0
 ) -> torch.Tensor:
-    batch = offsets.numel() - 1
-    seq_ids, positions = sequence_ids_and_positions(offsets, values.shape[0])
-    keep = positions < max_length
-    dense = values.new_full((batch, max_length, *values.shape[1:]), padding_value)
-    return dense.index_put((seq_ids[keep], positions[keep]), values[keep])
+    slots = padded_slots(offsets, values.shape[0], max_length)
+    return pad_to_slots(values, slots, offsets.numel() - 1, max_length, padding_value)
 
 
-def dense_to_jagged_reference(dense: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    total = int(offsets[-1]) if offsets.numel() else 0
-    seq_ids, positions = sequence_ids_and_positions(offsets, total)
-    return dense[seq_ids, positions]
+def dense_to_jagged_reference(dense: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """total: offsets[-1] when the caller knows it (reading it from a device tensor is a sync)."""
+    if total is None:
+        total = int(offsets[-1]) if offsets.numel() else 0
+    return unpad_from_slots(dense, padded_slots(offsets, total, dense.shape[1]))
 
 
 def _concat_destinations(offsets_a: torch.Tensor, offsets_b: torch.Tensor, total_a: int, total_b: int):
