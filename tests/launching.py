@@ -3,6 +3,7 @@ and tiny synthetic datasets."""
 
 import os
 import socket
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +22,21 @@ def launch_env(**overrides: str) -> dict:
     machine provides torchrec/megatron/gin through PYTHONPATH)."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
     return dict(os.environ, PYTHONPATH=path, **overrides)
+
+
+def run_training_script(nproc: int, script: str, config: str, run_dir, params, resume: bool = False,
+                        timeout: int = 600, **env: str) -> str:
+    """``training/<script>`` with ``configs/<config>`` under torchrun, gin overrides ``params``; returns stdout and
+    fails the test with the output's tail when the run fails."""
+    cmd = torchrun_command(nproc, os.path.join(ROOT, "training", script), "--gin-config-file",
+                           os.path.join(ROOT, "configs", config), "--run-dir", str(run_dir))
+    for p in params:
+        cmd += ["--gin-param", p]
+    if resume:
+        cmd.append("--resume")
+    result = subprocess.run(cmd, cwd=ROOT, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
 
 
 def free_port() -> int:

@@ -8,13 +8,11 @@ sharded run (exact losses). Tiny synthetic data and small overrides keep the fiv
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from tests.launching import launch_env, torchrun_command, write_tiny_datasets
+from tests.launching import run_training_script, write_tiny_datasets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_DATA = dict(num_users=400, num_items=300, num_topics=6, mean_length=30, min_length=12, max_length=80, seed=3)
 COMMON = ["TrainerArgs.progress_bar=False", "TrainerArgs.log_interval_steps=1", "TrainerArgs.tensorboard=False",
           "TrainerArgs.num_threads=1", "DatasetArgs.max_seqlen=20", "DatasetArgs.batch_size=16",
@@ -28,15 +26,8 @@ def tiny_data(tmp_path_factory):
 
 
 def torchrun2(script, config, run_dir, params, resume=False):
-    cmd = torchrun_command(2, os.path.join(ROOT, "training", script), "--gin-config-file",
-                           os.path.join(ROOT, "configs", config), "--run-dir", str(run_dir))
-    for p in params:
-        cmd += ["--gin-param", p]
-    if resume:
-        cmd.append("--resume")
-    result = subprocess.run(cmd, cwd=ROOT, env=launch_env(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE"), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
+    return run_training_script(2, script, config, run_dir, params, resume, timeout=300, OMP_NUM_THREADS="1",
+                               OMP_WAIT_POLICY="PASSIVE")
 
 
 def read_jsonl(path):

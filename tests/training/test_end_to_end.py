@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.launching import free_port, launch_env, torchrun_command, write_tiny_datasets
+from tests.launching import free_port, launch_env, run_training_script, write_tiny_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -21,15 +21,7 @@ def tiny_data(tmp_path_factory):
 
 
 def torchrun(script, config, run_dir, params, resume=False):
-    cmd = torchrun_command(1, os.path.join(ROOT, "training", script), "--gin-config-file",
-                           os.path.join(ROOT, "configs", config), "--run-dir", str(run_dir))
-    for p in params:
-        cmd += ["--gin-param", p]
-    if resume:
-        cmd.append("--resume")
-    result = subprocess.run(cmd, cwd=ROOT, env=launch_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
+    return run_training_script(1, script, config, run_dir, params, resume, OMP_NUM_THREADS="2")
 
 
 def read_jsonl(path):
