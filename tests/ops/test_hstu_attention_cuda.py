@@ -40,8 +40,7 @@ HEAD_DIMS = (32, 64, 128, 256)
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     monkeypatch.setenv("HSTU_POISON_OUTPUTS", "1")
-    # The atomic-dq backward is opt-in for users until verified on a GPU; these tests are that verification, so
-    # deterministic=False runs it here.
+    # deterministic=False runs the atomic-dq backward (the default) even if the caller's environment opts out.
     monkeypatch.setenv("HSTU_ATOMIC_DQ", "1")
     yield
 
@@ -779,10 +778,10 @@ def test_cpu_dropout_arguments_reach_the_extension(monkeypatch):
     assert calls["fwd"] == dict(dropout_p=0.25, dropout_seed=2**62 - 7)
     cuda.backward(q, q, q, q, *common, False, 0.5, 2**64 - 1, True)
     assert calls["bwd"] == dict(dropout_p=0.5, dropout_seed=-1, deterministic=True)  # seed: same 64 bits, signed
-    monkeypatch.setenv("HSTU_ATOMIC_DQ", "1")  # opt-in
+    monkeypatch.delenv("HSTU_ATOMIC_DQ")  # default: deterministic=False is the atomic-dq path
     cuda.backward(q, q, q, q, *common, False, 0.0, 3, False)
-    assert calls["bwd"] == dict(dropout_p=0.0, dropout_seed=3, deterministic=False)  # the atomic-dq path
-    monkeypatch.delenv("HSTU_ATOMIC_DQ")  # default until GPU-verified: always the split, atomic-free path
+    assert calls["bwd"] == dict(dropout_p=0.0, dropout_seed=3, deterministic=False)
+    monkeypatch.setenv("HSTU_ATOMIC_DQ", "0")  # opt-out: always the split, atomic-free path
     cuda.backward(q, q, q, q, *common, False, 0.0, 3, False)
     assert calls["bwd"]["deterministic"] is True
     cuda.forward(q, q, q, *common, 0.0, 0)

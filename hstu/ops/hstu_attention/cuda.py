@@ -7,14 +7,14 @@ with unit stride in the last dim. ``scaling_seqlen`` is already resolved (never 
 
 Kernels (sm80 tensor-core path, also used on sm90): forward; backward in one of two ways, picked by
 ``deterministic``:
-  * atomic dq (``deterministic=False`` with ``HSTU_ATOMIC_DQ=1``): one dk/dv kernel also computes dq = dS K for its key tile and adds
+  * atomic dq (``deterministic=False``, the default; ``HSTU_ATOMIC_DQ=0`` turns it off): one dk/dv kernel also computes dq = dS K for its key tile and adds
     it with float32 atomics into a zeroed (T, H, D) float32 workspace, which a small kernel scales and casts to
     q's dtype. S and dP are computed once (D = 256 too: one pass with two warps per key block, each owning half
     the head dim). dq meets the same tolerance, but its float32 summation order varies between runs, so dq is not
     bitwise reproducible.
-  * split (``deterministic=True``, and every backward unless ``HSTU_ATOMIC_DQ=1``): a dk/dv kernel plus a separate
-    dq kernel, no atomics anywhere; bitwise reproducible. The atomic path is opt-in until it has passed the CUDA
-    test file and the sanitizer on a GPU (so far it is checked by the CPU emulation in csrc/hstu_attention/emulation).
+  * split (``deterministic=True``, or every backward with ``HSTU_ATOMIC_DQ=0``): a dk/dv kernel plus a separate
+    dq kernel, no atomics anywhere; bitwise reproducible. Both paths pass the CUDA test file and compute-sanitizer
+    memcheck/racecheck on an H200 (benchmarks/RESULTS.md, v7); the atomic one is 1.2-1.5x faster in the backward.
 dk, dv and drab never use atomics (drab of a 1-head rab is summed over heads in a fixed order), so they are
 reproducible either way. rab is read in q's dtype (cast here when it differs); its gradient is accumulated in
 float32 and returned in rab's dtype.
@@ -50,7 +50,8 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 @functools.lru_cache(maxsize=None)
-def _build_info() -> dict:
+def build_info() -> dict:
+    """What the compiled extension holds: dtypes, head dims, rab/backward/dropout/atomic-dq support ({} if none)."""
     ext = load_extension()
     if ext is None or not hasattr(ext, "build_info"):
         return {}
@@ -62,8 +63,8 @@ def _poison() -> bool:
 
 
 def _atomic_dq_enabled() -> bool:
-    """HSTU_ATOMIC_DQ=1 lets deterministic=False backwards take the atomic-dq path (opt-in: not yet GPU-verified)."""
-    return os.environ.get("HSTU_ATOMIC_DQ", "0") in ("1", "true", "on")
+    """deterministic=False backwards take the atomic-dq path unless HSTU_ATOMIC_DQ=0 (e.g. to compare the paths)."""
+    return os.environ.get("HSTU_ATOMIC_DQ", "1").lower() not in ("0", "false", "off", "no")
 
 
 def _new_like(t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ def unsupported_reason(
     """None when the fused kernel handles this configuration, else a short human-readable reason."""
     if load_extension() is None:
         return "the hstu CUDA extension is not built"
-    info = _build_info()
+    info = build_info()
     if not q.is_cuda:
         return "inputs are not on a CUDA device"
     major, _ = torch.cuda.get_device_capability(q.device)
@@ -248,8 +249,8 @@ def backward(
     """Returns dq, dk, dv and drab (shaped like rab, or None when rab_needs_grad is False).
 
     dropout_p / dropout_seed must be the forward's: the kernels regenerate its keep mask from them.
-    deterministic=False takes the faster atomic-dq path when HSTU_ATOMIC_DQ=1 (dq not bitwise reproducible);
-    otherwise the split, atomic-free path (bitwise reproducible).
+    deterministic=False takes the faster atomic-dq path (dq not bitwise reproducible) unless HSTU_ATOMIC_DQ=0;
+    deterministic=True the split, atomic-free path (bitwise reproducible).
     """
     ext = load_extension()
     grad_out = grad_out.contiguous()

@@ -38,7 +38,7 @@ def _padded_head_dim(q: torch.Tensor, v: torch.Tensor) -> int:
     """
     if not q.is_cuda or load_extension() is None:
         return 0
-    info = cuda._build_info()
+    info = cuda.build_info()
     if str(q.dtype).removeprefix("torch.") not in info.get("dtypes", []):
         return 0  # the reference runs anyway (e.g. float32): padding would only add work
     compiled = info.get("head_dims", [])
