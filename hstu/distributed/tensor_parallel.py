@@ -69,9 +69,12 @@ def _dropout_rng(ctx: ParallelContext):
 
 
 def _in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
-    """Megatron's parallel linears compute in the autocast dtype but size their sequence-parallel backward buffers
-    from the input's dtype; an fp32 input (LayerNorm output under autocast) makes that reduce-scatter mix dtypes."""
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+    """Casts to the autocast dtype where Megatron's parallel linears would otherwise leak float32. Their inputs:
+    the sequence-parallel backward buffers are sized from the input's dtype, so an fp32 input (LayerNorm output
+    under autocast) makes that reduce-scatter mix dtypes. Their outputs: the bias is added outside autocast
+    (bf16 product + fp32 bias = fp32), unlike nn.Linear, and fp32 q/k/v would send the attention to the slow
+    PyTorch reference instead of the fused kernel."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):  # (the trainer uses autocast on CUDA only)
         return x.to(torch.get_autocast_dtype("cuda"))
     return x
 
@@ -162,7 +165,7 @@ class TensorParallelHSTULayer(nn.Module):
     def _forward(self, x: torch.Tensor, inputs, num_tokens: int) -> torch.Tensor:
         # SP: the column-parallel projection all-gathers the tokens.
         projected, _ = self.uvqk_proj(_in_autocast_dtype(self.input_norm(x)).unsqueeze(1))
-        projected = F.silu(projected.squeeze(1))
+        projected = F.silu(_in_autocast_dtype(projected.squeeze(1)))
         padded_tokens = projected.shape[0]
         per_head = projected[:num_tokens].view(num_tokens, self.local_heads, -1)
         u, v, q, k = per_head.split([self.v_dim, self.v_dim, self.qk_dim, self.qk_dim], dim=-1)

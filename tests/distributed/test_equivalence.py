@@ -126,6 +126,9 @@ def test_gpu_tensor_parallel_and_data_parallel_match_one_gpu(tmp_path):
     # bf16 autocast through the TP+SP layer (the training default on GPU): bf16 rounding differs between the
     # split and unsplit matmuls, so only a loose match is expected.
     assert_close(one["ranking_model_bf16"], tp2["ranking_model_bf16"], rtol=5e-2)
+    # The split layer hands the attention bf16 q/k/v like the unsplit one (Megatron's column-parallel bias add
+    # would otherwise promote them to float32: the slow PyTorch reference instead of the fused kernel).
+    assert one["ranking_model_bf16_attention_dtypes"] == tp2["ranking_model_bf16_attention_dtypes"] == ["torch.bfloat16"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs: scripts/gpu_distributed_check.sh")

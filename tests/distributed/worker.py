@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Optional
 
 warnings.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -170,7 +171,10 @@ def run_resume_other_world(ctx, tp_size: int, directory: str) -> list[float]:
     return train(model, parallel, ctx, range(10, 20))
 
 
-def run_ranking_model(ctx, tp_size: int, bf16: bool = False) -> list[float]:
+def run_ranking_model(ctx, tp_size: int, bf16: bool = False, attention_dtypes: Optional[set] = None) -> list[float]:
+    """``attention_dtypes`` collects the dtype of every q that reaches hstu_attention (bf16 autocast: bf16 runs the
+    fused kernel on GPU; float32 would be the slow reference)."""
+    import hstu.modules.hstu_layer as hstu_layer
     from hstu.data.batch import JaggedBatch
     from hstu.models import MultiTaskLoss, RankingModel
     from hstu.modules import EncoderConfig
@@ -197,8 +201,19 @@ def run_ranking_model(ctx, tp_size: int, bf16: bool = False) -> list[float]:
         batch = JaggedBatch(sequence=sequence, num_candidates=torch.full((per_rank,), 2),
                             is_padding=torch.zeros(per_rank, dtype=torch.bool), max_seqlen=16).to(ctx.device)
         parallel.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():  # TrainerArgs.bf16
-            loss = model(batch).loss
+        attention = hstu_layer.hstu_attention
+
+        def recording_attention(q, *args, **kwargs):
+            if attention_dtypes is not None:
+                attention_dtypes.add(str(q.dtype))
+            return attention(q, *args, **kwargs)
+
+        hstu_layer.hstu_attention = recording_attention
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                loss = model(batch).loss  # (TrainerArgs.bf16)
+        finally:
+            hstu_layer.hstu_attention = attention
         loss.backward()
         parallel.finish_grad_sync()
         parallel.step()
@@ -233,7 +248,9 @@ def main():
         elif scenario == "ranking_model":
             results[scenario] = run_ranking_model(ctx, args.tp)
         elif scenario == "ranking_model_bf16":
-            results[scenario] = run_ranking_model(ctx, args.tp, bf16=True)
+            dtypes = set()
+            results[scenario] = run_ranking_model(ctx, args.tp, bf16=True, attention_dtypes=dtypes)
+            results[scenario + "_attention_dtypes"] = sorted(dtypes)
         else:
             model, parallel = build(ctx, SCENARIO_SETTINGS[scenario], args.tp)
             results[scenario] = train(model, parallel, ctx, range(STEPS))
