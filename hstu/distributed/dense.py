@@ -151,13 +151,21 @@ class DenseParallel:
             group["lr"] = lr
 
 
+def fused_if_cuda(params) -> dict:
+    """``fused=True`` for torch's Adam/AdamW/SGD when every parameter is on CUDA: one kernel per step instead of a
+    launch per tensor group (small models are launch-bound: the ML-1M recipe's step is mostly CPU time)."""
+    params = list(params)
+    return {"fused": True} if params and all(p.is_cuda for p in params) else {}
+
+
 def _torch_optimizer(params, opt: DenseOptimizerSettings) -> torch.optim.Optimizer:
     name = opt.optimizer.lower()
     if name in ("adam", "adamw"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        return cls(params, lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+        return cls(params, lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+                   **fused_if_cuda(params))
     if name == "sgd":
-        return torch.optim.SGD(params, lr=opt.learning_rate, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(params, lr=opt.learning_rate, weight_decay=opt.weight_decay, **fused_if_cuda(params))
     raise ValueError(f"unknown dense optimizer {opt.optimizer!r}; choose adam, adamw or sgd")
 
 

@@ -45,6 +45,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from hstu.distributed.context import ParallelContext, ParallelismSettings
+from hstu.distributed.dense import fused_if_cuda
 from hstu.distributed.grad_sync import GradientAllReduce
 
 logger = logging.getLogger(__name__)
@@ -199,9 +200,10 @@ def _replicated_optimizer(params: list[nn.Parameter], settings: ParallelismSetti
     name = settings.sparse_optimizer
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(settings.sparse_beta1, settings.sparse_beta2),
-                                eps=settings.sparse_eps, weight_decay=settings.sparse_weight_decay)
+                                eps=settings.sparse_eps, weight_decay=settings.sparse_weight_decay,
+                                **fused_if_cuda(params))
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=settings.sparse_weight_decay)
+        return torch.optim.SGD(params, lr=lr, weight_decay=settings.sparse_weight_decay, **fused_if_cuda(params))
     # Row-wise Adagrad has no torch twin; element-wise Adagrad is its closest replicated stand-in.
     return torch.optim.Adagrad(params, lr=lr, eps=settings.sparse_eps, weight_decay=settings.sparse_weight_decay)
 

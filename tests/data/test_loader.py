@@ -152,6 +152,19 @@ def test_worker_processes_give_identical_batches(synthetic_dir):
     parallel = [as_plain(b) for b in parallel_loader]
     assert parallel == serial
     assert parallel_loader.state_dict()["epoch"] == 1
+    # The workers persist across passes and follow each pass's plan: the next epoch, a pass abandoned after
+    # two batches, and the epoch after it all match the serial loader.
+    workers = parallel_loader._workers
+    serial_loader = make_dataloader(ds, 50, shuffle=True, seed=2)
+    serial_loader.set_epoch(1)
+    assert [as_plain(b) for b in parallel_loader] == [as_plain(b) for b in serial_loader]
+    parallel_loader.set_epoch(2)
+    serial_loader.set_epoch(2)
+    first_two = [as_plain(b) for _, b in zip(range(2), parallel_loader)]
+    assert first_two == [as_plain(b) for b in serial_loader][:2]
+    parallel_loader.set_epoch(3)
+    assert [as_plain(b) for b in parallel_loader] == [as_plain(b) for b in serial_loader]  # serial is at epoch 3
+    assert parallel_loader._workers is workers
 
 
 def test_dataset_pickles_without_memory_maps(synthetic_dir):
