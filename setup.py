@@ -9,8 +9,12 @@ Environment switches:
   HSTU_FORCE_BUILD=1     build the extension even when no GPU is visible (a CUDA torch and nvcc are still needed)
   HSTU_SKIP_CUDA_BUILD=1 never build the extension
   HSTU_DISABLE_BF16 / HSTU_DISABLE_FP16 / HSTU_DISABLE_HDIM{32,64,128,256} / HSTU_DISABLE_RAB /
-  HSTU_DISABLE_BACKWARD / HSTU_DISABLE_SM80 (drop the 8.x targets from the architecture list)
+  HSTU_DISABLE_BACKWARD / HSTU_DISABLE_SM80 (drop the 8.x targets from the architecture list) /
+  HSTU_DISABLE_SM90 (skip the Hopper wgmma forward units, *_sm90.cu)
                          prune generated instantiations (csrc/hstu_attention/instantiations) to shorten builds
+  The Hopper forward units (*_sm90.cu, fwd_kernel_sm90.h) are built only when the list holds 9.0a; then every unit
+  gets -DHSTU_WITH_SM90_FWD and the forward launcher may pick them at run time (HSTU_SM90_FWD=1, sm_90 device,
+  no dropout). Their device code exists for sm_90a only (other targets compile a trapping stub).
   CUTLASS_INCLUDE_DIR    CUTLASS/CuTe headers; default: the installed nvidia-cutlass package's headers
 """
 
@@ -46,18 +50,31 @@ DISABLE_FLAGS = [
     "HSTU_DISABLE_RAB",
     "HSTU_DISABLE_BACKWARD",
     "HSTU_DISABLE_SM80",
+    "HSTU_DISABLE_SM90",
 ]
+
+
+def arch_list() -> list[str]:
+    return [a for a in re.split(r"[;\s,]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a").strip()) if a]
+
+
+def builds_sm90_fwd() -> bool:
+    """Whether the Hopper forward units are built: sm_90a in the architecture list and no HSTU_DISABLE_SM90."""
+    return not env_flag("HSTU_DISABLE_SM90") and any(a.replace("+PTX", "") == "9.0a" for a in arch_list())
 
 
 def selected_instantiations() -> list[str]:
     """The generated translation units that survive the HSTU_DISABLE_* switches."""
-    pattern = re.compile(r"hstu_(fwd|bwd)_(bf16|fp16)_hdim(\d+)_(norab|rab)_sm80\.cu$")
+    pattern = re.compile(r"hstu_(fwd|bwd)_(bf16|fp16)_hdim(\d+)_(norab|rab)_(sm80|sm90)\.cu$")
     out = []
+    sm90 = builds_sm90_fwd()
     for path in sorted((CSRC / "hstu_attention" / "instantiations").glob("*.cu")):
         m = pattern.match(path.name)
         if not m:
             continue
-        direction, dtype, hdim, rab = m.groups()
+        direction, dtype, hdim, rab, arch = m.groups()
+        if arch == "sm90" and not sm90:
+            continue
         if direction == "bwd" and env_flag("HSTU_DISABLE_BACKWARD"):
             continue
         if env_flag(f"HSTU_DISABLE_{dtype.upper()}") or env_flag(f"HSTU_DISABLE_HDIM{hdim}"):
@@ -69,11 +86,8 @@ def selected_instantiations() -> list[str]:
 
 
 def arch_flags() -> list[str]:
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     flags = []
-    for item in re.split(r"[;\s,]+", archs.strip()):
-        if not item:
-            continue
+    for item in arch_list():
         ptx = item.endswith("+PTX")
         item = item.replace("+PTX", "")
         m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", item)
@@ -137,6 +151,8 @@ def cuda_extension_setup() -> dict:
         return {}
     sources = ["csrc/hstu_attention/hstu_api.cpp"] + selected_instantiations()
     defines = [f"-D{name}" for name in DISABLE_FLAGS if env_flag(name)]
+    if any(src.endswith("_sm90.cu") for src in sources):
+        defines.append("-DHSTU_WITH_SM90_FWD")
     nvcc = [
         "-O3",
         "-std=c++17",

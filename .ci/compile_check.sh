@@ -3,6 +3,8 @@
 # subset of the generated kernel instantiations (every head dim, both dtypes, with and without rab, forward and
 # backward), for sm_80 and sm_90a. Uses the CPU torch headers of the venv (plus a stub for the one CUDA-build-only
 # header they lack). Set HSTU_COMPILE_CHECK_ALL=1 to compile every instantiation for both architectures.
+# The Hopper forward (fwd_kernel_sm90.h): one representative *_sm90.cu unit, for sm_90a only (what setup.py builds
+# it for), and HSTU_WITH_SM90_FWD on every unit so launch.h's sm90 dispatch branch is compiled too.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -34,7 +36,8 @@ TORCH_INC="$("$PY" -c 'import torch.utils.cpp_extension as c; print(" ".join("-I
 PY_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 CUDA_INC="$(dirname "$(dirname "$NVCC")")/include"
 JOBS="${JOBS:-$(nproc)}"
-COMMON=(-std=c++17 -O3 --expt-relaxed-constexpr --expt-extended-lambda -I"$ROOT/csrc/hstu_attention" -I"$CUTLASS_INC")
+COMMON=(-std=c++17 -O3 --expt-relaxed-constexpr --expt-extended-lambda -DHSTU_WITH_SM90_FWD -I"$ROOT/csrc/hstu_attention"
+  -I"$CUTLASS_INC")
 start=$(date +%s)
 
 echo "[compile_check] binding TU (host compiler, torch headers)"
@@ -58,10 +61,35 @@ else
   )
   ARCHS=(80 90a)
 fi
+# Host self-check of the sm90 forward's layout assumptions (fragment orders, swizzled tile addressing) for every
+# instantiated (dtype, head dim): built and run in the background while the kernel units compile.
+cat >"$WORK/sm90_layouts.cu" <<'CU'
+#include "fwd_kernel_sm90.h"
+#include <cstdio>
+template <typename E, int D>
+int check(const char* name) {
+  const std::string e = hstu::sm90::check_sm90_traits<hstu::sm90::FwdTraitsSm90<E, D, false>>();
+  if (!e.empty()) std::printf("[compile_check] sm90 layouts %s hdim%d: %s\n", name, D, e.c_str());
+  return e.empty() ? 0 : 1;
+}
+int main() {
+  const int bad = check<__nv_bfloat16, 64>("bf16") + check<__nv_bfloat16, 128>("bf16") +
+                  check<__nv_bfloat16, 256>("bf16") + check<__half, 64>("fp16") + check<__half, 128>("fp16") +
+                  check<__half, 256>("fp16");
+  return bad;
+}
+CU
+( "$NVCC" "${COMMON[@]}" -O0 "$WORK/sm90_layouts.cu" -o "$WORK/sm90_layouts" >"$WORK/sm90_layouts.log" 2>&1 &&
+  "$WORK/sm90_layouts" >>"$WORK/sm90_layouts.log" 2>&1 ) &
+layout_pid=$!
+
 jobs_list=()
 for arch in "${ARCHS[@]}"; do
   for f in "${FILES[@]}"; do jobs_list+=("$arch $f"); done
 done
+if [ "${HSTU_COMPILE_CHECK_ALL:-0}" != "1" ]; then
+  jobs_list+=("90a $INST/hstu_fwd_bf16_hdim128_rab_sm90.cu")
+fi
 printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c '
   arch="$0"; f="$1"; o="'"$WORK"'/$(basename "$f" .cu)_$arch.o"
   if ! "'"$NVCC"'" '"${COMMON[*]}"' -gencode=arch=compute_$arch,code=sm_$arch -Xptxas=-warn-spills -c "$f" -o "$o" 2>"$o.log"; then
@@ -69,5 +97,9 @@ printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c '
   fi
   grep -i "spill\|warning" "$o.log" | sed "s|^|[compile_check] sm_$arch $(basename $f): |" || true
   echo "[compile_check] ok sm_$arch $f"'
+if ! wait "$layout_pid"; then
+  echo "[compile_check] FAILED sm90 layout self-check"; cat "$WORK/sm90_layouts.log"; exit 1
+fi
+echo "[compile_check] ok sm90 layout self-check (host)"
 end=$(date +%s)
 echo "[compile_check] all good in $((end - start)) s (${#jobs_list[@]} kernel TUs + binding, $JOBS jobs)"

@@ -107,6 +107,23 @@ def time_kernel(q, k, v, offsets, L, kwargs):
     return do_bench(fwd), do_bench(bwd), do_bench(fwd_bwd), do_bench(lambda: bwd(True))
 
 
+def sm90_forward_active() -> bool:
+    """The Hopper wgmma forward runs for these launches (built in, opted into, on an sm_90 device)."""
+    return (bool(hstu_cuda.build_info().get("sm90_forward")) and os.environ.get("HSTU_SM90_FWD") == "1"
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
+def time_sm80_forward(q, k, v, offsets, L, kwargs) -> float:
+    """The mma.sync forward of the same shape (HSTU_SM90_FWD=0 for these launches: the launcher reads it per call)."""
+    common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
+              kwargs.get("num_targets"), 1, None)  # fmt: skip
+    os.environ["HSTU_SM90_FWD"] = "0"
+    try:
+        return do_bench(lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0))
+    finally:
+        os.environ["HSTU_SM90_FWD"] = "1"
+
+
 def profile_breakdown() -> None:
     """Average CUDA time per kernel (forward, dk/dv, dq) for the two head dims of the headline shapes."""
     from torch.profiler import ProfilerActivity, profile
@@ -172,7 +189,10 @@ def main() -> None:
                "kernel": "hstu fused (cuda)" if reason is None else f"reference ({reason})"}  # fmt: skip
         if reason is None:
             tf, tb, tfb, tbd = time_kernel(q, k, v, offsets, L, kwargs)
-            row.update(bwd_det_ms=tbd, bwd_det_tflops=2.5 * fl / tbd / 1e9)
+            row.update(bwd_det_ms=tbd, bwd_det_tflops=2.5 * fl / tbd / 1e9, sm90_forward=sm90_forward_active())
+            if row["sm90_forward"] and D != 32:  # the same run's mma.sync forward, for comparison
+                t80 = time_sm80_forward(q, k, v, offsets, L, kwargs)
+                row.update(fwd_sm80_ms=t80, fwd_sm80_tflops=fl / t80 / 1e9)
             if not args.no_op:
                 _, _, ofb = time_impl(hstu_attention, q, k, v, offsets, L, kwargs)
                 row["op_fwdbwd_tflops"] = 3.5 * fl / ofb / 1e9  # public op: validation + autograd included
@@ -194,6 +214,7 @@ def main() -> None:
         print(f"{name:24s} fwd {row['fwd_tflops']:6.1f}  bwd {row['bwd_tflops']:6.1f}  fwd+bwd {row['fwdbwd_tflops']:6.1f}"
               f"  TFLOP/s  (ms {tf:.3f}/{tb:.3f}/{tfb:.3f})"
               + (f"  bwd(det) {row['bwd_det_tflops']:.1f}" if "bwd_det_tflops" in row else "")
+              + (f"  fwd(sm80) {row['fwd_sm80_tflops']:.1f}" if "fwd_sm80_tflops" in row else "")
               + (f"  op fwd+bwd {row['op_fwdbwd_tflops']:.1f}" if "op_fwdbwd_tflops" in row else "")
               + (f"  ref {row['ref_fwd_tflops']:.1f}/{row['ref_bwd_tflops']:.1f}/{row['ref_fwdbwd_tflops']:.1f}"
                  if "ref_fwd_tflops" in row else ""), flush=True)  # fmt: skip

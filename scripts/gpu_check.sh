@@ -32,13 +32,20 @@ note "torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)
 # objects, if they match the current sources (hash); otherwise it runs the full setup.py build.
 OBJ_DIR="${HSTU_OBJ_DIR:-$ROOT/.device/hstu_objs}"
 DISABLE_NAMES="HSTU_DISABLE_BF16 HSTU_DISABLE_FP16 HSTU_DISABLE_HDIM32 HSTU_DISABLE_HDIM64 HSTU_DISABLE_HDIM128 HSTU_DISABLE_HDIM256 HSTU_DISABLE_RAB HSTU_DISABLE_BACKWARD"
-defines() { for n in $DISABLE_NAMES; do [[ "${!n:-0}" =~ ^(1|true|yes|on)$ ]] && printf -- '-D%s ' "$n"; done; true; }
+sm90_off() { [[ "${HSTU_DISABLE_SM90:-0}" =~ ^(1|true|yes|on)$ ]]; }
+# (prebuilt objects are sm_90a: with the Hopper forward units unless HSTU_DISABLE_SM90, as setup.py decides)
+defines() {
+  for n in $DISABLE_NAMES; do [[ "${!n:-0}" =~ ^(1|true|yes|on)$ ]] && printf -- '-D%s ' "$n"; done
+  sm90_off || printf -- '-DHSTU_WITH_SM90_FWD '
+  true
+}
 src_hash() { { cat csrc/hstu_attention/*.h csrc/hstu_attention/instantiations/*.cu; defines; echo sm_90a; } | sha256sum | cut -c1-16; }
 selected_units() {
   for f in csrc/hstu_attention/instantiations/*.cu; do
     b=$(basename "$f")
     [[ "${HSTU_DISABLE_BACKWARD:-0}" =~ ^(1|true|yes|on)$ && $b == hstu_bwd_* ]] && continue
     [[ "${HSTU_DISABLE_RAB:-0}" =~ ^(1|true|yes|on)$ && $b == *_rab_* ]] && continue
+    sm90_off && [[ $b == *_sm90.cu ]] && continue
     skip=0
     for part in BF16 FP16 HDIM32 HDIM64 HDIM128 HDIM256; do
       n=HSTU_DISABLE_$part

@@ -266,6 +266,11 @@ pybind11::dict build_info() {
 #endif
   d["dropout"] = true;
   d["atomic_dq"] = true;
+#ifdef HSTU_WITH_SM90_FWD
+  d["sm90_forward"] = true;  // Hopper wgmma forward units built (used with HSTU_SM90_FWD=1 on sm_90)
+#else
+  d["sm90_forward"] = false;
+#endif
   return d;
 }
 

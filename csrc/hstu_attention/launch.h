@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstdio>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
 #include "bwd_kernel.h"
 #include "fwd_kernel.h"
+#include "fwd_sm90_api.h"
 #include "tile_config.h"
 
 namespace hstu {
@@ -40,9 +42,51 @@ void launch_fwd_impl(const AttnParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "forward launch");
 }
 
+// Hopper forward (fwd_kernel_sm90.h, wgmma). HSTU_WITH_SM90_FWD: setup.py / CMake define it for every unit when
+// the sm90 units are built (sm_90a in the architecture list, no HSTU_DISABLE_SM90); they are pruned like the sm80
+// units, so run_fwd_sm90<T, D, rab> exists whenever run_fwd<T, D, rab> does (D in 64, 128, 256). Used when the
+// current device is sm_90, the forward has no dropout and HSTU_SM90_FWD=1 (opt-in until GPU-verified; read at
+// every call, so tests can toggle it per case).
+inline bool sm90_fwd_requested() {
+  const char* e = std::getenv("HSTU_SM90_FWD");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+inline bool current_device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+}
+
+template <int kHeadDim>
+inline bool use_sm90_fwd(const AttnParams& p) {
+#if defined(HSTU_WITH_SM90_FWD)
+  if constexpr (kSm90FwdHeadDim<kHeadDim>) return !p.dropout && sm90_fwd_requested() && current_device_is_sm90();
+#else
+  // Say once when the opt-in cannot take effect because this build has no sm90 units (no 9.0a target).
+  static bool told = false;
+  if (!told && sm90_fwd_requested()) {
+    told = true;
+    std::fprintf(stderr, "hstu attention: HSTU_SM90_FWD=1 ignored: built without the sm90 forward (needs 9.0a in "
+                         "TORCH_CUDA_ARCH_LIST and no HSTU_DISABLE_SM90)\n");
+  }
+#endif
+  (void)p;
+  return false;
+}
+
 template <typename Element, int kHeadDim, bool kHasRab>
 void launch_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.max_seqlen == 0) return;
+  if (use_sm90_fwd<kHeadDim>(p)) {
+#if defined(HSTU_WITH_SM90_FWD)
+    if constexpr (kSm90FwdHeadDim<kHeadDim>) {
+      run_fwd_sm90<Element, kHeadDim, kHasRab>(p, stream);
+      return;
+    }
+#endif
+  }
   if (p.dropout)
     launch_fwd_impl<Element, kHeadDim, kHasRab, true>(p, stream);
   else

@@ -1,0 +1,404 @@
+// Hopper (sm_90a) forward: the same math, masks and tile walk as fwd_kernel.h, with the two GEMMs on warpgroup MMAs
+// (wgmma, through CuTe's SM90 GMMA atoms) instead of per-warp mma.sync.
+//
+// Block = 2 consumer warpgroups (256 threads), 128 query rows (64 per warpgroup); no producer warp, no TMA: all
+// 256 threads stream K/V tiles into a 2-slot shared-memory ring with cp.async (zero-fill past the sequence end,
+// exactly as the sm80 path) while the warpgroups compute on the other slot.
+//   S = Q K^T : SS-wgmma, Q (resident) and K both K-major (head dim contiguous) 128B-swizzled tiles
+//   P = SiLU(alpha (S + rab)) (masked), per element in registers on the fp32 accumulator; element coordinates come
+//       from the MMA partition of an identity tensor; masks through mask.h (next_key_tile / with_tile_mask)
+//   O += P V  : RS-wgmma, P re-packed in registers as the A operand (same register order: see POperandShape), V
+//       the B operand in MN-major form (head dim contiguous) from a 128B-swizzled MN-major tile
+// Epilogue: O * (1 / N) stored straight from the accumulator, rows past the sequence end skipped.
+// Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); compiled for any other target the kernel traps.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "fwd_sm90_api.h"
+#include "hstu.h"
+#include "mask.h"
+#include "tile_scheduler.h"
+#include "utils.h"
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define HSTU_SM90_DEVICE 1
+#endif
+
+namespace hstu {
+namespace sm90 {
+
+template <typename Element>
+struct CuteElement;
+template <>
+struct CuteElement<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CuteElement<__half> {
+  using type = cutlass::half_t;
+};
+
+template <typename Element_, int kHeadDim_, bool kHasRab_>
+struct FwdTraitsSm90 {
+  using Element = Element_;                               // CUDA type (global memory, helpers of utils.h)
+  using T = typename CuteElement<Element>::type;          // the same bits as a CuTe type (GMMA atoms, smem)
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kHasRab = kHasRab_;
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  static constexpr int kBlockM = 64 * kWarpGroups;        // 64 query rows per warpgroup (one wgmma M)
+  // Registers per thread: O is 64 x D fp32 per warpgroup = D / 2 floats, S = BN / 2 floats, P = BN / 4 words.
+  static constexpr int kBlockN = kHeadDim >= 256 ? 64 : 128;
+  static constexpr int kStages = 2;
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim 64, 128 or 256");
+
+  using BM = cute::Int<kBlockM>;
+  using BN = cute::Int<kBlockN>;
+  using HD = cute::Int<kHeadDim>;
+  using WgLayout = cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>;  // warpgroups along M
+  // S = Q K^T: (M, N, K) = (64 per warpgroup, BN, D); both operands K-major in shared memory.
+  using MmaS = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::ss_op_selector<T, T, float, cute::Shape<cute::_64, BN, HD>, cute::SM90::GMMA::Major::K,
+                                       cute::SM90::GMMA::Major::K>(),
+      WgLayout{}));
+  // O = P V: (M, N, K) = (64 per warpgroup, D, BN); A = P in registers (K-major by definition), B = V MN-major.
+  using MmaO = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::rs_op_selector<T, T, float, cute::Shape<cute::_64, HD, BN>, cute::SM90::GMMA::Major::K,
+                                       cute::SM90::GMMA::Major::MN>(),
+      WgLayout{}));
+
+  // Shared tiles. Q: (BM, D), K: (BN, D), both K-major (D contiguous); Vt: (D, BN) = V seen as the (N, K) B operand
+  // of P V, MN-major (D contiguous), atoms tiled along K (keys) first.
+  using SmemLayoutQ = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<BM, HD>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<BN, HD>{}));
+  using SmemLayoutVt = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_MN_SW128_Atom<T>{},
+                                                    cute::Shape<HD, BN>{}, cute::Step<cute::_2, cute::_1>{}));
+  static constexpr int kSizeQ = cute::cosize_v<SmemLayoutQ>;
+  static constexpr int kSizeK = cute::cosize_v<SmemLayoutK>;
+  static constexpr int kSizeV = cute::cosize_v<SmemLayoutVt>;
+  static_assert(kSizeQ == kBlockM * kHeadDim && kSizeK == kBlockN * kHeadDim && kSizeV == kBlockN * kHeadDim,
+                "compact shared tiles");
+  // 128B-swizzled GMMA tiles need 1024-byte aligned bases: every tile size is a multiple of 8 rows x 128 bytes.
+  static_assert((kSizeQ * 2) % 1024 == 0 && (kSizeK * 2) % 1024 == 0, "1024-byte aligned tiles");
+  static constexpr int kSmemBytes = (kSizeQ + kStages * (kSizeK + kSizeV)) * 2;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
+};
+
+// rab[b, hr, i, j] in q's dtype (the binding casts rab to it), as float.
+template <typename Element>
+__device__ __forceinline__ float rab_value(const AttnParams& p, int b, int hr, int i, int j) {
+  const Element* r = reinterpret_cast<const Element*>(p.rab) + b * p.rab_batch_stride + hr * p.rab_head_stride +
+                     static_cast<int64_t>(i) * p.rab_row_stride + j;
+  return to_float<Element>(*r);
+}
+
+#if defined(HSTU_SM90_DEVICE)
+
+// Orders this thread's generic-proxy shared-memory writes (cp.async) before later async-proxy reads (wgmma).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Rows [0, kRows) of a (rows, kCols) global tile (row stride in elements) into a CuTe shared tensor, 16 bytes per
+// cp.async; rows >= valid_rows are zero-filled and never addressed in global memory. kTransposed: the shared tensor
+// is indexed (col, row) (the MN-major V tile). Eight consecutive columns starting at a multiple of 8 are contiguous
+// (and 16-byte aligned) in every layout used here: swizzling permutes whole 16-byte chunks.
+template <int kRows, int kCols, int kThreads, bool kTransposed, typename Element, typename SmemTensor>
+__device__ __forceinline__ void load_rows_async(SmemTensor&& s, const Element* gmem, int64_t row_stride,
+                                                int valid_rows, int tid) {
+  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kTotal = kRows * kChunksPerRow;
+  static_assert(kTotal % kThreads == 0, "whole rounds of 16-byte chunks");
+  using Copy = cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t, cute::uint128_t>;
+#pragma unroll
+  for (int idx = tid; idx < kTotal; idx += kThreads) {
+    const int row = idx / kChunksPerRow;
+    const int col = (idx % kChunksPerRow) * 8;
+    const bool ok = row < valid_rows;
+    const Element* src = ok ? gmem + row * row_stride + col : gmem;
+    void* dst;
+    if constexpr (kTransposed)
+      dst = &s(col, row);
+    else
+      dst = &s(row, col);
+    Copy::copy(*reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst), ok);
+  }
+}
+
+// One warpgroup GEMM over all k blocks: C (+)= A B. kZeroInit: C = A B (the first k block overwrites C).
+// kARegs: A is a register fragment (RS-wgmma), else shared-memory descriptors (SS-wgmma).
+// Waits for completion before returning (the kernel has no intra-warpgroup overlap of GEMMs and pointwise work).
+template <bool kZeroInit, bool kARegs, typename TiledMma, typename TA, typename TB, typename TC>
+__device__ __forceinline__ void wg_gemm(TiledMma& mma, TA& tA, TB const& tB, TC& tC) {
+  if constexpr (kARegs) cute::warpgroup_fence_operand(tA);
+  cute::warpgroup_fence_operand(tC);
+  cute::warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = cute::SM90::GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kb = 0; kb < cute::size<2>(tA); ++kb) {
+    cute::gemm(mma, tA(cute::_, cute::_, kb), tB(cute::_, cute::_, kb), tC);
+    mma.accumulate_ = cute::SM90::GMMA::ScaleOut::One;
+  }
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_wait<0>();
+  cute::warpgroup_fence_operand(tC);
+  if constexpr (kARegs) cute::warpgroup_fence_operand(tA);
+}
+
+#endif  // HSTU_SM90_DEVICE
+
+// The A-operand fragment of O = P V has the same per-thread register order as the accumulator fragment of S:
+// accumulator value (v0, v1, n8) sits at (row 8 v1 + r, col v0 + 8 n8 + c) and A value (v0, v1, v2) of k block kb
+// at (row 8 v1 + r, k v0 + 8 v2 + 16 kb) (r, c: the thread's base), so with n8 = v2 + 2 kb both enumerate the
+// same elements in the same linear order. check_sm90_fragments (host) verifies this for every instantiated shape.
+template <typename Tr>
+using POperandShape = decltype(cute::partition_shape_A(typename Tr::MmaO{}, cute::Shape<typename Tr::BM, typename Tr::BN>{}));
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const AttnParams p) {
+#if defined(HSTU_SM90_DEVICE)
+  using namespace cute;
+  using Element = typename Tr::Element;
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* const pQ = reinterpret_cast<T*>(smem_raw);
+  T* const pK = pQ + Tr::kSizeQ;                  // kStages slots
+  T* const pV = pK + Tr::kStages * Tr::kSizeK;    // kStages slots
+
+  // The 128B-swizzled GMMA tiles need a 1024-byte aligned base (no static shared memory in this kernel).
+  if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
+
+  const WorkItem w = schedule_block(p, /*reverse=*/true);
+  const SeqMask& mk = w.mask;
+  const int m0 = w.tile * BM;
+  if (m0 >= mk.L) return;  // whole block uniform: no barrier or warpgroup op is skipped by part of it
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+
+  const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
+  const Element* gQ = reinterpret_cast<const Element*>(p.q) + base;
+  const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
+  const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
+
+  Tensor sQ = make_tensor(make_smem_ptr(pQ), typename Tr::SmemLayoutQ{});
+  auto sK = [&](int stage) { return make_tensor(make_smem_ptr(pK + stage * Tr::kSizeK), typename Tr::SmemLayoutK{}); };
+  auto sVt = [&](int stage) {
+    return make_tensor(make_smem_ptr(pV + stage * Tr::kSizeV), typename Tr::SmemLayoutVt{});
+  };
+
+  const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
+  auto next_tile = [&](int n) { return mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM); };
+  auto load_kv = [&](int n, int stage) {
+    const int valid = mk.L - n * BN;
+    load_rows_async<BN, D, NT, false>(sK(stage), gK + n * BN * p.row_stride, p.row_stride, valid, tid);
+    load_rows_async<BN, D, NT, true>(sVt(stage), gV + n * BN * p.row_stride, p.row_stride, valid, tid);
+  };
+
+  typename Tr::MmaS mma_s;
+  typename Tr::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // descriptors of this warpgroup's 64 rows of Q
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<typename Tr::BM, typename Tr::BN>{});
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::BN>{}));
+  Tensor tOrO = partition_fragment_C(mma_o, Shape<typename Tr::BM, typename Tr::HD>{});
+  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::HD>{}));
+  Tensor tOrP = make_tensor<T>(POperandShape<Tr>{});
+  static_assert(decltype(size(tSrS))::value == decltype(size(tOrP))::value, "P fragment = S fragment");
+  static_assert(decltype(size(tScS))::value == decltype(size(tSrS))::value, "S coordinates");
+  static_assert(decltype(size(tOcO))::value == decltype(size(tOrO))::value, "O coordinates");
+  static_assert(decltype(size(tSrS))::value % 2 == 0, "pairs");
+  clear(tOrO);
+
+  // Pipeline: Q and the first visible K/V tile form one commit group; iteration `it` waits for everything it issued
+  // (its own tile), publishes it to the async proxy and the block, then requests the next visible tile into the
+  // other slot (last read by iteration it - 1, whose wgmmas every warpgroup has waited for before this barrier).
+  int n = next_tile(-1);
+  load_rows_async<BM, D, NT, false>(sQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
+  if (n < n_tiles) load_kv(n, 0);
+  cp_async_commit();
+
+  const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
+  const int wm0 = m0 + 64 * wg;  // first row of this warpgroup
+  int stage = 0;
+  while (n < n_tiles) {
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    __syncthreads();
+    const int n_next = next_tile(n);
+    if (n_next < n_tiles) load_kv(n_next, stage ^ 1);
+    cp_async_commit();
+
+    Tensor tSrK = thr_s.partition_fragment_B(sK(stage));
+    wg_gemm</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrQ, tSrK, tSrS);
+
+    const int n0 = n * BN;
+    // pointwise stage; with_tile_mask: tiles wholly visible for this warpgroup's rows skip every mask/bounds test
+    auto pointwise = [&](auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
+      CUTE_UNROLL
+      for (int e = 0; e < size(tSrS); ++e) {
+        const int i = m0 + get<0>(tScS(e));
+        const int j = n0 + get<1>(tScS(e));
+        float x = tSrS(e);
+        if constexpr (Tr::kHasRab) {
+          if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
+        }
+        x *= p.alpha;
+        float pv = x * sigmoid_t<Element>(x);
+        if constexpr (kMasked) {
+          if (!mk.visible(i, j)) pv = 0.f;
+        }
+        tSrS(e) = pv;
+      }
+    };
+    with_tile_mask(mk, wm0, wm0 + 64, n0, n0 + BN, pointwise);
+
+    // P in q's dtype, in the A-operand register order (identical linear order: see POperandShape).
+    {
+      Tensor tOrP32 = recast<uint32_t>(tOrP);
+      CUTE_UNROLL
+      for (int e = 0; e < size(tOrP32); ++e) tOrP32(e) = pack2<Element>(tSrS(2 * e), tSrS(2 * e + 1));
+    }
+    Tensor tOrV = thr_o.partition_fragment_B(sVt(stage));
+    wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
+
+    n = n_next;
+    stage ^= 1;
+  }
+  cp_async_wait_all();
+
+  // Epilogue: rows of this sequence only (the rows after it belong to the next sequence). Accumulator values 2e and
+  // 2e + 1 are columns c and c + 1 of one row (checked by check_sm90_fragments): one 4-byte store per pair.
+  Element* gO = reinterpret_cast<Element*>(p.out) + base;
+  const float o_scale = p.inv_scale;
+  CUTE_UNROLL
+  for (int e = 0; e < size(tOrO) / 2; ++e) {
+    const int i = m0 + get<0>(tOcO(2 * e));
+    const int c = get<1>(tOcO(2 * e));
+    if (i < mk.L) {
+      *reinterpret_cast<uint32_t*>(gO + static_cast<int64_t>(i) * p.row_stride + c) =
+          pack2<Element>(tOrO(2 * e) * o_scale, tOrO(2 * e + 1) * o_scale);
+    }
+  }
+#else
+  // Not an sm_90a target: the launcher never selects this kernel there.
+  __trap();
+#endif
+}
+
+// Host-side self-checks of the layout assumptions above (pure layout algebra, no GPU; .ci/compile_check.sh runs them
+// for every instantiated shape). Each returns an empty string when it passes.
+// (1) P's A-operand fragment enumerates the same (row, key) as S's accumulator fragment, S rows lie in the thread's
+//     warpgroup, and O accumulator values 2e, 2e + 1 are adjacent columns (c even) of one row.
+template <typename Tr>
+inline std::string check_sm90_fragments() {
+  using namespace cute;
+  typename Tr::MmaS mma_s;
+  typename Tr::MmaO mma_o;
+  auto cS = make_identity_tensor(Shape<typename Tr::BM, typename Tr::BN>{});
+  auto cO = make_identity_tensor(Shape<typename Tr::BM, typename Tr::HD>{});
+  for (int t = 0; t < Tr::kThreads; ++t) {
+    auto thr_s = mma_s.get_thread_slice(t);
+    auto thr_o = mma_o.get_thread_slice(t);
+    auto tScS = thr_s.partition_C(cS);
+    auto tOcP = thr_o.partition_A(cS);  // (row, key) of each P operand value
+    auto tOcO = thr_o.partition_C(cO);
+    if (size(tScS) != size(tOcP)) return "P/S fragment sizes differ";
+    for (int e = 0; e < size(tScS); ++e) {
+      if (get<0>(tScS(e)) != get<0>(tOcP(e)) || get<1>(tScS(e)) != get<1>(tOcP(e)))
+        return "P operand order != S accumulator order at thread " + std::to_string(t) + " value " +
+               std::to_string(e);
+      if (get<0>(tScS(e)) / 64 != t / 128) return "S row outside the thread's warpgroup";
+    }
+    for (int e = 0; e + 1 < size(tOcO); e += 2) {
+      if (get<0>(tOcO(e)) != get<0>(tOcO(e + 1)) || get<1>(tOcO(e)) + 1 != get<1>(tOcO(e + 1)) ||
+          get<1>(tOcO(e)) % 2 != 0)
+        return "O accumulator pair not adjacent at thread " + std::to_string(t);
+      if (get<0>(tOcO(e)) / 64 != t / 128) return "O row outside the thread's warpgroup";
+    }
+  }
+  return "";
+}
+
+// (2) A shared tile, addressed as load_rows_async does (through a swizzled smem tensor on a 1024-byte aligned base):
+//     each 8-column chunk is 8 contiguous elements at a 16-byte aligned offset, and (row, col) -> offset is a
+//     bijection onto [0, rows * cols).
+template <typename Layout, typename T>
+inline std::string check_sm90_smem_tile(bool transposed, int rows, int cols) {
+  static_assert(sizeof(T) == 2, "16-bit elements");
+  std::vector<uint16_t> storage(rows * cols + 1024);
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
+  auto s = cute::make_tensor(cute::make_smem_ptr(base), Layout{});
+  std::vector<int> seen(rows * cols, 0);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; c += 8) {
+      const T* p0 = transposed ? &s(c, r) : &s(r, c);
+      const long off0 = p0 - base;
+      if (off0 % 8 != 0) return "chunk not 16-byte aligned";
+      for (int k = 0; k < 8; ++k) {
+        const T* pk = transposed ? &s(c + k, r) : &s(r, c + k);
+        const long off = pk - base;
+        if (off != off0 + k) return "chunk not contiguous";
+        if (off < 0 || off >= rows * cols) return "offset out of the tile";
+        seen[off]++;
+      }
+    }
+  for (int x : seen)
+    if (x != 1) return "not a bijection";
+  return "";
+}
+
+template <typename Tr>
+inline std::string check_sm90_traits() {
+  using T = typename Tr::T;
+  std::string e = check_sm90_fragments<Tr>();
+  if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutQ, T>(false, Tr::kBlockM, Tr::kHeadDim);
+  if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutK, T>(false, Tr::kBlockN, Tr::kHeadDim);
+  if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutVt, T>(true, Tr::kBlockN, Tr::kHeadDim);
+  return e;
+}
+
+template <typename Element, int kHeadDim, bool kHasRab>
+void launch_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
+  using Tr = FwdTraitsSm90<Element, kHeadDim, kHasRab>;
+  if (p.batch == 0 || p.max_seqlen == 0) return;
+  auto kernel = hstu_fwd_sm90_kernel<Tr>;
+  auto check = [](cudaError_t err, const char* what) {
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("hstu attention (sm90 forward): ") + what + ": " + cudaGetErrorString(err));
+  };
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
+        "cudaFuncSetAttribute");
+  const dim3 grid((p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM, p.batch, p.heads);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  check(cudaGetLastError(), "launch");
+}
+
+}  // namespace sm90
+}  // namespace hstu
+
+// One explicit specialisation of run_fwd_sm90 per translation unit (instantiations/hstu_fwd_*_sm90.cu).
+#define HSTU_INSTANTIATE_FWD_SM90(T, D, RAB)                              \
+  namespace hstu {                                                        \
+  template <>                                                             \
+  void run_fwd_sm90<T, D, RAB>(const AttnParams& p, cudaStream_t stream) { \
+    sm90::launch_fwd_sm90<T, D, RAB>(p, stream);                          \
+  }                                                                       \
+  }
