@@ -197,6 +197,7 @@ class Trainer:
         window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         interrupted = False
         profiler = StepProfiler(t.profile_steps, t.run_dir, ctx.is_main, ctx.device, first_step=self.state.step)
+        first_step, first_epoch, train_started = self.state.step, self.state.epoch, time.perf_counter()
         self.model.train()
         while self.state.step < self.total_steps and not interrupted:
             self.train_loader.set_epoch(self.state.epoch)
@@ -280,7 +281,15 @@ class Trainer:
                 print(f"[hstu] stopped after step {self.state.step} (stop_after_steps); resume with --resume", flush=True)
             self.logger.close()
             return {"interrupted": True, "step": self.state.step}
+        # Wall time of this run's training loop: steps, periodic evaluations and checkpoints (not the final evaluation).
+        train_seconds = time.perf_counter() - train_started
         final = self.evaluate(with_baseline=t.compute_baseline)
+        final["train_seconds"] = round(train_seconds, 3)
+        epochs = self.state.epoch - first_epoch
+        if ctx.is_main:
+            per_epoch = f", {train_seconds / epochs:.2f} s per epoch" if epochs > 0 else ""
+            print(f"[hstu] trained {self.state.step - first_step} steps ({epochs} epochs) in {train_seconds:.1f} s"
+                  f"{per_epoch} (periodic evaluation and checkpoints included)", flush=True)
         if t.save_final_checkpoint:
             self._save()
         self._report(final, None, final_summary=True)
@@ -290,7 +299,8 @@ class Trainer:
     def _report(self, record: dict, progress, final_summary: bool = False) -> None:
         if not self.ctx.is_main:
             return
-        keys = [k for k in record if k not in ("step", "epoch", "num_samples", "eval_seconds") and not k.startswith("baseline/")]
+        keys = [k for k in record if k not in ("step", "epoch", "num_samples", "eval_seconds", "train_seconds")
+                and not k.startswith("baseline/")]
         text = " ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record[k], float))
         line = f"[eval] step {record['step']} epoch {record['epoch']}: {text}"
         if progress is not None:

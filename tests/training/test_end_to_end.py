@@ -54,6 +54,8 @@ def test_tiny_retrieval_beats_popularity(tiny_data, tmp_path):
         "NetworkArgs.v_dim=32", "RetrievalArgs.num_negatives=64",
     ])
     assert "popularity" in out and "HR@10" in out
+    assert "trained" in out and "(5 epochs)" in out and "s per epoch" in out
+    assert json.loads((run_dir / "summary.json").read_text())["train_seconds"] > 0
     assert_run_outputs(run_dir)
     assert_loss_falls(run_dir)
     evals = read_jsonl(run_dir / "metrics.jsonl")
