@@ -13,7 +13,7 @@ Environment switches:
   HSTU_DISABLE_SM90 (skip the Hopper wgmma forward units, *_sm90.cu)
                          prune generated instantiations (csrc/hstu_attention/instantiations) to shorten builds
   The Hopper forward units (*_sm90.cu, fwd_kernel_sm90.h) are built only when the list holds 9.0a; then every unit
-  gets -DHSTU_WITH_SM90_FWD and the forward launcher may pick them at run time (HSTU_SM90_FWD=1, sm_90 device,
+  gets -DHSTU_WITH_SM90_FWD and the forward launcher picks them at run time (sm_90 device, HSTU_SM90_FWD not 0,
   no dropout). Their device code exists for sm_90a only (other targets compile a trapping stub).
   CUTLASS_INCLUDE_DIR    CUTLASS/CuTe headers; default: the installed nvidia-cutlass package's headers
 """

@@ -107,21 +107,19 @@ def time_kernel(q, k, v, offsets, L, kwargs):
     return do_bench(fwd), do_bench(bwd), do_bench(fwd_bwd), do_bench(lambda: bwd(True))
 
 
-def sm90_forward_active() -> bool:
-    """The Hopper wgmma forward runs for these launches (built in, opted into, on an sm_90 device)."""
-    return (bool(hstu_cuda.build_info().get("sm90_forward")) and os.environ.get("HSTU_SM90_FWD") == "1"
-            and torch.cuda.get_device_capability() == (9, 0))
-
-
 def time_sm80_forward(q, k, v, offsets, L, kwargs) -> float:
     """The mma.sync forward of the same shape (HSTU_SM90_FWD=0 for these launches: the launcher reads it per call)."""
     common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
               kwargs.get("num_targets"), 1, None)  # fmt: skip
+    previous = os.environ.get("HSTU_SM90_FWD")
     os.environ["HSTU_SM90_FWD"] = "0"
     try:
         return do_bench(lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0))
     finally:
-        os.environ["HSTU_SM90_FWD"] = "1"
+        if previous is None:
+            del os.environ["HSTU_SM90_FWD"]
+        else:
+            os.environ["HSTU_SM90_FWD"] = previous
 
 
 def profile_breakdown() -> None:
@@ -171,7 +169,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel time breakdown (torch.profiler) of two shapes")
     ap.add_argument("--only", default="", help="regex: benchmark only the shapes whose name matches")
     ap.add_argument("--no-op", action="store_true", help="skip timing the public op (autograd + validation)")
-    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "sm80-path v7 atomic dq"))
+    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "v8 sm90 wgmma forward, atomic-dq backward"))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a GPU"
     gpu = torch.cuda.get_device_name()
@@ -189,7 +187,7 @@ def main() -> None:
                "kernel": "hstu fused (cuda)" if reason is None else f"reference ({reason})"}  # fmt: skip
         if reason is None:
             tf, tb, tfb, tbd = time_kernel(q, k, v, offsets, L, kwargs)
-            row.update(bwd_det_ms=tbd, bwd_det_tflops=2.5 * fl / tbd / 1e9, sm90_forward=sm90_forward_active())
+            row.update(bwd_det_ms=tbd, bwd_det_tflops=2.5 * fl / tbd / 1e9, sm90_forward=hstu_cuda.sm90_forward_enabled())
             if row["sm90_forward"] and D != 32:  # the same run's mma.sync forward, for comparison
                 t80 = time_sm80_forward(q, k, v, offsets, L, kwargs)
                 row.update(fwd_sm80_ms=t80, fwd_sm80_tflops=fl / t80 / 1e9)

@@ -267,7 +267,7 @@ pybind11::dict build_info() {
   d["dropout"] = true;
   d["atomic_dq"] = true;
 #ifdef HSTU_WITH_SM90_FWD
-  d["sm90_forward"] = true;  // Hopper wgmma forward units built (used with HSTU_SM90_FWD=1 on sm_90)
+  d["sm90_forward"] = true;  // Hopper wgmma forward units built (used on sm_90 unless HSTU_SM90_FWD=0)
 #else
   d["sm90_forward"] = false;
 #endif

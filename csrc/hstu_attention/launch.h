@@ -45,11 +45,12 @@ void launch_fwd_impl(const AttnParams& p, cudaStream_t stream) {
 // Hopper forward (fwd_kernel_sm90.h, wgmma). HSTU_WITH_SM90_FWD: setup.py / CMake define it for every unit when
 // the sm90 units are built (sm_90a in the architecture list, no HSTU_DISABLE_SM90); they are pruned like the sm80
 // units, so run_fwd_sm90<T, D, rab> exists whenever run_fwd<T, D, rab> does (D in 64, 128, 256). Used when the
-// current device is sm_90, the forward has no dropout and HSTU_SM90_FWD=1 (opt-in until GPU-verified; read at
-// every call, so tests can toggle it per case).
-inline bool sm90_fwd_requested() {
-  const char* e = std::getenv("HSTU_SM90_FWD");
-  return e != nullptr && std::strcmp(e, "1") == 0;
+// current device is sm_90 and the forward has no dropout, unless HSTU_SM90_FWD=0 (read at every call, so tests and
+// benchmarks can compare the two forwards).
+inline const char* sm90_fwd_env() { return std::getenv("HSTU_SM90_FWD"); }
+inline bool sm90_fwd_enabled() {
+  const char* e = sm90_fwd_env();
+  return e == nullptr || std::strcmp(e, "0") != 0;
 }
 inline bool current_device_is_sm90() {
   int dev = 0, major = 0, minor = 0;
@@ -62,11 +63,12 @@ inline bool current_device_is_sm90() {
 template <int kHeadDim>
 inline bool use_sm90_fwd(const AttnParams& p) {
 #if defined(HSTU_WITH_SM90_FWD)
-  if constexpr (kSm90FwdHeadDim<kHeadDim>) return !p.dropout && sm90_fwd_requested() && current_device_is_sm90();
+  if constexpr (kSm90FwdHeadDim<kHeadDim>) return !p.dropout && sm90_fwd_enabled() && current_device_is_sm90();
 #else
-  // Say once when the opt-in cannot take effect because this build has no sm90 units (no 9.0a target).
+  // Say once when an explicit HSTU_SM90_FWD=1 cannot take effect: this build has no sm90 units (no 9.0a target).
   static bool told = false;
-  if (!told && sm90_fwd_requested()) {
+  const char* e = sm90_fwd_env();
+  if (!told && e != nullptr && std::strcmp(e, "1") == 0) {
     told = true;
     std::fprintf(stderr, "hstu attention: HSTU_SM90_FWD=1 ignored: built without the sm90 forward (needs 9.0a in "
                          "TORCH_CUDA_ARCH_LIST and no HSTU_DISABLE_SM90)\n");

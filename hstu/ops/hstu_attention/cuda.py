@@ -5,8 +5,9 @@ q, k, v contiguous (T, H, D) of one dtype on one CUDA device; seq_offsets contig
 num_contexts / num_targets None or contiguous int32 (B,); rab None or (B, H or 1, >=max_seqlen, >=max_seqlen)
 with unit stride in the last dim. ``scaling_seqlen`` is already resolved (never None).
 
-Kernels (sm80 tensor-core path, also used on sm90): forward; backward in one of two ways, picked by
-``deterministic``:
+Kernels: forward on Hopper (sm_90, head dims 64/128/256, no dropout) by the wgmma kernel
+(csrc/hstu_attention/fwd_kernel_sm90.h; ``HSTU_SM90_FWD=0`` switches it off), otherwise by the sm80 tensor-core
+(mma.sync) kernel; backward (sm80 path everywhere) in one of two ways, picked by ``deterministic``:
   * atomic dq (``deterministic=False``, the default; ``HSTU_ATOMIC_DQ=0`` turns it off): one dk/dv kernel also computes dq = dS K for its key tile and adds
     it with float32 atomics into a zeroed (T, H, D) float32 workspace, which a small kernel scales and casts to
     q's dtype. S and dP are computed once (D = 256 too: one pass with two warps per key block, each owning half
@@ -56,6 +57,13 @@ def build_info() -> dict:
     if ext is None or not hasattr(ext, "build_info"):
         return {}
     return dict(ext.build_info())
+
+
+def sm90_forward_enabled() -> bool:
+    """Whether forwards without dropout at head dims 64/128/256 run the Hopper wgmma kernel: built in (9.0a
+    targeted), on an sm_90 device, and not switched off with HSTU_SM90_FWD=0 (the launcher reads it at every call)."""
+    return (bool(build_info().get("sm90_forward")) and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() == (9, 0) and os.environ.get("HSTU_SM90_FWD", "1") != "0")
 
 
 def _poison() -> bool:
