@@ -76,6 +76,9 @@ class Trainer:
         # Same path for every world size (1 included): torch.distributed + Megatron parallel_state.
         self.ctx, self.parallel_settings = setup_parallelism(args.parallelism, args.optimizer, t.device, seed=t.seed)
         if t.deterministic:
+            # cuBLAS picks reduction orders per workspace unless its workspace is pinned (read when its handle is
+            # created, i.e. at the first matmul, which comes later).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(t.seed)  # identical initialisation on every rank (replicas and TP slices start equal)
         self.task: Task = TASKS[task_name](args, self.ctx)

@@ -234,6 +234,10 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
+    # Deterministic mode (as TrainerArgs.deterministic): the resume test compares losses bit for bit, and on GPU
+    # atomics-based kernels (embedding / index_put backward) may round differently between two identical runs.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
     global SEQUENCE_PARALLEL
     SEQUENCE_PARALLEL = not args.no_sequence_parallel
     ctx = init_parallelism(ParallelismSettings(tensor_model_parallel_size=args.tp, sequence_parallel=SEQUENCE_PARALLEL),
