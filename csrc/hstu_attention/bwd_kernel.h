@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
           for (int e = 0; e < 4; ++e) {
             const int j = key_lo + (e >> 1) * 8;
             const int i = m0 + nb * 8 + 2 * t + (e & 1);
-            const bool inside = !kMasked || (i < mk.L && j < mk.L);
+            [[maybe_unused]] const bool inside = !kMasked || (i < mk.L && j < mk.L);
             float x = st[nb][e];
             if constexpr (Traits::kHasRab) {
               if (inside) x += rab_at<Element>(p, w.batch, hr, i, j);

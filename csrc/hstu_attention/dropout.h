@@ -69,12 +69,14 @@ __host__ __device__ __forceinline__ bool dropout_keep_at(const AttnParams& p, ui
   return dropout_keep(p, x) != 0;
 }
 
-// Keep flags of a warp's 16 x (8 kNB) accumulator acc[nb][e] whose rows are queries row0 + g + 8 (e >> 1) and
-// columns keys col0 + 8 nb + 2 t + (e & 1) (forward / dq layout; g = lane / 4, t = lane % 4). row0 and col0 must be
-// multiples of 16. Bit 4 nb + e of the result is the flag of acc[nb][e].
-template <int kNB>
-__host__ __device__ __forceinline__ uint32_t dropout_bits_qk(const AttnParams& p, uint32_t bh, int row0, int col0,
-                                                             int lane) {
+// Keep flags of a warp's 16 x (8 kNB) accumulator acc[nb][e] with rows row0 + g + 8 (e >> 1) and columns
+// col0 + 8 nb + 2 t + (e & 1) (g = lane / 4, t = lane % 4); row0 and col0 multiples of 16. The rows are queries and the
+// columns keys (forward / dq layout), or with kKeyRows the transpose: rows keys, columns queries (dk/dv layout).
+// Bit 4 nb + e of the result is the flag of acc[nb][e]. One Philox block covers a (query, key) 2 x 2 of 8-offsets:
+// words x, y, z, w = (i, j), (i, j + 8), (i + 8, j), (i + 8, j + 8).
+template <int kNB, bool kKeyRows>
+__host__ __device__ __forceinline__ uint32_t dropout_bits(const AttnParams& p, uint32_t bh, int row0, int col0,
+                                                          int lane) {
   static_assert(kNB % 2 == 0 && kNB * 4 <= 32, "16-column pairs, at most 32 flags");
   const int g = lane >> 2, t = lane & 3;
   uint32_t bits = 0;
@@ -82,38 +84,29 @@ __host__ __device__ __forceinline__ uint32_t dropout_bits_qk(const AttnParams& p
   for (int np = 0; np < kNB / 2; ++np) {
 #pragma unroll
     for (int e1 = 0; e1 < 2; ++e1) {
-      // i = row0 + g (bit 3 clear), j = col0 + 16 np + 2 t + e1 (bit 3 clear)
-      const Philox4 r = dropout_block(p, bh, row0 + g, col0 + 16 * np + 2 * t + e1);
-      bits |= dropout_keep(p, r.x) << ((2 * np) * 4 + e1);          // (i, j)         -> acc[2np][e1]
-      bits |= dropout_keep(p, r.y) << ((2 * np + 1) * 4 + e1);      // (i, j + 8)     -> acc[2np+1][e1]
-      bits |= dropout_keep(p, r.z) << ((2 * np) * 4 + 2 + e1);      // (i + 8, j)     -> acc[2np][2+e1]
-      bits |= dropout_keep(p, r.w) << ((2 * np + 1) * 4 + 2 + e1);  // (i + 8, j + 8) -> acc[2np+1][2+e1]
+      const int row = row0 + g, col = col0 + 16 * np + 2 * t + e1;  // both with bit 3 clear
+      const Philox4 r = kKeyRows ? dropout_block(p, bh, col, row) : dropout_block(p, bh, row, col);
+      const uint32_t next_col = kKeyRows ? r.z : r.y;  // (row, col + 8)
+      const uint32_t next_row = kKeyRows ? r.y : r.z;  // (row + 8, col)
+      bits |= dropout_keep(p, r.x) << ((2 * np) * 4 + e1);
+      bits |= dropout_keep(p, next_col) << ((2 * np + 1) * 4 + e1);
+      bits |= dropout_keep(p, next_row) << ((2 * np) * 4 + 2 + e1);
+      bits |= dropout_keep(p, r.w) << ((2 * np + 1) * 4 + 2 + e1);
     }
   }
   return bits;
 }
 
-// Keep flags of a warp's transposed 16 x (8 kNB) accumulator acc[nb][e] whose rows are keys key0 + g + 8 (e >> 1)
-// and columns queries q0 + 8 nb + 2 t + (e & 1) (dk/dv layout). key0 and q0 must be multiples of 16.
+template <int kNB>
+__host__ __device__ __forceinline__ uint32_t dropout_bits_qk(const AttnParams& p, uint32_t bh, int row0, int col0,
+                                                             int lane) {
+  return dropout_bits<kNB, false>(p, bh, row0, col0, lane);
+}
+
 template <int kNB>
 __host__ __device__ __forceinline__ uint32_t dropout_bits_kq(const AttnParams& p, uint32_t bh, int key0, int q0,
                                                              int lane) {
-  static_assert(kNB % 2 == 0 && kNB * 4 <= 32, "16-column pairs, at most 32 flags");
-  const int g = lane >> 2, t = lane & 3;
-  uint32_t bits = 0;
-#pragma unroll
-  for (int np = 0; np < kNB / 2; ++np) {
-#pragma unroll
-    for (int e1 = 0; e1 < 2; ++e1) {
-      // query i = q0 + 16 np + 2 t + e1 (bit 3 clear), key j = key0 + g (bit 3 clear)
-      const Philox4 r = dropout_block(p, bh, q0 + 16 * np + 2 * t + e1, key0 + g);
-      bits |= dropout_keep(p, r.x) << ((2 * np) * 4 + e1);          // (i, j)         -> acc[2np][e1]
-      bits |= dropout_keep(p, r.y) << ((2 * np) * 4 + 2 + e1);      // (i, j + 8)     -> acc[2np][2+e1]
-      bits |= dropout_keep(p, r.z) << ((2 * np + 1) * 4 + e1);      // (i + 8, j)     -> acc[2np+1][e1]
-      bits |= dropout_keep(p, r.w) << ((2 * np + 1) * 4 + 2 + e1);  // (i + 8, j + 8) -> acc[2np+1][2+e1]
-    }
-  }
-  return bits;
+  return dropout_bits<kNB, true>(p, bh, key0, q0, lane);
 }
 
 // Keep flags of a warp's kMI row blocks (rows row0 + 16 mi + ..., keys col0 + ...) in the forward / dq layout,
