@@ -3,8 +3,9 @@
 # subset of the generated kernel instantiations (every head dim, both dtypes, with and without rab, forward and
 # backward), for sm_80 and sm_90a. Uses the CPU torch headers of the venv (plus a stub for the one CUDA-build-only
 # header they lack). Set HSTU_COMPILE_CHECK_ALL=1 to compile every instantiation for both architectures.
-# The Hopper forward (fwd_kernel_sm90.h): one representative *_sm90.cu unit, for sm_90a only (what setup.py builds
-# it for), and HSTU_WITH_SM90_FWD on every unit so launch.h's sm90 dispatch branch is compiled too.
+# The Hopper forward (fwd_kernel_sm90.h) and backward (bwd_kernel_sm90.h): one representative *_sm90.cu unit each,
+# for sm_90a only (what setup.py builds them for), and HSTU_WITH_SM90_FWD on every unit so launch.h's sm90 dispatch
+# branches (forward and backward) are compiled too.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -61,22 +62,32 @@ else
   )
   ARCHS=(80 90a)
 fi
-# Host self-check of the sm90 forward's layout assumptions (fragment orders, swizzled tile addressing) for every
-# instantiated (dtype, head dim): built and run in the background while the kernel units compile.
+# Host self-check of the sm90 forward's and backward's layout assumptions (fragment orders, swizzled tile addressing,
+# the MN-major views of the backward's K-major tiles) for every instantiated (dtype, head dim): built and run in the
+# background while the kernel units compile.
 cat >"$WORK/sm90_layouts.cu" <<'CU'
+#include "bwd_kernel_sm90.h"
 #include "fwd_kernel_sm90.h"
 #include <cstdio>
 template <typename E, int D>
 int check(const char* name) {
   const std::string e = hstu::sm90::check_sm90_traits<hstu::sm90::FwdTraitsSm90<E, D, false>>();
-  if (!e.empty()) std::printf("[compile_check] sm90 layouts %s hdim%d: %s\n", name, D, e.c_str());
+  if (!e.empty()) std::printf("[compile_check] sm90 forward layouts %s hdim%d: %s\n", name, D, e.c_str());
+  return e.empty() ? 0 : 1;
+}
+template <typename E, int D>
+int check_bwd(const char* name) {
+  const std::string e = hstu::sm90::check_sm90_bwd_traits<hstu::sm90::BwdTraitsSm90<E, D, false>>();
+  if (!e.empty()) std::printf("[compile_check] sm90 backward layouts %s hdim%d: %s\n", name, D, e.c_str());
   return e.empty() ? 0 : 1;
 }
 int main() {
   const int bad = check<__nv_bfloat16, 64>("bf16") + check<__nv_bfloat16, 128>("bf16") +
                   check<__nv_bfloat16, 256>("bf16") + check<__half, 64>("fp16") + check<__half, 128>("fp16") +
                   check<__half, 256>("fp16");
-  return bad;
+  const int bad_bwd = check_bwd<__nv_bfloat16, 64>("bf16") + check_bwd<__nv_bfloat16, 128>("bf16") +
+                      check_bwd<__half, 64>("fp16") + check_bwd<__half, 128>("fp16");
+  return bad + bad_bwd;
 }
 CU
 ( "$NVCC" "${COMMON[@]}" -O0 "$WORK/sm90_layouts.cu" -o "$WORK/sm90_layouts" >"$WORK/sm90_layouts.log" 2>&1 &&
@@ -88,7 +99,7 @@ for arch in "${ARCHS[@]}"; do
   for f in "${FILES[@]}"; do jobs_list+=("$arch $f"); done
 done
 if [ "${HSTU_COMPILE_CHECK_ALL:-0}" != "1" ]; then
-  jobs_list+=("90a $INST/hstu_fwd_bf16_hdim128_rab_sm90.cu")
+  jobs_list+=("90a $INST/hstu_fwd_bf16_hdim128_rab_sm90.cu" "90a $INST/hstu_bwd_bf16_hdim128_rab_sm90.cu")
 fi
 printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c '
   arch="$0"; f="$1"; o="'"$WORK"'/$(basename "$f" .cu)_$arch.o"

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "bwd_sm90_api.h"  // HSTU_WITH_SM90_BWD (build_info)
 #include "hstu.h"
 
 namespace hstu {
@@ -270,6 +271,11 @@ pybind11::dict build_info() {
   d["sm90_forward"] = true;  // Hopper wgmma forward units built (used on sm_90 unless HSTU_SM90_FWD=0)
 #else
   d["sm90_forward"] = false;
+#endif
+#ifdef HSTU_WITH_SM90_BWD
+  d["sm90_backward"] = true;  // Hopper wgmma backward units built (opt-in at run time: HSTU_SM90_BWD=1)
+#else
+  d["sm90_backward"] = false;
 #endif
   return d;
 }

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "bwd_kernel.h"
+#include "bwd_sm90_api.h"
 #include "fwd_kernel.h"
 #include "fwd_sm90_api.h"
 #include "tile_config.h"
@@ -187,9 +188,49 @@ void launch_bwd_impl(const AttnParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "backward dq launch");
 }
 
+// Hopper backward (bwd_kernel_sm90.h, wgmma), opt-in: used only when HSTU_SM90_BWD is exactly "1" (read at every
+// call), the build has the sm90 backward units (HSTU_WITH_SM90_BWD, bwd_sm90_api.h), the head dim is 64 or 128, the
+// current device is sm_90 and the call takes the atomic-dq path (deterministic=False) without dropout and without a
+// rab gradient (drab). Anything else runs the sm80-style backward below. Not yet verified on a GPU.
+inline const char* sm90_bwd_env() { return std::getenv("HSTU_SM90_BWD"); }
+inline bool sm90_bwd_requested() {
+  const char* e = sm90_bwd_env();
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
+template <int kHeadDim>
+inline bool use_sm90_bwd(const AttnParams& p) {
+#if defined(HSTU_WITH_SM90_BWD)
+  if constexpr (kSm90BwdHeadDim<kHeadDim>)
+    return p.dq_accum != nullptr && p.drab == nullptr && !p.dropout && sm90_bwd_requested() &&
+           current_device_is_sm90();
+#else
+  // Say once when an explicit HSTU_SM90_BWD=1 cannot take effect: this build has no sm90 backward units.
+  static bool told = false;
+  if (!told && sm90_bwd_requested()) {
+    told = true;
+    std::fprintf(stderr, "hstu attention: HSTU_SM90_BWD=1 ignored: built without the sm90 backward (needs 9.0a in "
+                         "TORCH_CUDA_ARCH_LIST, no HSTU_DISABLE_SM90, no HSTU_DISABLE_BACKWARD)\n");
+  }
+#endif
+  (void)p;
+  return false;
+}
+
 template <typename Element, int kHeadDim, bool kHasRab>
 void launch_bwd(const AttnParams& p, cudaStream_t stream) {
   if (p.batch > 0 && p.max_seqlen > 0) {
+#if defined(HSTU_WITH_SM90_BWD)
+    if constexpr (kSm90BwdHeadDim<kHeadDim>) {
+      if (use_sm90_bwd<kHeadDim>(p)) {
+        run_bwd_sm90<Element, kHeadDim, kHasRab>(p, stream);  // dk, dv and the dq workspace; converted below
+        launch_dq_convert<Element, kHeadDim>(p, stream);
+        return;
+      }
+    }
+#else
+    (void)use_sm90_bwd<kHeadDim>(p);  // only reports an HSTU_SM90_BWD=1 that cannot take effect
+#endif
     if (p.dropout)
       launch_bwd_impl<Element, kHeadDim, kHasRab, true>(p, stream);
     else

@@ -146,6 +146,9 @@ def test_parity_random(monkeypatch, seed):
     cfg = _random_config(seed)
     # On Hopper, odd seeds run the mma.sync forward (the one Ampere uses), even ones the default wgmma forward.
     monkeypatch.setenv("HSTU_SM90_FWD", "0" if seed % 2 else "1")
+    # Seeds 2 mod 4 also opt into the wgmma backward (used where it applies: atomic dq, head dim 64 / 128, no drab).
+    if seed % 4 == 2 and _sm90_backward_built():
+        monkeypatch.setenv("HSTU_SM90_BWD", "1")
     try:
         _check_config(cfg)
     except AssertionError as err:
@@ -321,6 +324,82 @@ def test_sm90_forward_runs_and_matches(monkeypatch, dtype, dim):
     assert not bool(torch.isnan(out_sm90).any())
     scale = float(out_sm80.float().abs().max())
     assert float((out_sm90.float() - out_sm80.float()).abs().max()) <= 2e-2 * max(scale, 1e-3)
+
+
+def _sm90_backward_built() -> bool:
+    from hstu.ops.hstu_attention import cuda
+
+    return bool(cuda.build_info().get("sm90_backward"))
+
+
+def _sm90_backward_available() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0) and _sm90_backward_built()
+
+
+# Jagged lengths around the sm90 backward's 128-key block / 64-query step, per mask family (rab without gradient:
+# a rab gradient keeps the sm80 backward).
+_SM90_BWD_CASES = {
+    "ctx_tgt_rabH": dict(causal=True, window=-1, num_contexts=[0, 0, 4, 0, 9, 3, 12],
+                         num_targets=[0, 1, 10, 0, 33, 50, 64], group=2, rab_kind="heads"),
+    "causal_window_rab1": dict(causal=True, window=70, num_contexts=None, num_targets=None, group=1, rab_kind="one",
+                               scaling=97),
+    "noncausal_window_norab": dict(causal=False, window=100, num_contexts=None, num_targets=None, group=1,
+                                   rab_kind="none"),
+}
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", (64, 128))
+@pytest.mark.parametrize("case", list(_SM90_BWD_CASES))
+def test_sm90_backward_runs_and_matches(monkeypatch, dtype, dim, case):
+    """With HSTU_SM90_BWD=1 on an sm_90 device the Hopper wgmma backward runs (seen in the profiler) for the atomic-dq
+    path, its dq / dk / dv pass the parity rule through the op on jagged lengths around its tiles, and agree with the
+    sm80 atomic backward's to within both kernels' rounding. A rab gradient or deterministic=True keeps the sm80
+    backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hstu.ops.hstu_attention import cuda
+
+    if not _sm90_backward_available():
+        pytest.skip("needs an sm_90 device and a build with the sm90 backward units (9.0a in TORCH_CUDA_ARCH_LIST)")
+    lengths = [0, 1, 63, 64, 129, 300, 517]
+    cfg = dict(seed=21_000 + dim + 7 * list(_SM90_BWD_CASES).index(case) + (dtype == torch.float16), dtype=dtype,
+               dim=dim, heads=3, lengths=lengths, max_seqlen=517, rab_grad=False, alpha=1.0 / math.sqrt(dim),
+               scaling=None)  # fmt: skip
+    cfg.update(_SM90_BWD_CASES[case])
+    q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
+    dout = torch.randn(q.shape, generator=torch.Generator(device="cpu").manual_seed(cfg["seed"] + 1)).to(
+        device="cuda", dtype=dtype)  # fmt: skip
+    scaling = cfg["scaling"] or cfg["max_seqlen"]
+
+    def run(rab_needs_grad=False, deterministic=False):
+        args = (dout, q, k, v, offsets, cfg["max_seqlen"], cfg["alpha"], scaling, cfg["causal"], cfg["window"], nc, nt,
+                cfg["group"], rab, rab_needs_grad, 0.0, 0, deterministic)  # fmt: skip
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            grads = cuda.backward(*args)
+            torch.cuda.synchronize()
+        return grads, [evt.key for evt in prof.key_averages()]
+
+    monkeypatch.setenv("HSTU_SM90_BWD", "1")
+    g90, names = run()
+    assert any("hstu_bwd_sm90_kernel" in n for n in names), names
+    assert not any("hstu_bwd_dkdv_kernel" in n for n in names), names
+    try:
+        _check_config(cfg)  # forward and gradients through the op (the sm90 backward), 2x / 5x rule against fp32
+    except AssertionError as err:
+        raise AssertionError(f"sm90 backward {_describe(cfg)}: {err}") from None
+    for kwargs in ([dict(deterministic=True)] + ([dict(rab_needs_grad=True)] if rab is not None else [])):
+        _, names = run(**kwargs)
+        assert not any("hstu_bwd_sm90_kernel" in n for n in names), (kwargs, names)
+    monkeypatch.setenv("HSTU_SM90_BWD", "0")  # the sm80 atomic-dq backward on the same inputs
+    g80, names = run()
+    assert not any("hstu_bwd_sm90_kernel" in n for n in names), names
+    for name, a, b in zip(("dq", "dk", "dv"), g90[:3], g80[:3]):
+        assert not bool(torch.isnan(a).any()), name
+        scale = float(b.float().abs().max())
+        err = float((a.float() - b.float()).abs().max())
+        assert err <= 2e-2 * max(scale, 1e-3), f"{name}: sm90 vs sm80 max abs diff {err} (scale {scale})"
 
 
 @gpu_test

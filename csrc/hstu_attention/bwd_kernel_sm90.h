@@ -1,0 +1,457 @@
+// Hopper (sm_90a) backward, atomic-dq path only: the math, scales, masks and query-tile walk of bwd_kernel.h's
+// dk/dv kernel (kPassBoth, kAtomicDq, no dropout, no drab), with every GEMM on warpgroup MMAs (wgmma, through CuTe's
+// SM90 GMMA atoms). Opt-in (HSTU_SM90_BWD=1, launch.h); not yet run on a GPU.
+//
+// Block = 2 consumer warpgroups (256 threads) owning a key tile of BN = 128 keys, 64 per warpgroup (one wgmma M).
+// K and V are resident in shared memory; the block walks the query tiles (BM = 64 rows) that can see its keys with
+// mask.h's next_query_tile (the sm80 dk/dv walk), streaming Q / dO through a 2-slot cp.async ring (zero-fill past the
+// sequence end). Per query tile, per warpgroup (its 64 keys):
+//   S^T  = K Q^T       SS-wgmma  A = K (K-major), B = Q (K-major)              64 x BM, k = D
+//   dP^T = V dO^T      SS-wgmma  A = V (K-major), B = dO (K-major)             64 x BM, k = D
+//   pointwise on the fp32 accumulators: x = alpha (s + rab), P^T = SiLU(x), dS^T = dP^T SiLU'(x), both masked
+//   dV  += P^T dO      RS-wgmma  A = P^T from registers, B = dO seen MN-major   64 x D,  k = BM
+//   dK  += dS^T Q      RS-wgmma  A = dS^T from registers, B = Q seen MN-major   64 x D,  k = BM
+//   dS^T -> this warpgroup's own swizzled shared tile (read back as the MN-major A operand dS)
+//   dQ_partial = dS K  SS-wgmma  A = dS (MN-major), B = K seen MN-major          BM x 64 per chunk, k = 64 keys
+//       in D / 64 column chunks; each chunk is added into p.dq_accum with vector fp32 reductions (rows < L).
+// Each warpgroup forms dQ_partial over its own 64 keys only (split-K across the two warpgroups): no dS exchange and
+// no block barrier between the dS store and the dQ GEMM (a 128-thread named barrier per warpgroup), at the cost of
+// the same number of dq reductions per key as the sm80 kernel (which also adds per 64 keys).
+// "Seen MN-major": a K-major 128B-swizzled (rows, D) tile tiled rows-first holds exactly the bytes of the MN-major
+// (D, rows) tile tiled K-first (check_sm90_bwd_smem checks the identity), so Q, dO and K each live once in shared
+// memory and get two CuTe views.
+// Epilogue: dV * (1 / N), dK * (alpha / N) from the accumulators, rows (keys) < L; the launcher then runs the usual
+// hstu_dq_convert_kernel (dq = alpha / N * workspace).
+// Every GEMM is waited for before its results are used (wg_gemm), as in the forward: no intra-warpgroup overlap.
+// Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); compiled for any other target the kernel traps.
+#pragma once
+
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bwd_kernel.h"  // silu_grad (the same pointwise math as the sm80 backward)
+#include "bwd_sm90_api.h"
+#include "hstu.h"
+#include "mask.h"
+#include "sm90_common.h"
+#include "tile_scheduler.h"
+#include "utils.h"
+
+namespace hstu {
+namespace sm90 {
+
+template <typename Element_, int kHeadDim_, bool kHasRab_>
+struct BwdTraitsSm90 {
+  using Element = Element_;
+  using T = typename CuteElement<Element>::type;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kHasRab = kHasRab_;
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  static constexpr int kBlockN = 64 * kWarpGroups;  // keys per block, 64 per warpgroup
+  static constexpr int kBlockM = 64;                // queries per step
+  static constexpr int kStages = 2;                 // Q / dO ring
+  static constexpr int kDqChunk = 64;               // dQ_partial columns per GEMM (32 accumulator floats / thread)
+  // Registers per thread: dV and dK 64 x D fp32 per warpgroup = D / 2 floats each, S^T and dP^T BM / 2 each.
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
+  static_assert(kBlockM == 64, "ds_offset: one 64-query swizzle atom");
+
+  using BN = cute::Int<kBlockN>;
+  using BM = cute::Int<kBlockM>;
+  using HD = cute::Int<kHeadDim>;
+  using WN = cute::Int<64>;  // keys per warpgroup
+  using DQC = cute::Int<kDqChunk>;
+  using WgLayout = cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>;  // warpgroups along M
+  // S^T = K Q^T and dP^T = V dO^T: (M, N, K) = (64 keys per warpgroup, BM, D); both operands K-major.
+  using MmaSdP = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::ss_op_selector<T, T, float, cute::Shape<cute::_64, BM, HD>, cute::SM90::GMMA::Major::K,
+                                       cute::SM90::GMMA::Major::K>(),
+      WgLayout{}));
+  // dV = P^T dO and dK = dS^T Q: (M, N, K) = (64 keys per warpgroup, D, BM); A in registers, B MN-major.
+  using MmaKV = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::rs_op_selector<T, T, float, cute::Shape<cute::_64, HD, BM>, cute::SM90::GMMA::Major::K,
+                                       cute::SM90::GMMA::Major::MN>(),
+      WgLayout{}));
+  // dQ_partial = dS K over one warpgroup's keys: (M, N, K) = (BM, 64-column chunk, 64 keys), one warpgroup; A = dS
+  // (queries contiguous in the dS^T tile: MN-major), B = K seen as (D, keys) with D contiguous (MN-major).
+  using MmaDQ = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::ss_op_selector<T, T, float, cute::Shape<BM, DQC, WN>, cute::SM90::GMMA::Major::MN,
+                                       cute::SM90::GMMA::Major::MN>()));
+
+  // Shared tiles (128B swizzle). K, V: (BN, D) K-major, atoms tiled rows first; Kt: the same bytes as the MN-major
+  // (D, BN) B operand of dS K (atoms tiled along keys first). Q, dO: (BM, D) K-major; Qt / dOt: the same bytes as the
+  // MN-major (D, BM) B operands of dS^T Q / P^T dO. dS: (BM queries, 64 keys) MN-major, one per warpgroup.
+  using SmemLayoutK = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<BN, HD>{}));
+  using SmemLayoutKt = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_MN_SW128_Atom<T>{},
+                                                    cute::Shape<HD, BN>{}, cute::Step<cute::_2, cute::_1>{}));
+  using SmemLayoutQ = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<BM, HD>{}));
+  using SmemLayoutQt = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_MN_SW128_Atom<T>{},
+                                                    cute::Shape<HD, BM>{}, cute::Step<cute::_2, cute::_1>{}));
+  using SmemLayoutDS = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_MN_SW128_Atom<T>{},
+                                                    cute::Shape<BM, WN>{}));
+  static constexpr int kSizeK = cute::cosize_v<SmemLayoutK>;
+  static constexpr int kSizeQ = cute::cosize_v<SmemLayoutQ>;
+  static constexpr int kSizeDS = cute::cosize_v<SmemLayoutDS>;
+  static_assert(kSizeK == kBlockN * kHeadDim && kSizeQ == kBlockM * kHeadDim && kSizeDS == kBlockM * 64,
+                "compact shared tiles");
+  static_assert(cute::cosize_v<SmemLayoutKt> == kSizeK && cute::cosize_v<SmemLayoutQt> == kSizeQ, "same bytes");
+  static_assert((kSizeK * 2) % 1024 == 0 && (kSizeQ * 2) % 1024 == 0 && (kSizeDS * 2) % 1024 == 0,
+                "1024-byte aligned tiles");
+  // K, V, kStages x (Q, dO), one dS tile per warpgroup: 72 KB (D 64), 144 KB (D 128).
+  static constexpr int kSmemBytes = (2 * kSizeK + 2 * kStages * kSizeQ + kWarpGroups * kSizeDS) * 2;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
+};
+
+// Element offset of (query i, key j) in a warpgroup's dS tile (SmemLayoutDS: 64 x 64, MN-major, 128B swizzle) written
+// out: queries contiguous, 64 per key, 8 keys per 1024-byte atom, the 16-byte chunks (8 queries) of key j XOR-permuted
+// by j mod 8. 32-bit integer math on (i, j) instead of CuTe's swizzled 64-bit pointers keeps the dS^T stores' addresses
+// cheap (fewer registers); check_sm90_bwd_smem checks it against SmemLayoutDS for every (i, j).
+__host__ __device__ __forceinline__ constexpr int ds_offset(int i, int j) {
+  return ((((i >> 3) ^ (j & 7)) << 3) | (i & 7)) + ((j & 7) << 6) + ((j >> 3) << 9);
+}
+
+// The A operand of dV = P^T dO / dK = dS^T Q (registers) enumerates the same (key, query) elements in the same
+// order as the accumulator of S^T / dP^T (the forward's P trick, transposed problem); checked on the host.
+template <typename Tr>
+using KVOperandShape =
+    decltype(cute::partition_shape_A(typename Tr::MmaKV{}, cute::Shape<typename Tr::BN, typename Tr::BM>{}));
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const AttnParams p) {
+#if defined(HSTU_SM90_DEVICE)
+  using namespace cute;
+  using Element = typename Tr::Element;
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* const pK = reinterpret_cast<T*>(smem_raw);
+  T* const pV = pK + Tr::kSizeK;
+  T* const pQ = pV + Tr::kSizeK;                  // kStages slots
+  T* const pdO = pQ + Tr::kStages * Tr::kSizeQ;   // kStages slots
+  T* const pdS = pdO + Tr::kStages * Tr::kSizeQ;  // one tile per warpgroup
+
+  // The 128B-swizzled GMMA tiles need a 1024-byte aligned base (no static shared memory in this kernel).
+  if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
+
+  const WorkItem w = schedule_block(p, /*reverse=*/false);
+  const SeqMask& mk = w.mask;
+  const int n0 = w.tile * BN;
+  if (n0 >= mk.L) return;  // whole block uniform: no barrier or warpgroup op is skipped by part of it
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int wtid = tid % 128;
+
+  const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
+  const Element* gQ = reinterpret_cast<const Element*>(p.q) + base;
+  const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
+  const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
+  const Element* gdO = reinterpret_cast<const Element*>(p.dout) + base;
+
+  Tensor sK = make_tensor(make_smem_ptr(pK), typename Tr::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(pK), typename Tr::SmemLayoutKt{});
+  Tensor sV = make_tensor(make_smem_ptr(pV), typename Tr::SmemLayoutK{});
+  auto sQ = [&](int stage) { return make_tensor(make_smem_ptr(pQ + stage * Tr::kSizeQ), typename Tr::SmemLayoutQ{}); };
+  auto sQt = [&](int stage) {
+    return make_tensor(make_smem_ptr(pQ + stage * Tr::kSizeQ), typename Tr::SmemLayoutQt{});
+  };
+  auto sdO = [&](int stage) {
+    return make_tensor(make_smem_ptr(pdO + stage * Tr::kSizeQ), typename Tr::SmemLayoutQ{});
+  };
+  auto sdOt = [&](int stage) {
+    return make_tensor(make_smem_ptr(pdO + stage * Tr::kSizeQ), typename Tr::SmemLayoutQt{});
+  };
+  T* const pdS_wg = pdS + wg * Tr::kSizeDS;
+  Tensor sdS = make_tensor(make_smem_ptr(pdS_wg), typename Tr::SmemLayoutDS{});  // (query, key); stores: ds_offset
+
+  const int m_tiles = (mk.L + BM - 1) / BM;
+  const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;  // rows before the key tile see none of it
+  auto next_tile = [&](int m) { return mk.next_query_tile(m, m_tiles, BM, n0, n0 + BN); };
+  auto load_qdo = [&](int m, int stage) {
+    const int valid = mk.L - m * BM;
+    load_rows_async<BM, D, NT, false>(sQ(stage), gQ + m * BM * p.row_stride, p.row_stride, valid, tid);
+    load_rows_async<BM, D, NT, false>(sdO(stage), gdO + m * BM * p.row_stride, p.row_stride, valid, tid);
+  };
+
+  typename Tr::MmaSdP mma_s;
+  typename Tr::MmaKV mma_kv;
+  typename Tr::MmaDQ mma_dq;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_kv = mma_kv.get_thread_slice(tid);
+  auto thr_dq = mma_dq.get_thread_slice(wtid);
+
+  Tensor tSrK = thr_s.partition_fragment_A(sK);  // descriptors of this warpgroup's 64 keys of K
+  Tensor tSrV = thr_s.partition_fragment_A(sV);
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<typename Tr::BN, typename Tr::BM>{});   // S^T, then P^T
+  Tensor tSrdP = partition_fragment_C(mma_s, Shape<typename Tr::BN, typename Tr::BM>{});  // dP^T, then dS^T
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<typename Tr::BN, typename Tr::BM>{}));  // (key, query)
+  Tensor tKVrdV = partition_fragment_C(mma_kv, Shape<typename Tr::BN, typename Tr::HD>{});
+  Tensor tKVrdK = partition_fragment_C(mma_kv, Shape<typename Tr::BN, typename Tr::HD>{});
+  Tensor tKVcKV = thr_kv.partition_C(make_identity_tensor(Shape<typename Tr::BN, typename Tr::HD>{}));
+  Tensor tKVrP = make_tensor<T>(KVOperandShape<Tr>{});
+  Tensor tKVrdS = make_tensor<T>(KVOperandShape<Tr>{});
+  Tensor tDQrdS = thr_dq.partition_fragment_A(sdS);  // descriptors of this warpgroup's dS tile
+  Tensor tDQrdQ = partition_fragment_C(mma_dq, Shape<typename Tr::BM, typename Tr::DQC>{});
+  Tensor tDQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::DQC>{}));
+  static_assert(decltype(size(tSrS))::value == decltype(size(tKVrP))::value, "P^T fragment = S^T fragment");
+  static_assert(decltype(size(tScS))::value == decltype(size(tSrS))::value, "S^T coordinates");
+  static_assert(decltype(size(tKVcKV))::value == decltype(size(tKVrdV))::value, "dK/dV coordinates");
+  static_assert(decltype(size(tDQcdQ))::value == decltype(size(tDQrdQ))::value, "dQ coordinates");
+  static_assert(decltype(size(tSrS))::value % 2 == 0 && decltype(size(tDQrdQ))::value % 2 == 0, "pairs");
+  clear(tKVrdV);
+  clear(tKVrdK);
+
+  // Pipeline (as the forward's K/V ring): K, V and the first visible Q/dO tile form one commit group; iteration `it`
+  // waits for everything it issued (its own tile), publishes it to the async proxy and the block, then requests the
+  // next visible tile into the other slot (last read by iteration it - 1, whose wgmmas every thread has waited for
+  // before this barrier; the same barrier protects each warpgroup's dS tile, read by iteration it - 1's dQ GEMM).
+  int m = next_tile(m_begin - 1);
+  load_rows_async<BN, D, NT, false>(sK, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+  load_rows_async<BN, D, NT, false>(sV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+  if (m < m_tiles) load_qdo(m, 0);
+  cp_async_commit();
+
+  const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
+  const int wn0 = n0 + 64 * wg;  // first key of this warpgroup
+  float* const gAcc = p.dq_accum + base;
+  int stage = 0;
+  while (m < m_tiles) {
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    __syncthreads();
+    const int m_next = next_tile(m);
+    if (m_next < m_tiles) load_qdo(m_next, stage ^ 1);
+    cp_async_commit();
+
+    Tensor tSrQ = thr_s.partition_fragment_B(sQ(stage));
+    wg_gemm</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrK, tSrQ, tSrS);
+    Tensor tSrdO = thr_s.partition_fragment_B(sdO(stage));
+    wg_gemm</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrV, tSrdO, tSrdP);
+
+    const int m0 = m * BM;
+    // Pointwise stage (bwd_kernel.h's, no dropout); with_tile_mask: tiles wholly visible for this warpgroup's keys
+    // skip every mask / bounds test.
+    auto pointwise = [&](auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
+      CUTE_UNROLL
+      for (int e = 0; e < size(tSrS); ++e) {
+        const int j = n0 + get<0>(tScS(e));  // key
+        const int i = m0 + get<1>(tScS(e));  // query
+        float x = tSrS(e);
+        if constexpr (Tr::kHasRab) {
+          if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
+        }
+        x *= p.alpha;
+        const float sig = sigmoid_t<Element>(x);
+        const bool vis = !kMasked || mk.visible(i, j);
+        tSrS(e) = vis ? x * sig : 0.f;
+        tSrdP(e) = vis ? tSrdP(e) * silu_grad(x, sig) : 0.f;
+      }
+    };
+    with_tile_mask(mk, m0, m0 + BM, wn0, wn0 + 64, pointwise);
+
+    // P^T and dS^T in q's dtype, in the A-operand register order (identical linear order: see KVOperandShape).
+    // Values 2e, 2e + 1 are queries i, i + 1 (i even) of one key: dS^T also goes to this warpgroup's shared tile as
+    // one 4-byte store per pair (the two queries are adjacent there; check_sm90_bwd_smem).
+    {
+      Tensor tKVrP32 = recast<uint32_t>(tKVrP);
+      Tensor tKVrdS32 = recast<uint32_t>(tKVrdS);
+      CUTE_UNROLL
+      for (int e = 0; e < size(tKVrP32); ++e) {
+        tKVrP32(e) = pack2<Element>(tSrS(2 * e), tSrS(2 * e + 1));
+        const uint32_t ds2 = pack2<Element>(tSrdP(2 * e), tSrdP(2 * e + 1));
+        tKVrdS32(e) = ds2;
+        const int jl = get<0>(tScS(2 * e)) - 64 * wg;
+        const int il = get<1>(tScS(2 * e));
+        *reinterpret_cast<uint32_t*>(pdS_wg + ds_offset(il, jl)) = ds2;
+      }
+    }
+    fence_proxy_async_smem();  // the dS^T stores (generic proxy) before the dQ wgmma (async proxy) reads them
+
+    Tensor tKVrdO = thr_kv.partition_fragment_B(sdOt(stage));
+    wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrP, tKVrdO, tKVrdV);
+    Tensor tKVrQ = thr_kv.partition_fragment_B(sQt(stage));
+    wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrdS, tKVrQ, tKVrdK);
+
+    // Every thread of this warpgroup has stored (and fenced) its part of the dS tile.
+    named_barrier_sync<128>(1 + wg);
+    const int valid = mk.L - m0;
+    CUTE_UNROLL
+    for (int ch = 0; ch < D / Tr::kDqChunk; ++ch) {
+      // (chunk columns of D, this warpgroup's 64 keys) of K, MN-major
+      Tensor sKt_c = local_tile(sKt, Shape<typename Tr::DQC, typename Tr::WN>{}, make_coord(ch, wg));
+      Tensor tDQrK = thr_dq.partition_fragment_B(sKt_c);
+      wg_gemm</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
+      float* const dst = gAcc + static_cast<int64_t>(m0) * p.row_stride + ch * Tr::kDqChunk;
+      CUTE_UNROLL
+      for (int e = 0; e < size(tDQrdQ) / 2; ++e) {
+        const int r = get<0>(tDQcdQ(2 * e));
+        const int c = get<1>(tDQcdQ(2 * e));
+        if (r < valid) atomic_add2(dst + static_cast<int64_t>(r) * p.row_stride + c, tDQrdQ(2 * e), tDQrdQ(2 * e + 1));
+      }
+    }
+
+    m = m_next;
+    stage ^= 1;
+  }
+  cp_async_wait_all();
+
+  // Epilogue: keys of this sequence only (the rows after it belong to the next sequence). Accumulator values 2e and
+  // 2e + 1 are columns c and c + 1 of one row (checked on the host): one 4-byte store per pair. Scales as the sm80
+  // kernel without dropout: dV = P^T dO / N, dK = dS^T Q * alpha / N.
+  Element* gdV = reinterpret_cast<Element*>(p.dv) + base;
+  Element* gdK = reinterpret_cast<Element*>(p.dk) + base;
+  const float dv_scale = p.inv_scale;
+  const float dk_scale = p.alpha * p.inv_scale;
+  CUTE_UNROLL
+  for (int e = 0; e < size(tKVrdV) / 2; ++e) {
+    const int j = n0 + get<0>(tKVcKV(2 * e));
+    const int c = get<1>(tKVcKV(2 * e));
+    if (j < mk.L) {
+      const int64_t off = static_cast<int64_t>(j) * p.row_stride + c;
+      *reinterpret_cast<uint32_t*>(gdV + off) = pack2<Element>(tKVrdV(2 * e) * dv_scale, tKVrdV(2 * e + 1) * dv_scale);
+      *reinterpret_cast<uint32_t*>(gdK + off) = pack2<Element>(tKVrdK(2 * e) * dk_scale, tKVrdK(2 * e + 1) * dk_scale);
+    }
+  }
+#else
+  // Not an sm_90a target: the launcher never selects this kernel there.
+  __trap();
+#endif
+}
+
+// Host-side self-checks of the layout assumptions above (pure layout algebra, no GPU; .ci/compile_check.sh runs them
+// for every instantiated shape). Each returns an empty string when it passes.
+// (1) Fragments: the A operand of dV / dK enumerates the same (key, query) as the accumulator of S^T / dP^T; S^T
+//     keys lie in the thread's warpgroup; accumulator values 2e, 2e + 1 are adjacent columns (even first) of one row
+//     for S^T (the dS^T pair stores), dK / dV (epilogue; rows in the thread's warpgroup) and dQ (the reductions).
+template <typename Tr>
+inline std::string check_sm90_bwd_fragments() {
+  using namespace cute;
+  typename Tr::MmaSdP mma_s;
+  typename Tr::MmaKV mma_kv;
+  typename Tr::MmaDQ mma_dq;
+  auto cS = make_identity_tensor(Shape<typename Tr::BN, typename Tr::BM>{});
+  auto cKV = make_identity_tensor(Shape<typename Tr::BN, typename Tr::HD>{});
+  auto cDQ = make_identity_tensor(Shape<typename Tr::BM, typename Tr::DQC>{});
+  auto pairs_ok = [](auto const& frag, int& bad) {
+    for (int e = 0; e + 1 < size(frag); e += 2) {
+      if (get<0>(frag(e)) != get<0>(frag(e + 1)) || get<1>(frag(e)) + 1 != get<1>(frag(e + 1)) ||
+          get<1>(frag(e)) % 2 != 0) {
+        bad = e;
+        return false;
+      }
+    }
+    return true;
+  };
+  if (size(mma_dq) != 128) return "dQ MMA is not one warpgroup";
+  for (int t = 0; t < Tr::kThreads; ++t) {
+    auto thr_s = mma_s.get_thread_slice(t);
+    auto thr_kv = mma_kv.get_thread_slice(t);
+    auto tScS = thr_s.partition_C(cS);
+    auto tKVcP = thr_kv.partition_A(cS);  // (key, query) of each P^T / dS^T operand value
+    auto tKVcKV = thr_kv.partition_C(cKV);
+    if (size(tScS) != size(tKVcP)) return "P^T/S^T fragment sizes differ";
+    int bad = 0;
+    for (int e = 0; e < size(tScS); ++e) {
+      if (get<0>(tScS(e)) != get<0>(tKVcP(e)) || get<1>(tScS(e)) != get<1>(tKVcP(e)))
+        return "P^T operand order != S^T accumulator order at thread " + std::to_string(t) + " value " +
+               std::to_string(e);
+      if (get<0>(tScS(e)) / 64 != t / 128) return "S^T key outside the thread's warpgroup";
+    }
+    if (!pairs_ok(tScS, bad)) return "S^T accumulator pair not adjacent at thread " + std::to_string(t);
+    if (!pairs_ok(tKVcKV, bad)) return "dK/dV accumulator pair not adjacent at thread " + std::to_string(t);
+    for (int e = 0; e < size(tKVcKV); ++e)
+      if (get<0>(tKVcKV(e)) / 64 != t / 128) return "dK/dV row outside the thread's warpgroup";
+    if (t < 128) {
+      auto tDQcdQ = mma_dq.get_thread_slice(t).partition_C(cDQ);
+      if (!pairs_ok(tDQcdQ, bad)) return "dQ accumulator pair not adjacent at thread " + std::to_string(t);
+    }
+  }
+  return "";
+}
+
+// (2) Shared tiles: the loads' addressing (check_sm90_smem_tile) of K / V and Q / dO; the MN-major views Kt, Qt / dOt
+//     address the very same element as the K-major tiles (Kt(d, j) == K(j, d), Qt(d, i) == Q(i, d)); the dS tile is a
+//     bijection onto its storage, equal to ds_offset, with queries i, i + 1 (i even) adjacent and 4-byte aligned;
+//     every dQ chunk of Kt starts 1024-byte aligned and local_tile addresses it as Kt.
+template <typename Tr>
+inline std::string check_sm90_bwd_smem() {
+  using namespace cute;
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
+  std::string e = check_sm90_smem_tile<typename Tr::SmemLayoutK, T>(false, BN, D);
+  if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutQ, T>(false, BM, D);
+  if (!e.empty()) return e;
+  std::vector<uint16_t> storage(Tr::kSizeK + 1024);
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
+  auto sK = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutK{});
+  auto sKt = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutKt{});
+  for (int j = 0; j < BN; ++j)
+    for (int d = 0; d < D; ++d)
+      if (&sKt(d, j) != &sK(j, d)) return "Kt view != K tile";
+  auto sQ = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutQ{});
+  auto sQt = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutQt{});
+  for (int i = 0; i < BM; ++i)
+    for (int d = 0; d < D; ++d)
+      if (&sQt(d, i) != &sQ(i, d)) return "Qt view != Q tile";
+  for (int ch = 0; ch < D / Tr::kDqChunk; ++ch)
+    for (int wg = 0; wg < Tr::kWarpGroups; ++wg) {
+      auto sub = local_tile(sKt, Shape<typename Tr::DQC, typename Tr::WN>{}, make_coord(ch, wg));
+      if (((&sub(0, 0) - base) * 2) % 1024 != 0) return "dQ chunk of Kt not 1024-byte aligned";
+      for (int d = 0; d < Tr::kDqChunk; ++d)
+        for (int j = 0; j < 64; ++j)
+          if (&sub(d, j) != &sKt(ch * Tr::kDqChunk + d, wg * 64 + j)) return "dQ chunk of Kt misaddressed";
+    }
+  auto sdS = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutDS{});
+  std::vector<int> seen(Tr::kSizeDS, 0);
+  for (int i = 0; i < BM; ++i)
+    for (int j = 0; j < 64; ++j) {
+      const long off = &sdS(i, j) - base;
+      if (off < 0 || off >= Tr::kSizeDS) return "dS offset out of the tile";
+      seen[off]++;
+      if (off != ds_offset(i, j)) return "ds_offset != SmemLayoutDS";
+      if (i % 2 == 0 && (off % 2 != 0 || &sdS(i + 1, j) - base != off + 1)) return "dS query pair not adjacent";
+    }
+  for (int x : seen)
+    if (x != 1) return "dS tile not a bijection";
+  return "";
+}
+
+template <typename Tr>
+inline std::string check_sm90_bwd_traits() {
+  std::string e = check_sm90_bwd_fragments<Tr>();
+  if (e.empty()) e = check_sm90_bwd_smem<Tr>();
+  return e;
+}
+
+template <typename Element, int kHeadDim, bool kHasRab>
+void launch_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
+  using Tr = BwdTraitsSm90<Element, kHeadDim, kHasRab>;
+  if (p.batch == 0 || p.max_seqlen == 0) return;
+  auto check = [](cudaError_t err, const char* what) {
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("hstu attention (sm90 backward): ") + what + ": " +
+                               cudaGetErrorString(err));
+  };
+  if (p.dq_accum == nullptr || p.drab != nullptr || p.dropout)
+    throw std::runtime_error("hstu attention (sm90 backward): needs the atomic-dq path without drab and dropout");
+  auto kernel = hstu_bwd_sm90_kernel<Tr>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
+        "cudaFuncSetAttribute");
+  const dim3 grid((p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.heads);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  check(cudaGetLastError(), "launch");
+}
+
+}  // namespace sm90
+}  // namespace hstu
+
+// One explicit specialisation of run_bwd_sm90 per translation unit (instantiations/hstu_bwd_*_sm90.cu).
+#define HSTU_INSTANTIATE_BWD_SM90(T, D, RAB)                              \
+  namespace hstu {                                                        \
+  template <>                                                             \
+  void run_bwd_sm90<T, D, RAB>(const AttnParams& p, cudaStream_t stream) { \
+    sm90::launch_bwd_sm90<T, D, RAB>(p, stream);                          \
+  }                                                                       \
+  }

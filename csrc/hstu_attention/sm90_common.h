@@ -1,0 +1,137 @@
+// Pieces shared by the Hopper (sm_90a, wgmma) kernels: fwd_kernel_sm90.h and bwd_kernel_sm90.h. Moved here
+// unchanged from fwd_kernel_sm90.h (where they were written and GPU-verified with the forward).
+//   CuteElement          CUDA element type -> the CuTe type of the same bits (GMMA atoms, shared tiles)
+//   rab_value            rab[b, hr, i, j] as float
+//   fence_proxy_async_smem, load_rows_async (cp.async, zero-fill past the sequence end, through a CuTe smem
+//                        tensor), wg_gemm (one warpgroup GEMM over all k blocks, waited for)   [sm_90a only]
+//   check_sm90_smem_tile host self-check of a swizzled shared tile's addressing
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "hstu.h"
+#include "utils.h"
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define HSTU_SM90_DEVICE 1
+#endif
+
+namespace hstu {
+namespace sm90 {
+
+template <typename Element>
+struct CuteElement;
+template <>
+struct CuteElement<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CuteElement<__half> {
+  using type = cutlass::half_t;
+};
+
+// rab[b, hr, i, j] in q's dtype (the binding casts rab to it), as float.
+template <typename Element>
+__device__ __forceinline__ float rab_value(const AttnParams& p, int b, int hr, int i, int j) {
+  const Element* r = reinterpret_cast<const Element*>(p.rab) + b * p.rab_batch_stride + hr * p.rab_head_stride +
+                     static_cast<int64_t>(i) * p.rab_row_stride + j;
+  return to_float<Element>(*r);
+}
+
+#if defined(HSTU_SM90_DEVICE)
+
+// Orders this thread's generic-proxy shared-memory writes (cp.async) before later async-proxy reads (wgmma).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Rows [0, kRows) of a (rows, kCols) global tile (row stride in elements) into a CuTe shared tensor, 16 bytes per
+// cp.async; rows >= valid_rows are zero-filled and never addressed in global memory. kTransposed: the shared tensor
+// is indexed (col, row) (the MN-major V tile). Eight consecutive columns starting at a multiple of 8 are contiguous
+// (and 16-byte aligned) in every layout used here: swizzling permutes whole 16-byte chunks.
+template <int kRows, int kCols, int kThreads, bool kTransposed, typename Element, typename SmemTensor>
+__device__ __forceinline__ void load_rows_async(SmemTensor&& s, const Element* gmem, int64_t row_stride,
+                                                int valid_rows, int tid) {
+  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kTotal = kRows * kChunksPerRow;
+  static_assert(kTotal % kThreads == 0, "whole rounds of 16-byte chunks");
+  using Copy = cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t, cute::uint128_t>;
+#pragma unroll
+  for (int idx = tid; idx < kTotal; idx += kThreads) {
+    const int row = idx / kChunksPerRow;
+    const int col = (idx % kChunksPerRow) * 8;
+    const bool ok = row < valid_rows;
+    const Element* src = ok ? gmem + row * row_stride + col : gmem;
+    void* dst;
+    if constexpr (kTransposed)
+      dst = &s(col, row);
+    else
+      dst = &s(row, col);
+    Copy::copy(*reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst), ok);
+  }
+}
+
+// One warpgroup GEMM over all k blocks: C (+)= A B. kZeroInit: C = A B (the first k block overwrites C).
+// kARegs: A is a register fragment (RS-wgmma), else shared-memory descriptors (SS-wgmma).
+// Waits for completion before returning (the kernel has no intra-warpgroup overlap of GEMMs and pointwise work).
+template <bool kZeroInit, bool kARegs, typename TiledMma, typename TA, typename TB, typename TC>
+__device__ __forceinline__ void wg_gemm(TiledMma& mma, TA& tA, TB const& tB, TC& tC) {
+  if constexpr (kARegs) cute::warpgroup_fence_operand(tA);
+  cute::warpgroup_fence_operand(tC);
+  cute::warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = cute::SM90::GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kb = 0; kb < cute::size<2>(tA); ++kb) {
+    cute::gemm(mma, tA(cute::_, cute::_, kb), tB(cute::_, cute::_, kb), tC);
+    mma.accumulate_ = cute::SM90::GMMA::ScaleOut::One;
+  }
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_wait<0>();
+  cute::warpgroup_fence_operand(tC);
+  if constexpr (kARegs) cute::warpgroup_fence_operand(tA);
+}
+
+#endif  // HSTU_SM90_DEVICE
+
+// Host-side self-check (pure layout algebra, no GPU), returns an empty string when it passes.
+// (2) A shared tile, addressed as load_rows_async does (through a swizzled smem tensor on a 1024-byte aligned base):
+//     each 8-column chunk is 8 contiguous elements at a 16-byte aligned offset, and (row, col) -> offset is a
+//     bijection onto [0, rows * cols).
+template <typename Layout, typename T>
+inline std::string check_sm90_smem_tile(bool transposed, int rows, int cols) {
+  static_assert(sizeof(T) == 2, "16-bit elements");
+  std::vector<uint16_t> storage(rows * cols + 1024);
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
+  auto s = cute::make_tensor(cute::make_smem_ptr(base), Layout{});
+  std::vector<int> seen(rows * cols, 0);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; c += 8) {
+      const T* p0 = transposed ? &s(c, r) : &s(r, c);
+      const long off0 = p0 - base;
+      if (off0 % 8 != 0) return "chunk not 16-byte aligned";
+      for (int k = 0; k < 8; ++k) {
+        const T* pk = transposed ? &s(c + k, r) : &s(r, c + k);
+        const long off = pk - base;
+        if (off != off0 + k) return "chunk not contiguous";
+        if (off < 0 || off >= rows * cols) return "offset out of the tile";
+        seen[off]++;
+      }
+    }
+  for (int x : seen)
+    if (x != 1) return "not a bijection";
+  return "";
+}
+
+}  // namespace sm90
+}  // namespace hstu
