@@ -107,6 +107,18 @@ def time_kernel(q, k, v, offsets, L, kwargs):
     return do_bench(fwd), do_bench(bwd), do_bench(fwd_bwd), do_bench(lambda: bwd(True))
 
 
+def time_sm80_atomic_backward(q, k, v, offsets, L, kwargs) -> float:
+    """The mma.sync atomic-dq backward of the same shape, while HSTU_SM90_BWD=1 benchmarks the wgmma one."""
+    common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
+              kwargs.get("num_targets"), 1, None)  # fmt: skip
+    dout = torch.randn_like(q)
+    os.environ["HSTU_SM90_BWD"] = "0"
+    try:
+        return do_bench(lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False))
+    finally:
+        os.environ["HSTU_SM90_BWD"] = "1"
+
+
 def time_sm80_forward(q, k, v, offsets, L, kwargs) -> float:
     """The mma.sync forward of the same shape (HSTU_SM90_FWD=0 for these launches: the launcher reads it per call)."""
     common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
@@ -191,6 +203,10 @@ def main() -> None:
             if row["sm90_forward"] and D != 32:  # the same run's mma.sync forward, for comparison
                 t80 = time_sm80_forward(q, k, v, offsets, L, kwargs)
                 row.update(fwd_sm80_ms=t80, fwd_sm80_tflops=fl / t80 / 1e9)
+            if os.environ.get("HSTU_SM90_BWD") == "1" and D in (64, 128):  # opt-in wgmma backward vs mma.sync
+                row["sm90_backward_requested"] = True
+                t80 = time_sm80_atomic_backward(q, k, v, offsets, L, kwargs)
+                row.update(bwd_sm80_ms=t80, bwd_sm80_tflops=2.5 * fl / t80 / 1e9)
             if not args.no_op:
                 _, _, ofb = time_impl(hstu_attention, q, k, v, offsets, L, kwargs)
                 row["op_fwdbwd_tflops"] = 3.5 * fl / ofb / 1e9  # public op: validation + autograd included
@@ -213,6 +229,7 @@ def main() -> None:
               f"  TFLOP/s  (ms {tf:.3f}/{tb:.3f}/{tfb:.3f})"
               + (f"  bwd(det) {row['bwd_det_tflops']:.1f}" if "bwd_det_tflops" in row else "")
               + (f"  fwd(sm80) {row['fwd_sm80_tflops']:.1f}" if "fwd_sm80_tflops" in row else "")
+              + (f"  bwd(sm80) {row['bwd_sm80_tflops']:.1f}" if "bwd_sm80_tflops" in row else "")
               + (f"  op fwd+bwd {row['op_fwdbwd_tflops']:.1f}" if "op_fwdbwd_tflops" in row else "")
               + (f"  ref {row['ref_fwd_tflops']:.1f}/{row['ref_bwd_tflops']:.1f}/{row['ref_fwdbwd_tflops']:.1f}"
                  if "ref_fwd_tflops" in row else ""), flush=True)  # fmt: skip
