@@ -48,10 +48,19 @@ void launch_fwd_impl(const AttnParams& p, cudaStream_t stream) {
 // units, so run_fwd_sm90<T, D, rab> exists whenever run_fwd<T, D, rab> does (D in 64, 128, 256). Used when the
 // current device is sm_90 and the forward has no dropout, unless HSTU_SM90_FWD=0 (read at every call, so tests and
 // benchmarks can compare the two forwards).
-inline const char* sm90_fwd_env() { return std::getenv("HSTU_SM90_FWD"); }
-inline bool sm90_fwd_enabled() {
-  const char* e = sm90_fwd_env();
-  return e == nullptr || std::strcmp(e, "0") != 0;
+inline bool env_equals(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::strcmp(e, value) == 0;
+}
+inline bool sm90_fwd_enabled() { return !env_equals("HSTU_SM90_FWD", "0"); }
+// An explicit opt-in (`name`=1) that this build cannot honour: said once per variable.
+template <typename Tag>
+inline void warn_once_if_requested(const char* name, const char* why) {
+  static bool told = false;
+  if (!told && env_equals(name, "1")) {
+    told = true;
+    std::fprintf(stderr, "hstu attention: %s=1 ignored: %s\n", name, why);
+  }
 }
 inline bool current_device_is_sm90() {
   int dev = 0, major = 0, minor = 0;
@@ -66,14 +75,9 @@ inline bool use_sm90_fwd(const AttnParams& p) {
 #if defined(HSTU_WITH_SM90_FWD)
   if constexpr (kSm90FwdHeadDim<kHeadDim>) return !p.dropout && sm90_fwd_enabled() && current_device_is_sm90();
 #else
-  // Say once when an explicit HSTU_SM90_FWD=1 cannot take effect: this build has no sm90 units (no 9.0a target).
-  static bool told = false;
-  const char* e = sm90_fwd_env();
-  if (!told && e != nullptr && std::strcmp(e, "1") == 0) {
-    told = true;
-    std::fprintf(stderr, "hstu attention: HSTU_SM90_FWD=1 ignored: built without the sm90 forward (needs 9.0a in "
-                         "TORCH_CUDA_ARCH_LIST and no HSTU_DISABLE_SM90)\n");
-  }
+  struct Fwd;
+  warn_once_if_requested<Fwd>("HSTU_SM90_FWD", "built without the sm90 forward (needs 9.0a in TORCH_CUDA_ARCH_LIST "
+                                                "and no HSTU_DISABLE_SM90)");
 #endif
   (void)p;
   return false;
@@ -192,11 +196,7 @@ void launch_bwd_impl(const AttnParams& p, cudaStream_t stream) {
 // call), the build has the sm90 backward units (HSTU_WITH_SM90_BWD, bwd_sm90_api.h), the head dim is 64 or 128, the
 // current device is sm_90 and the call takes the atomic-dq path (deterministic=False) without dropout and without a
 // rab gradient (drab). Anything else runs the sm80-style backward below. Not yet verified on a GPU.
-inline const char* sm90_bwd_env() { return std::getenv("HSTU_SM90_BWD"); }
-inline bool sm90_bwd_requested() {
-  const char* e = sm90_bwd_env();
-  return e != nullptr && std::strcmp(e, "1") == 0;
-}
+inline bool sm90_bwd_requested() { return env_equals("HSTU_SM90_BWD", "1"); }
 
 template <int kHeadDim>
 inline bool use_sm90_bwd(const AttnParams& p) {
@@ -205,13 +205,9 @@ inline bool use_sm90_bwd(const AttnParams& p) {
     return p.dq_accum != nullptr && p.drab == nullptr && !p.dropout && sm90_bwd_requested() &&
            current_device_is_sm90();
 #else
-  // Say once when an explicit HSTU_SM90_BWD=1 cannot take effect: this build has no sm90 backward units.
-  static bool told = false;
-  if (!told && sm90_bwd_requested()) {
-    told = true;
-    std::fprintf(stderr, "hstu attention: HSTU_SM90_BWD=1 ignored: built without the sm90 backward (needs 9.0a in "
-                         "TORCH_CUDA_ARCH_LIST, no HSTU_DISABLE_SM90, no HSTU_DISABLE_BACKWARD)\n");
-  }
+  struct Bwd;
+  warn_once_if_requested<Bwd>("HSTU_SM90_BWD", "built without the sm90 backward (needs 9.0a in TORCH_CUDA_ARCH_LIST, "
+                                                "no HSTU_DISABLE_SM90, no HSTU_DISABLE_BACKWARD)");
 #endif
   (void)p;
   return false;
