@@ -10,11 +10,11 @@ Environment switches:
   HSTU_SKIP_CUDA_BUILD=1 never build the extension
   HSTU_DISABLE_BF16 / HSTU_DISABLE_FP16 / HSTU_DISABLE_HDIM{32,64,128,256} / HSTU_DISABLE_RAB /
   HSTU_DISABLE_BACKWARD / HSTU_DISABLE_SM80 (drop the 8.x targets from the architecture list) /
-  HSTU_DISABLE_SM90 (skip the Hopper wgmma units, *_sm90.cu: the forward and the opt-in backward)
+  HSTU_DISABLE_SM90 (skip the Hopper wgmma units, *_sm90.cu: the forward and the backward)
                          prune generated instantiations (csrc/hstu_attention/instantiations) to shorten builds
   The Hopper units (*_sm90.cu: fwd_kernel_sm90.h, bwd_kernel_sm90.h) are built only when the list holds 9.0a;
-  then every unit gets -DHSTU_WITH_SM90_FWD and the launchers pick them at run time on an sm_90 device (forward:
-  unless HSTU_SM90_FWD=0; backward: only with HSTU_SM90_BWD=1, not yet GPU-verified). Their device code exists for
+  then every unit gets -DHSTU_WITH_SM90_FWD and the launchers pick them at run time on an sm_90 device (unless
+  HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0). Their device code exists for
   sm_90a only (other targets compile a trapping stub).
   CUTLASS_INCLUDE_DIR    CUTLASS/CuTe headers; default: the installed nvidia-cutlass package's headers
 """

@@ -108,15 +108,19 @@ def time_kernel(q, k, v, offsets, L, kwargs):
 
 
 def time_sm80_atomic_backward(q, k, v, offsets, L, kwargs) -> float:
-    """The mma.sync atomic-dq backward of the same shape, while HSTU_SM90_BWD=1 benchmarks the wgmma one."""
+    """The mma.sync atomic-dq backward of the same shape (HSTU_SM90_BWD=0 for these launches), next to the wgmma one."""
     common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
               kwargs.get("num_targets"), 1, None)  # fmt: skip
     dout = torch.randn_like(q)
+    saved = os.environ.get("HSTU_SM90_BWD")
     os.environ["HSTU_SM90_BWD"] = "0"
     try:
         return do_bench(lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False))
     finally:
-        os.environ["HSTU_SM90_BWD"] = "1"
+        if saved is None:
+            del os.environ["HSTU_SM90_BWD"]
+        else:
+            os.environ["HSTU_SM90_BWD"] = saved
 
 
 def time_sm80_forward(q, k, v, offsets, L, kwargs) -> float:
@@ -203,8 +207,8 @@ def main() -> None:
             if row["sm90_forward"] and D != 32:  # the same run's mma.sync forward, for comparison
                 t80 = time_sm80_forward(q, k, v, offsets, L, kwargs)
                 row.update(fwd_sm80_ms=t80, fwd_sm80_tflops=fl / t80 / 1e9)
-            if os.environ.get("HSTU_SM90_BWD") == "1" and D in (64, 128):  # opt-in wgmma backward vs mma.sync
-                row["sm90_backward_requested"] = True
+            row["sm90_backward"] = hstu_cuda.sm90_backward_enabled() and D in (64, 128)
+            if row["sm90_backward"]:  # the same run's mma.sync atomic-dq backward, for comparison
                 t80 = time_sm80_atomic_backward(q, k, v, offsets, L, kwargs)
                 row.update(bwd_sm80_ms=t80, bwd_sm80_tflops=2.5 * fl / t80 / 1e9)
             if not args.no_op:

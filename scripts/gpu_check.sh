@@ -5,9 +5,9 @@
 # Stages: HSTU_GPU_STAGES (default "build test sanitize bench"; also "bench_alt", and "prebuild" on a CPU machine);
 # per-stage time limits in seconds:
 # HSTU_T_BUILD / HSTU_T_TEST / HSTU_T_SANITIZE / HSTU_T_BENCH; HSTU_SANITIZE_TOOLS (default "memcheck racecheck");
-# HSTU_TEST_K (a pytest -k expression), HSTU_BENCH_ARGS (extra benchmark arguments). HSTU_SM90_BWD=1 sends every
-# eligible backward (tests, sanitizer, benchmark) to the opt-in wgmma backward; the benchmark then also times the
-# mma.sync one. On the lent machine run it as
+# HSTU_TEST_K (a pytest -k expression), HSTU_BENCH_ARGS (extra benchmark arguments). On sm_90 the wgmma forward
+# and backward are the defaults (HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 opt out); the sanitizer runs each eligible
+# backward case on both, and the benchmark times the mma.sync kernels next to them. On the lent machine run it as
 #   source .device/wheels/setup.sh && bash scripts/gpu_check.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -122,11 +122,12 @@ fi
 
 if has sanitize; then
   cat >"$OUT/sanitize_case.py" <<'PY'
+import os
 import torch
 from hstu.ops.hstu_attention import cuda
 offsets = torch.tensor([0, 0, 1, 70, 200], dtype=torch.int32, device="cuda")
 # (head dim, rab heads, causal, window, targets, rab gradient); the cases without a rab gradient at head dims 64 / 128
-# are the ones the sm90 backward takes (HSTU_SM90_BWD=1)
+# are the ones the sm90 backward takes (on sm_90, unless HSTU_SM90_BWD=0): their atomic-dq backward runs on both
 for dim, rab_heads, causal, window, tgt, rab_grad in [(64, 1, True, -1, True, True), (128, 2, True, 9, False, True),
                                                       (256, 0, False, 20, False, False), (32, 2, True, -1, True, True),
                                                       (64, 2, True, -1, True, False), (128, 0, True, 9, True, False)]:
@@ -137,7 +138,9 @@ for dim, rab_heads, causal, window, tgt, rab_grad in [(64, 1, True, -1, True, Tr
     nc = torch.tensor([0, 0, 3, 4], dtype=torch.int32, device="cuda") if tgt else None
     args = (q, k, v, offsets, 130, 0.125, 130, causal, window, nc, nt, 2, rab)
     out = cuda.forward(*args, 0.0, 0)
-    for deterministic in (False, True):  # atomic-dq path, then the split path
+    # atomic-dq path (wgmma backward where it applies), the same on the mma.sync kernel, then the split path
+    for deterministic, sm90_bwd in ((False, "1"), (False, "0"), (True, "1")):
+        os.environ["HSTU_SM90_BWD"] = sm90_bwd
         grads = cuda.backward(torch.randn_like(out), *args[:13], rab is not None and rab_grad, 0.0, 0, deterministic)
         assert all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
 torch.cuda.synchronize()

@@ -273,7 +273,7 @@ pybind11::dict build_info() {
   d["sm90_forward"] = false;
 #endif
 #ifdef HSTU_WITH_SM90_BWD
-  d["sm90_backward"] = true;  // Hopper wgmma backward units built (opt-in at run time: HSTU_SM90_BWD=1)
+  d["sm90_backward"] = true;  // Hopper wgmma backward units built (the default on sm_90; HSTU_SM90_BWD=0 opts out)
 #else
   d["sm90_backward"] = false;
 #endif

@@ -192,17 +192,17 @@ void launch_bwd_impl(const AttnParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "backward dq launch");
 }
 
-// Hopper backward (bwd_kernel_sm90.h, wgmma), opt-in: used only when HSTU_SM90_BWD is exactly "1" (read at every
-// call), the build has the sm90 backward units (HSTU_WITH_SM90_BWD, bwd_sm90_api.h), the head dim is 64 or 128, the
-// current device is sm_90 and the call takes the atomic-dq path (deterministic=False) without dropout and without a
-// rab gradient (drab). Anything else runs the sm80-style backward below. Not yet verified on a GPU.
-inline bool sm90_bwd_requested() { return env_equals("HSTU_SM90_BWD", "1"); }
+// Hopper backward (bwd_kernel_sm90.h, wgmma): used when the build has the sm90 backward units (HSTU_WITH_SM90_BWD,
+// bwd_sm90_api.h), the head dim is 64 or 128, the current device is sm_90 and the call takes the atomic-dq path
+// (deterministic=False) without dropout and without a rab gradient (drab), unless HSTU_SM90_BWD=0 (read at every
+// call, so tests and benchmarks can compare the two backwards). Anything else runs the sm80-style backward below.
+inline bool sm90_bwd_enabled() { return !env_equals("HSTU_SM90_BWD", "0"); }
 
 template <int kHeadDim>
 inline bool use_sm90_bwd(const AttnParams& p) {
 #if defined(HSTU_WITH_SM90_BWD)
   if constexpr (kSm90BwdHeadDim<kHeadDim>)
-    return p.dq_accum != nullptr && p.drab == nullptr && !p.dropout && sm90_bwd_requested() &&
+    return p.dq_accum != nullptr && p.drab == nullptr && !p.dropout && sm90_bwd_enabled() &&
            current_device_is_sm90();
 #else
   struct Bwd;

@@ -146,9 +146,9 @@ def test_parity_random(monkeypatch, seed):
     cfg = _random_config(seed)
     # On Hopper, odd seeds run the mma.sync forward (the one Ampere uses), even ones the default wgmma forward.
     monkeypatch.setenv("HSTU_SM90_FWD", "0" if seed % 2 else "1")
-    # Seeds 2 mod 4 also opt into the wgmma backward (used where it applies: atomic dq, head dim 64 / 128, no drab).
-    if seed % 4 == 2 and _sm90_backward_built():
-        monkeypatch.setenv("HSTU_SM90_BWD", "1")
+    # The wgmma backward is the default where it applies (atomic dq, head dim 64 / 128, no drab, no dropout); seeds
+    # 2 mod 4 opt out of it, so the mma.sync atomic-dq backward Ampere uses is swept on Hopper too.
+    monkeypatch.setenv("HSTU_SM90_BWD", "0" if seed % 4 == 2 else "1")
     try:
         _check_config(cfg)
     except AssertionError as err:
@@ -353,10 +353,10 @@ _SM90_BWD_CASES = {
 @pytest.mark.parametrize("dim", (64, 128))
 @pytest.mark.parametrize("case", list(_SM90_BWD_CASES))
 def test_sm90_backward_runs_and_matches(monkeypatch, dtype, dim, case):
-    """With HSTU_SM90_BWD=1 on an sm_90 device the Hopper wgmma backward runs (seen in the profiler) for the atomic-dq
-    path, its dq / dk / dv pass the parity rule through the op on jagged lengths around its tiles, and agree with the
-    sm80 atomic backward's to within both kernels' rounding. A rab gradient or deterministic=True keeps the sm80
-    backward."""
+    """By default on an sm_90 device the Hopper wgmma backward runs (seen in the profiler) for the atomic-dq path, its
+    dq / dk / dv pass the parity rule through the op on jagged lengths around its tiles, and agree with the sm80
+    atomic backward's (HSTU_SM90_BWD=0) to within both kernels' rounding. A rab gradient or deterministic=True keeps
+    the sm80 backward."""
     from torch.profiler import ProfilerActivity, profile
 
     from hstu.ops.hstu_attention import cuda
@@ -381,7 +381,8 @@ def test_sm90_backward_runs_and_matches(monkeypatch, dtype, dim, case):
             torch.cuda.synchronize()
         return grads, [evt.key for evt in prof.key_averages()]
 
-    monkeypatch.setenv("HSTU_SM90_BWD", "1")
+    monkeypatch.delenv("HSTU_SM90_BWD", raising=False)  # the default
+    assert cuda.sm90_backward_enabled()
     g90, names = run()
     assert any("hstu_bwd_sm90_kernel" in n for n in names), names
     assert not any("hstu_bwd_dkdv_kernel" in n for n in names), names
@@ -392,7 +393,8 @@ def test_sm90_backward_runs_and_matches(monkeypatch, dtype, dim, case):
     for kwargs in ([dict(deterministic=True)] + ([dict(rab_needs_grad=True)] if rab is not None else [])):
         _, names = run(**kwargs)
         assert not any("hstu_bwd_sm90_kernel" in n for n in names), (kwargs, names)
-    monkeypatch.setenv("HSTU_SM90_BWD", "0")  # the sm80 atomic-dq backward on the same inputs
+    monkeypatch.setenv("HSTU_SM90_BWD", "0")  # opt-out: the sm80 atomic-dq backward on the same inputs
+    assert not cuda.sm90_backward_enabled()
     g80, names = run()
     assert not any("hstu_bwd_sm90_kernel" in n for n in names), names
     for name, a, b in zip(("dq", "dk", "dv"), g90[:3], g80[:3]):
