@@ -29,9 +29,11 @@ note "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.
 note "torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)') nvcc $(nvcc --version | tail -1)"
 
 # Prebuilt kernels: `HSTU_GPU_STAGES=prebuild bash scripts/gpu_check.sh` (on any machine with nvcc 13.0 and the
-# CUTLASS headers, no GPU) compiles every kernel instantiation for sm_90a with setup.py's nvcc flags into
-# .device/hstu_objs (carry it). The build stage then compiles only the torch binding and links it with those
-# objects, if they match the current sources (hash); otherwise it runs the full setup.py build.
+# CUTLASS headers, no GPU) compiles the kernel instantiations for sm_90a with setup.py's nvcc flags into
+# .device/hstu_objs and packs .device/hstu_objs.tar.xz (carry that). Each object carries the hash of its unit, the
+# local headers it includes (transitively), the defines and the target, so a later prebuild recompiles only the
+# units an edit touched. The build stage unpacks them, compiles the stale or missing units here, compiles the
+# torch binding and links; on any failure it falls back to the full setup.py build.
 OBJ_DIR="${HSTU_OBJ_DIR:-$ROOT/.device/hstu_objs}"
 DISABLE_NAMES="HSTU_DISABLE_BF16 HSTU_DISABLE_FP16 HSTU_DISABLE_HDIM32 HSTU_DISABLE_HDIM64 HSTU_DISABLE_HDIM128 HSTU_DISABLE_HDIM256 HSTU_DISABLE_RAB HSTU_DISABLE_BACKWARD"
 sm90_off() { [[ "${HSTU_DISABLE_SM90:-0}" =~ ^(1|true|yes|on)$ ]]; }
@@ -41,7 +43,6 @@ defines() {
   sm90_off || printf -- '-DHSTU_WITH_SM90_FWD '
   true
 }
-src_hash() { { cat csrc/hstu_attention/*.h csrc/hstu_attention/instantiations/*.cu; defines; echo sm_90a; } | sha256sum | cut -c1-16; }
 selected_units() {
   for f in csrc/hstu_attention/instantiations/*.cu; do
     b=$(basename "$f")
@@ -57,31 +58,68 @@ selected_units() {
     [ $skip = 0 ] && echo "$f"
   done
 }
-
-if has prebuild; then
-  CUTLASS_INC="${CUTLASS_INCLUDE_DIR:-$($PY -c 'import cutlass_library, pathlib; print(pathlib.Path(cutlass_library.__file__).resolve().parent / "source" / "include")')}"
-  rm -rf "$OBJ_DIR" && mkdir -p "$OBJ_DIR"
-  t0=$(date +%s)
+# "<unit> <hash>" per selected unit: the unit, its local #include closure, the defines, the target
+unit_hashes() {
+  selected_units | HSTU_DEFS="$(defines)" $PY -c '
+import hashlib, os, pathlib, re, sys
+inc = re.compile(r"^\s*#\s*include\s+\"([^\"]+)\"", re.M)
+def closure(path, seen):
+    for name in inc.findall(path.read_text()):
+        dep = (path.parent / name).resolve()
+        if dep.is_file() and dep not in seen:
+            seen.add(dep)
+            closure(dep, seen)
+    return seen
+for unit in sys.stdin.read().split():
+    u = pathlib.Path(unit).resolve()
+    h = hashlib.sha256()
+    for f in [u] + sorted(closure(u, set())):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update((os.environ["HSTU_DEFS"] + " sm_90a").encode())
+    print(unit, h.hexdigest()[:16])
+'
+}
+# compiles the units whose object is missing or stale into $OBJ_DIR (JOBS in parallel); prints how many
+compile_stale_units() {
+  local cutlass_inc="$1" stale
+  mkdir -p "$OBJ_DIR"
   export NVCC_FLAGS="-O3 -std=c++17 --expt-relaxed-constexpr --expt-extended-lambda -lineinfo -Xptxas=-warn-spills -DNDEBUG \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
     -D__CUDA_NO_HALF2_OPERATORS__ $(defines) -gencode=arch=compute_90a,code=sm_90a -Xcompiler -fPIC \
-    -I$ROOT/csrc/hstu_attention -I$CUTLASS_INC"
-  selected_units | xargs -P "${JOBS:-$(nproc)}" -I{} bash -c 'nvcc $NVCC_FLAGS -c {} -o "'"$OBJ_DIR"'/$(basename {} .cu).o" || exit 255'
+    -I$ROOT/csrc/hstu_attention -I$cutlass_inc"
+  stale=$(unit_hashes | while read -r unit hash; do
+    o="$OBJ_DIR/$(basename "$unit" .cu)"
+    [ -f "$o.o" ] && [ "$(cat "$o.hash" 2>/dev/null)" = "$hash" ] || echo "$unit $hash"
+  done)
+  echo "$stale" | grep -c . >"$OBJ_DIR/.stale_count"
+  [ -z "$stale" ] && return 0
+  echo "$stale" | xargs -P "${JOBS:-$(nproc)}" -L1 bash -c \
+    'o="'"$OBJ_DIR"'/$(basename "$0" .cu)"; rm -f "$o.hash"; nvcc $NVCC_FLAGS -c "$0" -o "$o.o" && echo "$1" >"$o.hash" || exit 255'
+}
+
+if has prebuild; then
+  CUTLASS_INC="${CUTLASS_INCLUDE_DIR:-$($PY -c 'import cutlass_library, pathlib; print(pathlib.Path(cutlass_library.__file__).resolve().parent / "source" / "include")')}"
+  t0=$(date +%s)
+  compile_stale_units "$CUTLASS_INC"
   rc=$?
-  [ $rc -eq 0 ] && src_hash >"$OBJ_DIR/SOURCE_HASH" \
-    && (cd "$(dirname "$OBJ_DIR")" && XZ_OPT="-6 -T0" tar -cJf "$(basename "$OBJ_DIR").tar.xz" "$(basename "$OBJ_DIR")")
-  note "prebuild rc=$rc in $(( $(date +%s) - t0 )) s: $(ls "$OBJ_DIR"/*.o 2>/dev/null | wc -l) objects, hash $(cat "$OBJ_DIR/SOURCE_HASH" 2>/dev/null)"
+  # objects of units no longer selected (or renamed) do not travel
+  keep=$(unit_hashes | awk '{print $1}' | xargs -n1 basename | sed 's/\.cu$//')
+  for o in "$OBJ_DIR"/*.o; do [ -e "$o" ] || continue; n=$(basename "$o" .o); echo "$keep" | grep -qx "$n" || rm -f "$o" "$OBJ_DIR/$n.hash"; done
+  [ $rc -eq 0 ] && (cd "$(dirname "$OBJ_DIR")" && XZ_OPT="-6 -T0" tar -cJf "$(basename "$OBJ_DIR").tar.xz" "$(basename "$OBJ_DIR")")
+  note "prebuild rc=$rc in $(( $(date +%s) - t0 )) s: $(cat "$OBJ_DIR/.stale_count") units compiled, $(ls "$OBJ_DIR"/*.o 2>/dev/null | wc -l) objects"
   [[ " $STAGES " == " prebuild " ]] && exit $rc
 fi
 
 # carry the compressed objects (.device/hstu_objs.tar.xz): the directory itself is over the transfer limit
-if has build && [ ! -f "$OBJ_DIR/SOURCE_HASH" ] && [ -f "$OBJ_DIR.tar.xz" ]; then
-  $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$OBJ_DIR.tar.xz" "$(dirname "$OBJ_DIR")"
-fi
-if has build && [ -f "$OBJ_DIR/SOURCE_HASH" ] && [ "$(cat "$OBJ_DIR/SOURCE_HASH")" = "$(src_hash)" ] \
-   && [[ "$TORCH_CUDA_ARCH_LIST" == "9.0a" ]]; then
+if has build && [ -f "$OBJ_DIR.tar.xz" ] && [[ "$TORCH_CUDA_ARCH_LIST" == "9.0a" ]]; then
   t0=$(date +%s)
-  HSTU_OBJS="$(ls "$OBJ_DIR"/*.o | tr '\n' ' ')" HSTU_DEFINES="$(defines)" timeout "${HSTU_T_BUILD:-300}" $PY - >"$OUT/build.log" 2>&1 <<'PY'
+  $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$OBJ_DIR.tar.xz" "$(dirname "$OBJ_DIR")"
+  compile_stale_units "${CUTLASS_INCLUDE_DIR:?set by .device/wheels/setup.sh}" >"$OUT/build.log" 2>&1
+  rc=$?
+  note "build: $(cat "$OBJ_DIR/.stale_count" 2>/dev/null) stale kernel units compiled here, rc=$rc in $(( $(date +%s) - t0 )) s"
+  if [ $rc -eq 0 ]; then
+    HSTU_OBJS="$(unit_hashes | awk '{print $1}' | xargs -n1 basename | sed "s|\.cu$|.o|; s|^|$OBJ_DIR/|" | tr '\n' ' ')" \
+      HSTU_DEFINES="$(defines)" timeout "${HSTU_T_BUILD:-300}" $PY - >>"$OUT/build.log" 2>&1 <<'PY'
 import os, shutil, sysconfig
 from torch.utils.cpp_extension import load
 cutlass = os.environ.get("CUTLASS_INCLUDE_DIR", "")
@@ -92,8 +130,9 @@ dst = os.path.join("hstu", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
 shutil.copy(m.__file__, dst)
 print("linked", dst, "from prebuilt objects")
 PY
-  rc=$?
-  note "build (prebuilt kernels $(cat "$OBJ_DIR/SOURCE_HASH"), binding compiled + linked here) rc=$rc in $(( $(date +%s) - t0 )) s"
+    rc=$?
+  fi
+  note "build (prebuilt + stale kernel objects, binding compiled + linked here) rc=$rc in $(( $(date +%s) - t0 )) s"
   if [ $rc -eq 0 ] && $PY -c 'import torch; from hstu import _C; _C.build_info()' >>"$OUT/build.log" 2>&1; then
     STAGES="${STAGES/build/}"
   else

@@ -22,7 +22,8 @@
 // memory and get two CuTe views.
 // Epilogue: dV * (1 / N), dK * (alpha / N) from the accumulators, rows (keys) < L; the launcher then runs the usual
 // hstu_dq_convert_kernel (dq = alpha / N * workspace).
-// Every GEMM is waited for before its results are used (wg_gemm), as in the forward: no intra-warpgroup overlap.
+// Overlap inside a warpgroup (v10): S^T and dP^T are issued together; the P half of the pointwise stage runs while
+// dP^T computes and the dS half while dV computes; dK is issued before the dQ GEMMs, whose first wait retires it.
 // Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); compiled for any other target the kernel traps.
 #pragma once
 
@@ -224,43 +225,57 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     if (m_next < m_tiles) load_qdo(m_next, stage ^ 1);
     cp_async_commit();
 
+    // S^T and dP^T as two wgmma batches; each pointwise half starts as soon as its inputs have retired, while the
+    // tensor cores run the next GEMM (dP^T under the P half, dV under the dS half).
     Tensor tSrQ = thr_s.partition_fragment_B(sQ(stage));
-    wg_gemm</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrK, tSrQ, tSrS);
     Tensor tSrdO = thr_s.partition_fragment_B(sdO(stage));
-    wg_gemm</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrV, tSrdO, tSrdP);
+    wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrK, tSrQ, tSrS);
+    wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrV, tSrdO, tSrdP);
+    wg_wait<1>(tSrS);
 
     const int m0 = m * BM;
-    // Pointwise stage (bwd_kernel.h's, no dropout); with_tile_mask: tiles wholly visible for this warpgroup's keys
-    // skip every mask / bounds test.
-    auto pointwise = [&](auto masked_tag) {
+    // P half of bwd_kernel.h's pointwise stage (no dropout): P^T = SiLU(x) with x = alpha (s + rab), packed in q's
+    // dtype into the A operand of dV (identical linear order: see KVOperandShape); S^T's registers keep SiLU'(x),
+    // zero where masked, for the dS half. with_tile_mask: tiles wholly visible for this warpgroup's keys skip every
+    // mask / bounds test.
+    auto pointwise_p = [&](auto masked_tag) {
       constexpr bool kMasked = decltype(masked_tag)::value;
+      Tensor tKVrP32 = recast<uint32_t>(tKVrP);
       CUTE_UNROLL
-      for (int e = 0; e < size(tSrS); ++e) {
-        const int j = n0 + get<0>(tScS(e));  // key
-        const int i = m0 + get<1>(tScS(e));  // query
-        float x = tSrS(e);
-        if constexpr (Tr::kHasRab) {
-          if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
+      for (int e2 = 0; e2 < size(tKVrP32); ++e2) {
+        float pv[2];
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const int e = 2 * e2 + h;
+          const int j = n0 + get<0>(tScS(e));  // key
+          const int i = m0 + get<1>(tScS(e));  // query
+          float x = tSrS(e);
+          if constexpr (Tr::kHasRab) {
+            if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
+          }
+          x *= p.alpha;
+          const float sig = sigmoid_t<Element>(x);
+          const bool vis = !kMasked || mk.visible(i, j);
+          pv[h] = vis ? x * sig : 0.f;
+          tSrS(e) = vis ? silu_grad(x, sig) : 0.f;
         }
-        x *= p.alpha;
-        const float sig = sigmoid_t<Element>(x);
-        const bool vis = !kMasked || mk.visible(i, j);
-        tSrS(e) = vis ? x * sig : 0.f;
-        tSrdP(e) = vis ? tSrdP(e) * silu_grad(x, sig) : 0.f;
+        tKVrP32(e2) = pack2<Element>(pv[0], pv[1]);
       }
     };
-    with_tile_mask(mk, m0, m0 + BM, wn0, wn0 + 64, pointwise);
+    with_tile_mask(mk, m0, m0 + BM, wn0, wn0 + 64, pointwise_p);
 
-    // P^T and dS^T in q's dtype, in the A-operand register order (identical linear order: see KVOperandShape).
-    // Values 2e, 2e + 1 are queries i, i + 1 (i even) of one key: dS^T also goes to this warpgroup's shared tile as
-    // one 4-byte store per pair (the two queries are adjacent there; check_sm90_bwd_smem).
+    Tensor tKVrdO = thr_kv.partition_fragment_B(sdOt(stage));
+    wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrP, tKVrdO, tKVrdV);
+    wg_wait<1>(tSrdP);
+
+    // dS half: dS^T = dP^T SiLU'(x) (zero where masked), in q's dtype as the A operand of dK and, values 2e, 2e + 1
+    // being queries i, i + 1 (i even) of one key, into this warpgroup's shared tile as one 4-byte store per pair (the
+    // two queries are adjacent there; check_sm90_bwd_smem).
     {
-      Tensor tKVrP32 = recast<uint32_t>(tKVrP);
       Tensor tKVrdS32 = recast<uint32_t>(tKVrdS);
       CUTE_UNROLL
-      for (int e = 0; e < size(tKVrP32); ++e) {
-        tKVrP32(e) = pack2<Element>(tSrS(2 * e), tSrS(2 * e + 1));
-        const uint32_t ds2 = pack2<Element>(tSrdP(2 * e), tSrdP(2 * e + 1));
+      for (int e = 0; e < size(tKVrdS32); ++e) {
+        const uint32_t ds2 = pack2<Element>(tSrdP(2 * e) * tSrS(2 * e), tSrdP(2 * e + 1) * tSrS(2 * e + 1));
         tKVrdS32(e) = ds2;
         const int jl = get<0>(tScS(2 * e)) - 64 * wg;
         const int il = get<1>(tScS(2 * e));
@@ -269,10 +284,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     }
     fence_proxy_async_smem();  // the dS^T stores (generic proxy) before the dQ wgmma (async proxy) reads them
 
-    Tensor tKVrdO = thr_kv.partition_fragment_B(sdOt(stage));
-    wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrP, tKVrdO, tKVrdV);
     Tensor tKVrQ = thr_kv.partition_fragment_B(sQt(stage));
-    wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrdS, tKVrQ, tKVrdK);
+    wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrdS, tKVrQ, tKVrdK);
 
     // Every thread of this warpgroup has stored (and fenced) its part of the dS tile.
     named_barrier_sync<128>(1 + wg);
@@ -282,14 +295,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
       // (chunk columns of D, this warpgroup's 64 keys) of K, MN-major
       Tensor sKt_c = local_tile(sKt, Shape<typename Tr::DQC, typename Tr::WN>{}, make_coord(ch, wg));
       Tensor tDQrK = thr_dq.partition_fragment_B(sKt_c);
-      wg_gemm</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
-      float* const dst = gAcc + static_cast<int64_t>(m0) * p.row_stride + ch * Tr::kDqChunk;
-      CUTE_UNROLL
-      for (int e = 0; e < size(tDQrdQ) / 2; ++e) {
-        const int r = get<0>(tDQcdQ(2 * e));
-        const int c = get<1>(tDQcdQ(2 * e));
-        if (r < valid) atomic_add2(dst + static_cast<int64_t>(r) * p.row_stride + c, tDQrdQ(2 * e), tDQrdQ(2 * e + 1));
-      }
+      wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
+      wg_wait<0>(tDQrdQ, tKVrdV, tKVrdK, tKVrP, tKVrdS);  // also retires the dV / dK batches issued before it
+      // Value pair e sits at row r0 + 8 (e % 2), columns c0 + 8 (e / 2) + {0, 1} (check_sm90_bwd_fragments): two row
+      // pointers and compile-time column offsets folded into the reductions; row checks only in a partial tile.
+      const int r0 = get<0>(tDQcdQ(0));
+      float* const row0 = gAcc + static_cast<int64_t>(m0 + r0) * p.row_stride + ch * Tr::kDqChunk + get<1>(tDQcdQ(0));
+      float* const row8 = row0 + 8 * p.row_stride;
+      const bool full = valid >= BM;
+      const bool ok0 = full || r0 < valid, ok8 = full || r0 + 8 < valid;
+      for_each(make_int_sequence<decltype(size(tDQrdQ))::value / 2>{}, [&](auto e_) {
+        constexpr int e = decltype(e_)::value;
+        if (e % 2 ? ok8 : ok0)
+          red_add_v2_f32<32 * (e / 2)>(e % 2 ? row8 : row0, tDQrdQ(2 * e), tDQrdQ(2 * e + 1));
+      });
     }
 
     m = m_next;
@@ -366,6 +385,11 @@ inline std::string check_sm90_bwd_fragments() {
     if (t < 128) {
       auto tDQcdQ = mma_dq.get_thread_slice(t).partition_C(cDQ);
       if (!pairs_ok(tDQcdQ, bad)) return "dQ accumulator pair not adjacent at thread " + std::to_string(t);
+      for (int e = 0; 2 * e < size(tDQcdQ); ++e)  // the reductions' addressing: two rows, 8-column steps
+        if (get<0>(tDQcdQ(2 * e)) != get<0>(tDQcdQ(0)) + 8 * (e % 2) ||
+            get<1>(tDQcdQ(2 * e)) != get<1>(tDQcdQ(0)) + 8 * (e / 2))
+          return "dQ accumulator pair " + std::to_string(e) + " not at (r0 + 8 (e % 2), c0 + 8 (e / 2)), thread " +
+                 std::to_string(t);
     }
   }
   return "";

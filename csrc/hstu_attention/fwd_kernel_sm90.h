@@ -2,8 +2,11 @@
 // (wgmma, through CuTe's SM90 GMMA atoms) instead of per-warp mma.sync.
 //
 // Block = 2 consumer warpgroups (256 threads), 128 query rows (64 per warpgroup); no producer warp, no TMA: all
-// 256 threads stream K/V tiles into a 2-slot shared-memory ring with cp.async (zero-fill past the sequence end,
-// exactly as the sm80 path) while the warpgroups compute on the other slot.
+// 256 threads stream K/V tiles into shared-memory rings with cp.async (zero-fill past the sequence end, exactly as
+// the sm80 path), one tile ahead of the GEMMs.
+// Overlap inside a warpgroup: step t issues S_t = Q K_t^T and then O += P_{t-1} V_{t-1} (the previous step's P,
+// still in registers) as two wgmma batches, waits for the first only, and runs the pointwise stage of S_t on the
+// CUDA cores while the tensor cores work on the second. Hence V lives one step longer than K: K uses 2 slots, V 3.
 //   S = Q K^T : SS-wgmma, Q (resident) and K both K-major (head dim contiguous) 128B-swizzled tiles
 //   P = SiLU(alpha (S + rab)) (masked), per element in registers on the fp32 accumulator; element coordinates come
 //       from the MMA partition of an identity tensor; masks through mask.h (next_key_tile / with_tile_mask)
@@ -50,7 +53,8 @@ struct FwdTraitsSm90 {
   static constexpr int kBlockM = 64 * kWarpGroups;        // 64 query rows per warpgroup (one wgmma M)
   // Registers per thread: O is 64 x D fp32 per warpgroup = D / 2 floats, S = BN / 2 floats, P = BN / 4 words.
   static constexpr int kBlockN = kHeadDim >= 256 ? 64 : 128;
-  static constexpr int kStages = 2;
+  static constexpr int kStagesK = 2;  // K_t is free once S_t has retired (step t)
+  static constexpr int kStagesV = 3;  // V_t is read by step t + 1's O GEMM, and step t + 1 already loads tile t + 2
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim 64, 128 or 256");
 
   using BM = cute::Int<kBlockM>;
@@ -81,7 +85,7 @@ struct FwdTraitsSm90 {
                 "compact shared tiles");
   // 128B-swizzled GMMA tiles need 1024-byte aligned bases: every tile size is a multiple of 8 rows x 128 bytes.
   static_assert((kSizeQ * 2) % 1024 == 0 && (kSizeK * 2) % 1024 == 0, "1024-byte aligned tiles");
-  static constexpr int kSmemBytes = (kSizeQ + kStages * (kSizeK + kSizeV)) * 2;
+  static constexpr int kSmemBytes = (kSizeQ + kStagesK * kSizeK + kStagesV * kSizeV) * 2;  // 96 / 192 / 224 KB
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
 };
 
@@ -101,8 +105,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   T* const pQ = reinterpret_cast<T*>(smem_raw);
-  T* const pK = pQ + Tr::kSizeQ;                  // kStages slots
-  T* const pV = pK + Tr::kStages * Tr::kSizeK;    // kStages slots
+  T* const pK = pQ + Tr::kSizeQ;                  // kStagesK slots
+  T* const pV = pK + Tr::kStagesK * Tr::kSizeK;   // kStagesV slots
 
   // The 128B-swizzled GMMA tiles need a 1024-byte aligned base (no static shared memory in this kernel).
   if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
@@ -127,10 +131,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
 
   const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
   auto next_tile = [&](int n) { return mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM); };
-  auto load_kv = [&](int n, int stage) {
+  auto load_kv = [&](int n, int k_slot, int v_slot) {
     const int valid = mk.L - n * BN;
-    load_rows_async<BN, D, NT, false>(sK(stage), gK + n * BN * p.row_stride, p.row_stride, valid, tid);
-    load_rows_async<BN, D, NT, true>(sVt(stage), gV + n * BN * p.row_stride, p.row_stride, valid, tid);
+    load_rows_async<BN, D, NT, false>(sK(k_slot), gK + n * BN * p.row_stride, p.row_stride, valid, tid);
+    load_rows_async<BN, D, NT, true>(sVt(v_slot), gV + n * BN * p.row_stride, p.row_stride, valid, tid);
   };
 
   typename Tr::MmaS mma_s;
@@ -150,30 +154,40 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
   static_assert(decltype(size(tSrS))::value % 2 == 0, "pairs");
   clear(tOrO);
 
-  // Pipeline: Q and the first visible K/V tile form one commit group; iteration `it` waits for everything it issued
-  // (its own tile), publishes it to the async proxy and the block, then requests the next visible tile into the
-  // other slot (last read by iteration it - 1, whose wgmmas every warpgroup has waited for before this barrier).
+  // Pipeline: Q and the first visible K/V tile form one commit group. Step t waits for everything it issued (tile t),
+  // publishes it to the async proxy and the block, then requests tile t + 1 into K slot (t + 1) % 2 and V slot
+  // (t + 1) % 3. Those held tiles t - 1 (K, read by S_{t-1}) and t - 2 (V, read by step t - 1's O GEMM), and every
+  // warpgroup retired both batches before this barrier.
   int n = next_tile(-1);
   load_rows_async<BM, D, NT, false>(sQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
-  if (n < n_tiles) load_kv(n, 0);
+  if (n < n_tiles) load_kv(n, 0, 0);
   cp_async_commit();
 
   const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
   const int wm0 = m0 + 64 * wg;  // first row of this warpgroup
-  int stage = 0;
+  int k_slot = 0, v_slot = 0;
+  int v_prev = -1;  // V slot of the previous step's tile, whose P is in tOrP; -1 before the first step
   while (n < n_tiles) {
     cp_async_wait_all();
     fence_proxy_async_smem();
     __syncthreads();
     const int n_next = next_tile(n);
-    if (n_next < n_tiles) load_kv(n_next, stage ^ 1);
+    if (n_next < n_tiles) load_kv(n_next, k_slot ^ 1, v_slot == 2 ? 0 : v_slot + 1);
     cp_async_commit();
 
-    Tensor tSrK = thr_s.partition_fragment_B(sK(stage));
-    wg_gemm</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrQ, tSrK, tSrS);
+    Tensor tSrK = thr_s.partition_fragment_B(sK(k_slot));
+    wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrQ, tSrK, tSrS);
+    if (v_prev >= 0) {
+      Tensor tOrV = thr_o.partition_fragment_B(sVt(v_prev));
+      wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
+      wg_wait<1>(tSrS);  // S_t ready; O += P_{t-1} V_{t-1} keeps running during the pointwise stage
+    } else {
+      wg_wait<0>(tSrS);
+    }
 
     const int n0 = n * BN;
-    // pointwise stage; with_tile_mask: tiles wholly visible for this warpgroup's rows skip every mask/bounds test
+    // pointwise stage, in place on S; with_tile_mask: tiles wholly visible for this warpgroup's rows skip every
+    // mask/bounds test
     auto pointwise = [&](auto masked_tag) {
       constexpr bool kMasked = decltype(masked_tag)::value;
       CUTE_UNROLL
@@ -194,19 +208,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
     };
     with_tile_mask(mk, wm0, wm0 + 64, n0, n0 + BN, pointwise);
 
-    // P in q's dtype, in the A-operand register order (identical linear order: see POperandShape).
+    // P_t in q's dtype, in the A-operand register order (identical linear order: see POperandShape), once the O
+    // GEMM reading P_{t-1} from the same registers has retired.
+    wg_wait<0>(tOrO, tOrP);
     {
       Tensor tOrP32 = recast<uint32_t>(tOrP);
       CUTE_UNROLL
       for (int e = 0; e < size(tOrP32); ++e) tOrP32(e) = pack2<Element>(tSrS(2 * e), tSrS(2 * e + 1));
     }
-    Tensor tOrV = thr_o.partition_fragment_B(sVt(stage));
-    wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
 
+    v_prev = v_slot;
     n = n_next;
-    stage ^= 1;
+    k_slot ^= 1;
+    v_slot = v_slot == 2 ? 0 : v_slot + 1;
   }
   cp_async_wait_all();
+  if (v_prev >= 0) {  // the last tile's O GEMM
+    Tensor tOrV = thr_o.partition_fragment_B(sVt(v_prev));
+    wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
+  }
 
   // Epilogue: rows of this sequence only (the rows after it belong to the next sequence). Accumulator values 2e and
   // 2e + 1 are columns c and c + 1 of one row (checked by check_sm90_fragments): one 4-byte store per pair.

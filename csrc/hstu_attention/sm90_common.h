@@ -3,7 +3,8 @@
 //   CuteElement          CUDA element type -> the CuTe type of the same bits (GMMA atoms, shared tiles)
 //   rab_value            rab[b, hr, i, j] as float
 //   fence_proxy_async_smem, load_rows_async (cp.async, zero-fill past the sequence end, through a CuTe smem
-//                        tensor), wg_gemm (one warpgroup GEMM over all k blocks, waited for)   [sm_90a only]
+//                        tensor), wg_gemm_issue / wg_wait / wg_gemm (one warpgroup GEMM over all k blocks: issued,
+//                        waited for, or both)   [sm_90a only]
 //   check_sm90_smem_tile host self-check of a swizzled shared tile's addressing
 #pragma once
 
@@ -82,11 +83,18 @@ __device__ __forceinline__ void load_rows_async(SmemTensor&& s, const Element* g
   }
 }
 
-// One warpgroup GEMM over all k blocks: C (+)= A B. kZeroInit: C = A B (the first k block overwrites C).
-// kARegs: A is a register fragment (RS-wgmma), else shared-memory descriptors (SS-wgmma).
-// Waits for completion before returning (the kernel has no intra-warpgroup overlap of GEMMs and pointwise work).
+// Fire-and-forget fp32 add of two adjacent floats at base + kByteOffset (8-byte aligned, global memory): one vector
+// reduction with the offset folded into the instruction's address.
+template <int kByteOffset>
+__device__ __forceinline__ void red_add_v2_f32(float* base, float x, float y) {
+  asm volatile("red.global.add.v2.f32 [%0+%3], {%1, %2};\n" ::"l"(base), "f"(x), "f"(y), "n"(kByteOffset) : "memory");
+}
+
+// One warpgroup GEMM over all k blocks, issued as one wgmma batch and not waited for: C (+)= A B. kZeroInit: C = A B
+// (the first k block overwrites C). kARegs: A is a register fragment (RS-wgmma), else shared-memory descriptors
+// (SS-wgmma). Until a later wg_wait retires the batch, neither C nor a register A may be touched.
 template <bool kZeroInit, bool kARegs, typename TiledMma, typename TA, typename TB, typename TC>
-__device__ __forceinline__ void wg_gemm(TiledMma& mma, TA& tA, TB const& tB, TC& tC) {
+__device__ __forceinline__ void wg_gemm_issue(TiledMma& mma, TA& tA, TB const& tB, TC& tC) {
   if constexpr (kARegs) cute::warpgroup_fence_operand(tA);
   cute::warpgroup_fence_operand(tC);
   cute::warpgroup_arrive();
@@ -97,9 +105,25 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA& tA, TB const& tB, TC&
     mma.accumulate_ = cute::SM90::GMMA::ScaleOut::One;
   }
   cute::warpgroup_commit_batch();
-  cute::warpgroup_wait<0>();
   cute::warpgroup_fence_operand(tC);
-  if constexpr (kARegs) cute::warpgroup_fence_operand(tA);
+}
+
+// Waits until at most kPending of this warpgroup's wgmma batches are in flight (batches retire in issue order), then
+// pins the given fragments (accumulators / register operands of the retired batches) after the wait.
+template <int kPending, typename... Frags>
+__device__ __forceinline__ void wg_wait(Frags&... frags) {
+  cute::warpgroup_wait<kPending>();
+  (cute::warpgroup_fence_operand(frags), ...);
+}
+
+// wg_gemm_issue, then wait for it: the result is ready on return.
+template <bool kZeroInit, bool kARegs, typename TiledMma, typename TA, typename TB, typename TC>
+__device__ __forceinline__ void wg_gemm(TiledMma& mma, TA& tA, TB const& tB, TC& tC) {
+  wg_gemm_issue<kZeroInit, kARegs>(mma, tA, tB, tC);
+  if constexpr (kARegs)
+    wg_wait<0>(tC, tA);
+  else
+    wg_wait<0>(tC);
 }
 
 #endif  // HSTU_SM90_DEVICE
