@@ -81,12 +81,19 @@ int check_bwd(const char* name) {
   if (!e.empty()) std::printf("[compile_check] sm90 backward layouts %s hdim%d: %s\n", name, D, e.c_str());
   return e.empty() ? 0 : 1;
 }
+template <typename E>
+int check_bwd_split(const char* name) {
+  const std::string e = hstu::sm90::check_sm90_bwd_split_traits<hstu::sm90::BwdTraitsSm90Split<E, false>>();
+  if (!e.empty()) std::printf("[compile_check] sm90 backward (split, hdim256) layouts %s: %s\n", name, e.c_str());
+  return e.empty() ? 0 : 1;
+}
 int main() {
   const int bad = check<__nv_bfloat16, 64>("bf16") + check<__nv_bfloat16, 128>("bf16") +
                   check<__nv_bfloat16, 256>("bf16") + check<__half, 64>("fp16") + check<__half, 128>("fp16") +
                   check<__half, 256>("fp16");
   const int bad_bwd = check_bwd<__nv_bfloat16, 64>("bf16") + check_bwd<__nv_bfloat16, 128>("bf16") +
-                      check_bwd<__half, 64>("fp16") + check_bwd<__half, 128>("fp16");
+                      check_bwd<__half, 64>("fp16") + check_bwd<__half, 128>("fp16") +
+                      check_bwd_split<__nv_bfloat16>("bf16") + check_bwd_split<__half>("fp16");
   return bad + bad_bwd;
 }
 CU
@@ -99,7 +106,8 @@ for arch in "${ARCHS[@]}"; do
   for f in "${FILES[@]}"; do jobs_list+=("$arch $f"); done
 done
 if [ "${HSTU_COMPILE_CHECK_ALL:-0}" != "1" ]; then
-  jobs_list+=("90a $INST/hstu_fwd_bf16_hdim128_rab_sm90.cu" "90a $INST/hstu_bwd_bf16_hdim128_rab_sm90.cu")
+  jobs_list+=("90a $INST/hstu_fwd_bf16_hdim128_rab_sm90.cu" "90a $INST/hstu_bwd_bf16_hdim128_rab_sm90.cu"
+             "90a $INST/hstu_bwd_fp16_hdim256_rab_sm90.cu")
 fi
 printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c '
   arch="$0"; f="$1"; o="'"$WORK"'/$(basename "$f" .cu)_$arch.o"

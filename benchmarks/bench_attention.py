@@ -207,7 +207,7 @@ def main() -> None:
             if row["sm90_forward"] and D != 32:  # the same run's mma.sync forward, for comparison
                 t80 = time_sm80_forward(q, k, v, offsets, L, kwargs)
                 row.update(fwd_sm80_ms=t80, fwd_sm80_tflops=fl / t80 / 1e9)
-            row["sm90_backward"] = hstu_cuda.sm90_backward_enabled() and D in (64, 128)
+            row["sm90_backward"] = hstu_cuda.sm90_backward_enabled() and D in (64, 128, 256)
             if row["sm90_backward"]:  # the same run's mma.sync atomic-dq backward, for comparison
                 t80 = time_sm80_atomic_backward(q, k, v, offsets, L, kwargs)
                 row.update(bwd_sm80_ms=t80, bwd_sm80_tflops=2.5 * fl / t80 / 1e9)

@@ -29,6 +29,7 @@
 
 #include <cstdio>
 #include <stdexcept>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -112,6 +113,66 @@ struct BwdTraitsSm90 {
 __host__ __device__ __forceinline__ constexpr int ds_offset(int i, int j) {
   return ((((i >> 3) ^ (j & 7)) << 3) | (i & 7)) + ((j & 7) << 6) + ((j >> 3) << 9);
 }
+
+// One element of the pointwise stage (bwd_kernel.h's math, no dropout) for query i, key j: x = alpha (s + rab);
+// returns P = SiLU(x) and overwrites s with SiLU'(x), both zero where the mask hides (i, j).
+template <typename Element, bool kMasked, bool kHasRab>
+__device__ __forceinline__ float silu_and_grad(const AttnParams& p, const SeqMask& mk, int b, int hr, int i, int j,
+                                               float& s) {
+  float x = s;
+  if constexpr (kHasRab) {
+    if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, b, hr, i, j);
+  }
+  x *= p.alpha;
+  const float sig = sigmoid_t<Element>(x);
+  const bool vis = !kMasked || mk.visible(i, j);
+  s = vis ? silu_grad(x, sig) : 0.f;
+  return vis ? x * sig : 0.f;
+}
+
+#if defined(HSTU_SM90_DEVICE)
+// Adds one dQ accumulator chunk into the fp32 workspace; dst = the chunk's (row 0, column 0), valid = rows left in the
+// sequence. Value pair e sits at row r0 + 8 (e % 2), columns c0 + 8 (e / 2) + {0, 1} (check_sm90_bwd_fragments checks
+// it for every dQ MMA): two row pointers and compile-time column offsets folded into the reductions, row checks only
+// in a partial tile. (Per-pair 64-bit row products cost ~20 instructions per reduction.)
+template <int kRows, typename Acc, typename Coords>
+__device__ __forceinline__ void add_dq_chunk(Acc const& acc, Coords const& coord, float* dst, int64_t row_stride,
+                                             int valid) {
+  using namespace cute;
+  const int r0 = get<0>(coord(0));
+  float* const row0 = dst + r0 * row_stride + get<1>(coord(0));
+  float* const row8 = row0 + 8 * row_stride;
+  const bool full = valid >= kRows;
+  const bool ok0 = full || r0 < valid, ok8 = full || r0 + 8 < valid;
+  for_each(make_int_sequence<decltype(size(acc))::value / 2>{}, [&](auto e_) {
+    constexpr int e = decltype(e_)::value;
+    if (e % 2 ? ok8 : ok0) red_add_v2_f32<32 * (e / 2)>(e % 2 ? row8 : row0, acc(2 * e), acc(2 * e + 1));
+  });
+}
+
+// Epilogue: dV / N and dK alpha / N (the sm80 kernel's scales without dropout) from the accumulators, keys of this
+// sequence only (the rows after it belong to the next one); base = element offset of (first token, first column).
+// Accumulator values 2e, 2e + 1 are columns c, c + 1 of one row (checked on the host): one 4-byte store per pair.
+template <typename Element, typename Acc, typename Coords>
+__device__ __forceinline__ void store_dk_dv(const AttnParams& p, Acc const& dk, Acc const& dv, Coords const& coord,
+                                            int64_t base, int n0, int L) {
+  using namespace cute;
+  Element* gdV = reinterpret_cast<Element*>(p.dv) + base;
+  Element* gdK = reinterpret_cast<Element*>(p.dk) + base;
+  const float dv_scale = p.inv_scale;
+  const float dk_scale = p.alpha * p.inv_scale;
+  CUTE_UNROLL
+  for (int e = 0; e < size(dv) / 2; ++e) {
+    const int j = n0 + get<0>(coord(2 * e));
+    const int c = get<1>(coord(2 * e));
+    if (j < L) {
+      const int64_t off = static_cast<int64_t>(j) * p.row_stride + c;
+      *reinterpret_cast<uint32_t*>(gdV + off) = pack2<Element>(dv(2 * e) * dv_scale, dv(2 * e + 1) * dv_scale);
+      *reinterpret_cast<uint32_t*>(gdK + off) = pack2<Element>(dk(2 * e) * dk_scale, dk(2 * e + 1) * dk_scale);
+    }
+  }
+}
+#endif  // HSTU_SM90_DEVICE
 
 // The A operand of dV = P^T dO / dK = dS^T Q (registers) enumerates the same (key, query) elements in the same
 // order as the accumulator of S^T / dP^T (the forward's P trick, transposed problem); checked on the host.
@@ -247,17 +308,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
         CUTE_UNROLL
         for (int h = 0; h < 2; ++h) {
           const int e = 2 * e2 + h;
-          const int j = n0 + get<0>(tScS(e));  // key
-          const int i = m0 + get<1>(tScS(e));  // query
-          float x = tSrS(e);
-          if constexpr (Tr::kHasRab) {
-            if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
-          }
-          x *= p.alpha;
-          const float sig = sigmoid_t<Element>(x);
-          const bool vis = !kMasked || mk.visible(i, j);
-          pv[h] = vis ? x * sig : 0.f;
-          tSrS(e) = vis ? silu_grad(x, sig) : 0.f;
+          pv[h] = silu_and_grad<Element, kMasked, Tr::kHasRab>(p, mk, w.batch, hr, m0 + get<1>(tScS(e)),
+                                                                n0 + get<0>(tScS(e)), tSrS(e));
         }
         tKVrP32(e2) = pack2<Element>(pv[0], pv[1]);
       }
@@ -297,18 +349,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
       Tensor tDQrK = thr_dq.partition_fragment_B(sKt_c);
       wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
       wg_wait<0>(tDQrdQ, tKVrdV, tKVrdK, tKVrP, tKVrdS);  // also retires the dV / dK batches issued before it
-      // Value pair e sits at row r0 + 8 (e % 2), columns c0 + 8 (e / 2) + {0, 1} (check_sm90_bwd_fragments): two row
-      // pointers and compile-time column offsets folded into the reductions; row checks only in a partial tile.
-      const int r0 = get<0>(tDQcdQ(0));
-      float* const row0 = gAcc + static_cast<int64_t>(m0 + r0) * p.row_stride + ch * Tr::kDqChunk + get<1>(tDQcdQ(0));
-      float* const row8 = row0 + 8 * p.row_stride;
-      const bool full = valid >= BM;
-      const bool ok0 = full || r0 < valid, ok8 = full || r0 + 8 < valid;
-      for_each(make_int_sequence<decltype(size(tDQrdQ))::value / 2>{}, [&](auto e_) {
-        constexpr int e = decltype(e_)::value;
-        if (e % 2 ? ok8 : ok0)
-          red_add_v2_f32<32 * (e / 2)>(e % 2 ? row8 : row0, tDQrdQ(2 * e), tDQrdQ(2 * e + 1));
-      });
+      add_dq_chunk<BM>(tDQrdQ, tDQcdQ, gAcc + static_cast<int64_t>(m0) * p.row_stride + ch * Tr::kDqChunk,
+                       p.row_stride, valid);
     }
 
     m = m_next;
@@ -316,25 +358,245 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   }
   cp_async_wait_all();
 
-  // Epilogue: keys of this sequence only (the rows after it belong to the next sequence). Accumulator values 2e and
-  // 2e + 1 are columns c and c + 1 of one row (checked on the host): one 4-byte store per pair. Scales as the sm80
-  // kernel without dropout: dV = P^T dO / N, dK = dS^T Q * alpha / N.
-  Element* gdV = reinterpret_cast<Element*>(p.dv) + base;
-  Element* gdK = reinterpret_cast<Element*>(p.dk) + base;
-  const float dv_scale = p.inv_scale;
-  const float dk_scale = p.alpha * p.inv_scale;
-  CUTE_UNROLL
-  for (int e = 0; e < size(tKVrdV) / 2; ++e) {
-    const int j = n0 + get<0>(tKVcKV(2 * e));
-    const int c = get<1>(tKVcKV(2 * e));
-    if (j < mk.L) {
-      const int64_t off = static_cast<int64_t>(j) * p.row_stride + c;
-      *reinterpret_cast<uint32_t*>(gdV + off) = pack2<Element>(tKVrdV(2 * e) * dv_scale, tKVrdV(2 * e + 1) * dv_scale);
-      *reinterpret_cast<uint32_t*>(gdK + off) = pack2<Element>(tKVrdK(2 * e) * dk_scale, tKVrdK(2 * e + 1) * dk_scale);
-    }
-  }
+  store_dk_dv<Element>(p, tKVrdK, tKVrdV, tKVcKV, base, n0, mk.L);
 #else
   // Not an sm_90a target: the launcher never selects this kernel there.
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Head dim 256: the warpgroups split the work instead of the keys. dK and dV of 64 keys x 256 columns would take 256
+// accumulator registers per thread in one warpgroup, so a block owns 64 keys and per query step of 64 rows:
+//   stage 1, split by queries: warpgroup w computes S^T and dP^T for its 32 queries (SS-wgmma, 64 x 32, k = 256),
+//     runs the pointwise stage on them and stores P^T and dS^T (q's dtype) into two shared (keys x queries) tiles;
+//   block barrier;
+//   stage 2, split by head-dim columns: warpgroup w owns columns [128 w, 128 w + 128) of dV, dK and dQ:
+//     dV_w += P^T dO_w, dK_w += dS^T Q_w (SS-wgmma, 64 x 128, k = 64 queries; A = the shared tiles, K-major),
+//     dQ_w = dS K_w in two 64-column chunks (A = the dS^T tile seen MN-major), added into p.dq_accum.
+// Registers per thread: dV_w, dK_w 64 floats each, S^T / dP^T 16 each, a dQ chunk 32. Shared memory: K, V,
+// 2 x (Q, dO), P^T, dS^T = 208 KB. Same masks, scales, walk and epilogue rules as hstu_bwd_sm90_kernel.
+template <typename Element_, bool kHasRab_>
+struct BwdTraitsSm90Split {
+  using Element = Element_;
+  using T = typename CuteElement<Element>::type;
+  static constexpr int kHeadDim = 256;
+  static constexpr bool kHasRab = kHasRab_;
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  static constexpr int kBlockN = 64;   // keys per block
+  static constexpr int kBlockM = 64;   // queries per step
+  static constexpr int kHalfM = 32;    // queries per warpgroup in stage 1
+  static constexpr int kHalfD = 128;   // head-dim columns per warpgroup in stage 2
+  static constexpr int kStages = 2;    // Q / dO ring
+  static constexpr int kDqChunk = 64;  // dQ columns per GEMM
+
+  using BN = cute::Int<kBlockN>;
+  using BM = cute::Int<kBlockM>;
+  using HM = cute::Int<kHalfM>;
+  using HD = cute::Int<kHeadDim>;
+  using HH = cute::Int<kHalfD>;
+  using DQC = cute::Int<kDqChunk>;
+  // S^T = K Q_w^T, dP^T = V dO_w^T: (64 keys, 32 queries, D), one warpgroup, both operands K-major.
+  using MmaSdP = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::ss_op_selector<T, T, float, cute::Shape<BN, HM, HD>, cute::SM90::GMMA::Major::K,
+                                       cute::SM90::GMMA::Major::K>()));
+  // dV_w += P^T dO_w, dK_w += dS^T Q_w: (64 keys, 128 columns, 64 queries); A (keys x queries) K-major in shared
+  // memory, B = dO / Q seen MN-major.
+  using MmaKV = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::ss_op_selector<T, T, float, cute::Shape<BN, HH, BM>, cute::SM90::GMMA::Major::K,
+                                       cute::SM90::GMMA::Major::MN>()));
+  // dQ chunk = dS K_chunk: (64 queries, 64 columns, 64 keys); A = dS (queries contiguous: MN-major), B = K seen MN-major.
+  using MmaDQ = decltype(cute::make_tiled_mma(
+      cute::SM90::GMMA::ss_op_selector<T, T, float, cute::Shape<BM, DQC, BN>, cute::SM90::GMMA::Major::MN,
+                                       cute::SM90::GMMA::Major::MN>()));
+
+  using SmemLayoutK = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<BN, HD>{}));
+  using SmemLayoutKt = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_MN_SW128_Atom<T>{},
+                                                    cute::Shape<HD, BN>{}, cute::Step<cute::_2, cute::_1>{}));
+  using SmemLayoutQ = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<BM, HD>{}));
+  using SmemLayoutQt = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_MN_SW128_Atom<T>{},
+                                                    cute::Shape<HD, BM>{}, cute::Step<cute::_2, cute::_1>{}));
+  // P^T / dS^T: (keys, queries), queries contiguous; SmemLayoutDS: the same bytes seen as dS (queries, keys).
+  using SmemLayoutPt = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_K_SW128_Atom<T>{}, cute::Shape<BN, BM>{}));
+  using SmemLayoutDS = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_MN_SW128_Atom<T>{},
+                                                    cute::Shape<BM, BN>{}));
+  static constexpr int kSizeK = cute::cosize_v<SmemLayoutK>;
+  static constexpr int kSizeQ = cute::cosize_v<SmemLayoutQ>;
+  static constexpr int kSizeP = cute::cosize_v<SmemLayoutPt>;
+  static_assert(kSizeK == kBlockN * kHeadDim && kSizeQ == kBlockM * kHeadDim && kSizeP == kBlockN * kBlockM,
+                "compact shared tiles");
+  static_assert(cute::cosize_v<SmemLayoutKt> == kSizeK && cute::cosize_v<SmemLayoutQt> == kSizeQ &&
+                    cute::cosize_v<SmemLayoutDS> == kSizeP,
+                "same bytes");
+  static_assert(kBlockM == 64 && kBlockN == 64, "ds_offset: 64 x 64 tiles");
+  static constexpr int kSmemBytes = (2 * kSizeK + 2 * kStages * kSizeQ + 2 * kSizeP) * 2;  // 208 KB
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
+};
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(const AttnParams p) {
+#if defined(HSTU_SM90_DEVICE)
+  using namespace cute;
+  using Element = typename Tr::Element;
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* const pK = reinterpret_cast<T*>(smem_raw);
+  T* const pV = pK + Tr::kSizeK;
+  T* const pQ = pV + Tr::kSizeK;                  // kStages slots
+  T* const pdO = pQ + Tr::kStages * Tr::kSizeQ;   // kStages slots
+  T* const pPt = pdO + Tr::kStages * Tr::kSizeQ;  // P^T
+  T* const pdSt = pPt + Tr::kSizeP;               // dS^T
+  if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
+
+  const WorkItem w = schedule_block(p, /*reverse=*/false);
+  const SeqMask& mk = w.mask;
+  const int n0 = w.tile * BN;
+  if (n0 >= mk.L) return;  // whole block uniform
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int wtid = tid % 128;
+
+  const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
+  const Element* gQ = reinterpret_cast<const Element*>(p.q) + base;
+  const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
+  const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
+  const Element* gdO = reinterpret_cast<const Element*>(p.dout) + base;
+
+  Tensor sK = make_tensor(make_smem_ptr(pK), typename Tr::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(pK), typename Tr::SmemLayoutKt{});
+  Tensor sV = make_tensor(make_smem_ptr(pV), typename Tr::SmemLayoutK{});
+  auto sQ = [&](int stage) { return make_tensor(make_smem_ptr(pQ + stage * Tr::kSizeQ), typename Tr::SmemLayoutQ{}); };
+  auto sQt = [&](int stage) {
+    return make_tensor(make_smem_ptr(pQ + stage * Tr::kSizeQ), typename Tr::SmemLayoutQt{});
+  };
+  auto sdO = [&](int stage) {
+    return make_tensor(make_smem_ptr(pdO + stage * Tr::kSizeQ), typename Tr::SmemLayoutQ{});
+  };
+  auto sdOt = [&](int stage) {
+    return make_tensor(make_smem_ptr(pdO + stage * Tr::kSizeQ), typename Tr::SmemLayoutQt{});
+  };
+  Tensor sPt = make_tensor(make_smem_ptr(pPt), typename Tr::SmemLayoutPt{});
+  Tensor sdSt = make_tensor(make_smem_ptr(pdSt), typename Tr::SmemLayoutPt{});
+  Tensor sdS = make_tensor(make_smem_ptr(pdSt), typename Tr::SmemLayoutDS{});
+
+  const int m_tiles = (mk.L + BM - 1) / BM;
+  const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;
+  auto next_tile = [&](int m) { return mk.next_query_tile(m, m_tiles, BM, n0, n0 + BN); };
+  auto load_qdo = [&](int m, int stage) {
+    const int valid = mk.L - m * BM;
+    load_rows_async<BM, D, NT, false>(sQ(stage), gQ + m * BM * p.row_stride, p.row_stride, valid, tid);
+    load_rows_async<BM, D, NT, false>(sdO(stage), gdO + m * BM * p.row_stride, p.row_stride, valid, tid);
+  };
+
+  typename Tr::MmaSdP mma_s;
+  typename Tr::MmaKV mma_kv;
+  typename Tr::MmaDQ mma_dq;
+  auto thr_s = mma_s.get_thread_slice(wtid);
+  auto thr_kv = mma_kv.get_thread_slice(wtid);
+  auto thr_dq = mma_dq.get_thread_slice(wtid);
+
+  Tensor tSrK = thr_s.partition_fragment_A(sK);
+  Tensor tSrV = thr_s.partition_fragment_A(sV);
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<typename Tr::BN, typename Tr::HM>{});   // S^T, then SiLU'
+  Tensor tSrdP = partition_fragment_C(mma_s, Shape<typename Tr::BN, typename Tr::HM>{});  // dP^T
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<typename Tr::BN, typename Tr::HM>{}));  // (key, query)
+  Tensor tKVrdV = partition_fragment_C(mma_kv, Shape<typename Tr::BN, typename Tr::HH>{});
+  Tensor tKVrdK = partition_fragment_C(mma_kv, Shape<typename Tr::BN, typename Tr::HH>{});
+  Tensor tKVcKV = thr_kv.partition_C(make_identity_tensor(Shape<typename Tr::BN, typename Tr::HH>{}));
+  Tensor tKVrPt = thr_kv.partition_fragment_A(sPt);
+  Tensor tKVrdSt = thr_kv.partition_fragment_A(sdSt);
+  Tensor tDQrdS = thr_dq.partition_fragment_A(sdS);
+  Tensor tDQrdQ = partition_fragment_C(mma_dq, Shape<typename Tr::BM, typename Tr::DQC>{});
+  Tensor tDQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::DQC>{}));
+  static_assert(decltype(size(tScS))::value == decltype(size(tSrS))::value, "S^T coordinates");
+  static_assert(decltype(size(tSrS))::value % 2 == 0 && decltype(size(tDQrdQ))::value % 2 == 0, "pairs");
+  clear(tKVrdV);
+  clear(tKVrdK);
+
+  // Pipeline as hstu_bwd_sm90_kernel's; the barrier at the top of a step also protects the P^T / dS^T tiles, read
+  // by the previous step's stage-2 GEMMs (retired by every warpgroup before it).
+  int m = next_tile(m_begin - 1);
+  load_rows_async<BN, D, NT, false>(sK, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+  load_rows_async<BN, D, NT, false>(sV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
+  if (m < m_tiles) load_qdo(m, 0);
+  cp_async_commit();
+
+  const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
+  const int wq = Tr::kHalfM * wg;  // this warpgroup's first query (stage 1), relative to the step
+  float* const gAcc = p.dq_accum + base + Tr::kHalfD * wg;  // this warpgroup's dQ columns (stage 2)
+  int stage = 0;
+  while (m < m_tiles) {
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    __syncthreads();
+    const int m_next = next_tile(m);
+    if (m_next < m_tiles) load_qdo(m_next, stage ^ 1);
+    cp_async_commit();
+
+    // Stage 1: S^T and dP^T over this warpgroup's 32 queries; the P half of the pointwise stage runs under dP^T.
+    Tensor tSrQ = thr_s.partition_fragment_B(local_tile(sQ(stage), Shape<typename Tr::HM, typename Tr::HD>{},
+                                                        make_coord(wg, 0)));
+    Tensor tSrdO = thr_s.partition_fragment_B(local_tile(sdO(stage), Shape<typename Tr::HM, typename Tr::HD>{},
+                                                         make_coord(wg, 0)));
+    wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrK, tSrQ, tSrS);
+    wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrV, tSrdO, tSrdP);
+    wg_wait<1>(tSrS);
+
+    const int m0 = m * BM;
+    // Values 2e, 2e + 1 are queries i, i + 1 (i even) of one key: one 4-byte store per pair (ds_offset).
+    auto pointwise_p = [&](auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
+      CUTE_UNROLL
+      for (int e2 = 0; e2 < size(tSrS) / 2; ++e2) {
+        float pv[2];
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const int e = 2 * e2 + h;
+          pv[h] = silu_and_grad<Element, kMasked, Tr::kHasRab>(p, mk, w.batch, hr, m0 + wq + get<1>(tScS(e)),
+                                                                n0 + get<0>(tScS(e)), tSrS(e));
+        }
+        *reinterpret_cast<uint32_t*>(pPt + ds_offset(wq + get<1>(tScS(2 * e2)), get<0>(tScS(2 * e2)))) =
+            pack2<Element>(pv[0], pv[1]);
+      }
+    };
+    with_tile_mask(mk, m0 + wq, m0 + wq + Tr::kHalfM, n0, n0 + BN, pointwise_p);
+    wg_wait<0>(tSrdP);
+    CUTE_UNROLL
+    for (int e = 0; e < size(tSrdP) / 2; ++e) {
+      *reinterpret_cast<uint32_t*>(pdSt + ds_offset(wq + get<1>(tScS(2 * e)), get<0>(tScS(2 * e)))) =
+          pack2<Element>(tSrdP(2 * e) * tSrS(2 * e), tSrdP(2 * e + 1) * tSrS(2 * e + 1));
+    }
+    fence_proxy_async_smem();  // the P^T / dS^T stores (generic proxy) before the stage-2 wgmmas (async proxy)
+    __syncthreads();           // both warpgroups' halves of P^T and dS^T are in place
+
+    // Stage 2: this warpgroup's 128 columns of dV, dK and dQ.
+    Tensor tKVrdO = thr_kv.partition_fragment_B(local_tile(sdOt(stage), Shape<typename Tr::HH, typename Tr::BM>{},
+                                                           make_coord(wg, 0)));
+    Tensor tKVrQ = thr_kv.partition_fragment_B(local_tile(sQt(stage), Shape<typename Tr::HH, typename Tr::BM>{},
+                                                          make_coord(wg, 0)));
+    wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/false>(mma_kv, tKVrPt, tKVrdO, tKVrdV);
+    wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/false>(mma_kv, tKVrdSt, tKVrQ, tKVrdK);
+    const int valid = mk.L - m0;
+    CUTE_UNROLL
+    for (int ch = 0; ch < Tr::kHalfD / Tr::kDqChunk; ++ch) {
+      Tensor tDQrK = thr_dq.partition_fragment_B(local_tile(sKt, Shape<typename Tr::DQC, typename Tr::BN>{},
+                                                            make_coord(wg * (Tr::kHalfD / Tr::kDqChunk) + ch, 0)));
+      wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
+      wg_wait<0>(tDQrdQ, tKVrdV, tKVrdK);  // also retires the dV / dK batches issued before it
+      add_dq_chunk<BM>(tDQrdQ, tDQcdQ, gAcc + static_cast<int64_t>(m0) * p.row_stride + ch * Tr::kDqChunk,
+                       p.row_stride, valid);
+    }
+
+    m = m_next;
+    stage ^= 1;
+  }
+  cp_async_wait_all();
+
+  // Epilogue: keys of this sequence only; this warpgroup's 128 columns. Scales as hstu_bwd_sm90_kernel.
+  store_dk_dv<Element>(p, tKVrdK, tKVrdV, tKVcKV, base + Tr::kHalfD * wg, n0, mk.L);
+#else
   __trap();
 #endif
 }
@@ -395,6 +657,36 @@ inline std::string check_sm90_bwd_fragments() {
   return "";
 }
 
+// Whether layout B addresses element (c, r) exactly where layout A addresses (r, c), for every r < rows, c < cols (on
+// a 1024-byte aligned base, as the kernels' shared tiles).
+template <typename LayoutA, typename LayoutB, typename T>
+inline bool transposed_view(int rows, int cols) {
+  std::vector<uint16_t> storage(rows * cols + 1024);
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
+  auto a = cute::make_tensor(cute::make_smem_ptr(base), LayoutA{});
+  auto b = cute::make_tensor(cute::make_smem_ptr(base), LayoutB{});
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c)
+      if (&b(c, r) != &a(r, c)) return false;
+  return true;
+}
+
+// Whether local_tile(tile, (rows, cols), (bi, bj)) starts 1024-byte aligned (a GMMA descriptor base) and addresses
+// element (r, c) where the whole tile addresses (bi rows + r, bj cols + c).
+template <typename Layout, typename T, int kRows, int kCols>
+inline bool sub_tile_ok(int bi, int bj) {
+  using namespace cute;
+  std::vector<uint16_t> storage(cosize_v<Layout> + 1024);
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
+  auto t = make_tensor(make_smem_ptr(base), Layout{});
+  auto sub = local_tile(t, Shape<Int<kRows>, Int<kCols>>{}, make_coord(bi, bj));
+  if (((&sub(0, 0) - base) * 2) % 1024 != 0) return false;
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kCols; ++c)
+      if (&sub(r, c) != &t(bi * kRows + r, bj * kCols + c)) return false;
+  return true;
+}
+
 // (2) Shared tiles: the loads' addressing (check_sm90_smem_tile) of K / V and Q / dO; the MN-major views Kt, Qt / dOt
 //     address the very same element as the K-major tiles (Kt(d, j) == K(j, d), Qt(d, i) == Q(i, d)); the dS tile is a
 //     bijection onto its storage, equal to ds_offset, with queries i, i + 1 (i even) adjacent and 4-byte aligned;
@@ -407,18 +699,11 @@ inline std::string check_sm90_bwd_smem() {
   std::string e = check_sm90_smem_tile<typename Tr::SmemLayoutK, T>(false, BN, D);
   if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutQ, T>(false, BM, D);
   if (!e.empty()) return e;
+  if (!transposed_view<typename Tr::SmemLayoutK, typename Tr::SmemLayoutKt, T>(BN, D)) return "Kt view != K tile";
+  if (!transposed_view<typename Tr::SmemLayoutQ, typename Tr::SmemLayoutQt, T>(BM, D)) return "Qt view != Q tile";
   std::vector<uint16_t> storage(Tr::kSizeK + 1024);
   T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
-  auto sK = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutK{});
   auto sKt = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutKt{});
-  for (int j = 0; j < BN; ++j)
-    for (int d = 0; d < D; ++d)
-      if (&sKt(d, j) != &sK(j, d)) return "Kt view != K tile";
-  auto sQ = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutQ{});
-  auto sQt = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutQt{});
-  for (int i = 0; i < BM; ++i)
-    for (int d = 0; d < D; ++d)
-      if (&sQt(d, i) != &sQ(i, d)) return "Qt view != Q tile";
   for (int ch = 0; ch < D / Tr::kDqChunk; ++ch)
     for (int wg = 0; wg < Tr::kWarpGroups; ++wg) {
       auto sub = local_tile(sKt, Shape<typename Tr::DQC, typename Tr::WN>{}, make_coord(ch, wg));
@@ -442,6 +727,56 @@ inline std::string check_sm90_bwd_smem() {
   return "";
 }
 
+// The head-dim-256 split kernel: (1) S^T accumulator pairs are queries i, i + 1 (i even) of one key (the P^T / dS^T
+// pair stores), dK / dV pairs adjacent columns, dQ pairs at (r0 + 8 (e % 2), c0 + 8 (e / 2)); (2) the loads'
+// addressing, the MN-major views (Kt, Qt / dOt; the P^T / dS^T tile seen as dS), ds_offset on the P^T tile, and every
+// sub-tile a warpgroup hands to a GMMA (its 32 query rows of Q / dO, its 128 columns of Qt / dOt, the dQ chunks of
+// Kt) aligned and addressed as the whole tile.
+template <typename Tr>
+inline std::string check_sm90_bwd_split_traits() {
+  using namespace cute;
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
+  typename Tr::MmaSdP mma_s;
+  typename Tr::MmaKV mma_kv;
+  typename Tr::MmaDQ mma_dq;
+  if (size(mma_s) != 128 || size(mma_kv) != 128 || size(mma_dq) != 128) return "MMAs are not one warpgroup each";
+  for (int t = 0; t < 128; ++t) {
+    auto cS = mma_s.get_thread_slice(t).partition_C(make_identity_tensor(Shape<typename Tr::BN, typename Tr::HM>{}));
+    auto cKV = mma_kv.get_thread_slice(t).partition_C(make_identity_tensor(Shape<typename Tr::BN, typename Tr::HH>{}));
+    auto cDQ = mma_dq.get_thread_slice(t).partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::DQC>{}));
+    for (int e = 0; e + 1 < size(cS); e += 2)
+      if (get<0>(cS(e)) != get<0>(cS(e + 1)) || get<1>(cS(e)) + 1 != get<1>(cS(e + 1)) || get<1>(cS(e)) % 2)
+        return "S^T accumulator pair not adjacent queries at thread " + std::to_string(t);
+    for (int e = 0; e + 1 < size(cKV); e += 2)
+      if (get<0>(cKV(e)) != get<0>(cKV(e + 1)) || get<1>(cKV(e)) + 1 != get<1>(cKV(e + 1)) || get<1>(cKV(e)) % 2)
+        return "dK/dV accumulator pair not adjacent at thread " + std::to_string(t);
+    for (int e = 0; 2 * e < size(cDQ); ++e)
+      if (get<0>(cDQ(2 * e)) != get<0>(cDQ(0)) + 8 * (e % 2) || get<1>(cDQ(2 * e)) != get<1>(cDQ(0)) + 8 * (e / 2) ||
+          get<1>(cDQ(2 * e + 1)) != get<1>(cDQ(2 * e)) + 1 || get<0>(cDQ(2 * e + 1)) != get<0>(cDQ(2 * e)))
+        return "dQ accumulator pair " + std::to_string(e) + " misplaced at thread " + std::to_string(t);
+  }
+  std::string e = check_sm90_smem_tile<typename Tr::SmemLayoutK, T>(false, BN, D);
+  if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutQ, T>(false, BM, D);
+  if (!e.empty()) return e;
+  if (!transposed_view<typename Tr::SmemLayoutK, typename Tr::SmemLayoutKt, T>(BN, D)) return "Kt view != K tile";
+  if (!transposed_view<typename Tr::SmemLayoutQ, typename Tr::SmemLayoutQt, T>(BM, D)) return "Qt view != Q tile";
+  if (!transposed_view<typename Tr::SmemLayoutPt, typename Tr::SmemLayoutDS, T>(BN, BM)) return "dS view != dS^T tile";
+  std::vector<uint16_t> storage(Tr::kSizeP + 1024);
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
+  auto sPt = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutPt{});
+  for (int j = 0; j < BN; ++j)
+    for (int i = 0; i < BM; ++i)
+      if (&sPt(j, i) - base != ds_offset(i, j)) return "ds_offset != SmemLayoutPt";
+  for (int w = 0; w < Tr::kWarpGroups; ++w) {
+    if (!sub_tile_ok<typename Tr::SmemLayoutQ, T, Tr::kHalfM, D>(w, 0)) return "query half of Q misaddressed";
+    if (!sub_tile_ok<typename Tr::SmemLayoutQt, T, Tr::kHalfD, BM>(w, 0)) return "column half of Qt misaddressed";
+  }
+  for (int ch = 0; ch < D / Tr::kDqChunk; ++ch)
+    if (!sub_tile_ok<typename Tr::SmemLayoutKt, T, Tr::kDqChunk, BN>(ch, 0)) return "dQ chunk of Kt misaddressed";
+  return "";
+}
+
 template <typename Tr>
 inline std::string check_sm90_bwd_traits() {
   std::string e = check_sm90_bwd_fragments<Tr>();
@@ -451,7 +786,8 @@ inline std::string check_sm90_bwd_traits() {
 
 template <typename Element, int kHeadDim, bool kHasRab>
 void launch_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
-  using Tr = BwdTraitsSm90<Element, kHeadDim, kHasRab>;
+  using Tr = std::conditional_t<kHeadDim == 256, BwdTraitsSm90Split<Element, kHasRab>,
+                                BwdTraitsSm90<Element, kHeadDim, kHasRab>>;
   if (p.batch == 0 || p.max_seqlen == 0) return;
   auto check = [](cudaError_t err, const char* what) {
     if (err != cudaSuccess)
@@ -460,7 +796,12 @@ void launch_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
   };
   if (p.dq_accum == nullptr || p.drab != nullptr || p.dropout)
     throw std::runtime_error("hstu attention (sm90 backward): needs the atomic-dq path without drab and dropout");
-  auto kernel = hstu_bwd_sm90_kernel<Tr>;
+  auto kernel = [] {
+    if constexpr (kHeadDim == 256)
+      return hstu_bwd_sm90_split_kernel<Tr>;
+    else
+      return hstu_bwd_sm90_kernel<Tr>;
+  }();
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
         "cudaFuncSetAttribute");
   const dim3 grid((p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.heads);

@@ -7,7 +7,7 @@
 // The sm90 backward units (instantiations/hstu_bwd_*_sm90.cu) are built exactly when the sm90 forward units are
 // (HSTU_WITH_SM90_FWD: sm_90a targeted, no HSTU_DISABLE_SM90) and the backward is (no HSTU_DISABLE_BACKWARD); they are
 // pruned by dtype / head dim / rab like the sm80 units, so run_bwd_sm90<T, D, rab> exists whenever run_bwd<T, D, rab>
-// does (D in 64, 128).
+// does (D in 64, 128, 256).
 #if defined(HSTU_WITH_SM90_FWD) && !defined(HSTU_DISABLE_BACKWARD)
 #define HSTU_WITH_SM90_BWD 1
 #endif
@@ -16,7 +16,7 @@ namespace hstu {
 
 // Head dims with an sm90 backward kernel (the others always run the sm80-style backward).
 template <int kHeadDim>
-inline constexpr bool kSm90BwdHeadDim = kHeadDim == 64 || kHeadDim == 128;
+inline constexpr bool kSm90BwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
 
 // One explicit specialisation per (element type, head dim, rab) in instantiations/hstu_bwd_*_sm90.cu. Launches the
 // dk/dv/dq-partial kernel only (atomic-dq path: p.dq_accum != nullptr; no dropout, no drab); the caller (launch.h)

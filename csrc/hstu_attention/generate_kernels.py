@@ -6,7 +6,7 @@ File names encode the parts setup.py prunes with HSTU_DISABLE_* switches:
 Hopper forward (wgmma, fwd_kernel_sm90.h) and backward (bwd_kernel_sm90.h; HSTU_SM90_* =0 opt out), built only
 when the architecture list holds sm_90a:
     hstu_fwd_{bf16|fp16}_hdim{64|128|256}_{norab|rab}_sm90.cu
-    hstu_bwd_{bf16|fp16}_hdim{64|128}_{norab|rab}_sm90.cu
+    hstu_bwd_{bf16|fp16}_hdim{64|128|256}_{norab|rab}_sm90.cu
 Run: python csrc/hstu_attention/generate_kernels.py
 """
 
@@ -18,7 +18,7 @@ import pathlib
 DTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 HEAD_DIMS = (32, 64, 128, 256)
 SM90_FWD_HEAD_DIMS = (64, 128, 256)  # keep in step with kSm90FwdHeadDim (fwd_sm90_api.h)
-SM90_BWD_HEAD_DIMS = (64, 128)  # keep in step with kSm90BwdHeadDim (bwd_sm90_api.h)
+SM90_BWD_HEAD_DIMS = (64, 128, 256)  # keep in step with kSm90BwdHeadDim (bwd_sm90_api.h)
 DIRECTIONS = ("fwd", "bwd")
 RAB = {"norab": "false", "rab": "true"}
 

@@ -193,7 +193,7 @@ void launch_bwd_impl(const AttnParams& p, cudaStream_t stream) {
 }
 
 // Hopper backward (bwd_kernel_sm90.h, wgmma): used when the build has the sm90 backward units (HSTU_WITH_SM90_BWD,
-// bwd_sm90_api.h), the head dim is 64 or 128, the current device is sm_90 and the call takes the atomic-dq path
+// bwd_sm90_api.h), the head dim is 64, 128 or 256, the current device is sm_90 and the call takes the atomic-dq path
 // (deterministic=False) without dropout and without a rab gradient (drab), unless HSTU_SM90_BWD=0 (read at every
 // call, so tests and benchmarks can compare the two backwards). Anything else runs the sm80-style backward below.
 inline bool sm90_bwd_enabled() { return !env_equals("HSTU_SM90_BWD", "0"); }

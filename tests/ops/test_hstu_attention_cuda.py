@@ -336,7 +336,7 @@ def _sm90_backward_available() -> bool:
     return torch.cuda.get_device_capability() == (9, 0) and _sm90_backward_built()
 
 
-# Jagged lengths around the sm90 backward's 128-key block / 64-query step, per mask family (rab without gradient:
+# Jagged lengths around the sm90 backward's 128-key (64 at head dim 256) block / 64-query step, per mask family (rab without gradient:
 # a rab gradient keeps the sm80 backward).
 _SM90_BWD_CASES = {
     "ctx_tgt_rabH": dict(causal=True, window=-1, num_contexts=[0, 0, 4, 0, 9, 3, 12],
@@ -350,7 +350,7 @@ _SM90_BWD_CASES = {
 
 @gpu_test
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("dim", (64, 128))
+@pytest.mark.parametrize("dim", (64, 128, 256))
 @pytest.mark.parametrize("case", list(_SM90_BWD_CASES))
 def test_sm90_backward_runs_and_matches(monkeypatch, dtype, dim, case):
     """By default on an sm_90 device the Hopper wgmma backward runs (seen in the profiler) for the atomic-dq path, its

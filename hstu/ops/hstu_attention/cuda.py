@@ -67,8 +67,8 @@ def sm90_forward_enabled() -> bool:
 
 
 def sm90_backward_enabled() -> bool:
-    """Whether atomic-dq backwards (deterministic=False) without dropout or rab gradient at head dims 64/128 run the
-    Hopper wgmma kernel: built in, on an sm_90 device, and not switched off with HSTU_SM90_BWD=0."""
+    """Whether atomic-dq backwards (deterministic=False) without dropout or rab gradient at head dims 64/128/256 run
+    the Hopper wgmma kernel: built in, on an sm_90 device, and not switched off with HSTU_SM90_BWD=0."""
     return (bool(build_info().get("sm90_backward")) and torch.cuda.is_available()
             and torch.cuda.get_device_capability() == (9, 0) and os.environ.get("HSTU_SM90_BWD", "1") != "0")
 
