@@ -11,19 +11,19 @@
 //   pointwise on the fp32 accumulators: x = alpha (s + rab), P^T = SiLU(x), dS^T = dP^T SiLU'(x), both masked
 //   dV  += P^T dO      RS-wgmma  A = P^T from registers, B = dO seen MN-major   64 x D,  k = BM
 //   dK  += dS^T Q      RS-wgmma  A = dS^T from registers, B = Q seen MN-major   64 x D,  k = BM
-//   dS^T -> this warpgroup's own swizzled shared tile (read back as the MN-major A operand dS)
-//   dQ_partial = dS K  SS-wgmma  A = dS (MN-major), B = K seen MN-major          BM x 64 per chunk, k = 64 keys
-//       in D / 64 column chunks; each chunk is added into p.dq_accum with vector fp32 reductions (rows < L).
-// Each warpgroup forms dQ_partial over its own 64 keys only (split-K across the two warpgroups): no dS exchange and
-// no block barrier between the dS store and the dQ GEMM (a 128-thread named barrier per warpgroup), at the cost of
-// the same number of dq reductions per key as the sm80 kernel (which also adds per 64 keys).
+//   dS^T -> the block's swizzled (queries x 128 keys) shared tile (read back as the MN-major A operand dS)
+//   dQ = dS K          SS-wgmma  A = dS (MN-major), B = K seen MN-major          BM x 64 per chunk, k = 128 keys
+//       after a block barrier, warpgroup w takes the 64-column chunks ch = w (mod 2); each chunk is added into
+//       p.dq_accum with vector fp32 reductions (rows < L).
+// v9/v10 formed dQ per warpgroup over its own 64 keys (split-K, no block barrier): twice the reductions. The
+// reductions kept L2 66% busy (ncu, 32,4096,4,128), so v11 sums over the whole key tile first.
 // "Seen MN-major": a K-major 128B-swizzled (rows, D) tile tiled rows-first holds exactly the bytes of the MN-major
 // (D, rows) tile tiled K-first (check_sm90_bwd_smem checks the identity), so Q, dO and K each live once in shared
 // memory and get two CuTe views.
 // Epilogue: dV * (1 / N), dK * (alpha / N) from the accumulators, rows (keys) < L; the launcher then runs the usual
 // hstu_dq_convert_kernel (dq = alpha / N * workspace).
 // Overlap inside a warpgroup (v10): S^T and dP^T are issued together; the P half of the pointwise stage runs while
-// dP^T computes and the dS half while dV computes; dK is issued before the dQ GEMMs, whose first wait retires it.
+// dP^T computes and the dS half while dV computes; dK is issued before the block barrier that precedes dQ.
 // Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); compiled for any other target the kernel traps.
 #pragma once
 
@@ -55,7 +55,7 @@ struct BwdTraitsSm90 {
   static constexpr int kBlockN = 64 * kWarpGroups;  // keys per block, 64 per warpgroup
   static constexpr int kBlockM = 64;                // queries per step
   static constexpr int kStages = 2;                 // Q / dO ring
-  static constexpr int kDqChunk = 64;               // dQ_partial columns per GEMM (32 accumulator floats / thread)
+  static constexpr int kDqChunk = 64;               // dQ columns per GEMM (32 accumulator floats / thread)
   // Registers per thread: dV and dK 64 x D fp32 per warpgroup = D / 2 floats each, S^T and dP^T BM / 2 each.
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
   static_assert(kBlockM == 64, "ds_offset: one 64-query swizzle atom");
@@ -63,7 +63,6 @@ struct BwdTraitsSm90 {
   using BN = cute::Int<kBlockN>;
   using BM = cute::Int<kBlockM>;
   using HD = cute::Int<kHeadDim>;
-  using WN = cute::Int<64>;  // keys per warpgroup
   using DQC = cute::Int<kDqChunk>;
   using WgLayout = cute::Layout<cute::Shape<cute::Int<kWarpGroups>, cute::_1, cute::_1>>;  // warpgroups along M
   // S^T = K Q^T and dP^T = V dO^T: (M, N, K) = (64 keys per warpgroup, BM, D); both operands K-major.
@@ -79,7 +78,7 @@ struct BwdTraitsSm90 {
   // dQ_partial = dS K over one warpgroup's keys: (M, N, K) = (BM, 64-column chunk, 64 keys), one warpgroup; A = dS
   // (queries contiguous in the dS^T tile: MN-major), B = K seen as (D, keys) with D contiguous (MN-major).
   using MmaDQ = decltype(cute::make_tiled_mma(
-      cute::SM90::GMMA::ss_op_selector<T, T, float, cute::Shape<BM, DQC, WN>, cute::SM90::GMMA::Major::MN,
+      cute::SM90::GMMA::ss_op_selector<T, T, float, cute::Shape<BM, DQC, BN>, cute::SM90::GMMA::Major::MN,
                                        cute::SM90::GMMA::Major::MN>()));
 
   // Shared tiles (128B swizzle). K, V: (BN, D) K-major, atoms tiled rows first; Kt: the same bytes as the MN-major
@@ -92,21 +91,21 @@ struct BwdTraitsSm90 {
   using SmemLayoutQt = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_MN_SW128_Atom<T>{},
                                                     cute::Shape<HD, BM>{}, cute::Step<cute::_2, cute::_1>{}));
   using SmemLayoutDS = decltype(cute::tile_to_shape(cute::SM90::GMMA::Layout_MN_SW128_Atom<T>{},
-                                                    cute::Shape<BM, WN>{}));
+                                                    cute::Shape<BM, BN>{}));
   static constexpr int kSizeK = cute::cosize_v<SmemLayoutK>;
   static constexpr int kSizeQ = cute::cosize_v<SmemLayoutQ>;
   static constexpr int kSizeDS = cute::cosize_v<SmemLayoutDS>;
-  static_assert(kSizeK == kBlockN * kHeadDim && kSizeQ == kBlockM * kHeadDim && kSizeDS == kBlockM * 64,
+  static_assert(kSizeK == kBlockN * kHeadDim && kSizeQ == kBlockM * kHeadDim && kSizeDS == kBlockM * kBlockN,
                 "compact shared tiles");
   static_assert(cute::cosize_v<SmemLayoutKt> == kSizeK && cute::cosize_v<SmemLayoutQt> == kSizeQ, "same bytes");
   static_assert((kSizeK * 2) % 1024 == 0 && (kSizeQ * 2) % 1024 == 0 && (kSizeDS * 2) % 1024 == 0,
                 "1024-byte aligned tiles");
-  // K, V, kStages x (Q, dO), one dS tile per warpgroup: 72 KB (D 64), 144 KB (D 128).
-  static constexpr int kSmemBytes = (2 * kSizeK + 2 * kStages * kSizeQ + kWarpGroups * kSizeDS) * 2;
+  // K, V, kStages x (Q, dO), the block's dS tile: 72 KB (D 64), 144 KB (D 128).
+  static constexpr int kSmemBytes = (2 * kSizeK + 2 * kStages * kSizeQ + kSizeDS) * 2;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
 };
 
-// Element offset of (query i, key j) in a warpgroup's dS tile (SmemLayoutDS: 64 x 64, MN-major, 128B swizzle) written
+// Element offset of (query i, key j) in a dS tile (SmemLayoutDS: 64 x BN, MN-major, 128B swizzle) written
 // out: queries contiguous, 64 per key, 8 keys per 1024-byte atom, the 16-byte chunks (8 queries) of key j XOR-permuted
 // by j mod 8. 32-bit integer math on (i, j) instead of CuTe's swizzled 64-bit pointers keeps the dS^T stores' addresses
 // cheap (fewer registers); check_sm90_bwd_smem checks it against SmemLayoutDS for every (i, j).
@@ -224,8 +223,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   auto sdOt = [&](int stage) {
     return make_tensor(make_smem_ptr(pdO + stage * Tr::kSizeQ), typename Tr::SmemLayoutQt{});
   };
-  T* const pdS_wg = pdS + wg * Tr::kSizeDS;
-  Tensor sdS = make_tensor(make_smem_ptr(pdS_wg), typename Tr::SmemLayoutDS{});  // (query, key); stores: ds_offset
+  Tensor sdS = make_tensor(make_smem_ptr(pdS), typename Tr::SmemLayoutDS{});  // (query, key); stores: ds_offset
 
   const int m_tiles = (mk.L + BM - 1) / BM;
   const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;  // rows before the key tile see none of it
@@ -329,9 +327,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
       for (int e = 0; e < size(tKVrdS32); ++e) {
         const uint32_t ds2 = pack2<Element>(tSrdP(2 * e) * tSrS(2 * e), tSrdP(2 * e + 1) * tSrS(2 * e + 1));
         tKVrdS32(e) = ds2;
-        const int jl = get<0>(tScS(2 * e)) - 64 * wg;
-        const int il = get<1>(tScS(2 * e));
-        *reinterpret_cast<uint32_t*>(pdS_wg + ds_offset(il, jl)) = ds2;
+        *reinterpret_cast<uint32_t*>(pdS + ds_offset(get<1>(tScS(2 * e)), get<0>(tScS(2 * e)))) = ds2;
       }
     }
     fence_proxy_async_smem();  // the dS^T stores (generic proxy) before the dQ wgmma (async proxy) reads them
@@ -339,19 +335,22 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     Tensor tKVrQ = thr_kv.partition_fragment_B(sQt(stage));
     wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrdS, tKVrQ, tKVrdK);
 
-    // Every thread of this warpgroup has stored (and fenced) its part of the dS tile.
-    named_barrier_sync<128>(1 + wg);
+    // dQ = dS K over all 128 keys of the block: both warpgroups' dS^T halves must be in place (each thread stored and
+    // fenced its part). Warpgroup w takes the 64-column chunks ch = w (mod 2) (at head dim 64 warpgroup 0 takes the
+    // only one): one reduction per dq element and key block, half of what per-warpgroup partial sums would add.
+    __syncthreads();
     const int valid = mk.L - m0;
     CUTE_UNROLL
     for (int ch = 0; ch < D / Tr::kDqChunk; ++ch) {
-      // (chunk columns of D, this warpgroup's 64 keys) of K, MN-major
-      Tensor sKt_c = local_tile(sKt, Shape<typename Tr::DQC, typename Tr::WN>{}, make_coord(ch, wg));
-      Tensor tDQrK = thr_dq.partition_fragment_B(sKt_c);
+      if (ch % Tr::kWarpGroups != wg) continue;
+      Tensor tDQrK = thr_dq.partition_fragment_B(local_tile(sKt, Shape<typename Tr::DQC, typename Tr::BN>{},
+                                                            make_coord(ch, 0)));  // (chunk columns, keys)
       wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
-      wg_wait<0>(tDQrdQ, tKVrdV, tKVrdK, tKVrP, tKVrdS);  // also retires the dV / dK batches issued before it
+      wg_wait<0>(tDQrdQ);
       add_dq_chunk<BM>(tDQrdQ, tDQcdQ, gAcc + static_cast<int64_t>(m0) * p.row_stride + ch * Tr::kDqChunk,
                        p.row_stride, valid);
     }
+    wg_wait<0>(tKVrdV, tKVrdK, tKVrP, tKVrdS);  // dV / dK retired before the next step rewrites their A operands
 
     m = m_next;
     stage ^= 1;
@@ -703,19 +702,12 @@ inline std::string check_sm90_bwd_smem() {
   if (!transposed_view<typename Tr::SmemLayoutQ, typename Tr::SmemLayoutQt, T>(BM, D)) return "Qt view != Q tile";
   std::vector<uint16_t> storage(Tr::kSizeK + 1024);
   T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
-  auto sKt = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutKt{});
   for (int ch = 0; ch < D / Tr::kDqChunk; ++ch)
-    for (int wg = 0; wg < Tr::kWarpGroups; ++wg) {
-      auto sub = local_tile(sKt, Shape<typename Tr::DQC, typename Tr::WN>{}, make_coord(ch, wg));
-      if (((&sub(0, 0) - base) * 2) % 1024 != 0) return "dQ chunk of Kt not 1024-byte aligned";
-      for (int d = 0; d < Tr::kDqChunk; ++d)
-        for (int j = 0; j < 64; ++j)
-          if (&sub(d, j) != &sKt(ch * Tr::kDqChunk + d, wg * 64 + j)) return "dQ chunk of Kt misaddressed";
-    }
+    if (!sub_tile_ok<typename Tr::SmemLayoutKt, T, Tr::kDqChunk, BN>(ch, 0)) return "dQ chunk of Kt misaddressed";
   auto sdS = make_tensor(make_smem_ptr(base), typename Tr::SmemLayoutDS{});
   std::vector<int> seen(Tr::kSizeDS, 0);
   for (int i = 0; i < BM; ++i)
-    for (int j = 0; j < 64; ++j) {
+    for (int j = 0; j < BN; ++j) {
       const long off = &sdS(i, j) - base;
       if (off < 0 || off >= Tr::kSizeDS) return "dS offset out of the tile";
       seen[off]++;
