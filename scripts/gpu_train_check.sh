@@ -64,6 +64,6 @@ for name in sorted(os.listdir(out)):
     print(f"{name:<26}{rows[-1]['step']:>7}{tps:>14,.0f}{tflops:>10.2f}{epoch_s:>10.2f}  {metrics}")
 print("* s/epoch: one pass over ML-1M-sized data at the measured speed + one full evaluation")
 PY
-for profile in "$OUT"/*/profile.txt; do
-  [[ -f $profile ]] && { echo "[gpu-check] $profile"; head -n 40 "$profile"; }
+for profile in "$OUT"/*/profile.txt; do  # (none with PROFILE_STEPS=0: the unmatched glob is skipped)
+  if [[ -f $profile ]]; then echo "[gpu-check] $profile"; head -n 40 "$profile"; fi
 done
