@@ -171,6 +171,62 @@ __device__ __forceinline__ void store_dk_dv(const AttnParams& p, Acc const& dk, 
     }
   }
 }
+// The shared tiles and global rows both sm90 backward kernels start from: K and V of the block's keys (resident), a
+// kStages ring of Q / dO tiles, then whatever the kernel keeps after them (extra()). Each tile has a K-major view and
+// an MN-major one (the same bytes: "seen MN-major" above).
+// The constructor also takes the block's work item: key tile n0 = tile * BN of (sequence, head); base = the element
+// offset of (first token of the sequence, this head) in q / k / v / dout and the gradients.
+template <typename Tr>
+struct BwdTiles {
+  using T = typename Tr::T;
+  using Element = typename Tr::Element;
+  static constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  WorkItem w;
+  int n0;
+  int64_t base;
+  T* k;
+  const Element *gq, *gk, *gv, *gdo;
+  int64_t row_stride;
+
+  __device__ BwdTiles(unsigned char* smem, const AttnParams& p)
+      : w(schedule_block(p, /*reverse=*/false)),
+        n0(w.tile * BN),
+        base(static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D),
+        k(reinterpret_cast<T*>(smem)),
+        gq(reinterpret_cast<const Element*>(p.q) + base),
+        gk(reinterpret_cast<const Element*>(p.k) + base),
+        gv(reinterpret_cast<const Element*>(p.v) + base),
+        gdo(reinterpret_cast<const Element*>(p.dout) + base),
+        row_stride(p.row_stride) {}
+  __device__ T* v() const { return k + Tr::kSizeK; }
+  __device__ T* q(int stage) const { return k + 2 * Tr::kSizeK + stage * Tr::kSizeQ; }
+  __device__ T* dout(int stage) const { return q(Tr::kStages) + stage * Tr::kSizeQ; }
+  __device__ T* extra() const { return dout(Tr::kStages); }
+  __device__ auto sK() const { return cute::make_tensor(cute::make_smem_ptr(k), typename Tr::SmemLayoutK{}); }
+  __device__ auto sKt() const { return cute::make_tensor(cute::make_smem_ptr(k), typename Tr::SmemLayoutKt{}); }
+  __device__ auto sV() const { return cute::make_tensor(cute::make_smem_ptr(v()), typename Tr::SmemLayoutK{}); }
+  __device__ auto sQ(int st) const { return cute::make_tensor(cute::make_smem_ptr(q(st)), typename Tr::SmemLayoutQ{}); }
+  __device__ auto sQt(int st) const {
+    return cute::make_tensor(cute::make_smem_ptr(q(st)), typename Tr::SmemLayoutQt{});
+  }
+  __device__ auto sdO(int st) const {
+    return cute::make_tensor(cute::make_smem_ptr(dout(st)), typename Tr::SmemLayoutQ{});
+  }
+  __device__ auto sdOt(int st) const {
+    return cute::make_tensor(cute::make_smem_ptr(dout(st)), typename Tr::SmemLayoutQt{});
+  }
+  // K and V rows [n0, n0 + BN), zero past the sequence end (L tokens)
+  __device__ void load_kv(int n0, int L, int tid) const {
+    load_rows_async<BN, D, NT, false>(sK(), gk + n0 * row_stride, row_stride, L - n0, tid);
+    load_rows_async<BN, D, NT, false>(sV(), gv + n0 * row_stride, row_stride, L - n0, tid);
+  }
+  // Q and dO rows of query tile m into a ring stage
+  __device__ void load_qdo(int m, int stage, int L, int tid) const {
+    load_rows_async<BM, D, NT, false>(sQ(stage), gq + m * BM * row_stride, row_stride, L - m * BM, tid);
+    load_rows_async<BM, D, NT, false>(sdO(stage), gdo + m * BM * row_stride, row_stride, L - m * BM, tid);
+  }
+};
+
 #endif  // HSTU_SM90_DEVICE
 
 // The A operand of dV = P^T dO / dK = dS^T Q (registers) enumerates the same (key, query) elements in the same
@@ -185,54 +241,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   using namespace cute;
   using Element = typename Tr::Element;
   using T = typename Tr::T;
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  T* const pK = reinterpret_cast<T*>(smem_raw);
-  T* const pV = pK + Tr::kSizeK;
-  T* const pQ = pV + Tr::kSizeK;                  // kStages slots
-  T* const pdO = pQ + Tr::kStages * Tr::kSizeQ;   // kStages slots
-  T* const pdS = pdO + Tr::kStages * Tr::kSizeQ;  // one tile per warpgroup
-
   // The 128B-swizzled GMMA tiles need a 1024-byte aligned base (no static shared memory in this kernel).
   if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
-
-  const WorkItem w = schedule_block(p, /*reverse=*/false);
+  const BwdTiles<Tr> tiles(smem_raw, p);
+  const WorkItem& w = tiles.w;
   const SeqMask& mk = w.mask;
-  const int n0 = w.tile * BN;
+  const int n0 = tiles.n0;
+  const int64_t base = tiles.base;
   if (n0 >= mk.L) return;  // whole block uniform: no barrier or warpgroup op is skipped by part of it
   const int tid = threadIdx.x;
   const int wg = tid / 128;
   const int wtid = tid % 128;
+  T* const pdS = tiles.extra();  // the dS tile
 
-  const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
-  const Element* gQ = reinterpret_cast<const Element*>(p.q) + base;
-  const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
-  const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
-  const Element* gdO = reinterpret_cast<const Element*>(p.dout) + base;
-
-  Tensor sK = make_tensor(make_smem_ptr(pK), typename Tr::SmemLayoutK{});
-  Tensor sKt = make_tensor(make_smem_ptr(pK), typename Tr::SmemLayoutKt{});
-  Tensor sV = make_tensor(make_smem_ptr(pV), typename Tr::SmemLayoutK{});
-  auto sQ = [&](int stage) { return make_tensor(make_smem_ptr(pQ + stage * Tr::kSizeQ), typename Tr::SmemLayoutQ{}); };
-  auto sQt = [&](int stage) {
-    return make_tensor(make_smem_ptr(pQ + stage * Tr::kSizeQ), typename Tr::SmemLayoutQt{});
-  };
-  auto sdO = [&](int stage) {
-    return make_tensor(make_smem_ptr(pdO + stage * Tr::kSizeQ), typename Tr::SmemLayoutQ{});
-  };
-  auto sdOt = [&](int stage) {
-    return make_tensor(make_smem_ptr(pdO + stage * Tr::kSizeQ), typename Tr::SmemLayoutQt{});
-  };
   Tensor sdS = make_tensor(make_smem_ptr(pdS), typename Tr::SmemLayoutDS{});  // (query, key); stores: ds_offset
 
   const int m_tiles = (mk.L + BM - 1) / BM;
   const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;  // rows before the key tile see none of it
   auto next_tile = [&](int m) { return mk.next_query_tile(m, m_tiles, BM, n0, n0 + BN); };
-  auto load_qdo = [&](int m, int stage) {
-    const int valid = mk.L - m * BM;
-    load_rows_async<BM, D, NT, false>(sQ(stage), gQ + m * BM * p.row_stride, p.row_stride, valid, tid);
-    load_rows_async<BM, D, NT, false>(sdO(stage), gdO + m * BM * p.row_stride, p.row_stride, valid, tid);
-  };
 
   typename Tr::MmaSdP mma_s;
   typename Tr::MmaKV mma_kv;
@@ -241,8 +269,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   auto thr_kv = mma_kv.get_thread_slice(tid);
   auto thr_dq = mma_dq.get_thread_slice(wtid);
 
-  Tensor tSrK = thr_s.partition_fragment_A(sK);  // descriptors of this warpgroup's 64 keys of K
-  Tensor tSrV = thr_s.partition_fragment_A(sV);
+  Tensor tSrK = thr_s.partition_fragment_A(tiles.sK());  // descriptors of this warpgroup's 64 keys of K
+  Tensor tSrV = thr_s.partition_fragment_A(tiles.sV());
   Tensor tSrS = partition_fragment_C(mma_s, Shape<typename Tr::BN, typename Tr::BM>{});   // S^T, then P^T
   Tensor tSrdP = partition_fragment_C(mma_s, Shape<typename Tr::BN, typename Tr::BM>{});  // dP^T, then dS^T
   Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<typename Tr::BN, typename Tr::BM>{}));  // (key, query)
@@ -267,9 +295,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   // next visible tile into the other slot (last read by iteration it - 1, whose wgmmas every thread has waited for
   // before this barrier; the same barrier protects each warpgroup's dS tile, read by iteration it - 1's dQ GEMM).
   int m = next_tile(m_begin - 1);
-  load_rows_async<BN, D, NT, false>(sK, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
-  load_rows_async<BN, D, NT, false>(sV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
-  if (m < m_tiles) load_qdo(m, 0);
+  tiles.load_kv(n0, mk.L, tid);
+  if (m < m_tiles) tiles.load_qdo(m, 0, mk.L, tid);
   cp_async_commit();
 
   const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
@@ -281,13 +308,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     fence_proxy_async_smem();
     __syncthreads();
     const int m_next = next_tile(m);
-    if (m_next < m_tiles) load_qdo(m_next, stage ^ 1);
+    if (m_next < m_tiles) tiles.load_qdo(m_next, stage ^ 1, mk.L, tid);
     cp_async_commit();
 
     // S^T and dP^T as two wgmma batches; each pointwise half starts as soon as its inputs have retired, while the
     // tensor cores run the next GEMM (dP^T under the P half, dV under the dS half).
-    Tensor tSrQ = thr_s.partition_fragment_B(sQ(stage));
-    Tensor tSrdO = thr_s.partition_fragment_B(sdO(stage));
+    Tensor tSrQ = thr_s.partition_fragment_B(tiles.sQ(stage));
+    Tensor tSrdO = thr_s.partition_fragment_B(tiles.sdO(stage));
     wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrK, tSrQ, tSrS);
     wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrV, tSrdO, tSrdP);
     wg_wait<1>(tSrS);
@@ -314,7 +341,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     };
     with_tile_mask(mk, m0, m0 + BM, wn0, wn0 + 64, pointwise_p);
 
-    Tensor tKVrdO = thr_kv.partition_fragment_B(sdOt(stage));
+    Tensor tKVrdO = thr_kv.partition_fragment_B(tiles.sdOt(stage));
     wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrP, tKVrdO, tKVrdV);
     wg_wait<1>(tSrdP);
 
@@ -332,7 +359,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     }
     fence_proxy_async_smem();  // the dS^T stores (generic proxy) before the dQ wgmma (async proxy) reads them
 
-    Tensor tKVrQ = thr_kv.partition_fragment_B(sQt(stage));
+    Tensor tKVrQ = thr_kv.partition_fragment_B(tiles.sQt(stage));
     wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrdS, tKVrQ, tKVrdK);
 
     // dQ = dS K over all 128 keys of the block: both warpgroups' dS^T halves must be in place (each thread stored and
@@ -343,7 +370,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     CUTE_UNROLL
     for (int ch = 0; ch < D / Tr::kDqChunk; ++ch) {
       if (ch % Tr::kWarpGroups != wg) continue;
-      Tensor tDQrK = thr_dq.partition_fragment_B(local_tile(sKt, Shape<typename Tr::DQC, typename Tr::BN>{},
+      Tensor tDQrK = thr_dq.partition_fragment_B(local_tile(tiles.sKt(), Shape<typename Tr::DQC, typename Tr::BN>{},
                                                             make_coord(ch, 0)));  // (chunk columns, keys)
       wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
       wg_wait<0>(tDQrdQ);
@@ -439,43 +466,22 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
   using namespace cute;
   using Element = typename Tr::Element;
   using T = typename Tr::T;
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  T* const pK = reinterpret_cast<T*>(smem_raw);
-  T* const pV = pK + Tr::kSizeK;
-  T* const pQ = pV + Tr::kSizeK;                  // kStages slots
-  T* const pdO = pQ + Tr::kStages * Tr::kSizeQ;   // kStages slots
-  T* const pPt = pdO + Tr::kStages * Tr::kSizeQ;  // P^T
-  T* const pdSt = pPt + Tr::kSizeP;               // dS^T
+  // The 128B-swizzled GMMA tiles need a 1024-byte aligned base (no static shared memory in this kernel).
   if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
-
-  const WorkItem w = schedule_block(p, /*reverse=*/false);
+  const BwdTiles<Tr> tiles(smem_raw, p);
+  const WorkItem& w = tiles.w;
   const SeqMask& mk = w.mask;
-  const int n0 = w.tile * BN;
-  if (n0 >= mk.L) return;  // whole block uniform
+  const int n0 = tiles.n0;
+  const int64_t base = tiles.base;
+  if (n0 >= mk.L) return;  // whole block uniform: no barrier or warpgroup op is skipped by part of it
   const int tid = threadIdx.x;
   const int wg = tid / 128;
   const int wtid = tid % 128;
+  T* const pPt = tiles.extra();  // P^T
+  T* const pdSt = pPt + Tr::kSizeP;  // dS^T
 
-  const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
-  const Element* gQ = reinterpret_cast<const Element*>(p.q) + base;
-  const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
-  const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
-  const Element* gdO = reinterpret_cast<const Element*>(p.dout) + base;
-
-  Tensor sK = make_tensor(make_smem_ptr(pK), typename Tr::SmemLayoutK{});
-  Tensor sKt = make_tensor(make_smem_ptr(pK), typename Tr::SmemLayoutKt{});
-  Tensor sV = make_tensor(make_smem_ptr(pV), typename Tr::SmemLayoutK{});
-  auto sQ = [&](int stage) { return make_tensor(make_smem_ptr(pQ + stage * Tr::kSizeQ), typename Tr::SmemLayoutQ{}); };
-  auto sQt = [&](int stage) {
-    return make_tensor(make_smem_ptr(pQ + stage * Tr::kSizeQ), typename Tr::SmemLayoutQt{});
-  };
-  auto sdO = [&](int stage) {
-    return make_tensor(make_smem_ptr(pdO + stage * Tr::kSizeQ), typename Tr::SmemLayoutQ{});
-  };
-  auto sdOt = [&](int stage) {
-    return make_tensor(make_smem_ptr(pdO + stage * Tr::kSizeQ), typename Tr::SmemLayoutQt{});
-  };
   Tensor sPt = make_tensor(make_smem_ptr(pPt), typename Tr::SmemLayoutPt{});
   Tensor sdSt = make_tensor(make_smem_ptr(pdSt), typename Tr::SmemLayoutPt{});
   Tensor sdS = make_tensor(make_smem_ptr(pdSt), typename Tr::SmemLayoutDS{});
@@ -483,11 +489,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
   const int m_tiles = (mk.L + BM - 1) / BM;
   const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;
   auto next_tile = [&](int m) { return mk.next_query_tile(m, m_tiles, BM, n0, n0 + BN); };
-  auto load_qdo = [&](int m, int stage) {
-    const int valid = mk.L - m * BM;
-    load_rows_async<BM, D, NT, false>(sQ(stage), gQ + m * BM * p.row_stride, p.row_stride, valid, tid);
-    load_rows_async<BM, D, NT, false>(sdO(stage), gdO + m * BM * p.row_stride, p.row_stride, valid, tid);
-  };
 
   typename Tr::MmaSdP mma_s;
   typename Tr::MmaKV mma_kv;
@@ -496,8 +497,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
   auto thr_kv = mma_kv.get_thread_slice(wtid);
   auto thr_dq = mma_dq.get_thread_slice(wtid);
 
-  Tensor tSrK = thr_s.partition_fragment_A(sK);
-  Tensor tSrV = thr_s.partition_fragment_A(sV);
+  Tensor tSrK = thr_s.partition_fragment_A(tiles.sK());
+  Tensor tSrV = thr_s.partition_fragment_A(tiles.sV());
   Tensor tSrS = partition_fragment_C(mma_s, Shape<typename Tr::BN, typename Tr::HM>{});   // S^T, then SiLU'
   Tensor tSrdP = partition_fragment_C(mma_s, Shape<typename Tr::BN, typename Tr::HM>{});  // dP^T
   Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<typename Tr::BN, typename Tr::HM>{}));  // (key, query)
@@ -517,9 +518,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
   // Pipeline as hstu_bwd_sm90_kernel's; the barrier at the top of a step also protects the P^T / dS^T tiles, read
   // by the previous step's stage-2 GEMMs (retired by every warpgroup before it).
   int m = next_tile(m_begin - 1);
-  load_rows_async<BN, D, NT, false>(sK, gK + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
-  load_rows_async<BN, D, NT, false>(sV, gV + n0 * p.row_stride, p.row_stride, mk.L - n0, tid);
-  if (m < m_tiles) load_qdo(m, 0);
+  tiles.load_kv(n0, mk.L, tid);
+  if (m < m_tiles) tiles.load_qdo(m, 0, mk.L, tid);
   cp_async_commit();
 
   const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
@@ -531,13 +531,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
     fence_proxy_async_smem();
     __syncthreads();
     const int m_next = next_tile(m);
-    if (m_next < m_tiles) load_qdo(m_next, stage ^ 1);
+    if (m_next < m_tiles) tiles.load_qdo(m_next, stage ^ 1, mk.L, tid);
     cp_async_commit();
 
     // Stage 1: S^T and dP^T over this warpgroup's 32 queries; the P half of the pointwise stage runs under dP^T.
-    Tensor tSrQ = thr_s.partition_fragment_B(local_tile(sQ(stage), Shape<typename Tr::HM, typename Tr::HD>{},
+    Tensor tSrQ = thr_s.partition_fragment_B(local_tile(tiles.sQ(stage), Shape<typename Tr::HM, typename Tr::HD>{},
                                                         make_coord(wg, 0)));
-    Tensor tSrdO = thr_s.partition_fragment_B(local_tile(sdO(stage), Shape<typename Tr::HM, typename Tr::HD>{},
+    Tensor tSrdO = thr_s.partition_fragment_B(local_tile(tiles.sdO(stage), Shape<typename Tr::HM, typename Tr::HD>{},
                                                          make_coord(wg, 0)));
     wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrK, tSrQ, tSrS);
     wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrV, tSrdO, tSrdP);
@@ -571,16 +571,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
     __syncthreads();           // both warpgroups' halves of P^T and dS^T are in place
 
     // Stage 2: this warpgroup's 128 columns of dV, dK and dQ.
-    Tensor tKVrdO = thr_kv.partition_fragment_B(local_tile(sdOt(stage), Shape<typename Tr::HH, typename Tr::BM>{},
+    Tensor tKVrdO = thr_kv.partition_fragment_B(local_tile(tiles.sdOt(stage), Shape<typename Tr::HH, typename Tr::BM>{},
                                                            make_coord(wg, 0)));
-    Tensor tKVrQ = thr_kv.partition_fragment_B(local_tile(sQt(stage), Shape<typename Tr::HH, typename Tr::BM>{},
+    Tensor tKVrQ = thr_kv.partition_fragment_B(local_tile(tiles.sQt(stage), Shape<typename Tr::HH, typename Tr::BM>{},
                                                           make_coord(wg, 0)));
     wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/false>(mma_kv, tKVrPt, tKVrdO, tKVrdV);
     wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/false>(mma_kv, tKVrdSt, tKVrQ, tKVrdK);
     const int valid = mk.L - m0;
     CUTE_UNROLL
     for (int ch = 0; ch < Tr::kHalfD / Tr::kDqChunk; ++ch) {
-      Tensor tDQrK = thr_dq.partition_fragment_B(local_tile(sKt, Shape<typename Tr::DQC, typename Tr::BN>{},
+      Tensor tDQrK = thr_dq.partition_fragment_B(local_tile(tiles.sKt(), Shape<typename Tr::DQC, typename Tr::BN>{},
                                                             make_coord(wg * (Tr::kHalfD / Tr::kDqChunk) + ch, 0)));
       wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
       wg_wait<0>(tDQrdQ, tKVrdV, tKVrdK);  // also retires the dV / dK batches issued before it
