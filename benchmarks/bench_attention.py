@@ -10,6 +10,7 @@ where it fits in memory, the PyTorch reference. Writes benchmarks/results/attent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -107,35 +108,32 @@ def time_kernel(q, k, v, offsets, L, kwargs):
     return do_bench(fwd), do_bench(bwd), do_bench(fwd_bwd), do_bench(lambda: bwd(True))
 
 
-def time_sm80_atomic_backward(q, k, v, offsets, L, kwargs) -> float:
-    """The mma.sync atomic-dq backward of the same shape (HSTU_SM90_BWD=0 for these launches), next to the wgmma one."""
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """The launchers read their switches (HSTU_SM90_FWD, HSTU_SM90_BWD, HSTU_SM90_FWD_WS) at every call: set one
+    for the launches inside the block."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+def time_kernel_forward(q, k, v, offsets, L, kwargs) -> float:
+    common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
+              kwargs.get("num_targets"), 1, None)  # fmt: skip
+    return do_bench(lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0))
+
+
+def time_kernel_atomic_backward(q, k, v, offsets, L, kwargs) -> float:
     common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
               kwargs.get("num_targets"), 1, None)  # fmt: skip
     dout = torch.randn_like(q)
-    saved = os.environ.get("HSTU_SM90_BWD")
-    os.environ["HSTU_SM90_BWD"] = "0"
-    try:
-        return do_bench(lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False))
-    finally:
-        if saved is None:
-            del os.environ["HSTU_SM90_BWD"]
-        else:
-            os.environ["HSTU_SM90_BWD"] = saved
-
-
-def time_sm80_forward(q, k, v, offsets, L, kwargs) -> float:
-    """The mma.sync forward of the same shape (HSTU_SM90_FWD=0 for these launches: the launcher reads it per call)."""
-    common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
-              kwargs.get("num_targets"), 1, None)  # fmt: skip
-    previous = os.environ.get("HSTU_SM90_FWD")
-    os.environ["HSTU_SM90_FWD"] = "0"
-    try:
-        return do_bench(lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0))
-    finally:
-        if previous is None:
-            del os.environ["HSTU_SM90_FWD"]
-        else:
-            os.environ["HSTU_SM90_FWD"] = previous
+    return do_bench(lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False))
 
 
 def profile_breakdown() -> None:
@@ -185,7 +183,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel time breakdown (torch.profiler) of two shapes")
     ap.add_argument("--only", default="", help="regex: benchmark only the shapes whose name matches")
     ap.add_argument("--no-op", action="store_true", help="skip timing the public op (autograd + validation)")
-    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "v8 sm90 wgmma forward, atomic-dq backward"))
+    ap.add_argument("--ws-forward", action="store_true",
+                    help="also time the opt-in warp-specialized wgmma forward (HSTU_SM90_FWD_WS=1)")
+    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "wgmma forward and backward (v11)"))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a GPU"
     gpu = torch.cuda.get_device_name()
@@ -205,11 +205,17 @@ def main() -> None:
             tf, tb, tfb, tbd = time_kernel(q, k, v, offsets, L, kwargs)
             row.update(bwd_det_ms=tbd, bwd_det_tflops=2.5 * fl / tbd / 1e9, sm90_forward=hstu_cuda.sm90_forward_enabled())
             if row["sm90_forward"] and D != 32:  # the same run's mma.sync forward, for comparison
-                t80 = time_sm80_forward(q, k, v, offsets, L, kwargs)
+                with env_set("HSTU_SM90_FWD", "0"):
+                    t80 = time_kernel_forward(q, k, v, offsets, L, kwargs)
                 row.update(fwd_sm80_ms=t80, fwd_sm80_tflops=fl / t80 / 1e9)
+                if args.ws_forward:  # the opt-in warp-specialized wgmma forward
+                    with env_set("HSTU_SM90_FWD_WS", "1"):
+                        tws = time_kernel_forward(q, k, v, offsets, L, kwargs)
+                    row.update(fwd_ws_ms=tws, fwd_ws_tflops=fl / tws / 1e9)
             row["sm90_backward"] = hstu_cuda.sm90_backward_enabled() and D in (64, 128, 256)
             if row["sm90_backward"]:  # the same run's mma.sync atomic-dq backward, for comparison
-                t80 = time_sm80_atomic_backward(q, k, v, offsets, L, kwargs)
+                with env_set("HSTU_SM90_BWD", "0"):
+                    t80 = time_kernel_atomic_backward(q, k, v, offsets, L, kwargs)
                 row.update(bwd_sm80_ms=t80, bwd_sm80_tflops=2.5 * fl / t80 / 1e9)
             if not args.no_op:
                 _, _, ofb = time_impl(hstu_attention, q, k, v, offsets, L, kwargs)
@@ -233,6 +239,7 @@ def main() -> None:
               f"  TFLOP/s  (ms {tf:.3f}/{tb:.3f}/{tfb:.3f})"
               + (f"  bwd(det) {row['bwd_det_tflops']:.1f}" if "bwd_det_tflops" in row else "")
               + (f"  fwd(sm80) {row['fwd_sm80_tflops']:.1f}" if "fwd_sm80_tflops" in row else "")
+              + (f"  fwd(ws) {row['fwd_ws_tflops']:.1f}" if "fwd_ws_tflops" in row else "")
               + (f"  bwd(sm80) {row['bwd_sm80_tflops']:.1f}" if "bwd_sm80_tflops" in row else "")
               + (f"  op fwd+bwd {row['op_fwdbwd_tflops']:.1f}" if "op_fwdbwd_tflops" in row else "")
               + (f"  ref {row['ref_fwd_tflops']:.1f}/{row['ref_bwd_tflops']:.1f}/{row['ref_fwdbwd_tflops']:.1f}"

@@ -30,7 +30,10 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "fwd_sm90_api.h"
 #include "hstu.h"
@@ -86,7 +89,12 @@ struct FwdTraitsSm90 {
   // 128B-swizzled GMMA tiles need 1024-byte aligned bases: every tile size is a multiple of 8 rows x 128 bytes.
   static_assert((kSizeQ * 2) % 1024 == 0 && (kSizeK * 2) % 1024 == 0, "1024-byte aligned tiles");
   static constexpr int kSmemBytes = (kSizeQ + kStagesK * kSizeK + kStagesV * kSizeV) * 2;  // 96 / 192 / 224 KB
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
+  // Warp-specialized variant (hstu_fwd_sm90_ws_kernel): K and V rings of kStagesWs slots each behind mbarrier
+  // pipelines (a slot is refilled only after both consumer warpgroups released it), then the barriers.
+  static constexpr int kStagesWs = 2;
+  static constexpr int kTileBytesWs = (kSizeQ + kStagesWs * (kSizeK + kSizeV)) * 2;  // 80 / 160 / 192 KB
+  static constexpr int kSmemBytesWs = kTileBytesWs + 256;
+  static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesWs <= 227 * 1024, "shared memory per block on sm_90");
 };
 
 // The A-operand fragment of O = P V has the same per-thread register order as the accumulator fragment of S:
@@ -95,6 +103,63 @@ struct FwdTraitsSm90 {
 // same elements in the same linear order. check_sm90_fragments (host) verifies this for every instantiated shape.
 template <typename Tr>
 using POperandShape = decltype(cute::partition_shape_A(typename Tr::MmaO{}, cute::Shape<typename Tr::BM, typename Tr::BN>{}));
+
+#if defined(HSTU_SM90_DEVICE)
+// The pointwise stage of key tile n0 for the rows [wm0, wm0 + 64) a warpgroup owns, in place on its S accumulator
+// (coordinates relative to the block's first row m0): P = SiLU(alpha (S + rab)), zero where the mask hides (i, j).
+// with_tile_mask: tiles wholly visible for these rows skip every mask / bounds test.
+template <typename Tr, typename FragS, typename CoordS>
+__device__ __forceinline__ void fwd_pointwise(const AttnParams& p, const SeqMask& mk, int batch, int hr, int m0,
+                                              int wm0, int n0, FragS& tSrS, CoordS const& tScS) {
+  using namespace cute;
+  with_tile_mask(mk, wm0, wm0 + 64, n0, n0 + Tr::kBlockN, [&](auto masked_tag) {
+    constexpr bool kMasked = decltype(masked_tag)::value;
+    CUTE_UNROLL
+    for (int e = 0; e < size(tSrS); ++e) {
+      const int i = m0 + get<0>(tScS(e));
+      const int j = n0 + get<1>(tScS(e));
+      float x = tSrS(e);
+      if constexpr (Tr::kHasRab) {
+        if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<typename Tr::Element>(p, batch, hr, i, j);
+      }
+      x *= p.alpha;
+      float pv = x * sigmoid_t<typename Tr::Element>(x);
+      if constexpr (kMasked) {
+        if (!mk.visible(i, j)) pv = 0.f;
+      }
+      tSrS(e) = pv;
+    }
+  });
+}
+
+// P in q's dtype, in the A-operand register order of O += P V (identical linear order: see POperandShape).
+template <typename Element, typename FragS, typename FragP>
+__device__ __forceinline__ void pack_p(FragS const& tSrS, FragP& tOrP) {
+  using namespace cute;
+  Tensor tOrP32 = recast<uint32_t>(tOrP);
+  CUTE_UNROLL
+  for (int e = 0; e < size(tOrP32); ++e) tOrP32(e) = pack2<Element>(tSrS(2 * e), tSrS(2 * e + 1));
+}
+
+// Epilogue: O / N, rows of this sequence only (the rows after it belong to the next sequence). Accumulator values 2e
+// and 2e + 1 are columns c and c + 1 of one row (checked by check_sm90_fragments): one 4-byte store per pair.
+template <typename Element, typename FragO, typename CoordO>
+__device__ __forceinline__ void store_o(const AttnParams& p, int64_t base, int m0, int L, FragO const& tOrO,
+                                        CoordO const& tOcO) {
+  using namespace cute;
+  Element* gO = reinterpret_cast<Element*>(p.out) + base;
+  const float o_scale = p.inv_scale;
+  CUTE_UNROLL
+  for (int e = 0; e < size(tOrO) / 2; ++e) {
+    const int i = m0 + get<0>(tOcO(2 * e));
+    const int c = get<1>(tOcO(2 * e));
+    if (i < L) {
+      *reinterpret_cast<uint32_t*>(gO + static_cast<int64_t>(i) * p.row_stride + c) =
+          pack2<Element>(tOrO(2 * e) * o_scale, tOrO(2 * e + 1) * o_scale);
+    }
+  }
+}
+#endif  // HSTU_SM90_DEVICE
 
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const AttnParams p) {
@@ -186,36 +251,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
     }
 
     const int n0 = n * BN;
-    // pointwise stage, in place on S; with_tile_mask: tiles wholly visible for this warpgroup's rows skip every
-    // mask/bounds test
-    auto pointwise = [&](auto masked_tag) {
-      constexpr bool kMasked = decltype(masked_tag)::value;
-      CUTE_UNROLL
-      for (int e = 0; e < size(tSrS); ++e) {
-        const int i = m0 + get<0>(tScS(e));
-        const int j = n0 + get<1>(tScS(e));
-        float x = tSrS(e);
-        if constexpr (Tr::kHasRab) {
-          if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
-        }
-        x *= p.alpha;
-        float pv = x * sigmoid_t<Element>(x);
-        if constexpr (kMasked) {
-          if (!mk.visible(i, j)) pv = 0.f;
-        }
-        tSrS(e) = pv;
-      }
-    };
-    with_tile_mask(mk, wm0, wm0 + 64, n0, n0 + BN, pointwise);
-
-    // P_t in q's dtype, in the A-operand register order (identical linear order: see POperandShape), once the O
-    // GEMM reading P_{t-1} from the same registers has retired.
+    fwd_pointwise<Tr>(p, mk, w.batch, hr, m0, wm0, n0, tSrS, tScS);
+    // P_t, once the O GEMM reading P_{t-1} from the same registers has retired.
     wg_wait<0>(tOrO, tOrP);
-    {
-      Tensor tOrP32 = recast<uint32_t>(tOrP);
-      CUTE_UNROLL
-      for (int e = 0; e < size(tOrP32); ++e) tOrP32(e) = pack2<Element>(tSrS(2 * e), tSrS(2 * e + 1));
-    }
+    pack_p<Element>(tSrS, tOrP);
 
     v_prev = v_slot;
     n = n_next;
@@ -228,21 +267,159 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
     wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
   }
 
-  // Epilogue: rows of this sequence only (the rows after it belong to the next sequence). Accumulator values 2e and
-  // 2e + 1 are columns c and c + 1 of one row (checked by check_sm90_fragments): one 4-byte store per pair.
-  Element* gO = reinterpret_cast<Element*>(p.out) + base;
-  const float o_scale = p.inv_scale;
-  CUTE_UNROLL
-  for (int e = 0; e < size(tOrO) / 2; ++e) {
-    const int i = m0 + get<0>(tOcO(2 * e));
-    const int c = get<1>(tOcO(2 * e));
-    if (i < mk.L) {
-      *reinterpret_cast<uint32_t*>(gO + static_cast<int64_t>(i) * p.row_stride + c) =
-          pack2<Element>(tOrO(2 * e) * o_scale, tOrO(2 * e + 1) * o_scale);
-    }
-  }
+  store_o<Element>(p, base, m0, mk.L, tOrO, tOcO);
 #else
   // Not an sm_90a target: the launcher never selects this kernel there.
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Warp-specialized variant, opt-in (HSTU_SM90_FWD_WS=1, launch.h); written and compile-checked, NOT yet run on a GPU.
+// Block = 3 warpgroups: warpgroup 0 produces (cp.async with zero-fill, exactly the loads of the kernel above) into
+// K / V rings of kStagesWs slots guarded by cutlass::PipelineAsync mbarrier pairs (full: the producer's 128 threads'
+// copies landed; empty: the 256 consumer threads released the slot) and then keeps 40 registers (setmaxnreg);
+// warpgroups 1 and 2 consume (232 registers), 64 query rows each, with the same math, masks, in-warpgroup overlap
+// (S_t with O += P_{t-1} V_{t-1}) and epilogue as hstu_fwd_sm90_kernel, and no block-wide barrier in the loop.
+// Ping-pong: the consumers take turns to issue their GEMMs (named barriers kTurnBarrier + w, 256 threads: one group
+// syncs while the other arrives), so one group's pointwise stage runs under the other's GEMMs.
+constexpr int kTurnBarrier = 1;  // named barriers 1 and 2 (0 is __syncthreads)
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel(const AttnParams p) {
+#if defined(HSTU_SM90_DEVICE)
+  using namespace cute;
+  using Element = typename Tr::Element;
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStagesWs;
+  using PipeKV = cutlass::PipelineAsync<kStages>;
+  using PipeQ = cutlass::PipelineAsync<1>;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* const pQ = reinterpret_cast<T*>(smem_raw);
+  T* const pK = pQ + Tr::kSizeQ;             // kStages slots
+  T* const pV = pK + kStages * Tr::kSizeK;   // kStages slots
+  auto* kv_storage = reinterpret_cast<typename PipeKV::SharedStorage*>(smem_raw + Tr::kTileBytesWs);  // [K, V]
+  auto* q_storage = reinterpret_cast<typename PipeQ::SharedStorage*>(kv_storage + 2);
+  static_assert(2 * sizeof(typename PipeKV::SharedStorage) + sizeof(typename PipeQ::SharedStorage) <= 256,
+                "barriers fit the reserved bytes");
+  if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
+
+  const WorkItem w = schedule_block(p, /*reverse=*/true);
+  const SeqMask& mk = w.mask;
+  const int m0 = w.tile * BM;
+  if (m0 >= mk.L) return;  // whole block uniform
+  const int tid = threadIdx.x;
+  const bool producer = tid < 128;
+
+  typename PipeKV::Params kv_params;
+  kv_params.role = producer ? PipeKV::ThreadCategory::Producer : PipeKV::ThreadCategory::Consumer;
+  kv_params.producer_arv_count = 128;
+  kv_params.consumer_arv_count = Tr::kThreads;
+  typename PipeQ::Params q_params;
+  q_params.role = producer ? PipeQ::ThreadCategory::Producer : PipeQ::ThreadCategory::Consumer;
+  q_params.producer_arv_count = 128;
+  q_params.consumer_arv_count = Tr::kThreads;
+  PipeKV pipe_k(kv_storage[0], kv_params, cute::true_type{});  // warp 0 initializes the barriers
+  PipeKV pipe_v(kv_storage[1], kv_params, cute::true_type{});
+  PipeQ pipe_q(*q_storage, q_params, cute::true_type{});
+  __syncthreads();  // initialized barriers visible to every thread
+
+  const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
+  const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
+  auto next_tile = [&](int n) { return mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM); };
+  auto sK = [&](int slot) { return make_tensor(make_smem_ptr(pK + slot * Tr::kSizeK), typename Tr::SmemLayoutK{}); };
+  auto sVt = [&](int slot) {
+    return make_tensor(make_smem_ptr(pV + slot * Tr::kSizeV), typename Tr::SmemLayoutVt{});
+  };
+
+  if (producer) {
+    cutlass::arch::warpgroup_reg_dealloc<40>();
+    const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
+    const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
+    auto sq = cutlass::make_producer_start_state<PipeQ>();
+    pipe_q.producer_acquire(sq);
+    load_rows_async<BM, D, 128, false>(make_tensor(make_smem_ptr(pQ), typename Tr::SmemLayoutQ{}),
+                                       reinterpret_cast<const Element*>(p.q) + base + m0 * p.row_stride,
+                                       p.row_stride, mk.L - m0, tid);
+    pipe_q.producer_commit(sq, cutlass::arch::cpasync_barrier_arrive);
+    auto sk = cutlass::make_producer_start_state<PipeKV>();
+    auto sv = cutlass::make_producer_start_state<PipeKV>();
+    for (int n = next_tile(-1); n < n_tiles; n = next_tile(n)) {
+      const int valid = mk.L - n * BN;
+      pipe_k.producer_acquire(sk);
+      load_rows_async<BN, D, 128, false>(sK(sk.index()), gK + n * BN * p.row_stride, p.row_stride, valid, tid);
+      pipe_k.producer_commit(sk, cutlass::arch::cpasync_barrier_arrive);
+      ++sk;
+      pipe_v.producer_acquire(sv);
+      load_rows_async<BN, D, 128, true>(sVt(sv.index()), gV + n * BN * p.row_stride, p.row_stride, valid, tid);
+      pipe_v.producer_commit(sv, cutlass::arch::cpasync_barrier_arrive);
+      ++sv;
+    }
+    cp_async_wait_all();  // the block's shared memory outlives every copy it issued
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<232>();
+  const int ctid = tid - 128;  // 0..255 over the two consumer warpgroups
+  const int cwg = ctid / 128;
+  typename Tr::MmaS mma_s;
+  typename Tr::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(ctid);
+  auto thr_o = mma_o.get_thread_slice(ctid);
+  Tensor sQ = make_tensor(make_smem_ptr(pQ), typename Tr::SmemLayoutQ{});
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<typename Tr::BM, typename Tr::BN>{});
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::BN>{}));
+  Tensor tOrO = partition_fragment_C(mma_o, Shape<typename Tr::BM, typename Tr::HD>{});
+  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::HD>{}));
+  Tensor tOrP = make_tensor<T>(POperandShape<Tr>{});
+  clear(tOrO);
+
+  const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
+  const int wm0 = m0 + 64 * cwg;
+  // After each full-barrier wait, a proxy fence: the producer's cp.async writes (generic proxy) are then read by
+  // this thread's wgmmas (async proxy).
+  pipe_q.consumer_wait(cutlass::PipelineState<1>{});
+  fence_proxy_async_smem();
+  if (cwg == 1) named_barrier_arrive<256>(kTurnBarrier);  // group 0 issues first
+  cutlass::PipelineState<kStages> sk, sv, sv_prev;  // consumer states start at slot 0, phase 0
+  bool have_prev = false;                            // P_{t-1} in tOrP, V_{t-1} in slot sv_prev
+  for (int n = next_tile(-1); n < n_tiles; n = next_tile(n)) {
+    pipe_k.consumer_wait(sk);
+    fence_proxy_async_smem();
+    named_barrier_sync<256>(kTurnBarrier + cwg);
+    Tensor tSrK = thr_s.partition_fragment_B(sK(sk.index()));
+    wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrQ, tSrK, tSrS);
+    if (have_prev) {
+      Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
+      wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
+      named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
+      wg_wait<1>(tSrS);  // S_t ready; O += P_{t-1} V_{t-1} keeps running during the pointwise stage
+    } else {
+      named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
+      wg_wait<0>(tSrS);
+    }
+    pipe_k.consumer_release(sk);
+    ++sk;
+
+    fwd_pointwise<Tr>(p, mk, w.batch, hr, m0, wm0, n * BN, tSrS, tScS);
+    wg_wait<0>(tOrO, tOrP);
+    if (have_prev) pipe_v.consumer_release(sv_prev);
+    pack_p<Element>(tSrS, tOrP);
+    pipe_v.consumer_wait(sv);
+    fence_proxy_async_smem();
+    sv_prev = sv;
+    ++sv;
+    have_prev = true;
+  }
+  if (cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over
+  if (have_prev) {  // the last tile's O GEMM
+    Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
+    wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
+    pipe_v.consumer_release(sv_prev);
+  }
+  store_o<Element>(p, base, m0, mk.L, tOrO, tOcO);
+#else
   __trap();
 #endif
 }
@@ -292,18 +469,18 @@ inline std::string check_sm90_traits() {
 }
 
 template <typename Element, int kHeadDim, bool kHasRab>
-void launch_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
+void launch_fwd_sm90(const AttnParams& p, cudaStream_t stream, bool warp_specialized) {
   using Tr = FwdTraitsSm90<Element, kHeadDim, kHasRab>;
   if (p.batch == 0 || p.max_seqlen == 0) return;
-  auto kernel = hstu_fwd_sm90_kernel<Tr>;
   auto check = [](cudaError_t err, const char* what) {
     if (err != cudaSuccess)
       throw std::runtime_error(std::string("hstu attention (sm90 forward): ") + what + ": " + cudaGetErrorString(err));
   };
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
-        "cudaFuncSetAttribute");
   const dim3 grid((p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM, p.batch, p.heads);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  auto kernel = warp_specialized ? hstu_fwd_sm90_ws_kernel<Tr> : hstu_fwd_sm90_kernel<Tr>;
+  const int smem = warp_specialized ? Tr::kSmemBytesWs : Tr::kSmemBytes;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
+  kernel<<<grid, Tr::kThreads + (warp_specialized ? 128 : 0), smem, stream>>>(p);
   check(cudaGetLastError(), "launch");
 }
 
@@ -311,10 +488,10 @@ void launch_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
 }  // namespace hstu
 
 // One explicit specialisation of run_fwd_sm90 per translation unit (instantiations/hstu_fwd_*_sm90.cu).
-#define HSTU_INSTANTIATE_FWD_SM90(T, D, RAB)                              \
-  namespace hstu {                                                        \
-  template <>                                                             \
-  void run_fwd_sm90<T, D, RAB>(const AttnParams& p, cudaStream_t stream) { \
-    sm90::launch_fwd_sm90<T, D, RAB>(p, stream);                          \
-  }                                                                       \
+#define HSTU_INSTANTIATE_FWD_SM90(T, D, RAB)                                         \
+  namespace hstu {                                                                   \
+  template <>                                                                        \
+  void run_fwd_sm90<T, D, RAB>(const AttnParams& p, cudaStream_t stream, bool ws) { \
+    sm90::launch_fwd_sm90<T, D, RAB>(p, stream, ws);                                 \
+  }                                                                                  \
   }

@@ -53,6 +53,8 @@ inline bool env_equals(const char* name, const char* value) {
   return e != nullptr && std::strcmp(e, value) == 0;
 }
 inline bool sm90_fwd_enabled() { return !env_equals("HSTU_SM90_FWD", "0"); }
+// HSTU_SM90_FWD_WS=1 (read at every call) picks the warp-specialized wgmma forward (hstu_fwd_sm90_ws_kernel: a
+// producer warpgroup, mbarrier pipelines, ping-pong consumers); written and compile-checked, not yet GPU-verified.
 // An explicit opt-in (`name`=1) that this build cannot honour: said once per variable.
 template <typename Tag>
 inline void warn_once_if_requested(const char* name, const char* why) {
@@ -89,7 +91,7 @@ void launch_fwd(const AttnParams& p, cudaStream_t stream) {
   if (use_sm90_fwd<kHeadDim>(p)) {
 #if defined(HSTU_WITH_SM90_FWD)
     if constexpr (kSm90FwdHeadDim<kHeadDim>) {
-      run_fwd_sm90<Element, kHeadDim, kHasRab>(p, stream);
+      run_fwd_sm90<Element, kHeadDim, kHasRab>(p, stream, env_equals("HSTU_SM90_FWD_WS", "1"));
       return;
     }
 #endif

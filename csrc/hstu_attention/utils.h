@@ -293,6 +293,15 @@ __device__ __forceinline__ void gemm_tt_kn_mi(float (&acc)[kMI][kNB][4], const E
   }
 }
 
+// bar.arrive on named barrier `id`: counts this warp's threads towards the kThreads a bar.sync on `id` waits for,
+// without waiting (producer / consumer hand-overs between warpgroups; device code only).
+template <int kThreads>
+__device__ __forceinline__ void named_barrier_arrive(int id) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(kThreads) : "memory");
+#endif
+}
+
 // bar.sync on named barrier `id` (1..15; 0 is __syncthreads) for kThreads threads (a multiple of 32).
 template <int kThreads>
 __device__ __forceinline__ void named_barrier_sync(int id) {

@@ -326,6 +326,64 @@ def test_sm90_forward_runs_and_matches(monkeypatch, dtype, dim):
     assert float((out_sm90.float() - out_sm80.float()).abs().max()) <= 2e-2 * max(scale, 1e-3)
 
 
+def _ws_forward_checks() -> None:
+    """Body of test_sm90_ws_forward_matches_default, run in a child process."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hstu.ops.hstu_attention import cuda
+
+    cases = [dict(causal=True, window=-1, num_contexts=[0, 0, 4, 0, 9, 3, 12], num_targets=[0, 1, 10, 0, 33, 50, 64],
+                  group=2, rab_kind="heads"),
+             dict(causal=False, window=100, num_contexts=None, num_targets=None, group=1, rab_kind="one"),
+             dict(causal=True, window=70, num_contexts=None, num_targets=None, group=1, rab_kind="none")]  # fmt: skip
+    for dim in (64, 128, 256):
+        for dtype in (torch.bfloat16, torch.float16):
+            for c, case in enumerate(cases):
+                cfg = dict(seed=23_000 + dim + 7 * c + (dtype == torch.float16), dtype=dtype, dim=dim, heads=3,
+                           lengths=[0, 1, 63, 64, 129, 300, 517], max_seqlen=517, rab_grad=False,
+                           alpha=1.0 / math.sqrt(dim), scaling=None, **case)  # fmt: skip
+                q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
+                args = (q, k, v, offsets, 517, cfg["alpha"], 517, cfg["causal"], cfg["window"], nc, nt, cfg["group"],
+                        rab)  # fmt: skip
+                os.environ.pop("HSTU_SM90_FWD_WS", None)
+                out_default = cuda.forward(*args, 0.0, 0)
+                os.environ["HSTU_SM90_FWD_WS"] = "1"
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    out_ws = cuda.forward(*args, 0.0, 0)
+                    torch.cuda.synchronize()
+                names = [evt.key for evt in prof.key_averages()]
+                assert any("hstu_fwd_sm90_ws_kernel" in n for n in names), names
+                assert not bool(torch.isnan(out_ws).any()), _describe(cfg)
+                # the same per-warpgroup GEMMs in the same order: bitwise equal to the default wgmma forward
+                assert torch.equal(out_ws, out_default), (_describe(cfg), float((out_ws - out_default).abs().max()))
+                if c == 0:
+                    _check_config(cfg)  # forward (warp-specialized) and gradients through the op, 2x / 5x rule
+                os.environ.pop("HSTU_SM90_FWD_WS", None)
+
+
+@gpu_test
+def test_sm90_ws_forward_matches_default():
+    """HSTU_SM90_FWD_WS=1 runs the warp-specialized wgmma forward (producer warpgroup, mbarrier pipelines, ping-pong
+    consumers): seen in the profiler, bitwise equal to the default wgmma forward on jagged lengths around its tiles
+    for every head dim, dtype and mask family, and through the op within the parity rule. It runs in a child
+    process with a time limit, so a pipeline deadlock fails this test instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    if not _sm90_forward_available():
+        pytest.skip("needs an sm_90 device and a build with the sm90 forward units (9.0a in TORCH_CUDA_ARCH_LIST)")
+    if os.environ.get("HSTU_WS_FORWARD_CHILD") == "1":
+        _ws_forward_checks()
+        return
+    env = dict(os.environ, HSTU_WS_FORWARD_CHILD="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{test_sm90_ws_forward_matches_default.__name__}"]  # fmt: skip
+    try:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("warp-specialized forward did not finish within 240 s (pipeline deadlock?)")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+
+
 def _sm90_backward_built() -> bool:
     from hstu.ops.hstu_attention import cuda
 
