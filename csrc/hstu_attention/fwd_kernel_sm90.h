@@ -89,10 +89,13 @@ struct FwdTraitsSm90 {
   // 128B-swizzled GMMA tiles need 1024-byte aligned bases: every tile size is a multiple of 8 rows x 128 bytes.
   static_assert((kSizeQ * 2) % 1024 == 0 && (kSizeK * 2) % 1024 == 0, "1024-byte aligned tiles");
   static constexpr int kSmemBytes = (kSizeQ + kStagesK * kSizeK + kStagesV * kSizeV) * 2;  // 96 / 192 / 224 KB
-  // Warp-specialized variant (hstu_fwd_sm90_ws_kernel): K and V rings of kStagesWs slots each behind mbarrier
-  // pipelines (a slot is refilled only after both consumer warpgroups released it), then the barriers.
-  static constexpr int kStagesWs = 2;
-  static constexpr int kTileBytesWs = (kSizeQ + kStagesWs * (kSizeK + kSizeV)) * 2;  // 80 / 160 / 192 KB
+  // Warp-specialized variant (hstu_fwd_sm90_ws_kernel): K and V rings behind mbarrier pipelines (a slot is refilled
+  // only after both consumer warpgroups released it), then the barriers. V_t is released one step after K_t (its O
+  // GEMM runs during step t + 1), and the producer loads K, V in tile order: a third V slot keeps the producer from
+  // waiting on V_{t-1} before it can start K_{t+1}.
+  static constexpr int kStagesWsK = 2;
+  static constexpr int kStagesWsV = 3;
+  static constexpr int kTileBytesWs = (kSizeQ + kStagesWsK * kSizeK + kStagesWsV * kSizeV) * 2;  // 96 / 192 / 224 KB
   static constexpr int kSmemBytesWs = kTileBytesWs + 256;
   static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesWs <= 227 * 1024, "shared memory per block on sm_90");
 };
@@ -277,7 +280,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
 // ---------------------------------------------------------------------------------------------------------------------
 // Warp-specialized variant, opt-in (HSTU_SM90_FWD_WS=1, launch.h); written and compile-checked, NOT yet run on a GPU.
 // Block = 3 warpgroups: warpgroup 0 produces (cp.async with zero-fill, exactly the loads of the kernel above) into
-// K / V rings of kStagesWs slots guarded by cutlass::PipelineAsync mbarrier pairs (full: the producer's 128 threads'
+// K / V rings (2 / 3 slots) guarded by cutlass::PipelineAsync mbarrier pairs (full: the producer's 128 threads'
 // copies landed; empty: the 256 consumer threads released the slot) and then keeps 40 registers (setmaxnreg);
 // warpgroups 1 and 2 consume (232 registers), 64 query rows each, with the same math, masks, in-warpgroup overlap
 // (S_t with O += P_{t-1} V_{t-1}) and epilogue as hstu_fwd_sm90_kernel, and no block-wide barrier in the loop.
@@ -285,22 +288,38 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
 // syncs while the other arrives), so one group's pointwise stage runs under the other's GEMMs.
 constexpr int kTurnBarrier = 1;  // named barriers 1 and 2 (0 is __syncthreads)
 
+#if defined(HSTU_SM90_DEVICE)
+// A PipelineAsync's parameters as this thread sees them: the producer warpgroup's 128 threads fill a slot, the
+// consumer threads release it.
+template <typename Pipe>
+__device__ __forceinline__ typename Pipe::Params ws_pipeline_params(bool producer, int consumer_threads) {
+  typename Pipe::Params pp;
+  pp.role = producer ? Pipe::ThreadCategory::Producer : Pipe::ThreadCategory::Consumer;
+  pp.producer_arv_count = 128;
+  pp.consumer_arv_count = consumer_threads;
+  return pp;
+}
+#endif
+
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel(const AttnParams p) {
 #if defined(HSTU_SM90_DEVICE)
   using namespace cute;
   using Element = typename Tr::Element;
   using T = typename Tr::T;
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStagesWs;
-  using PipeKV = cutlass::PipelineAsync<kStages>;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
+  using PipeK = cutlass::PipelineAsync<Tr::kStagesWsK>;
+  using PipeV = cutlass::PipelineAsync<Tr::kStagesWsV>;
   using PipeQ = cutlass::PipelineAsync<1>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   T* const pQ = reinterpret_cast<T*>(smem_raw);
-  T* const pK = pQ + Tr::kSizeQ;             // kStages slots
-  T* const pV = pK + kStages * Tr::kSizeK;   // kStages slots
-  auto* kv_storage = reinterpret_cast<typename PipeKV::SharedStorage*>(smem_raw + Tr::kTileBytesWs);  // [K, V]
-  auto* q_storage = reinterpret_cast<typename PipeQ::SharedStorage*>(kv_storage + 2);
-  static_assert(2 * sizeof(typename PipeKV::SharedStorage) + sizeof(typename PipeQ::SharedStorage) <= 256,
+  T* const pK = pQ + Tr::kSizeQ;                   // kStagesWsK slots
+  T* const pV = pK + Tr::kStagesWsK * Tr::kSizeK;  // kStagesWsV slots
+  auto* k_storage = reinterpret_cast<typename PipeK::SharedStorage*>(smem_raw + Tr::kTileBytesWs);
+  auto* v_storage = reinterpret_cast<typename PipeV::SharedStorage*>(k_storage + 1);
+  auto* q_storage = reinterpret_cast<typename PipeQ::SharedStorage*>(v_storage + 1);
+  static_assert(sizeof(typename PipeK::SharedStorage) + sizeof(typename PipeV::SharedStorage) +
+                        sizeof(typename PipeQ::SharedStorage) <= 256,
                 "barriers fit the reserved bytes");
   if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
 
@@ -311,17 +330,9 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
   const int tid = threadIdx.x;
   const bool producer = tid < 128;
 
-  typename PipeKV::Params kv_params;
-  kv_params.role = producer ? PipeKV::ThreadCategory::Producer : PipeKV::ThreadCategory::Consumer;
-  kv_params.producer_arv_count = 128;
-  kv_params.consumer_arv_count = Tr::kThreads;
-  typename PipeQ::Params q_params;
-  q_params.role = producer ? PipeQ::ThreadCategory::Producer : PipeQ::ThreadCategory::Consumer;
-  q_params.producer_arv_count = 128;
-  q_params.consumer_arv_count = Tr::kThreads;
-  PipeKV pipe_k(kv_storage[0], kv_params, cute::true_type{});  // warp 0 initializes the barriers
-  PipeKV pipe_v(kv_storage[1], kv_params, cute::true_type{});
-  PipeQ pipe_q(*q_storage, q_params, cute::true_type{});
+  PipeK pipe_k(*k_storage, ws_pipeline_params<PipeK>(producer, Tr::kThreads), cute::true_type{});  // warp 0 inits
+  PipeV pipe_v(*v_storage, ws_pipeline_params<PipeV>(producer, Tr::kThreads), cute::true_type{});
+  PipeQ pipe_q(*q_storage, ws_pipeline_params<PipeQ>(producer, Tr::kThreads), cute::true_type{});
   __syncthreads();  // initialized barriers visible to every thread
 
   const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
@@ -342,8 +353,8 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
                                        reinterpret_cast<const Element*>(p.q) + base + m0 * p.row_stride,
                                        p.row_stride, mk.L - m0, tid);
     pipe_q.producer_commit(sq, cutlass::arch::cpasync_barrier_arrive);
-    auto sk = cutlass::make_producer_start_state<PipeKV>();
-    auto sv = cutlass::make_producer_start_state<PipeKV>();
+    auto sk = cutlass::make_producer_start_state<PipeK>();
+    auto sv = cutlass::make_producer_start_state<PipeV>();
     for (int n = next_tile(-1); n < n_tiles; n = next_tile(n)) {
       const int valid = mk.L - n * BN;
       pipe_k.producer_acquire(sk);
@@ -382,7 +393,8 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
   pipe_q.consumer_wait(cutlass::PipelineState<1>{});
   fence_proxy_async_smem();
   if (cwg == 1) named_barrier_arrive<256>(kTurnBarrier);  // group 0 issues first
-  cutlass::PipelineState<kStages> sk, sv, sv_prev;  // consumer states start at slot 0, phase 0
+  cutlass::PipelineState<Tr::kStagesWsK> sk;           // consumer states start at slot 0, phase 0
+  cutlass::PipelineState<Tr::kStagesWsV> sv, sv_prev;
   bool have_prev = false;                            // P_{t-1} in tOrP, V_{t-1} in slot sv_prev
   for (int n = next_tile(-1); n < n_tiles; n = next_tile(n)) {
     pipe_k.consumer_wait(sk);
