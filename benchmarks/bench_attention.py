@@ -37,6 +37,7 @@ SHAPES = [
     ("jagged 32x4096x4x128", 32, 4096, 4, 128, True, {}),
     ("128x200x1x64", 128, 200, 1, 64, False, {}),
     ("32x4096x4x128 ctx+tgt", 32, 4096, 4, 128, False, {"contexts": 16, "targets": 256}),
+    ("32x4096x4x128 rab", 32, 4096, 4, 128, False, {"rab_heads": 1}),  # HSTU's relative attention bias, 1 head
 ]
 
 
@@ -61,7 +62,15 @@ def make_inputs(B, L, H, D, jagged, extra, dtype=torch.bfloat16, seed=0):
         kwargs["num_contexts"] = torch.full((B,), extra["contexts"], dtype=torch.int32, device="cuda")
     if "targets" in extra:
         kwargs["num_targets"] = torch.full((B,), extra["targets"], dtype=torch.int32, device="cuda")
+    if "rab_heads" in extra:
+        kwargs["rab"] = torch.randn(B, extra["rab_heads"], L, L, device="cuda", dtype=dtype, generator=g) * 0.5
     return q, k, v, offsets, lengths, kwargs
+
+
+def kernel_args(offsets, L, kwargs) -> tuple:
+    """The arguments of hstu_cuda.forward / backward between (q, k, v) and dropout (window -1, group size 1)."""
+    return (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
+            kwargs.get("num_targets"), 1, kwargs.get("rab"))  # fmt: skip
 
 
 def flops_fwd(lengths, H, D, causal=True) -> float:
@@ -91,8 +100,7 @@ def time_kernel(q, k, v, offsets, L, kwargs):
     Backward as the op runs it by default (deterministic=False: atomic dq); also returns the deterministic
     (split dk/dv + dq kernels) backward time.
     """
-    nc, nt = kwargs.get("num_contexts"), kwargs.get("num_targets")
-    common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, nc, nt, 1, None)
+    common = kernel_args(offsets, L, kwargs)
     dout = torch.randn_like(q)
 
     def fwd():
@@ -124,14 +132,12 @@ def env_set(name: str, value: str):
 
 
 def time_kernel_forward(q, k, v, offsets, L, kwargs) -> float:
-    common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
-              kwargs.get("num_targets"), 1, None)  # fmt: skip
+    common = kernel_args(offsets, L, kwargs)
     return do_bench(lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0))
 
 
 def time_kernel_atomic_backward(q, k, v, offsets, L, kwargs) -> float:
-    common = (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
-              kwargs.get("num_targets"), 1, None)  # fmt: skip
+    common = kernel_args(offsets, L, kwargs)
     dout = torch.randn_like(q)
     return do_bench(lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False))
 
@@ -142,7 +148,7 @@ def profile_breakdown() -> None:
 
     for B, L, H, D in ((32, 4096, 4, 128), (32, 4096, 4, 256)):
         q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, False, {})
-        common = (offsets, L, kwargs["alpha"], L, True, -1, None, None, 1, None)
+        common = kernel_args(offsets, L, kwargs)
         dout = torch.randn_like(q)
         for det in (False, True):
             hstu_cuda.forward(q, k, v, *common, 0.0, 0)
@@ -197,7 +203,7 @@ def main() -> None:
         shapes = [s for s in shapes if re.search(args.only, s[0])]
     for name, B, L, H, D, jagged, extra in shapes:
         q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, jagged, extra)
-        reason = hstu_cuda.unsupported_reason(q, k, v, None, 0.0)
+        reason = hstu_cuda.unsupported_reason(q, k, v, kwargs.get("rab"), 0.0)
         fl = flops_fwd(lengths, H, D)
         row = {"shape": name, "B": B, "L": L, "H": H, "D": D, "jagged": jagged, **{k2: v2 for k2, v2 in extra.items()},
                "kernel": "hstu fused (cuda)" if reason is None else f"reference ({reason})"}  # fmt: skip
