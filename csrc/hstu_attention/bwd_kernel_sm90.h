@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   Tensor tKVcKV = thr_kv.partition_C(make_identity_tensor(Shape<typename Tr::BN, typename Tr::HD>{}));
   Tensor tKVrP = make_tensor<T>(KVOperandShape<Tr>{});
   Tensor tKVrdS = make_tensor<T>(KVOperandShape<Tr>{});
-  Tensor tDQrdS = thr_dq.partition_fragment_A(sdS);  // descriptors of this warpgroup's dS tile
+  Tensor tDQrdS = thr_dq.partition_fragment_A(sdS);  // descriptors of the block's dS tile (all 128 keys)
   Tensor tDQrdQ = partition_fragment_C(mma_dq, Shape<typename Tr::BM, typename Tr::DQC>{});
   Tensor tDQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::DQC>{}));
   static_assert(decltype(size(tSrS))::value == decltype(size(tKVrP))::value, "P^T fragment = S^T fragment");
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   // Pipeline (as the forward's K/V ring): K, V and the first visible Q/dO tile form one commit group; iteration `it`
   // waits for everything it issued (its own tile), publishes it to the async proxy and the block, then requests the
   // next visible tile into the other slot (last read by iteration it - 1, whose wgmmas every thread has waited for
-  // before this barrier; the same barrier protects each warpgroup's dS tile, read by iteration it - 1's dQ GEMM).
+  // before this barrier; the same barrier keeps iteration it's dS^T stores behind iteration it - 1's dQ GEMMs).
   int m = next_tile(m_begin - 1);
   tiles.load_kv(n0, mk.L, tid);
   if (m < m_tiles) tiles.load_qdo(m, 0, mk.L, tid);
@@ -304,9 +304,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   float* const gAcc = p.dq_accum + base;
   int stage = 0;
   while (m < m_tiles) {
-    cp_async_wait_all();
-    fence_proxy_async_smem();
-    __syncthreads();
+    publish_copies_to_block();
     const int m_next = next_tile(m);
     if (m_next < m_tiles) tiles.load_qdo(m_next, stage ^ 1, mk.L, tid);
     cp_async_commit();
@@ -527,9 +525,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
   float* const gAcc = p.dq_accum + base + Tr::kHalfD * wg;  // this warpgroup's dQ columns (stage 2)
   int stage = 0;
   while (m < m_tiles) {
-    cp_async_wait_all();
-    fence_proxy_async_smem();
-    __syncthreads();
+    publish_copies_to_block();
     const int m_next = next_tile(m);
     if (m_next < m_tiles) tiles.load_qdo(m_next, stage ^ 1, mk.L, tid);
     cp_async_commit();

@@ -236,9 +236,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
   int k_slot = 0, v_slot = 0;
   int v_prev = -1;  // V slot of the previous step's tile, whose P is in tOrP; -1 before the first step
   while (n < n_tiles) {
-    cp_async_wait_all();
-    fence_proxy_async_smem();
-    __syncthreads();
+    publish_copies_to_block();
     const int n_next = next_tile(n);
     if (n_next < n_tiles) load_kv(n_next, k_slot ^ 1, v_slot == 2 ? 0 : v_slot + 1);
     cp_async_commit();

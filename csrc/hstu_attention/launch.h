@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
@@ -53,8 +54,6 @@ inline bool env_equals(const char* name, const char* value) {
   return e != nullptr && std::strcmp(e, value) == 0;
 }
 inline bool sm90_fwd_enabled() { return !env_equals("HSTU_SM90_FWD", "0"); }
-// HSTU_SM90_FWD_WS=1 (read at every call) picks the warp-specialized wgmma forward (hstu_fwd_sm90_ws_kernel: a
-// producer warpgroup, mbarrier pipelines, ping-pong consumers); written and compile-checked, not yet GPU-verified.
 // An explicit opt-in (`name`=1) that this build cannot honour: said once per variable.
 template <typename Tag>
 inline void warn_once_if_requested(const char* name, const char* why) {
@@ -64,12 +63,21 @@ inline void warn_once_if_requested(const char* name, const char* why) {
     std::fprintf(stderr, "hstu attention: %s=1 ignored: %s\n", name, why);
   }
 }
+// Asked at every launch: the answer is cached per device (two attribute queries each time cost more than the env
+// lookups around it).
 inline bool current_device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<signed char> cached[kMaxDevices] = {};  // 0: not asked yet, 1: sm_90, -1: other
+  int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev >= 0 && dev < kMaxDevices && cached[dev].load(std::memory_order_relaxed) != 0)
+    return cached[dev].load(std::memory_order_relaxed) > 0;
+  int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
-  return major == 9 && minor == 0;
+  const bool sm90 = major == 9 && minor == 0;
+  if (dev >= 0 && dev < kMaxDevices) cached[dev].store(sm90 ? 1 : -1, std::memory_order_relaxed);
+  return sm90;
 }
 
 template <int kHeadDim>
@@ -91,6 +99,8 @@ void launch_fwd(const AttnParams& p, cudaStream_t stream) {
   if (use_sm90_fwd<kHeadDim>(p)) {
 #if defined(HSTU_WITH_SM90_FWD)
     if constexpr (kSm90FwdHeadDim<kHeadDim>) {
+      // HSTU_SM90_FWD_WS=1 (read at every call): the warp-specialized variant (hstu_fwd_sm90_ws_kernel: a producer
+      // warpgroup, mbarrier pipelines, ping-pong consumers); compile-checked, not yet GPU-verified.
       run_fwd_sm90<Element, kHeadDim, kHasRab>(p, stream, env_equals("HSTU_SM90_FWD_WS", "1"));
       return;
     }

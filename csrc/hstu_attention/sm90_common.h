@@ -2,9 +2,10 @@
 // unchanged from fwd_kernel_sm90.h (where they were written and GPU-verified with the forward).
 //   CuteElement          CUDA element type -> the CuTe type of the same bits (GMMA atoms, shared tiles)
 //   rab_value            rab[b, hr, i, j] as float
-//   fence_proxy_async_smem, load_rows_async (cp.async, zero-fill past the sequence end, through a CuTe smem
-//                        tensor), wg_gemm_issue / wg_wait / wg_gemm (one warpgroup GEMM over all k blocks: issued,
-//                        waited for, or both)   [sm_90a only]
+//   fence_proxy_async_smem, publish_copies_to_block (the step barrier after cp.async), red_add_v2_f32,
+//   load_rows_async      (cp.async, zero-fill past the sequence end, through a CuTe smem tensor),
+//   wg_gemm_issue / wg_wait / wg_gemm (one warpgroup GEMM over all k blocks: issued, waited for, or both)
+//                        [sm_90a only]
 //   check_sm90_smem_tile host self-check of a swizzled shared tile's addressing
 #pragma once
 
@@ -55,6 +56,14 @@ __device__ __forceinline__ float rab_value(const AttnParams& p, int b, int hr, i
 // Orders this thread's generic-proxy shared-memory writes (cp.async) before later async-proxy reads (wgmma).
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// The step barrier of the cp.async-fed sm90 kernels: waits for this thread's copies, orders them before async-proxy
+// (wgmma) reads, and makes every thread's copies visible to the block.
+__device__ __forceinline__ void publish_copies_to_block() {
+  cp_async_wait_all();
+  fence_proxy_async_smem();
+  __syncthreads();
 }
 
 // Rows [0, kRows) of a (rows, kCols) global tile (row stride in elements) into a CuTe shared tensor, 16 bytes per
