@@ -294,6 +294,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   // waits for everything it issued (its own tile), publishes it to the async proxy and the block, then requests the
   // next visible tile into the other slot (last read by iteration it - 1, whose wgmmas every thread has waited for
   // before this barrier; the same barrier keeps iteration it's dS^T stores behind iteration it - 1's dQ GEMMs).
+  // (Issued before this step's GEMMs: between them and their wait the copies' registers would force the compiler
+  // to retire the GEMMs early, C7517, or spill.)
   int m = next_tile(m_begin - 1);
   tiles.load_kv(n0, mk.L, tid);
   if (m < m_tiles) tiles.load_qdo(m, 0, mk.L, tid);
@@ -682,6 +684,18 @@ inline bool sub_tile_ok(int bi, int bj) {
   return true;
 }
 
+// The K / V and Q / dO tiles (layouts of both backward kernels) and load_rows_async's addressing of them.
+template <typename Tr>
+inline std::string check_bwd_tile_loads() {
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  std::string e = check_sm90_smem_tile<typename Tr::SmemLayoutK, T>(false, BN, D);
+  if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutQ, T>(false, BM, D);
+  if (e.empty()) e = check_row_load_plan<typename Tr::SmemLayoutK, T, BN, D, NT, false>();
+  if (e.empty()) e = check_row_load_plan<typename Tr::SmemLayoutQ, T, BM, D, NT, false>();
+  return e;
+}
+
 // (2) Shared tiles: the loads' addressing (check_sm90_smem_tile) of K / V and Q / dO; the MN-major views Kt, Qt / dOt
 //     address the very same element as the K-major tiles (Kt(d, j) == K(j, d), Qt(d, i) == Q(i, d)); the dS tile is a
 //     bijection onto its storage, equal to ds_offset, with queries i, i + 1 (i even) adjacent and 4-byte aligned;
@@ -691,8 +705,7 @@ inline std::string check_sm90_bwd_smem() {
   using namespace cute;
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
-  std::string e = check_sm90_smem_tile<typename Tr::SmemLayoutK, T>(false, BN, D);
-  if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutQ, T>(false, BM, D);
+  std::string e = check_bwd_tile_loads<Tr>();
   if (!e.empty()) return e;
   if (!transposed_view<typename Tr::SmemLayoutK, typename Tr::SmemLayoutKt, T>(BN, D)) return "Kt view != K tile";
   if (!transposed_view<typename Tr::SmemLayoutQ, typename Tr::SmemLayoutQt, T>(BM, D)) return "Qt view != Q tile";
@@ -744,8 +757,7 @@ inline std::string check_sm90_bwd_split_traits() {
           get<1>(cDQ(2 * e + 1)) != get<1>(cDQ(2 * e)) + 1 || get<0>(cDQ(2 * e + 1)) != get<0>(cDQ(2 * e)))
         return "dQ accumulator pair " + std::to_string(e) + " misplaced at thread " + std::to_string(t);
   }
-  std::string e = check_sm90_smem_tile<typename Tr::SmemLayoutK, T>(false, BN, D);
-  if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutQ, T>(false, BM, D);
+  std::string e = check_bwd_tile_loads<Tr>();
   if (!e.empty()) return e;
   if (!transposed_view<typename Tr::SmemLayoutK, typename Tr::SmemLayoutKt, T>(BN, D)) return "Kt view != K tile";
   if (!transposed_view<typename Tr::SmemLayoutQ, typename Tr::SmemLayoutQt, T>(BM, D)) return "Qt view != Q tile";

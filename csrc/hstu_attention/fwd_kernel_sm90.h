@@ -223,9 +223,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
   clear(tOrO);
 
   // Pipeline: Q and the first visible K/V tile form one commit group. Step t waits for everything it issued (tile t),
-  // publishes it to the async proxy and the block, then requests tile t + 1 into K slot (t + 1) % 2 and V slot
-  // (t + 1) % 3. Those held tiles t - 1 (K, read by S_{t-1}) and t - 2 (V, read by step t - 1's O GEMM), and every
-  // warpgroup retired both batches before this barrier.
+  // publishes it to the async proxy and the block, issues its GEMMs, then requests tile t + 1 into K slot (t + 1) % 2
+  // and V slot (t + 1) % 3. Those held tiles t - 1 (K, read by S_{t-1}) and t - 2 (V, read by step t - 1's O GEMM),
+  // and every warpgroup retired both batches before this step's barrier; the GEMMs in flight read K slot t % 2 and
+  // V slot (t - 1) % 3.
   int n = next_tile(-1);
   load_rows_async<BM, D, NT, false>(sQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
   if (n < n_tiles) load_kv(n, 0, 0);
@@ -237,17 +238,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
   int v_prev = -1;  // V slot of the previous step's tile, whose P is in tOrP; -1 before the first step
   while (n < n_tiles) {
     publish_copies_to_block();
-    const int n_next = next_tile(n);
-    if (n_next < n_tiles) load_kv(n_next, k_slot ^ 1, v_slot == 2 ? 0 : v_slot + 1);
-    cp_async_commit();
-
     Tensor tSrK = thr_s.partition_fragment_B(sK(k_slot));
     wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrQ, tSrK, tSrS);
+    // The next tile's copies go out while the tensor cores run this step's GEMMs.
+    const int n_next = next_tile(n);
+    auto load_next = [&] {
+      if (n_next < n_tiles) load_kv(n_next, k_slot ^ 1, v_slot == 2 ? 0 : v_slot + 1);
+      cp_async_commit();
+    };
     if (v_prev >= 0) {
       Tensor tOrV = thr_o.partition_fragment_B(sVt(v_prev));
       wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
+      load_next();
       wg_wait<1>(tSrS);  // S_t ready; O += P_{t-1} V_{t-1} keeps running during the pointwise stage
     } else {
+      load_next();
       wg_wait<0>(tSrS);
     }
 
@@ -475,6 +480,14 @@ inline std::string check_sm90_traits() {
   if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutQ, T>(false, Tr::kBlockM, Tr::kHeadDim);
   if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutK, T>(false, Tr::kBlockN, Tr::kHeadDim);
   if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutVt, T>(true, Tr::kBlockN, Tr::kHeadDim);
+  // the loads of both kernels: all threads (hstu_fwd_sm90_kernel), the producer warpgroup (the ws kernel)
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, D = Tr::kHeadDim, NT = Tr::kThreads;
+  if (e.empty()) e = check_row_load_plan<typename Tr::SmemLayoutQ, T, BM, D, NT, false>();
+  if (e.empty()) e = check_row_load_plan<typename Tr::SmemLayoutK, T, BN, D, NT, false>();
+  if (e.empty()) e = check_row_load_plan<typename Tr::SmemLayoutVt, T, BN, D, NT, true>();
+  if (e.empty()) e = check_row_load_plan<typename Tr::SmemLayoutQ, T, BM, D, 128, false>();
+  if (e.empty()) e = check_row_load_plan<typename Tr::SmemLayoutK, T, BN, D, 128, false>();
+  if (e.empty()) e = check_row_load_plan<typename Tr::SmemLayoutVt, T, BN, D, 128, true>();
   return e;
 }
 

@@ -6,7 +6,7 @@
 //   load_rows_async      (cp.async, zero-fill past the sequence end, through a CuTe smem tensor),
 //   wg_gemm_issue / wg_wait / wg_gemm (one warpgroup GEMM over all k blocks: issued, waited for, or both)
 //                        [sm_90a only]
-//   check_sm90_smem_tile host self-check of a swizzled shared tile's addressing
+//   check_sm90_smem_tile, check_row_load_plan  host self-checks of a swizzled shared tile's addressing
 #pragma once
 
 #include <cuda_bf16.h>
@@ -51,6 +51,40 @@ __device__ __forceinline__ float rab_value(const AttnParams& p, int b, int hr, i
   return to_float<Element>(*r);
 }
 
+// How load_rows_async spreads rows [0, kRows) of a (rows, kCols) global tile over kThreads threads, 16 bytes per
+// cp.async: thread tid keeps one 8-column chunk (eight consecutive columns from a multiple of 8 are contiguous and
+// 16-byte aligned in every shared layout used here: swizzling permutes whole 16-byte chunks) and copies rows
+// first_row(tid) + round * kRowsPerRound. Only the first kPhases rounds form a swizzled address; the later ones add
+// a compile-time offset, because rows a multiple of 8 apart lie whole 1024-byte swizzle periods apart in these
+// 128B-swizzled tiles (check_row_load_plan verifies every round's address on the host). kTransposed: the shared
+// tensor is indexed (col, row) (the MN-major V tile).
+template <int kRows, int kCols, int kThreads>
+struct RowLoadPlan {
+  static constexpr int kChunksPerRow = kCols / 8;
+  static constexpr int kRowsPerRound = kThreads / kChunksPerRow;
+  static constexpr int kRounds = kRows / kRowsPerRound;
+  static constexpr int kSwizzleRows = 8;
+  static constexpr int kPhases = kRowsPerRound % kSwizzleRows == 0 ? 1 : kSwizzleRows / kRowsPerRound;
+  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowsPerRound == 0, "whole rounds of 16-byte chunks");
+  static_assert(kRowsPerRound % kSwizzleRows == 0 || kSwizzleRows % kRowsPerRound == 0, "rounds tile the period");
+  static_assert(kRounds % kPhases == 0, "whole swizzle periods");
+  __host__ __device__ static constexpr int first_row(int tid) { return tid / kChunksPerRow; }
+  __host__ __device__ static constexpr int col(int tid) { return (tid % kChunksPerRow) * 8; }
+  // round = phase + kPhases * period: the row offset below is a whole number of swizzle periods
+  __host__ __device__ static constexpr int phase_row(int tid, int phase) { return first_row(tid) + phase * kRowsPerRound; }
+  __host__ __device__ static constexpr int period_rows(int period) { return period * kPhases * kRowsPerRound; }
+
+  // &s(row, col) (or &s(col, row)) of the chunk thread tid copies in round phase + kPhases * period
+  template <bool kTransposed, typename SmemTensor>
+  __host__ __device__ static auto* chunk_ptr(SmemTensor& s, int tid, int phase, int period) {
+    const int r = phase_row(tid, phase), c = col(tid), dr = period_rows(period);
+    if constexpr (kTransposed)
+      return &s(c, r) + s.layout()(0, dr);
+    else
+      return &s(r, c) + s.layout()(dr, 0);
+  }
+};
+
 #if defined(HSTU_SM90_DEVICE)
 
 // Orders this thread's generic-proxy shared-memory writes (cp.async) before later async-proxy reads (wgmma).
@@ -66,29 +100,24 @@ __device__ __forceinline__ void publish_copies_to_block() {
   __syncthreads();
 }
 
-// Rows [0, kRows) of a (rows, kCols) global tile (row stride in elements) into a CuTe shared tensor, 16 bytes per
-// cp.async; rows >= valid_rows are zero-filled and never addressed in global memory. kTransposed: the shared tensor
-// is indexed (col, row) (the MN-major V tile). Eight consecutive columns starting at a multiple of 8 are contiguous
-// (and 16-byte aligned) in every layout used here: swizzling permutes whole 16-byte chunks.
+// The copies of RowLoadPlan (above); rows >= valid_rows are zero-filled and never addressed in global memory.
 template <int kRows, int kCols, int kThreads, bool kTransposed, typename Element, typename SmemTensor>
 __device__ __forceinline__ void load_rows_async(SmemTensor&& s, const Element* gmem, int64_t row_stride,
                                                 int valid_rows, int tid) {
-  constexpr int kChunksPerRow = kCols / 8;
-  constexpr int kTotal = kRows * kChunksPerRow;
-  static_assert(kTotal % kThreads == 0, "whole rounds of 16-byte chunks");
+  using Plan = RowLoadPlan<kRows, kCols, kThreads>;
   using Copy = cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t, cute::uint128_t>;
-#pragma unroll
-  for (int idx = tid; idx < kTotal; idx += kThreads) {
-    const int row = idx / kChunksPerRow;
-    const int col = (idx % kChunksPerRow) * 8;
-    const bool ok = row < valid_rows;
-    const Element* src = ok ? gmem + row * row_stride + col : gmem;
-    void* dst;
-    if constexpr (kTransposed)
-      dst = &s(col, row);
-    else
-      dst = &s(row, col);
-    Copy::copy(*reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst), ok);
+  CUTE_UNROLL
+  for (int phase = 0; phase < Plan::kPhases; ++phase) {
+    const int row = Plan::phase_row(tid, phase);
+    const Element* src = gmem + row * row_stride + Plan::col(tid);  // advanced one period per round
+    const int64_t period_stride = Plan::period_rows(1) * row_stride;
+    CUTE_UNROLL
+    for (int period = 0; period < Plan::kRounds / Plan::kPhases; ++period, src += period_stride) {
+      const bool ok = row + Plan::period_rows(period) < valid_rows;
+      auto* dst = Plan::template chunk_ptr<kTransposed>(s, tid, phase, period);
+      Copy::copy(*reinterpret_cast<const cute::uint128_t*>(ok ? src : gmem), *reinterpret_cast<cute::uint128_t*>(dst),
+                 ok);
+    }
   }
 }
 
@@ -163,6 +192,30 @@ inline std::string check_sm90_smem_tile(bool transposed, int rows, int cols) {
     }
   for (int x : seen)
     if (x != 1) return "not a bijection";
+  return "";
+}
+
+// (3) load_rows_async's addressing with kThreads threads: every round's chunk address (one swizzled address per
+//     phase plus compile-time offsets) is the tensor's own &s(row, col), and the rounds copy each chunk once.
+template <typename Layout, typename T, int kRows, int kCols, int kThreads, bool kTransposed>
+inline std::string check_row_load_plan() {
+  using Plan = RowLoadPlan<kRows, kCols, kThreads>;
+  std::vector<uint16_t> storage(kRows * kCols + 1024);
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
+  auto s = cute::make_tensor(cute::make_smem_ptr(base), Layout{});
+  std::vector<int> seen(kRows * kCols / 8, 0);
+  for (int tid = 0; tid < kThreads; ++tid)
+    for (int phase = 0; phase < Plan::kPhases; ++phase)
+      for (int period = 0; period < Plan::kRounds / Plan::kPhases; ++period) {
+        const int r = Plan::phase_row(tid, phase) + Plan::period_rows(period), c = Plan::col(tid);
+        if (r >= kRows) return "round row outside the tile";
+        const T* want = kTransposed ? &s(c, r) : &s(r, c);
+        if (Plan::template chunk_ptr<kTransposed>(s, tid, phase, period) != want)
+          return "round address != tensor address (thread " + std::to_string(tid) + ", row " + std::to_string(r) + ")";
+        seen[r * (kCols / 8) + c / 8]++;
+      }
+  for (int x : seen)
+    if (x != 1) return "rounds do not copy each chunk once";
   return "";
 }
 
