@@ -189,9 +189,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel time breakdown (torch.profiler) of two shapes")
     ap.add_argument("--only", default="", help="regex: benchmark only the shapes whose name matches")
     ap.add_argument("--no-op", action="store_true", help="skip timing the public op (autograd + validation)")
-    ap.add_argument("--ws-forward", action="store_true",
-                    help="also time the opt-in warp-specialized wgmma forward (HSTU_SM90_FWD_WS=1)")
-    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "wgmma forward and backward (v11)"))
+    ap.add_argument("--single-role-forward", action="store_true",
+                    help="also time the wgmma forward without warp specialization (HSTU_SM90_FWD_WS=0)")
+    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "warp-specialized wgmma forward, wgmma backward (v13)"))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a GPU"
     gpu = torch.cuda.get_device_name()
@@ -214,10 +214,10 @@ def main() -> None:
                 with env_set("HSTU_SM90_FWD", "0"):
                     t80 = time_kernel_forward(q, k, v, offsets, L, kwargs)
                 row.update(fwd_sm80_ms=t80, fwd_sm80_tflops=fl / t80 / 1e9)
-                if args.ws_forward:  # the opt-in warp-specialized wgmma forward
-                    with env_set("HSTU_SM90_FWD_WS", "1"):
-                        tws = time_kernel_forward(q, k, v, offsets, L, kwargs)
-                    row.update(fwd_ws_ms=tws, fwd_ws_tflops=fl / tws / 1e9)
+                if args.single_role_forward:  # the wgmma forward without warp specialization
+                    with env_set("HSTU_SM90_FWD_WS", "0"):
+                        t1 = time_kernel_forward(q, k, v, offsets, L, kwargs)
+                    row.update(fwd_single_role_ms=t1, fwd_single_role_tflops=fl / t1 / 1e9)
             row["sm90_backward"] = hstu_cuda.sm90_backward_enabled() and D in (64, 128, 256)
             if row["sm90_backward"]:  # the same run's mma.sync atomic-dq backward, for comparison
                 with env_set("HSTU_SM90_BWD", "0"):
@@ -245,7 +245,7 @@ def main() -> None:
               f"  TFLOP/s  (ms {tf:.3f}/{tb:.3f}/{tfb:.3f})"
               + (f"  bwd(det) {row['bwd_det_tflops']:.1f}" if "bwd_det_tflops" in row else "")
               + (f"  fwd(sm80) {row['fwd_sm80_tflops']:.1f}" if "fwd_sm80_tflops" in row else "")
-              + (f"  fwd(ws) {row['fwd_ws_tflops']:.1f}" if "fwd_ws_tflops" in row else "")
+              + (f"  fwd(1-role) {row['fwd_single_role_tflops']:.1f}" if "fwd_single_role_tflops" in row else "")
               + (f"  bwd(sm80) {row['bwd_sm80_tflops']:.1f}" if "bwd_sm80_tflops" in row else "")
               + (f"  op fwd+bwd {row['op_fwdbwd_tflops']:.1f}" if "op_fwdbwd_tflops" in row else "")
               + (f"  ref {row['ref_fwd_tflops']:.1f}/{row['ref_bwd_tflops']:.1f}/{row['ref_fwdbwd_tflops']:.1f}"

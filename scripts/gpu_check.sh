@@ -5,10 +5,11 @@
 # Stages: HSTU_GPU_STAGES (default "build test sanitize bench"; also "bench_alt", and "prebuild" on a CPU machine);
 # per-stage time limits in seconds:
 # HSTU_T_BUILD / HSTU_T_TEST / HSTU_T_SANITIZE / HSTU_T_BENCH; HSTU_SANITIZE_TOOLS (default "memcheck racecheck");
-# HSTU_TEST_K (a pytest -k expression), HSTU_BENCH_ARGS (extra benchmark arguments), HSTU_SANITIZE_WS=1 (the
-# sanitizer also runs the opt-in warp-specialized forward). On sm_90 the wgmma forward
-# and backward are the defaults (HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 opt out); the sanitizer runs each eligible
-# backward case on both, and the benchmark times the mma.sync kernels next to them. On the lent machine run it as
+# HSTU_TEST_K (a pytest -k expression), HSTU_BENCH_ARGS (extra benchmark arguments). On sm_90 the warp-specialized
+# wgmma forward and the wgmma backward are the defaults (HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 opt out of wgmma,
+# HSTU_SM90_FWD_WS=0 out of warp specialization); the sanitizer runs each eligible backward case on both backwards
+# and the forward cases also on the single-role wgmma forward, and the benchmark times the mma.sync kernels next to
+# them. On the lent machine run it as
 #   source .device/wheels/setup.sh && bash scripts/gpu_check.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -183,16 +184,15 @@ for dim, rab_heads, causal, window, tgt, rab_grad in [(64, 1, True, -1, True, Tr
         os.environ["HSTU_SM90_BWD"] = sm90_bwd
         grads = cuda.backward(torch.randn_like(out), *args[:13], rab is not None and rab_grad, 0.0, 0, deterministic)
         assert all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
-# HSTU_SANITIZE_WS=1: also the opt-in warp-specialized forward (mbarrier pipelines, named-barrier ping-pong)
-if os.environ.get("HSTU_SANITIZE_WS") == "1":
-    os.environ["HSTU_SM90_FWD_WS"] = "1"
-    for dim in (64, 128, 256):
-        q, k, v = (torch.randn(200, 2, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        rab = torch.randn(4, 2, 131, 131, device="cuda", dtype=torch.bfloat16)
-        nt = torch.tensor([0, 1, 7, 20], dtype=torch.int32, device="cuda")
-        out = cuda.forward(q, k, v, offsets, 130, 0.125, 130, True, -1, None, nt, 2, rab, 0.0, 0)
-        assert bool(torch.isfinite(out).all())
-    os.environ.pop("HSTU_SM90_FWD_WS")
+# the single-role wgmma forward (HSTU_SM90_FWD_WS=0; the cases above ran the default warp-specialized one)
+os.environ["HSTU_SM90_FWD_WS"] = "0"
+for dim in (64, 128, 256):
+    q, k, v = (torch.randn(200, 2, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    rab = torch.randn(4, 2, 131, 131, device="cuda", dtype=torch.bfloat16)
+    nt = torch.tensor([0, 1, 7, 20], dtype=torch.int32, device="cuda")
+    out = cuda.forward(q, k, v, offsets, 130, 0.125, 130, True, -1, None, nt, 2, rab, 0.0, 0)
+    assert bool(torch.isfinite(out).all())
+os.environ.pop("HSTU_SM90_FWD_WS")
 torch.cuda.synchronize()
 print("sanitize case done")
 PY

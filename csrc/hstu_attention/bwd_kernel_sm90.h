@@ -56,6 +56,7 @@ struct BwdTraitsSm90 {
   static constexpr int kBlockM = 64;                // queries per step
   static constexpr int kStages = 2;                 // Q / dO ring
   static constexpr int kDqChunk = 64;               // dQ columns per GEMM (32 accumulator floats / thread)
+  static_assert(kHeadDim / kDqChunk <= kWarpGroups, "one dQ chunk per warpgroup");
   // Registers per thread: dV and dK 64 x D fp32 per warpgroup = D / 2 floats each, S^T and dP^T BM / 2 each.
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
   static_assert(kBlockM == 64, "ds_offset: one 64-query swizzle atom");
@@ -359,23 +360,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     }
     fence_proxy_async_smem();  // the dS^T stores (generic proxy) before the dQ wgmma (async proxy) reads them
 
-    Tensor tKVrQ = thr_kv.partition_fragment_B(tiles.sQt(stage));
-    wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrdS, tKVrQ, tKVrdK);
-
     // dQ = dS K over all 128 keys of the block: both warpgroups' dS^T halves must be in place (each thread stored and
-    // fenced its part). Warpgroup w takes the 64-column chunks ch = w (mod 2) (at head dim 64 warpgroup 0 takes the
-    // only one): one reduction per dq element and key block, half of what per-warpgroup partial sums would add.
+    // fenced its part). Warpgroup w takes the 64-column chunk ch = w (at head dim 64 warpgroup 0 takes the only one):
+    // one reduction per dq element and key block, half of what per-warpgroup partial sums would add. The chunk's GEMM
+    // goes out before dK's, so its reductions run on the CUDA cores while the tensor cores compute dK.
     __syncthreads();
-    const int valid = mk.L - m0;
-    CUTE_UNROLL
-    for (int ch = 0; ch < D / Tr::kDqChunk; ++ch) {
-      if (ch % Tr::kWarpGroups != wg) continue;
+    auto issue_dk = [&] {
+      Tensor tKVrQ = thr_kv.partition_fragment_B(tiles.sQt(stage));
+      wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrdS, tKVrQ, tKVrdK);
+    };
+    constexpr bool kEveryWgHasDqChunk = D / Tr::kDqChunk == Tr::kWarpGroups;
+    if (kEveryWgHasDqChunk || wg < D / Tr::kDqChunk) {
       Tensor tDQrK = thr_dq.partition_fragment_B(local_tile(tiles.sKt(), Shape<typename Tr::DQC, typename Tr::BN>{},
-                                                            make_coord(ch, 0)));  // (chunk columns, keys)
+                                                            make_coord(wg, 0)));  // (chunk columns, keys)
       wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
-      wg_wait<0>(tDQrdQ);
-      add_dq_chunk<BM>(tDQrdQ, tDQcdQ, gAcc + static_cast<int64_t>(m0) * p.row_stride + ch * Tr::kDqChunk,
-                       p.row_stride, valid);
+      issue_dk();
+      wg_wait<1>(tDQrdQ);
+      add_dq_chunk<BM>(tDQrdQ, tDQcdQ, gAcc + static_cast<int64_t>(m0) * p.row_stride + wg * Tr::kDqChunk,
+                       p.row_stride, mk.L - m0);
+    } else {
+      issue_dk();
     }
     wg_wait<0>(tKVrdV, tKVrdK, tKVrP, tKVrdS);  // dV / dK retired before the next step rewrites their A operands
 
@@ -573,18 +577,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
                                                            make_coord(wg, 0)));
     Tensor tKVrQ = thr_kv.partition_fragment_B(local_tile(tiles.sQt(stage), Shape<typename Tr::HH, typename Tr::BM>{},
                                                           make_coord(wg, 0)));
-    wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/false>(mma_kv, tKVrPt, tKVrdO, tKVrdV);
-    wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/false>(mma_kv, tKVrdSt, tKVrQ, tKVrdK);
+    // The first dQ chunk's GEMM goes out before dV and dK, so its reductions run while the tensor cores compute them.
     const int valid = mk.L - m0;
-    CUTE_UNROLL
-    for (int ch = 0; ch < Tr::kHalfD / Tr::kDqChunk; ++ch) {
+    auto issue_dq_chunk = [&](int ch) {
       Tensor tDQrK = thr_dq.partition_fragment_B(local_tile(tiles.sKt(), Shape<typename Tr::DQC, typename Tr::BN>{},
                                                             make_coord(wg * (Tr::kHalfD / Tr::kDqChunk) + ch, 0)));
       wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_dq, tDQrdS, tDQrK, tDQrdQ);
-      wg_wait<0>(tDQrdQ, tKVrdV, tKVrdK);  // also retires the dV / dK batches issued before it
+    };
+    auto add_chunk = [&](int ch) {
       add_dq_chunk<BM>(tDQrdQ, tDQcdQ, gAcc + static_cast<int64_t>(m0) * p.row_stride + ch * Tr::kDqChunk,
                        p.row_stride, valid);
-    }
+    };
+    static_assert(Tr::kHalfD / Tr::kDqChunk == 2, "two dQ chunks per warpgroup");
+    issue_dq_chunk(0);
+    wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/false>(mma_kv, tKVrPt, tKVrdO, tKVrdV);
+    wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/false>(mma_kv, tKVrdSt, tKVrQ, tKVrdK);
+    wg_wait<2>(tDQrdQ);
+    add_chunk(0);
+    issue_dq_chunk(1);
+    wg_wait<0>(tDQrdQ, tKVrdV, tKVrdK);  // also retires dV / dK before the next step rewrites P^T / dS^T
+    add_chunk(1);
 
     m = m_next;
     stage ^= 1;

@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Warp-specialized variant, opt-in (HSTU_SM90_FWD_WS=1, launch.h); written and compile-checked, NOT yet run on a GPU.
+// Warp-specialized variant, the default on sm_90 (launch.h; HSTU_SM90_FWD_WS=0 takes the kernel above).
 // Block = 3 warpgroups: warpgroup 0 produces (cp.async with zero-fill, exactly the loads of the kernel above) into
 // K / V rings (2 / 3 slots) guarded by cutlass::PipelineAsync mbarrier pairs (full: the producer's 128 threads'
 // copies landed; empty: the 256 consumer threads released the slot) and then keeps 40 registers (setmaxnreg);

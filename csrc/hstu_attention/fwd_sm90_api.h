@@ -14,7 +14,7 @@ inline constexpr bool kSm90FwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHe
 // One explicit specialisation per (element type, head dim, rab) in instantiations/hstu_fwd_*_sm90.cu. Forward
 // without dropout only; the caller (launch.h) checks the device, the build and HSTU_SM90_FWD.
 template <typename Element, int kHeadDim, bool kHasRab>
-// warp_specialized: the producer / ping-pong variant (hstu_fwd_sm90_ws_kernel, opt-in HSTU_SM90_FWD_WS=1).
+// warp_specialized: the producer / ping-pong variant (hstu_fwd_sm90_ws_kernel, the default; HSTU_SM90_FWD_WS=0 opts out).
 void run_fwd_sm90(const AttnParams& params, cudaStream_t stream, bool warp_specialized);
 
 }  // namespace hstu

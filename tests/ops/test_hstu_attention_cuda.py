@@ -292,7 +292,7 @@ def _sm90_forward_available() -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", (64, 128, 256))
 def test_sm90_forward_runs_and_matches(monkeypatch, dtype, dim):
-    """On an sm_90 device the Hopper wgmma forward runs by default (seen in the profiler) and passes the
+    """On an sm_90 device the warp-specialized Hopper wgmma forward runs by default (seen in the profiler) and passes the
     parity rule on jagged lengths around its 128-row / 128- or 64-key tiles with rab and targets, and agrees with
     the mma.sync forward of the same inputs to within both kernels' rounding."""
     from torch.profiler import ProfilerActivity, profile
@@ -308,26 +308,27 @@ def test_sm90_forward_runs_and_matches(monkeypatch, dtype, dim):
     q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
     args = (q, k, v, offsets, 517, cfg["alpha"], 517, True, -1, nc, nt, 2, rab)
     monkeypatch.delenv("HSTU_SM90_FWD", raising=False)  # the default
+    monkeypatch.delenv("HSTU_SM90_FWD_WS", raising=False)
     assert cuda.sm90_forward_enabled()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         out_sm90 = cuda.forward(*args, 0.0, 0)
         torch.cuda.synchronize()
     names = [evt.key for evt in prof.key_averages()]
-    assert any("hstu_fwd_sm90_kernel" in n for n in names), names
+    assert any("hstu_fwd_sm90_ws_kernel" in n for n in names), names
     _check_config(cfg)  # forward (sm90) and gradients through the op, 2x / 5x rule against fp32
     monkeypatch.setenv("HSTU_SM90_FWD", "0")  # opt-out: the mma.sync forward
     assert not cuda.sm90_forward_enabled()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         out_sm80 = cuda.forward(*args, 0.0, 0)
         torch.cuda.synchronize()
-    assert not any("hstu_fwd_sm90_kernel" in evt.key for evt in prof.key_averages())
+    assert not any("hstu_fwd_sm90" in evt.key for evt in prof.key_averages())
     assert not bool(torch.isnan(out_sm90).any())
     scale = float(out_sm80.float().abs().max())
     assert float((out_sm90.float() - out_sm80.float()).abs().max()) <= 2e-2 * max(scale, 1e-3)
 
 
 def _ws_forward_checks() -> None:
-    """Body of test_sm90_ws_forward_matches_default, run in a child process."""
+    """Body of test_sm90_ws_forward_matches_single_role_kernel, run in a child process."""
     from torch.profiler import ProfilerActivity, profile
 
     from hstu.ops.hstu_attention import cuda
@@ -345,28 +346,32 @@ def _ws_forward_checks() -> None:
                 q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
                 args = (q, k, v, offsets, 517, cfg["alpha"], 517, cfg["causal"], cfg["window"], nc, nt, cfg["group"],
                         rab)  # fmt: skip
-                os.environ.pop("HSTU_SM90_FWD_WS", None)
-                out_default = cuda.forward(*args, 0.0, 0)
-                os.environ["HSTU_SM90_FWD_WS"] = "1"
+                os.environ["HSTU_SM90_FWD_WS"] = "0"
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    out_single = cuda.forward(*args, 0.0, 0)
+                    torch.cuda.synchronize()
+                names = [evt.key for evt in prof.key_averages()]
+                assert any("hstu_fwd_sm90_kernel" in n for n in names), names
+                os.environ.pop("HSTU_SM90_FWD_WS", None)  # the default: warp-specialized
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     out_ws = cuda.forward(*args, 0.0, 0)
                     torch.cuda.synchronize()
                 names = [evt.key for evt in prof.key_averages()]
                 assert any("hstu_fwd_sm90_ws_kernel" in n for n in names), names
                 assert not bool(torch.isnan(out_ws).any()), _describe(cfg)
-                # the same per-warpgroup GEMMs in the same order: bitwise equal to the default wgmma forward
-                assert torch.equal(out_ws, out_default), (_describe(cfg), float((out_ws - out_default).abs().max()))
+                # the same per-warpgroup GEMMs in the same order: bitwise equal to the single-role wgmma forward
+                assert torch.equal(out_ws, out_single), (_describe(cfg), float((out_ws - out_single).abs().max()))
                 if c == 0:
                     _check_config(cfg)  # forward (warp-specialized) and gradients through the op, 2x / 5x rule
-                os.environ.pop("HSTU_SM90_FWD_WS", None)
 
 
 @gpu_test
-def test_sm90_ws_forward_matches_default():
-    """HSTU_SM90_FWD_WS=1 runs the warp-specialized wgmma forward (producer warpgroup, mbarrier pipelines, ping-pong
-    consumers): seen in the profiler, bitwise equal to the default wgmma forward on jagged lengths around its tiles
-    for every head dim, dtype and mask family, and through the op within the parity rule. It runs in a child
-    process with a time limit, so a pipeline deadlock fails this test instead of hanging the suite."""
+def test_sm90_ws_forward_matches_single_role_kernel():
+    """The default sm90 forward is the warp-specialized wgmma kernel (producer warpgroup, mbarrier pipelines,
+    ping-pong consumers); HSTU_SM90_FWD_WS=0 takes the single-role one (every warpgroup loads and computes). Both are
+    seen in the profiler and bitwise equal on jagged lengths around their tiles for every head dim, dtype and mask
+    family, and the default passes the parity rule through the op. It runs in a child process with a time limit,
+    so a pipeline deadlock fails this test instead of hanging the suite."""
     import subprocess
     import sys
 
@@ -376,7 +381,7 @@ def test_sm90_ws_forward_matches_default():
         _ws_forward_checks()
         return
     env = dict(os.environ, HSTU_WS_FORWARD_CHILD="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{test_sm90_ws_forward_matches_default.__name__}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{test_sm90_ws_forward_matches_single_role_kernel.__name__}"]  # fmt: skip
     try:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
