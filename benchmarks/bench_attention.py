@@ -1,7 +1,8 @@
 """Microbenchmark of the fused HSTU attention kernels (forward, backward, forward+backward TFLOP/s).
 
 FLOPs follow the FlashAttention convention: fwd = 4 * sum_b L_b^2 * H * D (x 1/2 when causal), bwd = 2.5 x fwd.
-Times are triton.testing.do_bench medians (CUDA events). The same run measures the bf16 GEMM peak (8192^3) and,
+Times are triton.testing.do_bench medians (CUDA events); the kernels' fwd, bwd and fwd+bwd are timed round-robin, three
+rounds, median round. The same run measures the bf16 GEMM peak (8192^3) and,
 where it fits in memory, the PyTorch reference. Writes benchmarks/results/attention_<gpu>.json and a PNG.
 
     python benchmarks/bench_attention.py [--out DIR] [--quick] [--no-reference]
@@ -45,6 +46,17 @@ def do_bench(fn) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def do_bench_interleaved(fns, rounds: int = 3) -> list[float]:
+    """do_bench of each callable, round-robin for `rounds` rounds; the median round of each. The card's clock drifts
+    between measurements a few seconds apart, so times meant to be compared (fwd, bwd, fwd+bwd) are taken side by side
+    rather than one after the other."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for t, fn in zip(times, fns):
+            t.append(do_bench(fn))
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def make_inputs(B, L, H, D, jagged, extra, dtype=torch.bfloat16, seed=0):
@@ -113,7 +125,7 @@ def time_kernel(q, k, v, offsets, L, kwargs):
         fwd()
         bwd()
 
-    return do_bench(fwd), do_bench(bwd), do_bench(fwd_bwd), do_bench(lambda: bwd(True))
+    return tuple(do_bench_interleaved([fwd, bwd, fwd_bwd, lambda: bwd(True)]))
 
 
 @contextlib.contextmanager
