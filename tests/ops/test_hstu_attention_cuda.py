@@ -336,15 +336,20 @@ def _ws_forward_checks() -> None:
     cases = [dict(causal=True, window=-1, num_contexts=[0, 0, 4, 0, 9, 3, 12], num_targets=[0, 1, 10, 0, 33, 50, 64],
                   group=2, rab_kind="heads"),
              dict(causal=False, window=100, num_contexts=None, num_targets=None, group=1, rab_kind="one"),
-             dict(causal=True, window=70, num_contexts=None, num_targets=None, group=1, rab_kind="none")]  # fmt: skip
+             dict(causal=True, window=70, num_contexts=None, num_targets=None, group=1, rab_kind="none"),
+             # 48 jagged sequences x 3 heads: 864 query tiles, several waves of blocks
+             dict(causal=True, window=-1, num_contexts=None, num_targets=None, group=1, rab_kind="one",
+                  lengths=[0, 1] + [(37 * i) % 700 + 2 for i in range(46)])]  # fmt: skip
     for dim in (64, 128, 256):
         for dtype in (torch.bfloat16, torch.float16):
             for c, case in enumerate(cases):
+                lengths = case.get("lengths", [0, 1, 63, 64, 129, 300, 517])
                 cfg = dict(seed=23_000 + dim + 7 * c + (dtype == torch.float16), dtype=dtype, dim=dim, heads=3,
-                           lengths=[0, 1, 63, 64, 129, 300, 517], max_seqlen=517, rab_grad=False,
-                           alpha=1.0 / math.sqrt(dim), scaling=None, **case)  # fmt: skip
+                           max_seqlen=max(lengths), rab_grad=False, alpha=1.0 / math.sqrt(dim), scaling=None,
+                           **dict(case, lengths=lengths))  # fmt: skip
                 q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
-                args = (q, k, v, offsets, 517, cfg["alpha"], 517, cfg["causal"], cfg["window"], nc, nt, cfg["group"],
+                L = cfg["max_seqlen"]
+                args = (q, k, v, offsets, L, cfg["alpha"], L, cfg["causal"], cfg["window"], nc, nt, cfg["group"],
                         rab)  # fmt: skip
                 os.environ["HSTU_SM90_FWD_WS"] = "0"
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
