@@ -47,7 +47,7 @@ namespace sm90 {
 template <typename Element_, int kHeadDim_, bool kHasRab_>
 struct BwdTraitsSm90 {
   using Element = Element_;
-  using T = typename CuteElement<Element>::type;
+  using T = typename ElementTraits<Element>::Cute;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kHasRab = kHasRab_;
   static constexpr int kWarpGroups = 2;
@@ -226,6 +226,19 @@ struct BwdTiles {
     load_rows_async<BM, D, NT, false>(sQ(stage), gq + m * BM * row_stride, row_stride, L - m * BM, tid);
     load_rows_async<BM, D, NT, false>(sdO(stage), gdo + m * BM * row_stride, row_stride, L - m * BM, tid);
   }
+  // The step loop's query tiles: the next one after m that sees this key tile (query_tiles() when none is left).
+  __device__ int query_tiles() const { return (w.mask.L + BM - 1) / BM; }
+  __device__ int next_query_tile(int m) const { return w.mask.next_query_tile(m, query_tiles(), BM, n0, n0 + BN); }
+  // Pipeline prologue: K, V and the first visible Q / dO tile (into stage 0) as one commit group; returns that tile.
+  // Rows before the key tile see none of it under a causal mask without contexts.
+  __device__ int start_loads(int tid) const {
+    const SeqMask& mk = w.mask;
+    const int m = next_query_tile(((mk.causal && mk.c == 0) ? n0 / BM : 0) - 1);
+    load_kv(n0, mk.L, tid);
+    if (m < query_tiles()) load_qdo(m, 0, mk.L, tid);
+    cp_async_commit();
+    return m;
+  }
 };
 
 #endif  // HSTU_SM90_DEVICE
@@ -259,9 +272,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
 
   Tensor sdS = make_tensor(make_smem_ptr(pdS), typename Tr::SmemLayoutDS{});  // (query, key); stores: ds_offset
 
-  const int m_tiles = (mk.L + BM - 1) / BM;
-  const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;  // rows before the key tile see none of it
-  auto next_tile = [&](int m) { return mk.next_query_tile(m, m_tiles, BM, n0, n0 + BN); };
+  const int m_tiles = tiles.query_tiles();
 
   typename Tr::MmaSdP mma_s;
   typename Tr::MmaKV mma_kv;
@@ -297,10 +308,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   // before this barrier; the same barrier keeps iteration it's dS^T stores behind iteration it - 1's dQ GEMMs).
   // (Issued before this step's GEMMs: between them and their wait the copies' registers would force the compiler
   // to retire the GEMMs early, C7517, or spill.)
-  int m = next_tile(m_begin - 1);
-  tiles.load_kv(n0, mk.L, tid);
-  if (m < m_tiles) tiles.load_qdo(m, 0, mk.L, tid);
-  cp_async_commit();
+  int m = tiles.start_loads(tid);
 
   const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
   const int wn0 = n0 + 64 * wg;  // first key of this warpgroup
@@ -308,7 +316,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   int stage = 0;
   while (m < m_tiles) {
     publish_copies_to_block();
-    const int m_next = next_tile(m);
+    const int m_next = tiles.next_query_tile(m);
     if (m_next < m_tiles) tiles.load_qdo(m_next, stage ^ 1, mk.L, tid);
     cp_async_commit();
 
@@ -409,7 +417,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
 template <typename Element_, bool kHasRab_>
 struct BwdTraitsSm90Split {
   using Element = Element_;
-  using T = typename CuteElement<Element>::type;
+  using T = typename ElementTraits<Element>::Cute;
   static constexpr int kHeadDim = 256;
   static constexpr bool kHasRab = kHasRab_;
   static constexpr int kWarpGroups = 2;
@@ -490,9 +498,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
   Tensor sdSt = make_tensor(make_smem_ptr(pdSt), typename Tr::SmemLayoutPt{});
   Tensor sdS = make_tensor(make_smem_ptr(pdSt), typename Tr::SmemLayoutDS{});
 
-  const int m_tiles = (mk.L + BM - 1) / BM;
-  const int m_begin = (mk.causal && mk.c == 0) ? n0 / BM : 0;
-  auto next_tile = [&](int m) { return mk.next_query_tile(m, m_tiles, BM, n0, n0 + BN); };
+  const int m_tiles = tiles.query_tiles();
 
   typename Tr::MmaSdP mma_s;
   typename Tr::MmaKV mma_kv;
@@ -521,10 +527,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
 
   // Pipeline as hstu_bwd_sm90_kernel's; the barrier at the top of a step also protects the P^T / dS^T tiles, read
   // by the previous step's stage-2 GEMMs (retired by every warpgroup before it).
-  int m = next_tile(m_begin - 1);
-  tiles.load_kv(n0, mk.L, tid);
-  if (m < m_tiles) tiles.load_qdo(m, 0, mk.L, tid);
-  cp_async_commit();
+  int m = tiles.start_loads(tid);
 
   const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
   const int wq = Tr::kHalfM * wg;  // this warpgroup's first query (stage 1), relative to the step
@@ -532,7 +535,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
   int stage = 0;
   while (m < m_tiles) {
     publish_copies_to_block();
-    const int m_next = next_tile(m);
+    const int m_next = tiles.next_query_tile(m);
     if (m_next < m_tiles) tiles.load_qdo(m_next, stage ^ 1, mk.L, tid);
     cp_async_commit();
 

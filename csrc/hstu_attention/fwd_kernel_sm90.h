@@ -14,7 +14,7 @@
 //       the B operand in MN-major form (head dim contiguous) from a 128B-swizzled MN-major tile
 // Epilogue: O * (1 / N) stored straight from the accumulator, rows past the sequence end skipped.
 // Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); compiled for any other target the kernel traps.
-// Shared helpers (CuteElement, rab_value, load_rows_async, wg_gemm, check_sm90_smem_tile, ...): sm90_common.h.
+// Shared helpers (rab_value, load_rows_async, wg_gemm, check_sm90_smem_tile, ...): sm90_common.h.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -48,7 +48,7 @@ namespace sm90 {
 template <typename Element_, int kHeadDim_, bool kHasRab_>
 struct FwdTraitsSm90 {
   using Element = Element_;                               // CUDA type (global memory, helpers of utils.h)
-  using T = typename CuteElement<Element>::type;          // the same bits as a CuTe type (GMMA atoms, smem)
+  using T = typename ElementTraits<Element>::Cute;        // the same bits as a CuTe type (GMMA atoms, smem)
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kHasRab = kHasRab_;
   static constexpr int kWarpGroups = 2;

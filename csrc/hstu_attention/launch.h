@@ -53,7 +53,6 @@ inline bool env_equals(const char* name, const char* value) {
   const char* e = std::getenv(name);
   return e != nullptr && std::strcmp(e, value) == 0;
 }
-inline bool sm90_fwd_enabled() { return !env_equals("HSTU_SM90_FWD", "0"); }
 // An explicit opt-in (`name`=1) that this build cannot honour: said once per variable.
 template <typename Tag>
 inline void warn_once_if_requested(const char* name, const char* why) {
@@ -80,17 +79,31 @@ inline bool current_device_is_sm90() {
   return sm90;
 }
 
+// Whether a Hopper kernel takes a launch (the forward's and the backward's rule): built in (kBuilt) with a kernel
+// for the head dim (kHeadDimOk), the call's own conditions (`eligible`), the switch `env` not "0" and an sm_90
+// device. A build without the kernel says once that `env`=1 cannot be honoured, and why (`not_built`).
+template <typename Tag, bool kBuilt, bool kHeadDimOk>
+inline bool use_sm90_kernel(bool eligible, const char* env, const char* not_built) {
+  if constexpr (!kBuilt) {
+    warn_once_if_requested<Tag>(env, not_built);
+    return false;
+  } else {
+    return kHeadDimOk && eligible && !env_equals(env, "0") && current_device_is_sm90();
+  }
+}
+
+inline constexpr bool kBuiltSm90Fwd =
+#if defined(HSTU_WITH_SM90_FWD)
+    true;
+#else
+    false;
+#endif
+
 template <int kHeadDim>
 inline bool use_sm90_fwd(const AttnParams& p) {
-#if defined(HSTU_WITH_SM90_FWD)
-  if constexpr (kSm90FwdHeadDim<kHeadDim>) return !p.dropout && sm90_fwd_enabled() && current_device_is_sm90();
-#else
-  struct Fwd;
-  warn_once_if_requested<Fwd>("HSTU_SM90_FWD", "built without the sm90 forward (needs 9.0a in TORCH_CUDA_ARCH_LIST "
-                                                "and no HSTU_DISABLE_SM90)");
-#endif
-  (void)p;
-  return false;
+  return use_sm90_kernel<struct Sm90FwdTag, kBuiltSm90Fwd, kSm90FwdHeadDim<kHeadDim>>(
+      !p.dropout, "HSTU_SM90_FWD", "built without the sm90 forward (needs 9.0a in TORCH_CUDA_ARCH_LIST and no "
+                                   "HSTU_DISABLE_SM90)");
 }
 
 template <typename Element, int kHeadDim, bool kHasRab>
@@ -209,21 +222,19 @@ void launch_bwd_impl(const AttnParams& p, cudaStream_t stream) {
 // bwd_sm90_api.h), the head dim is 64, 128 or 256, the current device is sm_90 and the call takes the atomic-dq path
 // (deterministic=False) without dropout and without a rab gradient (drab), unless HSTU_SM90_BWD=0 (read at every
 // call, so tests and benchmarks can compare the two backwards). Anything else runs the sm80-style backward below.
-inline bool sm90_bwd_enabled() { return !env_equals("HSTU_SM90_BWD", "0"); }
+inline constexpr bool kBuiltSm90Bwd =
+#if defined(HSTU_WITH_SM90_BWD)
+    true;
+#else
+    false;
+#endif
 
 template <int kHeadDim>
 inline bool use_sm90_bwd(const AttnParams& p) {
-#if defined(HSTU_WITH_SM90_BWD)
-  if constexpr (kSm90BwdHeadDim<kHeadDim>)
-    return p.dq_accum != nullptr && p.drab == nullptr && !p.dropout && sm90_bwd_enabled() &&
-           current_device_is_sm90();
-#else
-  struct Bwd;
-  warn_once_if_requested<Bwd>("HSTU_SM90_BWD", "built without the sm90 backward (needs 9.0a in TORCH_CUDA_ARCH_LIST, "
-                                                "no HSTU_DISABLE_SM90, no HSTU_DISABLE_BACKWARD)");
-#endif
-  (void)p;
-  return false;
+  return use_sm90_kernel<struct Sm90BwdTag, kBuiltSm90Bwd, kSm90BwdHeadDim<kHeadDim>>(
+      p.dq_accum != nullptr && p.drab == nullptr && !p.dropout, "HSTU_SM90_BWD",
+      "built without the sm90 backward (needs 9.0a in TORCH_CUDA_ARCH_LIST, no HSTU_DISABLE_SM90, no "
+      "HSTU_DISABLE_BACKWARD)");
 }
 
 template <typename Element, int kHeadDim, bool kHasRab>

@@ -1,9 +1,8 @@
-// Pieces shared by the Hopper (sm_90a, wgmma) kernels: fwd_kernel_sm90.h and bwd_kernel_sm90.h. Moved here
-// unchanged from fwd_kernel_sm90.h (where they were written and GPU-verified with the forward).
-//   CuteElement          CUDA element type -> the CuTe type of the same bits (GMMA atoms, shared tiles)
+// Pieces shared by the Hopper (sm_90a, wgmma) kernels: fwd_kernel_sm90.h and bwd_kernel_sm90.h (element types:
+// ElementTraits in utils.h).
 //   rab_value            rab[b, hr, i, j] as float
 //   fence_proxy_async_smem, publish_copies_to_block (the step barrier after cp.async), red_add_v2_f32,
-//   load_rows_async      (cp.async, zero-fill past the sequence end, through a CuTe smem tensor),
+//   RowLoadPlan, load_rows_async (cp.async, zero-fill past the sequence end, through a CuTe smem tensor),
 //   wg_gemm_issue / wg_wait / wg_gemm (one warpgroup GEMM over all k blocks: issued, waited for, or both)
 //                        [sm_90a only]
 //   check_sm90_smem_tile, check_row_load_plan  host self-checks of a swizzled shared tile's addressing
@@ -31,17 +30,6 @@
 
 namespace hstu {
 namespace sm90 {
-
-template <typename Element>
-struct CuteElement;
-template <>
-struct CuteElement<__nv_bfloat16> {
-  using type = cutlass::bfloat16_t;
-};
-template <>
-struct CuteElement<__half> {
-  using type = cutlass::half_t;
-};
 
 // rab[b, hr, i, j] in q's dtype (the binding casts rab to it), as float.
 template <typename Element>
