@@ -47,7 +47,7 @@ namespace sm90 {
 template <typename Element_, int kHeadDim_, bool kHasRab_>
 struct BwdTraitsSm90 {
   using Element = Element_;
-  using T = typename ElementTraits<Element>::Cute;
+  using T = typename CuteElement<Element>::type;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kHasRab = kHasRab_;
   static constexpr int kWarpGroups = 2;
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
 template <typename Element_, bool kHasRab_>
 struct BwdTraitsSm90Split {
   using Element = Element_;
-  using T = typename ElementTraits<Element>::Cute;
+  using T = typename CuteElement<Element>::type;
   static constexpr int kHeadDim = 256;
   static constexpr bool kHasRab = kHasRab_;
   static constexpr int kWarpGroups = 2;

@@ -14,7 +14,7 @@
 //       the B operand in MN-major form (head dim contiguous) from a 128B-swizzled MN-major tile
 // Epilogue: O * (1 / N) stored straight from the accumulator, rows past the sequence end skipped.
 // Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); compiled for any other target the kernel traps.
-// Shared helpers (rab_value, load_rows_async, wg_gemm, check_sm90_smem_tile, ...): sm90_common.h.
+// Shared helpers (CuteElement, rab_value, load_rows_async, wg_gemm, check_sm90_smem_tile, ...): sm90_common.h.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -48,7 +48,7 @@ namespace sm90 {
 template <typename Element_, int kHeadDim_, bool kHasRab_>
 struct FwdTraitsSm90 {
   using Element = Element_;                               // CUDA type (global memory, helpers of utils.h)
-  using T = typename ElementTraits<Element>::Cute;        // the same bits as a CuTe type (GMMA atoms, smem)
+  using T = typename CuteElement<Element>::type;          // the same bits as a CuTe type (GMMA atoms, smem)
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kHasRab = kHasRab_;
   static constexpr int kWarpGroups = 2;
@@ -290,6 +290,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
 // Ping-pong: the consumers take turns to issue their GEMMs (named barriers kTurnBarrier + w, 256 threads: one group
 // syncs while the other arrives), so one group's pointwise stage runs under the other's GEMMs.
 constexpr int kTurnBarrier = 1;  // named barriers 1 and 2 (0 is __syncthreads)
+// setmaxnreg of the two roles. The registers move within the block's launch allocation (168 per thread under
+// __launch_bounds__(384, 1)): the producer must give back exactly what the consumers take, or their allocation
+// waits forever.
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs == 384 * 168, "register budget of the block");
 
 #if defined(HSTU_SM90_DEVICE)
 // A PipelineAsync's parameters as this thread sees them: the producer warpgroup's 128 threads fill a slot, the
@@ -347,7 +352,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
   };
 
   if (producer) {
-    cutlass::arch::warpgroup_reg_dealloc<40>();
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
     const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
     auto sq = cutlass::make_producer_start_state<PipeQ>();
@@ -373,7 +378,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
     return;
   }
 
-  cutlass::arch::warpgroup_reg_alloc<232>();
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
   const int ctid = tid - 128;  // 0..255 over the two consumer warpgroups
   const int cwg = ctid / 128;
   typename Tr::MmaS mma_s;

@@ -1,5 +1,7 @@
-// Pieces shared by the Hopper (sm_90a, wgmma) kernels: fwd_kernel_sm90.h and bwd_kernel_sm90.h (element types:
-// ElementTraits in utils.h).
+// Pieces shared by the Hopper (sm_90a, wgmma) kernels: fwd_kernel_sm90.h and bwd_kernel_sm90.h.
+//   CuteElement          CUDA element type -> the CuTe type of the same bits (GMMA atoms, shared tiles; a table of
+//                        its own: utils.h, which has the sm80 MMA's, is also compiled by the host emulation of the
+//                        tests, without CUTLASS)
 //   rab_value            rab[b, hr, i, j] as float
 //   fence_proxy_async_smem, publish_copies_to_block (the step barrier after cp.async), red_add_v2_f32,
 //   RowLoadPlan, load_rows_async (cp.async, zero-fill past the sequence end, through a CuTe smem tensor),
@@ -30,6 +32,17 @@
 
 namespace hstu {
 namespace sm90 {
+
+template <typename Element>
+struct CuteElement;
+template <>
+struct CuteElement<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CuteElement<__half> {
+  using type = cutlass::half_t;
+};
 
 // rab[b, hr, i, j] in q's dtype (the binding casts rab to it), as float.
 template <typename Element>

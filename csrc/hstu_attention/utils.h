@@ -10,29 +10,24 @@
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
-#include <cutlass/numeric_types.h>
 
 namespace hstu {
 
-// Per CUDA element type: the CuTe / CUTLASS type of the same bits (the Hopper kernels' GMMA atoms and shared tiles)
-// and the sm80 m16n8k16 MMA with fp32 accumulation.
 template <typename Element>
-struct ElementTraits;
+struct MmaAtom;
 template <>
-struct ElementTraits<__nv_bfloat16> {
-  using Cute = cutlass::bfloat16_t;
-  using Sm80Mma = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+struct MmaAtom<__nv_bfloat16> {
+  using Op = cute::SM80_16x8x16_F32BF16BF16F32_TN;
 };
 template <>
-struct ElementTraits<__half> {
-  using Cute = cutlass::half_t;
-  using Sm80Mma = cute::SM80_16x8x16_F32F16F16F32_TN;
+struct MmaAtom<__half> {
+  using Op = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
 
 // d += a * b for one 16x8x16 tile: a = 4 regs (16x16, row major), b = 2 regs (16x8, "col major").
 template <typename Element>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  ElementTraits<Element>::Sm80Mma::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2], d[3]);
+  MmaAtom<Element>::Op::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2], d[3]);
 }
 
 template <typename Element>
