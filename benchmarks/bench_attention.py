@@ -155,10 +155,11 @@ def time_kernel_atomic_backward(q, k, v, offsets, L, kwargs) -> float:
 
 
 def profile_breakdown() -> None:
-    """Average CUDA time per kernel (forward, dk/dv, dq) for the two head dims of the headline shapes."""
+    """Average CUDA time per kernel (forward, dk/dv, dq, the dq workspace's fill and conversion) for the two head dims
+    of the headline shapes and the short-sequence shape."""
     from torch.profiler import ProfilerActivity, profile
 
-    for B, L, H, D in ((32, 4096, 4, 128), (32, 4096, 4, 256)):
+    for B, L, H, D in ((32, 4096, 4, 128), (32, 4096, 4, 256), (64, 1024, 4, 128)):
         q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, False, {})
         common = kernel_args(offsets, L, kwargs)
         dout = torch.randn_like(q)
@@ -174,9 +175,9 @@ def profile_breakdown() -> None:
             torch.cuda.synchronize()
         fl = flops_fwd(lengths, H, D)
         for evt in prof.key_averages():
-            if "hstu" in evt.key:
+            if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA or "hstu" in evt.key:
                 ms = evt.device_time / 1e3 if hasattr(evt, "device_time") else evt.cuda_time / 1e3
-                name = re.sub(r"<.*", "", evt.key.replace("void ", "").replace("hstu::", ""))
+                name = re.sub(r"<.*|\(.*", "", evt.key.replace("void ", "").replace("hstu::", "").replace("at::native::", ""))
                 last = re.search(r"(true|false)>\s*(\(|$)", evt.key)  # dkdv: <traits, pass, dropout, atomic dq>
                 if "dkdv" in evt.key and last:
                     name += " atomic" if last.group(1) == "true" else " split"

@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
         }
       }
       auto pointwise = [&](auto masked_tag) {
-        constexpr bool kMasked = decltype(masked_tag)::value;
+        constexpr bool kMasked = decltype(masked_tag)::value != TileMask::kNone;
 #pragma unroll
         for (int nb = 0; nb < BM / 8; ++nb) {
 #pragma unroll
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
     gemm_ss_nk_mi<MI, BN / 8, D, D, D>(s, sQ, warp_row0, tK, lane);
     gemm_ss_nk_mi<MI, BN / 8, D, D, D>(dp, sdO, warp_row0, tV, lane);
     auto pointwise = [&](auto masked_tag) {
-      constexpr bool kMasked = decltype(masked_tag)::value;
+      constexpr bool kMasked = decltype(masked_tag)::value != TileMask::kNone;
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll

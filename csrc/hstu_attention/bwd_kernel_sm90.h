@@ -116,16 +116,16 @@ __host__ __device__ __forceinline__ constexpr int ds_offset(int i, int j) {
 
 // One element of the pointwise stage (bwd_kernel.h's math, no dropout) for query i, key j: x = alpha (s + rab);
 // returns P = SiLU(x) and overwrites s with SiLU'(x), both zero where the mask hides (i, j).
-template <typename Element, bool kMasked, bool kHasRab>
+template <typename Element, TileMask kMask, bool kHasRab>
 __device__ __forceinline__ float silu_and_grad(const AttnParams& p, const SeqMask& mk, int b, int hr, int i, int j,
                                                float& s) {
   float x = s;
   if constexpr (kHasRab) {
-    if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, b, hr, i, j);
+    if (kMask != TileMask::kExact || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, b, hr, i, j);
   }
   x *= p.alpha;
   const float sig = sigmoid_t<Element>(x);
-  const bool vis = !kMasked || mk.visible(i, j);
+  const bool vis = kMask == TileMask::kNone || (kMask == TileMask::kCausal ? j <= i : mk.visible(i, j));
   s = vis ? silu_grad(x, sig) : 0.f;
   return vis ? x * sig : 0.f;
 }
@@ -333,8 +333,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     // dtype into the A operand of dV (identical linear order: see KVOperandShape); S^T's registers keep SiLU'(x),
     // zero where masked, for the dS half. with_tile_mask: tiles wholly visible for this warpgroup's keys skip every
     // mask / bounds test.
-    auto pointwise_p = [&](auto masked_tag) {
-      constexpr bool kMasked = decltype(masked_tag)::value;
+    auto pointwise_p = [&](auto mask_tag) {
+      constexpr TileMask kMask = decltype(mask_tag)::value;
       Tensor tKVrP32 = recast<uint32_t>(tKVrP);
       CUTE_UNROLL
       for (int e2 = 0; e2 < size(tKVrP32); ++e2) {
@@ -342,13 +342,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
         CUTE_UNROLL
         for (int h = 0; h < 2; ++h) {
           const int e = 2 * e2 + h;
-          pv[h] = silu_and_grad<Element, kMasked, Tr::kHasRab>(p, mk, w.batch, hr, m0 + get<1>(tScS(e)),
+          pv[h] = silu_and_grad<Element, kMask, Tr::kHasRab>(p, mk, w.batch, hr, m0 + get<1>(tScS(e)),
                                                                 n0 + get<0>(tScS(e)), tSrS(e));
         }
         tKVrP32(e2) = pack2<Element>(pv[0], pv[1]);
       }
     };
-    with_tile_mask(mk, m0, m0 + BM, wn0, wn0 + 64, pointwise_p);
+    with_tile_mask</*kCausalPath=*/true>(mk, m0, m0 + BM, wn0, wn0 + 64, pointwise_p);
 
     Tensor tKVrdO = thr_kv.partition_fragment_B(tiles.sdOt(stage));
     wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrP, tKVrdO, tKVrdV);
@@ -550,22 +550,22 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
 
     const int m0 = m * BM;
     // Values 2e, 2e + 1 are queries i, i + 1 (i even) of one key: one 4-byte store per pair (ds_offset).
-    auto pointwise_p = [&](auto masked_tag) {
-      constexpr bool kMasked = decltype(masked_tag)::value;
+    auto pointwise_p = [&](auto mask_tag) {
+      constexpr TileMask kMask = decltype(mask_tag)::value;
       CUTE_UNROLL
       for (int e2 = 0; e2 < size(tSrS) / 2; ++e2) {
         float pv[2];
         CUTE_UNROLL
         for (int h = 0; h < 2; ++h) {
           const int e = 2 * e2 + h;
-          pv[h] = silu_and_grad<Element, kMasked, Tr::kHasRab>(p, mk, w.batch, hr, m0 + wq + get<1>(tScS(e)),
+          pv[h] = silu_and_grad<Element, kMask, Tr::kHasRab>(p, mk, w.batch, hr, m0 + wq + get<1>(tScS(e)),
                                                                 n0 + get<0>(tScS(e)), tSrS(e));
         }
         *reinterpret_cast<uint32_t*>(pPt + ds_offset(wq + get<1>(tScS(2 * e2)), get<0>(tScS(2 * e2)))) =
             pack2<Element>(pv[0], pv[1]);
       }
     };
-    with_tile_mask(mk, m0 + wq, m0 + wq + Tr::kHalfM, n0, n0 + BN, pointwise_p);
+    with_tile_mask</*kCausalPath=*/true>(mk, m0 + wq, m0 + wq + Tr::kHalfM, n0, n0 + BN, pointwise_p);
     wg_wait<0>(tSrdP);
     CUTE_UNROLL
     for (int e = 0; e < size(tSrdP) / 2; ++e) {

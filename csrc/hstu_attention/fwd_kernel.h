@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
     const int n0 = n * BN;
     // pointwise stage, two unrolled copies (with_tile_mask: fully visible tiles skip every mask and bounds test)
     auto pointwise = [&](auto masked_tag) {
-      constexpr bool kMasked = decltype(masked_tag)::value;
+      constexpr bool kMasked = decltype(masked_tag)::value != TileMask::kNone;
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll

@@ -110,24 +110,28 @@ using POperandShape = decltype(cute::partition_shape_A(typename Tr::MmaO{}, cute
 #if defined(HSTU_SM90_DEVICE)
 // The pointwise stage of key tile n0 for the rows [wm0, wm0 + 64) a warpgroup owns, in place on its S accumulator
 // (coordinates relative to the block's first row m0): P = SiLU(alpha (S + rab)), zero where the mask hides (i, j).
-// with_tile_mask: tiles wholly visible for these rows skip every mask / bounds test.
+// with_tile_mask: tiles wholly visible for these rows skip every mask / bounds test, causal diagonal tiles test j <= i
+// alone.
 template <typename Tr, typename FragS, typename CoordS>
 __device__ __forceinline__ void fwd_pointwise(const AttnParams& p, const SeqMask& mk, int batch, int hr, int m0,
                                               int wm0, int n0, FragS& tSrS, CoordS const& tScS) {
   using namespace cute;
-  with_tile_mask(mk, wm0, wm0 + 64, n0, n0 + Tr::kBlockN, [&](auto masked_tag) {
-    constexpr bool kMasked = decltype(masked_tag)::value;
+  with_tile_mask</*kCausalPath=*/true>(mk, wm0, wm0 + 64, n0, n0 + Tr::kBlockN, [&](auto mask_tag) {
+    constexpr TileMask kMask = decltype(mask_tag)::value;
     CUTE_UNROLL
     for (int e = 0; e < size(tSrS); ++e) {
       const int i = m0 + get<0>(tScS(e));
       const int j = n0 + get<1>(tScS(e));
       float x = tSrS(e);
       if constexpr (Tr::kHasRab) {
-        if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<typename Tr::Element>(p, batch, hr, i, j);
+        if (kMask != TileMask::kExact || (i < mk.L && j < mk.L))
+          x += rab_value<typename Tr::Element>(p, batch, hr, i, j);
       }
       x *= p.alpha;
       float pv = x * sigmoid_t<typename Tr::Element>(x);
-      if constexpr (kMasked) {
+      if constexpr (kMask == TileMask::kCausal) {
+        if (j > i) pv = 0.f;
+      } else if constexpr (kMask == TileMask::kExact) {
         if (!mk.visible(i, j)) pv = 0.f;
       }
       tSrS(e) = pv;

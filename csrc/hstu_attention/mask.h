@@ -54,6 +54,14 @@ struct SeqMask {
     return false;
   }
 
+  // Whether the tile's rule reduces to j <= i with every element inside the sequence: causal, no window, rows of the
+  // history (no contexts, no targets among them). The diagonal tiles of plain causal attention; a short sequence
+  // has many of them (a quarter of the key tiles at 1024 tokens with 128-key tiles).
+  __device__ __forceinline__ bool tile_causal_only(int m0, int m1, int n0, int n1) const {
+    (void)n0;
+    return causal && w < 0 && m0 >= c && m1 <= h && n1 <= L;
+  }
+
   // The first key tile after tile n (tiles of bn keys, n < n_tiles) that rows [m0, m1) may see; n_tiles if none.
   __device__ __forceinline__ int next_key_tile(int n, int n_tiles, int bn, int m0, int m1) const {
     for (++n; n < n_tiles; ++n)
@@ -75,15 +83,29 @@ struct SeqMask {
   }
 };
 
-// The pointwise stage of a (rows [m0, m1) x keys [n0, n1)) tile: f(std::false_type) when the tile is wholly inside
-// the sequence and visible (no per-element mask or bounds tests), else f(std::true_type) (exact per-element rule).
-// Two unrolled copies behind a uniform branch instead of mask code predicated onto every element.
-template <typename F>
+// How the pointwise stage of a tile applies the mask: not at all (every element inside the sequence and visible),
+// as j <= i alone (tile_causal_only), or by the exact per-element rule (visible, bounds).
+enum class TileMask { kNone, kCausal, kExact };
+template <TileMask kMask>
+using TileMaskTag = std::integral_constant<TileMask, kMask>;
+
+// The pointwise stage of a (rows [m0, m1) x keys [n0, n1)) tile: f(TileMaskTag<kNone>) when the tile is wholly inside
+// the sequence and visible, f(TileMaskTag<kCausal>) when its rule is j <= i (only with kCausalPath: the kernels whose
+// diagonal tiles weigh enough to carry a third copy), else f(TileMaskTag<kExact>). Unrolled copies behind a uniform
+// branch instead of mask code predicated onto every element.
+template <bool kCausalPath = false, typename F>
 __device__ __forceinline__ void with_tile_mask(const SeqMask& mk, int m0, int m1, int n0, int n1, F&& f) {
-  if (mk.tile_full(m0, m1, n0, n1))
-    f(std::false_type{});
-  else
-    f(std::true_type{});
+  if (mk.tile_full(m0, m1, n0, n1)) {
+    f(TileMaskTag<TileMask::kNone>{});
+    return;
+  }
+  if constexpr (kCausalPath) {
+    if (mk.tile_causal_only(m0, m1, n0, n1)) {
+      f(TileMaskTag<TileMask::kCausal>{});
+      return;
+    }
+  }
+  f(TileMaskTag<TileMask::kExact>{});
 }
 
 }  // namespace hstu
