@@ -107,6 +107,13 @@ struct FwdTraitsSm90 {
 template <typename Tr>
 using POperandShape = decltype(cute::partition_shape_A(typename Tr::MmaO{}, cute::Shape<typename Tr::BM, typename Tr::BN>{}));
 
+// Element offset of (row r, column c) in the Q tile (SmemLayoutQ: K-major, 128B-swizzled atoms of 8 rows x 64
+// columns, tiled along the rows first), written out with 32-bit math; check_sm90_traits compares it with the layout.
+template <int kRows>
+__host__ __device__ __forceinline__ constexpr int q_tile_offset(int r, int c) {
+  return (c >> 6) * (kRows * 64) + (r >> 3) * 512 + (r & 7) * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+}
+
 #if defined(HSTU_SM90_DEVICE)
 // The pointwise stage of key tile n0 for the rows [wm0, wm0 + 64) a warpgroup owns, in place on its S accumulator
 // (coordinates relative to the block's first row m0): P = SiLU(alpha (S + rab)), zero where the mask hides (i, j).
@@ -148,22 +155,36 @@ __device__ __forceinline__ void pack_p(FragS const& tSrS, FragP& tOrP) {
   for (int e = 0; e < size(tOrP32); ++e) tOrP32(e) = pack2<Element>(tSrS(2 * e), tSrS(2 * e + 1));
 }
 
-// Epilogue: O / N, rows of this sequence only (the rows after it belong to the next sequence). Accumulator values 2e
-// and 2e + 1 are columns c and c + 1 of one row (checked by check_sm90_fragments): one 4-byte store per pair.
-template <typename Element, typename FragO, typename CoordO>
+constexpr int kEpilogueBarrier = 3;  // named barriers 3 and 4, one per consumer warpgroup (1 and 2: ping-pong turns)
+
+// Epilogue of warpgroup wg (wtid = its thread 0..127): O / N, rows of this sequence only (the rows after it belong
+// to the next sequence). Staged through the warpgroup's own 64 rows of the Q tile, free once its last S GEMM retired
+// (the other warpgroup's GEMMs read only their own rows): the accumulator pairs (adjacent columns, checked by
+// check_sm90_fragments) go to their swizzled places, conflict-free for the 8 rows a pair store covers, then leave as
+// coalesced 16-byte stores of whole rows instead of one 4-byte global store per pair.
+template <typename Tr, typename FragO, typename CoordO>
 __device__ __forceinline__ void store_o(const AttnParams& p, int64_t base, int m0, int L, FragO const& tOrO,
-                                        CoordO const& tOcO) {
+                                        CoordO const& tOcO, typename Tr::T* q_tile, int wg, int wtid) {
   using namespace cute;
-  Element* gO = reinterpret_cast<Element*>(p.out) + base;
+  using Element = typename Tr::Element;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM;
+  uint32_t* const stage = reinterpret_cast<uint32_t*>(q_tile);
   const float o_scale = p.inv_scale;
   CUTE_UNROLL
   for (int e = 0; e < size(tOrO) / 2; ++e) {
-    const int i = m0 + get<0>(tOcO(2 * e));
+    const int r = get<0>(tOcO(2 * e));
     const int c = get<1>(tOcO(2 * e));
-    if (i < L) {
-      *reinterpret_cast<uint32_t*>(gO + static_cast<int64_t>(i) * p.row_stride + c) =
-          pack2<Element>(tOrO(2 * e) * o_scale, tOrO(2 * e + 1) * o_scale);
-    }
+    stage[q_tile_offset<BM>(r, c) >> 1] = pack2<Element>(tOrO(2 * e) * o_scale, tOrO(2 * e + 1) * o_scale);
+  }
+  named_barrier_sync<128>(kEpilogueBarrier + wg);
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  const int r0 = 64 * wg;
+  const int chunks = min(64, L - (m0 + r0)) * kChunks;
+  Element* const gO = reinterpret_cast<Element*>(p.out) + base + static_cast<int64_t>(m0 + r0) * p.row_stride;
+  for (int i = wtid; i < chunks; i += 128) {
+    const int r = i / kChunks, ch = i % kChunks;
+    *reinterpret_cast<uint4*>(gO + static_cast<int64_t>(r) * p.row_stride + ch * 8) =
+        *reinterpret_cast<const uint4*>(q_tile + q_tile_offset<BM>(r0 + r, ch * 8));
   }
 }
 #endif  // HSTU_SM90_DEVICE
@@ -277,7 +298,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
     wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
   }
 
-  store_o<Element>(p, base, m0, mk.L, tOrO, tOcO);
+  store_o<Tr>(p, base, m0, mk.L, tOrO, tOcO, pQ, wg, tid % 128);
 #else
   // Not an sm_90a target: the launcher never selects this kernel there.
   __trap();
@@ -442,7 +463,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
     wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
     pipe_v.consumer_release(sv_prev);
   }
-  store_o<Element>(p, base, m0, mk.L, tOrO, tOcO);
+  store_o<Tr>(p, base, m0, mk.L, tOrO, tOcO, pQ, cwg, ctid % 128);
 #else
   __trap();
 #endif
@@ -487,6 +508,17 @@ inline std::string check_sm90_traits() {
   using T = typename Tr::T;
   std::string e = check_sm90_fragments<Tr>();
   if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutQ, T>(false, Tr::kBlockM, Tr::kHeadDim);
+  if (e.empty()) {  // the epilogue's staging offsets
+    std::vector<uint16_t> storage(Tr::kSizeQ + 1024);
+    T* q = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
+    auto sQ = cute::make_tensor(cute::make_smem_ptr(q), typename Tr::SmemLayoutQ{});
+    for (int r = 0; r < Tr::kBlockM && e.empty(); ++r)
+      for (int c = 0; c < Tr::kHeadDim; ++c)
+        if (&sQ(r, c) - q != q_tile_offset<Tr::kBlockM>(r, c)) {
+          e = "q_tile_offset != SmemLayoutQ at (" + std::to_string(r) + ", " + std::to_string(c) + ")";
+          break;
+        }
+  }
   if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutK, T>(false, Tr::kBlockN, Tr::kHeadDim);
   if (e.empty()) e = check_sm90_smem_tile<typename Tr::SmemLayoutVt, T>(true, Tr::kBlockN, Tr::kHeadDim);
   // the loads of both kernels: all threads (hstu_fwd_sm90_kernel), the producer warpgroup (the ws kernel)

@@ -21,6 +21,7 @@ void check_qkv(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.dim() == 3, name, " must be (T, H, D)");
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
   TORCH_CHECK(t.sizes() == q.sizes(), name, " must have q's shape");
   TORCH_CHECK(t.device() == q.device(), name, " must be on q's device");
 }

@@ -544,6 +544,33 @@ def test_bad_inputs_raise_before_launch():
     torch.cuda.synchronize()  # no asynchronous error was left behind
 
 
+@gpu_test
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_inputs_at_an_unaligned_offset(deterministic):
+    """Contiguous views starting an odd number of elements into their storage (not 16-byte aligned) give the same
+    output and gradients as aligned copies; the extension itself refuses them before any launch."""
+    from hstu.ops import hstu_attention
+
+    T, H, D = 300, 2, 64
+    offsets = torch.tensor([0, 130, 131, 300], dtype=torch.int32, device="cuda")
+    storage = torch.randn(4, T * H * D + 1, device="cuda", dtype=torch.bfloat16)
+    q, k, v, dout = (storage[i, 1:].view(T, H, D) for i in range(4))
+    assert all(t.is_contiguous() and t.data_ptr() % 16 != 0 for t in (q, k, v, dout))
+    results = []
+    for tensors in ((q, k, v), tuple(t.clone() for t in (q, k, v))):
+        leaves = [t.detach().clone() if t.data_ptr() % 16 == 0 else t.detach() for t in tensors]
+        leaves = [t.requires_grad_(True) for t in leaves]
+        out = hstu_attention(*leaves, offsets, 170, alpha=D**-0.5, deterministic=deterministic)
+        out.backward(dout)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0 if deterministic else 1e-2, rtol=0 if deterministic else 1.6e-2)
+    ext = load_extension()
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        ext.hstu_attn_fwd(q, k, v, offsets, 170, 1.0, 170, True, -1, None, None, 1, None, torch.empty_like(q.clone()))
+    torch.cuda.synchronize()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Attention dropout
 # ----------------------------------------------------------------------------------------------------------------

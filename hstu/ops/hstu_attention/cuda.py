@@ -203,6 +203,12 @@ def dropout_keep_mask(
     return out
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous and 16-byte aligned (the kernels move 16-byte chunks); a view at an odd element offset is copied."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _rab_for_kernel(rab: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     if rab is None:
         return None
@@ -232,6 +238,7 @@ def forward(
     dropout_seed: int,
 ) -> torch.Tensor:
     ext = load_extension()
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = _new_like(q)
     ext.hstu_attn_fwd(
         q, k, v, seq_offsets, int(max_seqlen), float(alpha), int(scaling_seqlen), bool(causal), int(window_size),
@@ -268,7 +275,7 @@ def backward(
     deterministic=True the split, atomic-free path (bitwise reproducible).
     """
     ext = load_extension()
-    grad_out = grad_out.contiguous()
+    grad_out, q, k, v = _aligned(grad_out), _aligned(q), _aligned(k), _aligned(v)
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
     rab_k = _rab_for_kernel(rab, q.dtype)
     drab = None
