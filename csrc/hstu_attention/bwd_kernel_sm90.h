@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   using namespace cute;
   using Element = typename Tr::Element;
   using T = typename Tr::T;
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // The 128B-swizzled GMMA tiles need a 1024-byte aligned base (no static shared memory in this kernel).
   if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
