@@ -5,7 +5,10 @@ Times are triton.testing.do_bench medians (CUDA events); the kernels' fwd, bwd a
 rounds, median round. The same run measures the bf16 GEMM peak (8192^3) and,
 where it fits in memory, the PyTorch reference. Writes benchmarks/results/attention_<gpu>.json and a PNG.
 
-    python benchmarks/bench_attention.py [--out DIR] [--quick] [--no-reference]
+    python benchmarks/bench_attention.py [--out DIR] [--quick] [--no-reference] [--profile] [--sweep]
+
+--profile adds a per-kernel breakdown (torch.profiler: forward, backward, the dq workspace's fill and conversion);
+--sweep adds kernel fwd / bwd over sequence lengths at a fixed token count (JSON key "length_sweep").
 """
 
 from __future__ import annotations
@@ -187,6 +190,34 @@ def profile_breakdown() -> None:
         torch.cuda.empty_cache()
 
 
+SWEEP_TOKENS = 131072
+SWEEP_LENGTHS = (256, 512, 1024, 2048, 4096)
+
+
+def length_sweep(H: int = 4, D: int = 128) -> list[dict]:
+    """Kernel fwd / bwd TFLOP/s over the sequence length at a fixed token count (B = SWEEP_TOKENS / L), causal and
+    not. Per-block costs (load prologue, epilogue) and the causal diagonal tiles weigh more the shorter the sequence:
+    fitting these times against the number of tile steps, blocks and diagonal tiles separates them."""
+    rows = []
+    for causal in (True, False):
+        for L in SWEEP_LENGTHS:
+            B = SWEEP_TOKENS // L
+            q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, False, {})
+            kwargs["causal"] = causal
+            common = kernel_args(offsets, L, kwargs)
+            dout = torch.randn_like(q)
+            tf, tb = do_bench_interleaved([lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0),
+                                           lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False)])
+            fl = flops_fwd(lengths, H, D, causal)
+            rows.append({"B": B, "L": L, "H": H, "D": D, "causal": causal, "fwd_ms": tf, "bwd_ms": tb,
+                         "fwd_tflops": fl / tf / 1e9, "bwd_tflops": 2.5 * fl / tb / 1e9})  # fmt: skip
+            print(f"  sweep {'causal' if causal else 'full  '} {B:4d}x{L:<5d} fwd {rows[-1]['fwd_tflops']:6.1f}"
+                  f"  bwd {rows[-1]['bwd_tflops']:6.1f} TFLOP/s  (ms {tf:.3f}/{tb:.3f})", flush=True)
+            del q, k, v, dout
+            torch.cuda.empty_cache()
+    return rows
+
+
 def gemm_peak() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -199,7 +230,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--quick", action="store_true", help="first three shapes only")
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="per-kernel time breakdown (torch.profiler) of two shapes")
+    ap.add_argument("--profile", action="store_true", help="per-kernel time breakdown (torch.profiler) of three shapes")
+    ap.add_argument("--sweep", action="store_true",
+                    help=f"also kernel fwd / bwd over L = {SWEEP_LENGTHS} at {SWEEP_TOKENS} tokens, causal and not")
     ap.add_argument("--only", default="", help="regex: benchmark only the shapes whose name matches")
     ap.add_argument("--no-op", action="store_true", help="skip timing the public op (autograd + validation)")
     ap.add_argument("--single-role-forward", action="store_true",
@@ -267,11 +300,13 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.profile:
         profile_breakdown()
+    sweep = length_sweep() if args.sweep else []
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
     result = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "label": args.label, "gemm_bf16_tflops": peak, "dtype": "bfloat16", "causal": True, "rows": rows}  # fmt: skip
+              "label": args.label, "gemm_bf16_tflops": peak, "dtype": "bfloat16", "causal": True, "rows": rows,
+              **({"length_sweep": sweep} if sweep else {})}  # fmt: skip
     (out_dir / f"attention_{tag}.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out_dir / f'attention_{tag}.json'}")
     try:
