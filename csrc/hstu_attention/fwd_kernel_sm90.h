@@ -12,7 +12,8 @@
 //       from the MMA partition of an identity tensor; masks through mask.h (next_key_tile / with_tile_mask)
 //   O += P V  : RS-wgmma, P re-packed in registers as the A operand (same register order: see POperandShape), V
 //       the B operand in MN-major form (head dim contiguous) from a 128B-swizzled MN-major tile
-// Epilogue: O * (1 / N) stored straight from the accumulator, rows past the sequence end skipped.
+// Epilogue: O * (1 / N) staged through the warpgroup's own Q rows, then 16-byte row stores (store_o); rows past the
+// sequence end skipped.
 // Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); compiled for any other target the kernel traps.
 // Shared helpers (CuteElement, rab_value, load_rows_async, wg_gemm, check_sm90_smem_tile, ...): sm90_common.h.
 #pragma once

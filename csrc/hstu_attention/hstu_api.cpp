@@ -39,6 +39,7 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        int64_t group, const std::optional<at::Tensor>& rab) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (T, H, D) CUDA tensor");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "q must be bfloat16 or float16");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0, "q must be 16-byte aligned");
   check_qkv(k, q, "k");
   check_qkv(v, q, "v");
   TORCH_CHECK(seq_offsets.is_cuda() && seq_offsets.scalar_type() == at::kInt && seq_offsets.dim() == 1 &&

@@ -566,8 +566,10 @@ def test_inputs_at_an_unaligned_offset(deterministic):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0 if deterministic else 1e-2, rtol=0 if deterministic else 1.6e-2)
     ext = load_extension()
-    with pytest.raises(RuntimeError, match="16-byte aligned"):
-        ext.hstu_attn_fwd(q, k, v, offsets, 170, 1.0, 170, True, -1, None, None, 1, None, torch.empty_like(q.clone()))
+    aligned = k.clone()
+    for args in ((q, aligned, aligned), (aligned, k, aligned), (aligned, aligned, v)):  # each of q, k, v alone
+        with pytest.raises(RuntimeError, match="16-byte aligned"):
+            ext.hstu_attn_fwd(*args, offsets, 170, 1.0, 170, True, -1, None, None, 1, None, torch.empty_like(aligned))
     torch.cuda.synchronize()
 
 

@@ -204,7 +204,7 @@ def dropout_keep_mask(
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t contiguous and 16-byte aligned (the kernels move 16-byte chunks); a view at an odd element offset is copied."""
+    """t contiguous and 16-byte aligned (the kernels move 16-byte chunks); a view whose start is not is copied."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
