@@ -237,7 +237,8 @@ def main() -> None:
     ap.add_argument("--no-op", action="store_true", help="skip timing the public op (autograd + validation)")
     ap.add_argument("--single-role-forward", action="store_true",
                     help="also time the wgmma forward without warp specialization (HSTU_SM90_FWD_WS=0)")
-    ap.add_argument("--label", default=os.environ.get("HSTU_BENCH_LABEL", "warp-specialized wgmma forward, wgmma backward (v15)"))
+    ap.add_argument("--label", default=os.environ.get(
+        "HSTU_BENCH_LABEL", "warp-specialized wgmma forward, wgmma backward, grouped launch order (v16)"))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a GPU"
     gpu = torch.cuda.get_device_name()

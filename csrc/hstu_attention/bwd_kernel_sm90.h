@@ -53,6 +53,7 @@ struct BwdTraitsSm90 {
   static constexpr int kWarpGroups = 2;
   static constexpr int kThreads = 128 * kWarpGroups;
   static constexpr int kBlockN = 64 * kWarpGroups;  // keys per block, 64 per warpgroup
+  static_assert(kBlockN == kSm90BwdBlockN<kHeadDim_>, "launch.h counts the backward's tiles with kSm90BwdBlockN");
   static constexpr int kBlockM = 64;                // queries per step
   static constexpr int kStages = 2;                 // Q / dO ring
   static constexpr int kDqChunk = 64;               // dQ columns per GEMM (32 accumulator floats / thread)
@@ -168,7 +169,7 @@ struct BwdTiles {
   int64_t row_stride;
 
   __device__ BwdTiles(unsigned char* smem, const AttnParams& p)
-      : w(schedule_block(p, /*reverse=*/false)),
+      : w(schedule_grouped_block(p, (p.max_seqlen + BN - 1) / BN, /*reverse=*/false)),
         n0(w.tile * BN),
         base(static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D),
         k(reinterpret_cast<T*>(smem)),
@@ -438,6 +439,7 @@ struct BwdTraitsSm90Split {
   static constexpr int kWarpGroups = 2;
   static constexpr int kThreads = 128 * kWarpGroups;
   static constexpr int kBlockN = 64;   // keys per block
+  static_assert(kBlockN == kSm90BwdBlockN<256>, "launch.h counts the backward's tiles with kSm90BwdBlockN");
   static constexpr int kBlockM = 64;   // queries per step
   static constexpr int kHalfM = 32;    // queries per warpgroup in stage 1
   static constexpr int kHalfD = 128;   // head-dim columns per warpgroup in stage 2
@@ -834,8 +836,10 @@ void launch_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
   }();
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
         "cudaFuncSetAttribute");
-  const dim3 grid((p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.heads);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  if (p.sched_group < 1) throw std::invalid_argument("hstu attention (sm90 backward): sched_group < 1");
+  const int64_t items = int64_t{(p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN} * p.batch * p.heads;
+  if (items > INT32_MAX) throw std::invalid_argument("hstu attention (sm90 backward): more than 2^31 - 1 tiles");
+  kernel<<<static_cast<unsigned>(items), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);  // schedule_grouped_block
   check(cudaGetLastError(), "launch");
 }
 

@@ -17,6 +17,9 @@ namespace hstu {
 // Head dims with an sm90 backward kernel (the others always run the sm80-style backward).
 template <int kHeadDim>
 inline constexpr bool kSm90BwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
+// Keys per block of the sm90 backward (BwdTraitsSm90 / BwdTraitsSm90Split::kBlockN).
+template <int kHeadDim>
+inline constexpr int kSm90BwdBlockN = kHeadDim == 256 ? 64 : 128;
 
 // One explicit specialisation per (element type, head dim, rab) in instantiations/hstu_bwd_*_sm90.cu. Launches the
 // dk/dv/dq-partial kernel only (atomic-dq path: p.dq_accum != nullptr; no dropout, no drab); the caller (launch.h)

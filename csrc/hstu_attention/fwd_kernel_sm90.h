@@ -55,6 +55,7 @@ struct FwdTraitsSm90 {
   static constexpr int kWarpGroups = 2;
   static constexpr int kThreads = 128 * kWarpGroups;
   static constexpr int kBlockM = 64 * kWarpGroups;        // 64 query rows per warpgroup (one wgmma M)
+  static_assert(kBlockM == kSm90FwdBlockM, "launch.h counts the forward's tiles with kSm90FwdBlockM");
   // Registers per thread: O is 64 x D fp32 per warpgroup = D / 2 floats, S = BN / 2 floats, P = BN / 4 words.
   static constexpr int kBlockN = kHeadDim >= 256 ? 64 : 128;
   static constexpr int kStagesK = 2;  // K_t is free once S_t has retired (step t)
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
   // The 128B-swizzled GMMA tiles need a 1024-byte aligned base (no static shared memory in this kernel).
   if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
 
-  const WorkItem w = schedule_block(p, /*reverse=*/true);
+  const WorkItem w = schedule_grouped_block(p, (p.max_seqlen + BM - 1) / BM, /*reverse=*/true);
   const SeqMask& mk = w.mask;
   const int m0 = w.tile * BM;
   if (m0 >= mk.L) return;  // whole block uniform: no barrier or warpgroup op is skipped by part of it
@@ -294,6 +295,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
     v_slot = v_slot == 2 ? 0 : v_slot + 1;
   }
   cp_async_wait_all();
+  // No key tile at all (the loop did not run): other threads' Q copies may still be landing in the rows store_o
+  // stages O in (each thread waited only for its own).
+  if (v_prev < 0) __syncthreads();
   if (v_prev >= 0) {  // the last tile's O GEMM
     Tensor tOrV = thr_o.partition_fragment_B(sVt(v_prev));
     wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
@@ -357,7 +361,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
                 "barriers fit the reserved bytes");
   if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
 
-  const WorkItem w = schedule_block(p, /*reverse=*/true);
+  const WorkItem w = schedule_grouped_block(p, (p.max_seqlen + BM - 1) / BM, /*reverse=*/true);
   const SeqMask& mk = w.mask;
   const int m0 = w.tile * BM;
   if (m0 >= mk.L) return;  // whole block uniform
@@ -541,7 +545,10 @@ void launch_fwd_sm90(const AttnParams& p, cudaStream_t stream, bool warp_special
     if (err != cudaSuccess)
       throw std::runtime_error(std::string("hstu attention (sm90 forward): ") + what + ": " + cudaGetErrorString(err));
   };
-  const dim3 grid((p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM, p.batch, p.heads);
+  if (p.sched_group < 1) throw std::invalid_argument("hstu attention (sm90 forward): sched_group < 1");
+  const int64_t items = int64_t{(p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM} * p.batch * p.heads;
+  if (items > INT32_MAX) throw std::invalid_argument("hstu attention (sm90 forward): more than 2^31 - 1 tiles");
+  const dim3 grid(static_cast<unsigned>(items));  // schedule_grouped_block
   auto kernel = warp_specialized ? hstu_fwd_sm90_ws_kernel<Tr> : hstu_fwd_sm90_kernel<Tr>;
   const int smem = warp_specialized ? Tr::kSmemBytesWs : Tr::kSmemBytes;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");

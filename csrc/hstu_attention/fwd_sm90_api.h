@@ -10,6 +10,8 @@ namespace hstu {
 // Head dims with an sm90 forward kernel (the others always run the sm80-style kernel).
 template <int kHeadDim>
 inline constexpr bool kSm90FwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
+// Query rows per block of both sm90 forward kernels (FwdTraitsSm90::kBlockM).
+inline constexpr int kSm90FwdBlockM = 128;
 
 // One explicit specialisation per (element type, head dim, rab) in instantiations/hstu_fwd_*_sm90.cu. Forward
 // without dropout only; the caller (launch.h) checks the device, the build and HSTU_SM90_FWD.

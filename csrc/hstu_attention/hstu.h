@@ -37,6 +37,9 @@ struct AttnParams {
   float* __restrict__ dq_accum;
   int64_t total_rows;  // T (tokens)
 
+  // (sequence, head) pairs per group of the sm90 kernels' grouped schedule (tile_scheduler.h), set by launch.h
+  int sched_group;
+
   // row strides (elements) of the (T, H, D) tensors; head stride is D
   int64_t row_stride;
   int batch;

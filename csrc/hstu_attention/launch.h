@@ -99,6 +99,23 @@ inline constexpr bool kBuiltSm90Fwd =
     false;
 #endif
 
+// The parameters of an sm90 kernel launch: p with the launch order (tile_scheduler.h). The grouped order where it
+// measured faster than pair after pair (H200, benchmarks/RESULTS.md v16): launches of at most 1024 tiles (a few
+// waves, whose tail it shortens: the forward at 128,200,1,64 went 16 -> 25 TFLOP/s) and the backward over sequences
+// of 2048 tokens or more (2-4%); elsewhere it was level or 1-4% slower. HSTU_SM90_GROUPED_SCHEDULE=1 / 0 (read at
+// every call) forces one order or the other.
+template <int kHeadDim>
+inline AttnParams with_sm90_schedule(const AttnParams& p, bool backward) {
+  const int tile = backward ? kSm90BwdBlockN<kHeadDim> : kSm90FwdBlockM;
+  const int64_t items = int64_t{(p.max_seqlen + tile - 1) / tile} * p.batch * p.heads;
+  bool grouped = items <= 1024 || (backward && p.max_seqlen >= 2048);
+  if (env_equals("HSTU_SM90_GROUPED_SCHEDULE", "0")) grouped = false;
+  if (env_equals("HSTU_SM90_GROUPED_SCHEDULE", "1")) grouped = true;
+  AttnParams s = p;
+  s.sched_group = grouped ? grouped_schedule_pairs(p.max_seqlen, kHeadDim, p.batch * p.heads) : 1;
+  return s;
+}
+
 template <int kHeadDim>
 inline bool use_sm90_fwd(const AttnParams& p) {
   return use_sm90_kernel<struct Sm90FwdTag, kBuiltSm90Fwd, kSm90FwdHeadDim<kHeadDim>>(
@@ -115,7 +132,8 @@ void launch_fwd(const AttnParams& p, cudaStream_t stream) {
       // The warp-specialized kernel (hstu_fwd_sm90_ws_kernel: a producer warpgroup, mbarrier pipelines, ping-pong
       // consumers) is the faster one on every benchmark shape but 128,200,1,64; HSTU_SM90_FWD_WS=0 (read at every
       // call) takes hstu_fwd_sm90_kernel (all warpgroups load and compute).
-      run_fwd_sm90<Element, kHeadDim, kHasRab>(p, stream, !env_equals("HSTU_SM90_FWD_WS", "0"));
+      run_fwd_sm90<Element, kHeadDim, kHasRab>(with_sm90_schedule<kHeadDim>(p, /*backward=*/false), stream,
+                                               !env_equals("HSTU_SM90_FWD_WS", "0"));
       return;
     }
 #endif
@@ -243,7 +261,8 @@ void launch_bwd(const AttnParams& p, cudaStream_t stream) {
 #if defined(HSTU_WITH_SM90_BWD)
     if constexpr (kSm90BwdHeadDim<kHeadDim>) {
       if (use_sm90_bwd<kHeadDim>(p)) {
-        run_bwd_sm90<Element, kHeadDim, kHasRab>(p, stream);  // dk, dv and the dq workspace; converted below
+        // dk, dv and the dq workspace; converted below
+        run_bwd_sm90<Element, kHeadDim, kHasRab>(with_sm90_schedule<kHeadDim>(p, /*backward=*/true), stream);
         launch_dq_convert<Element, kHeadDim>(p, stream);
         return;
       }

@@ -59,7 +59,7 @@ struct SeqMask {
   // has many of them (8 of a sequence's 36 forward tile steps at 1024 tokens with 128-row / 128-key tiles).
   __device__ __forceinline__ bool tile_causal_only(int m0, int m1, int n0, int n1) const {
     (void)n0;
-    return causal && w < 0 && m0 >= c && m1 <= h && n1 <= L;
+    return causal && w < 0 && m0 >= c && m1 <= h && m1 <= L && n1 <= L;
   }
 
   // The first key tile after tile n (tiles of bn keys, n < n_tiles) that rows [m0, m1) may see; n_tiles if none.
