@@ -63,8 +63,8 @@ else
   ARCHS=(80 90a)
 fi
 # Host self-check of the sm90 forward's and backward's layout assumptions (fragment orders, swizzled tile addressing,
-# the MN-major views of the backward's K-major tiles) for every instantiated (dtype, head dim): built and run in the
-# background while the kernel units compile.
+# the MN-major views of the backward's K-major tiles) for every instantiated (dtype, head dim), and of their grouped
+# launch order (tile_scheduler.h): built and run in the background while the kernel units compile.
 cat >"$WORK/sm90_layouts.cu" <<'CU'
 #include "bwd_kernel_sm90.h"
 #include "fwd_kernel_sm90.h"
@@ -94,7 +94,9 @@ int main() {
   const int bad_bwd = check_bwd<__nv_bfloat16, 64>("bf16") + check_bwd<__nv_bfloat16, 128>("bf16") +
                       check_bwd<__half, 64>("fp16") + check_bwd<__half, 128>("fp16") +
                       check_bwd_split<__nv_bfloat16>("bf16") + check_bwd_split<__half>("fp16");
-  return bad + bad_bwd;
+  const std::string sched = hstu::check_grouped_schedule();
+  if (!sched.empty()) std::printf("[compile_check] grouped launch order: %s\n", sched.c_str());
+  return bad + bad_bwd + !sched.empty();
 }
 CU
 ( "$NVCC" "${COMMON[@]}" -O0 "$WORK/sm90_layouts.cu" -o "$WORK/sm90_layouts" >"$WORK/sm90_layouts.log" 2>&1 &&

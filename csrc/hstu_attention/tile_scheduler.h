@@ -1,6 +1,9 @@
 // Maps thread blocks to (tile, sequence, head) work items of the jagged batch.
 #pragma once
 
+#include <string>
+#include <vector>
+
 #include "hstu.h"
 #include "mask.h"
 
@@ -39,20 +42,59 @@ __device__ __forceinline__ WorkItem schedule_block(const AttnParams& p, bool rev
 }
 
 // The sm90 kernels' grouped schedule: a 1-D grid over tiles x B x heads items (tiles of max_seqlen per sequence).
-// The (sequence, head) pairs form groups of p.sched_group pairs whose items are launched together (their rows stay
-// in L2 while the group's blocks read them and, in the backward, add dq into them); inside a group the pairs' tile
-// 0 comes first, then tile 1, ... (tile t is tiles - 1 - t with `reverse`), so that under a causal mask the longest
-// items start first and the shortest fill the tail of the launch (the forward's last query tiles and the backward's
-// first key tiles see the most). sched_group = 1: pair after pair, as schedule_block.
-__device__ __forceinline__ WorkItem schedule_grouped_block(const AttnParams& p, int tiles, bool reverse) {
-  const int pairs = p.batch * p.heads;
-  const int group_items = p.sched_group * tiles;
-  const int group = static_cast<int>(blockIdx.x) / group_items;
-  const int in_group = min(p.sched_group, pairs - group * p.sched_group);
-  const int r = static_cast<int>(blockIdx.x) - group * group_items;
-  const int pair = group * p.sched_group + r % in_group;
+// The (sequence, head) pairs form groups of `group` pairs whose items are launched together (their rows stay in L2
+// while the group's blocks read them and, in the backward, add dq into them); inside a group the pairs' tile 0 comes
+// first, then tile 1, ... (tile t is tiles - 1 - t with `reverse`), so that under a causal mask the longest items
+// start first and the shortest fill the tail of the launch (the forward's last query tiles and the backward's first
+// key tiles see the most). group = 1: pair after pair, as schedule_block. check_grouped_schedule tests it on the host.
+struct TileCoords {
+  int tile, batch, head;
+};
+__host__ __device__ __forceinline__ TileCoords grouped_tile_coords(int item, int tiles, int batch, int heads,
+                                                                   int group, bool reverse) {
+  const int pairs = batch * heads;
+  const int group_items = group * tiles;
+  const int g = item / group_items;
+  const int in_group = pairs - g * group < group ? pairs - g * group : group;  // the last group may be partial
+  const int r = item - g * group_items;
+  const int pair = g * group + r % in_group;
   const int t = r / in_group;
-  return make_work_item(p, reverse ? tiles - 1 - t : t, pair / p.heads, pair % p.heads);
+  return {reverse ? tiles - 1 - t : t, pair / heads, pair % heads};
+}
+__device__ __forceinline__ WorkItem schedule_grouped_block(const AttnParams& p, int tiles, bool reverse) {
+  const TileCoords c =
+      grouped_tile_coords(static_cast<int>(blockIdx.x), tiles, p.batch, p.heads, p.sched_group, reverse);
+  return make_work_item(p, c.tile, c.batch, c.head);
+}
+
+// Host check of grouped_tile_coords: over a grid of shapes and group sizes (partial last groups included) the items
+// cover every (tile, sequence, head) exactly once, a group's items come tile by tile (longest first with reverse),
+// and group = 1 is pair after pair with tiles in order. Empty string when it passes.
+inline std::string check_grouped_schedule() {
+  for (int tiles : {1, 2, 3, 8, 33})
+    for (int batch : {1, 2, 5, 13})
+      for (int heads : {1, 3, 4})
+        for (int group : {1, 2, 7, 16, 64})
+          for (bool reverse : {false, true}) {
+            const int items = tiles * batch * heads;
+            std::vector<int> seen(items, 0);
+            int prev_pair_group = -1, prev_t = 0;
+            const std::string at = " (tiles " + std::to_string(tiles) + ", batch " + std::to_string(batch) +
+                                   ", heads " + std::to_string(heads) + ", group " + std::to_string(group) + ")";
+            for (int item = 0; item < items; ++item) {
+              const TileCoords c = grouped_tile_coords(item, tiles, batch, heads, group, reverse);
+              if (c.tile < 0 || c.tile >= tiles || c.batch < 0 || c.batch >= batch || c.head < 0 || c.head >= heads)
+                return "item " + std::to_string(item) + " out of range" + at;
+              if (seen[(c.batch * heads + c.head) * tiles + c.tile]++) return "item visited twice" + at;
+              const int pair = c.batch * heads + c.head, t = reverse ? tiles - 1 - c.tile : c.tile;
+              if (pair / group == prev_pair_group && t < prev_t) return "group not tile by tile" + at;
+              if (pair / group < prev_pair_group) return "groups out of order" + at;
+              prev_pair_group = pair / group;
+              prev_t = t;
+              if (group == 1 && item != pair * tiles + t) return "group 1 is not pair after pair" + at;
+            }
+          }
+  return "";
 }
 
 // Pairs per group of the grouped schedule: as many as keep the group's q, k, v, out / dout (2 bytes per element) and
