@@ -102,7 +102,7 @@ inline constexpr bool kBuiltSm90Fwd =
 // The parameters of an sm90 kernel launch: p with the launch order (tile_scheduler.h). The grouped order where it
 // measured faster than pair after pair (H200, benchmarks/RESULTS.md v16): launches of at most 1024 tiles (a few
 // waves, whose tail it shortens: the forward at 128,200,1,64 went 16 -> 25 TFLOP/s) and the backward over sequences
-// of 2048 tokens or more (2-4%); elsewhere it was level or 1-4% slower. HSTU_SM90_GROUPED_SCHEDULE=1 / 0 (read at
+// of 2048 tokens or more (1-4%); elsewhere level or 1-4% slower. HSTU_SM90_GROUPED_SCHEDULE=1 / 0 (read at
 // every call) forces one order or the other.
 template <int kHeadDim>
 inline AttnParams with_sm90_schedule(const AttnParams& p, bool backward) {
