@@ -6,7 +6,11 @@ rounds, median round. The same run measures the bf16 GEMM peak (8192^3) and,
 where it fits in memory, the PyTorch reference. Writes benchmarks/results/attention_<gpu>.json and a PNG.
 
     python benchmarks/bench_attention.py [--out DIR] [--quick] [--no-reference] [--profile] [--sweep]
+                                         [--triton-baseline]
 
+--triton-baseline times Meta's Triton kernel (`triton_hstu_mha` from generative-recommenders, which must be
+importable: pip install it or put a checkout on PYTHONPATH) side by side with these kernels on the shapes without
+contexts, targets or rab, round-robin in the same rounds, and checks that both forwards agree;
 --profile adds a per-kernel breakdown (torch.profiler: forward, backward, the dq workspace's fill and conversion);
 --sweep adds kernel fwd / bwd over sequence lengths at a fixed token count (JSON key "length_sweep").
 """
@@ -109,11 +113,11 @@ def time_impl(fn, q, k, v, offsets, L, kwargs):
     return t_fwd, t_bwd, t_fb
 
 
-def time_kernel(q, k, v, offsets, L, kwargs):
+def time_kernel(q, k, v, offsets, L, kwargs, others=()):
     """The fused kernels called directly (no autograd / argument validation in the timed region).
 
     Backward as the op runs it by default (deterministic=False: atomic dq); also returns the deterministic
-    (split dk/dv + dq kernels) backward time.
+    (split dk/dv + dq kernels) backward time, then the times of `others` (callables timed in the same rounds).
     """
     common = kernel_args(offsets, L, kwargs)
     dout = torch.randn_like(q)
@@ -128,7 +132,30 @@ def time_kernel(q, k, v, offsets, L, kwargs):
         fwd()
         bwd()
 
-    return tuple(do_bench_interleaved([fwd, bwd, fwd_bwd, lambda: bwd(True)]))
+    return tuple(do_bench_interleaved([fwd, bwd, fwd_bwd, lambda: bwd(True), *others]))
+
+
+def triton_baseline():
+    """Meta's Triton HSTU attention (generative-recommenders), or exit with how to get it."""
+    try:
+        from generative_recommenders.ops.triton.triton_hstu_attention import triton_hstu_mha
+    except ImportError as err:
+        raise SystemExit(f"--triton-baseline needs generative-recommenders importable (pip install it, or a checkout "
+                         f"on PYTHONPATH): {err}") from None
+    return triton_hstu_mha
+
+
+def triton_callables(mha, q, k, v, offsets, L, kwargs):
+    """fwd, bwd and fwd+bwd of triton_hstu_mha (causal, no contexts / targets / rab) through its autograd function, as
+    a model calls it; the first call autotunes both passes."""
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    dout = torch.randn_like(q)
+    alpha = kwargs["alpha"]
+    torch.autograd.grad(mha(L, alpha, qg, kg, vg, offsets), (qg, kg, vg), dout)
+    kept = mha(L, alpha, qg, kg, vg, offsets)
+    return (lambda: mha(L, alpha, q, k, v, offsets),
+            lambda: torch.autograd.grad(kept, (qg, kg, vg), dout, retain_graph=True),
+            lambda: torch.autograd.grad(mha(L, alpha, qg, kg, vg, offsets), (qg, kg, vg), dout))
 
 
 @contextlib.contextmanager
@@ -237,11 +264,14 @@ def main() -> None:
     ap.add_argument("--no-op", action="store_true", help="skip timing the public op (autograd + validation)")
     ap.add_argument("--single-role-forward", action="store_true",
                     help="also time the wgmma forward without warp specialization (HSTU_SM90_FWD_WS=0)")
+    ap.add_argument("--triton-baseline", action="store_true",
+                    help="also time Meta's Triton triton_hstu_mha (generative-recommenders) in the same rounds")
     ap.add_argument("--label", default=os.environ.get(
         "HSTU_BENCH_LABEL", "warp-specialized wgmma forward, wgmma backward, grouped launch order (v16)"))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a GPU"
     gpu = torch.cuda.get_device_name()
+    mha = triton_baseline() if args.triton_baseline else None
     rows = []
     peak = gemm_peak()
     print(f"GPU {gpu}  torch {torch.__version__}  CUDA {torch.version.cuda}  bf16 GEMM 8192^3: {peak:.0f} TFLOP/s")
@@ -255,7 +285,19 @@ def main() -> None:
         row = {"shape": name, "B": B, "L": L, "H": H, "D": D, "jagged": jagged, **{k2: v2 for k2, v2 in extra.items()},
                "kernel": "hstu fused (cuda)" if reason is None else f"reference ({reason})"}  # fmt: skip
         if reason is None:
-            tf, tb, tfb, tbd = time_kernel(q, k, v, offsets, L, kwargs)
+            triton_fns = ()
+            if mha is not None and not extra:
+                triton_fns = triton_callables(mha, q, k, v, offsets, L, kwargs)
+                ours = hstu_cuda.forward(q, k, v, *kernel_args(offsets, L, kwargs), 0.0, 0)
+                row["triton_fwd_max_abs_diff"] = float((triton_fns[0]().float() - ours.float()).abs().max())
+            tf, tb, tfb, tbd, *tt = time_kernel(q, k, v, offsets, L, kwargs, triton_fns)
+            if tt:
+                # The ratio uses fwd + bwd time of each (as the issue's baseline numbers): Triton's timed fwd+bwd
+                # callable also carries its Python launch path, which the GPU does not always hide.
+                row.update(triton_fwd_ms=tt[0], triton_bwd_ms=tt[1], triton_fwdbwd_ms=tt[2],
+                           triton_fwd_tflops=fl / tt[0] / 1e9, triton_bwd_tflops=2.5 * fl / tt[1] / 1e9,
+                           triton_fwdbwd_tflops=3.5 * fl / tt[2] / 1e9,
+                           speedup_vs_triton_fwdbwd=(tt[0] + tt[1]) / (tf + tb))  # fmt: skip
             row.update(bwd_det_ms=tbd, bwd_det_tflops=2.5 * fl / tbd / 1e9, sm90_forward=hstu_cuda.sm90_forward_enabled())
             if row["sm90_forward"] and D != 32:  # the same run's mma.sync forward, for comparison
                 with env_set("HSTU_SM90_FWD", "0"):
@@ -295,6 +337,9 @@ def main() -> None:
               + (f"  fwd(1-role) {row['fwd_single_role_tflops']:.1f}" if "fwd_single_role_tflops" in row else "")
               + (f"  bwd(sm80) {row['bwd_sm80_tflops']:.1f}" if "bwd_sm80_tflops" in row else "")
               + (f"  op fwd+bwd {row['op_fwdbwd_tflops']:.1f}" if "op_fwdbwd_tflops" in row else "")
+              + (f"  triton {row['triton_fwd_tflops']:.1f}/{row['triton_bwd_tflops']:.1f}/"
+                 f"{row['triton_fwdbwd_tflops']:.1f} (fwd+bwd time x{row['speedup_vs_triton_fwdbwd']:.2f},"
+                 f" fwd diff {row['triton_fwd_max_abs_diff']:.2g})" if "triton_fwd_tflops" in row else "")
               + (f"  ref {row['ref_fwd_tflops']:.1f}/{row['ref_bwd_tflops']:.1f}/{row['ref_fwdbwd_tflops']:.1f}"
                  if "ref_fwd_tflops" in row else ""), flush=True)  # fmt: skip
         del q, k, v
@@ -321,6 +366,8 @@ def main() -> None:
         width = 0.14
         series = [("fwd_tflops", "fwd"), ("bwd_tflops", "bwd"), ("fwdbwd_tflops", "fwd+bwd"),
                   ("ref_fwd_tflops", "torch ref fwd"), ("ref_fwdbwd_tflops", "torch ref fwd+bwd")]  # fmt: skip
+        if any("triton_fwdbwd_tflops" in r for r in rows):
+            series[3:] = [("triton_fwd_tflops", "Triton fwd"), ("triton_fwdbwd_tflops", "Triton fwd+bwd")]
         for s, (key, label) in enumerate(series):
             ax.bar([i + (s - 2) * width for i in range(len(rows))], [r.get(key, 0) for r in rows], width, label=label)
         ax.axhline(peak, color="k", ls="--", lw=1, label=f"bf16 GEMM {peak:.0f}")
