@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hstu.ops import attention_mask, hstu_attention, lengths_to_offsets
+from hstu.ops._validation import to_host
 from hstu.ops.hstu_attention.reference import dropout_keep_mask, hstu_attention_reference
 from tests.ops.dense_attention import dense_hstu_attention, mask_matrix, visible
 
@@ -244,6 +245,52 @@ class TestBadInputs:
     def test_raises_naming_the_argument(self, overrides, error, match):
         with pytest.raises(error, match=match):
             self.call(**overrides)
+
+    def test_checked_offsets_are_not_copied_to_the_host_again(self, monkeypatch):
+        """A layer stack calls the op once per layer with the same index tensors: their values go to the host once."""
+        from hstu.ops.hstu_attention import op
+
+        copies = []
+        monkeypatch.setattr(op, "to_host", lambda *t: copies.append(len(t)) or to_host(*t))
+        targets = torch.tensor([1, 0])
+        for _ in range(3):
+            self.call(num_targets=targets)
+        assert len(copies) == 1
+        self.call(num_targets=targets, max_seqlen=9)  # a looser bound needs no new copy
+        with pytest.raises(ValueError, match="max_seqlen=3 is less than the longest"):
+            self.call(num_targets=targets, max_seqlen=3)  # the cached longest length still bounds it
+        assert len(copies) == 1
+        self.call(num_targets=torch.tensor([1, 0]))  # another targets tensor: checked again
+        self.call()
+        assert len(copies) == 3
+
+    @pytest.mark.parametrize(
+        "write,match",
+        [
+            (lambda offsets, targets: offsets.__setitem__(1, 7), "non-decreasing"),
+            (lambda offsets, targets: offsets[2:].fill_(5), r"seq_offsets\[-1\] must equal"),  # through a view
+            (lambda offsets, targets: targets.__setitem__(0, 3), r"num_targets\[0\]=3 exceeds"),
+        ],
+    )
+    def test_index_tensors_written_in_place_are_checked_again(self, write, match):
+        targets = torch.tensor([1, 0])
+        self.call(num_targets=targets)
+        write(self.offsets, targets)
+        with pytest.raises(ValueError, match=match):
+            self.call(num_targets=targets)
+
+    def test_checked_offsets_with_other_rows_are_checked_again(self):
+        self.call()
+        q = torch.randn(7, 2, 8)
+        with pytest.raises(ValueError, match=r"seq_offsets\[-1\] must equal the number of rows 7"):
+            self.call(q=q, k=q, v=q)
+
+    def test_inference_tensors_are_checked_every_time(self):
+        with torch.inference_mode():
+            offsets = torch.tensor([0, 2, 6])
+            self.call(seq_offsets=offsets)
+            with pytest.raises(ValueError, match=r"num_targets\[0\]=3 exceeds"):
+                self.call(seq_offsets=offsets, num_targets=torch.tensor([3, 0]))
 
     def test_mixed_devices(self):
         with pytest.raises(ValueError, match="seq_offsets is on meta"):

@@ -8,10 +8,12 @@ reference recomputes the forward under autograd, so both paths share the same cu
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hstu.ops._extension import load_extension, warn_once
 from hstu.ops._validation import (
@@ -170,6 +172,62 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("hstu::hstu_attention_forward", _backward, setup_context=_setup_context)
 
 
+# Value checks of index tensors that passed, per seq_offsets tensor. A model calls the op once per layer with the
+# same offsets, contexts and targets; the check needs their values on the host, a device-to-host copy that waits for
+# the device and leaves the launch queue empty. So only the first call per batch pays it. An entry records the
+# version counters of the tensors it checked (in-place writes, also through views, bump them) and holds no
+# reference: it goes with the offsets tensor. Inference tensors have no version counter and are checked every time.
+_checked_offsets = WeakIdKeyDictionary()
+
+
+def _version_key(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    return None if t is None else (weakref.ref(t), t._version)
+
+
+def _same_version(key: Optional[tuple], t: Optional[torch.Tensor]) -> bool:
+    if key is None or t is None:
+        return key is None and t is None
+    return key[0]() is t and key[1] == t._version
+
+
+def _checked_longest(seq_offsets: torch.Tensor, rows: int, num_contexts: Optional[torch.Tensor],
+                     num_targets: Optional[torch.Tensor]) -> int:
+    """The longest sequence of seq_offsets after checking the offsets (start at 0, non-decreasing, end at `rows`),
+    the targets (0 <= num_targets <= length) and the contexts (0 <= num_contexts <= length - num_targets); raises
+    ValueError naming the argument. Cached: see _checked_offsets."""
+    cacheable = not any(t is not None and t.is_inference() for t in (seq_offsets, num_contexts, num_targets))
+    entry = _checked_offsets.get(seq_offsets) if cacheable else None
+    if (entry is not None and entry[0] == seq_offsets._version and entry[1] == rows
+            and _same_version(entry[3], num_contexts) and _same_version(entry[4], num_targets)):  # fmt: skip
+        return entry[2]
+    # One device-to-host copy for every value check.
+    offsets_host, contexts, targets = to_host(seq_offsets, num_contexts, num_targets)
+    check_offsets_values("seq_offsets", offsets_host, total=rows)
+    lengths = lengths_of(offsets_host)
+    longest = int(lengths.max()) if lengths.numel() > 0 else 0
+    if targets is None:
+        targets = torch.zeros_like(lengths)
+    if bool((targets < 0).any()):
+        raise ValueError("num_targets must be non-negative")
+    if bool((targets > lengths).any()):
+        b = int(torch.nonzero(targets > lengths)[0])
+        raise ValueError(f"num_targets[{b}]={int(targets[b])} exceeds the sequence length {int(lengths[b])}")
+    if contexts is not None:
+        if bool((contexts < 0).any()):
+            raise ValueError("num_contexts must be non-negative")
+        history = lengths - targets
+        if bool((contexts > history).any()):
+            b = int(torch.nonzero(contexts > history)[0])
+            raise ValueError(
+                f"num_contexts[{b}]={int(contexts[b])} exceeds the non-target length {int(history[b])} "
+                "(contexts must come before the targets)"
+            )
+    if cacheable:
+        _checked_offsets[seq_offsets] = (seq_offsets._version, rows, longest, _version_key(num_contexts),
+                                         _version_key(num_targets))  # fmt: skip
+    return longest
+
+
 def _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
               num_targets, target_group_size, rab, dropout_p):  # fmt: skip
     q = check_float_tensor("q", q, 3, SUPPORTED_DTYPES)
@@ -219,30 +277,9 @@ def _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, w
                       num_targets=num_targets, rab=rab)  # fmt: skip
 
     if values_are_concrete(seq_offsets, num_contexts, num_targets):
-        # One device-to-host copy for every value check: the op runs once per layer in the training loop.
-        offsets_host, contexts, targets = to_host(seq_offsets, num_contexts, num_targets)
-        check_offsets_values("seq_offsets", offsets_host, total=q.shape[0])
-        lengths = lengths_of(offsets_host)
-        longest = int(lengths.max()) if batch > 0 else 0
+        longest = _checked_longest(seq_offsets, q.shape[0], num_contexts, num_targets)
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is less than the longest sequence ({longest})")
-        if targets is None:
-            targets = torch.zeros_like(lengths)
-        if bool((targets < 0).any()):
-            raise ValueError("num_targets must be non-negative")
-        if bool((targets > lengths).any()):
-            b = int(torch.nonzero(targets > lengths)[0])
-            raise ValueError(f"num_targets[{b}]={int(targets[b])} exceeds the sequence length {int(lengths[b])}")
-        if contexts is not None:
-            if bool((contexts < 0).any()):
-                raise ValueError("num_contexts must be non-negative")
-            history = lengths - targets
-            if bool((contexts > history).any()):
-                b = int(torch.nonzero(contexts > history)[0])
-                raise ValueError(
-                    f"num_contexts[{b}]={int(contexts[b])} exceeds the non-target length {int(history[b])} "
-                    "(contexts must come before the targets)"
-                )
     return q, k, v, seq_offsets, max_seqlen, scaling_seqlen, window_size, target_group_size, num_contexts, num_targets, rab
 
 
