@@ -9,7 +9,7 @@ reference recomputes the forward under autograd, so both paths share the same cu
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +177,14 @@ torch.library.register_autograd("hstu::hstu_attention_forward", _backward, setup
 # the device and leaves the launch queue empty. So only the first call per batch pays it. An entry records the
 # version counters of the tensors it checked (in-place writes, also through views, bump them) and holds no
 # reference: it goes with the offsets tensor. Inference tensors have no version counter and are checked every time.
+class _CheckedIndices(NamedTuple):
+    offsets_version: int
+    rows: int
+    longest: int
+    contexts: Optional[tuple]  # _version_key of num_contexts
+    targets: Optional[tuple]  # _version_key of num_targets
+
+
 _checked_offsets = WeakIdKeyDictionary()
 
 
@@ -197,9 +205,9 @@ def _checked_longest(seq_offsets: torch.Tensor, rows: int, num_contexts: Optiona
     ValueError naming the argument. Cached: see _checked_offsets."""
     cacheable = not any(t is not None and t.is_inference() for t in (seq_offsets, num_contexts, num_targets))
     entry = _checked_offsets.get(seq_offsets) if cacheable else None
-    if (entry is not None and entry[0] == seq_offsets._version and entry[1] == rows
-            and _same_version(entry[3], num_contexts) and _same_version(entry[4], num_targets)):  # fmt: skip
-        return entry[2]
+    if (entry is not None and entry.offsets_version == seq_offsets._version and entry.rows == rows
+            and _same_version(entry.contexts, num_contexts) and _same_version(entry.targets, num_targets)):  # fmt: skip
+        return entry.longest
     # One device-to-host copy for every value check.
     offsets_host, contexts, targets = to_host(seq_offsets, num_contexts, num_targets)
     check_offsets_values("seq_offsets", offsets_host, total=rows)
@@ -223,8 +231,8 @@ def _checked_longest(seq_offsets: torch.Tensor, rows: int, num_contexts: Optiona
                 "(contexts must come before the targets)"
             )
     if cacheable:
-        _checked_offsets[seq_offsets] = (seq_offsets._version, rows, longest, _version_key(num_contexts),
-                                         _version_key(num_targets))  # fmt: skip
+        _checked_offsets[seq_offsets] = _CheckedIndices(seq_offsets._version, rows, longest,
+                                                        _version_key(num_contexts), _version_key(num_targets))
     return longest
 
 
