@@ -69,10 +69,12 @@ cat >"$WORK/sm90_layouts.cu" <<'CU'
 #include "bwd_kernel_sm90.h"
 #include "fwd_kernel_sm90.h"
 #include <cstdio>
-template <typename E, int D>
+template <typename E, int D, int kWarpGroups = 2>
 int check(const char* name) {
-  const std::string e = hstu::sm90::check_sm90_traits<hstu::sm90::FwdTraitsSm90<E, D, false>>();
-  if (!e.empty()) std::printf("[compile_check] sm90 forward layouts %s hdim%d: %s\n", name, D, e.c_str());
+  const std::string e = hstu::sm90::check_sm90_traits<hstu::sm90::FwdTraitsSm90<E, D, false, kWarpGroups>>();
+  if (!e.empty())
+    std::printf("[compile_check] sm90 forward layouts %s hdim%d (%d consumer warpgroups): %s\n", name, D, kWarpGroups,
+                e.c_str());
   return e.empty() ? 0 : 1;
 }
 template <typename E, int D>
@@ -90,7 +92,8 @@ int check_bwd_split(const char* name) {
 int main() {
   const int bad = check<__nv_bfloat16, 64>("bf16") + check<__nv_bfloat16, 128>("bf16") +
                   check<__nv_bfloat16, 256>("bf16") + check<__half, 64>("fp16") + check<__half, 128>("fp16") +
-                  check<__half, 256>("fp16");
+                  check<__half, 256>("fp16") + check<__nv_bfloat16, 64, 1>("bf16") +
+                  check<__nv_bfloat16, 128, 1>("bf16") + check<__half, 64, 1>("fp16") + check<__half, 128, 1>("fp16");
   const int bad_bwd = check_bwd<__nv_bfloat16, 64>("bf16") + check_bwd<__nv_bfloat16, 128>("bf16") +
                       check_bwd<__half, 64>("fp16") + check_bwd<__half, 128>("fp16") +
                       check_bwd_split<__nv_bfloat16>("bf16") + check_bwd_split<__half>("fp16");

@@ -173,6 +173,16 @@ def env_set(name: str, value: str):
             os.environ[name] = previous
 
 
+def forward_with_env(name: str, value: str, q, k, v, common):
+    """The kernel forward with the launcher switch `name` set to `value` at each call (for interleaved timing)."""
+
+    def run():
+        os.environ[name] = value
+        return hstu_cuda.forward(q, k, v, *common, 0.0, 0)
+
+    return run
+
+
 def time_kernel_forward(q, k, v, offsets, L, kwargs) -> float:
     common = kernel_args(offsets, L, kwargs)
     return do_bench(lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0))
@@ -233,13 +243,21 @@ def length_sweep(H: int = 4, D: int = 128) -> list[dict]:
             kwargs["causal"] = causal
             common = kernel_args(offsets, L, kwargs)
             dout = torch.randn_like(q)
-            tf, tb = do_bench_interleaved([lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0),
-                                           lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False)])
+            fns = [lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0),
+                   lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False)]
+            if hstu_cuda.sm90_forward_enabled() and D <= 128:  # both warp-specialized forward shapes, forced
+                fns += [forward_with_env("HSTU_SM90_FWD_TWO_PER_SM", v_, q, k, v, common) for v_ in ("0", "1")]
+            tf, tb, *tws = do_bench_interleaved(fns)
+            os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM", None)
             fl = flops_fwd(lengths, H, D, causal)
             rows.append({"B": B, "L": L, "H": H, "D": D, "causal": causal, "fwd_ms": tf, "bwd_ms": tb,
-                         "fwd_tflops": fl / tf / 1e9, "bwd_tflops": 2.5 * fl / tb / 1e9})  # fmt: skip
+                         "fwd_tflops": fl / tf / 1e9, "bwd_tflops": 2.5 * fl / tb / 1e9,
+                         **({"fwd_ping_pong_tflops": fl / tws[0] / 1e9, "fwd_two_per_sm_tflops": fl / tws[1] / 1e9}
+                            if tws else {})})  # fmt: skip
             print(f"  sweep {'causal' if causal else 'full  '} {B:4d}x{L:<5d} fwd {rows[-1]['fwd_tflops']:6.1f}"
-                  f"  bwd {rows[-1]['bwd_tflops']:6.1f} TFLOP/s  (ms {tf:.3f}/{tb:.3f})", flush=True)
+                  f"  bwd {rows[-1]['bwd_tflops']:6.1f} TFLOP/s  (ms {tf:.3f}/{tb:.3f})"
+                  + (f"  fwd ping-pong {fl / tws[0] / 1e9:6.1f}  two per SM {fl / tws[1] / 1e9:6.1f}" if tws else ""),
+                  flush=True)  # fmt: skip
             del q, k, v, dout
             torch.cuda.empty_cache()
     return rows
@@ -267,8 +285,14 @@ def main() -> None:
     ap.add_argument("--triton-baseline", action="store_true",
                     help="also time Meta's Triton triton_hstu_mha (generative-recommenders) in the same rounds")
     ap.add_argument("--label", default=os.environ.get(
-        "HSTU_BENCH_LABEL", "warp-specialized wgmma forward, wgmma backward, grouped launch order (v16)"))
+        "HSTU_BENCH_LABEL", "warp-specialized wgmma forward (two per SM up to 256 tokens), wgmma backward, partial "
+        "tiles without the exact mask (v17)"))
+    ap.add_argument("--plot", metavar="JSON", help="only redraw the PNG of a saved results JSON (next to it)")
     args = ap.parse_args()
+    if args.plot:
+        path = pathlib.Path(args.plot)
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return
     assert torch.cuda.is_available(), "needs a GPU"
     gpu = torch.cuda.get_device_name()
     mha = triton_baseline() if args.triton_baseline else None
@@ -303,6 +327,11 @@ def main() -> None:
                 with env_set("HSTU_SM90_FWD", "0"):
                     t80 = time_kernel_forward(q, k, v, offsets, L, kwargs)
                 row.update(fwd_sm80_ms=t80, fwd_sm80_tflops=fl / t80 / 1e9)
+                if D <= 128:  # both warp-specialized shapes, whichever the launcher picks here
+                    for key, value in (("ping_pong", "0"), ("two_per_sm", "1")):
+                        with env_set("HSTU_SM90_FWD_TWO_PER_SM", value):
+                            t1 = time_kernel_forward(q, k, v, offsets, L, kwargs)
+                        row.update({f"fwd_{key}_ms": t1, f"fwd_{key}_tflops": fl / t1 / 1e9})
                 if args.single_role_forward:  # the wgmma forward without warp specialization
                     with env_set("HSTU_SM90_FWD_WS", "0"):
                         t1 = time_kernel_forward(q, k, v, offsets, L, kwargs)
@@ -335,7 +364,10 @@ def main() -> None:
               + (f"  bwd(det) {row['bwd_det_tflops']:.1f}" if "bwd_det_tflops" in row else "")
               + (f"  fwd(sm80) {row['fwd_sm80_tflops']:.1f}" if "fwd_sm80_tflops" in row else "")
               + (f"  fwd(1-role) {row['fwd_single_role_tflops']:.1f}" if "fwd_single_role_tflops" in row else "")
+              + (f"  fwd(ping-pong / two per SM) {row['fwd_ping_pong_tflops']:.1f} / {row['fwd_two_per_sm_tflops']:.1f}"
+                 if "fwd_two_per_sm_tflops" in row else "")
               + (f"  bwd(sm80) {row['bwd_sm80_tflops']:.1f}" if "bwd_sm80_tflops" in row else "")
+
               + (f"  op fwd+bwd {row['op_fwdbwd_tflops']:.1f}" if "op_fwdbwd_tflops" in row else "")
               + (f"  triton {row['triton_fwd_tflops']:.1f}/{row['triton_bwd_tflops']:.1f}/"
                  f"{row['triton_fwdbwd_tflops']:.1f} (fwd+bwd time x{row['speedup_vs_triton_fwdbwd']:.2f},"
@@ -355,32 +387,38 @@ def main() -> None:
               **({"length_sweep": sweep} if sweep else {})}  # fmt: skip
     (out_dir / f"attention_{tag}.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out_dir / f'attention_{tag}.json'}")
+    plot(result, out_dir / f"attention_{tag}.png")
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+    """Bar chart of a results JSON (fwd, bwd, fwd+bwd per shape, the PyTorch reference or the Triton baseline, the
+    GEMM peak): written by every run, and by `--plot JSON` for a saved one."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(11, 4.5))
-        names = [r["shape"] for r in rows]
-        width = 0.14
-        series = [("fwd_tflops", "fwd"), ("bwd_tflops", "bwd"), ("fwdbwd_tflops", "fwd+bwd"),
-                  ("ref_fwd_tflops", "torch ref fwd"), ("ref_fwdbwd_tflops", "torch ref fwd+bwd")]  # fmt: skip
-        if any("triton_fwdbwd_tflops" in r for r in rows):
-            series[3:] = [("triton_fwd_tflops", "Triton fwd"), ("triton_fwdbwd_tflops", "Triton fwd+bwd")]
-        for s, (key, label) in enumerate(series):
-            ax.bar([i + (s - 2) * width for i in range(len(rows))], [r.get(key, 0) for r in rows], width, label=label)
-        ax.axhline(peak, color="k", ls="--", lw=1, label=f"bf16 GEMM {peak:.0f}")
-        ax.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
-        ax.set_ylabel("TFLOP/s")
-        ax.set_title(f"HSTU attention, causal, bf16 — {gpu}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"attention_{tag}.png", dpi=110)
-        print(f"wrote {out_dir / f'attention_{tag}.png'}")
     except ImportError:
         print("matplotlib not installed: no PNG")
-
+        return
+    rows, peak = result["rows"], result["gemm_bf16_tflops"]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    names = [r["shape"] for r in rows]
+    width = 0.14
+    series = [("fwd_tflops", "fwd"), ("bwd_tflops", "bwd"), ("fwdbwd_tflops", "fwd+bwd"),
+              ("ref_fwd_tflops", "torch ref fwd"), ("ref_fwdbwd_tflops", "torch ref fwd+bwd")]  # fmt: skip
+    if any("triton_fwdbwd_tflops" in r for r in rows):
+        series[3:] = [("triton_fwd_tflops", "Triton fwd"), ("triton_fwdbwd_tflops", "Triton fwd+bwd")]
+    for s, (key, label) in enumerate(series):
+        ax.bar([i + (s - 2) * width for i in range(len(rows))], [r.get(key, 0) for r in rows], width, label=label)
+    ax.axhline(peak, color="k", ls="--", lw=1, label=f"bf16 GEMM {peak:.0f}")
+    ax.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"HSTU attention, causal, bf16 — {result['gpu']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

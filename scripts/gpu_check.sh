@@ -8,8 +8,8 @@
 # HSTU_TEST_K (a pytest -k expression), HSTU_BENCH_ARGS (extra benchmark arguments). On sm_90 the warp-specialized
 # wgmma forward and the wgmma backward are the defaults (HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 opt out of wgmma,
 # HSTU_SM90_FWD_WS=0 out of warp specialization); the sanitizer runs each eligible backward case on both backwards
-# and the forward cases also on the single-role wgmma forward, and the benchmark times the mma.sync kernels next to
-# them. On the lent machine run it as
+# and the forward cases also on the single-role and ping-pong wgmma forwards, and the benchmark times the mma.sync
+# kernels next to them. On the lent machine run it as
 #   source .device/wheels/setup.sh && bash scripts/gpu_check.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -184,15 +184,17 @@ for dim, rab_heads, causal, window, tgt, rab_grad in [(64, 1, True, -1, True, Tr
         os.environ["HSTU_SM90_BWD"] = sm90_bwd
         grads = cuda.backward(torch.randn_like(out), *args[:13], rab is not None and rab_grad, 0.0, 0, deterministic)
         assert all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
-# the single-role wgmma forward (HSTU_SM90_FWD_WS=0; the cases above ran the default warp-specialized one)
-os.environ["HSTU_SM90_FWD_WS"] = "0"
-for dim in (64, 128, 256):
-    q, k, v = (torch.randn(200, 2, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    rab = torch.randn(4, 2, 131, 131, device="cuda", dtype=torch.bfloat16)
-    nt = torch.tensor([0, 1, 7, 20], dtype=torch.int32, device="cuda")
-    out = cuda.forward(q, k, v, offsets, 130, 0.125, 130, True, -1, None, nt, 2, rab, 0.0, 0)
-    assert bool(torch.isfinite(out).all())
-os.environ.pop("HSTU_SM90_FWD_WS")
+# the other sm90 forwards (the cases above ran the default: at these lengths, head dims 64 / 128, the two-per-SM
+# warp-specialized shape): the single-role kernel, then the ping-pong one
+for switch in ("HSTU_SM90_FWD_WS", "HSTU_SM90_FWD_TWO_PER_SM"):
+    os.environ[switch] = "0"
+    for dim in (64, 128, 256):
+        q, k, v = (torch.randn(200, 2, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        rab = torch.randn(4, 2, 131, 131, device="cuda", dtype=torch.bfloat16)
+        nt = torch.tensor([0, 1, 7, 20], dtype=torch.int32, device="cuda")
+        out = cuda.forward(q, k, v, offsets, 130, 0.125, 130, True, -1, None, nt, 2, rab, 0.0, 0)
+        assert bool(torch.isfinite(out).all())
+    os.environ.pop(switch)
 torch.cuda.synchronize()
 print("sanitize case done")
 PY

@@ -364,7 +364,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
         tKVrP32(e2) = pack2<Element>(pv[0], pv[1]);
       }
     };
-    with_tile_mask</*kCausalPath=*/true>(mk, m0, m0 + BM, wn0, wn0 + 64, pointwise_p);
+    constexpr bool kCausalPath = true, kZeroOutside = !Tr::kHasRab;  // zero-filled rows past the end: P = dS = 0
+    with_tile_mask<kCausalPath, kZeroOutside>(mk, m0, m0 + BM, wn0, wn0 + 64, pointwise_p);
 
     Tensor tKVrdO = thr_kv.partition_fragment_B(tiles.sdOt(stage));
     wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrP, tKVrdO, tKVrdV);
@@ -582,7 +583,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
             pack2<Element>(pv[0], pv[1]);
       }
     };
-    with_tile_mask</*kCausalPath=*/true>(mk, m0 + wq, m0 + wq + Tr::kHalfM, n0, n0 + BN, pointwise_p);
+    constexpr bool kCausalPath = true, kZeroOutside = !Tr::kHasRab;
+    with_tile_mask<kCausalPath, kZeroOutside>(mk, m0 + wq, m0 + wq + Tr::kHalfM, n0, n0 + BN, pointwise_p);
     wg_wait<0>(tSrdP);
     CUTE_UNROLL
     for (int e = 0; e < size(tSrdP) / 2; ++e) {

@@ -46,18 +46,24 @@
 namespace hstu {
 namespace sm90 {
 
-template <typename Element_, int kHeadDim_, bool kHasRab_>
+// kWarpGroups_: consumer warpgroups per block. 2: the default (128 query rows, ping-pong in the warp-specialized
+// kernel, one block per SM). 1: the warp-specialized kernel's short-sequence shape (Sm90FwdKernel::kTwoPerSm, head
+// dims 64 / 128): 64 query rows and 64-key tiles, 96 KB of shared memory at head dim 128, so two blocks share an SM
+// and one block's prologue (Q and first K / V loads) and epilogue run under the other's GEMMs. (128-key tiles with
+// one K and two V slots, 112 KB, also fit two per SM; measured slower than both, RESULTS.md v17.)
+template <typename Element_, int kHeadDim_, bool kHasRab_, int kWarpGroups_ = 2>
 struct FwdTraitsSm90 {
   using Element = Element_;                               // CUDA type (global memory, helpers of utils.h)
   using T = typename CuteElement<Element>::type;          // the same bits as a CuTe type (GMMA atoms, smem)
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kHasRab = kHasRab_;
-  static constexpr int kWarpGroups = 2;
+  static constexpr int kWarpGroups = kWarpGroups_;
+  static_assert(kWarpGroups == 2 || (kWarpGroups == 1 && kHeadDim <= 128), "consumer warpgroups: 2, or 1 at D <= 128");
   static constexpr int kThreads = 128 * kWarpGroups;
   static constexpr int kBlockM = 64 * kWarpGroups;        // 64 query rows per warpgroup (one wgmma M)
-  static_assert(kBlockM == kSm90FwdBlockM, "launch.h counts the forward's tiles with kSm90FwdBlockM");
+  static_assert(kWarpGroups != 2 || kBlockM == kSm90FwdBlockM, "launch.h's launch order counts 128-row tiles");
   // Registers per thread: O is 64 x D fp32 per warpgroup = D / 2 floats, S = BN / 2 floats, P = BN / 4 words.
-  static constexpr int kBlockN = kHeadDim >= 256 ? 64 : 128;
+  static constexpr int kBlockN = (kHeadDim >= 256 || kWarpGroups == 1) ? 64 : 128;
   static constexpr int kStagesK = 2;  // K_t is free once S_t has retired (step t)
   static constexpr int kStagesV = 3;  // V_t is read by step t + 1's O GEMM, and step t + 1 already loads tile t + 2
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim 64, 128 or 256");
@@ -100,6 +106,17 @@ struct FwdTraitsSm90 {
   static constexpr int kTileBytesWs = (kSizeQ + kStagesWsK * kSizeK + kStagesWsV * kSizeV) * 2;  // 96 / 192 / 224 KB
   static constexpr int kSmemBytesWs = kTileBytesWs + 256;
   static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesWs <= 227 * 1024, "shared memory per block on sm_90");
+  // Warp-specialized kernel: blocks per SM and the setmaxnreg split of the roles. The registers move within the
+  // block's launch allocation (65536 / blocks per SM / threads, in steps of 8: 168 per thread with two consumer
+  // warpgroups, 128 with one), so the producer must give back exactly what the consumers take, or their allocation
+  // waits forever.
+  static constexpr int kBlocksPerSmWs = kWarpGroups == 1 ? 2 : 1;
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = kWarpGroups == 1 ? 216 : 232;
+  static_assert(128 * kProducerRegs + kThreads * kConsumerRegs ==
+                    (kThreads + 128) * (65536 / kBlocksPerSmWs / (kThreads + 128) / 8 * 8),
+                "register budget of the block");
+  static_assert(kBlocksPerSmWs * (kSmemBytesWs + 1024) <= 228 * 1024, "shared memory of the blocks sharing an SM");
 };
 
 // The A-operand fragment of O = P V has the same per-thread register order as the accumulator fragment of S:
@@ -120,12 +137,13 @@ __host__ __device__ __forceinline__ constexpr int q_tile_offset(int r, int c) {
 // The pointwise stage of key tile n0 for the rows [wm0, wm0 + 64) a warpgroup owns, in place on its S accumulator
 // (coordinates relative to the block's first row m0): P = SiLU(alpha (S + rab)), zero where the mask hides (i, j).
 // with_tile_mask: tiles wholly visible for these rows skip every mask / bounds test, causal diagonal tiles test j <= i
-// alone.
+// alone; without rab, rows and keys past the sequence end (zero-filled Q / K rows) give P = 0 on any path.
 template <typename Tr, typename FragS, typename CoordS>
 __device__ __forceinline__ void fwd_pointwise(const AttnParams& p, const SeqMask& mk, int batch, int hr, int m0,
                                               int wm0, int n0, FragS& tSrS, CoordS const& tScS) {
   using namespace cute;
-  with_tile_mask</*kCausalPath=*/true>(mk, wm0, wm0 + 64, n0, n0 + Tr::kBlockN, [&](auto mask_tag) {
+  constexpr bool kCausalPath = true, kZeroOutside = !Tr::kHasRab;
+  with_tile_mask<kCausalPath, kZeroOutside>(mk, wm0, wm0 + 64, n0, n0 + Tr::kBlockN, [&](auto mask_tag) {
     constexpr TileMask kMask = decltype(mask_tag)::value;
     CUTE_UNROLL
     for (int e = 0; e < size(tSrS); ++e) {
@@ -319,12 +337,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
 // (S_t with O += P_{t-1} V_{t-1}) and epilogue as hstu_fwd_sm90_kernel, and no block-wide barrier in the loop.
 // Ping-pong: the consumers take turns to issue their GEMMs (named barriers kTurnBarrier + w, 256 threads: one group
 // syncs while the other arrives), so one group's pointwise stage runs under the other's GEMMs.
+// With one consumer warpgroup (FwdTraitsSm90<..., 1>) there is no turn to take: the two blocks sharing the SM
+// interleave on their own.
 constexpr int kTurnBarrier = 1;  // named barriers 1 and 2 (0 is __syncthreads)
-// setmaxnreg of the two roles. The registers move within the block's launch allocation (168 per thread under
-// __launch_bounds__(384, 1)): the producer must give back exactly what the consumers take, or their allocation
-// waits forever.
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-static_assert(128 * kProducerRegs + 256 * kConsumerRegs == 384 * 168, "register budget of the block");
 
 #if defined(HSTU_SM90_DEVICE)
 // A PipelineAsync's parameters as this thread sees them: the producer warpgroup's 128 threads fill a slot, the
@@ -340,7 +355,7 @@ __device__ __forceinline__ typename Pipe::Params ws_pipeline_params(bool produce
 #endif
 
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_fwd_sm90_ws_kernel(const AttnParams p) {
 #if defined(HSTU_SM90_DEVICE)
   using namespace cute;
   using Element = typename Tr::Element;
@@ -382,7 +397,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
   };
 
   if (producer) {
-    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
     const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
     auto sq = cutlass::make_producer_start_state<PipeQ>();
@@ -408,7 +423,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
     return;
   }
 
-  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
   const int ctid = tid - 128;  // 0..255 over the two consumer warpgroups
   const int cwg = ctid / 128;
   typename Tr::MmaS mma_s;
@@ -430,23 +445,24 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
   // this thread's wgmmas (async proxy).
   pipe_q.consumer_wait(cutlass::PipelineState<1>{});
   fence_proxy_async_smem();
-  if (cwg == 1) named_barrier_arrive<256>(kTurnBarrier);  // group 0 issues first
+  constexpr bool kPingPong = Tr::kWarpGroups == 2;
+  if (kPingPong && cwg == 1) named_barrier_arrive<256>(kTurnBarrier);  // group 0 issues first
   cutlass::PipelineState<Tr::kStagesWsK> sk;           // consumer states start at slot 0, phase 0
   cutlass::PipelineState<Tr::kStagesWsV> sv, sv_prev;
   bool have_prev = false;                            // P_{t-1} in tOrP, V_{t-1} in slot sv_prev
   for (int n = next_tile(-1); n < n_tiles; n = next_tile(n)) {
     pipe_k.consumer_wait(sk);
     fence_proxy_async_smem();
-    named_barrier_sync<256>(kTurnBarrier + cwg);
+    if constexpr (kPingPong) named_barrier_sync<256>(kTurnBarrier + cwg);
     Tensor tSrK = thr_s.partition_fragment_B(sK(sk.index()));
     wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrQ, tSrK, tSrS);
     if (have_prev) {
       Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
       wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
-      named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
+      if constexpr (kPingPong) named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
       wg_wait<1>(tSrS);  // S_t ready; O += P_{t-1} V_{t-1} keeps running during the pointwise stage
     } else {
-      named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
+      if constexpr (kPingPong) named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
       wg_wait<0>(tSrS);
     }
     pipe_k.consumer_release(sk);
@@ -462,7 +478,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, 1) hstu_fwd_sm90_ws_kernel
     ++sv;
     have_prev = true;
   }
-  if (cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over
+  if (kPingPong && cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over
   if (have_prev) {  // the last tile's O GEMM
     Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
     wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
@@ -537,9 +553,8 @@ inline std::string check_sm90_traits() {
   return e;
 }
 
-template <typename Element, int kHeadDim, bool kHasRab>
-void launch_fwd_sm90(const AttnParams& p, cudaStream_t stream, bool warp_specialized) {
-  using Tr = FwdTraitsSm90<Element, kHeadDim, kHasRab>;
+template <typename Tr>
+void launch_fwd_sm90_kernel(const AttnParams& p, cudaStream_t stream, bool warp_specialized) {
   if (p.batch == 0 || p.max_seqlen == 0) return;
   auto check = [](cudaError_t err, const char* what) {
     if (err != cudaSuccess)
@@ -549,21 +564,42 @@ void launch_fwd_sm90(const AttnParams& p, cudaStream_t stream, bool warp_special
   const int64_t items = int64_t{(p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM} * p.batch * p.heads;
   if (items > INT32_MAX) throw std::invalid_argument("hstu attention (sm90 forward): more than 2^31 - 1 tiles");
   const dim3 grid(static_cast<unsigned>(items));  // schedule_grouped_block
-  auto kernel = warp_specialized ? hstu_fwd_sm90_ws_kernel<Tr> : hstu_fwd_sm90_kernel<Tr>;
-  const int smem = warp_specialized ? Tr::kSmemBytesWs : Tr::kSmemBytes;
+  auto kernel = hstu_fwd_sm90_ws_kernel<Tr>;
+  int smem = Tr::kSmemBytesWs, threads = Tr::kThreads + 128;
+  if constexpr (Tr::kWarpGroups == 2) {  // (the one-consumer shape exists only warp-specialized)
+    if (!warp_specialized) {
+      kernel = hstu_fwd_sm90_kernel<Tr>;
+      smem = Tr::kSmemBytes;
+      threads = Tr::kThreads;
+    }
+  }
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
-  kernel<<<grid, Tr::kThreads + (warp_specialized ? 128 : 0), smem, stream>>>(p);
+  if constexpr (Tr::kBlocksPerSmWs > 1)  // the largest shared-memory carveout, so that both blocks fit
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+          "cudaFuncSetAttribute (carveout)");
+  kernel<<<grid, threads, smem, stream>>>(p);
   check(cudaGetLastError(), "launch");
+}
+
+template <typename Element, int kHeadDim, bool kHasRab>
+void launch_fwd_sm90(const AttnParams& p, cudaStream_t stream, Sm90FwdKernel which) {
+  if constexpr (kHeadDim <= 128) {
+    if (which == Sm90FwdKernel::kTwoPerSm) {
+      launch_fwd_sm90_kernel<FwdTraitsSm90<Element, kHeadDim, kHasRab, 1>>(p, stream, /*warp_specialized=*/true);
+      return;
+    }
+  }
+  launch_fwd_sm90_kernel<FwdTraitsSm90<Element, kHeadDim, kHasRab>>(p, stream, which != Sm90FwdKernel::kSingleRole);
 }
 
 }  // namespace sm90
 }  // namespace hstu
 
 // One explicit specialisation of run_fwd_sm90 per translation unit (instantiations/hstu_fwd_*_sm90.cu).
-#define HSTU_INSTANTIATE_FWD_SM90(T, D, RAB)                                         \
-  namespace hstu {                                                                   \
-  template <>                                                                        \
-  void run_fwd_sm90<T, D, RAB>(const AttnParams& p, cudaStream_t stream, bool ws) { \
-    sm90::launch_fwd_sm90<T, D, RAB>(p, stream, ws);                                 \
-  }                                                                                  \
+#define HSTU_INSTANTIATE_FWD_SM90(T, D, RAB)                                                        \
+  namespace hstu {                                                                                  \
+  template <>                                                                                       \
+  void run_fwd_sm90<T, D, RAB>(const AttnParams& p, cudaStream_t stream, Sm90FwdKernel which) {     \
+    sm90::launch_fwd_sm90<T, D, RAB>(p, stream, which);                                             \
+  }                                                                                                 \
   }

@@ -13,10 +13,16 @@ inline constexpr bool kSm90FwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHe
 // Query rows per block of both sm90 forward kernels (FwdTraitsSm90::kBlockM).
 inline constexpr int kSm90FwdBlockM = 128;
 
+// The sm90 forward kernels (fwd_kernel_sm90.h; launch.h picks one per call):
+//   kPingPong   hstu_fwd_sm90_ws_kernel, 128 query rows per block: a producer warpgroup and two ping-pong consumers
+//   kTwoPerSm   the same kernel with one consumer warpgroup, 64 rows and 64-key tiles, two blocks per SM (head dims
+//               64 / 128; at 256 it runs kPingPong)
+//   kSingleRole hstu_fwd_sm90_kernel, 128 rows: every warpgroup loads and computes
+enum class Sm90FwdKernel { kPingPong, kTwoPerSm, kSingleRole };
+
 // One explicit specialisation per (element type, head dim, rab) in instantiations/hstu_fwd_*_sm90.cu. Forward
 // without dropout only; the caller (launch.h) checks the device, the build and HSTU_SM90_FWD.
 template <typename Element, int kHeadDim, bool kHasRab>
-// warp_specialized: the producer / ping-pong variant (hstu_fwd_sm90_ws_kernel, the default; HSTU_SM90_FWD_WS=0 opts out).
-void run_fwd_sm90(const AttnParams& params, cudaStream_t stream, bool warp_specialized);
+void run_fwd_sm90(const AttnParams& params, cudaStream_t stream, Sm90FwdKernel which);
 
 }  // namespace hstu

@@ -123,17 +123,31 @@ inline bool use_sm90_fwd(const AttnParams& p) {
                                    "HSTU_DISABLE_SM90)");
 }
 
+// Which sm90 forward takes a launch (fwd_sm90_api.h). Sequences up to kSm90FwdTwoPerSmMaxSeqlen tokens at head dims
+// 64 / 128: two 64-row blocks per SM, whose prologues and epilogues (a large share of a short sequence's blocks)
+// overlap the other block's GEMMs; longer ones: the ping-pong kernel, whose 128-key tiles run the GEMMs faster
+// (H200, causal, head dim 128, 131072 tokens: 170 against 153 TFLOP/s at 256 tokens, level at 512, 309 against 344
+// at 1024; benchmarks/RESULTS.md v17). Read at every call: HSTU_SM90_FWD_WS=0 takes the single-role kernel,
+// HSTU_SM90_FWD_TWO_PER_SM=1 / 0 forces the two-per-SM kernel (where the head dim has one) or the ping-pong one.
+inline constexpr int kSm90FwdTwoPerSmMaxSeqlen = 256;
+template <int kHeadDim>
+inline Sm90FwdKernel sm90_fwd_kernel_for(const AttnParams& p) {
+  if (env_equals("HSTU_SM90_FWD_WS", "0")) return Sm90FwdKernel::kSingleRole;
+  bool two_per_sm = p.max_seqlen <= kSm90FwdTwoPerSmMaxSeqlen;
+  if (env_equals("HSTU_SM90_FWD_TWO_PER_SM", "0")) two_per_sm = false;
+  if (env_equals("HSTU_SM90_FWD_TWO_PER_SM", "1")) two_per_sm = true;
+  return two_per_sm && kHeadDim <= 128 ? Sm90FwdKernel::kTwoPerSm : Sm90FwdKernel::kPingPong;
+}
 template <typename Element, int kHeadDim, bool kHasRab>
 void launch_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.max_seqlen == 0) return;
   if (use_sm90_fwd<kHeadDim>(p)) {
 #if defined(HSTU_WITH_SM90_FWD)
     if constexpr (kSm90FwdHeadDim<kHeadDim>) {
-      // The warp-specialized kernel (hstu_fwd_sm90_ws_kernel: a producer warpgroup, mbarrier pipelines, ping-pong
-      // consumers) is the faster one on every benchmark shape but 128,200,1,64; HSTU_SM90_FWD_WS=0 (read at every
-      // call) takes hstu_fwd_sm90_kernel (all warpgroups load and compute).
+      // The warp-specialized kernel (hstu_fwd_sm90_ws_kernel: a producer warpgroup, mbarrier pipelines) in one of
+      // its two shapes, or the single-role one.
       run_fwd_sm90<Element, kHeadDim, kHasRab>(with_sm90_schedule<kHeadDim>(p, /*backward=*/false), stream,
-                                               !env_equals("HSTU_SM90_FWD_WS", "0"));
+                                               sm90_fwd_kernel_for<kHeadDim>(p));
       return;
     }
 #endif

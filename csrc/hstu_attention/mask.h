@@ -93,8 +93,15 @@ using TileMaskTag = std::integral_constant<TileMask, kMask>;
 // the sequence and visible, f(TileMaskTag<kCausal>) when its rule is j <= i (only with kCausalPath: the kernels whose
 // diagonal tiles weigh enough to carry a third copy), else f(TileMaskTag<kExact>). Unrolled copies behind a uniform
 // branch instead of mask code predicated onto every element.
-template <bool kCausalPath = false, typename F>
+// kZeroOutside: the caller's values outside the sequence are exactly zero whatever the path (query and key rows
+// zero-filled past the end, no rab: S = 0 there, SiLU(0) = 0, dP = 0), so only the part of the tile inside the
+// sequence is tested. A jagged batch's partial last tiles then take the unmasked (or j <= i) copy too.
+template <bool kCausalPath = false, bool kZeroOutside = false, typename F>
 __device__ __forceinline__ void with_tile_mask(const SeqMask& mk, int m0, int m1, int n0, int n1, F&& f) {
+  if constexpr (kZeroOutside) {
+    m1 = min(m1, mk.L);
+    n1 = min(n1, mk.L);
+  }
   if (mk.tile_full(m0, m1, n0, n1)) {
     f(TileMaskTag<TileMask::kNone>{});
     return;

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import warnings
 
 import pytest
@@ -149,6 +150,9 @@ def test_parity_random(monkeypatch, seed):
     # The wgmma backward is the default where it applies (atomic dq, head dim 64 / 128, no drab, no dropout); seeds
     # 2 mod 4 opt out of it, so the mma.sync atomic-dq backward Ampere uses is swept on Hopper too.
     monkeypatch.setenv("HSTU_SM90_BWD", "0" if seed % 4 == 2 else "1")
+    # Even seeds alternate between the warp-specialized forward's two shapes (head dims 64 / 128): 0 mod 4 two
+    # 64-row blocks per SM, 2 mod 4 the 128-row ping-pong block, whatever the length.
+    monkeypatch.setenv("HSTU_SM90_FWD_TWO_PER_SM", "1" if seed % 4 == 0 else "0")
     try:
         _check_config(cfg)
     except AssertionError as err:
@@ -358,25 +362,37 @@ def _ws_forward_checks() -> None:
                 names = [evt.key for evt in prof.key_averages()]
                 assert any("hstu_fwd_sm90_kernel" in n for n in names), names
                 os.environ.pop("HSTU_SM90_FWD_WS", None)  # the default: warp-specialized
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    out_ws = cuda.forward(*args, 0.0, 0)
-                    torch.cuda.synchronize()
-                names = [evt.key for evt in prof.key_averages()]
-                assert any("hstu_fwd_sm90_ws_kernel" in n for n in names), names
-                assert not bool(torch.isnan(out_ws).any()), _describe(cfg)
-                # the same per-warpgroup GEMMs in the same order: bitwise equal to the single-role wgmma forward
-                assert torch.equal(out_ws, out_single), (_describe(cfg), float((out_ws - out_single).abs().max()))
-                if c == 0:
-                    _check_config(cfg)  # forward (warp-specialized) and gradients through the op, 2x / 5x rule
+                # both shapes of it: ping-pong (128 rows, two consumer warpgroups) and, at head dims 64 / 128, two
+                # blocks of 64 rows and 64-key tiles per SM (one consumer warpgroup: the traits' last argument 1)
+                for two_per_sm in ("0", "1") if dim <= 128 else ("0",):
+                    os.environ["HSTU_SM90_FWD_TWO_PER_SM"] = two_per_sm
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        out_ws = cuda.forward(*args, 0.0, 0)
+                        torch.cuda.synchronize()
+                    names = [evt.key for evt in prof.key_averages() if "hstu_fwd_sm90_ws_kernel" in evt.key]
+                    traits = [re.search(r"FwdTraitsSm90<([^<>]*)>", n) for n in names]
+                    assert len(names) == 1 and traits[0] is not None, names
+                    params = [t.strip() for t in traits[0].group(1).split(",")]
+                    assert params[3] == ("1" if two_per_sm == "1" else "2"), names  # consumer warpgroups
+                    assert not bool(torch.isnan(out_ws).any()), _describe(cfg)
+                    # Per output element the same products summed in the same order (a 128-key tile's k steps are
+                    # two 64-key tiles' in a row; a skipped masked tile only adds zeros): bitwise equal to the
+                    # single-role wgmma forward.
+                    assert torch.equal(out_ws, out_single), (
+                        _describe(cfg), two_per_sm, float((out_ws - out_single).abs().max()))
+                    if c == 0:
+                        _check_config(cfg)  # forward (warp-specialized) and gradients through the op, 2x / 5x rule
+                os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM", None)
 
 
 @gpu_test
 def test_sm90_ws_forward_matches_single_role_kernel():
-    """The default sm90 forward is the warp-specialized wgmma kernel (producer warpgroup, mbarrier pipelines,
-    ping-pong consumers); HSTU_SM90_FWD_WS=0 takes the single-role one (every warpgroup loads and computes). Both are
-    seen in the profiler and bitwise equal on jagged lengths around their tiles for every head dim, dtype and mask
-    family, and the default passes the parity rule through the op. It runs in a child process with a time limit,
-    so a pipeline deadlock fails this test instead of hanging the suite."""
+    """The default sm90 forward is the warp-specialized wgmma kernel (producer warpgroup, mbarrier pipelines) in two
+    shapes: ping-pong consumers on 128 rows, and at head dims 64 / 128 two 64-row blocks per SM
+    (HSTU_SM90_FWD_TWO_PER_SM=1 / 0 force one); HSTU_SM90_FWD_WS=0 takes the single-role one (every warpgroup loads
+    and computes). All are seen in the profiler and bitwise equal on jagged lengths around their tiles for every head
+    dim, dtype and mask family, and pass the parity rule through the op. It runs in a child process with a time
+    limit, so a pipeline deadlock fails this test instead of hanging the suite."""
     import subprocess
     import sys
 
