@@ -160,13 +160,13 @@ void launch_fwd(const AttnParams& p, cudaStream_t stream) {
 
 template <typename Element, int kHeadDim>
 void launch_dq_convert(const AttnParams& p, cudaStream_t stream) {
-  const int64_t n4 = p.total_rows * p.row_stride / 4;
-  if (n4 == 0) return;
+  const int64_t n8 = p.total_rows * p.row_stride / 8;
+  if (n8 == 0) return;
   float scale = p.alpha * p.inv_scale;
   if (p.dropout) scale *= p.dropout_scale;
-  const int64_t blocks = std::min<int64_t>((n4 + 255) / 256, 132 * 16);
+  const int64_t blocks = std::min<int64_t>((n8 + 255) / 256, 132 * 16);
   hstu_dq_convert_kernel<Element><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      p.dq_accum, reinterpret_cast<Element*>(p.dq), n4, scale);
+      p.dq_accum, reinterpret_cast<Element*>(p.dq), n8, scale);
   check_cuda(cudaGetLastError(), "backward dq convert launch");
 }
 

@@ -142,10 +142,10 @@ void bwd_impl(const AttnParams& p, int variant) {
   if (atomic) {
     float scale = p.alpha * p.inv_scale;
     if (p.dropout) scale *= p.dropout_scale;
-    const int64_t n4 = p.total_rows * p.row_stride / 4;
-    if (n4 > 0)
-      launch([&] { hstu_dq_convert_kernel<Element>(p.dq_accum, reinterpret_cast<Element*>(p.dq), n4, scale); },
-             dim3(std::min<int64_t>((n4 + 255) / 256, 3)), 256, 0);
+    const int64_t n8 = p.total_rows * p.row_stride / 8;
+    if (n8 > 0)
+      launch([&] { hstu_dq_convert_kernel<Element>(p.dq_accum, reinterpret_cast<Element*>(p.dq), n8, scale); },
+             dim3(std::min<int64_t>((n8 + 255) / 256, 3)), 256, 0);
   }
 }
 
