@@ -369,11 +369,7 @@ def _ws_forward_checks() -> None:
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         out_ws = cuda.forward(*args, 0.0, 0)
                         torch.cuda.synchronize()
-                    names = [evt.key for evt in prof.key_averages() if "hstu_fwd_sm90_ws_kernel" in evt.key]
-                    traits = [re.search(r"FwdTraitsSm90<([^<>]*)>", n) for n in names]
-                    assert len(names) == 1 and traits[0] is not None, names
-                    params = [t.strip() for t in traits[0].group(1).split(",")]
-                    assert params[3] == ("1" if two_per_sm == "1" else "2"), names  # consumer warpgroups
+                    assert _ws_forward_consumer_warpgroups(prof) == ["1" if two_per_sm == "1" else "2"]
                     assert not bool(torch.isnan(out_ws).any()), _describe(cfg)
                     # Per output element the same products summed in the same order (a 128-key tile's k steps are
                     # two 64-key tiles' in a row; a skipped masked tile only adds zeros): bitwise equal to the
@@ -383,6 +379,45 @@ def _ws_forward_checks() -> None:
                     if c == 0:
                         _check_config(cfg)  # forward (warp-specialized) and gradients through the op, 2x / 5x rule
                 os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM", None)
+
+
+def _ws_forward_consumer_warpgroups(prof) -> list[str]:
+    """The consumer-warpgroup count (FwdTraitsSm90's fourth argument) of each warp-specialized forward in a profile."""
+    names = [evt.key for evt in prof.key_averages() if "hstu_fwd_sm90_ws_kernel" in evt.key]
+    traits = [re.search(r"FwdTraitsSm90<([^<>]*)>", n) for n in names]
+    assert names and all(t is not None for t in traits), names
+    return [t.group(1).split(",")[3].strip() for t in traits]
+
+
+@gpu_test
+@pytest.mark.parametrize("dim", (64, 128, 256))
+def test_sm90_forward_shape_follows_the_longest_sequence(monkeypatch, dim):
+    """Without a switch set, the launcher runs the two-per-SM forward shape (one consumer warpgroup) when no sequence
+    is longer than 256 tokens and the head dim has it (64 / 128), the ping-pong shape (two) otherwise; the two agree
+    bit for bit on the same inputs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hstu.ops.hstu_attention import cuda
+
+    if not _sm90_forward_available():
+        pytest.skip("needs an sm_90 device and a build with the sm90 forward units (9.0a in TORCH_CUDA_ARCH_LIST)")
+    for var in ("HSTU_SM90_FWD", "HSTU_SM90_FWD_WS", "HSTU_SM90_FWD_TWO_PER_SM"):
+        monkeypatch.delenv(var, raising=False)
+    for longest in (256, 257):
+        cfg = dict(seed=24_000 + dim + longest, dtype=torch.bfloat16, dim=dim, heads=2, lengths=[0, 1, 100, longest],
+                   max_seqlen=longest, causal=True, window=-1, num_contexts=None, num_targets=None, group=1,
+                   rab_kind="none", rab_grad=False, alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
+        q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
+        args = (q, k, v, offsets, longest, cfg["alpha"], longest, True, -1, None, None, 1, None, 0.0, 0)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out_default = cuda.forward(*args)
+            torch.cuda.synchronize()
+        expected = "1" if longest <= 256 and dim <= 128 else "2"
+        assert _ws_forward_consumer_warpgroups(prof) == [expected], (dim, longest)
+        monkeypatch.setenv("HSTU_SM90_FWD_TWO_PER_SM", "0" if expected == "1" else "1")
+        out_other = cuda.forward(*args)
+        monkeypatch.delenv("HSTU_SM90_FWD_TWO_PER_SM")
+        assert torch.equal(out_default, out_other), (dim, longest, float((out_default - out_other).abs().max()))
 
 
 @gpu_test
