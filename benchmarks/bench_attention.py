@@ -285,8 +285,8 @@ def main() -> None:
     ap.add_argument("--triton-baseline", action="store_true",
                     help="also time Meta's Triton triton_hstu_mha (generative-recommenders) in the same rounds")
     ap.add_argument("--label", default=os.environ.get(
-        "HSTU_BENCH_LABEL", "warp-specialized wgmma forward (two per SM up to 256 tokens), wgmma backward, partial "
-        "tiles without the exact mask (v17)"))
+        "HSTU_BENCH_LABEL", "warp-specialized wgmma forward (two per SM up to 256 tokens), wgmma backward with "
+        "row-contiguous dq reductions, partial tiles without the exact mask (v18)"))
     ap.add_argument("--plot", metavar="JSON", help="only redraw the PNG of a saved results JSON (next to it)")
     args = ap.parse_args()
     if args.plot:

@@ -3,7 +3,7 @@
 //                        its own: utils.h, which has the sm80 MMA's, is also compiled by the host emulation of the
 //                        tests, without CUTLASS)
 //   rab_value            rab[b, hr, i, j] as float
-//   fence_proxy_async_smem, publish_copies_to_block (the step barrier after cp.async), red_add_v2_f32,
+//   fence_proxy_async_smem, publish_copies_to_block (the step barrier after cp.async), red_add_v4_f32,
 //   RowLoadPlan, load_rows_async (cp.async, zero-fill past the sequence end, through a CuTe smem tensor),
 //   wg_gemm_issue / wg_wait / wg_gemm (one warpgroup GEMM over all k blocks: issued, waited for, or both)
 //                        [sm_90a only]
@@ -122,11 +122,10 @@ __device__ __forceinline__ void load_rows_async(SmemTensor&& s, const Element* g
   }
 }
 
-// Fire-and-forget fp32 add of two adjacent floats at base + kByteOffset (8-byte aligned, global memory): one vector
-// reduction with the offset folded into the instruction's address.
-template <int kByteOffset>
-__device__ __forceinline__ void red_add_v2_f32(float* base, float x, float y) {
-  asm volatile("red.global.add.v2.f32 [%0+%3], {%1, %2};\n" ::"l"(base), "f"(x), "f"(y), "n"(kByteOffset) : "memory");
+// Fire-and-forget fp32 add of four adjacent floats at p (16-byte aligned, global memory).
+__device__ __forceinline__ void red_add_v4_f32(float* p, float4 x) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(x.x), "f"(x.y), "f"(x.z), "f"(x.w)
+               : "memory");
 }
 
 // One warpgroup GEMM over all k blocks, issued as one wgmma batch and not waited for: C (+)= A B. kZeroInit: C = A B
