@@ -21,7 +21,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -101,9 +103,13 @@ struct FwdTraitsSm90 {
   // only after both consumer warpgroups released it), then the barriers. V_t is released one step after K_t (its O
   // GEMM runs during step t + 1), and the producer loads K, V in tile order: a third V slot keeps the producer from
   // waiting on V_{t-1} before it can start K_{t+1}.
+  // A second Q slot at head dims 64 / 128 (the persistent kernel: the producer loads the next work item's Q while the
+  // consumers still stage this item's O through theirs; the one-tile-per-block kernel leaves it unused).
   static constexpr int kStagesWsK = 2;
   static constexpr int kStagesWsV = 3;
-  static constexpr int kTileBytesWs = (kSizeQ + kStagesWsK * kSizeK + kStagesWsV * kSizeV) * 2;  // 96 / 192 / 224 KB
+  static constexpr int kStagesWsQ = kHeadDim <= 128 ? 2 : 1;
+  static constexpr int kTileBytesWs =
+      (kStagesWsQ * kSizeQ + kStagesWsK * kSizeK + kStagesWsV * kSizeV) * 2;  // 112 / 224 / 224 KB
   static constexpr int kSmemBytesWs = kTileBytesWs + 256;
   static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesWs <= 227 * 1024, "shared memory per block on sm_90");
   // Warp-specialized kernel: blocks per SM and the setmaxnreg split of the roles. The registers move within the
@@ -338,19 +344,76 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
 // Ping-pong: the consumers take turns to issue their GEMMs (named barriers kTurnBarrier + w, 256 threads: one group
 // syncs while the other arrives), so one group's pointwise stage runs under the other's GEMMs.
 // With one consumer warpgroup (FwdTraitsSm90<..., 1>) there is no turn to take: the two blocks sharing the SM
-// interleave on their own.
+// interleave on their own. At head dims 64 / 128 the default is its persistent form (hstu_fwd_sm90_persistent_kernel
+// below: the same step loop, one wave of blocks walking work items); this one-tile-per-block form runs at head dim
+// 256 and with HSTU_SM90_FWD_PERSISTENT=0.
 constexpr int kTurnBarrier = 1;  // named barriers 1 and 2 (0 is __syncthreads)
 
 #if defined(HSTU_SM90_DEVICE)
-// A PipelineAsync's parameters as this thread sees them: the producer warpgroup's 128 threads fill a slot, the
-// consumer threads release it.
+// A PipelineAsync's parameters as this thread sees them: `producers` threads fill a slot, `consumers` release it.
 template <typename Pipe>
-__device__ __forceinline__ typename Pipe::Params ws_pipeline_params(bool producer, int consumer_threads) {
+__device__ __forceinline__ typename Pipe::Params ws_pipeline_params(bool producer, int producers, int consumers) {
   typename Pipe::Params pp;
   pp.role = producer ? Pipe::ThreadCategory::Producer : Pipe::ThreadCategory::Consumer;
-  pp.producer_arv_count = 128;
-  pp.consumer_arv_count = consumer_threads;
+  pp.producer_arv_count = producers;
+  pp.consumer_arv_count = consumers;
   return pp;
+}
+#endif
+
+#if defined(HSTU_SM90_DEVICE)
+// The consumers' walk over the key tiles that query tile m0 may see (both warp-specialized kernels): per tile, wait for
+// K, issue S_t (and O += P_{t-1} V_{t-1}) in this warpgroup's turn, release K once S_t retired, the pointwise stage,
+// release V_{t-1} once its O GEMM retired, P_t into tOrP, wait for V_t. Leaves the last tile's P in tOrP and its V slot
+// in sv_prev (have_prev) for the caller's last O GEMM.
+template <typename Tr, typename PipeK, typename PipeV, typename StateK, typename StateV, typename MmaS, typename MmaO,
+          typename FragQ, typename FragS, typename CoordS, typename FragO, typename FragP>
+__device__ __forceinline__ void ws_consume_key_tiles(const AttnParams& p, const SeqMask& mk, int batch, int hr, int m0,
+                                                     int cwg, typename Tr::T* pK, typename Tr::T* pV, PipeK& pipe_k,
+                                                     PipeV& pipe_v, StateK& sk, StateV& sv, StateV& sv_prev,
+                                                     bool& have_prev, MmaS& mma_s, MmaO& mma_o, FragQ const& tSrQ,
+                                                     FragS& tSrS, CoordS const& tScS, FragO& tOrO, FragP& tOrP) {
+  using namespace cute;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN;
+  constexpr bool kPingPong = Tr::kWarpGroups == 2;
+  const int ctid = threadIdx.x - 128;
+  auto thr_s = mma_s.get_thread_slice(ctid);
+  auto thr_o = mma_o.get_thread_slice(ctid);
+  auto sK = [&](int slot) { return make_tensor(make_smem_ptr(pK + slot * Tr::kSizeK), typename Tr::SmemLayoutK{}); };
+  auto sVt = [&](int slot) {
+    return make_tensor(make_smem_ptr(pV + slot * Tr::kSizeV), typename Tr::SmemLayoutVt{});
+  };
+  const int wm0 = m0 + 64 * cwg;
+  const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
+  for (int n = mk.next_key_tile(-1, n_tiles, BN, m0, m0 + BM); n < n_tiles;
+       n = mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM)) {
+    pipe_k.consumer_wait(sk);
+    fence_proxy_async_smem();
+    if constexpr (kPingPong) named_barrier_sync<256>(kTurnBarrier + cwg);
+    Tensor tSrK = thr_s.partition_fragment_B(sK(sk.index()));
+    wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrQ, tSrK, tSrS);
+    if (have_prev) {
+      Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
+      wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
+      if constexpr (kPingPong) named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
+      wg_wait<1>(tSrS);  // S_t ready; O += P_{t-1} V_{t-1} keeps running during the pointwise stage
+    } else {
+      if constexpr (kPingPong) named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
+      wg_wait<0>(tSrS);
+    }
+    pipe_k.consumer_release(sk);
+    ++sk;
+
+    fwd_pointwise<Tr>(p, mk, batch, hr, m0, wm0, n * BN, tSrS, tScS);
+    wg_wait<0>(tOrO, tOrP);
+    if (have_prev) pipe_v.consumer_release(sv_prev);
+    pack_p<typename Tr::Element>(tSrS, tOrP);
+    pipe_v.consumer_wait(sv);
+    fence_proxy_async_smem();
+    sv_prev = sv;
+    ++sv;
+    have_prev = true;
+  }
 }
 #endif
 
@@ -383,9 +446,9 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
   const int tid = threadIdx.x;
   const bool producer = tid < 128;
 
-  PipeK pipe_k(*k_storage, ws_pipeline_params<PipeK>(producer, Tr::kThreads), cute::true_type{});  // warp 0 inits
-  PipeV pipe_v(*v_storage, ws_pipeline_params<PipeV>(producer, Tr::kThreads), cute::true_type{});
-  PipeQ pipe_q(*q_storage, ws_pipeline_params<PipeQ>(producer, Tr::kThreads), cute::true_type{});
+  PipeK pipe_k(*k_storage, ws_pipeline_params<PipeK>(producer, 128, Tr::kThreads), cute::true_type{});  // warp 0 inits
+  PipeV pipe_v(*v_storage, ws_pipeline_params<PipeV>(producer, 128, Tr::kThreads), cute::true_type{});
+  PipeQ pipe_q(*q_storage, ws_pipeline_params<PipeQ>(producer, 128, Tr::kThreads), cute::true_type{});
   __syncthreads();  // initialized barriers visible to every thread
 
   const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
@@ -440,7 +503,6 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
   clear(tOrO);
 
   const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
-  const int wm0 = m0 + 64 * cwg;
   // After each full-barrier wait, a proxy fence: the producer's cp.async writes (generic proxy) are then read by
   // this thread's wgmmas (async proxy).
   pipe_q.consumer_wait(cutlass::PipelineState<1>{});
@@ -450,34 +512,8 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
   cutlass::PipelineState<Tr::kStagesWsK> sk;           // consumer states start at slot 0, phase 0
   cutlass::PipelineState<Tr::kStagesWsV> sv, sv_prev;
   bool have_prev = false;                            // P_{t-1} in tOrP, V_{t-1} in slot sv_prev
-  for (int n = next_tile(-1); n < n_tiles; n = next_tile(n)) {
-    pipe_k.consumer_wait(sk);
-    fence_proxy_async_smem();
-    if constexpr (kPingPong) named_barrier_sync<256>(kTurnBarrier + cwg);
-    Tensor tSrK = thr_s.partition_fragment_B(sK(sk.index()));
-    wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrQ, tSrK, tSrS);
-    if (have_prev) {
-      Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
-      wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
-      if constexpr (kPingPong) named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
-      wg_wait<1>(tSrS);  // S_t ready; O += P_{t-1} V_{t-1} keeps running during the pointwise stage
-    } else {
-      if constexpr (kPingPong) named_barrier_arrive<256>(kTurnBarrier + (cwg ^ 1));
-      wg_wait<0>(tSrS);
-    }
-    pipe_k.consumer_release(sk);
-    ++sk;
-
-    fwd_pointwise<Tr>(p, mk, w.batch, hr, m0, wm0, n * BN, tSrS, tScS);
-    wg_wait<0>(tOrO, tOrP);
-    if (have_prev) pipe_v.consumer_release(sv_prev);
-    pack_p<Element>(tSrS, tOrP);
-    pipe_v.consumer_wait(sv);
-    fence_proxy_async_smem();
-    sv_prev = sv;
-    ++sv;
-    have_prev = true;
-  }
+  ws_consume_key_tiles<Tr>(p, mk, w.batch, hr, m0, cwg, pK, pV, pipe_k, pipe_v, sk, sv, sv_prev, have_prev, mma_s, mma_o,
+                           tSrQ, tSrS, tScS, tOrO, tOrP);
   if (kPingPong && cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over
   if (have_prev) {  // the last tile's O GEMM
     Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
@@ -485,6 +521,180 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
     pipe_v.consumer_release(sv_prev);
   }
   store_o<Tr>(p, base, m0, mk.L, tOrO, tOcO, pQ, cwg, ctid % 128);
+#else
+  __trap();
+#endif
+}
+
+constexpr int kProducerBarrier = 5;  // named barrier of the producer warpgroup (3 and 4: the consumers' epilogues)
+
+// Persistent: min(work items, SMs x blocks per SM) blocks, each running work items (query tiles of the grouped launch
+// order, tile_scheduler.h) until none is left: block b starts with item b, then takes gridDim.x + the next value of
+// p.tile_counter (zero at launch), so the longest items go first and a block that finishes early takes more. The
+// producer's thread 0 draws the items and hands each to the block through a 2-slot pipeline (the consumers read it
+// there). Across items the K / V rings, the Q slots and the consumers' turn-taking simply continue: the producer
+// loads the next item's Q and first K / V tiles while the consumers finish this one, so a short sequence's
+// per-tile prologue (loads, launch) hides under the previous tile's GEMMs and epilogue.
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_fwd_sm90_persistent_kernel(const AttnParams p) {
+#if defined(HSTU_SM90_DEVICE)
+  using namespace cute;
+  using Element = typename Tr::Element;
+  using T = typename Tr::T;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
+  using PipeK = cutlass::PipelineAsync<Tr::kStagesWsK>;
+  using PipeV = cutlass::PipelineAsync<Tr::kStagesWsV>;
+  using PipeQ = cutlass::PipelineAsync<Tr::kStagesWsQ>;
+  using PipeItem = cutlass::PipelineAsync<2>;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* const pQ = reinterpret_cast<T*>(smem_raw);       // kStagesWsQ slots
+  T* const pK = pQ + Tr::kStagesWsQ * Tr::kSizeQ;     // kStagesWsK slots
+  T* const pV = pK + Tr::kStagesWsK * Tr::kSizeK;     // kStagesWsV slots
+  auto* k_storage = reinterpret_cast<typename PipeK::SharedStorage*>(smem_raw + Tr::kTileBytesWs);
+  auto* v_storage = reinterpret_cast<typename PipeV::SharedStorage*>(k_storage + 1);
+  auto* q_storage = reinterpret_cast<typename PipeQ::SharedStorage*>(v_storage + 1);
+  auto* item_storage = reinterpret_cast<typename PipeItem::SharedStorage*>(q_storage + 1);
+  int* const item_slots = reinterpret_cast<int*>(item_storage + 1);  // the item of each PipeItem slot
+  static_assert(sizeof(typename PipeK::SharedStorage) + sizeof(typename PipeV::SharedStorage) +
+                        sizeof(typename PipeQ::SharedStorage) + sizeof(typename PipeItem::SharedStorage) +
+                        2 * sizeof(int) <= 256,
+                "barriers fit the reserved bytes");
+  if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
+
+  const int tid = threadIdx.x;
+  const bool producer = tid < 128;
+  PipeK pipe_k(*k_storage, ws_pipeline_params<PipeK>(producer, 128, Tr::kThreads), cute::true_type{});  // warp 0 inits
+  PipeV pipe_v(*v_storage, ws_pipeline_params<PipeV>(producer, 128, Tr::kThreads), cute::true_type{});
+  PipeQ pipe_q(*q_storage, ws_pipeline_params<PipeQ>(producer, 128, Tr::kThreads), cute::true_type{});
+  PipeItem pipe_item(*item_storage, ws_pipeline_params<PipeItem>(producer, 1, Tr::kThreads), cute::true_type{});
+  __syncthreads();  // initialized barriers visible to every thread
+
+  const int tiles = (p.max_seqlen + BM - 1) / BM;
+  const int items = tiles * p.batch * p.heads;
+  auto work_item = [&](int item) {
+    const TileCoords c = grouped_tile_coords(item, tiles, p.batch, p.heads, p.sched_group, /*reverse=*/true);
+    return make_work_item(p, c.tile, c.batch, c.head);
+  };
+  auto base_of = [&](const WorkItem& w) {
+    return static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
+  };
+  auto sK = [&](int slot) { return make_tensor(make_smem_ptr(pK + slot * Tr::kSizeK), typename Tr::SmemLayoutK{}); };
+  auto sVt = [&](int slot) {
+    return make_tensor(make_smem_ptr(pV + slot * Tr::kSizeV), typename Tr::SmemLayoutVt{});
+  };
+  auto sQ = [&](int slot) { return make_tensor(make_smem_ptr(pQ + slot * Tr::kSizeQ), typename Tr::SmemLayoutQ{}); };
+
+  if (producer) {
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    auto sq = cutlass::make_producer_start_state<PipeQ>();
+    auto sk = cutlass::make_producer_start_state<PipeK>();
+    auto sv = cutlass::make_producer_start_state<PipeV>();
+    auto si = cutlass::make_producer_start_state<PipeItem>();
+    int item = blockIdx.x;
+    while (true) {
+      // Hand the item to the consumers (items: none left), and to the other producer threads. Only the thread that
+      // fills the slot waits for it to be free: another one arriving late could find the consumers already done with
+      // the slot, its barrier a phase further, and wait for the next phase forever.
+      if (tid == 0) {
+        pipe_item.producer_acquire(si);
+        item_slots[si.index()] = item;
+        compiler_fence();  // CUTLASS's mbarrier arrive / wait asm has no memory clobber: keep the slot access in place
+        pipe_item.producer_commit(si);
+      }
+      __syncwarp();  // bar.sync is .aligned: warp 0 arrives converged
+      named_barrier_sync<128>(kProducerBarrier);
+      item = item_slots[si.index()];
+      ++si;
+      if (item >= items) break;
+      int next = 0;
+      if (tid == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);  // in flight during the loads
+      const WorkItem w = work_item(item);
+      const SeqMask& mk = w.mask;
+      const int m0 = w.tile * BM;
+      if (m0 < mk.L) {
+        const int64_t base = base_of(w);
+        const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
+        const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
+        const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
+        pipe_q.producer_acquire(sq);
+        load_rows_async<BM, D, 128, false>(sQ(sq.index()), reinterpret_cast<const Element*>(p.q) + base + m0 * p.row_stride,
+                                           p.row_stride, mk.L - m0, tid);
+        pipe_q.producer_commit(sq, cutlass::arch::cpasync_barrier_arrive);
+        ++sq;
+        for (int n = mk.next_key_tile(-1, n_tiles, BN, m0, m0 + BM); n < n_tiles;
+             n = mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM)) {
+          const int valid = mk.L - n * BN;
+          pipe_k.producer_acquire(sk);
+          load_rows_async<BN, D, 128, false>(sK(sk.index()), gK + n * BN * p.row_stride, p.row_stride, valid, tid);
+          pipe_k.producer_commit(sk, cutlass::arch::cpasync_barrier_arrive);
+          ++sk;
+          pipe_v.producer_acquire(sv);
+          load_rows_async<BN, D, 128, true>(sVt(sv.index()), gV + n * BN * p.row_stride, p.row_stride, valid, tid);
+          pipe_v.producer_commit(sv, cutlass::arch::cpasync_barrier_arrive);
+          ++sv;
+        }
+      }
+      item = next;  // only thread 0's is real: it alone writes the item slot
+    }
+    cp_async_wait_all();  // the block's shared memory outlives every copy it issued
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int ctid = tid - 128;  // 0..255 over the two consumer warpgroups
+  const int cwg = ctid / 128;
+  typename Tr::MmaS mma_s;
+  typename Tr::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(ctid);
+  auto thr_o = mma_o.get_thread_slice(ctid);
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::BN>{}));
+  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::HD>{}));
+
+  constexpr bool kPingPong = Tr::kWarpGroups == 2;
+  // Turn-taking runs through every step of every item: group 0 issues first; each step a group waits for its turn
+  // and then hands the turn over, and group 0 takes group 1's last hand-over after the last item.
+  if (kPingPong && cwg == 1) named_barrier_arrive<256>(kTurnBarrier);
+  cutlass::PipelineState<Tr::kStagesWsQ> sq;  // consumer states start at slot 0, phase 0
+  cutlass::PipelineState<Tr::kStagesWsK> sk;
+  cutlass::PipelineState<Tr::kStagesWsV> sv, sv_prev;
+  cutlass::PipelineState<2> si;
+  while (true) {
+    pipe_item.consumer_wait(si);
+    compiler_fence();
+    const int item = item_slots[si.index()];
+    compiler_fence();
+    pipe_item.consumer_release(si);
+    ++si;
+    if (item >= items) break;
+    const WorkItem w = work_item(item);
+    const SeqMask& mk = w.mask;
+    const int m0 = w.tile * BM;
+    if (m0 >= mk.L) continue;  // the producer skips it too
+    const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
+    // the register fragments live inside one item (declared outside, ptxas kept them alive across items: spills)
+    Tensor tSrS = partition_fragment_C(mma_s, Shape<typename Tr::BM, typename Tr::BN>{});
+    Tensor tOrO = partition_fragment_C(mma_o, Shape<typename Tr::BM, typename Tr::HD>{});
+    Tensor tOrP = make_tensor<T>(POperandShape<Tr>{});
+    clear(tOrO);
+    // After each full-barrier wait, a proxy fence: the producer's cp.async writes (generic proxy) are then read by
+    // this thread's wgmmas (async proxy).
+    pipe_q.consumer_wait(sq);
+    fence_proxy_async_smem();
+    Tensor tSrQ = thr_s.partition_fragment_A(sQ(sq.index()));
+    bool have_prev = false;  // P_{t-1} in tOrP, V_{t-1} in slot sv_prev
+    ws_consume_key_tiles<Tr>(p, mk, w.batch, hr, m0, cwg, pK, pV, pipe_k, pipe_v, sk, sv, sv_prev, have_prev, mma_s,
+                             mma_o, tSrQ, tSrS, tScS, tOrO, tOrP);
+    if (have_prev) {  // the last tile's O GEMM
+      Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
+      wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
+      pipe_v.consumer_release(sv_prev);
+    }
+    store_o<Tr>(p, base_of(w), m0, mk.L, tOrO, tOcO, pQ + sq.index() * Tr::kSizeQ, cwg, ctid % 128);
+    compiler_fence();
+    pipe_q.consumer_release(sq);  // this thread's staging reads are done
+    ++sq;
+  }
+  if (kPingPong && cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over
 #else
   __trap();
 #endif
@@ -562,15 +772,31 @@ void launch_fwd_sm90_kernel(const AttnParams& p, cudaStream_t stream, bool warp_
   };
   if (p.sched_group < 1) throw std::invalid_argument("hstu attention (sm90 forward): sched_group < 1");
   const int64_t items = int64_t{(p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM} * p.batch * p.heads;
-  if (items > INT32_MAX) throw std::invalid_argument("hstu attention (sm90 forward): more than 2^31 - 1 tiles");
-  const dim3 grid(static_cast<unsigned>(items));  // schedule_grouped_block
+  if (items > INT32_MAX - 2 * 1024) throw std::invalid_argument("hstu attention (sm90 forward): too many tiles");
+  if (p.tile_counter == nullptr) throw std::invalid_argument("hstu attention (sm90 forward): no tile counter");
+  int device = 0, sms = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  // Head dims 64 / 128: the persistent kernel, one wave of blocks that take the items from there (H200, 64,1024,4,128:
+  // 368 against 342 TFLOP/s; 128,200,1,64: 40 against 37; level on long sequences; RESULTS.md, session 11).
+  // HSTU_SM90_FWD_PERSISTENT=0 (read at every call) takes the one-tile-per-block kernel instead. Head dim 256 keeps
+  // that one: in the persistent item loop ptxas spills 252 bytes there (471 against 544 TFLOP/s at 32,4096,4,256).
+  dim3 grid(static_cast<unsigned>(items));
   auto kernel = hstu_fwd_sm90_ws_kernel<Tr>;
+  if constexpr (Tr::kHeadDim <= 128) {
+    const char* e = std::getenv("HSTU_SM90_FWD_PERSISTENT");
+    if (!(e && e[0] == '0')) {
+      kernel = hstu_fwd_sm90_persistent_kernel<Tr>;
+      grid = dim3(static_cast<unsigned>(std::min<int64_t>(items, int64_t{sms} * Tr::kBlocksPerSmWs)));
+    }
+  }
   int smem = Tr::kSmemBytesWs, threads = Tr::kThreads + 128;
   if constexpr (Tr::kWarpGroups == 2) {  // (the one-consumer shape exists only warp-specialized)
     if (!warp_specialized) {
       kernel = hstu_fwd_sm90_kernel<Tr>;
       smem = Tr::kSmemBytes;
       threads = Tr::kThreads;
+      grid = dim3(static_cast<unsigned>(items));  // schedule_grouped_block
     }
   }
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");

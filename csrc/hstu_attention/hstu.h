@@ -39,6 +39,8 @@ struct AttnParams {
 
   // (sequence, head) pairs per group of the sm90 kernels' grouped schedule (tile_scheduler.h), set by launch.h
   int sched_group;
+  // Work items the persistent sm90 forward has handed out beyond its first wave: one int, zero at launch
+  int* tile_counter;
 
   // row strides (elements) of the (T, H, D) tensors; head stride is D
   int64_t row_stride;

@@ -155,6 +155,9 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   set_dropout(p, dropout_p, dropout_seed);
   check_qkv(out, q, "out");
   p.out = out.data_ptr();
+  // the persistent sm90 forward's work-item counter (the other kernels ignore it)
+  const at::Tensor tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
+  p.tile_counter = tile_counter.data_ptr<int>();
   if (q.numel() > 0) dispatch<false>(p, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }

@@ -318,7 +318,7 @@ def test_sm90_forward_runs_and_matches(monkeypatch, dtype, dim):
         out_sm90 = cuda.forward(*args, 0.0, 0)
         torch.cuda.synchronize()
     names = [evt.key for evt in prof.key_averages()]
-    assert any("hstu_fwd_sm90_ws_kernel" in n for n in names), names
+    assert any(_is_ws_forward(n) for n in names), names
     _check_config(cfg)  # forward (sm90) and gradients through the op, 2x / 5x rule against fp32
     monkeypatch.setenv("HSTU_SM90_FWD", "0")  # opt-out: the mma.sync forward
     assert not cuda.sm90_forward_enabled()
@@ -376,14 +376,50 @@ def _ws_forward_checks() -> None:
                     # single-role wgmma forward.
                     assert torch.equal(out_ws, out_single), (
                         _describe(cfg), two_per_sm, float((out_ws - out_single).abs().max()))
+                    if dim <= 128:  # the persistent kernel is the default there: the one-tile-per-block one agrees
+                        os.environ["HSTU_SM90_FWD_PERSISTENT"] = "0"
+                        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                            out_per_tile = cuda.forward(*args, 0.0, 0)
+                            torch.cuda.synchronize()
+                        os.environ.pop("HSTU_SM90_FWD_PERSISTENT")
+                        assert any("hstu_fwd_sm90_ws_kernel" in evt.key for evt in prof.key_averages())
+                        assert torch.equal(out_per_tile, out_ws), (_describe(cfg), two_per_sm)
                     if c == 0:
                         _check_config(cfg)  # forward (warp-specialized) and gradients through the op, 2x / 5x rule
                 os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM", None)
 
 
+def _persistent_forward_short_items_checks() -> None:
+    """Many short work items per persistent block (128 sequences of up to 200 tokens, 128 x 1024 tokens), launched 30
+    times: each launch bitwise equal to the one-tile-per-block kernel's output, in both warp-specialized shapes."""
+    from hstu.ops.hstu_attention import cuda
+
+    for dim, lengths in ((64, [200] * 127 + [1]), (128, [1024] * 128)):
+        cfg = dict(seed=25_000 + dim, dtype=torch.bfloat16, dim=dim, heads=1, lengths=lengths, max_seqlen=max(lengths),
+                   causal=True, window=-1, num_contexts=None, num_targets=None, group=1, rab_kind="none",
+                   rab_grad=False, alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
+        q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
+        L = cfg["max_seqlen"]
+        args = (q, k, v, offsets, L, cfg["alpha"], L, True, -1, None, None, 1, None, 0.0, 0)
+        for two_per_sm in ("0", "1"):
+            os.environ["HSTU_SM90_FWD_TWO_PER_SM"] = two_per_sm
+            os.environ["HSTU_SM90_FWD_PERSISTENT"] = "0"
+            expected = cuda.forward(*args)
+            os.environ.pop("HSTU_SM90_FWD_PERSISTENT")
+            outs = [cuda.forward(*args) for _ in range(30)]
+            torch.cuda.synchronize()
+            assert all(torch.equal(o, expected) for o in outs), (dim, two_per_sm)
+        os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM", None)
+
+
+def _is_ws_forward(kernel_name: str) -> bool:
+    """Whether a profiled kernel is a warp-specialized sm90 forward: the persistent one or the one-tile-per-block one."""
+    return "hstu_fwd_sm90_ws_kernel" in kernel_name or "hstu_fwd_sm90_persistent_kernel" in kernel_name
+
+
 def _ws_forward_consumer_warpgroups(prof) -> list[str]:
     """The consumer-warpgroup count (FwdTraitsSm90's fourth argument) of each warp-specialized forward in a profile."""
-    names = [evt.key for evt in prof.key_averages() if "hstu_fwd_sm90_ws_kernel" in evt.key]
+    names = [evt.key for evt in prof.key_averages() if _is_ws_forward(evt.key)]
     traits = [re.search(r"FwdTraitsSm90<([^<>]*)>", n) for n in names]
     assert names and all(t is not None for t in traits), names
     return [t.group(1).split(",")[3].strip() for t in traits]
@@ -424,10 +460,12 @@ def test_sm90_forward_shape_follows_the_longest_sequence(monkeypatch, dim):
 def test_sm90_ws_forward_matches_single_role_kernel():
     """The default sm90 forward is the warp-specialized wgmma kernel (producer warpgroup, mbarrier pipelines) in two
     shapes: ping-pong consumers on 128 rows, and at head dims 64 / 128 two 64-row blocks per SM
-    (HSTU_SM90_FWD_TWO_PER_SM=1 / 0 force one); HSTU_SM90_FWD_WS=0 takes the single-role one (every warpgroup loads
-    and computes). All are seen in the profiler and bitwise equal on jagged lengths around their tiles for every head
-    dim, dtype and mask family, and pass the parity rule through the op. It runs in a child process with a time
-    limit, so a pipeline deadlock fails this test instead of hanging the suite."""
+    (HSTU_SM90_FWD_TWO_PER_SM=1 / 0 force one), persistent at head dims 64 / 128 (HSTU_SM90_FWD_PERSISTENT=0: one
+    tile per block); HSTU_SM90_FWD_WS=0 takes the single-role one (every warpgroup loads and computes). All are seen
+    in the profiler and bitwise equal on jagged lengths around their tiles for every head dim, dtype and mask family,
+    and pass the parity rule through the op; the persistent kernel also on many short work items, launched
+    repeatedly (where its first version deadlocked). It runs in a child process with a time limit, so a pipeline
+    deadlock fails this test instead of hanging the suite."""
     import subprocess
     import sys
 
@@ -435,6 +473,7 @@ def test_sm90_ws_forward_matches_single_role_kernel():
         pytest.skip("needs an sm_90 device and a build with the sm90 forward units (9.0a in TORCH_CUDA_ARCH_LIST)")
     if os.environ.get("HSTU_WS_FORWARD_CHILD") == "1":
         _ws_forward_checks()
+        _persistent_forward_short_items_checks()
         return
     env = dict(os.environ, HSTU_WS_FORWARD_CHILD="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{test_sm90_ws_forward_matches_single_role_kernel.__name__}"]  # fmt: skip
