@@ -362,6 +362,35 @@ __device__ __forceinline__ typename Pipe::Params ws_pipeline_params(bool produce
 #endif
 
 #if defined(HSTU_SM90_DEVICE)
+// The producer's walk over the key tiles that query tile m0 may see (both warp-specialized kernels): per tile, K into
+// the next free K slot and V into the next free V slot (cp.async, zero-filled past the sequence end), each slot
+// published when this thread's copies have landed.
+template <typename Tr, typename PipeK, typename PipeV, typename StateK, typename StateV>
+__device__ __forceinline__ void ws_produce_key_tiles(const AttnParams& p, const SeqMask& mk, int m0,
+                                                     const typename Tr::Element* gK, const typename Tr::Element* gV,
+                                                     typename Tr::T* pK, typename Tr::T* pV, PipeK& pipe_k,
+                                                     PipeV& pipe_v, StateK& sk, StateV& sv, int tid) {
+  using namespace cute;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
+  const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
+  for (int n = mk.next_key_tile(-1, n_tiles, BN, m0, m0 + BM); n < n_tiles;
+       n = mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM)) {
+    const int valid = mk.L - n * BN;
+    pipe_k.producer_acquire(sk);
+    load_rows_async<BN, D, 128, false>(
+        make_tensor(make_smem_ptr(pK + sk.index() * Tr::kSizeK), typename Tr::SmemLayoutK{}),
+        gK + n * BN * p.row_stride, p.row_stride, valid, tid);
+    pipe_k.producer_commit(sk, cutlass::arch::cpasync_barrier_arrive);
+    ++sk;
+    pipe_v.producer_acquire(sv);
+    load_rows_async<BN, D, 128, true>(
+        make_tensor(make_smem_ptr(pV + sv.index() * Tr::kSizeV), typename Tr::SmemLayoutVt{}),
+        gV + n * BN * p.row_stride, p.row_stride, valid, tid);
+    pipe_v.producer_commit(sv, cutlass::arch::cpasync_barrier_arrive);
+    ++sv;
+  }
+}
+
 // The consumers' walk over the key tiles that query tile m0 may see (both warp-specialized kernels): per tile, wait for
 // K, issue S_t (and O += P_{t-1} V_{t-1}) in this warpgroup's turn, release K once S_t retired, the pointwise stage,
 // release V_{t-1} once its O GEMM retired, P_t into tOrP, wait for V_t. Leaves the last tile's P in tOrP and its V slot
@@ -423,7 +452,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
   using namespace cute;
   using Element = typename Tr::Element;
   using T = typename Tr::T;
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM;
   using PipeK = cutlass::PipelineAsync<Tr::kStagesWsK>;
   using PipeV = cutlass::PipelineAsync<Tr::kStagesWsV>;
   using PipeQ = cutlass::PipelineAsync<1>;
@@ -452,9 +481,6 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
   __syncthreads();  // initialized barriers visible to every thread
 
   const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
-  const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
-  auto next_tile = [&](int n) { return mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM); };
-  auto sK = [&](int slot) { return make_tensor(make_smem_ptr(pK + slot * Tr::kSizeK), typename Tr::SmemLayoutK{}); };
   auto sVt = [&](int slot) {
     return make_tensor(make_smem_ptr(pV + slot * Tr::kSizeV), typename Tr::SmemLayoutVt{});
   };
@@ -471,17 +497,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
     pipe_q.producer_commit(sq, cutlass::arch::cpasync_barrier_arrive);
     auto sk = cutlass::make_producer_start_state<PipeK>();
     auto sv = cutlass::make_producer_start_state<PipeV>();
-    for (int n = next_tile(-1); n < n_tiles; n = next_tile(n)) {
-      const int valid = mk.L - n * BN;
-      pipe_k.producer_acquire(sk);
-      load_rows_async<BN, D, 128, false>(sK(sk.index()), gK + n * BN * p.row_stride, p.row_stride, valid, tid);
-      pipe_k.producer_commit(sk, cutlass::arch::cpasync_barrier_arrive);
-      ++sk;
-      pipe_v.producer_acquire(sv);
-      load_rows_async<BN, D, 128, true>(sVt(sv.index()), gV + n * BN * p.row_stride, p.row_stride, valid, tid);
-      pipe_v.producer_commit(sv, cutlass::arch::cpasync_barrier_arrive);
-      ++sv;
-    }
+    ws_produce_key_tiles<Tr>(p, mk, m0, gK, gV, pK, pV, pipe_k, pipe_v, sk, sv, tid);
     cp_async_wait_all();  // the block's shared memory outlives every copy it issued
     return;
   }
@@ -541,7 +557,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
   using namespace cute;
   using Element = typename Tr::Element;
   using T = typename Tr::T;
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM;
   using PipeK = cutlass::PipelineAsync<Tr::kStagesWsK>;
   using PipeV = cutlass::PipelineAsync<Tr::kStagesWsV>;
   using PipeQ = cutlass::PipelineAsync<Tr::kStagesWsQ>;
@@ -578,7 +594,6 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
   auto base_of = [&](const WorkItem& w) {
     return static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
   };
-  auto sK = [&](int slot) { return make_tensor(make_smem_ptr(pK + slot * Tr::kSizeK), typename Tr::SmemLayoutK{}); };
   auto sVt = [&](int slot) {
     return make_tensor(make_smem_ptr(pV + slot * Tr::kSizeV), typename Tr::SmemLayoutVt{});
   };
@@ -615,24 +630,12 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
         const int64_t base = base_of(w);
         const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
         const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
-        const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
         pipe_q.producer_acquire(sq);
         load_rows_async<BM, D, 128, false>(sQ(sq.index()), reinterpret_cast<const Element*>(p.q) + base + m0 * p.row_stride,
                                            p.row_stride, mk.L - m0, tid);
         pipe_q.producer_commit(sq, cutlass::arch::cpasync_barrier_arrive);
         ++sq;
-        for (int n = mk.next_key_tile(-1, n_tiles, BN, m0, m0 + BM); n < n_tiles;
-             n = mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM)) {
-          const int valid = mk.L - n * BN;
-          pipe_k.producer_acquire(sk);
-          load_rows_async<BN, D, 128, false>(sK(sk.index()), gK + n * BN * p.row_stride, p.row_stride, valid, tid);
-          pipe_k.producer_commit(sk, cutlass::arch::cpasync_barrier_arrive);
-          ++sk;
-          pipe_v.producer_acquire(sv);
-          load_rows_async<BN, D, 128, true>(sVt(sv.index()), gV + n * BN * p.row_stride, p.row_stride, valid, tid);
-          pipe_v.producer_commit(sv, cutlass::arch::cpasync_barrier_arrive);
-          ++sv;
-        }
+        ws_produce_key_tiles<Tr>(p, mk, m0, gK, gV, pK, pV, pipe_k, pipe_v, sk, sv, tid);
       }
       item = next;  // only thread 0's is real: it alone writes the item slot
     }
