@@ -8,8 +8,8 @@
 # HSTU_TEST_K (a pytest -k expression), HSTU_BENCH_ARGS (extra benchmark arguments). On sm_90 the warp-specialized
 # wgmma forward and the wgmma backward are the defaults (HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 opt out of wgmma,
 # HSTU_SM90_FWD_WS=0 out of warp specialization); the sanitizer runs each eligible backward case on both backwards
-# and the forward cases also on the single-role and ping-pong wgmma forwards, and the benchmark times the mma.sync
-# kernels next to them. On the lent machine run it as
+# and the forward cases also on the single-role and ping-pong wgmma forwards (plus the persistent forward on launches
+# with more work items than blocks), and the benchmark times the mma.sync kernels next to them. On the lent machine run it as
 #   source .device/wheels/setup.sh && bash scripts/gpu_check.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -195,6 +195,14 @@ for switch in ("HSTU_SM90_FWD_WS", "HSTU_SM90_FWD_TWO_PER_SM"):
         out = cuda.forward(q, k, v, offsets, 130, 0.125, 130, True, -1, None, nt, 2, rab, 0.0, 0)
         assert bool(torch.isfinite(out).all())
     os.environ.pop(switch)
+# the persistent forward (head dims 64 / 128) with more work items than blocks, in both warp-specialized shapes
+for (batch, length, heads, dim), two_per_sm in (((16, 1024, 2, 128), "0"), ((64, 256, 2, 64), "1")):
+    os.environ["HSTU_SM90_FWD_TWO_PER_SM"] = two_per_sm
+    offs = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(batch * length, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = cuda.forward(q, k, v, offs, length, 0.125, length, True, -1, None, None, 1, None, 0.0, 0)
+    assert bool(torch.isfinite(out).all())
+    os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM")
 torch.cuda.synchronize()
 print("sanitize case done")
 PY
