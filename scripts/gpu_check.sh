@@ -9,7 +9,8 @@
 # wgmma forward and the wgmma backward are the defaults (HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 opt out of wgmma,
 # HSTU_SM90_FWD_WS=0 out of warp specialization); the sanitizer runs each eligible backward case on both backwards
 # and the forward cases also on the single-role and ping-pong wgmma forwards (plus the persistent forward on launches
-# with more work items than blocks), and the benchmark times the mma.sync kernels next to them. On the lent machine run it as
+# with more work items than blocks), and the benchmark times the mma.sync kernels next to them. On the lent machine
+# run it as
 #   source .device/wheels/setup.sh && bash scripts/gpu_check.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

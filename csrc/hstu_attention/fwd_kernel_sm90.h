@@ -587,10 +587,6 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
 
   const int tiles = (p.max_seqlen + BM - 1) / BM;
   const int items = tiles * p.batch * p.heads;
-  auto work_item = [&](int item) {
-    const TileCoords c = grouped_tile_coords(item, tiles, p.batch, p.heads, p.sched_group, /*reverse=*/true);
-    return make_work_item(p, c.tile, c.batch, c.head);
-  };
   auto base_of = [&](const WorkItem& w) {
     return static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
   };
@@ -623,7 +619,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
       if (item >= items) break;
       int next = 0;
       if (tid == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);  // in flight during the loads
-      const WorkItem w = work_item(item);
+      const WorkItem w = schedule_grouped_item(p, tiles, /*reverse=*/true, item);
       const SeqMask& mk = w.mask;
       const int m0 = w.tile * BM;
       if (m0 < mk.L) {
@@ -669,7 +665,7 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
     pipe_item.consumer_release(si);
     ++si;
     if (item >= items) break;
-    const WorkItem w = work_item(item);
+    const WorkItem w = schedule_grouped_item(p, tiles, /*reverse=*/true, item);
     const SeqMask& mk = w.mask;
     const int m0 = w.tile * BM;
     if (m0 >= mk.L) continue;  // the producer skips it too
@@ -777,9 +773,6 @@ void launch_fwd_sm90_kernel(const AttnParams& p, cudaStream_t stream, bool warp_
   const int64_t items = int64_t{(p.max_seqlen + Tr::kBlockM - 1) / Tr::kBlockM} * p.batch * p.heads;
   if (items > INT32_MAX - 2 * 1024) throw std::invalid_argument("hstu attention (sm90 forward): too many tiles");
   if (p.tile_counter == nullptr) throw std::invalid_argument("hstu attention (sm90 forward): no tile counter");
-  int device = 0, sms = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   // Head dims 64 / 128: the persistent kernel, one wave of blocks that take the items from there (H200, 64,1024,4,128:
   // 368 against 342 TFLOP/s; 128,200,1,64: 40 against 37; level on long sequences; RESULTS.md, session 11).
   // HSTU_SM90_FWD_PERSISTENT=0 (read at every call) takes the one-tile-per-block kernel instead. Head dim 256 keeps
@@ -789,6 +782,9 @@ void launch_fwd_sm90_kernel(const AttnParams& p, cudaStream_t stream, bool warp_
   if constexpr (Tr::kHeadDim <= 128) {
     const char* e = std::getenv("HSTU_SM90_FWD_PERSISTENT");
     if (!(e && e[0] == '0')) {
+      int device = 0, sms = 0;
+      check(cudaGetDevice(&device), "cudaGetDevice");
+      check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
       kernel = hstu_fwd_sm90_persistent_kernel<Tr>;
       grid = dim3(static_cast<unsigned>(std::min<int64_t>(items, int64_t{sms} * Tr::kBlocksPerSmWs)));
     }

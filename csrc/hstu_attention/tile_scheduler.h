@@ -61,10 +61,13 @@ __host__ __device__ __forceinline__ TileCoords grouped_tile_coords(int item, int
   const int t = r / in_group;
   return {reverse ? tiles - 1 - t : t, pair / heads, pair % heads};
 }
-__device__ __forceinline__ WorkItem schedule_grouped_block(const AttnParams& p, int tiles, bool reverse) {
-  const TileCoords c =
-      grouped_tile_coords(static_cast<int>(blockIdx.x), tiles, p.batch, p.heads, p.sched_group, reverse);
+// Item `item` of the grouped schedule (a persistent kernel walks several), and the block's own item.
+__device__ __forceinline__ WorkItem schedule_grouped_item(const AttnParams& p, int tiles, bool reverse, int item) {
+  const TileCoords c = grouped_tile_coords(item, tiles, p.batch, p.heads, p.sched_group, reverse);
   return make_work_item(p, c.tile, c.batch, c.head);
+}
+__device__ __forceinline__ WorkItem schedule_grouped_block(const AttnParams& p, int tiles, bool reverse) {
+  return schedule_grouped_item(p, tiles, reverse, static_cast<int>(blockIdx.x));
 }
 
 // Host check of grouped_tile_coords: over a grid of shapes and group sizes (partial last groups included) the items
