@@ -27,14 +27,14 @@ def test_padded_head_dims_give_the_unpadded_result(monkeypatch, seed):
 
     padded_to = max(q.shape[-1], v.shape[-1]) + rng.randint(1, 20)
     calls = []
-    real_forward = op._forward_op
+    real_forward = op._forward_impl
 
     def forward_spy(q, k, v, *args):
         calls.append((q.shape[-1], k.shape[-1], v.shape[-1]))
         return real_forward(q, k, v, *args)
 
     monkeypatch.setattr(op, "_padded_head_dim", lambda q, v: padded_to)
-    monkeypatch.setattr(op, "_forward_op", forward_spy)
+    monkeypatch.setattr(op, "_forward_impl", forward_spy)
     out = hstu_attention(q, k, v, offsets, max_seqlen, rab=rab, **kwargs)
     grads = torch.autograd.grad(out, leaves, grad_out)
 

@@ -93,26 +93,35 @@ def unsupported_reason(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: Optional[torch.Tensor], dropout_p: float
 ) -> Optional[str]:
     """None when the fused kernel handles this configuration, else a short human-readable reason."""
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (rab is not None and rab.requires_grad)
+    return _unsupported_reason(q.device, q.dtype, q.shape[-1], k.shape[-1], v.shape[-1], rab is not None,
+                               dropout_p > 0.0, needs_grad)  # fmt: skip
+
+
+# Cached: the answer depends only on these properties and the (loaded once) extension, and the checks behind it
+# (device capability, build info) cost several µs of host time on every call of the op.
+@functools.lru_cache(maxsize=256)
+def _unsupported_reason(device: torch.device, dtype: torch.dtype, dqk: int, dk: int, dv: int, has_rab: bool,
+                        dropout: bool, needs_grad: bool) -> Optional[str]:  # fmt: skip
     if load_extension() is None:
         return "the hstu CUDA extension is not built"
     info = build_info()
-    if not q.is_cuda:
+    if device.type != "cuda":
         return "inputs are not on a CUDA device"
-    major, _ = torch.cuda.get_device_capability(q.device)
+    major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return "the fused kernel needs compute capability 8.0 or newer"
-    name = _DTYPE_NAMES.get(q.dtype)
+    name = _DTYPE_NAMES.get(dtype)
     if name is None or name not in info.get("dtypes", []):
-        return f"dtype {q.dtype} is not supported by the fused kernel (bfloat16/float16 builds only)"
-    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return f"dtype {dtype} is not supported by the fused kernel (bfloat16/float16 builds only)"
+    if dk != dqk or dv != dqk:
         return "the fused kernel needs Dqk == Dv"
-    if q.shape[-1] not in info.get("head_dims", []):
-        return f"head dim {q.shape[-1]} is not compiled in (supported: {info.get('head_dims')})"
-    if rab is not None and not info.get("rab", False):
+    if dqk not in info.get("head_dims", []):
+        return f"head dim {dqk} is not compiled in (supported: {info.get('head_dims')})"
+    if has_rab and not info.get("rab", False):
         return "this build has no rab kernels (HSTU_DISABLE_RAB)"
-    if dropout_p > 0.0 and not info.get("dropout", False):
+    if dropout and not info.get("dropout", False):
         return "this build of the fused kernel has no attention dropout (rebuild the extension)"
-    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or (rab is not None and rab.requires_grad)
     if needs_grad and not info.get("backward", False):
         return "this build has no backward kernels (HSTU_DISABLE_BACKWARD)"
     return None
