@@ -36,6 +36,7 @@
 #include "bwd_kernel.h"  // silu_grad (the same pointwise math as the sm80 backward)
 #include "bwd_sm90_api.h"
 #include "hstu.h"
+#include "kernel_attributes.h"
 #include "mask.h"
 #include "sm90_common.h"
 #include "tile_scheduler.h"
@@ -880,7 +881,7 @@ void launch_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
     else
       return hstu_bwd_sm90_kernel<Tr>;
   }();
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
+  check(set_kernel_attribute_once(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
         "cudaFuncSetAttribute");
   if (p.sched_group < 1) throw std::invalid_argument("hstu attention (sm90 backward): sched_group < 1");
   const int64_t items = int64_t{(p.max_seqlen + Tr::kBlockN - 1) / Tr::kBlockN} * p.batch * p.heads;

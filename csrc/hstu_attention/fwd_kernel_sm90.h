@@ -39,6 +39,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "fwd_sm90_api.h"
+#include "kernel_attributes.h"
 #include "hstu.h"
 #include "mask.h"
 #include "sm90_common.h"
@@ -546,7 +547,7 @@ constexpr int kProducerBarrier = 5;  // named barrier of the producer warpgroup 
 
 // Persistent: min(work items, SMs x blocks per SM) blocks, each running work items (query tiles of the grouped launch
 // order, tile_scheduler.h) until none is left: block b starts with item b, then takes gridDim.x + the next value of
-// p.tile_counter (zero at launch), so the longest items go first and a block that finishes early takes more. The
+// p.tile_counter (zeroed by the launcher), so the longest items go first and a block that finishes early takes more. The
 // producer's thread 0 draws the items and hands each to the block through a 2-slot pipeline (the consumers read it
 // there). Across items the K / V rings, the Q slots and the consumers' turn-taking simply continue: the producer
 // loads the next item's Q and first K / V tiles while the consumers finish this one, so a short sequence's
@@ -787,6 +788,7 @@ void launch_fwd_sm90_kernel(const AttnParams& p, cudaStream_t stream, bool warp_
       check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
       kernel = hstu_fwd_sm90_persistent_kernel<Tr>;
       grid = dim3(static_cast<unsigned>(std::min<int64_t>(items, int64_t{sms} * Tr::kBlocksPerSmWs)));
+      check(cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream), "cudaMemsetAsync (tile counter)");
     }
   }
   int smem = Tr::kSmemBytesWs, threads = Tr::kThreads + 128;
@@ -798,9 +800,10 @@ void launch_fwd_sm90_kernel(const AttnParams& p, cudaStream_t stream, bool warp_
       grid = dim3(static_cast<unsigned>(items));  // schedule_grouped_block
     }
   }
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
+  check(set_kernel_attribute_once(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
   if constexpr (Tr::kBlocksPerSmWs > 1)  // the largest shared-memory carveout, so that both blocks fit
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+    check(set_kernel_attribute_once(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    cudaSharedmemCarveoutMaxShared),
           "cudaFuncSetAttribute (carveout)");
   kernel<<<grid, threads, smem, stream>>>(p);
   check(cudaGetLastError(), "launch");

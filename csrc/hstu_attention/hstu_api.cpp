@@ -1,6 +1,7 @@
 // Torch-facing entry points of the fused HSTU attention kernels: argument checks, parameter packing, dispatch
 // over (dtype, head dim, rab) to the compiled instantiations.
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -155,8 +156,9 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   set_dropout(p, dropout_p, dropout_seed);
   check_qkv(out, q, "out");
   p.out = out.data_ptr();
-  // the persistent sm90 forward's work-item counter (the other kernels ignore it)
-  const at::Tensor tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
+  // The persistent sm90 forward's work-item counter. Uninitialised: that kernel's launcher zeroes it on the stream
+  // only when it launches (a fill kernel here cost every forward a launch).
+  const at::Tensor tile_counter = at::empty({1}, q.options().dtype(at::kInt));
   p.tile_counter = tile_counter.data_ptr<int>();
   if (q.numel() > 0) dispatch<false>(p, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
   return out;
@@ -196,12 +198,16 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
     p.drab_row_stride = d.stride(2);
   }
   at::Tensor dq_accum;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (!deterministic && q.numel() > 0) {
-    dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    // zeroed with a memset, not at::zeros: its fill kernel costs several times the host time (short sequences are
+    // host-bound)
+    dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cudaMemsetAsync(dq_accum.data_ptr(), 0, dq_accum.numel() * sizeof(float), stream));
     p.dq_accum = dq_accum.data_ptr<float>();
     p.total_rows = q.size(0);
   }
-  if (q.numel() > 0) dispatch<true>(p, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
+  if (q.numel() > 0) dispatch<true>(p, q.scalar_type(), static_cast<int>(q.size(2)), stream);
 #endif
 }
 

@@ -13,6 +13,7 @@
 #include "bwd_sm90_api.h"
 #include "fwd_kernel.h"
 #include "fwd_sm90_api.h"
+#include "kernel_attributes.h"
 #include "tile_config.h"
 
 namespace hstu {
@@ -24,7 +25,7 @@ inline void check_cuda(cudaError_t err, const char* what) {
 template <typename Kernel>
 inline void set_smem(Kernel kernel, int bytes) {
   if (bytes > 48 * 1024)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+    check_cuda(set_kernel_attribute_once(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
                "cudaFuncSetAttribute");
 }
 

@@ -334,6 +334,12 @@ def _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, w
     return q, k, v, seq_offsets, max_seqlen, scaling_seqlen, window_size, target_group_size, num_contexts, num_targets, rab
 
 
+def _int32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is None or (t.dtype == torch.int32 and t.is_contiguous()):
+        return t  # (a no-op .to() still costs a dispatch)
+    return t.to(torch.int32).contiguous()
+
+
 def hstu_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -387,14 +393,14 @@ def hstu_attention(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
-        seq_offsets.to(torch.int32).contiguous(),
+        _int32(seq_offsets),
         max_seqlen,
         float(alpha),
         scaling_seqlen if scaling_seqlen is not None else max(max_seqlen, 1),
         causal,
         window_size,
-        None if num_contexts is None else num_contexts.to(torch.int32).contiguous(),
-        None if num_targets is None else num_targets.to(torch.int32).contiguous(),
+        _int32(num_contexts),
+        _int32(num_targets),
         target_group_size,
         rab,
         float(dropout_p),
