@@ -302,6 +302,11 @@ def main() -> None:
     shapes = SHAPES[:3] if args.quick else SHAPES
     if args.only:
         shapes = [s for s in shapes if re.search(args.only, s[0])]
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
+    result = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+              "label": args.label, "gemm_bf16_tflops": peak, "dtype": "bfloat16", "causal": True, "rows": rows}
     for name, B, L, H, D, jagged, extra in shapes:
         q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, jagged, extra)
         reason = hstu_cuda.unsupported_reason(q, k, v, kwargs.get("rab"), 0.0)
@@ -376,15 +381,12 @@ def main() -> None:
                  if "ref_fwd_tflops" in row else ""), flush=True)  # fmt: skip
         del q, k, v
         torch.cuda.empty_cache()
+        # written after every shape, so a run cut short by a time limit keeps the shapes it measured
+        (out_dir / f"attention_{tag}.json").write_text(json.dumps(result, indent=2))
     if args.profile:
         profile_breakdown()
-    sweep = length_sweep() if args.sweep else []
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
-    result = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "label": args.label, "gemm_bf16_tflops": peak, "dtype": "bfloat16", "causal": True, "rows": rows,
-              **({"length_sweep": sweep} if sweep else {})}  # fmt: skip
+    if args.sweep:
+        result["length_sweep"] = length_sweep()
     (out_dir / f"attention_{tag}.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out_dir / f'attention_{tag}.json'}")
     plot(result, out_dir / f"attention_{tag}.png")
