@@ -670,6 +670,19 @@ def test_cuda_graph_replays_forward_and_backward(batch, length, heads, dim):
 
 
 @gpu_test
+def test_cuda_graph_capture_refuses_attention_dropout():
+    from hstu.ops import hstu_attention
+
+    q = torch.randn(64, 1, 64, device="cuda", dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 30, 64], dtype=torch.int32, device="cuda")
+    hstu_attention(q, q, q, offsets, 34)  # warm-up (index checks)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="dropout_p"):
+        with torch.cuda.graph(graph):
+            hstu_attention(q, q, q, offsets, 34, dropout_p=0.1)
+
+
+@gpu_test
 def test_head_dims_without_a_kernel_are_padded_or_fall_back():
     from hstu.ops import hstu_attention
     from hstu.ops.hstu_attention import cuda, op

@@ -384,6 +384,12 @@ def hstu_attention(
                       num_targets, target_group_size, rab, dropout_p)  # fmt: skip
     dropout_seed = 0
     if dropout_p > 0.0:
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            # The seed is a launch argument: every replay of the graph would drop the same weights.
+            raise ValueError(
+                "dropout_p > 0 inside a CUDA graph capture would replay one fixed dropout mask; capture steps with "
+                "dropout_p=0 (e.g. the model in eval mode, or attention dropout off) or run them eagerly"
+            )
         # A CPU draw needs no device sync and follows torch.manual_seed.
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
     head_dim = _padded_head_dim(q, v)
