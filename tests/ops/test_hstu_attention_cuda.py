@@ -684,6 +684,33 @@ def test_cuda_graph_capture_refuses_attention_dropout():
 
 
 @gpu_test
+def test_double_backward_runs_the_reference_backward():
+    """create_graph=True: the kernels' gradients are not differentiable, so that backward runs the reference. The
+    bf16 second-order gradients meet the 5x rule against the float32 reference's (5x the bf16 reference's error)."""
+    from hstu.ops import hstu_attention
+    from hstu.ops.hstu_attention.reference import hstu_attention_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    offsets = torch.tensor([0, 40, 41, 141], dtype=torch.int32, device="cuda")
+    base = [torch.randn(141, 2, 64, device="cuda", generator=gen) for _ in range(3)]
+
+    def second_order(fn, dtype):
+        q, k, v = (t.to(dtype).requires_grad_(True) for t in base)
+        out = fn(q, k, v, offsets, 100, alpha=0.125)
+        (grad_q,) = torch.autograd.grad(out.float().pow(2).sum(), q, create_graph=True)
+        return [g.float() for g in torch.autograd.grad(grad_q.float().sum(), (q, k, v))]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = second_order(hstu_attention, torch.bfloat16)
+    want = second_order(hstu_attention_reference, torch.float32)
+    same_dtype = second_order(hstu_attention_reference, torch.bfloat16)
+    for name, g, w, b in zip(("q", "k", "v"), got, want, same_dtype):
+        floor = 1e-3 * float(w.abs().max())
+        assert float((g - w).abs().max()) <= 5 * float((b - w).abs().max()) + floor, name
+
+
+@gpu_test
 def test_head_dims_without_a_kernel_are_padded_or_fall_back():
     from hstu.ops import hstu_attention
     from hstu.ops.hstu_attention import cuda, op

@@ -364,6 +364,51 @@ def test_eager_calls_skip_the_custom_op_dispatch_and_tracing_keeps_it(monkeypatc
         torch.autograd.grad(fake_out.sum(), (fq, fk, fv))
     assert calls == ["_forward_op", "_backward_op"]
 
+
+def test_double_backward_through_the_kernel_path_takes_the_reference(monkeypatch):
+    # The kernels' gradients are plain tensors: with create_graph=True the backward must run the reference (whose
+    # gradients are differentiable) rather than return gradients whose own gradients would silently be missing.
+    # The kernel path is simulated: forward = reference, backward = reference gradients detached (like the kernel's).
+    from hstu.ops import _extension
+    from hstu.ops.hstu_attention import op
+
+    kernel_backward_calls = []
+
+    def detached_backward(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
+                          num_contexts, num_targets, group, rab, rab_needs_grad, dropout_p, dropout_seed, det):  # fmt: skip
+        kernel_backward_calls.append(torch.is_grad_enabled())  # True: called with create_graph=True
+        with torch.no_grad():
+            return op.hstu_attention_reference_backward(
+                grad_out, q, k, v, seq_offsets, max_seqlen, alpha=alpha, scaling_seqlen=scaling_seqlen, causal=causal,
+                window_size=window_size, num_contexts=num_contexts, num_targets=num_targets, target_group_size=group,
+                rab=rab, rab_needs_grad=rab_needs_grad)  # fmt: skip
+
+    monkeypatch.setattr(op, "_use_kernel", lambda *a: True)
+    monkeypatch.setattr(op.cuda, "forward", lambda *a: op._reference_forward(*a))
+    monkeypatch.setattr(op.cuda, "backward", detached_backward)
+    offsets = torch.tensor([0, 3, 8])
+    q, k, v = (torch.randn(8, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def second_order(fn):
+        out = fn(q, k, v, offsets, 5, alpha=0.25)
+        (grad_q,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+        return torch.autograd.grad(grad_q.sum(), (q, k, v))
+
+    monkeypatch.setattr(_extension, "_warned", set())  # (the warning is once per process)
+    with pytest.warns(RuntimeWarning, match="create_graph=True"):
+        got = second_order(hstu_attention)
+    # (the second pass differentiates out.pow(2)'s backward, which goes through the op's first-order backward again)
+    assert True not in kernel_backward_calls
+    for g, want in zip(got, second_order(hstu_attention_reference)):
+        torch.testing.assert_close(g, want)
+    kernel_backward_calls.clear()
+    out = hstu_attention(q, k, v, offsets, 5, alpha=0.25)
+    torch.autograd.grad(out.sum(), (q, k, v))  # first order: the (simulated) kernel
+    assert kernel_backward_calls == [False]
+    with pytest.raises(ValueError, match="dropout_p"):
+        out = hstu_attention(q, k, v, offsets, 5, alpha=0.25, dropout_p=0.1)
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [-1, 0, 2])
 def test_mask_without_contexts_or_targets_matches_zero_counts(causal, window):

@@ -138,7 +138,18 @@ def _backward_op(
 def _backward_impl(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
                    num_contexts, num_targets, target_group_size, rab, rab_needs_grad, dropout_p, dropout_seed,
                    deterministic):  # fmt: skip
-    if _use_kernel(q, k, v, rab, dropout_p):
+    kernel = _use_kernel(q, k, v, rab, dropout_p)
+    if kernel and torch.is_grad_enabled():
+        # backward(create_graph=True): the kernels' gradients are not differentiable; the reference's are.
+        if dropout_p > 0.0:
+            raise ValueError(
+                "double backward (create_graph=True) through hstu_attention with dropout_p > 0 is not supported on "
+                "the fused kernel (the PyTorch reference draws a different dropout mask); use dropout_p=0"
+            )
+        warn_once("hstu_attention:create_graph", "hstu_attention's backward with create_graph=True runs the PyTorch "
+                  "reference (the fused kernel's gradients are not differentiable)")  # fmt: skip
+        kernel = False
+    if kernel:
         dq, dk, dv, drab = cuda.backward(
             grad_out.contiguous(), q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
             num_contexts, num_targets, target_group_size, rab, rab_needs_grad, dropout_p, dropout_seed, deterministic,
