@@ -2,6 +2,7 @@
 
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -363,6 +364,14 @@ def test_eager_calls_skip_the_custom_op_dispatch_and_tracing_keeps_it(monkeypatc
         fake_out = hstu_attention(fq, fk, fv, torch.tensor([0, 3, 8], dtype=torch.int32), 5, alpha=0.25)
         torch.autograd.grad(fake_out.sum(), (fq, fk, fv))
     assert calls == ["_forward_op", "_backward_op"]
+
+    # torch.jit.trace cannot see the extension's calls: it must record the custom op
+    with warnings.catch_warnings():  # (trace's deprecation; the argument checks read index values while tracing)
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lambda q, k, v: hstu_attention(q, k, v, offsets, 5, alpha=0.25),
+                                 (q.detach(), k.detach(), v.detach()))  # fmt: skip
+    assert "hstu::hstu_attention_forward" in str(traced.graph)
+    torch.testing.assert_close(traced(q.detach(), k.detach(), v.detach()), expected.detach())
 
 
 def test_double_backward_through_the_kernel_path_takes_the_reference(monkeypatch):

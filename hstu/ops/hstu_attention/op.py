@@ -147,7 +147,8 @@ def _backward_impl(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_se
                 "the fused kernel (the PyTorch reference draws a different dropout mask); use dropout_p=0"
             )
         warn_once("hstu_attention:create_graph", "hstu_attention's backward with create_graph=True runs the PyTorch "
-                  "reference (the fused kernel's gradients are not differentiable)")  # fmt: skip
+                  "reference (the fused kernel's gradients are not differentiable); its memory grows with B * H * "
+                  "max_seqlen^2")  # fmt: skip
         kernel = False
     if kernel:
         dq, dk, dv, drab = cuda.backward(
@@ -171,19 +172,23 @@ def _(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal,
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drab
 
 
-def _runs_eagerly(q: torch.Tensor) -> bool:
+def _runs_eagerly(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a call can skip the custom ops' dispatch and run their implementations directly: not compiling or
-    tracing (no torch-dispatch mode such as FakeTensorMode, no functorch transform) and q a plain tensor.
+    tracing (no torch-dispatch mode such as FakeTensorMode, no functorch transform, no torch.jit tracer, which cannot
+    see the extension's calls) and every tensor a plain tensor (a subclass keeps its own dispatch).
 
     The dispatch of a Python custom op costs tens of µs of host time per call (H200 machine, torch 2.11: a forward
     through the custom op 37-78 µs, its implementation called directly 17-30), as much as the rest of a forward at
     short sequences; the custom ops remain what torch.compile, fake tensors and torch.library see."""
-    return (type(q) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active())
+    return (all(t is None or type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+            and not torch.jit.is_tracing())  # fmt: skip
 
 
 def _forward(*inputs):
-    return (_forward_impl if _runs_eagerly(inputs[0]) else _forward_op)(*inputs)
+    q, k, v, seq_offsets, _, _, _, _, _, num_contexts, num_targets, _, rab, _, _, _ = inputs
+    eager = _runs_eagerly(q, k, v, seq_offsets, num_contexts, num_targets, rab)
+    return (_forward_impl if eager else _forward_op)(*inputs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -199,7 +204,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     q, k, v, seq_offsets, num_contexts, num_targets, rab = ctx.saved_tensors
     rab_needs_grad = rab is not None and ctx.needs_input_grad[12]
-    backward = _backward_impl if _runs_eagerly(grad_out) else _backward_op
+    eager = _runs_eagerly(grad_out, q, k, v, seq_offsets, num_contexts, num_targets, rab)
+    backward = _backward_impl if eager else _backward_op
     dq, dk, dv, drab = backward(
         grad_out, q, k, v, seq_offsets, *ctx.params, num_contexts, num_targets, ctx.target_group_size, rab,
         rab_needs_grad, *ctx.dropout, ctx.deterministic,
