@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from hstu.data.errors import DataFormatError, DownloadError
 from hstu.data.external_sort import DEFAULT_SORT_BUFFER_ROWS
 from hstu.data.prepare import DATASETS, PrepareOptions, prepare
-from hstu.data.processed import compute_stats
+from hstu.data.processed import compute_stats, is_within
 from hstu.data.synthetic import LENGTH_DISTRIBUTIONS, SyntheticConfig, write_synthetic
 
 EPILOG = """\
@@ -87,9 +87,12 @@ def _prepare(args: argparse.Namespace) -> None:
     else:
         raw_dir = args.raw_dir
         if args.download:
-            from hstu.data.download import fetch_archive
+            from hstu.data.download import ARCHIVES, fetch_archive
 
+            if not args.download_timeout > 0:
+                raise ValueError(f"--download-timeout must be > 0 seconds, got {args.download_timeout}")
             dest = raw_dir or os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), "raw")
+            check_download_dir(args.out_dir, dest, ARCHIVES[args.dataset].root)
             raw_dir = fetch_archive(args.dataset, dest, sha256=args.sha256, timeout=args.download_timeout,
                                     show_progress=show_progress)
         elif raw_dir is None:
@@ -101,6 +104,16 @@ def _prepare(args: argparse.Namespace) -> None:
           f"item vocabulary {metadata['num_items']}", file=sys.stderr)
 
 
+def check_download_dir(out_dir: str, dest: str, archive_root: str) -> None:
+    """Refuse a download directory that the output would hold, or an output that would be the extracted raw files."""
+    out, dest = os.path.realpath(out_dir), os.path.realpath(dest)
+    if is_within(dest, out) or out == os.path.join(dest, archive_root):
+        raise DataFormatError(
+            out_dir, f"--out-dir overlaps the download directory {dest} (raw files go to {os.path.join(dest, archive_root)}); "
+            "pass a --raw-dir outside --out-dir, or another --out-dir"
+        )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -108,10 +121,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _prepare(args)
         else:
             print(json.dumps(compute_stats(args.data_dir)))
-    except (DataFormatError, DownloadError, FileExistsError, ValueError) as e:
+    except (DataFormatError, DownloadError, ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print("error: out of memory; use a smaller dataset (synthetic: --num-users, --max-length) or a smaller "
+              "--sort-buffer-rows", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted; --out-dir holds its previous content (or, past the final rename, the new one), never a "
+              "partial one", file=sys.stderr)
         return 130
     return 0

@@ -23,3 +23,7 @@ class DataFormatError(ValueError):
 
 class DownloadError(RuntimeError):
     """An archive could not be downloaded or failed its checksum."""
+
+
+class OutputExistsError(DataFormatError, FileExistsError):
+    """The output directory exists and replacing it was not asked for."""

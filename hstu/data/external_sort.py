@@ -4,7 +4,8 @@ Raw logs arrive in file order (KuaiRand: by date, users interleaved). Holding a 
 option, so rows are processed in three streaming passes with memory bounded by ``sort_buffer_rows``:
 
 1. ``add``: parsed blocks are appended as fixed-size binary records to a spill file; per-user counts and the set of
-   items are accumulated on the side (small arrays indexed by id).
+   items are accumulated on the side (arrays indexed by id below ``ID_LIMIT``; item ids above it, allowed when
+   remapping, are kept as a sorted set).
 2. Users are cut into contiguous id ranges ("buckets") of about ``sort_buffer_rows`` rows; the spill is read once
    more in chunks and each record is appended to its bucket's file (skipped when one bucket suffices).
 3. Each bucket is loaded alone, stably sorted by (user, time, arrival order) and appended to the output columns.
@@ -18,7 +19,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from hstu.data.processed import NpyAppender
+from hstu.data.processed import ID_LIMIT, NpyAppender
 
 RECORD = np.dtype([("user", "<i8"), ("item", "<i8"), ("time", "<i8"), ("action", "<i8")])
 DEFAULT_SORT_BUFFER_ROWS = 4_000_000
@@ -40,8 +41,11 @@ class InteractionSorter:
         self.spill_path = os.path.join(work_dir, "spill.bin")
         self._spill = open(self.spill_path, "wb")
         self.num_rows = 0
-        self.user_counts = np.zeros(1024, dtype=np.int64)
-        self.item_seen = np.zeros(1024, dtype=bool)
+        self.user_counts = np.zeros(1024, dtype=np.int64)  # indexed by raw user id (< ID_LIMIT)
+        self.item_seen = np.zeros(1024, dtype=bool)  # indexed by raw item id below ID_LIMIT
+        # Item ids >= ID_LIMIT (allowed with remapping): sorted distinct ids, plus per-block ones not merged yet.
+        self._large_items = np.zeros(0, dtype=np.int64)
+        self._large_pending: list[np.ndarray] = []
 
     def add(self, user: np.ndarray, item: np.ndarray, time: np.ndarray, action: np.ndarray) -> None:
         n = len(user)
@@ -51,10 +55,25 @@ class InteractionSorter:
         records["user"], records["item"], records["time"], records["action"] = user, item, time, action
         self._spill.write(records.tobytes())
         self.num_rows += n
+        if int(user.min()) < 0 or int(user.max()) >= ID_LIMIT or int(item.min()) < 0:
+            raise ValueError(f"user ids must lie in [0, {ID_LIMIT}) and item ids must be >= 0")
         self.user_counts = _grow(self.user_counts, int(user.max()) + 1)
         self.user_counts += np.bincount(user, minlength=len(self.user_counts))
-        self.item_seen = _grow(self.item_seen, int(item.max()) + 1)
-        self.item_seen[item] = True
+        large = item >= ID_LIMIT
+        if large.any():
+            self._large_pending.append(np.unique(item[large]))
+            if sum(len(p) for p in self._large_pending) > max(len(self._large_items), 1 << 20):
+                self._merge_large_items()
+            item = item[~large]
+        if len(item):
+            self.item_seen = _grow(self.item_seen, int(item.max()) + 1)
+            self.item_seen[item] = True
+
+    def _merge_large_items(self) -> np.ndarray:
+        if self._large_pending:
+            self._large_items = np.unique(np.concatenate([self._large_items, *self._large_pending]))
+            self._large_pending = []
+        return self._large_items
 
     def _iter_spill(self, path: str, desc: str):
         chunk = self.sort_buffer_rows
@@ -82,10 +101,22 @@ class InteractionSorter:
         np.cumsum(lengths, out=offsets[1:])
 
         item_raw_ids = None
-        item_lookup = None
+        remap = None
+        large_items = self._merge_large_items()
         if remap_items:
-            item_raw_ids = np.concatenate([[-1], np.flatnonzero(self.item_seen)]).astype(np.int64)
-            item_lookup = np.cumsum(self.item_seen).astype(np.int64)
+            small_items = np.flatnonzero(self.item_seen)
+            item_raw_ids = np.concatenate([[-1], small_items, large_items]).astype(np.int64)
+            small_lookup = np.cumsum(self.item_seen).astype(np.int64)
+
+            def remap(raw: np.ndarray) -> np.ndarray:
+                if not len(large_items):
+                    return small_lookup[raw]
+                large = raw >= ID_LIMIT
+                new = np.where(large, len(small_items) + 1 + np.searchsorted(large_items, raw), 0)
+                new[~large] = small_lookup[raw[~large]]
+                return new
+        elif len(large_items):
+            raise ValueError(f"item ids >= {ID_LIMIT} need remap_items=True")
 
         # A user never straddles two buckets, so a bucket may exceed the buffer by one user's length.
         bucket_of_user_rank = offsets[:-1] // self.sort_buffer_rows
@@ -120,7 +151,7 @@ class InteractionSorter:
                 order = order[np.argsort(records["user"][order], kind="stable")]
                 records = records[order]
                 del order
-                item = records["item"] if item_lookup is None else item_lookup[records["item"]]
+                item = records["item"] if remap is None else remap(records["item"])
                 columns["item"].append(item)
                 columns["timestamp"].append(records["time"] // time_divisor)
                 columns["action"].append(records["action"])

@@ -11,9 +11,9 @@ import re
 import numpy as np
 
 from hstu.data.errors import DataFormatError
-from hstu.data.prepare import InteractionBlock, RawSource, file_progress, user_id_feature
+from hstu.data.prepare import InteractionBlock, RawSource, file_progress, id_columns, user_id_feature
 from hstu.data.processed import ContextualFeature, bitmask_action_spec
-from hstu.data.textio import as_int_ids, iter_numeric_blocks, read_header, require_file
+from hstu.data.textio import iter_numeric_blocks, read_header, require_file
 
 VARIANTS = {"kuairand-pure": "pure", "kuairand-1k": "1k", "kuairand-27k": "27k"}
 LOG_PERIODS = ("4_08_to_4_21", "4_22_to_5_08")
@@ -91,10 +91,11 @@ def read_user_features(path: str) -> tuple[dict[int, dict[str, str]], dict[str, 
         if len(row) != len(header):
             raise DataFormatError(path, f"expected {len(header)} fields, found {len(row)}", line)
         value = row[index["user_id"]].strip()
-        try:
-            uid = int(value)
-        except ValueError:
-            raise DataFormatError(path, f"column 'user_id': {value!r} is not an integer id", line) from None
+        if not (value.isascii() and value.isdigit()):
+            raise DataFormatError(path, f"column 'user_id': {value!r} is not an integer id >= 0", line)
+        if len(value) > 18:
+            raise DataFormatError(path, f"column 'user_id': {value} is too large", line)
+        uid = int(value)
         users[uid] = {name: row[index[name]].strip() for name in CATEGORICAL_USER_FEATURES}
     vocab = {}
     for name in CATEGORICAL_USER_FEATURES:
@@ -135,12 +136,8 @@ def source(dataset: str, raw_dir: str) -> RawSource:
                         if bad.size:
                             raise DataFormatError(path, f"column {name!r}: {flag[bad[0]]} is not 0 or 1", block.first_line + int(bad[0]))
                         action |= flag.astype(np.int64) << bit
-                    yield InteractionBlock(
-                        user=as_int_ids(path, block, "user_id"),
-                        item=as_int_ids(path, block, "video_id"),
-                        time=as_int_ids(path, block, "time_ms"),
-                        action=action,
-                    )
+                    user, item, time = id_columns(path, block, options, "user_id", "video_id", "time_ms")
+                    yield InteractionBlock(user=user, item=item, time=time, action=action)
 
     def contextual(user_ids):
         users, vocab = state["users"], state["vocab"]

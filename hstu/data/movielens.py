@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from hstu.data.errors import DataFormatError
-from hstu.data.prepare import InteractionBlock, RawSource, file_progress, user_id_feature
+from hstu.data.prepare import InteractionBlock, RawSource, file_progress, id_columns, user_id_feature
 from hstu.data.processed import ContextualFeature, rating_action_spec
 from hstu.data.textio import as_int_ids, iter_numeric_blocks, read_header, require_file
 
@@ -31,10 +31,13 @@ def _read_dat_lines(path: str, num_fields: int):
 
 
 def _parse_int(path: str, line: int, name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise DataFormatError(path, f"{name}: {value!r} is not an integer", line) from None
+    """A non-negative decimal integer (ASCII digits, surrounding blanks allowed)."""
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise DataFormatError(path, f"{name}: {value!r} is not a non-negative integer", line)
+    if len(text) > 18:
+        raise DataFormatError(path, f"{name}: {text} is too large", line)
+    return int(text)
 
 
 def read_ml1m_movies(path: str) -> dict[int, str]:
@@ -84,12 +87,8 @@ def _ml1m_source(raw_dir: str) -> RawSource:
                 bad = np.flatnonzero(rating > 5)
                 if bad.size:
                     raise DataFormatError(ratings, f"Rating {rating[bad[0]]} outside 1..5", block.first_line + int(bad[0]))
-                yield InteractionBlock(
-                    user=as_int_ids(ratings, block, "user"),
-                    item=as_int_ids(ratings, block, "item"),
-                    time=as_int_ids(ratings, block, "time"),
-                    action=rating - 1,
-                )
+                user, item, time = id_columns(ratings, block, options, "user", "item", "time")
+                yield InteractionBlock(user=user, item=item, time=time, action=rating - 1)
 
     def contextual(user_ids):
         table = np.zeros((len(user_ids), 3), dtype=np.int64)
@@ -139,12 +138,8 @@ def _ml20m_source(raw_dir: str) -> RawSource:
                     raise DataFormatError(
                         ratings, f"rating {block.columns['rating'][row]} is not a half-star value in 0.5..5.0", block.first_line + row
                     )
-                yield InteractionBlock(
-                    user=as_int_ids(ratings, block, "user"),
-                    item=as_int_ids(ratings, block, "item"),
-                    time=as_int_ids(ratings, block, "time"),
-                    action=classes - 1,
-                )
+                user, item, time = id_columns(ratings, block, options, "user", "item", "time")
+                yield InteractionBlock(user=user, item=item, time=time, action=classes - 1)
 
     return RawSource(
         dataset="ml-20m",

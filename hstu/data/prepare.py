@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from hstu.data.errors import DataFormatError
 from hstu.data.external_sort import DEFAULT_SORT_BUFFER_ROWS, InteractionSorter
-from hstu.data.processed import ContextualFeature, atomic_output_dir, write_metadata, write_user_columns
-from hstu.data.textio import DEFAULT_BLOCK_BYTES
+from hstu.data.processed import (
+    ID_LIMIT, ContextualFeature, atomic_output_dir, write_metadata, write_user_columns,
+)
+from hstu.data.textio import DEFAULT_BLOCK_BYTES, EXACT_INT_LIMIT, as_int_ids
 
 RAW_DATASETS = ("ml-1m", "ml-20m", "kuairand-pure", "kuairand-1k", "kuairand-27k")
 DATASETS = RAW_DATASETS + ("synthetic",)
@@ -25,6 +27,12 @@ class PrepareOptions:
     sort_buffer_rows: int = DEFAULT_SORT_BUFFER_ROWS
     block_bytes: int = DEFAULT_BLOCK_BYTES
     show_progress: bool = True
+
+    def validate(self) -> None:
+        for name, option, value in (("sort_buffer_rows", "--sort-buffer-rows", self.sort_buffer_rows),
+                                    ("block_bytes", "--block-mb", self.block_bytes)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} ({option}) must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -55,10 +63,14 @@ def file_progress(paths: list[str], desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled)
 
 
-def build_processed(source: RawSource, out_dir: str, options: PrepareOptions, overwrite: bool = False) -> dict:
+def build_processed(
+    source: RawSource, out_dir: str, options: PrepareOptions, overwrite: bool = False, protected: Sequence[str] = ()
+) -> dict:
+    """Read ``source`` into the processed format at ``out_dir``; ``protected``: raw paths ``out_dir`` must not hold."""
+    options.validate()
     if source.check is not None:
         source.check()
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, protected=protected) as tmp:
         work = os.path.join(tmp, "_work")
         os.makedirs(work)
         sorter = InteractionSorter(work, options.sort_buffer_rows, options.show_progress)
@@ -79,6 +91,20 @@ def build_processed(source: RawSource, out_dir: str, options: PrepareOptions, ov
         return write_metadata(tmp, dataset=source.dataset, action=source.action_spec, contextual=contextual, extra=extra)
 
 
+def id_columns(path: str, block, options: PrepareOptions, user: str, item: str, time: str):
+    """The (user, item, time) columns of a parsed block as int64, with the id bounds of the pipeline.
+
+    User ids and raw item ids must be below ``ID_LIMIT`` (dense per-id tables and vocabularies); with
+    ``--remap-items`` item ids may go up to 2**53 (the largest integer the text parser reads exactly).
+    """
+    item_limit = EXACT_INT_LIMIT if options.remap_items else ID_LIMIT
+    return (
+        as_int_ids(path, block, user, limit=ID_LIMIT, hint="; renumber the users below that bound"),
+        as_int_ids(path, block, item, limit=item_limit, hint="" if options.remap_items else "; pass --remap-items"),
+        as_int_ids(path, block, time),
+    )
+
+
 def user_id_feature(user_ids: np.ndarray) -> ContextualFeature:
     return ContextualFeature("user_id", np.asarray(user_ids, dtype=np.int64), int(user_ids.max()) + 1 if len(user_ids) else 1)
 
@@ -86,6 +112,8 @@ def user_id_feature(user_ids: np.ndarray) -> ContextualFeature:
 def prepare(dataset: str, raw_dir: str, out_dir: str, options: Optional[PrepareOptions] = None, overwrite: bool = False) -> dict:
     """Convert the raw files of ``dataset`` in ``raw_dir`` into the processed format at ``out_dir``."""
     options = options or PrepareOptions()
+    if dataset in RAW_DATASETS and not os.path.isdir(raw_dir):
+        raise DataFormatError(raw_dir, "--raw-dir is not a directory")
     if dataset in ("ml-1m", "ml-20m"):
         from hstu.data import movielens
 
@@ -96,4 +124,4 @@ def prepare(dataset: str, raw_dir: str, out_dir: str, options: Optional[PrepareO
         source = kuairand.source(dataset, raw_dir)
     else:
         raise ValueError(f"unknown raw dataset {dataset!r}; choose one of {', '.join(RAW_DATASETS)}")
-    return build_processed(source, out_dir, options, overwrite=overwrite)
+    return build_processed(source, out_dir, options, overwrite=overwrite, protected=(raw_dir,))

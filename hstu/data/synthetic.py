@@ -18,6 +18,7 @@ Generative story (every user independently, one event at a time):
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -25,11 +26,14 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from hstu.data.processed import ContextualFeature, atomic_output_dir, bitmask_action_spec, rating_action_spec, write_in_memory
+from hstu.data.processed import (
+    ID_LIMIT, ContextualFeature, atomic_output_dir, bitmask_action_spec, rating_action_spec, write_in_memory,
+)
 
 LENGTH_DISTRIBUTIONS = ("lognormal", "pareto", "uniform", "fixed")
 SUCCESSOR_PROBS = (0.7, 0.2, 0.1)
 NUM_ACTIVITY_LEVELS = 5
+MAX_SYNTHETIC_LENGTH = 1 << 24  # longest sequence the generator accepts (16M events)
 
 
 @dataclass
@@ -51,16 +55,49 @@ class SyntheticConfig:
     time_span_days: float = 3 * 365.0
 
     def validate(self) -> None:
+        """Raise ``TypeError``/``ValueError`` naming the field (and its ``--option``) for any invalid value."""
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {getattr(self, name)!r}")
+
+        for name in ("num_users", "num_items", "num_topics", "min_length", "max_length", "seed", "start_time"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} (--{name.replace('_', '-')}) must be an integer, got {value!r}")
+        for name in ("mean_length", "length_sigma", "transition_prob", "topic_drift", "zipf_exponent", "time_span_days"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise bad(name, "finite")
         if self.length_distribution not in LENGTH_DISTRIBUTIONS:
-            raise ValueError(f"length_distribution must be one of {LENGTH_DISTRIBUTIONS}")
+            raise bad("length_distribution", f"one of {LENGTH_DISTRIBUTIONS}")
         if self.actions not in ("rating", "bitmask"):
-            raise ValueError("actions must be 'rating' or 'bitmask'")
-        if not 1 <= self.min_length <= self.max_length:
-            raise ValueError("need 1 <= min_length <= max_length")
-        if self.num_items < 4 * self.num_topics:
-            raise ValueError("need at least 4 items per topic")
-        if not 0 <= self.transition_prob <= 1 or not 0 <= self.topic_drift <= 1:
-            raise ValueError("probabilities must lie in [0, 1]")
+            raise bad("actions", "'rating' or 'bitmask'")
+        # User and item ids are 1..N, and the user_id / item vocabularies are N + 1 (see ID_LIMIT).
+        for name in ("num_users", "num_items"):
+            if not 1 <= getattr(self, name) < ID_LIMIT:
+                raise bad(name, f"in 1..{ID_LIMIT - 1}")
+        if not 1 <= self.num_topics <= self.num_items // 4:
+            raise bad("num_topics", f"in 1..num_items // 4 = {self.num_items // 4} (at least 4 items per topic)")
+        if not 1 <= self.min_length <= MAX_SYNTHETIC_LENGTH:
+            raise bad("min_length", f"in 1..{MAX_SYNTHETIC_LENGTH}")
+        if not self.min_length <= self.max_length <= MAX_SYNTHETIC_LENGTH:
+            raise bad("max_length", f"in min_length = {self.min_length}..{MAX_SYNTHETIC_LENGTH}")
+        if not 0 < self.mean_length <= MAX_SYNTHETIC_LENGTH:
+            raise bad("mean_length", f"> 0 and <= {MAX_SYNTHETIC_LENGTH}")
+        if not self.length_sigma > 0:
+            raise bad("length_sigma", "> 0")
+        for name in ("transition_prob", "topic_drift"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "a probability in [0, 1]")
+        if not self.zipf_exponent >= 0:
+            raise bad("zipf_exponent", ">= 0")
+        if self.seed < 0:
+            raise bad("seed", ">= 0")
+        if self.start_time < 0:
+            raise bad("start_time", ">= 0 (unix seconds)")
+        if not 1 / 86400 <= self.time_span_days <= 100 * 365:
+            raise bad("time_span_days", "between one second and 100 years")
 
 
 @dataclass

@@ -8,6 +8,7 @@ and parsed by ``numpy.loadtxt`` (C speed, no per-row Python objects). Validation
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -138,15 +139,30 @@ def _parse_block(path, data, delimiter, single, num_fields, wanted, names, encod
     return NumericBlock(first_line, {name: table[:, i] for i, name in enumerate(names)})
 
 
-def as_int_ids(path: str, block: NumericBlock, name: str, minimum: int = 0) -> np.ndarray:
-    """Column ``name`` as int64, rejecting fractions and values below ``minimum`` with the offending line."""
+# Numbers are parsed as float64, which holds every integer below 2**53 exactly; a larger value may be a rounded one.
+EXACT_INT_LIMIT = 1 << 53
+
+
+def as_int_ids(
+    path: str, block: NumericBlock, name: str, minimum: int = 0, limit: int = EXACT_INT_LIMIT, hint: str = ""
+) -> np.ndarray:
+    """Column ``name`` as int64, rejecting fractions and values outside ``[minimum, limit)`` with the offending line.
+
+    ``limit`` is capped at 2**53 (above it the text may not have been parsed exactly); ``hint`` is appended to the
+    message for values at or above ``limit``.
+    """
     values = block.columns[name]
-    ints = values.astype(np.int64)
-    bad = np.flatnonzero((ints != values) | (ints < minimum))
+    limit = min(int(limit), EXACT_INT_LIMIT)
+    with np.errstate(invalid="ignore"):
+        inside = (values >= minimum) & (values < limit)  # also False for NaN
+        ints = np.where(inside, values, minimum).astype(np.int64)
+    bad = np.flatnonzero(~inside | (ints != values))
     if bad.size:
         row = int(bad[0])
-        raise DataFormatError(
-            path, f"column {name!r}: {values[row]!r} is not an integer id >= {minimum}", block.first_line + row
-        )
+        value = float(values[row])
+        if math.isfinite(value) and value >= limit and value == math.floor(value):
+            reason = f"id {value:.0f} is too large (ids must be < {limit}){hint}"
+        else:
+            reason = f"{value!r} is not an integer id >= {minimum}"
+        raise DataFormatError(path, f"column {name!r}: {reason}", block.first_line + row)
     return ints
-
