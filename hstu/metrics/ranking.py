@@ -2,6 +2,9 @@
 
 Data parallel: torchmetrics gathers its states across ranks in ``compute``; GAUC all-reduces its two sums (every
 user lives on exactly one rank, so per-user AUCs are local).
+
+Undefined values are left out (see :mod:`hstu.metrics.undefined`): AUC/<task> and GAUC/<task> when the evaluated
+candidates of all ranks hold no positive or no negative for the task, GAUC/<task> when no user has both.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from torchmetrics.classification import BinaryAUROC
+
+from hstu.metrics.undefined import warn_undefined
 
 
 def grouped_auc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +47,7 @@ def grouped_auc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor
     rank_in_group = (run_sum / run_count)[run_id] - group_start[g] + 1.0
     positives = torch.bincount(g, weights=y.to(torch.float64), minlength=num_groups)
     negatives = counts.to(torch.float64) - positives
-    positive_rank_sum = torch.bincount(g, weights=rank_in_group * y, minlength=num_groups)
+    positive_rank_sum = torch.bincount(g, weights=torch.where(y, rank_in_group, 0.0), minlength=num_groups)
     valid = (positives > 0) & (negatives > 0)
     auc = (positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives).clamp(min=1)
     return auc, valid
@@ -62,34 +67,47 @@ class RankingMetrics:
             auc.reset()
         self._gauc = torch.zeros(len(self.task_names), 2, dtype=torch.float64, device=self.device)  # [Σ w·auc, Σ w]
         self._loss = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._labels = torch.zeros(len(self.task_names), 2, dtype=torch.float64, device=self.device)  # [pos, neg]
 
     def update(self, probabilities: torch.Tensor, labels: torch.Tensor, user_of_candidate: torch.Tensor,
                loss_sum: Optional[float] = None) -> None:
         """probabilities, labels: (N, tasks); user_of_candidate: (N,) ids unique per evaluated user on this rank."""
         if probabilities.shape[0] == 0:
             return
+        positives = (labels > 0).sum(0).to(torch.float64)
+        self._labels += torch.stack([positives, labels.shape[0] - positives], dim=1).to(self._labels.device)
         for t, auc in enumerate(self.aucs):
             auc.update(probabilities[:, t].float(), labels[:, t].to(torch.int64))
             per_user, valid = grouped_auc(probabilities[:, t], labels[:, t], user_of_candidate)
-            weights = torch.bincount(user_of_candidate, minlength=per_user.numel()).to(torch.float64) * valid
-            self._gauc[t, 0] += (per_user * weights).sum()
-            self._gauc[t, 1] += weights.sum()
+            # Users without both classes have no AUC: selected out, never multiplied by a zero weight.
+            candidates = torch.bincount(user_of_candidate, minlength=per_user.numel()).to(torch.float64)
+            self._gauc[t, 0] += (per_user[valid] * candidates[valid]).sum()
+            self._gauc[t, 1] += candidates[valid].sum()
         if loss_sum is not None:
             self._loss += torch.tensor([loss_sum, probabilities.shape[0]], dtype=torch.float64, device=self._loss.device)
 
     def compute(self, group: Optional[dist.ProcessGroup] = None) -> dict[str, float]:
-        gauc, loss = self._gauc.clone(), self._loss.clone()
+        """AUC/<task>, GAUC/<task>, eval_loss; undefined ones are left out (every rank decides alike)."""
+        sums = torch.cat([self._gauc.flatten(), self._labels.flatten(), self._loss])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(gauc, group=group)
-            dist.all_reduce(loss, group=group)
+            dist.all_reduce(sums, group=group)
+        num_tasks = len(self.task_names)
+        gauc = sums[: 2 * num_tasks].view(num_tasks, 2)
+        label_counts = sums[2 * num_tasks : 4 * num_tasks].view(num_tasks, 2).tolist()
+        loss = sums[4 * num_tasks :]
         out = {}
         for t, name in enumerate(self.task_names):
-            try:
-                out[f"AUC/{name}"] = float(self.aucs[t].compute())
-            except Exception:  # noqa: BLE001 - no samples on any rank
+            positives, negatives = label_counts[t]
+            if positives == 0 or negatives == 0:
+                missing = ("no candidate" if positives == negatives == 0 else
+                           "no positive label" if positives == 0 else "no negative label")
+                warn_undefined(f"AUC/{name} and GAUC/{name}", f"the evaluated data has {missing} for task {name!r}")
                 continue
+            out[f"AUC/{name}"] = float(self.aucs[t].compute())
             if gauc[t, 1] > 0:
                 out[f"GAUC/{name}"] = float(gauc[t, 0] / gauc[t, 1])
+            else:
+                warn_undefined(f"GAUC/{name}", f"no evaluated user has both a positive and a negative for task {name!r}")
         if loss[1] > 0:
             out["eval_loss"] = float(loss[0] / loss[1])
         return out

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from hstu.metrics.undefined import warn_undefined
+
 
 def seen_item_mask(
     history_items: torch.Tensor, seq_lengths: torch.Tensor, item_id_low: int, num_catalogue: int
@@ -70,6 +72,7 @@ class RetrievalMetrics:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         count = float(sums[0])
         if count == 0:
+            warn_undefined("MRR, HR@K and NDCG@K", "no query was evaluated (no sample with a target in the catalogue)")
             return {}
         out = {"MRR": float(sums[1]) / count}
         n = len(self.top_k)

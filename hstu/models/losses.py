@@ -149,6 +149,7 @@ class MultiTaskLoss(nn.Module):
             if len(weights) != num_outputs:
                 raise ValueError(f"{len(weights)} task weights for {num_outputs} tasks")
             self.register_buffer("task_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+            self.all_tasks_weighted = all(w != 0 for w in weights)
 
     def forward(self, logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = logits.float()
@@ -157,5 +158,13 @@ class MultiTaskLoss(nn.Module):
         if self.task_type == "rating":
             return F.cross_entropy(logits, actions.clamp(0, self.num_outputs - 1)), {}
         labels = bitmask_to_labels(actions, self.num_outputs)
+        weights = self.task_weights.to(logits.device)
         per_task = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
-        return (per_task * self.task_weights.to(per_task.device)).sum(), {"per_task": per_task.detach()}
+        if self.all_tasks_weighted:
+            return (per_task * weights).sum(), {"per_task": per_task.detach()}
+        # Tasks of weight 0 are left out: their logits are selected away before the loss, so a NaN or inf there
+        # reaches neither the loss nor the gradient.
+        active = weights != 0
+        selected = F.binary_cross_entropy_with_logits(torch.where(active, logits, torch.zeros_like(logits)), labels,
+                                                      reduction="none").mean(0)
+        return torch.where(active, selected * weights, torch.zeros_like(selected)).sum(), {"per_task": per_task.detach()}

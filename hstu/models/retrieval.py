@@ -137,5 +137,7 @@ class RetrievalModel(nn.Module):
         last = (lengths_to_offsets(lengths, batch.seq_lengths_on_host())[1:] - 1).clamp(min=0)
         if outputs.item_outputs.shape[0] == 0:
             return outputs.item_outputs.new_zeros(lengths.numel(), self.encoder.config.embedding_dim)
-        users = outputs.item_outputs[last].float() * (lengths > 0).unsqueeze(1)
+        # An empty sequence's index points at another sequence's row: select zeros, whatever that row holds.
+        last_outputs = outputs.item_outputs[last].float()
+        users = torch.where((lengths > 0).unsqueeze(1), last_outputs, torch.zeros_like(last_outputs))
         return l2_normalize(users, self.l2_norm_eps)

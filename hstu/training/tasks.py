@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -14,7 +16,7 @@ from hstu.data.loader import SequenceDataset, make_dataloader, ranges_to_positio
 from hstu.metrics import RankingMetrics, RetrievalMetrics, seen_item_mask, target_ranks
 from hstu.models import MultiTaskLoss, RankingModel, RetrievalModel, SampledSoftmaxLoss, bitmask_to_labels
 from hstu.modules.encoder import EncoderConfig
-from hstu.training.config import KUAIRAND_TASKS, AllArgs
+from hstu.training.config import KUAIRAND_TASKS, AllArgs, RankingArgs
 from hstu.training.distributed import ParallelContext
 
 PREPARE_HINTS = {
@@ -51,6 +53,208 @@ def ensure_dataset(args: AllArgs, ctx: ParallelContext) -> None:
             f"Prepare it first:\n    {hint.format(dir=d.dataset_dir)}\n"
             f"or point DatasetArgs.dataset_dir at a prepared directory (--gin-param DatasetArgs.dataset_dir='\"...\"')."
         )
+
+
+# ---- configuration against the task and the dataset ---------------------------------------------------------------
+FP32_BYTES = 4
+
+
+@dataclass
+class RankingSetup:
+    """What the ranking head predicts, resolved from RankingArgs and the dataset's action kind."""
+
+    task_type: str  # bitmask | rating
+    task_names: list[str]  # the binary tasks AUC is reported for
+    num_outputs: int  # head outputs: one logit per bitmask task, or one per rating class
+    threshold: Optional[int] = None  # rating: class >= threshold counts as positive
+
+
+def check_task_config(task_name: str, args: AllArgs) -> Optional[RankingSetup]:
+    """Check the configuration against the task and, when it is prepared, the dataset (its metadata.json only).
+
+    Opens no column and starts no process group, so a launcher can call it before any set-up. Raises a
+    ValueError naming the field(s) and the dataset's metadata. Returns the ranking set-up (None for retrieval or
+    when the dataset is not prepared yet).
+    """
+    _check_task_args(task_name, args)
+    path = _metadata_path(args)
+    metadata = read_metadata(path)
+    return None if metadata is None else check_against_dataset(task_name, args, metadata, path)
+
+
+def _metadata_path(args: AllArgs) -> str:
+    return os.path.join(args.dataset.dataset_dir, "metadata.json")
+
+
+def read_metadata(path: str) -> Optional[dict]:
+    """A dataset's metadata.json at ``path`` (None when absent); a file that is not a JSON object is a named error."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the dataset's metadata ({e})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: the dataset's metadata is not a JSON object")
+    return metadata
+
+
+def _check_task_args(task_name: str, args: AllArgs) -> None:
+    if task_name not in TASKS:
+        raise ValueError(f"unknown task {task_name!r}; choose one of {sorted(TASKS)}")
+    d, t = args.dataset, args.trainer
+    if task_name == "ranking" and d.num_candidates < 1:
+        raise ValueError("DatasetArgs.num_candidates must be >= 1 for ranking (the candidates are what the model "
+                         f"scores), got {d.num_candidates}")
+    if task_name == "retrieval":
+        if d.num_candidates != 0:
+            raise ValueError("DatasetArgs.num_candidates must be 0 for retrieval (the whole catalogue is ranked), "
+                             f"got {d.num_candidates}")
+        if d.train_through_validation and (d.split_strategy != "leave_one_out" or t.eval_split != "test"):
+            raise ValueError("DatasetArgs.train_through_validation needs DatasetArgs.split_strategy='leave_one_out' "
+                             f"and TrainerArgs.eval_split='test', got {d.split_strategy!r} and {t.eval_split!r}")
+
+
+def _metadata_int(metadata: dict, source: str, *keys: str) -> int:
+    value = metadata
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{source}: field {'.'.join(keys)} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def check_against_dataset(task_name: str, args: AllArgs, metadata: dict, source: str) -> Optional[RankingSetup]:
+    """The configuration's item vocabulary, features, tasks and table sizes against ``metadata`` (read from
+    ``source``, the dataset's metadata.json)."""
+    e = args.embeddings
+    num_items = _metadata_int(metadata, source, "num_items")
+    if e.item_vocab_size is not None and e.item_vocab_size < num_items:
+        raise ValueError(f"EmbeddingArgs.item_vocab_size={e.item_vocab_size} is smaller than the dataset's item "
+                         f"vocabulary ({source}: num_items={num_items}): its item ids would fall outside the table")
+    item_rows = e.item_vocab_size or num_items
+    if e.item_id_low is not None and e.item_id_low >= item_rows:
+        raise ValueError(f"EmbeddingArgs.item_id_low={e.item_id_low} leaves no item: the item table has {item_rows} "
+                         "rows")
+    features = metadata.get("contextual_features") or []
+    available = {f.get("name"): f.get("vocab_size") for f in features if isinstance(f, dict)}
+    missing = [n for n in args.network.contextual_features if n not in available]
+    if missing:
+        raise ValueError(f"NetworkArgs.contextual_features {missing} not in the dataset ({source} has "
+                         f"{sorted(map(str, available))})")
+    origin = "EmbeddingArgs.item_vocab_size" if e.item_vocab_size else f"num_items in {source}"
+    tables = {"item": (item_rows, origin)}
+    setup = None
+    if task_name == "ranking":
+        setup = resolve_ranking(args.ranking, metadata.get("action"), source)
+        tables["action"] = (_metadata_int(metadata, source, "action", "vocab_size"), f"action.vocab_size in {source}")
+    for name in args.network.contextual_features:
+        size = available[name]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{source}: contextual feature {name!r} has vocab_size {size!r}, not a positive integer")
+        tables[name] = (size, f"contextual_features[{name!r}].vocab_size in {source}")
+    check_embedding_memory(tables, args.network.hidden_dim, e.max_embedding_bytes)
+    return setup
+
+
+def resolve_ranking(r: RankingArgs, action, source: str) -> RankingSetup:
+    """Tasks of the ranking head from RankingArgs and the dataset's ``action`` spec; mismatches are ValueErrors."""
+    kind = action.get("kind") if isinstance(action, dict) else None
+    if kind not in ("bitmask", "rating"):
+        raise ValueError(f"{source}: action.kind must be 'bitmask' or 'rating', got {kind!r}")
+    described = f"the dataset's action kind is {kind!r} ({source})"
+    if r.task_type is not None and r.task_type != kind:
+        raise ValueError(f"RankingArgs.task_type={r.task_type!r} does not match the data: {described}. Set "
+                         f"RankingArgs.task_type={kind!r} (or None to follow the data), or point "
+                         "DatasetArgs.dataset_dir at a dataset with the intended labels")
+    if kind == "bitmask":
+        for name in ("num_classes", "positive_rating_threshold"):
+            if getattr(r, name) is not None:
+                raise ValueError(f"RankingArgs.{name}={getattr(r, name)!r} applies to rating labels, but {described}")
+        data_tasks = action.get("tasks") if isinstance(action.get("tasks"), list) else None
+        bits = action.get("num_tasks") or (len(data_tasks) if data_tasks else 0)
+        if not bits and isinstance(action.get("vocab_size"), int):
+            bits = max(0, action["vocab_size"] - 1).bit_length()
+        if not isinstance(bits, int) or bits < 1:
+            raise ValueError(f"{source}: a bitmask action needs num_tasks, tasks or vocab_size, got {action!r}")
+        names = list(r.task_names or data_tasks or KUAIRAND_TASKS[:bits])
+        if len(names) > bits:
+            raise ValueError(f"RankingArgs.task_names has {len(names)} tasks {names}, but {described} with {bits} "
+                             f"action bits{' ' + str(data_tasks) if data_tasks else ''}")
+        if r.task_weights is not None and len(r.task_weights) != len(names):
+            raise ValueError(f"RankingArgs.task_weights has {len(r.task_weights)} weights for {len(names)} tasks "
+                             f"{names} (RankingArgs.task_names, else the tasks of {source})")
+        return RankingSetup("bitmask", names, len(names))
+    for name in ("task_names", "task_weights"):
+        if getattr(r, name) is not None:
+            raise ValueError(f"RankingArgs.{name}={getattr(r, name)!r} applies to bitmask tasks, but {described}")
+    classes = action.get("num_classes") or action.get("vocab_size")
+    if not isinstance(classes, int) or classes < 2:
+        raise ValueError(f"{source}: a rating action needs num_classes >= 2, got {action!r}")
+    if r.num_classes is not None and r.num_classes != classes:
+        raise ValueError(f"RankingArgs.num_classes={r.num_classes} does not match the data: {described} with "
+                         f"num_classes={classes}. Set RankingArgs.num_classes={classes} (or None to follow the data)")
+    threshold = r.positive_rating_threshold if r.positive_rating_threshold is not None else int(round(0.6 * classes))
+    if not 1 <= threshold < classes:
+        raise ValueError(f"RankingArgs.positive_rating_threshold={threshold} leaves no positive or no negative class: "
+                         f"{described} with classes 0..{classes - 1}; it must be in 1..{classes - 1}")
+    return RankingSetup("rating", ["rating_positive"], classes, threshold)
+
+
+def host_memory_bytes() -> Optional[int]:
+    """Memory this host grants: the smaller of physical memory and the cgroup limit (None when unknown)."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    limits = [x for x in limits if x > 0]
+    return min(limits) if limits else None
+
+
+def check_embedding_memory(tables: dict[str, tuple[int, str]], dim: int, max_bytes: Optional[int]) -> None:
+    """Stop before allocating embedding tables larger than ``max_bytes`` (default: host memory per process).
+
+    ``tables``: name -> (rows, where the row count comes from). Every process builds its full tables on the host
+    before they are sharded, so the fp32 weights of all tables must fit in one process's share of the host.
+    """
+    total = sum(rows for rows, _ in tables.values()) * dim * FP32_BYTES
+    if max_bytes is not None:
+        limit, limit_text = max_bytes, "EmbeddingArgs.max_embedding_bytes"
+    else:
+        memory = host_memory_bytes()
+        if memory is None:
+            return
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        processes = max(1, int(local)) if local.isdigit() else 1
+        limit = memory // processes
+        limit_text = (f"this host's memory per process ({_human_bytes(memory)} / {processes} process"
+                      f"{'es' if processes > 1 else ''}; EmbeddingArgs.max_embedding_bytes overrides the limit)")
+    if total <= limit:
+        return
+    parts = "; ".join(f"{name}: {rows:,} rows ({origin})" for name, (rows, origin) in tables.items())
+    raise ValueError(f"the embedding tables need {total:,} bytes ({_human_bytes(total)}: rows x {dim} "
+                     f"(NetworkArgs.hidden_dim) x {FP32_BYTES} bytes; {parts}), more than {limit_text} "
+                     f"= {limit:,} bytes. Item ids should be dense (0..num_items - 1): re-map huge ids when "
+                     "preparing the data, or lower NetworkArgs.hidden_dim")
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
 
 
 def _extend_training_through_validation(dataset: SequenceDataset) -> SequenceDataset:
@@ -96,7 +300,10 @@ class Task:
 
     def __init__(self, args: AllArgs, ctx: ParallelContext):
         self.args, self.ctx = args, ctx
+        _check_task_args(self.name, args)
         ensure_dataset(args, ctx)
+        path = _metadata_path(args)
+        self.ranking_setup = check_against_dataset(self.name, args, read_metadata(path), path)
         self.train_dataset, self.eval_dataset = self.build_datasets()
         self.metadata = self.train_dataset.metadata
         self.contextual_vocab_sizes = self._contextual_vocab_sizes()
@@ -154,8 +361,6 @@ class RetrievalTask(Task):
     def build_datasets(self):
         train = self._dataset("valid" if self.args.dataset.train_through_validation else "train")
         if self.args.dataset.train_through_validation:
-            if self.args.dataset.split_strategy != "leave_one_out" or self.args.trainer.eval_split != "test":
-                raise ValueError("train_through_validation needs split_strategy='leave_one_out' and eval_split='test'")
             train = _extend_training_through_validation(train)
         return train, self._dataset(self.args.trainer.eval_split)
 
@@ -237,17 +442,10 @@ class RankingTask(Task):
 
     def __init__(self, args: AllArgs, ctx: ParallelContext):
         super().__init__(args, ctx)
-        r, action = args.ranking, self.metadata["action"]
-        self.task_type = r.task_type or ("bitmask" if action.get("kind") == "bitmask" else "rating")
-        if self.task_type == "bitmask":
-            self.task_names = list(r.task_names or action.get("tasks") or KUAIRAND_TASKS)
-            self.num_outputs = len(self.task_names)
-        else:
-            self.num_classes = int(r.num_classes or action.get("num_classes") or action["vocab_size"])
-            self.num_outputs = self.num_classes
-            self.threshold = (r.positive_rating_threshold if r.positive_rating_threshold is not None
-                              else int(round(0.6 * self.num_classes)))
-            self.task_names = ["rating_positive"]
+        setup = self.ranking_setup
+        self.task_type, self.task_names, self.num_outputs = setup.task_type, setup.task_names, setup.num_outputs
+        if self.task_type == "rating":
+            self.num_classes, self.threshold = setup.num_outputs, setup.threshold
         self.headline_metrics = tuple(f"AUC/{n}" for n in self.task_names[:2])
 
     def build_model(self) -> RankingModel:

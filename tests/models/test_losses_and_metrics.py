@@ -137,3 +137,88 @@ def test_grouped_auc_matches_sklearn_style_bruteforce():
         pos, neg = s[y == 1], s[y == 0]
         expected = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
         assert float(auc[u]) == pytest.approx(float(expected))
+
+
+# ---- undefined metrics are missing, not numbers ------------------------------------------------------------------
+def test_auc_of_a_task_without_positives_or_negatives_is_missing_with_a_warning():
+    import warnings
+
+    scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.6], [0.7, 0.4, 0.5], [0.3, 0.6, 0.2]])
+    labels = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1]])  # task 1: no positive; task 2: no negative
+    users = torch.tensor([0, 0, 1, 1])
+    metrics = RankingMetrics(["click", "like", "long_view"])
+    metrics.update(scores, labels, users)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = metrics.compute()
+    assert out["AUC/click"] == pytest.approx(1.0) and out["GAUC/click"] == pytest.approx(1.0)
+    for task in ("like", "long_view"):
+        assert f"AUC/{task}" not in out and f"GAUC/{task}" not in out
+    messages = [str(w.message) for w in caught if w.category.__name__ == "UndefinedMetricWarning"]
+    assert any("'like'" in m and "no positive label" in m for m in messages), messages
+    assert any("'long_view'" in m and "no negative label" in m for m in messages), messages
+
+
+def test_gauc_without_a_user_holding_both_classes_is_missing_with_a_warning():
+    from hstu.metrics import UndefinedMetricWarning
+
+    metrics = RankingMetrics(["click"])
+    # Each user has one class only: the global AUC exists, no per-user AUC does.
+    metrics.update(torch.tensor([[0.9], [0.8], [0.1]]), torch.tensor([[1], [1], [0]]), torch.tensor([0, 0, 1]))
+    with pytest.warns(UndefinedMetricWarning, match=r"GAUC/click undefined: no evaluated user has both"):
+        out = metrics.compute()
+    assert out["AUC/click"] == pytest.approx(1.0) and "GAUC/click" not in out
+
+
+def test_undefined_metric_warning_is_shown_once_per_task():
+    import warnings
+
+    from hstu.metrics import UndefinedMetricWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's default: each distinct message once
+        for size in (3, 5):  # different counts: the message must not change with them
+            metrics = RankingMetrics(["click", "like"])
+            metrics.update(torch.rand(size, 2), torch.zeros(size, 2), torch.arange(size))
+            assert metrics.compute() == {}
+    caught = [w for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert len(caught) == 2 and {"'click'" in str(w.message) for w in caught} == {True, False}
+
+
+def test_retrieval_metrics_without_queries_are_missing_with_a_warning():
+    from hstu.metrics import UndefinedMetricWarning
+
+    metrics = RetrievalMetrics(top_k=(10,))
+    metrics.update(torch.zeros(0, dtype=torch.int64))
+    with pytest.warns(UndefinedMetricWarning, match="no query was evaluated"):
+        assert metrics.compute() == {}
+
+
+# ---- masks select, they do not multiply --------------------------------------------------------------------------
+def test_zero_weight_task_with_nan_logits_reaches_neither_loss_nor_gradient():
+    logits = torch.tensor([[2.0, float("nan")], [0.5, float("inf")]], requires_grad=True)
+    actions = torch.tensor([0b01, 0b10])
+    loss, details = MultiTaskLoss("bitmask", 2, [2.0, 0.0])(logits, actions)
+    expected = 2.0 * F.binary_cross_entropy_with_logits(logits[:, 0].detach(), torch.tensor([1.0, 0.0]))
+    assert float(loss.detach()) == pytest.approx(float(expected))
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[:, 1].eq(0).all()
+    assert details["per_task"].shape == (2,)
+
+
+def test_empty_sequence_user_embedding_is_zero_whatever_the_other_rows_hold():
+    from types import SimpleNamespace
+
+    from hstu.models import RetrievalModel
+    from hstu.modules import EncoderConfig
+
+    config = EncoderConfig(embedding_dim=4, num_layers=1, qk_dim=4, v_dim=4, max_tokens=4)
+    model = RetrievalModel(10, config, SampledSoftmaxLoss(1, 10, num_uniform_negatives=2)).eval()
+    lengths = torch.tensor([0, 2, 1])
+    outputs = torch.tensor([[float("inf")] * 4, [1.0, 0.0, 0.0, 0.0], [float("nan")] * 4])
+    # Sequence 0 is empty: its "last row" index lands on sequence 1's first row, which holds inf.
+    model.encode = lambda batch, next_timestamps=None: (None, SimpleNamespace(item_outputs=outputs))
+    batch = SimpleNamespace(seq_lengths=lengths, seq_lengths_on_host=lambda: lengths)
+    users = model.user_embeddings(batch)
+    assert users[0].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert users[1].tolist() == [1.0, 0.0, 0.0, 0.0]

@@ -1,11 +1,16 @@
-"""gin argument groups: every field settable, unknown fields rejected, every shipped config parses."""
+"""gin argument groups: every field settable, unknown fields rejected, every shipped config parses; every bad value
+(wrong type, out of range, unknown choice, missing include, syntax error) is a TypeError / ValueError naming it."""
 
 import dataclasses
 import glob
 import os
+import re
+import typing
 
 import gin
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hstu.training.config import ARG_CLASSES, parse_gin
 
@@ -60,7 +65,8 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.gin")))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_shipped_configs_parse(path):
+def test_shipped_configs_parse(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # from any working directory: includes resolve next to the including file
     args = parse_gin([path])
     assert args.dataset.max_seqlen > 0
 
@@ -82,3 +88,179 @@ def test_paper_recipe_in_ml1m_config():
     assert (r.num_negatives, r.temperature, r.l2_normalize) == (128, 0.05, True)
     assert (o.learning_rate, tuple(o.betas), o.weight_decay) == (1e-3, (0.9, 0.98), 0.0)
     assert args.trainer.max_epochs == 101
+
+
+# ---- types -------------------------------------------------------------------------------------------------------
+def _fields():
+    for cls in ARG_CLASSES:
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            yield cls.__name__, field.name, hints[field.name]
+
+
+def _accepts(hint, python_type):
+    args = typing.get_args(hint)
+    return hint is python_type or python_type in args
+
+
+@pytest.mark.parametrize("binding,message", [
+    ('TrainerArgs.max_epochs="3"', "TrainerArgs.max_epochs must be an int, got str '3'"),
+    ("TrainerArgs.max_epochs=True", "TrainerArgs.max_epochs must be an int, got bool True"),
+    ("TrainerArgs.max_steps='10'", "TrainerArgs.max_steps must be None or an int, got str '10'"),
+    ("TrainerArgs.progress_bar=1", "TrainerArgs.progress_bar must be a bool"),
+    ("OptimizerArgs.learning_rate='1e-3'", "OptimizerArgs.learning_rate must be a float, got str '1e-3'"),
+    ("OptimizerArgs.betas=(0.9, '0.98')", "OptimizerArgs.betas must be a list or tuple of float"),
+    ("NetworkArgs.contextual_features='user_id'", "NetworkArgs.contextual_features must be a list or tuple"),
+    ("DatasetArgs.dataset_dir=3", "DatasetArgs.dataset_dir must be a string, got int 3"),
+    ("DatasetArgs.synthetic_options=[1]", "DatasetArgs.synthetic_options must be a dict"),
+])
+def test_wrong_types_are_type_errors_naming_the_field(binding, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        parse_gin([], [binding])
+
+
+def test_string_number_in_a_gin_file_is_a_type_error(tmp_path):
+    path = tmp_path / "lr.gin"
+    path.write_text('OptimizerArgs.learning_rate = "1e-3"\n')
+    with pytest.raises(TypeError, match=r"OptimizerArgs.learning_rate must be a float, got str '1e-3' \(write numbers"):
+        parse_gin([str(path)])
+
+
+def test_every_non_string_field_rejects_a_quoted_number():
+    for cls, name, hint in _fields():
+        if _accepts(hint, str) or hint is typing.Any:
+            continue
+        with pytest.raises(TypeError, match=re.escape(f"{cls}.{name} must be")):
+            parse_gin([], [f'{cls}.{name}="1"'])
+
+
+def test_ints_are_floats_and_bools_are_not_ints():
+    args = parse_gin([], ["OptimizerArgs.learning_rate=1", "NetworkArgs.alpha=2"])
+    assert type(args.optimizer.learning_rate) is float and args.optimizer.learning_rate == 1.0
+    assert type(args.network.alpha) is float
+    for cls, name, hint in _fields():
+        if _accepts(hint, int) and not _accepts(hint, bool):
+            with pytest.raises(TypeError, match=re.escape(f"{cls}.{name}")):
+                parse_gin([], [f"{cls}.{name}=True"])
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(-10, 10, allow_nan=False),
+                    st.text(max_size=4), st.lists(st.integers(-2, 5), max_size=3),
+                    st.tuples(st.floats(0, 1), st.floats(0, 1)), st.dictionaries(st.text(max_size=3), st.integers()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(list(_fields())), value=_VALUES)
+def test_any_value_is_accepted_with_its_type_or_named(field, value):
+    cls, name, hint = field
+    try:
+        args = parse_gin([], [f"{cls}.{name}={value!r}"])
+    except (TypeError, ValueError) as e:
+        assert name in str(e), str(e)
+        return
+    group = next(getattr(args, f.name) for f in dataclasses.fields(args) if type(getattr(args, f.name)).__name__ == cls)
+    got = getattr(group, name)
+    if got is not None and hint in (int, float, bool, str):
+        assert type(got) is hint, (cls, name, got)
+
+
+# ---- values ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("binding,field,allowed", [
+    ("TrainerArgs.eval_split='train'", "TrainerArgs.eval_split", "'valid', 'test'"),
+    ("TrainerArgs.device='gpu'", "TrainerArgs.device", "'auto', 'cpu', 'cuda'"),
+    ("DatasetArgs.split_strategy='random'", "DatasetArgs.split_strategy", "'leave_one_out'"),
+    ("DatasetArgs.truncate='middle'", "DatasetArgs.truncate", "'recent', 'oldest'"),
+    ("NetworkArgs.position_encoding='rope'", "NetworkArgs.position_encoding", "'absolute', 'reverse', 'none'"),
+    ("NetworkArgs.rab_time_reference='key'", "NetworkArgs.rab_time_reference", "'query', 'next'"),
+    ("OptimizerArgs.optimizer='adagrad'", "OptimizerArgs.optimizer", "'adam', 'adamw', 'sgd'"),
+    ("OptimizerArgs.decay='step'", "OptimizerArgs.decay", "'constant', 'linear', 'cosine'"),
+    ("RankingArgs.task_type='multiclass'", "RankingArgs.task_type", "'bitmask', 'rating'"),
+])
+def test_unknown_choices_name_the_field_and_the_allowed_values(binding, field, allowed):
+    with pytest.raises(ValueError, match=re.escape(field) + ".*" + re.escape(allowed)):
+        parse_gin([], [binding])
+
+
+@pytest.mark.parametrize("binding", [
+    "NetworkArgs.num_heads=0", "NetworkArgs.hidden_dim=0", "NetworkArgs.qk_dim=-1", "NetworkArgs.v_dim=0",
+    "NetworkArgs.num_layers=0", "NetworkArgs.dropout=-0.1", "NetworkArgs.dropout=1.0", "NetworkArgs.input_dropout=1",
+    "NetworkArgs.attention_dropout=1.5", "NetworkArgs.layer_norm_eps=0.0", "DatasetArgs.max_seqlen=0",
+    "DatasetArgs.batch_size=0", "DatasetArgs.eval_batch_size=-4", "DatasetArgs.train_ratio=1.0",
+    "OptimizerArgs.learning_rate=0.0", "OptimizerArgs.learning_rate=-1e-3", "OptimizerArgs.learning_rate=1e999",
+    "OptimizerArgs.betas=(0.9,)", "OptimizerArgs.betas=(0.9, 1.0)", "OptimizerArgs.eps=0.0",
+    "TrainerArgs.log_interval_steps=0", "TrainerArgs.keep_last_checkpoints=0", "TrainerArgs.max_epochs=-1",
+    "RetrievalArgs.temperature=0.0", "RetrievalArgs.eval_top_k=()", "RetrievalArgs.eval_top_k=(10, 0)",
+    "RankingArgs.head_hidden_dims=(512, 0)", "RankingArgs.num_classes=1", "RankingArgs.task_names=['a', 'a']",
+    "EmbeddingArgs.item_vocab_size=0", "EmbeddingArgs.init_std=0.0", "ParallelismArgs.tensor_model_parallel_size=0",
+])
+def test_out_of_range_values_name_the_field(binding):
+    field = binding.split("=")[0]
+    with pytest.raises(ValueError, match=re.escape(field) + " must be"):
+        parse_gin([], [binding])
+
+
+@pytest.mark.parametrize("bindings,fields", [
+    (["RetrievalArgs.num_negatives=0", "RetrievalArgs.num_in_batch_negatives=0"],
+     ["RetrievalArgs.num_negatives", "RetrievalArgs.num_in_batch_negatives"]),
+    (["NetworkArgs.num_layers=2", "NetworkArgs.recompute_layers=[2]"], ["NetworkArgs.recompute_layers"]),
+    (["RankingArgs.task_names=['a', 'b']", "RankingArgs.task_weights=[1.0]"],
+     ["RankingArgs.task_weights", "RankingArgs.task_names"]),
+    (["RankingArgs.num_classes=5", "RankingArgs.positive_rating_threshold=5"],
+     ["RankingArgs.positive_rating_threshold", "RankingArgs.num_classes"]),
+    (["ParallelismArgs.embedding_sharding={'item': 'rows'}"], ["ParallelismArgs", "embedding_sharding"]),
+])
+def test_inconsistent_fields_are_named(bindings, fields):
+    with pytest.raises(ValueError) as info:
+        parse_gin([], bindings)
+    for field in fields:
+        assert field in str(info.value)
+
+
+def test_unknown_configurable_is_named():
+    with pytest.raises(ValueError, match="NoSuchArgs"):
+        parse_gin([], ["NoSuchArgs.max_epochs=1"])
+
+
+@pytest.mark.parametrize("binding", ["TrainerArgs.max_epochs=abc", "TrainerArgs.max_epochs=3 4",
+                                     "TrainerArgs.max_epochs=(1,"])
+def test_unparseable_binding_is_a_value_error_naming_it(binding):
+    with pytest.raises(ValueError, match=re.escape(binding)):
+        parse_gin([], [binding])
+
+
+# ---- files and includes ------------------------------------------------------------------------------------------
+def test_include_resolves_next_to_the_including_file(tmp_path, monkeypatch):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    (sub / "base.gin").write_text("TrainerArgs.max_epochs = 3\nTrainerArgs.seed = 5\n")
+    (sub / "child.gin").write_text("include 'base.gin'\nTrainerArgs.seed = 6\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = parse_gin([str(sub / "child.gin")])
+    assert (args.trainer.max_epochs, args.trainer.seed) == (3, 6)
+
+
+def test_missing_include_names_both_files(tmp_path):
+    child = tmp_path / "child.gin"
+    child.write_text("include 'nowhere.gin'\n")
+    with pytest.raises(ValueError) as info:
+        parse_gin([str(child)])
+    message = str(info.value)
+    assert str(child) in message and "'nowhere.gin'" in message and str(tmp_path / "nowhere.gin") in message
+
+
+def test_include_cycle_is_named(tmp_path):
+    (tmp_path / "a.gin").write_text("include 'b.gin'\n")
+    (tmp_path / "b.gin").write_text("include 'a.gin'\n")
+    with pytest.raises(ValueError, match="include cycle: .*a.gin -> .*b.gin -> .*a.gin"):
+        parse_gin([str(tmp_path / "a.gin")])
+
+
+def test_missing_or_broken_file_is_a_value_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="nothere.gin"):
+        parse_gin([str(tmp_path / "nothere.gin")])
+    broken = tmp_path / "broken.gin"
+    broken.write_text("TrainerArgs.seed = (1,\n")
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
+        parse_gin([str(broken)])
