@@ -79,10 +79,12 @@ class RankingMetrics:
         for t, auc in enumerate(self.aucs):
             auc.update(probabilities[:, t].float(), labels[:, t].to(torch.int64))
             per_user, valid = grouped_auc(probabilities[:, t], labels[:, t], user_of_candidate)
-            # Users without both classes have no AUC: selected out, never multiplied by a zero weight.
+            # Users without both classes have no AUC: selected out (torch.where, no device sync), never multiplied
+            # by a zero weight.
             candidates = torch.bincount(user_of_candidate, minlength=per_user.numel()).to(torch.float64)
-            self._gauc[t, 0] += (per_user[valid] * candidates[valid]).sum()
-            self._gauc[t, 1] += candidates[valid].sum()
+            zero = torch.zeros_like(candidates)
+            self._gauc[t, 0] += torch.where(valid, per_user * candidates, zero).sum()
+            self._gauc[t, 1] += torch.where(valid, candidates, zero).sum()
         if loss_sum is not None:
             self._loss += torch.tensor([loss_sum, probabilities.shape[0]], dtype=torch.float64, device=self._loss.device)
 
