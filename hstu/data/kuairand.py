@@ -66,16 +66,7 @@ def category_sort_key(value: str):
     return (2, 0.0, value)
 
 
-def read_user_features(path: str) -> tuple[dict[int, dict[str, str]], dict[str, list[str]]]:
-    """Raw user_id → categorical strings, and per feature the vocabulary (index 0 = missing)."""
-    require_file(path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, f"invalid utf-8 byte sequence ({e.reason})", raw[: e.start].count(b"\n") + 1) from None
-    reader = csv.reader(io.StringIO(text))
+def _read_user_rows(path: str, reader) -> dict[int, dict[str, str]]:
     header = next(reader, None)
     if header is None:
         raise DataFormatError(path, "file is empty, expected a header line", 1)
@@ -97,6 +88,23 @@ def read_user_features(path: str) -> tuple[dict[int, dict[str, str]], dict[str, 
             raise DataFormatError(path, f"column 'user_id': {value} is too large", line)
         uid = int(value)
         users[uid] = {name: row[index[name]].strip() for name in CATEGORICAL_USER_FEATURES}
+    return users
+
+
+def read_user_features(path: str) -> tuple[dict[int, dict[str, str]], dict[str, list[str]]]:
+    """Raw user_id → categorical strings, and per feature the vocabulary (index 0 = missing)."""
+    require_file(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, f"invalid utf-8 byte sequence ({e.reason})", raw[: e.start].count(b"\n") + 1) from None
+    reader = csv.reader(io.StringIO(text))
+    try:
+        users = _read_user_rows(path, reader)
+    except csv.Error as e:
+        raise DataFormatError(path, f"malformed CSV ({e})", reader.line_num) from None
     vocab = {}
     for name in CATEGORICAL_USER_FEATURES:
         values = {u[name] for u in users.values() if u[name]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -18,6 +19,7 @@ import numpy as np
 from hstu.data.errors import DataFormatError
 
 DEFAULT_BLOCK_BYTES = 16 << 20
+_EMPTY_LINE = re.compile("\n(?=\n)")
 
 
 @dataclass
@@ -50,11 +52,22 @@ def read_header(path: str, delimiter: str, encoding: str = "utf-8") -> list[str]
     return [name.strip().lstrip("\ufeff") for name in text.strip("\r\n").split(delimiter)]
 
 
+def _is_number(value: str) -> bool:
+    """Whether numpy's parser reads ``value`` as a float (Python's float also takes "1_0" and non-ASCII digits)."""
+    if not value.isascii() or "_" in value:
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _find_bad_line(
     path: str, text: str, delimiter: str, num_fields: int, wanted: Sequence[int], names: Sequence[str], first_line: int
 ) -> DataFormatError:
     for offset, line in enumerate(text.split("\n")):
-        if not line.strip():
+        if not line:
             continue
         fields = line.split(delimiter)
         if len(fields) != num_fields:
@@ -63,9 +76,7 @@ def _find_bad_line(
             )
         for index, name in zip(wanted, names):
             value = fields[index].strip()
-            try:
-                float(value)
-            except ValueError:
+            if not _is_number(value):
                 return DataFormatError(path, f"column {name!r}: {value!r} is not a number", first_line + offset)
     return DataFormatError(path, "could not parse block", first_line)
 
@@ -130,10 +141,13 @@ def _parse_block(path, data, delimiter, single, num_fields, wanted, names, encod
         text = text.replace(delimiter, single)
     lines = text.count("\n") + (0 if text.endswith("\n") else 1)
     blank = text.count("\n\n") + (1 if text.startswith("\n") else 0)
+    if "\n\n\n" in text:  # count("\n\n") does not see overlapping pairs: count each empty line
+        blank = len(_EMPTY_LINE.findall(text)) + (1 if text.startswith("\n") else 0)
     if text.count(single) != (lines - blank) * (num_fields - 1):
         raise _find_bad_line(path, text, single, num_fields, wanted, names, first_line)
     try:
-        table = np.loadtxt(io.StringIO(text), delimiter=single, usecols=wanted, dtype=np.float64, ndmin=2)
+        # comments=None: a "#" is not a comment marker in these files (it would silently drop or cut a row).
+        table = np.loadtxt(io.StringIO(text), delimiter=single, usecols=wanted, dtype=np.float64, ndmin=2, comments=None)
     except ValueError:
         raise _find_bad_line(path, text, single, num_fields, wanted, names, first_line) from None
     return NumericBlock(first_line, {name: table[:, i] for i, name in enumerate(names)})

@@ -118,3 +118,12 @@ def test_zero_buffer_options_name_the_flag(tmp_path, option, flag):
 def test_missing_raw_dir_is_named(tmp_path):
     with pytest.raises(DataFormatError, match="--raw-dir is not a directory"):
         prepare("ml-20m", str(tmp_path / "nowhere"), str(tmp_path / "out"), QUIET)
+
+
+@pytest.mark.parametrize("line", [b"#5::1193::5::978300760", b"5::661::3::978300761#99"])
+def test_hash_is_not_a_comment_marker(tmp_path, line):
+    # numpy.loadtxt's default comment handling used to drop the first row and cut the second one silently.
+    raw = copy_raw("ml-1m", tmp_path / "raw")
+    _append_rating(raw, line)
+    with pytest.raises(DataFormatError, match="ratings.dat:14: column '(user|time)': .* is not a number"):
+        prepare("ml-1m", raw, str(tmp_path / "out"), QUIET)
