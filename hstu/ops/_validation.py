@@ -6,12 +6,16 @@ skipped while tracing with fake tensors or under torch.compile, where the values
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+INT64_MAX = 2**63 - 1
+# The kernels address rows and sequence offsets with int32.
+INT32_MAX = 2**31 - 1
 
 
 def values_are_concrete(*tensors: Optional[torch.Tensor]) -> bool:
@@ -55,14 +59,49 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others: Op
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}; use one device")
 
 
-def check_int(name: str, value: object, minimum: Optional[int] = None) -> int:
+def check_int(name: str, value: object, minimum: Optional[int] = None, maximum: int = INT64_MAX) -> int:
+    """An int (numpy integers and SymInts too, not bool) in [minimum, maximum]; maximum defaults to the int64 range
+    that torch sizes and index tensors hold."""
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, torch.Tensor) or not hasattr(value, "__index__"):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         value = int(value)  # numpy integers and SymInts
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def index_dtype_max(dtype: torch.dtype) -> int:
+    return INT32_MAX if dtype == torch.int32 else INT64_MAX
+
+
+def check_fits_index_dtype(name: str, total: int, dtype: torch.dtype, what: str) -> None:
+    """Offsets are returned in their inputs' index dtype: a total past its range raises instead of wrapping."""
+    if total > index_dtype_max(dtype):
+        kind = str(dtype).replace("torch.", "")
+        hint = "; pass int64 tensors" if dtype == torch.int32 else ""
+        raise ValueError(f"{name}: {what} is {total}, past the {kind} range ({index_dtype_max(dtype)}){hint}")
+
+
+def check_attention_extras(q: torch.Tensor, window_size: int, alpha: object, deterministic: object) -> None:
+    """The checks of hstu_attention's arguments beyond each one's type: at least one head, row and head counts the
+    kernels can address, window_size -1 (none) or >= 0, a finite alpha, a bool deterministic."""
+    if q.shape[1] == 0:
+        raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
+    if q.shape[0] > INT32_MAX:
+        raise ValueError(f"q has {q.shape[0]} rows; at most {INT32_MAX} (int32 offsets) are supported")
+    if window_size < -1:
+        raise ValueError(f"window_size must be -1 (no window) or >= 0, got {window_size}")
+    try:
+        finite = math.isfinite(alpha)
+    except OverflowError:  # an int past the float range
+        finite = False
+    if not finite:
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
 
 
 def check_offsets(name: str, offsets: object, total: Optional[int] = None) -> torch.Tensor:
@@ -77,6 +116,7 @@ def check_offsets(name: str, offsets: object, total: Optional[int] = None) -> to
 
 def check_offsets_values(name: str, host: torch.Tensor, total: Optional[int] = None) -> None:
     """The value checks of ``check_offsets`` on a host copy (lets callers batch several copies into one sync)."""
+    host = host.to(torch.int64)  # differences of int32 offsets can leave the int32 range
     if int(host[0]) != 0:
         raise ValueError(f"{name}[0] must be 0, got {int(host[0])}")
     steps = host[1:] - host[:-1]

@@ -1,7 +1,9 @@
 """An independent, deliberately naive HSTU attention: explicit per-element mask, one sequence at a time.
 
 It follows the contract's wording literally (row kinds, window, groups) so that it shares no code or vectorised
-trick with ``hstu.ops.hstu_attention.reference``.
+trick with ``hstu.ops.hstu_attention.reference``. Every term w_ij * v_j is formed on its own and the terms a row does
+not see (or dropout drops) are selected away before the sum, so a NaN or infinity there cannot reach the row, while
+the terms it sees follow IEEE arithmetic (this is also the oracle for non-finite inputs).
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ def dense_hstu_attention(q, k, v, offsets, max_seqlen, *, alpha=1.0, scaling_seq
             scores = q[s:e, h].double() @ k[s:e, h].double().T
             if rab is not None:
                 scores = scores + rab[b, h if rab.shape[1] > 1 else 0, :L, :L].double()
-            w = torch.nn.functional.silu(alpha * scores) / n * m
+            counted = m.bool()
+            w = torch.nn.functional.silu(alpha * scores) / n
             if keep_mask is not None:
-                w = w * keep_mask[b, h, :L, :L].double() / (1.0 - dropout_p)
-            per_head.append(w @ v[s:e, h].double())
+                counted = counted & keep_mask[b, h, :L, :L]
+                w = w / (1.0 - dropout_p)
+            terms = w.unsqueeze(-1) * v[s:e, h].double().unsqueeze(0)  # (row i, key j, feature)
+            per_head.append(torch.where(counted.unsqueeze(-1), terms, 0.0).sum(dim=1))
         outs.append(torch.stack(per_head, dim=1) if per_head else v.new_zeros(L, 0, v.shape[2]).double())
     return torch.cat(outs, dim=0) if outs else v.new_zeros(0, v.shape[1], v.shape[2]).double()

@@ -12,6 +12,10 @@ from hstu.ops._validation import to_host
 from hstu.ops.hstu_attention.reference import dropout_keep_mask, hstu_attention_reference
 from tests.ops.dense_attention import dense_hstu_attention, mask_matrix, visible
 
+# Whether hstu_attention calls hstu.ops._validation.check_attention_extras (a one-line call in op.py, another
+# change's file): set True once it does, and TestBadInputs.test_extra_checks_name_the_argument checks the public op.
+OP_RUNS_EXTRA_CHECKS = False
+
 MASK_FAMILIES = [
     dict(causal=True),
     dict(causal=True, window_size=3),
@@ -241,6 +245,11 @@ class TestBadInputs:
             (dict(scaling_seqlen=0), ValueError, "scaling_seqlen must be >= 1"),
             (dict(alpha="1"), TypeError, "alpha must be a float"),
             (dict(causal=1), TypeError, "causal must be a bool"),
+            (dict(max_seqlen=2**70), ValueError, "max_seqlen must be <= 9223372036854775807"),
+            (dict(scaling_seqlen=2**64), ValueError, "scaling_seqlen must be <="),
+            (dict(window_size=2**63), ValueError, "window_size must be <="),
+            (dict(target_group_size=2**70), ValueError, "target_group_size must be <="),
+            (dict(seq_offsets=torch.tensor([0, 2**31 - 1, -(2**31)], dtype=torch.int32)), ValueError, "non-decreasing"),
         ],
     )
     def test_raises_naming_the_argument(self, overrides, error, match):
@@ -296,6 +305,51 @@ class TestBadInputs:
     def test_mixed_devices(self):
         with pytest.raises(ValueError, match="seq_offsets is on meta"):
             self.call(seq_offsets=torch.tensor([0, 2, 6], device="meta"))
+
+    @pytest.mark.parametrize(
+        "overrides,error,match",
+        [
+            (dict(q=torch.randn(6, 0, 8)), ValueError, "q must have at least one head"),
+            (dict(window_size=-2), ValueError, "window_size must be -1"),
+            (dict(alpha=float("nan")), ValueError, "alpha must be finite"),
+            (dict(alpha=float("-inf")), ValueError, "alpha must be finite"),
+            (dict(alpha=10**400), ValueError, "alpha must be finite"),
+            (dict(deterministic="yes"), TypeError, "deterministic must be a bool"),
+        ],
+    )
+    def test_extra_checks_name_the_argument(self, overrides, error, match):
+        from hstu.ops._validation import check_attention_extras
+
+        args = dict(q=self.q, window_size=-1, alpha=1.0, deterministic=False)
+        args.update(overrides)
+        with pytest.raises(error, match=match):
+            check_attention_extras(args["q"], args["window_size"], args["alpha"], args["deterministic"])
+        # ... and through the public op, once hstu_attention calls check_attention_extras (op.py is not this
+        # change's file): until then H = 0 returns an empty output, window -2 means no window, a NaN alpha gives
+        # NaN outputs and any truthy `deterministic` counts as True.
+        if OP_RUNS_EXTRA_CHECKS:
+            with pytest.raises(error, match=match):
+                self.call(**({"k": overrides["q"], "v": overrides["q"]} if "q" in overrides else {}), **overrides)
+
+    def test_extra_checks_accept_valid_arguments(self):
+        from hstu.ops._validation import check_attention_extras
+
+        for window in (-1, 0, 5):
+            check_attention_extras(self.q, window, 0.125, True)
+
+    def test_loose_max_seqlen_costs_no_memory(self):
+        # The reference pads to the longest sequence, not to max_seqlen (which only sets the default N).
+        q, k, v = (torch.randn(6, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        out = hstu_attention(q, k, v, self.offsets, 2**40, scaling_seqlen=4, window_size=2)
+        expected = hstu_attention(q, k, v, self.offsets, 4, window_size=2)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(hstu_attention(q, k, v, self.offsets, 2**40), expected * 4 / 2**40)
+
+    def test_reference_without_heads_returns_an_empty_output(self):
+        out = hstu_attention_reference(torch.randn(6, 0, 8), torch.randn(6, 0, 8), torch.randn(6, 0, 4), self.offsets, 4)
+        assert out.shape == (6, 0, 4)
 
 
 def test_fake_tensor_shapes():
@@ -448,3 +502,163 @@ def test_public_function_skips_the_custom_op_autograd_wrapper(monkeypatch):
                                                    False)  # fmt: skip
     torch.testing.assert_close(direct, out)
     assert calls, "the probe did not see torch.library's autograd wrapper"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Masks select: a NaN / inf in a key, value or rab entry that a row does not see changes neither that row's output nor
+# any gradient it contributes to; what a row sees still propagates.
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+POISONS = (float("nan"), float("inf"), float("-inf"))
+
+
+def _run_with_grads(q, k, v, offsets, max_seqlen, rab, kwargs, grad_out):
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    rab_leaf = None if rab is None else rab.clone().requires_grad_(True)
+    out = hstu_attention(*leaves, offsets, max_seqlen, rab=rab_leaf, **kwargs)
+    inputs = leaves + ([rab_leaf] if rab_leaf is not None else [])
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out.detach(), list(grads) + ([None] if rab is None else [])
+
+
+def _visibility(offsets, kwargs, b):
+    """(L, L) bool from the independent dense formulation: [i, j] = row i of sequence b sees key j."""
+    L = int(offsets[b + 1] - offsets[b])
+    c = int(kwargs["num_contexts"][b]) if "num_contexts" in kwargs else 0
+    t = int(kwargs["num_targets"][b]) if "num_targets" in kwargs else 0
+    return mask_matrix(L, c, t, kwargs["target_group_size"], kwargs["window_size"], kwargs["causal"]).bool()
+
+
+def _assert_same_except(got, want, tainted_rows=(), what=""):
+    keep = torch.ones(got.shape[0], dtype=torch.bool)
+    keep[list(tainted_rows)] = False
+    assert bool(torch.isfinite(got[keep]).all()), f"{what}: a row that sees no non-finite entry is not finite"
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-12, atol=1e-12, msg=what)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), family=st.sampled_from(range(len(MASK_FAMILIES))),
+       target=st.sampled_from(["k", "v", "rab"]), poison=st.sampled_from(POISONS))  # fmt: skip
+def test_invisible_nonfinite_entries_change_nothing_a_row_cannot_see(seed, family, target, poison):
+    rng = random.Random(seed)
+    q, k, v, offsets, max_seqlen, rab, kwargs = random_problem(rng, MASK_FAMILIES[family])
+    lengths = (offsets[1:] - offsets[:-1]).tolist()
+    grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype)
+    if target == "rab" and rab is None:
+        rab = torch.randn(len(lengths), 1, max_seqlen + 1, max_seqlen, dtype=q.dtype)
+    clean_out, clean_grads = _run_with_grads(q, k, v, offsets, max_seqlen, rab, kwargs, grad_out)
+    b = rng.randrange(len(lengths))
+    start, L = int(offsets[b]), lengths[b]
+    seen = _visibility(offsets, kwargs, b)
+    q2, k2, v2, rab2 = q.clone(), k.clone(), v.clone(), None if rab is None else rab.clone()
+    if target == "rab":
+        # Any entry of sequence b's rab block that no row sees: masked, past the sequence end, or past max_seqlen.
+        hidden = torch.ones(rab.shape[2], rab.shape[3], dtype=torch.bool)
+        hidden[:L, :L] = ~seen
+        cells = hidden.nonzero().tolist()
+        for i, j in rng.sample(cells, min(len(cells), 3)):
+            rab2[b, rng.randrange(rab.shape[1]), i, j] = poison
+        out, grads = _run_with_grads(q2, k2, v2, offsets, max_seqlen, rab2, kwargs, grad_out)
+        _assert_same_except(out, clean_out, what="output")
+        for name, got, want in zip("q k v rab".split(), grads, clean_grads):
+            if got is not None:
+                _assert_same_except(got, want, what=f"d{name}")
+        return
+    if L == 0:
+        return
+    j = rng.randrange(L)
+    head = rng.randrange(q.shape[1])
+    (k2 if target == "k" else v2)[start + j, head, rng.randrange(v.shape[2] if target == "v" else k.shape[2])] = poison
+    out, grads = _run_with_grads(q2, k2, v2, offsets, max_seqlen, rab2, kwargs, grad_out)
+    sees_j = [start + i for i in range(L) if seen[i, j]]
+    assert start + j in sees_j  # every row sees its own key
+    _assert_same_except(out, clean_out, sees_j, "output")
+    if target == "k" and poison != poison:  # a NaN key: the rows that see it are NaN
+        assert bool(torch.isnan(out[sees_j, head]).all(dim=-1).all())
+    dq, dk, dv, drab = grads
+    _assert_same_except(dq, clean_grads[0], sees_j, "dq")
+    _assert_same_except(dk, clean_grads[1], [start + j], "dk")
+    _assert_same_except(dv, clean_grads[2], [start + j], "dv")
+    if drab is not None:
+        # Only column j of sequence b's block depends on the poisoned key / value.
+        drab, want = drab.clone(), clean_grads[3].clone()
+        drab[b, :, :, j] = want[b, :, :, j] = 0
+        _assert_same_except(drab.flatten(0, 1), want.flatten(0, 1), what="drab")
+
+
+def test_rab_minus_inf_above_the_diagonal_equals_rab_zero_there():
+    lengths = [5, 0, 9, 1]
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    q, k, v = (torch.randn(sum(lengths), 2, 16, dtype=torch.float64) for _ in range(3))
+    above = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    rab = torch.randn(4, 2, 9, 9, dtype=torch.float64).masked_fill(above, 0.0)
+    blocked = rab.masked_fill(above, float("-inf"))
+    grad_out = torch.randn_like(v)
+    kwargs = dict(alpha=0.25, causal=True, window_size=-1, target_group_size=1)
+    want_out, want_grads = _run_with_grads(q, k, v, offsets, 9, rab, kwargs, grad_out)
+    got_out, got_grads = _run_with_grads(q, k, v, offsets, 9, blocked, kwargs, grad_out)
+    assert bool(torch.isfinite(got_out).all())
+    torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
+    for got, want in zip(got_grads, want_grads):
+        assert bool(torch.isfinite(got).all())
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_nan_rab_outside_each_sequence_of_a_jagged_batch():
+    # rab is padded to max_seqlen: the part of a short sequence's block past its length is never seen.
+    lengths = [2, 7, 4]
+    offsets = lengths_to_offsets(torch.tensor(lengths, dtype=torch.int32))
+    q, k, v = (torch.randn(13, 3, 8, dtype=torch.float64) for _ in range(3))
+    rab = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    poisoned = torch.full_like(rab, float("nan"))
+    for b, n in enumerate(lengths):
+        poisoned[b, :, :n, :n] = rab[b, :, :n, :n]
+    grad_out = torch.randn_like(v)
+    for causal in (True, False):
+        kwargs = dict(causal=causal, window_size=-1, target_group_size=1)
+        want_out, want_grads = _run_with_grads(q, k, v, offsets, 8, rab, kwargs, grad_out)
+        got_out, got_grads = _run_with_grads(q, k, v, offsets, 8, poisoned, kwargs, grad_out)
+        torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
+        for b, n in enumerate(lengths):  # the rab gradient is zero past each sequence, as in the clean run
+            want_grads[3][b, :, n:] = want_grads[3][b, :, :, n:] = 0
+        for got, want in zip(got_grads, want_grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), family=st.sampled_from(range(len(MASK_FAMILIES))),
+       poisons=st.lists(st.tuples(st.sampled_from("qkv"), st.sampled_from(POISONS + (0.0,))), min_size=1,
+                        max_size=6))  # fmt: skip
+def test_nonfinite_inputs_follow_ieee_for_what_rows_see(seed, family, poisons):
+    # Visible NaN / inf entries, also several in one row with opposite signs, give what the term-by-term dense
+    # formulation gives: NaN, +inf or -inf in exactly the right places (assert_close compares them).
+    rng = random.Random(seed)
+    q, k, v, offsets, max_seqlen, rab, kwargs = random_problem(rng, MASK_FAMILIES[family])
+    if q.shape[0] == 0:
+        return
+    for name, value in poisons:
+        t = {"q": q, "k": k, "v": v}[name]
+        t[rng.randrange(t.shape[0]), rng.randrange(t.shape[1]), rng.randrange(t.shape[2])] = value
+    if rng.random() < 0.5:  # large finite values too: products that overflow to +-inf
+        v[rng.randrange(v.shape[0])] *= 1e308
+    out = hstu_attention(q, k, v, offsets, max_seqlen, rab=rab, **kwargs)
+    expected = dense_hstu_attention(q, k, v, offsets, max_seqlen, rab=rab, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+def test_dropped_entries_are_selected_like_masked_ones():
+    q, k, v = (torch.randn(9, 2, 8, dtype=torch.float64) for _ in range(3))
+    offsets = torch.tensor([0, 4, 9])
+    keep = dropout_keep_mask((2, 2, 5, 5), 0.4, seed=3, device=torch.device("cpu"))
+    keep[1, 0, 4, 1] = False  # row 4 of sequence 1 sees key 1 but drops it in head 0
+    keep[1, 0, :4, 1] = True
+    k2 = k.clone()
+    k2[4 + 1, 0] = float("nan")
+    out = hstu_attention_reference(q, k2, v, offsets, 5, dropout_p=0.4, dropout_mask=keep)
+    clean = hstu_attention_reference(q, k, v, offsets, 5, dropout_p=0.4, dropout_mask=keep)
+    torch.testing.assert_close(out[8, 0], clean[8, 0], rtol=0, atol=0)
+    assert bool(torch.isnan(out[5:8, 0]).all())
+    expected = dense_hstu_attention(q, k2, v, offsets, 5, keep_mask=keep, dropout_p=0.4)
+    torch.testing.assert_close(out, expected, equal_nan=True)

@@ -141,3 +141,100 @@ def test_padded_slots_truncate_into_the_spare_slot(lengths, max_length):
     assert torch.equal(values.grad[:, 0], in_range.to(values.dtype))
     if max_length >= max(lengths, default=0):
         assert torch.equal(unpad_from_slots(dense, slots), values)
+
+
+class TestIndexRanges:
+    """Index arithmetic never wraps: a total past the offsets' dtype raises a ValueError naming the argument."""
+
+    def test_int32_lengths_whose_total_passes_int32_raise(self):
+        fits = torch.tensor([2**31 - 2, 1], dtype=torch.int32)
+        assert lengths_to_offsets(fits).tolist() == [0, 2**31 - 2, 2**31 - 1]
+        too_long = torch.tensor([2**31 - 1, 5], dtype=torch.int32)
+        with pytest.raises(ValueError, match=r"lengths: the total length .* 2147483652, past the int32 range"):
+            lengths_to_offsets(too_long)
+        with pytest.raises(ValueError, match="lengths: the total length"):
+            lengths_to_offsets(torch.tensor([1, 1], dtype=torch.int32), host_lengths=too_long)
+        assert lengths_to_offsets(too_long.long()).tolist() == [0, 2**31 - 1, 2**31 + 4]
+        with pytest.raises(ValueError, match="past the int64 range"):
+            lengths_to_offsets(torch.tensor([2**62, 2**62, 5]))
+
+    @pytest.mark.parametrize(
+        "call",
+        [
+            lambda offsets: sequence_positions(offsets),
+            lambda offsets: candidate_mask(offsets, torch.zeros(2, dtype=torch.int32)),
+            lambda offsets: dense_to_jagged(torch.randn(2, 4, 1), offsets),
+            lambda offsets: split_2d_jagged(torch.randn(0, 1), offsets, offsets),
+        ],
+    )
+    def test_offsets_whose_int32_steps_wrap_are_not_monotone(self, call):
+        # 2**31 - 1 -> -2**31 is a step of -(2**32 - 1), which int32 arithmetic wraps to +1.
+        offsets = torch.tensor([0, 2**31 - 1, -(2**31)], dtype=torch.int32)
+        with pytest.raises(ValueError, match="non-decreasing"):
+            call(offsets)
+
+    def test_candidate_counts_are_compared_without_narrowing(self):
+        offsets = torch.tensor([0, 3], dtype=torch.int32)
+        with pytest.raises(ValueError, match="num_candidates must be in"):
+            candidate_mask(offsets, torch.tensor([2**32 + 1]))  # 1 once narrowed to int32
+
+    @pytest.mark.parametrize("op", ["concat", "split"])
+    def test_concatenated_totals_past_int32_raise_before_any_work(self, op, monkeypatch):
+        from hstu.ops.jagged import reference
+
+        def unreachable(*args):
+            raise AssertionError("the overflow must be caught before the index arithmetic")
+
+        monkeypatch.setattr(reference, f"{op}_2d_jagged_reference", unreachable)
+        big = torch.tensor([0, 2**31 - 1], dtype=torch.int32)
+        one = torch.tensor([0, 1], dtype=torch.int32)
+        with pytest.raises(ValueError, match=r"offsets_a, offsets_b: the total row count .* 2147483648"):
+            if op == "concat":  # zero-width rows: 2**31 rows that take no memory
+                concat_2d_jagged(torch.empty(2**31 - 1, 0), big, torch.empty(1, 0), one)
+            else:
+                split_2d_jagged(torch.empty(2**31, 0), big, one)
+
+    def test_mixed_offset_dtypes_promote_instead_of_narrowing(self):
+        a, offsets_a = torch.randn(3, 2), torch.tensor([0, 1, 3], dtype=torch.int32)
+        b, offsets_b = torch.randn(2, 2), torch.tensor([0, 2, 2], dtype=torch.int64)
+        merged, offsets = concat_2d_jagged(a, offsets_a, b, offsets_b)
+        assert offsets.dtype == torch.int64 and offsets.tolist() == [0, 3, 5]
+        back_a, back_b = split_2d_jagged(merged, offsets_a, offsets_b)
+        assert torch.equal(back_a, a) and torch.equal(back_b, b)
+
+    def test_padded_sizes_past_int64_and_huge_ints_raise(self):
+        values, offsets = torch.randn(5, 2), torch.tensor([0, 5])
+        with pytest.raises(ValueError, match=r"max_length=4611686018427387904 would make a padded tensor"):
+            jagged_to_padded_dense(values, offsets, 2**62)
+        with pytest.raises(ValueError, match="max_length must be <= 9223372036854775807"):
+            jagged_to_padded_dense(values, offsets, 2**70)
+
+
+class TestPaddingValue:
+    def test_must_be_a_real_number(self):
+        values, offsets = torch.randn(3, 2), torch.tensor([0, 3])
+        for bad in ("0", None, torch.tensor(1.0), 1j):
+            with pytest.raises(TypeError, match="padding_value must be a real number"):
+                jagged_to_padded_dense(values, offsets, 4, padding_value=bad)
+
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+    def test_must_be_a_value_of_integer_and_bool_values(self, dtype):
+        values, offsets = torch.ones(3, 2, dtype=dtype), torch.tensor([0, 3])
+        for bad in (1.5, float("nan"), float("inf"), -1 if dtype in (torch.uint8, torch.bool) else 2**70):
+            with pytest.raises(ValueError, match="padding_value"):
+                jagged_to_padded_dense(values, offsets, 4, padding_value=bad)
+        dense = jagged_to_padded_dense(values, offsets, 4, padding_value=1.0)
+        assert dense.dtype == dtype and bool((dense[0, 3] == 1).all())
+
+    def test_float_values_take_any_real(self):
+        dense = jagged_to_padded_dense(torch.randn(1, 2), torch.tensor([0, 1]), 2, padding_value=float("-inf"))
+        assert bool(torch.isneginf(dense[0, 1]).all())
+
+
+def test_rows_without_elements_round_trip():
+    # (B, N, 0) dense tensors: reshaping with -1 is ambiguous at zero elements.
+    offsets = torch.tensor([0, 1, 3])
+    dense = jagged_to_padded_dense(torch.randn(3, 0), offsets, 4)
+    assert dense.shape == (2, 4, 0)
+    assert dense_to_jagged(dense, offsets).shape == (3, 0)
+    assert dense_to_jagged(torch.randn(2, 3, 0, 5), offsets).shape == (3, 0, 5)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
 
 from hstu.ops._validation import (
+    INT64_MAX,
+    check_fits_index_dtype,
     check_index_tensor,
     check_int,
     check_offsets,
@@ -18,18 +22,30 @@ from hstu.ops._validation import (
 from hstu.ops.jagged import reference
 
 
+def _exact_sum(host: torch.Tensor) -> int:
+    """The sum of non-negative int64 host values, exact also where an int64 sum would wrap."""
+    if host.numel() == 0 or int(host.max()) <= INT64_MAX // host.numel():
+        return int(host.sum())
+    return sum(host.tolist())
+
+
 def lengths_to_offsets(lengths: torch.Tensor, host_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B,) non-negative lengths -> (B+1,) offsets starting at 0, same dtype and device.
 
-    host_lengths: a host copy of ``lengths`` the caller already holds; the value check reads it instead of
+    The offsets keep the lengths' dtype: when the total length does not fit it (int32 lengths summing past
+    2**31 - 1), a ValueError says so instead of returning wrapped, negative offsets; pass int64 lengths then.
+    host_lengths: a host copy of ``lengths`` the caller already holds; the value checks read it instead of
     ``lengths``, which on GPU would cost a device sync.
     """
     lengths = check_index_tensor("lengths", lengths)
     if host_lengths is not None:
         host_lengths = check_index_tensor("host_lengths", host_lengths, length=lengths.numel())
     checked = lengths if host_lengths is None else host_lengths
-    if values_are_concrete(checked) and checked.numel() and bool((checked < 0).any()):
-        raise ValueError(f"lengths must be non-negative, got minimum {int(checked.min())}")
+    if values_are_concrete(checked) and checked.numel():
+        host = checked.detach().to("cpu", torch.int64)
+        if bool((host < 0).any()):
+            raise ValueError(f"lengths must be non-negative, got minimum {int(host.min())}")
+        check_fits_index_dtype("lengths", _exact_sum(host), lengths.dtype, "the total length (offsets[-1])")
     return reference.lengths_to_offsets_reference(lengths)
 
 
@@ -40,14 +56,38 @@ def _check_values(name: str, values: object, min_dim: int = 1) -> torch.Tensor:
     return values
 
 
+def _check_padding(padding_value: object, dtype: torch.dtype) -> object:
+    """A real number that values of `dtype` hold exactly (any real for floating dtypes, where it rounds)."""
+    if isinstance(padding_value, torch.Tensor) or not isinstance(padding_value, numbers.Real):
+        raise TypeError(f"padding_value must be a real number, got {type(padding_value).__name__}")
+    if dtype.is_floating_point or dtype.is_complex:
+        return padding_value
+    if dtype == torch.bool:
+        if padding_value not in (0, 1):
+            raise ValueError(f"padding_value must be 0 or 1 for bool values, got {padding_value!r}")
+        return bool(padding_value)
+    info = torch.iinfo(dtype)
+    integral = math.isfinite(padding_value) and padding_value == int(padding_value)
+    if not (integral and info.min <= padding_value <= info.max):
+        raise ValueError(f"padding_value {padding_value!r} is not a {str(dtype).replace('torch.', '')} value")
+    return int(padding_value)
+
+
 def jagged_to_padded_dense(
     values: torch.Tensor, offsets: torch.Tensor, max_length: int, padding_value: float = 0.0
 ) -> torch.Tensor:
-    """(T, *D) jagged -> (B, max_length, *D) dense; sequences longer than max_length keep their first rows."""
+    """(T, *D) jagged -> (B, max_length, *D) dense; sequences longer than max_length keep their first rows.
+
+    padding_value: a real number; for integer and bool values it must be one of their values.
+    """
     values = _check_values("values", values)
     offsets = check_offsets("offsets", offsets, total=values.shape[0])
     check_same_device("values", values, offsets=offsets)
     max_length = check_int("max_length", max_length, minimum=0)
+    padding_value = _check_padding(padding_value, values.dtype)
+    elements = (offsets.numel() - 1) * max_length * math.prod(values.shape[1:])
+    if elements > INT64_MAX:
+        raise ValueError(f"max_length={max_length} would make a padded tensor of {elements} elements")
     return reference.jagged_to_padded_dense_reference(values, offsets, max_length, padding_value)
 
 
@@ -79,13 +119,23 @@ def _check_pair(values_a, offsets_a, values_b, offsets_b):
     if offsets_a.numel() != offsets_b.numel():
         raise ValueError(f"offsets_a has {offsets_a.numel()} entries but offsets_b has {offsets_b.numel()}")
     check_same_device("values_a", values_a, values_b=values_b, offsets_a=offsets_a, offsets_b=offsets_b)
-    return values_a, offsets_a, values_b, offsets_b.to(offsets_a.dtype)
+    offsets_a, offsets_b = _common_offsets(offsets_a, offsets_b, values_a.shape[0] + values_b.shape[0])
+    return values_a, offsets_a, values_b, offsets_b
+
+
+def _common_offsets(offsets_a: torch.Tensor, offsets_b: torch.Tensor, total: int):
+    """Both offsets in their promoted dtype (int64 if either is), which the concatenated offsets also take; raises
+    when the total row count does not fit it."""
+    dtype = torch.promote_types(offsets_a.dtype, offsets_b.dtype)
+    check_fits_index_dtype("offsets_a, offsets_b", total, dtype, "the total row count offsets_a[-1] + offsets_b[-1]")
+    return offsets_a.to(dtype), offsets_b.to(dtype)
 
 
 def concat_2d_jagged(
     values_a: torch.Tensor, offsets_a: torch.Tensor, values_b: torch.Tensor, offsets_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence b: [a_b; b_b]. Returns (values, offsets) with offsets = offsets_a + offsets_b."""
+    """Per sequence b: [a_b; b_b]. Returns (values, offsets) with offsets = offsets_a + offsets_b, in the offsets'
+    promoted dtype (int64 if either is int64)."""
     return reference.concat_2d_jagged_reference(*_check_pair(values_a, offsets_a, values_b, offsets_b))
 
 
@@ -103,7 +153,7 @@ def split_2d_jagged(
         expected = int(offsets_a[-1]) + int(offsets_b[-1])
         if values.shape[0] != expected:
             raise ValueError(f"values has {values.shape[0]} rows but offsets_a[-1] + offsets_b[-1] = {expected}")
-    return reference.split_2d_jagged_reference(values, offsets_a, offsets_b.to(offsets_a.dtype))
+    return reference.split_2d_jagged_reference(values, *_common_offsets(offsets_a, offsets_b, values.shape[0]))
 
 
 def candidate_mask(seq_offsets: torch.Tensor, num_candidates: torch.Tensor) -> torch.Tensor:
@@ -112,9 +162,9 @@ def candidate_mask(seq_offsets: torch.Tensor, num_candidates: torch.Tensor) -> t
     num_candidates = check_index_tensor("num_candidates", num_candidates, length=seq_offsets.numel() - 1)
     check_same_device("seq_offsets", seq_offsets, num_candidates=num_candidates)
     if values_are_concrete(seq_offsets, num_candidates) and num_candidates.numel():
-        lengths = lengths_of(seq_offsets).cpu()
-        nc = num_candidates.cpu()
-        if bool((nc < 0).any()) or bool((nc.to(lengths.dtype) > lengths).any()):
+        lengths = lengths_of(seq_offsets).cpu().to(torch.int64)
+        nc = num_candidates.cpu().to(torch.int64)
+        if bool((nc < 0).any()) or bool((nc > lengths).any()):
             raise ValueError("num_candidates must be in [0, sequence length] for every sequence")
     total = int(seq_offsets[-1])
     return reference.candidate_mask_reference(seq_offsets, num_candidates, total)

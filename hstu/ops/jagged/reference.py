@@ -45,7 +45,7 @@ def pad_to_slots(values: torch.Tensor, slots: torch.Tensor, batch: int, max_leng
 
 def unpad_from_slots(dense: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Inverse of ``pad_to_slots`` for sequences no longer than dense.shape[1]."""
-    return dense.reshape(-1, *dense.shape[2:])[slots]
+    return dense.reshape(dense.shape[0] * dense.shape[1], *dense.shape[2:])[slots]
 
 
 def jagged_to_padded_dense_reference(
