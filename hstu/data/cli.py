@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--download", action="store_true", help="download the official archive and verify its checksum")
     prep.add_argument("--sha256", help="expected SHA-256 of the archive (required for KuaiRand downloads)")
     prep.add_argument("--download-timeout", type=float, default=30.0, help="network timeout in seconds")
-    prep.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out-dir that holds a processed dataset (or is empty)")
     prep.add_argument("--remap-items", action="store_true",
                       help="renumber item ids densely as 1..K in raw-id order (default: keep raw ids)")
     prep.add_argument("--sort-buffer-rows", type=int, default=DEFAULT_SORT_BUFFER_ROWS,
