@@ -51,12 +51,12 @@ class InteractionSorter:
         n = len(user)
         if n == 0:
             return
+        if int(user.min()) < 0 or int(user.max()) >= ID_LIMIT or int(item.min()) < 0:
+            raise ValueError(f"user ids must lie in [0, {ID_LIMIT}) and item ids must be >= 0")
         records = np.empty(n, dtype=RECORD)
         records["user"], records["item"], records["time"], records["action"] = user, item, time, action
         self._spill.write(records.tobytes())
         self.num_rows += n
-        if int(user.min()) < 0 or int(user.max()) >= ID_LIMIT or int(item.min()) < 0:
-            raise ValueError(f"user ids must lie in [0, {ID_LIMIT}) and item ids must be >= 0")
         self.user_counts = _grow(self.user_counts, int(user.max()) + 1)
         self.user_counts += np.bincount(user, minlength=len(self.user_counts))
         large = item >= ID_LIMIT

@@ -34,7 +34,7 @@ SEQUENCE_COLUMNS = ("item", "timestamp", "action")
 # Raw user ids, raw item ids (without --remap-items) and every vocabulary size are bounded by ID_LIMIT: the pipeline
 # keeps tables indexed by id (per-user counts, an item bitmap) and the models size embedding tables by them.
 ID_LIMIT = 1 << 27
-FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # used with fullmatch
 RESERVED_NAMES = SEQUENCE_COLUMNS + ("offsets", "item_raw_id", "metadata")
 KUAIRAND_ACTION_TASKS = ("click", "like", "follow", "comment", "forward", "hate", "long_view", "profile_enter")
 
@@ -354,7 +354,7 @@ def read_metadata(meta_path: str) -> dict:
     for i, feature in enumerate(features):
         where = f"contextual_features[{i}]."
         name = feature.get("name") if isinstance(feature, dict) else None
-        if not isinstance(name, str) or not FEATURE_NAME.match(name) or name in seen or name in RESERVED_NAMES:
+        if not isinstance(name, str) or not FEATURE_NAME.fullmatch(name) or name in seen or name in RESERVED_NAMES:
             raise DataFormatError(meta_path, f"field '{where}name' must be a unique identifier, found {name!r}")
         seen.add(name)
         size = _metadata_int(meta_path, feature, "vocab_size", where, low=1, high=ID_LIMIT)
@@ -364,8 +364,8 @@ def read_metadata(meta_path: str) -> dict:
     return metadata
 
 
-def _load_column(path: str, name: str, mmap: bool, length: Optional[int] = None) -> np.ndarray:
-    """``<name>.npy`` as a 1-D native int64 array (memory-mapped with ``mmap``), of ``length`` rows when given."""
+def _load_column(path: str, name: str, mmap: bool) -> np.ndarray:
+    """``<name>.npy`` as a 1-D native int64 array (memory-mapped with ``mmap``)."""
     file = os.path.join(path, f"{name}.npy")
     if not os.path.isfile(file):
         raise DataFormatError(file, "column file is missing")
@@ -377,8 +377,6 @@ def _load_column(path: str, name: str, mmap: bool, length: Optional[int] = None)
         raise DataFormatError(
             file, f"expected a 1-D int64 column, found {getattr(column, 'dtype', None)} of shape {getattr(column, 'shape', None)}"
         )
-    if length is not None and len(column) != length:
-        raise DataFormatError(file, f"has {len(column)} rows, expected {length}")
     return column
 
 
@@ -408,9 +406,9 @@ def validate(data: "ProcessedData") -> None:
     offsets = data.offsets
     if len(offsets) == 0 or offsets[0] != 0:
         raise DataFormatError(offsets_file, "must start with 0")
-    steps = np.diff(offsets)
-    if len(steps) and steps.min() < 0:
-        user = int(np.flatnonzero(steps < 0)[0])
+    decreasing = offsets[1:] < offsets[:-1]  # compared, not subtracted: a difference could overflow
+    if decreasing.any():
+        user = int(np.flatnonzero(decreasing)[0])
         raise DataFormatError(offsets_file, f"decreases at user {user}: {offsets[user]} -> {offsets[user + 1]}")
     num_users, total = len(offsets) - 1, int(offsets[-1])
     # A count that disagrees with every other column is blamed on offsets.npy, otherwise on the odd column out.
@@ -454,7 +452,11 @@ def _signature(path: str) -> tuple:
     entries = []
     with os.scandir(path) as it:
         for entry in it:
-            st = entry.stat()
+            try:
+                st = entry.stat()
+            except OSError:  # a dangling link: opening the dataset reports it
+                entries.append((entry.name,))
+                continue
             entries.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(sorted(entries))
 

@@ -96,7 +96,7 @@ class SyntheticConfig:
             raise bad("seed", ">= 0")
         if self.start_time < 0:
             raise bad("start_time", ">= 0 (unix seconds)")
-        if not 1 / 86400 <= self.time_span_days <= 100 * 365:
+        if not 1 <= self.time_span_days * 86400 <= 100 * 365 * 86400:
             raise bad("time_span_days", "between one second and 100 years")
 
 

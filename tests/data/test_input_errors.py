@@ -122,7 +122,7 @@ def test_missing_raw_dir_is_named(tmp_path):
 
 @pytest.mark.parametrize("line", [b"#5::1193::5::978300760", b"5::661::3::978300761#99"])
 def test_hash_is_not_a_comment_marker(tmp_path, line):
-    # numpy.loadtxt's default comment handling used to drop the first row and cut the second one silently.
+    # Treated as comments (numpy.loadtxt's default), the first row would vanish and the second be cut, silently.
     raw = copy_raw("ml-1m", tmp_path / "raw")
     _append_rating(raw, line)
     with pytest.raises(DataFormatError, match="ratings.dat:14: column '(user|time)': .* is not a number"):

@@ -76,7 +76,7 @@ def test_overwrite_refuses_the_raw_directory_and_its_parents(tmp_path):
 
 
 def test_cli_raw_dir_with_out_dir_dot_keeps_everything(tmp_path):
-    # The command from the issue report: it used to delete raw/ along with the working directory.
+    # The command from issue 20: replacing '.' would delete raw/ along with the working directory.
     copy_raw("ml-1m", tmp_path)
     os.rename(tmp_path / "ml-1m", tmp_path / "raw")
     before = snapshot(tmp_path)

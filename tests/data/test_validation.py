@@ -61,7 +61,7 @@ def _shorten_last(offsets):
 
 
 def test_non_monotone_offsets_name_offsets_npy(dataset):
-    # Used to open fine and give negative sequence lengths in the stats.
+    # Unchecked, this opens and the stats report a negative sequence length.
     edit_column(dataset, "offsets", _swap_two_offsets)
     assert_rejected(dataset, "offsets.npy", "decreases at user 10")
     with pytest.raises(DataFormatError, match="offsets.npy"):
@@ -186,3 +186,14 @@ def test_positions_past_int32_do_not_overflow():
     starts = np.array([2**31 - 2, 5], dtype=np.int32)
     lengths = np.array([4, 2], dtype=np.int32)
     assert ranges_to_positions(starts, lengths).tolist() == [2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 5, 6]
+
+
+def _wrap_around(offsets):
+    # Subtracting these neighbours overflows int64 into a positive step.
+    offsets[1], offsets[2] = 2**63 - 1, -(2**63)
+    return offsets
+
+
+def test_offsets_whose_difference_overflows_are_still_decreasing(dataset):
+    edit_column(dataset, "offsets", _wrap_around)
+    assert_rejected(dataset, "offsets.npy", "decreases at user 1")
