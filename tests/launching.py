@@ -24,19 +24,36 @@ def launch_env(**overrides: str) -> dict:
     return dict(os.environ, PYTHONPATH=path, **overrides)
 
 
-def run_training_script(nproc: int, script: str, config: str, run_dir, params, resume: bool = False,
-                        timeout: int = 600, **env: str) -> str:
-    """``training/<script>`` with ``configs/<config>`` under torchrun, gin overrides ``params``; returns stdout and
-    fails the test with the output's tail when the run fails."""
+def training_command(nproc: int, script: str, config: str, run_dir, params, resume: bool = False) -> list:
+    """torchrun command of ``training/<script>`` with ``configs/<config>``, gin overrides ``params``."""
     cmd = torchrun_command(nproc, os.path.join(ROOT, "training", script), "--gin-config-file",
                            os.path.join(ROOT, "configs", config), "--run-dir", str(run_dir))
     for p in params:
         cmd += ["--gin-param", p]
     if resume:
         cmd.append("--resume")
-    result = subprocess.run(cmd, cwd=ROOT, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
+    return cmd
+
+
+def run_training_script(nproc: int, script: str, config: str, run_dir, params, resume: bool = False,
+                        timeout: int = 600, **env: str) -> str:
+    """Run :func:`training_command`; returns stdout and fails the test with the output's tail when the run fails."""
+    result = subprocess.run(training_command(nproc, script, config, run_dir, params, resume), cwd=ROOT,
+                            env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
+
+
+def start_training_script(nproc: int, script: str, config: str, run_dir, params, resume: bool = False,
+                          **env: str) -> subprocess.Popen:
+    """Start :func:`training_command` without waiting; output goes to ``<run_dir>.out``. (torchrun starts each rank
+    in a session of its own: signal the ranks by their pids, not through the launcher's process group.)"""
+    out = open(f"{run_dir}.out", "w")
+    try:
+        return subprocess.Popen(training_command(nproc, script, config, run_dir, params, resume), cwd=ROOT,
+                                env=launch_env(**env), stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        out.close()
 
 
 def free_port() -> int:

@@ -1,4 +1,10 @@
-"""Command line of the training scripts: ``--gin-config-file`` plus repeated ``--gin-param KEY=VALUE``."""
+"""Command line of the training scripts: ``--gin-config-file`` plus repeated ``--gin-param KEY=VALUE``.
+
+Problems with the configuration, the data, the run directory or a checkpoint (ValueError, TypeError and OSError,
+which covers FileNotFoundError / FileExistsError and failed checkpoint writes) end the script with
+``error: <message>`` on stderr and exit status 1, without a traceback; ``HSTU_DEBUG=1`` re-raises them to show it.
+Other exceptions are bugs and keep their traceback.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +30,22 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     parser.add_argument("--gin-param", action="append", default=[], metavar="KEY=VALUE",
                         help="gin binding, e.g. TrainerArgs.max_epochs=3 or DatasetArgs.dataset_dir='\"data/ml-1m\"'")
     parser.add_argument("--run-dir", help="shortcut for TrainerArgs.run_dir")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    reuse = parser.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint of the run directory that verifies")
+    reuse.add_argument("--fresh", action="store_true",
+                       help="move an earlier run in the run directory aside (to <run_dir>.old-<UTC time>) and start "
+                       "anew; without --resume or --fresh a run directory holding an earlier run is refused")
     return parser
+
+
+def _report_error(err: BaseException) -> int:
+    rank = os.environ.get("RANK", "0")
+    where = "" if rank == "0" else f" (rank {rank})"
+    print(f"error{where}: {err}", file=sys.stderr, flush=True)
+    if rank == "0":
+        print("(set HSTU_DEBUG=1 to see the traceback)", file=sys.stderr, flush=True)
+    return 1
 
 
 def main(task: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -44,8 +64,13 @@ def main(task: str, argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.isfile(path):
             print(f"error: gin config file {path} not found", file=sys.stderr)
             return 2
-    args = parse_gin(options.gin_config_file, bindings)
-    from hstu.training.trainer import run
+    try:
+        args = parse_gin(options.gin_config_file, bindings)
+        from hstu.training.trainer import run
 
-    run(task, args, resume=options.resume)
+        run(task, args, resume=options.resume, fresh=options.fresh)
+    except (ValueError, TypeError, OSError) as err:
+        if os.environ.get("HSTU_DEBUG", "") not in ("", "0"):
+            raise
+        return _report_error(err)
     return 0

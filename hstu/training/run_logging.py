@@ -1,7 +1,14 @@
-"""Run-directory outputs (rank 0 only): metrics.jsonl, train_log.jsonl, TensorBoard events, a PNG plot."""
+"""Run-directory outputs (rank 0 only): metrics.jsonl, train_log.jsonl, TensorBoard events, a PNG plot; and the
+rules for reusing a run directory (see docs/training.md, "Run directory").
+
+A run directory that holds any output of an earlier run (:data:`RUN_OUTPUTS`) is continued only with ``--resume``
+or moved aside with ``--fresh`` (renamed to ``<run_dir>.old-<UTC time>``); nothing in it is ever deleted.
+Rewrites of existing files go through a temporary name, fsync and rename.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -10,13 +17,98 @@ from typing import Optional
 METRICS_FILE = "metrics.jsonl"  # one JSON object per evaluation
 TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON object per training step (loss, lr)
 PLOT_FILE = "training_curves.png"
+# What a run writes into its directory: the presence of any of them marks an earlier run.
+RUN_OUTPUTS = ("checkpoints", METRICS_FILE, TRAIN_LOG_FILE, "summary.json", "config.json", "tensorboard", PLOT_FILE,
+               "profile.txt")
+
+
+def utc_stamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def fsync_directory(path: str) -> None:
+    """Persist the entries of ``path`` (renames, new files) where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the files themselves are synced
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``path`` through a temporary sibling: fsync, rename, fsync the directory."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(os.path.dirname(path) or ".")
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file ([] when absent). A last line cut short by a killed writer (no final
+    newline, not valid JSON) is dropped; any other bad line raises a ValueError naming the file and line."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # the unterminated tail of an interrupted append
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON record ({err})") from None
+    return records
+
+
+def free_sibling_name(base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``, ... : the first name that does not exist yet."""
+    target, n = base, 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{base}-{n}"
+    return target
+
+
+def earlier_run_outputs(run_dir: str) -> list[str]:
+    """The outputs of an earlier run that ``run_dir`` holds (names from :data:`RUN_OUTPUTS`)."""
+    if not os.path.isdir(run_dir):
+        return []
+    present = set(os.listdir(run_dir))
+    return [name for name in RUN_OUTPUTS if name in present]
+
+
+def move_run_aside(run_dir: str, keep_clear_of: tuple[str, ...] = ()) -> str:
+    """Rename ``run_dir`` to a free ``<run_dir>.old-<UTC time>[-n]`` sibling and return the new path.
+
+    Refuses (ValueError) when ``run_dir`` is the working directory or one of its ancestors, or contains one of the
+    ``keep_clear_of`` paths (e.g. the dataset): moving it would pull them away from under the run.
+    """
+    real = os.path.realpath(run_dir)
+    for other, what in [(os.getcwd(), "the working directory")] + [(p, p) for p in keep_clear_of]:
+        other_real = os.path.realpath(other)
+        if os.path.commonpath([real, other_real]) == real:
+            raise ValueError(f"--fresh: the run directory {run_dir} contains {what}; it cannot be moved aside: "
+                             "choose another --run-dir")
+    path = os.path.abspath(run_dir).rstrip(os.sep)
+    target = free_sibling_name(f"{path}.old-{utc_stamp()}")
+    os.rename(path, target)
+    fsync_directory(os.path.dirname(path))
+    return target
 
 
 class RunLogger:
@@ -31,10 +123,9 @@ class RunLogger:
             if resume_step is None:
                 open(path, "w").close()
             else:
-                # Drop what an interrupted run logged after its last checkpoint: it is replayed now.
+                # Drop what an interrupted run logged after the step it resumes from: it is replayed now.
                 kept = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
-                with open(path, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -72,6 +163,7 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def plot_run(run_dir: str) -> Optional[str]:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +22,7 @@ from hstu.training.config import AllArgs, OptimizerArgs
 from hstu.training.distributed import ParallelContext, setup_parallelism, teardown
 from hstu.training.flops import train_step_flops
 from hstu.training.profiling import StepProfiler
-from hstu.training.run_logging import RunLogger
+from hstu.training.run_logging import RunLogger, earlier_run_outputs, move_run_aside, write_json_atomic
 from hstu.training.tasks import TASKS, Task
 
 
@@ -60,15 +58,26 @@ def lr_multiplier(step: int, total_steps: int, args: OptimizerArgs) -> float:
 
 
 class Trainer:
-    def __init__(self, task_name: str, args: AllArgs, resume: bool = False):
+    """One training run in ``args.trainer.run_dir``.
+
+    ``resume``: continue from the newest checkpoint of the run directory that verifies (see
+    :func:`hstu.training.checkpoint.choose_checkpoint`). ``fresh``: move an earlier run found in the run directory
+    aside (``<run_dir>.old-<UTC time>``) and start anew. Without either, a run directory holding an earlier run is
+    refused with a FileExistsError; nothing in it is deleted in any case.
+    """
+
+    def __init__(self, task_name: str, args: AllArgs, resume: bool = False, fresh: bool = False):
         self.ctx: Optional[ParallelContext] = None
+        self.logger: Optional[RunLogger] = None
         try:
-            self._setup(task_name, args, resume)
+            self._setup(task_name, args, resume, fresh)
         except BaseException:
             self.close()  # process groups of a failed start (e.g. missing dataset)
             raise
 
-    def _setup(self, task_name: str, args: AllArgs, resume: bool) -> None:
+    def _setup(self, task_name: str, args: AllArgs, resume: bool, fresh: bool) -> None:
+        if resume and fresh:
+            raise ValueError("resume and fresh exclude each other: --resume continues the run, --fresh starts anew")
         self.args = args
         t = args.trainer
         if t.num_threads:
@@ -80,6 +89,8 @@ class Trainer:
             # created, i.e. at the first matmul, which comes later).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # Before anything is read or written: refuses a reused run directory, picks the checkpoint to resume from.
+        resume_from, manifest = self._prepare_run_dir(t.run_dir, resume, fresh, args.dataset.dataset_dir)
         seed_everything(t.seed)  # identical initialisation on every rank (replicas and TP slices start equal)
         self.task: Task = TASKS[task_name](args, self.ctx)
         self.train_loader, self.eval_loader = self.task.loaders()  # sharded by the data-parallel rank
@@ -103,29 +114,60 @@ class Trainer:
         self.base_lr, self.base_sparse_lr = lr, (lr if sparse_lr is None else sparse_lr)
         self.state = TrainState()
         self.pending_rng: Optional[dict] = None
-        resume_from = ckpt.latest_checkpoint(t.run_dir) if resume else None
-        if resume and resume_from is None and self.ctx.is_main:
-            print(f"[hstu] --resume: no checkpoint in {t.run_dir}, starting from scratch", flush=True)
         if resume_from is not None:
-            self._load(resume_from)
+            self._load(resume_from, manifest)
         else:
-            if self.ctx.is_main and os.path.isdir(os.path.join(t.run_dir, ckpt.CHECKPOINT_DIR)):
-                print(f"[hstu] starting afresh: removing the old checkpoints in {t.run_dir} (use --resume to continue)",
-                      flush=True)
-                shutil.rmtree(os.path.join(t.run_dir, ckpt.CHECKPOINT_DIR))
-            self.ctx.barrier()
             # Different dropout / negative samples per data-parallel rank, reproducible from the seed. The ranks of
             # one TP group share the stream: they must draw the same negatives and input dropout (the dropout
             # inside TP layers uses Megatron's per-TP-rank tracker).
             seed_everything(t.seed + 1_000_003 * self.ctx.dp_rank)
+        # A --resume without any checkpoint restarts from step 0: what an earlier attempt logged is replayed.
         self.logger = RunLogger(t.run_dir, self.ctx.is_main, t.tensorboard,
-                                resume_step=self.state.step if resume_from else None)
+                                resume_step=self.state.step if resume else None)
         if self.ctx.is_main:
-            with open(os.path.join(t.run_dir, "config.json"), "w") as f:
-                json.dump({"task": task_name, **args.to_dict()}, f, indent=2, default=str)
+            write_json_atomic(os.path.join(t.run_dir, "config.json"), {"task": task_name, **args.to_dict()})
         self.use_bf16 = self.ctx.device.type == "cuda" and t.bf16
         self.peak_eval: dict = {}
         self.last_eval: dict = {}
+
+    def _prepare_run_dir(self, run_dir: str, resume: bool, fresh: bool, dataset_dir: str) -> tuple[Optional[str], dict]:
+        """Collective: rank 0 applies the run-directory rules and picks the checkpoint; every rank gets the outcome
+        (the same error is raised on every rank). Returns (checkpoint path or None, its verified manifest)."""
+        outcome: tuple = ("error", RuntimeError("run directory not checked"))
+        if self.ctx.is_main:
+            try:
+                outcome = ("ok", *self._check_run_dir(run_dir, resume, fresh, dataset_dir))
+            except (ValueError, OSError) as err:
+                outcome = ("error", err)
+        if self.ctx.world_size > 1:
+            box = [outcome]
+            torch.distributed.broadcast_object_list(box, src=0)
+            outcome = box[0]
+        if outcome[0] == "error":
+            raise outcome[1]
+        return outcome[1], outcome[2]
+
+    def _check_run_dir(self, run_dir: str, resume: bool, fresh: bool, dataset_dir: str) -> tuple[Optional[str], dict]:
+        if resume:
+            path, manifest, notes = ckpt.choose_checkpoint(run_dir)
+            for note in notes:
+                print(f"[hstu] --resume: {note}", flush=True)
+            if path is None:
+                print(f"[hstu] --resume: no checkpoint in {os.path.join(run_dir, ckpt.CHECKPOINT_DIR)}: starting from "
+                      "scratch", flush=True)
+                return None, {}
+            ckpt.check_compatible(manifest, path, self.ctx)
+            return path, manifest
+        earlier = earlier_run_outputs(run_dir)
+        if not earlier:
+            return None, {}
+        if not fresh:
+            raise FileExistsError(
+                f"run directory {run_dir} holds an earlier run ({', '.join(earlier)}): pass --resume to continue it, "
+                f"or --fresh to move it aside (to {run_dir}.old-<UTC time>) and start anew; nothing was changed")
+        moved = move_run_aside(run_dir, keep_clear_of=(dataset_dir,))
+        print(f"[hstu] --fresh: moved the earlier run in {run_dir} to {moved}", flush=True)
+        return None, {}
 
     def _set_deterministic(self, deterministic: bool) -> None:
         for module in self.model.modules():
@@ -145,8 +187,8 @@ class Trainer:
                  "train_loader": self.train_loader.state_dict(), "world_size": self.ctx.world_size}
         ckpt.save_checkpoint(t.run_dir, self.state.step, self.parallel, extra, keep_last=t.keep_last_checkpoints)
 
-    def _load(self, path: str) -> None:
-        extra = ckpt.load_checkpoint(path, self.parallel)
+    def _load(self, path: str, manifest: dict) -> None:
+        extra = ckpt.load_checkpoint(path, self.parallel, manifest)
         self.state = TrainState(**extra["train_state"])
         self.train_loader.load_state_dict(extra["train_loader"])
         # Restored once the loader's iterator exists: creating it may draw from the global RNG.
@@ -312,12 +354,13 @@ class Trainer:
             print(line, flush=True)
         if final_summary:
             print(format_summary(record, self.task.headline_metrics or tuple(keys[:2])), flush=True)
-            with open(os.path.join(self.args.trainer.run_dir, "summary.json"), "w") as f:
-                json.dump(record, f, indent=2)
+            write_json_atomic(os.path.join(self.args.trainer.run_dir, "summary.json"), record)
             print(f"[hstu] run directory: {os.path.abspath(self.args.trainer.run_dir)} "
                   "(metrics.jsonl, train_log.jsonl, training_curves.png, tensorboard/, checkpoints/)", flush=True)
 
     def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
         if self.ctx is not None:
             teardown(self.ctx)
             self.ctx = None
@@ -334,8 +377,8 @@ def format_summary(record: dict, metrics: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def run(task_name: str, args: AllArgs, resume: bool = False) -> dict:
-    trainer = Trainer(task_name, args, resume=resume)
+def run(task_name: str, args: AllArgs, resume: bool = False, fresh: bool = False) -> dict:
+    trainer = Trainer(task_name, args, resume=resume, fresh=fresh)
     try:
         return trainer.train()
     finally:

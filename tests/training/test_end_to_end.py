@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from hstu.training.checkpoint import verify_checkpoint
 from tests.launching import free_port, launch_env, run_training_script, write_tiny_datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +44,8 @@ def assert_run_outputs(run_dir):
     for name in ("metrics.jsonl", "train_log.jsonl", "training_curves.png", "summary.json", "config.json"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     assert any(f.startswith("events.") for f in os.listdir(os.path.join(run_dir, "tensorboard")))
-    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "latest"))
+    latest = os.path.join(run_dir, "checkpoints", (run_dir / "checkpoints" / "latest").read_text().strip())
+    assert verify_checkpoint(latest)["step"] == json.loads((run_dir / "summary.json").read_text())["step"]
 
 
 def test_tiny_retrieval_beats_popularity(tiny_data, tmp_path):
