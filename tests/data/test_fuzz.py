@@ -141,8 +141,14 @@ def block_options() -> st.SearchStrategy:
                      show_progress=st.just(False))
 
 
-def copy_fixture(dataset: str, tmp: str) -> str:
-    return shutil.copytree(raw_dir(dataset), os.path.join(tmp, "raw"))
+def check_raw_files(dataset: str, files: dict[str, bytes], expected: Optional[dict], options: PrepareOptions) -> None:
+    """The fixture of ``dataset`` with ``files`` (relative path -> content) replaced, through :func:`check_prepare`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = shutil.copytree(raw_dir(dataset), os.path.join(tmp, "raw"))
+        for relative, content in files.items():
+            with open(os.path.join(raw, relative), "wb") as f:
+                f.write(content)
+        check_prepare(dataset, raw, expected, options)
 
 
 # ---- MovieLens ---------------------------------------------------------------------------------------------------
@@ -167,11 +173,7 @@ def ml1m_model(data: bytes) -> Optional[dict]:
 @FUZZ
 @given(ratings=text_file(ML1M_RATING), options=block_options())
 def test_ml1m_ratings(ratings, options):
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = copy_fixture("ml-1m", tmp)
-        with open(os.path.join(raw, "ratings.dat"), "wb") as f:
-            f.write(ratings)
-        check_prepare("ml-1m", raw, ml1m_model(ratings), options)
+    check_raw_files("ml-1m", {"ratings.dat": ratings}, ml1m_model(ratings), options)
 
 
 DAT_TEXT = st.text(st.sampled_from("abF M:1 \r\xe9()"), max_size=6)
@@ -270,11 +272,7 @@ def ml20m_model(data: bytes) -> Optional[dict]:
                          text_file(ML20M_RATING, header="userId,movieId,rating"), text_file(ML20M_RATING)),
        options=block_options())
 def test_ml20m_ratings(ratings, options):
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = copy_fixture("ml-20m", tmp)
-        with open(os.path.join(raw, "ratings.csv"), "wb") as f:
-            f.write(ratings)
-        check_prepare("ml-20m", raw, ml20m_model(ratings), options)
+    check_raw_files("ml-20m", {"ratings.csv": ratings}, ml20m_model(ratings), options)
 
 
 # ---- KuaiRand ----------------------------------------------------------------------------------------------------
@@ -318,12 +316,9 @@ def kuairand_model(logs: list[bytes]) -> Optional[dict]:
                                text_file(KUAIRAND_LOG, max_rows=3)), min_size=2, max_size=2),
        options=block_options())
 def test_kuairand_logs(logs, options):
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = copy_fixture("kuairand-pure", tmp)
-        for period, content in zip(("4_08_to_4_21", "4_22_to_5_08"), logs):
-            with open(os.path.join(raw, "data", f"log_standard_{period}_pure.csv"), "wb") as f:
-                f.write(content)
-        check_prepare("kuairand-pure", raw, kuairand_model(logs), options)
+    files = {os.path.join("data", f"log_standard_{period}_pure.csv"): content
+             for period, content in zip(("4_08_to_4_21", "4_22_to_5_08"), logs)}
+    check_raw_files("kuairand-pure", files, kuairand_model(logs), options)
 
 
 CATEGORY = st.text(st.sampled_from("ab0(,]w+ \r-\xe9"), max_size=5)
