@@ -12,7 +12,7 @@ Entry points (see docs/distributed.md for the trainer integration):
 """
 
 from hstu.distributed.balance import rank_workloads, workload_imbalance
-from hstu.distributed.checkpoint import load_checkpoint, save_checkpoint
+from hstu.distributed.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 from hstu.distributed.context import (
     ParallelContext,
     ParallelismSettings,
@@ -30,6 +30,8 @@ from hstu.distributed.tensor_parallel import (
 )
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointWriteError",
     "DenseOptimizerSettings",
     "DenseParallel",
     "ParallelContext",

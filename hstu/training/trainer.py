@@ -23,7 +23,7 @@ from hstu.training.distributed import ParallelContext, setup_parallelism, teardo
 from hstu.training.flops import train_step_flops
 from hstu.training.profiling import StepProfiler
 from hstu.training.run_logging import RunLogger, earlier_run_outputs, move_run_aside, write_json_atomic
-from hstu.training.tasks import TASKS, Task
+from hstu.training.tasks import TASKS, Task, check_task_config
 
 
 @dataclass
@@ -80,6 +80,9 @@ class Trainer:
             raise ValueError("resume and fresh exclude each other: --resume continues the run, --fresh starts anew")
         self.args = args
         t = args.trainer
+        # The configuration against the task and the dataset's metadata, before any process group starts or a
+        # --fresh run moves the old run directory aside.
+        check_task_config(task_name, args)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         # Same path for every world size (1 included): torch.distributed + Megatron parallel_state.
@@ -366,14 +369,21 @@ class Trainer:
             self.ctx = None
 
 
+def _metric_cell(value) -> str:
+    """A summary table cell: undefined metrics (left out of the record, or None) print as n/a, not as a number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:>12.4f}"
+    return f"{'n/a':>12}"
+
+
 def format_summary(record: dict, metrics: tuple[str, ...]) -> str:
     lines = [f"final evaluation (step {record['step']}, epoch {record['epoch']}):"]
     header = f"  {'model':<12}" + "".join(f"{m:>12}" for m in metrics)
     lines.append(header)
-    lines.append(f"  {'HSTU':<12}" + "".join(f"{record.get(m, float('nan')):>12.4f}" for m in metrics))
+    lines.append(f"  {'HSTU':<12}" + "".join(_metric_cell(record.get(m)) for m in metrics))
     if any(f"baseline/popularity/{m}" in record for m in metrics):
         lines.append(f"  {'popularity':<12}" + "".join(
-            f"{record.get(f'baseline/popularity/{m}', float('nan')):>12.4f}" for m in metrics))
+            _metric_cell(record.get(f"baseline/popularity/{m}")) for m in metrics))
     return "\n".join(lines)
 
 
