@@ -13,9 +13,11 @@ Environment switches:
   HSTU_DISABLE_SM90 (skip the Hopper wgmma units, *_sm90.cu: the forward and the backward)
                          prune generated instantiations (csrc/hstu_attention/instantiations) to shorten builds
   The Hopper units (*_sm90.cu: fwd_kernel_sm90.h, bwd_kernel_sm90.h) are built only when the list holds 9.0a;
-  then every unit gets -DHSTU_WITH_SM90_FWD and the launchers pick them at run time on an sm_90 device (unless
-  HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0). Their device code exists for
-  sm_90a only (other targets compile a trapping stub).
+  then every unit gets -DHSTU_WITH_SM90_FWD and the launchers pick them per call on an sm_90 device
+  (csrc/hstu_attention/heuristics.h). Their device code exists for sm_90a only (other targets compile a trapping
+  stub).
+  HSTU_BENCH_VARIANTS=1  also compile the benchmark-only kernel variants (-DHSTU_BENCH_VARIANTS; selected with
+                         KernelVariant.bench_* in hstu.ops.hstu_attention.cuda); production builds leave it off
   CUTLASS_INCLUDE_DIR    CUTLASS/CuTe headers; default: the installed nvidia-cutlass package's headers
 """
 
@@ -152,6 +154,8 @@ def cuda_extension_setup() -> dict:
         return {}
     sources = ["csrc/hstu_attention/hstu_api.cpp"] + selected_instantiations()
     defines = [f"-D{name}" for name in DISABLE_FLAGS if env_flag(name)]
+    if env_flag("HSTU_BENCH_VARIANTS"):
+        defines.append("-DHSTU_BENCH_VARIANTS")
     if any(src.endswith("_sm90.cu") for src in sources):
         defines.append("-DHSTU_WITH_SM90_FWD")
     nvcc = [

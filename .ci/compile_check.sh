@@ -5,7 +5,8 @@
 # header they lack). Set HSTU_COMPILE_CHECK_ALL=1 to compile every instantiation for both architectures.
 # The Hopper forward (fwd_kernel_sm90.h) and backward (bwd_kernel_sm90.h): one representative *_sm90.cu unit each,
 # for sm_90a only (what setup.py builds them for), and HSTU_WITH_SM90_FWD on every unit so launch.h's sm90 dispatch
-# branches (forward and backward) are compiled too.
+# branches (forward and backward) are compiled too. The benchmark-only variants (HSTU_BENCH_VARIANTS) are compiled
+# in the two units that have them (bf16 head dim 128 without rab, head dim 256).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -66,8 +67,7 @@ fi
 # the MN-major views of the backward's K-major tiles) for every instantiated (dtype, head dim), and of their grouped
 # launch order (tile_scheduler.h): built and run in the background while the kernel units compile.
 cat >"$WORK/sm90_layouts.cu" <<'CU'
-#include "bwd_kernel_sm90.h"
-#include "fwd_kernel_sm90.h"
+#include "self_checks.h"
 #include <cstdio>
 template <typename E, int D, int kWarpGroups = 2>
 int check(const char* name) {
@@ -114,13 +114,15 @@ if [ "${HSTU_COMPILE_CHECK_ALL:-0}" != "1" ]; then
   jobs_list+=("90a $INST/hstu_fwd_bf16_hdim128_rab_sm90.cu" "90a $INST/hstu_bwd_bf16_hdim128_rab_sm90.cu"
              "90a $INST/hstu_bwd_fp16_hdim256_rab_sm90.cu")
 fi
+jobs_list+=("80 $INST/hstu_bwd_bf16_hdim128_norab_sm80.cu -DHSTU_BENCH_VARIANTS"
+            "80 $INST/hstu_bwd_bf16_hdim256_norab_sm80.cu -DHSTU_BENCH_VARIANTS")
 printf '%s\n' "${jobs_list[@]}" | xargs -P "$JOBS" -L 1 bash -c '
-  arch="$0"; f="$1"; o="'"$WORK"'/$(basename "$f" .cu)_$arch.o"
-  if ! "'"$NVCC"'" '"${COMMON[*]}"' -gencode=arch=compute_$arch,code=sm_$arch -Xptxas=-warn-spills -c "$f" -o "$o" 2>"$o.log"; then
+  arch="$0"; f="$1"; extra="${2:-}"; o="'"$WORK"'/$(basename "$f" .cu)_$arch${extra:+_bench}.o"
+  if ! "'"$NVCC"'" '"${COMMON[*]}"' $extra -gencode=arch=compute_$arch,code=sm_$arch -Xptxas=-warn-spills -c "$f" -o "$o" 2>"$o.log"; then
     echo "[compile_check] FAILED sm_$arch $f"; cat "$o.log"; exit 255
   fi
   grep -i "spill\|warning" "$o.log" | sed "s|^|[compile_check] sm_$arch $(basename $f): |" || true
-  echo "[compile_check] ok sm_$arch $f"'
+  echo "[compile_check] ok sm_$arch $f $extra"'
 if ! wait "$layout_pid"; then
   echo "[compile_check] FAILED sm90 layout self-check"; cat "$WORK/sm90_layouts.log"; exit 1
 fi

@@ -18,7 +18,6 @@ contexts, targets or rab, round-robin in the same rounds, and checks that both f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -158,40 +157,22 @@ def triton_callables(mha, q, k, v, offsets, L, kwargs):
             lambda: torch.autograd.grad(mha(L, alpha, qg, kg, vg, offsets), (qg, kg, vg), dout))
 
 
-@contextlib.contextmanager
-def env_set(name: str, value: str):
-    """The launchers read their switches (HSTU_SM90_FWD, HSTU_SM90_BWD, HSTU_SM90_FWD_WS) at every call: set one
-    for the launches inside the block."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
-
-
-def forward_with_env(name: str, value: str, q, k, v, common):
-    """The kernel forward with the launcher switch `name` set to `value` at each call (for interleaved timing)."""
-
-    def run():
-        os.environ[name] = value
-        return hstu_cuda.forward(q, k, v, *common, 0.0, 0)
-
-    return run
-
-
-def time_kernel_forward(q, k, v, offsets, L, kwargs) -> float:
+def time_kernel_forward(q, k, v, offsets, L, kwargs, variant=None) -> float:
+    """The kernel forward with an explicit KernelVariant (None: the default choice)."""
     common = kernel_args(offsets, L, kwargs)
-    return do_bench(lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0))
+    return do_bench(lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0, variant=variant))
 
 
-def time_kernel_atomic_backward(q, k, v, offsets, L, kwargs) -> float:
+def time_kernel_atomic_backward(q, k, v, offsets, L, kwargs, variant=None) -> float:
     common = kernel_args(offsets, L, kwargs)
     dout = torch.randn_like(q)
-    return do_bench(lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False))
+    return do_bench(lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False, variant=variant))
+
+
+def plan_of(direction: str, q, batch: int, L: int, kwargs, variant=None) -> dict:
+    """hstu_cuda.kernel_plan of a benchmark shape: q (T, H, D), `batch` sequences of at most L tokens."""
+    return hstu_cuda.kernel_plan(direction, head_dim=q.shape[-1], batch=batch, heads=q.shape[1], max_seqlen=L,
+                                 dtype=q.dtype, rab=kwargs.get("rab") is not None, variant=variant)  # fmt: skip
 
 
 def profile_breakdown() -> None:
@@ -245,10 +226,11 @@ def length_sweep(H: int = 4, D: int = 128) -> list[dict]:
             dout = torch.randn_like(q)
             fns = [lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0),
                    lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False)]
-            if hstu_cuda.sm90_forward_enabled() and D <= 128:  # both warp-specialized forward shapes, forced
-                fns += [forward_with_env("HSTU_SM90_FWD_TWO_PER_SM", v_, q, k, v, common) for v_ in ("0", "1")]
+            if plan_of("forward", q, B, L, kwargs)["kernel"] != "sm80" and D <= 128:
+                # both warp-specialized forward shapes, forced
+                variants = [hstu_cuda.KernelVariant(forward_two_per_sm=two) for two in (False, True)]
+                fns += [lambda var=var: hstu_cuda.forward(q, k, v, *common, 0.0, 0, variant=var) for var in variants]
             tf, tb, *tws = do_bench_interleaved(fns)
-            os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM", None)
             fl = flops_fwd(lengths, H, D, causal)
             rows.append({"B": B, "L": L, "H": H, "D": D, "causal": causal, "fwd_ms": tf, "bwd_ms": tb,
                          "fwd_tflops": fl / tf / 1e9, "bwd_tflops": 2.5 * fl / tb / 1e9,
@@ -281,12 +263,15 @@ def main() -> None:
     ap.add_argument("--only", default="", help="regex: benchmark only the shapes whose name matches")
     ap.add_argument("--no-op", action="store_true", help="skip timing the public op (autograd + validation)")
     ap.add_argument("--single-role-forward", action="store_true",
-                    help="also time the wgmma forward without warp specialization (HSTU_SM90_FWD_WS=0)")
+                    help="also time the wgmma forward without warp specialization")
+    ap.add_argument("--bench-variants", action="store_true",
+                    help="also time the benchmark-only mma.sync backward variants (8-warp dk/dv at head dim 128, "
+                         "two-pass head dim 256; needs a build with HSTU_BENCH_VARIANTS=1)")
     ap.add_argument("--triton-baseline", action="store_true",
                     help="also time Meta's Triton triton_hstu_mha (generative-recommenders) in the same rounds")
     ap.add_argument("--label", default=os.environ.get(
-        "HSTU_BENCH_LABEL", "warp-specialized wgmma forward (two per SM up to 256 tokens), wgmma backward with "
-        "row-contiguous dq reductions, partial tiles without the exact mask (v18)"))
+        "HSTU_BENCH_LABEL", "default kernels (csrc/hstu_attention/heuristics.h): warp-specialized wgmma forward (two "
+        "per SM up to 256 tokens, persistent at head dims 64 / 128), wgmma backward"))
     ap.add_argument("--plot", metavar="JSON", help="only redraw the PNG of a saved results JSON (next to it)")
     args = ap.parse_args()
     if args.plot:
@@ -327,25 +312,31 @@ def main() -> None:
                            triton_fwd_tflops=fl / tt[0] / 1e9, triton_bwd_tflops=2.5 * fl / tt[1] / 1e9,
                            triton_fwdbwd_tflops=3.5 * fl / tt[2] / 1e9,
                            speedup_vs_triton_fwdbwd=(tt[0] + tt[1]) / (tf + tb))  # fmt: skip
-            row.update(bwd_det_ms=tbd, bwd_det_tflops=2.5 * fl / tbd / 1e9, sm90_forward=hstu_cuda.sm90_forward_enabled())
-            if row["sm90_forward"] and D != 32:  # the same run's mma.sync forward, for comparison
-                with env_set("HSTU_SM90_FWD", "0"):
-                    t80 = time_kernel_forward(q, k, v, offsets, L, kwargs)
+            fwd_plan, bwd_plan = plan_of("forward", q, B, L, kwargs), plan_of("backward", q, B, L, kwargs)
+            row.update(bwd_det_ms=tbd, bwd_det_tflops=2.5 * fl / tbd / 1e9, fwd_kernel=fwd_plan["kernel"],
+                       bwd_kernel=bwd_plan["kernel"], sm90_forward=fwd_plan["kernel"] != "sm80")  # fmt: skip
+            if row["sm90_forward"]:  # the same run's mma.sync forward, for comparison
+                t80 = time_kernel_forward(q, k, v, offsets, L, kwargs, hstu_cuda.KernelVariant(sm90_forward=False))
                 row.update(fwd_sm80_ms=t80, fwd_sm80_tflops=fl / t80 / 1e9)
                 if D <= 128:  # both warp-specialized shapes, whichever the launcher picks here
-                    for key, value in (("ping_pong", "0"), ("two_per_sm", "1")):
-                        with env_set("HSTU_SM90_FWD_TWO_PER_SM", value):
-                            t1 = time_kernel_forward(q, k, v, offsets, L, kwargs)
+                    for key, two in (("ping_pong", False), ("two_per_sm", True)):
+                        t1 = time_kernel_forward(q, k, v, offsets, L, kwargs,
+                                                 hstu_cuda.KernelVariant(forward_two_per_sm=two))
                         row.update({f"fwd_{key}_ms": t1, f"fwd_{key}_tflops": fl / t1 / 1e9})
                 if args.single_role_forward:  # the wgmma forward without warp specialization
-                    with env_set("HSTU_SM90_FWD_WS", "0"):
-                        t1 = time_kernel_forward(q, k, v, offsets, L, kwargs)
+                    t1 = time_kernel_forward(q, k, v, offsets, L, kwargs,
+                                             hstu_cuda.KernelVariant(forward_warp_specialized=False))
                     row.update(fwd_single_role_ms=t1, fwd_single_role_tflops=fl / t1 / 1e9)
-            row["sm90_backward"] = hstu_cuda.sm90_backward_enabled() and D in (64, 128, 256)
+            row["sm90_backward"] = bwd_plan["kernel"] == "sm90"
             if row["sm90_backward"]:  # the same run's mma.sync atomic-dq backward, for comparison
-                with env_set("HSTU_SM90_BWD", "0"):
-                    t80 = time_kernel_atomic_backward(q, k, v, offsets, L, kwargs)
+                t80 = time_kernel_atomic_backward(q, k, v, offsets, L, kwargs,
+                                                  hstu_cuda.KernelVariant(sm90_backward=False))
                 row.update(bwd_sm80_ms=t80, bwd_sm80_tflops=2.5 * fl / t80 / 1e9)
+            if args.bench_variants and D in (128, 256):  # the benchmark-only mma.sync backward variants
+                bench = hstu_cuda.KernelVariant(sm90_backward=False, bench_bwd_warps=8, bench_d256_two_pass=True)
+                t1 = time_kernel_atomic_backward(q, k, v, offsets, L, kwargs, bench)
+                row.update(bwd_bench_variant=plan_of("backward", q, B, L, kwargs, bench)["dkdv"],
+                           bwd_bench_variant_ms=t1, bwd_bench_variant_tflops=2.5 * fl / t1 / 1e9)  # fmt: skip
             if not args.no_op:
                 _, _, ofb = time_impl(hstu_attention, q, k, v, offsets, L, kwargs)
                 row["op_fwdbwd_tflops"] = 3.5 * fl / ofb / 1e9  # public op: validation + autograd included
@@ -372,6 +363,8 @@ def main() -> None:
               + (f"  fwd(ping-pong / two per SM) {row['fwd_ping_pong_tflops']:.1f} / {row['fwd_two_per_sm_tflops']:.1f}"
                  if "fwd_two_per_sm_tflops" in row else "")
               + (f"  bwd(sm80) {row['bwd_sm80_tflops']:.1f}" if "bwd_sm80_tflops" in row else "")
+              + (f"  bwd(sm80 {row['bwd_bench_variant']}) {row['bwd_bench_variant_tflops']:.1f}"
+                 if "bwd_bench_variant_tflops" in row else "")
 
               + (f"  op fwd+bwd {row['op_fwdbwd_tflops']:.1f}" if "op_fwdbwd_tflops" in row else "")
               + (f"  triton {row['triton_fwd_tflops']:.1f}/{row['triton_bwd_tflops']:.1f}/"

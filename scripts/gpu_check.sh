@@ -6,11 +6,11 @@
 # per-stage time limits in seconds:
 # HSTU_T_BUILD / HSTU_T_TEST / HSTU_T_SANITIZE / HSTU_T_BENCH; HSTU_SANITIZE_TOOLS (default "memcheck racecheck");
 # HSTU_TEST_K (a pytest -k expression), HSTU_BENCH_ARGS (extra benchmark arguments). On sm_90 the warp-specialized
-# wgmma forward and the wgmma backward are the defaults (HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 opt out of wgmma,
-# HSTU_SM90_FWD_WS=0 out of warp specialization); the sanitizer runs each eligible backward case on both backwards
-# and the forward cases also on the single-role and ping-pong wgmma forwards (plus the persistent forward on launches
-# with more work items than blocks), and the benchmark times the mma.sync kernels next to them. On the lent machine
-# run it as
+# wgmma forward and the wgmma backward are the defaults (csrc/hstu_attention/heuristics.h); the sanitizer runs each
+# eligible backward case on both backwards and the forward cases also on the single-role and ping-pong wgmma forwards
+# (plus the persistent forward on launches with more work items than blocks), each picked with a KernelVariant, and
+# the benchmark times the mma.sync kernels next to them. HSTU_BENCH_VARIANTS=1 builds the benchmark-only kernel
+# variants too (the bench_alt stage needs them). On the lent machine run it as
 #   source .device/wheels/setup.sh && bash scripts/gpu_check.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,7 +42,7 @@ DISABLE_NAMES="HSTU_DISABLE_BF16 HSTU_DISABLE_FP16 HSTU_DISABLE_HDIM32 HSTU_DISA
 sm90_off() { [[ "${HSTU_DISABLE_SM90:-0}" =~ ^(1|true|yes|on)$ ]]; }
 # (prebuilt objects are sm_90a: with the Hopper forward units unless HSTU_DISABLE_SM90, as setup.py decides)
 defines() {
-  for n in $DISABLE_NAMES; do [[ "${!n:-0}" =~ ^(1|true|yes|on)$ ]] && printf -- '-D%s ' "$n"; done
+  for n in $DISABLE_NAMES HSTU_BENCH_VARIANTS; do [[ "${!n:-0}" =~ ^(1|true|yes|on)$ ]] && printf -- '-D%s ' "$n"; done
   sm90_off || printf -- '-DHSTU_WITH_SM90_FWD '
   true
 }
@@ -164,12 +164,12 @@ fi
 
 if has sanitize; then
   cat >"$OUT/sanitize_case.py" <<'PY'
-import os
 import torch
 from hstu.ops.hstu_attention import cuda
+V = cuda.KernelVariant
 offsets = torch.tensor([0, 0, 1, 70, 200], dtype=torch.int32, device="cuda")
-# (head dim, rab heads, causal, window, targets, rab gradient); the cases without a rab gradient at head dims 64 / 128
-# are the ones the sm90 backward takes (on sm_90, unless HSTU_SM90_BWD=0): their atomic-dq backward runs on both
+# (head dim, rab heads, causal, window, targets, rab gradient); the cases without a rab gradient at head dims
+# 64 / 128 / 256 are the ones the sm90 backward takes (on sm_90): their atomic-dq backward runs on both
 for dim, rab_heads, causal, window, tgt, rab_grad in [(64, 1, True, -1, True, True), (128, 2, True, 9, False, True),
                                                       (256, 0, False, 20, False, False), (32, 2, True, -1, True, True),
                                                       (64, 2, True, -1, True, False), (128, 0, True, 9, True, False)]:
@@ -181,29 +181,26 @@ for dim, rab_heads, causal, window, tgt, rab_grad in [(64, 1, True, -1, True, Tr
     args = (q, k, v, offsets, 130, 0.125, 130, causal, window, nc, nt, 2, rab)
     out = cuda.forward(*args, 0.0, 0)
     # atomic-dq path (wgmma backward where it applies), the same on the mma.sync kernel, then the split path
-    for deterministic, sm90_bwd in ((False, "1"), (False, "0"), (True, "1")):
-        os.environ["HSTU_SM90_BWD"] = sm90_bwd
-        grads = cuda.backward(torch.randn_like(out), *args[:13], rab is not None and rab_grad, 0.0, 0, deterministic)
+    for deterministic, sm90_bwd in ((False, True), (False, False), (True, True)):
+        grads = cuda.backward(torch.randn_like(out), *args[:13], rab is not None and rab_grad, 0.0, 0, deterministic,
+                              variant=V(sm90_backward=sm90_bwd))
         assert all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
 # the other sm90 forwards (the cases above ran the default: at these lengths, head dims 64 / 128, the two-per-SM
 # warp-specialized shape): the single-role kernel, then the ping-pong one
-for switch in ("HSTU_SM90_FWD_WS", "HSTU_SM90_FWD_TWO_PER_SM"):
-    os.environ[switch] = "0"
+for variant in (V(forward_warp_specialized=False), V(forward_two_per_sm=False)):
     for dim in (64, 128, 256):
         q, k, v = (torch.randn(200, 2, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         rab = torch.randn(4, 2, 131, 131, device="cuda", dtype=torch.bfloat16)
         nt = torch.tensor([0, 1, 7, 20], dtype=torch.int32, device="cuda")
-        out = cuda.forward(q, k, v, offsets, 130, 0.125, 130, True, -1, None, nt, 2, rab, 0.0, 0)
+        out = cuda.forward(q, k, v, offsets, 130, 0.125, 130, True, -1, None, nt, 2, rab, 0.0, 0, variant=variant)
         assert bool(torch.isfinite(out).all())
-    os.environ.pop(switch)
 # the persistent forward (head dims 64 / 128) with more work items than blocks, in both warp-specialized shapes
-for (batch, length, heads, dim), two_per_sm in (((16, 1024, 2, 128), "0"), ((64, 256, 2, 64), "1")):
-    os.environ["HSTU_SM90_FWD_TWO_PER_SM"] = two_per_sm
+for (batch, length, heads, dim), two_per_sm in (((16, 1024, 2, 128), False), ((64, 256, 2, 64), True)):
     offs = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(batch * length, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = cuda.forward(q, k, v, offs, length, 0.125, length, True, -1, None, None, 1, None, 0.0, 0)
+    out = cuda.forward(q, k, v, offs, length, 0.125, length, True, -1, None, None, 1, None, 0.0, 0,
+                       variant=V(forward_two_per_sm=two_per_sm))
     assert bool(torch.isfinite(out).all())
-    os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM")
 torch.cuda.synchronize()
 print("sanitize case done")
 PY
@@ -224,13 +221,14 @@ if has bench; then
   cat "$OUT/bench.log" | grep -v "^wrote" | tee -a "$SUMMARY"
 fi
 
-# Tile-tuning variants (benchmark knobs of launch.h), same shapes: the 8-warp head-dim-128 dk/dv kernel and the
-# two-pass head-dim-256 atomic path. Add "bench_alt" to HSTU_GPU_STAGES.
+# The benchmark-only kernel variants (KernelVariant.bench_*: the 8-warp head-dim-128 dk/dv kernel, the two-pass
+# head-dim-256 atomic path), same shapes; they exist in builds with HSTU_BENCH_VARIANTS=1 only. Add "bench_alt" to
+# HSTU_GPU_STAGES and build with HSTU_BENCH_VARIANTS=1.
 if has bench_alt; then
   t0=$(date +%s)
-  HSTU_BWD_WARPS=8 HSTU_BWD_D256_2PASS=1 timeout "${HSTU_T_BENCH:-200}" $PY benchmarks/bench_attention.py \
-    --only 'x4x(128|256)$' --no-reference --no-op --out /tmp/hstu_bench_alt --label "knobs: HSTU_BWD_WARPS=8 HSTU_BWD_D256_2PASS=1" \
+  timeout "${HSTU_T_BENCH:-200}" $PY benchmarks/bench_attention.py --bench-variants \
+    --only 'x4x(128|256)$' --no-reference --no-op --out /tmp/hstu_bench_alt --label "benchmark-only variants" \
     >"$OUT/bench_alt.log" 2>&1
-  note "bench_alt (HSTU_BWD_WARPS=8, HSTU_BWD_D256_2PASS=1) rc=$? in $(( $(date +%s) - t0 )) s"
+  note "bench_alt (--bench-variants) rc=$? in $(( $(date +%s) - t0 )) s"
   grep -v "^wrote" "$OUT/bench_alt.log" | tee -a "$SUMMARY"
 fi

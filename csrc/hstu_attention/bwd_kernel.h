@@ -68,7 +68,6 @@ struct BwdDqTraits {
   static constexpr int kSmemBytes = (2 * kSmemQ + 2 * kStages * kSmemKV) * 2;
 };
 
-__device__ __forceinline__ float silu_grad(float x, float sig) { return sig * (1.f + x * (1.f - sig)); }
 
 // kAtomicDq: also accumulate dq into p.dq_accum (needs the dS pass: kPassBoth or kPassDK).
 template <typename Traits, int kPass, bool kDropout, bool kAtomicDq>
@@ -203,7 +202,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
             [[maybe_unused]] const bool inside = !kMasked || (i < mk.L && j < mk.L);
             float x = st[nb][e];
             if constexpr (Traits::kHasRab) {
-              if (inside) x += rab_at<Element>(p, w.batch, hr, i, j);
+              if (inside) x += rab_value<Element>(p, w.batch, hr, i, j);
             }
             x *= p.alpha;
             const float sig = sigmoid_t<Element>(x);
@@ -388,7 +387,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
             const int j = n0 + nb * 8 + 2 * t + (e & 1);
             float x = s[mi][nb][e];
             if constexpr (Traits::kHasRab) {
-              if (!kMasked || (i < mk.L && j < mk.L)) x += rab_at<Element>(p, w.batch, hr, i, j);
+              if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
             }
             x *= p.alpha;
             const float sig = sigmoid_t<Element>(x);

@@ -15,15 +15,18 @@
 namespace hstu {
 
 // Head dims with an sm90 backward kernel (the others always run the sm80-style backward).
+constexpr bool kSm90BwdHeadDimOk(int head_dim) { return head_dim == 64 || head_dim == 128 || head_dim == 256; }
 template <int kHeadDim>
-inline constexpr bool kSm90BwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
+inline constexpr bool kSm90BwdHeadDim = kSm90BwdHeadDimOk(kHeadDim);
 // Keys per block of the sm90 backward (BwdTraitsSm90 / BwdTraitsSm90Split::kBlockN).
+constexpr int kSm90BwdBlockNFor(int head_dim) { return head_dim == 256 ? 64 : 128; }
 template <int kHeadDim>
-inline constexpr int kSm90BwdBlockN = kHeadDim == 256 ? 64 : 128;
+inline constexpr int kSm90BwdBlockN = kSm90BwdBlockNFor(kHeadDim);
 
 // One explicit specialisation per (element type, head dim, rab) in instantiations/hstu_bwd_*_sm90.cu. Launches the
 // dk/dv/dq-partial kernel only (atomic-dq path: p.dq_accum != nullptr; no dropout, no drab); the caller (launch.h)
-// checks those conditions, the device and HSTU_SM90_BWD, and runs the dq convert kernel afterwards.
+// has checked those conditions, the device and the build (heuristics.h's plan_backward) and runs the dq convert
+// kernel afterwards.
 template <typename Element, int kHeadDim, bool kHasRab>
 void run_bwd_sm90(const AttnParams& params, cudaStream_t stream);
 

@@ -7,6 +7,7 @@
 #include "dropout.h"
 #include "hstu.h"
 #include "mask.h"
+#include "pointwise.h"
 #include "tile_scheduler.h"
 #include "utils.h"
 
@@ -27,13 +28,6 @@ struct FwdTraits {
   static constexpr int kSmemKV = kBlockN * kHeadDim;
   static constexpr int kSmemBytes = (kSmemQ + 2 * kStages * kSmemKV) * 2;
 };
-
-template <typename Element>
-__device__ __forceinline__ float rab_at(const AttnParams& p, int b, int hr, int i, int j) {
-  const Element* r = reinterpret_cast<const Element*>(p.rab) + b * p.rab_batch_stride + hr * p.rab_head_stride +
-                     static_cast<int64_t>(i) * p.rab_row_stride + j;
-  return to_float<Element>(*r);
-}
 
 // kDropout: attention dropout (dropout.h); the false instantiation (p == 0) contains no dropout code at all.
 template <typename Traits, bool kDropout>
@@ -127,7 +121,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
             const int j = n0 + nb * 8 + 2 * t + (e & 1);
             float x = s[mi][nb][e];
             if constexpr (Traits::kHasRab) {
-              if (!kMasked || (i < mk.L && j < mk.L)) x += rab_at<Element>(p, w.batch, hr, i, j);
+              if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
             }
             x *= p.alpha;
             float pv = x * sigmoid_t<Element>(x);

@@ -8,21 +8,29 @@
 namespace hstu {
 
 // Head dims with an sm90 forward kernel (the others always run the sm80-style kernel).
+constexpr bool kSm90FwdHeadDimOk(int head_dim) { return head_dim == 64 || head_dim == 128 || head_dim == 256; }
 template <int kHeadDim>
-inline constexpr bool kSm90FwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
+inline constexpr bool kSm90FwdHeadDim = kSm90FwdHeadDimOk(kHeadDim);
 // Query rows per block of both sm90 forward kernels (FwdTraitsSm90::kBlockM).
 inline constexpr int kSm90FwdBlockM = 128;
 
-// The sm90 forward kernels (fwd_kernel_sm90.h; launch.h picks one per call):
+// The sm90 forward kernels (fwd_kernel_sm90.h; heuristics.h picks one per call):
 //   kPingPong   hstu_fwd_sm90_ws_kernel, 128 query rows per block: a producer warpgroup and two ping-pong consumers
 //   kTwoPerSm   the same kernel with one consumer warpgroup, 64 rows and 64-key tiles, two blocks per SM (head dims
 //               64 / 128; at 256 it runs kPingPong)
 //   kSingleRole hstu_fwd_sm90_kernel, 128 rows: every warpgroup loads and computes
 enum class Sm90FwdKernel { kPingPong, kTwoPerSm, kSingleRole };
 
+// Which sm90 forward a launch runs (heuristics.h picks it). persistent: the warp-specialized kernels at head dims
+// 64 / 128 as one wave of blocks drawing work items (hstu_fwd_sm90_persistent_kernel) instead of one block per tile.
+struct Sm90FwdChoice {
+  Sm90FwdKernel kernel = Sm90FwdKernel::kPingPong;
+  bool persistent = false;
+};
+
 // One explicit specialisation per (element type, head dim, rab) in instantiations/hstu_fwd_*_sm90.cu. Forward
-// without dropout only; the caller (launch.h) checks the device, the build and HSTU_SM90_FWD.
+// without dropout only; the caller (launch.h) has checked the device and the build (heuristics.h's plan_forward).
 template <typename Element, int kHeadDim, bool kHasRab>
-void run_fwd_sm90(const AttnParams& params, cudaStream_t stream, Sm90FwdKernel which);
+void run_fwd_sm90(const AttnParams& params, cudaStream_t stream, Sm90FwdChoice choice);
 
 }  // namespace hstu

@@ -61,12 +61,34 @@ struct AttnParams {
   float dropout_scale;         // 1 / (1 - p)
 };
 
+// A tri-state choice: let heuristics.h decide, or force it off / on.
+enum class Choice : signed char { kAuto = -1, kOff = 0, kOn = 1 };
+
+// How a call picks its kernels: built by the binding from Python's arguments (hstu.ops.hstu_attention.cuda) and read
+// by heuristics.h's pure functions, which launch.h and the binding's kernel_plan query share. The defaults are what
+// the op runs; the other values are explicit variants for tests and benchmarks.
+struct KernelOptions {
+  bool deterministic = false;         // backward: dq by its own kernel, no atomics (bitwise reproducible)
+  bool sm90_forward = true;           // the Hopper forward wherever it applies (false: the sm80-style kernel)
+  bool sm90_backward = true;          // the Hopper backward wherever it applies (false: the sm80-style kernels)
+  bool fwd_warp_specialized = true;   // Hopper forward: producer warpgroup + consumers (false: the single-role kernel)
+  Choice fwd_two_per_sm = Choice::kAuto;  // Hopper warp-specialized forward at head dims 64 / 128: two 64-row blocks
+                                          // per SM (kAuto: sequences of at most 256 tokens)
+  bool fwd_persistent = true;         // Hopper warp-specialized forward at head dims 64 / 128: one wave of blocks
+  Choice grouped_schedule = Choice::kAuto;  // Hopper kernels' launch order: grouped (kOn) or pair after pair (kOff)
+  // Benchmark-only variants of the sm80-style atomic-dq backward, compiled with HSTU_BENCH_VARIANTS only (the binding
+  // refuses them otherwise): 8 warps per dk/dv block (bf16, head dim 128, no rab, no dropout; 0: the tile config),
+  // and head dim 256 as a dV pass plus a dK + dq pass instead of one split-head-dim pass.
+  int bench_bwd_warps = 0;
+  bool bench_d256_two_pass = false;
+};
+
 // One explicit specialisation per (element type, head dim, rab) lives in instantiations/*.cu.
 template <typename Element, int kHeadDim, bool kHasRab>
-void run_fwd(const AttnParams& params, cudaStream_t stream);
+void run_fwd(const AttnParams& params, const KernelOptions& options, cudaStream_t stream);
 
 template <typename Element, int kHeadDim, bool kHasRab>
-void run_bwd(const AttnParams& params, cudaStream_t stream);
+void run_bwd(const AttnParams& params, const KernelOptions& options, cudaStream_t stream);
 
 // Debug: writes the dropout keep mask (batch, heads, max_seqlen, max_seqlen) as contiguous bool. Specialised in
 // every forward translation unit (so any pruned build has one); the template arguments only pick that unit.

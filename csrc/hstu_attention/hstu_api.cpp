@@ -10,8 +10,11 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "bwd_sm90_api.h"  // HSTU_WITH_SM90_BWD (build_info)
+#include "device_info.h"
+#include "heuristics.h"
 #include "hstu.h"
 
 namespace hstu {
@@ -97,49 +100,98 @@ void set_dropout(AttnParams& p, double dropout_p, int64_t seed) {
 }
 
 template <bool kBwd, typename T, int D>
-void dispatch_rab(const AttnParams& p, cudaStream_t s) {
+void dispatch_rab(const AttnParams& p, const KernelOptions& o, cudaStream_t s) {
   if (p.rab != nullptr) {
 #ifndef HSTU_DISABLE_RAB
-    if constexpr (kBwd) run_bwd<T, D, true>(p, s); else run_fwd<T, D, true>(p, s);
+    if constexpr (kBwd) run_bwd<T, D, true>(p, o, s); else run_fwd<T, D, true>(p, o, s);
 #else
     TORCH_CHECK(false, "hstu attention: built with HSTU_DISABLE_RAB");
 #endif
   } else {
-    if constexpr (kBwd) run_bwd<T, D, false>(p, s); else run_fwd<T, D, false>(p, s);
+    if constexpr (kBwd) run_bwd<T, D, false>(p, o, s); else run_fwd<T, D, false>(p, o, s);
+  }
+}
+
+// Whether this build compiled head dim hdim in.
+bool head_dim_compiled(int64_t hdim) {
+  switch (hdim) {
+#ifndef HSTU_DISABLE_HDIM32
+    case 32: return true;
+#endif
+#ifndef HSTU_DISABLE_HDIM64
+    case 64: return true;
+#endif
+#ifndef HSTU_DISABLE_HDIM128
+    case 128: return true;
+#endif
+#ifndef HSTU_DISABLE_HDIM256
+    case 256: return true;
+#endif
+    default: return false;
   }
 }
 
 template <bool kBwd, typename T>
-void dispatch_hdim(const AttnParams& p, int hdim, cudaStream_t s) {
+void dispatch_hdim(const AttnParams& p, const KernelOptions& o, int hdim, cudaStream_t s) {
   switch (hdim) {
 #ifndef HSTU_DISABLE_HDIM32
-    case 32: return dispatch_rab<kBwd, T, 32>(p, s);
+    case 32: return dispatch_rab<kBwd, T, 32>(p, o, s);
 #endif
 #ifndef HSTU_DISABLE_HDIM64
-    case 64: return dispatch_rab<kBwd, T, 64>(p, s);
+    case 64: return dispatch_rab<kBwd, T, 64>(p, o, s);
 #endif
 #ifndef HSTU_DISABLE_HDIM128
-    case 128: return dispatch_rab<kBwd, T, 128>(p, s);
+    case 128: return dispatch_rab<kBwd, T, 128>(p, o, s);
 #endif
 #ifndef HSTU_DISABLE_HDIM256
-    case 256: return dispatch_rab<kBwd, T, 256>(p, s);
+    case 256: return dispatch_rab<kBwd, T, 256>(p, o, s);
 #endif
     default: TORCH_CHECK(false, "hstu attention: head dim ", hdim, " is not compiled in");
   }
 }
 
 template <bool kBwd>
-void dispatch(const AttnParams& p, at::ScalarType dtype, int hdim, cudaStream_t s) {
+void dispatch(const AttnParams& p, const KernelOptions& o, at::ScalarType dtype, int hdim, cudaStream_t s) {
   if (dtype == at::kBFloat16) {
 #ifndef HSTU_DISABLE_BF16
-    return dispatch_hdim<kBwd, __nv_bfloat16>(p, hdim, s);
+    return dispatch_hdim<kBwd, __nv_bfloat16>(p, o, hdim, s);
 #endif
   } else {
 #ifndef HSTU_DISABLE_FP16
-    return dispatch_hdim<kBwd, __half>(p, hdim, s);
+    return dispatch_hdim<kBwd, __half>(p, o, hdim, s);
 #endif
   }
   TORCH_CHECK(false, "hstu attention: dtype ", dtype, " is not compiled in");
+}
+
+// The options object Python builds (hstu.ops.hstu_attention.cuda.KernelVariant), checked: a benchmark variant in a
+// build without HSTU_BENCH_VARIANTS is refused instead of silently running the default kernels.
+Choice to_choice(const std::optional<bool>& v) {
+  return !v.has_value() ? Choice::kAuto : (*v ? Choice::kOn : Choice::kOff);
+}
+
+KernelOptions make_options(bool deterministic, bool sm90_forward, bool sm90_backward, bool fwd_warp_specialized,
+                           std::optional<bool> fwd_two_per_sm, bool fwd_persistent,
+                           std::optional<bool> grouped_schedule, int64_t bench_bwd_warps, bool bench_d256_two_pass) {
+  if (bench_bwd_warps != 0 && bench_bwd_warps != 8)
+    throw pybind11::value_error("bench_bwd_warps must be 0 (the tile config) or 8, got " +
+                                std::to_string(bench_bwd_warps));
+#ifndef HSTU_BENCH_VARIANTS
+  if (bench_bwd_warps != 0 || bench_d256_two_pass)
+    throw pybind11::value_error(std::string(bench_bwd_warps != 0 ? "bench_bwd_warps" : "bench_d256_two_pass") +
+                                " needs a build with the benchmark variants (HSTU_BENCH_VARIANTS=1)");
+#endif
+  KernelOptions o;
+  o.deterministic = deterministic;
+  o.sm90_forward = sm90_forward;
+  o.sm90_backward = sm90_backward;
+  o.fwd_warp_specialized = fwd_warp_specialized;
+  o.fwd_two_per_sm = to_choice(fwd_two_per_sm);
+  o.fwd_persistent = fwd_persistent;
+  o.grouped_schedule = to_choice(grouped_schedule);
+  o.bench_bwd_warps = static_cast<int>(bench_bwd_warps);
+  o.bench_d256_two_pass = bench_d256_two_pass;
+  return o;
 }
 
 }  // namespace
@@ -149,7 +201,7 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal, int64_t window,
                const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
                int64_t group, const std::optional<at::Tensor>& rab, at::Tensor out, double dropout_p,
-               int64_t dropout_seed) {
+               int64_t dropout_seed, const KernelOptions& options) {
   c10::cuda::CUDAGuard guard(q.device());
   AttnParams p = make_params(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
                              num_targets, group, rab);
@@ -160,18 +212,19 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   // only when it launches (a fill kernel here cost every forward a launch).
   const at::Tensor tile_counter = at::empty({1}, q.options().dtype(at::kInt));
   p.tile_counter = tile_counter.data_ptr<int>();
-  if (q.numel() > 0) dispatch<false>(p, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
+  if (q.numel() > 0)
+    dispatch<false>(p, options, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }
 
 // dq, dk, dv: preallocated like q; drab: fp32 zeros shaped like rab (contiguous) or None.
-// deterministic: dq from its own kernel (no atomics, bitwise reproducible); false: the dk/dv kernel also adds dq
-// into a float32 workspace with atomics (one pass over S and dP, faster; the summation order varies).
+// options.deterministic: dq from its own kernel (no atomics, bitwise reproducible); false: the dk/dv kernel also adds
+// dq into a float32 workspace with atomics (one pass over S and dP, faster; the summation order varies).
 void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
          const at::Tensor& seq_offsets, int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal,
          int64_t window, const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
          int64_t group, const std::optional<at::Tensor>& rab, at::Tensor dq, at::Tensor dk, at::Tensor dv,
-         const std::optional<at::Tensor>& drab, double dropout_p, int64_t dropout_seed, bool deterministic) {
+         const std::optional<at::Tensor>& drab, double dropout_p, int64_t dropout_seed, const KernelOptions& options) {
 #ifdef HSTU_DISABLE_BACKWARD
   TORCH_CHECK(false, "hstu attention: built with HSTU_DISABLE_BACKWARD");
 #else
@@ -199,7 +252,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   }
   at::Tensor dq_accum;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (!deterministic && q.numel() > 0) {
+  if (!options.deterministic && q.numel() > 0) {
     // zeroed with a memset, not at::zeros: its fill kernel costs several times the host time (short sequences are
     // host-bound)
     dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
@@ -207,7 +260,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
     p.dq_accum = dq_accum.data_ptr<float>();
     p.total_rows = q.size(0);
   }
-  if (q.numel() > 0) dispatch<true>(p, q.scalar_type(), static_cast<int>(q.size(2)), stream);
+  if (q.numel() > 0) dispatch<true>(p, options, q.scalar_type(), static_cast<int>(q.size(2)), stream);
 #endif
 }
 
@@ -241,6 +294,70 @@ at::Tensor dropout_keep_mask(int64_t seed, double dropout_p, at::Tensor out) {
 #endif
   run_dropout_keep_mask<MaskT, kMaskD, false>(p, out.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream().stream());
   return out;
+}
+
+// Which kernels run_fwd / run_bwd would launch for a call with these properties on the current device: heuristics.h's
+// plan, the same one the launchers follow. direction: "forward" or "backward"; dtype: "bfloat16" or "float16".
+pybind11::dict kernel_plan(const std::string& direction, const std::string& dtype, int64_t head_dim, int64_t batch,
+                           int64_t heads, int64_t max_seqlen, bool rab, bool rab_grad, bool dropout,
+                           const KernelOptions& options) {
+  if (direction != "forward" && direction != "backward")
+    throw pybind11::value_error("direction must be 'forward' or 'backward', got '" + direction + "'");
+  if (dtype != "bfloat16" && dtype != "float16")
+    throw pybind11::value_error("dtype must be 'bfloat16' or 'float16', got '" + dtype + "'");
+  if (!head_dim_compiled(head_dim))
+    throw pybind11::value_error("head_dim " + std::to_string(head_dim) + " is not compiled in");
+  if (batch < 0 || heads < 0 || max_seqlen < 0 || batch >= (int64_t{1} << 31) || heads >= (int64_t{1} << 31) ||
+      max_seqlen >= (int64_t{1} << 30))
+    throw pybind11::value_error("batch, heads and max_seqlen must be non-negative (and below 2^31, 2^31, 2^30)");
+  if (rab_grad && !rab) throw pybind11::value_error("rab_grad needs rab");
+  Problem pr;
+  pr.head_dim = static_cast<int>(head_dim);
+  pr.batch = static_cast<int>(batch);
+  pr.heads = static_cast<int>(heads);
+  pr.max_seqlen = static_cast<int>(max_seqlen);
+  pr.bf16 = dtype == "bfloat16";
+  pr.rab = rab;
+  pr.drab = rab_grad;
+  pr.dropout = dropout;
+  const Platform pl = current_platform();
+  pybind11::dict d;
+  pybind11::list kernels;
+  d["direction"] = direction;
+  if (direction == "forward") {
+    const FwdPlan plan = plan_forward(pr, options, pl);
+    const Sm90FwdChoice& c = plan.sm90_choice;
+    if (!plan.sm90) {
+      d["kernel"] = "sm80";
+      kernels.append("hstu_fwd_kernel");
+    } else if (c.kernel == Sm90FwdKernel::kSingleRole) {
+      d["kernel"] = "sm90_single_role";
+      kernels.append("hstu_fwd_sm90_kernel");
+    } else {
+      d["kernel"] = c.kernel == Sm90FwdKernel::kTwoPerSm ? "sm90_two_per_sm" : "sm90_ping_pong";
+      kernels.append(c.persistent ? "hstu_fwd_sm90_persistent_kernel" : "hstu_fwd_sm90_ws_kernel");
+    }
+    d["consumer_warpgroups"] = plan.sm90 ? (c.kernel == Sm90FwdKernel::kTwoPerSm ? 1 : 2) : 0;
+    d["persistent"] = plan.sm90 && c.persistent;
+    d["sched_group"] = plan.sched_group;
+  } else {
+    const BwdPlan plan = plan_backward(pr, options, pl);
+    d["kernel"] = plan.sm90 ? "sm90" : "sm80";
+    d["atomic_dq"] = plan.atomic_dq;
+    if (plan.sm90) {
+      d["dkdv"] = pybind11::none();
+      kernels.append(head_dim == 256 ? "hstu_bwd_sm90_split_kernel" : "hstu_bwd_sm90_kernel");
+    } else {
+      const char* dkdv[] = {"one_pass", "split_head_dim", "two_pass", "eight_warps"};
+      d["dkdv"] = dkdv[static_cast<int>(plan.dkdv)];
+      kernels.append("hstu_bwd_dkdv_kernel");
+      if (!plan.atomic_dq) kernels.append("hstu_bwd_dq_kernel");
+    }
+    if (plan.atomic_dq) kernels.append("hstu_dq_convert_kernel");
+    d["sched_group"] = plan.sched_group;
+  }
+  d["kernels"] = kernels;
+  return d;
 }
 
 pybind11::dict build_info() {
@@ -278,13 +395,18 @@ pybind11::dict build_info() {
 #endif
   d["dropout"] = true;
   d["atomic_dq"] = true;
+#ifdef HSTU_BENCH_VARIANTS
+  d["bench_variants"] = true;  // benchmark-only kernel variants (KernelOptions::bench_*) compiled in
+#else
+  d["bench_variants"] = false;
+#endif
 #ifdef HSTU_WITH_SM90_FWD
-  d["sm90_forward"] = true;  // Hopper wgmma forward units built (used on sm_90 unless HSTU_SM90_FWD=0)
+  d["sm90_forward"] = true;  // Hopper wgmma forward units built (heuristics.h decides per call on sm_90)
 #else
   d["sm90_forward"] = false;
 #endif
 #ifdef HSTU_WITH_SM90_BWD
-  d["sm90_backward"] = true;  // Hopper wgmma backward units built (the default on sm_90; HSTU_SM90_BWD=0 opts out)
+  d["sm90_backward"] = true;  // Hopper wgmma backward units built (heuristics.h decides per call on sm_90)
 #else
   d["sm90_backward"] = false;
 #endif
@@ -296,15 +418,35 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hstu fused CUDA kernels";
   namespace py = pybind11;
+  py::class_<hstu::KernelOptions>(m, "KernelOptions",
+                                  "how a call picks its kernels (csrc/hstu_attention/hstu.h, heuristics.h)")
+      .def(py::init(&hstu::make_options), py::kw_only(), py::arg("deterministic") = false,
+           py::arg("sm90_forward") = true, py::arg("sm90_backward") = true, py::arg("fwd_warp_specialized") = true,
+           py::arg("fwd_two_per_sm") = py::none(), py::arg("fwd_persistent") = true,
+           py::arg("grouped_schedule") = py::none(), py::arg("bench_bwd_warps") = 0,
+           py::arg("bench_d256_two_pass") = false)
+      .def_readonly("deterministic", &hstu::KernelOptions::deterministic)
+      .def_readonly("sm90_forward", &hstu::KernelOptions::sm90_forward)
+      .def_readonly("sm90_backward", &hstu::KernelOptions::sm90_backward)
+      .def_readonly("fwd_warp_specialized", &hstu::KernelOptions::fwd_warp_specialized)
+      .def_readonly("fwd_persistent", &hstu::KernelOptions::fwd_persistent)
+      .def_readonly("bench_bwd_warps", &hstu::KernelOptions::bench_bwd_warps)
+      .def_readonly("bench_d256_two_pass", &hstu::KernelOptions::bench_d256_two_pass);
   m.def("hstu_attn_fwd", &hstu::fwd, "HSTU attention forward", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("seq_offsets"), py::arg("max_seqlen"), py::arg("alpha"), py::arg("scaling_seqlen"), py::arg("causal"),
         py::arg("window"), py::arg("num_contexts"), py::arg("num_targets"), py::arg("group"), py::arg("rab"),
-        py::arg("out"), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0);
+        py::arg("out"), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
+        py::arg("options") = hstu::KernelOptions{});
   m.def("hstu_attn_bwd", &hstu::bwd, "HSTU attention backward", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("seq_offsets"), py::arg("max_seqlen"), py::arg("alpha"), py::arg("scaling_seqlen"),
         py::arg("causal"), py::arg("window"), py::arg("num_contexts"), py::arg("num_targets"), py::arg("group"),
         py::arg("rab"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("drab"), py::arg("dropout_p") = 0.0,
-        py::arg("dropout_seed") = 0, py::arg("deterministic") = true);
+        py::arg("dropout_seed") = 0, py::arg("options") = hstu::KernelOptions{});
+  m.def("kernel_plan", &hstu::kernel_plan,
+        "which kernels a call with these properties runs on the current device (heuristics.h's plan)",
+        py::arg("direction"), py::arg("dtype"), py::arg("head_dim"), py::arg("batch"), py::arg("heads"),
+        py::arg("max_seqlen"), py::arg("rab"), py::arg("rab_grad"), py::arg("dropout"),
+        py::arg("options") = hstu::KernelOptions{});
   m.def("hstu_dropout_keep_mask", &hstu::dropout_keep_mask,
         "debug: the attention kernels' dropout keep mask (B, H, N, N) for (seed, p), written into out",
         py::arg("seed"), py::arg("dropout_p"), py::arg("out"));

@@ -1,21 +1,18 @@
-// Pieces shared by the Hopper (sm_90a, wgmma) kernels: fwd_kernel_sm90.h and bwd_kernel_sm90.h.
+// Pieces shared by the Hopper (sm_90a, wgmma) kernels, forward and backward.
 //   CuteElement          CUDA element type -> the CuTe type of the same bits (GMMA atoms, shared tiles; a table of
 //                        its own: utils.h, which has the sm80 MMA's, is also compiled by the host emulation of the
 //                        tests, without CUTLASS)
-//   rab_value            rab[b, hr, i, j] as float
 //   compiler_fence, fence_proxy_async_smem, publish_copies_to_block (the step barrier after cp.async), red_add_v4_f32,
 //   RowLoadPlan, load_rows_async (cp.async, zero-fill past the sequence end, through a CuTe smem tensor),
 //   wg_gemm_issue / wg_wait / wg_gemm (one warpgroup GEMM over all k blocks: issued, waited for, or both)
 //                        [sm_90a only]
-//   check_sm90_smem_tile, check_row_load_plan  host self-checks of a swizzled shared tile's addressing
+// (The host self-checks of these tiles' addressing are in self_checks.h.)
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <string>
-#include <vector>
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
@@ -44,13 +41,6 @@ struct CuteElement<__half> {
   using type = cutlass::half_t;
 };
 
-// rab[b, hr, i, j] in q's dtype (the binding casts rab to it), as float.
-template <typename Element>
-__device__ __forceinline__ float rab_value(const AttnParams& p, int b, int hr, int i, int j) {
-  const Element* r = reinterpret_cast<const Element*>(p.rab) + b * p.rab_batch_stride + hr * p.rab_head_stride +
-                     static_cast<int64_t>(i) * p.rab_row_stride + j;
-  return to_float<Element>(*r);
-}
 
 // How load_rows_async spreads rows [0, kRows) of a (rows, kCols) global tile over kThreads threads, 16 bytes per
 // cp.async: thread tid keeps one 8-column chunk (eight consecutive columns from a multiple of 8 are contiguous and
@@ -169,59 +159,6 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA& tA, TB const& tB, TC&
 }
 
 #endif  // HSTU_SM90_DEVICE
-
-// Host-side self-check (pure layout algebra, no GPU), returns an empty string when it passes.
-// (2) A shared tile, addressed as load_rows_async does (through a swizzled smem tensor on a 1024-byte aligned base):
-//     each 8-column chunk is 8 contiguous elements at a 16-byte aligned offset, and (row, col) -> offset is a
-//     bijection onto [0, rows * cols).
-template <typename Layout, typename T>
-inline std::string check_sm90_smem_tile(bool transposed, int rows, int cols) {
-  static_assert(sizeof(T) == 2, "16-bit elements");
-  std::vector<uint16_t> storage(rows * cols + 1024);
-  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
-  auto s = cute::make_tensor(cute::make_smem_ptr(base), Layout{});
-  std::vector<int> seen(rows * cols, 0);
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; c += 8) {
-      const T* p0 = transposed ? &s(c, r) : &s(r, c);
-      const long off0 = p0 - base;
-      if (off0 % 8 != 0) return "chunk not 16-byte aligned";
-      for (int k = 0; k < 8; ++k) {
-        const T* pk = transposed ? &s(c + k, r) : &s(r, c + k);
-        const long off = pk - base;
-        if (off != off0 + k) return "chunk not contiguous";
-        if (off < 0 || off >= rows * cols) return "offset out of the tile";
-        seen[off]++;
-      }
-    }
-  for (int x : seen)
-    if (x != 1) return "not a bijection";
-  return "";
-}
-
-// (3) load_rows_async's addressing with kThreads threads: every round's chunk address (one swizzled address per
-//     phase plus compile-time offsets) is the tensor's own &s(row, col), and the rounds copy each chunk once.
-template <typename Layout, typename T, int kRows, int kCols, int kThreads, bool kTransposed>
-inline std::string check_row_load_plan() {
-  using Plan = RowLoadPlan<kRows, kCols, kThreads>;
-  std::vector<uint16_t> storage(kRows * kCols + 1024);
-  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(storage.data()) + 1023) & ~uintptr_t(1023));
-  auto s = cute::make_tensor(cute::make_smem_ptr(base), Layout{});
-  std::vector<int> seen(kRows * kCols / 8, 0);
-  for (int tid = 0; tid < kThreads; ++tid)
-    for (int phase = 0; phase < Plan::kPhases; ++phase)
-      for (int period = 0; period < Plan::kRounds / Plan::kPhases; ++period) {
-        const int r = Plan::phase_row(tid, phase) + Plan::period_rows(period), c = Plan::col(tid);
-        if (r >= kRows) return "round row outside the tile";
-        const T* want = kTransposed ? &s(c, r) : &s(r, c);
-        if (Plan::template chunk_ptr<kTransposed>(s, tid, phase, period) != want)
-          return "round address != tensor address (thread " + std::to_string(tid) + ", row " + std::to_string(r) + ")";
-        seen[r * (kCols / 8) + c / 8]++;
-      }
-  for (int x : seen)
-    if (x != 1) return "rounds do not copy each chunk once";
-  return "";
-}
 
 }  // namespace sm90
 }  // namespace hstu

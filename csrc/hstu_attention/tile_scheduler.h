@@ -1,9 +1,6 @@
 // Maps thread blocks to (tile, sequence, head) work items of the jagged batch.
 #pragma once
 
-#include <string>
-#include <vector>
-
 #include "hstu.h"
 #include "mask.h"
 
@@ -68,45 +65,6 @@ __device__ __forceinline__ WorkItem schedule_grouped_item(const AttnParams& p, i
 }
 __device__ __forceinline__ WorkItem schedule_grouped_block(const AttnParams& p, int tiles, bool reverse) {
   return schedule_grouped_item(p, tiles, reverse, static_cast<int>(blockIdx.x));
-}
-
-// Host check of grouped_tile_coords: over a grid of shapes and group sizes (partial last groups included) the items
-// cover every (tile, sequence, head) exactly once, a group's items come tile by tile (longest first with reverse),
-// and group = 1 is pair after pair with tiles in order. Empty string when it passes.
-inline std::string check_grouped_schedule() {
-  for (int tiles : {1, 2, 3, 8, 33})
-    for (int batch : {1, 2, 5, 13})
-      for (int heads : {1, 3, 4})
-        for (int group : {1, 2, 7, 16, 64})
-          for (bool reverse : {false, true}) {
-            const int items = tiles * batch * heads;
-            std::vector<int> seen(items, 0);
-            int prev_pair_group = -1, prev_t = 0;
-            const std::string at = " (tiles " + std::to_string(tiles) + ", batch " + std::to_string(batch) +
-                                   ", heads " + std::to_string(heads) + ", group " + std::to_string(group) + ")";
-            for (int item = 0; item < items; ++item) {
-              const TileCoords c = grouped_tile_coords(item, tiles, batch, heads, group, reverse);
-              if (c.tile < 0 || c.tile >= tiles || c.batch < 0 || c.batch >= batch || c.head < 0 || c.head >= heads)
-                return "item " + std::to_string(item) + " out of range" + at;
-              if (seen[(c.batch * heads + c.head) * tiles + c.tile]++) return "item visited twice" + at;
-              const int pair = c.batch * heads + c.head, t = reverse ? tiles - 1 - c.tile : c.tile;
-              if (pair / group == prev_pair_group && t < prev_t) return "group not tile by tile" + at;
-              if (pair / group < prev_pair_group) return "groups out of order" + at;
-              prev_pair_group = pair / group;
-              prev_t = t;
-              if (group == 1 && item != pair * tiles + t) return "group 1 is not pair after pair" + at;
-            }
-          }
-  return "";
-}
-
-// Pairs per group of the grouped schedule: as many as keep the group's q, k, v, out / dout (2 bytes per element) and
-// dq workspace (4 bytes) within ~32 MB of L2 (the H100 / H200 have 50 MB): 21 pairs at 1024 tokens and head dim
-// 128, 5 at 4096, 2 at 8192.
-inline int grouped_schedule_pairs(int max_seqlen, int head_dim, int pairs) {
-  const int64_t bytes_per_pair = int64_t{12} * max_seqlen * head_dim;
-  const int64_t fit = (int64_t{32} << 20) / (bytes_per_pair > 0 ? bytes_per_pair : 1);
-  return static_cast<int>(fit < 1 ? 1 : (fit > pairs ? (pairs > 0 ? pairs : 1) : fit));
 }
 
 }  // namespace hstu

@@ -132,46 +132,17 @@ __device__ __forceinline__ void ldsm_a_t(uint32_t (&a)[4], const Element* tile, 
                                 a[0], a[1], a[2], a[3]);
 }
 
-// The GEMM loops below are software-pipelined by hand: the ldmatrix / mma atoms are volatile asm, which the
-// compiler keeps in program order, so the fragments of step s+1 are requested before the MMAs of step s issue.
-// A step is (k block, chunk of up to 4 n-pairs); fragments are double-buffered in registers.
+// The warp GEMMs below are one family, software-pipelined by hand: the ldmatrix / mma atoms are volatile asm, which
+// the compiler keeps in program order, so the fragments of step s+1 are requested before the MMAs of step s issue.
+// A warp owns kMI blocks of 16 rows (rows row0 + 16 mi), so every B fragment read from shared memory feeds kMI MMAs
+// (half the shared-memory traffic per MMA at kMI = 2).
 
-// acc[16 x 8*kNB] += A[16 x kK] * B^T where A comes from a [m][k] tile (rows row0..row0+15) and B from a [n][k]
-// tile (rows 0..8*kNB-1); kK = number of k columns used.
-template <int kNB, int kK, int kColsA, int kColsB, typename Element>
-__device__ __forceinline__ void gemm_ss_nk(float (&acc)[kNB][4], const Element* tile_a, int row0,
-                                           const Element* tile_b, int lane) {
-  constexpr int kNP = kNB / 2;
-  constexpr int kC = kNP < 4 ? kNP : 4;
-  constexpr int kChunks = kNP / kC;
-  constexpr int kSteps = (kK / 16) * kChunks;
-  static_assert(kNP % kC == 0, "n pairs must split into chunks");
-  uint32_t a[2][4];
-  uint32_t b[2][kC][2][2];
-  auto load = [&](int s) {
-    const int kk = s / kChunks, ch = s % kChunks;
-    if (ch == 0) ldsm_a<kColsA>(a[kk & 1], tile_a, row0, kk * 16, lane);
-#pragma unroll
-    for (int c = 0; c < kC; ++c) ldsm_b_nk<kColsB>(b[s & 1][c], tile_b, (ch * kC + c) * 16, kk * 16, lane);
-  };
-  load(0);
-#pragma unroll
-  for (int s = 0; s < kSteps; ++s) {
-    if (s + 1 < kSteps) load(s + 1);
-    const int kk = s / kChunks, ch = s % kChunks;
-#pragma unroll
-    for (int c = 0; c < kC; ++c) {
-      mma16816<Element>(acc[2 * (ch * kC + c)], a[kk & 1], b[s & 1][c][0][0], b[s & 1][c][0][1]);
-      mma16816<Element>(acc[2 * (ch * kC + c) + 1], a[kk & 1], b[s & 1][c][1][0], b[s & 1][c][1][1]);
-    }
-  }
-}
-
-// acc[16 x 8*kNB] += P[16 x kK] * B where P is held in registers as A fragments (pa[kK/16][4]) and B comes from a
-// [k][n] tile (rows 0..kK-1, cols 0..8*kNB-1).
-template <int kNB, int kK, int kColsB, typename Element>
-__device__ __forceinline__ void gemm_rs_kn(float (&acc)[kNB][4], const uint32_t (&pa)[kK / 16][4],
-                                           const Element* tile_b, int lane) {
+// The shared step loop: acc[kMI][16 x 8 kNB] += A[16 x kK] B over steps (k block, chunk of up to 4 n-pairs), B
+// fragments double-buffered in registers. load_a(kk) fetches the A fragments of k block kk (called as a step
+// starts a new k block, one step ahead of its MMAs); a_of(kk, mi) returns them; load_b(b, kk, np) fetches the B
+// fragments of k block kk and n-pair np (n blocks 2 np, 2 np + 1).
+template <int kMI, int kNB, int kK, typename Element, typename LoadA, typename AOf, typename LoadB>
+__device__ __forceinline__ void warp_gemm(float (&acc)[kMI][kNB][4], LoadA&& load_a, AOf&& a_of, LoadB&& load_b) {
   constexpr int kNP = kNB / 2;
   constexpr int kC = kNP < 4 ? kNP : 4;
   constexpr int kChunks = kNP / kC;
@@ -180,8 +151,9 @@ __device__ __forceinline__ void gemm_rs_kn(float (&acc)[kNB][4], const uint32_t 
   uint32_t b[2][kC][2][2];
   auto load = [&](int s) {
     const int kk = s / kChunks, ch = s % kChunks;
+    if (ch == 0) load_a(kk);
 #pragma unroll
-    for (int c = 0; c < kC; ++c) ldsm_b_kn<kColsB>(b[s & 1][c], tile_b, kk * 16, (ch * kC + c) * 16, lane);
+    for (int c = 0; c < kC; ++c) load_b(b[s & 1][c], kk, ch * kC + c);
   };
   load(0);
 #pragma unroll
@@ -190,77 +162,52 @@ __device__ __forceinline__ void gemm_rs_kn(float (&acc)[kNB][4], const uint32_t 
     const int kk = s / kChunks, ch = s % kChunks;
 #pragma unroll
     for (int c = 0; c < kC; ++c) {
-      mma16816<Element>(acc[2 * (ch * kC + c)], pa[kk], b[s & 1][c][0][0], b[s & 1][c][0][1]);
-      mma16816<Element>(acc[2 * (ch * kC + c) + 1], pa[kk], b[s & 1][c][1][0], b[s & 1][c][1][1]);
+#pragma unroll
+      for (int mi = 0; mi < kMI; ++mi) {
+        mma16816<Element>(acc[mi][2 * (ch * kC + c)], a_of(kk, mi), b[s & 1][c][0][0], b[s & 1][c][0][1]);
+        mma16816<Element>(acc[mi][2 * (ch * kC + c) + 1], a_of(kk, mi), b[s & 1][c][1][0], b[s & 1][c][1][1]);
+      }
     }
   }
 }
 
-// Multi-row-block variants: a warp owns kMI blocks of 16 rows (rows row0 + 16*mi), so every B fragment read from
-// shared memory feeds kMI MMAs (half the shared-memory traffic per MMA at kMI = 2).
+// acc[mi][16 x 8*kNB] += A[16 x kK] * B^T with A from a [m][k] tile (rows row0 + 16 mi ..) and B from a [n][k] tile
+// (rows 0..8*kNB-1); kK = number of k columns used.
 template <int kMI, int kNB, int kK, int kColsA, int kColsB, typename Element>
 __device__ __forceinline__ void gemm_ss_nk_mi(float (&acc)[kMI][kNB][4], const Element* tile_a, int row0,
                                               const Element* tile_b, int lane) {
-  constexpr int kNP = kNB / 2;
-  constexpr int kC = kNP < 4 ? kNP : 4;
-  constexpr int kChunks = kNP / kC;
-  constexpr int kSteps = (kK / 16) * kChunks;
-  static_assert(kNP % kC == 0, "n pairs must split into chunks");
   uint32_t a[2][kMI][4];
-  uint32_t b[2][kC][2][2];
-  auto load = [&](int s) {
-    const int kk = s / kChunks, ch = s % kChunks;
-    if (ch == 0) {
+  warp_gemm<kMI, kNB, kK, Element>(
+      acc,
+      [&](int kk) {
 #pragma unroll
-      for (int mi = 0; mi < kMI; ++mi) ldsm_a<kColsA>(a[kk & 1][mi], tile_a, row0 + 16 * mi, kk * 16, lane);
-    }
-#pragma unroll
-    for (int c = 0; c < kC; ++c) ldsm_b_nk<kColsB>(b[s & 1][c], tile_b, (ch * kC + c) * 16, kk * 16, lane);
-  };
-  load(0);
-#pragma unroll
-  for (int s = 0; s < kSteps; ++s) {
-    if (s + 1 < kSteps) load(s + 1);
-    const int kk = s / kChunks, ch = s % kChunks;
-#pragma unroll
-    for (int c = 0; c < kC; ++c) {
-#pragma unroll
-      for (int mi = 0; mi < kMI; ++mi) {
-        mma16816<Element>(acc[mi][2 * (ch * kC + c)], a[kk & 1][mi], b[s & 1][c][0][0], b[s & 1][c][0][1]);
-        mma16816<Element>(acc[mi][2 * (ch * kC + c) + 1], a[kk & 1][mi], b[s & 1][c][1][0], b[s & 1][c][1][1]);
-      }
-    }
-  }
+        for (int mi = 0; mi < kMI; ++mi) ldsm_a<kColsA>(a[kk & 1][mi], tile_a, row0 + 16 * mi, kk * 16, lane);
+      },
+      [&](int kk, int mi) -> const uint32_t(&)[4] { return a[kk & 1][mi]; },
+      [&](uint32_t(&b)[2][2], int kk, int np) { ldsm_b_nk<kColsB>(b, tile_b, np * 16, kk * 16, lane); });
 }
 
+// acc[mi][16 x 8*kNB] += P[16 x kK] * B where P is held in registers as A fragments (pa[mi][kK/16][4]) and B comes
+// from a [k][n] tile (rows 0..kK-1, cols 0..8*kNB-1).
 template <int kMI, int kNB, int kK, int kColsB, typename Element>
 __device__ __forceinline__ void gemm_rs_kn_mi(float (&acc)[kMI][kNB][4], const uint32_t (&pa)[kMI][kK / 16][4],
                                               const Element* tile_b, int lane) {
-  constexpr int kNP = kNB / 2;
-  constexpr int kC = kNP < 4 ? kNP : 4;
-  constexpr int kChunks = kNP / kC;
-  constexpr int kSteps = (kK / 16) * kChunks;
-  static_assert(kNP % kC == 0, "n pairs must split into chunks");
-  uint32_t b[2][kC][2][2];
-  auto load = [&](int s) {
-    const int kk = s / kChunks, ch = s % kChunks;
-#pragma unroll
-    for (int c = 0; c < kC; ++c) ldsm_b_kn<kColsB>(b[s & 1][c], tile_b, kk * 16, (ch * kC + c) * 16, lane);
-  };
-  load(0);
-#pragma unroll
-  for (int s = 0; s < kSteps; ++s) {
-    if (s + 1 < kSteps) load(s + 1);
-    const int kk = s / kChunks, ch = s % kChunks;
-#pragma unroll
-    for (int c = 0; c < kC; ++c) {
-#pragma unroll
-      for (int mi = 0; mi < kMI; ++mi) {
-        mma16816<Element>(acc[mi][2 * (ch * kC + c)], pa[mi][kk], b[s & 1][c][0][0], b[s & 1][c][0][1]);
-        mma16816<Element>(acc[mi][2 * (ch * kC + c) + 1], pa[mi][kk], b[s & 1][c][1][0], b[s & 1][c][1][1]);
-      }
-    }
-  }
+  warp_gemm<kMI, kNB, kK, Element>(
+      acc, [](int) {}, [&](int kk, int mi) -> const uint32_t(&)[4] { return pa[mi][kk]; },
+      [&](uint32_t(&b)[2][2], int kk, int np) { ldsm_b_kn<kColsB>(b, tile_b, kk * 16, np * 16, lane); });
+}
+
+// One warp-owned row block (kMI = 1) of the two above.
+template <int kNB, int kK, int kColsA, int kColsB, typename Element>
+__device__ __forceinline__ void gemm_ss_nk(float (&acc)[kNB][4], const Element* tile_a, int row0,
+                                           const Element* tile_b, int lane) {
+  gemm_ss_nk_mi<1, kNB, kK, kColsA, kColsB>(reinterpret_cast<float(&)[1][kNB][4]>(acc), tile_a, row0, tile_b, lane);
+}
+template <int kNB, int kK, int kColsB, typename Element>
+__device__ __forceinline__ void gemm_rs_kn(float (&acc)[kNB][4], const uint32_t (&pa)[kK / 16][4],
+                                           const Element* tile_b, int lane) {
+  gemm_rs_kn_mi<1, kNB, kK, kColsB>(reinterpret_cast<float(&)[1][kNB][4]>(acc),
+                                    reinterpret_cast<const uint32_t(&)[1][kK / 16][4]>(pa), tile_b, lane);
 }
 
 // acc[kMI][kNB] (rows m0 + 16 mi, columns n0 + 8 nb) += A * B with A read from a [k][m] shared tile (transposing
@@ -344,35 +291,6 @@ __device__ __forceinline__ void zero_acc(float (&acc)[kNB][4]) {
   }
 }
 
-// 1 / (1 + exp(-x)) with the approximate exp2 and reciprocal units (relative error ~1e-7, far below bf16/fp16
-// rounding); exp overflowing to +inf gives exactly 0.
-__device__ __forceinline__ float sigmoidf_fast(float x) {
-#if defined(__CUDA_ARCH__)
-  float e, r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-x * 1.4426950408889634f));
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
-  return r;
-#else  // host emulation of the kernels (tests only)
-  return 1.f / (1.f + exp2f(-x * 1.4426950408889634f));
-#endif
-}
-
-// One special-function op instead of two: sigmoid(x) = 0.5 + 0.5 tanh(x / 2). tanh.approx has ~2^-11 relative
-// error, under bf16's rounding of P (2^-9), so bf16 uses it; fp16 (2^-11 rounding) keeps the exp/rcp form.
-template <typename Element>
-__device__ __forceinline__ float sigmoid_t(float x) {
-  if constexpr (sizeof(Element) == 2 && std::is_same_v<Element, __nv_bfloat16>) {
-    float t;
-#if defined(__CUDA_ARCH__)
-    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * x));
-#else  // host emulation of the kernels (tests only)
-    t = tanhf(0.5f * x);
-#endif
-    return fmaf(0.5f, t, 0.5f);
-  } else {
-    return sigmoidf_fast(x);
-  }
-}
 
 // Stores a warp's 16 x kD fp32 accumulator (times scale) as Element rows row_base + {g, g+8}, rows >= valid_rows
 // skipped. gmem points at row 0 of the tile.

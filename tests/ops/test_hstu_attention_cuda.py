@@ -14,6 +14,8 @@ the Philox known-answer vectors, the PyTorch mask formulation and the Python-sid
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 import random
@@ -22,6 +24,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hstu.ops._extension import load_extension
 
@@ -40,10 +44,12 @@ HEAD_DIMS = (32, 64, 128, 256)
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
+    from hstu.ops.hstu_attention import cuda
+
     monkeypatch.setenv("HSTU_POISON_OUTPUTS", "1")
-    # deterministic=False runs the atomic-dq backward (the default) even if the caller's environment opts out.
-    monkeypatch.setenv("HSTU_ATOMIC_DQ", "1")
-    yield
+    # The kernels' own choice (the default KernelVariant), even if the caller's environment sets a user override.
+    with cuda.kernel_variant(cuda.KernelVariant()):
+        yield
 
 
 def _random_config(seed: int) -> dict:
@@ -143,18 +149,20 @@ def _check_config(cfg: dict, deterministic=None) -> None:
 
 @gpu_test
 @pytest.mark.parametrize("seed", range(NUM_CONFIGS))
-def test_parity_random(monkeypatch, seed):
+def test_parity_random(seed):
+    from hstu.ops.hstu_attention import cuda
+
     cfg = _random_config(seed)
     # On Hopper, odd seeds run the mma.sync forward (the one Ampere uses), even ones the default wgmma forward.
-    monkeypatch.setenv("HSTU_SM90_FWD", "0" if seed % 2 else "1")
-    # The wgmma backward is the default where it applies (atomic dq, head dim 64 / 128, no drab, no dropout); seeds
-    # 2 mod 4 opt out of it, so the mma.sync atomic-dq backward Ampere uses is swept on Hopper too.
-    monkeypatch.setenv("HSTU_SM90_BWD", "0" if seed % 4 == 2 else "1")
+    # The wgmma backward is the default where it applies (atomic dq, head dim 64 / 128 / 256, no drab, no dropout);
+    # seeds 2 mod 4 opt out of it, so the mma.sync atomic-dq backward Ampere uses is swept on Hopper too.
     # Even seeds alternate between the warp-specialized forward's two shapes (head dims 64 / 128): 0 mod 4 two
     # 64-row blocks per SM, 2 mod 4 the 128-row ping-pong block, whatever the length.
-    monkeypatch.setenv("HSTU_SM90_FWD_TWO_PER_SM", "1" if seed % 4 == 0 else "0")
+    variant = cuda.KernelVariant(sm90_forward=seed % 2 == 0, sm90_backward=seed % 4 != 2,
+                                 forward_two_per_sm=seed % 4 == 0)  # fmt: skip
     try:
-        _check_config(cfg)
+        with cuda.kernel_variant(variant):
+            _check_config(cfg)
     except AssertionError as err:
         raise AssertionError(f"{_describe(cfg)}: {err}") from None
 
@@ -295,7 +303,7 @@ def _sm90_forward_available() -> bool:
 @gpu_test
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", (64, 128, 256))
-def test_sm90_forward_runs_and_matches(monkeypatch, dtype, dim):
+def test_sm90_forward_runs_and_matches(dtype, dim):
     """On an sm_90 device the warp-specialized Hopper wgmma forward runs by default (seen in the profiler) and passes the
     parity rule on jagged lengths around its 128-row / 128- or 64-key tiles with rab and targets, and agrees with
     the mma.sync forward of the same inputs to within both kernels' rounding."""
@@ -311,19 +319,20 @@ def test_sm90_forward_runs_and_matches(monkeypatch, dtype, dim):
                alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
     q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
     args = (q, k, v, offsets, 517, cfg["alpha"], 517, True, -1, nc, nt, 2, rab)
-    monkeypatch.delenv("HSTU_SM90_FWD", raising=False)  # the default
-    monkeypatch.delenv("HSTU_SM90_FWD_WS", raising=False)
-    assert cuda.sm90_forward_enabled()
+    shape = dict(head_dim=dim, batch=len(cfg["lengths"]), heads=3, max_seqlen=517, dtype=dtype, rab=True)
+    plan = cuda.kernel_plan("forward", **shape)  # the default
+    assert plan["kernel"] in ("sm90_ping_pong", "sm90_two_per_sm"), plan
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         out_sm90 = cuda.forward(*args, 0.0, 0)
         torch.cuda.synchronize()
     names = [evt.key for evt in prof.key_averages()]
     assert any(_is_ws_forward(n) for n in names), names
+    assert all(any(kernel in n for n in names) for kernel in plan["kernels"]), (plan, names)  # the plan is what ran
     _check_config(cfg)  # forward (sm90) and gradients through the op, 2x / 5x rule against fp32
-    monkeypatch.setenv("HSTU_SM90_FWD", "0")  # opt-out: the mma.sync forward
-    assert not cuda.sm90_forward_enabled()
+    sm80 = cuda.KernelVariant(sm90_forward=False)  # opt-out: the mma.sync forward
+    assert cuda.kernel_plan("forward", variant=sm80, **shape)["kernel"] == "sm80"
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out_sm80 = cuda.forward(*args, 0.0, 0)
+        out_sm80 = cuda.forward(*args, 0.0, 0, variant=sm80)
         torch.cuda.synchronize()
     assert not any("hstu_fwd_sm90" in evt.key for evt in prof.key_averages())
     assert not bool(torch.isnan(out_sm90).any())
@@ -355,21 +364,21 @@ def _ws_forward_checks() -> None:
                 L = cfg["max_seqlen"]
                 args = (q, k, v, offsets, L, cfg["alpha"], L, cfg["causal"], cfg["window"], nc, nt, cfg["group"],
                         rab)  # fmt: skip
-                os.environ["HSTU_SM90_FWD_WS"] = "0"
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    out_single = cuda.forward(*args, 0.0, 0)
+                    out_single = cuda.forward(*args, 0.0, 0,
+                                              variant=cuda.KernelVariant(forward_warp_specialized=False))
                     torch.cuda.synchronize()
                 names = [evt.key for evt in prof.key_averages()]
                 assert any("hstu_fwd_sm90_kernel" in n for n in names), names
-                os.environ.pop("HSTU_SM90_FWD_WS", None)  # the default: warp-specialized
-                # both shapes of it: ping-pong (128 rows, two consumer warpgroups) and, at head dims 64 / 128, two
-                # blocks of 64 rows and 64-key tiles per SM (one consumer warpgroup: the traits' last argument 1)
-                for two_per_sm in ("0", "1") if dim <= 128 else ("0",):
-                    os.environ["HSTU_SM90_FWD_TWO_PER_SM"] = two_per_sm
+                # the default, warp-specialized, in both shapes: ping-pong (128 rows, two consumer warpgroups) and,
+                # at head dims 64 / 128, two blocks of 64 rows and 64-key tiles per SM (one consumer warpgroup: the
+                # traits' last argument 1)
+                for two_per_sm in (False, True) if dim <= 128 else (False,):
+                    ws = cuda.KernelVariant(forward_two_per_sm=two_per_sm)
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        out_ws = cuda.forward(*args, 0.0, 0)
+                        out_ws = cuda.forward(*args, 0.0, 0, variant=ws)
                         torch.cuda.synchronize()
-                    assert _ws_forward_consumer_warpgroups(prof) == ["1" if two_per_sm == "1" else "2"]
+                    assert _ws_forward_consumer_warpgroups(prof) == ["1" if two_per_sm else "2"]
                     assert not bool(torch.isnan(out_ws).any()), _describe(cfg)
                     # Per output element the same products summed in the same order (a 128-key tile's k steps are
                     # two 64-key tiles' in a row; a skipped masked tile only adds zeros): bitwise equal to the
@@ -377,16 +386,15 @@ def _ws_forward_checks() -> None:
                     assert torch.equal(out_ws, out_single), (
                         _describe(cfg), two_per_sm, float((out_ws - out_single).abs().max()))
                     if dim <= 128:  # the persistent kernel is the default there: the one-tile-per-block one agrees
-                        os.environ["HSTU_SM90_FWD_PERSISTENT"] = "0"
+                        per_tile = dataclasses.replace(ws, forward_persistent=False)
                         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                            out_per_tile = cuda.forward(*args, 0.0, 0)
+                            out_per_tile = cuda.forward(*args, 0.0, 0, variant=per_tile)
                             torch.cuda.synchronize()
-                        os.environ.pop("HSTU_SM90_FWD_PERSISTENT")
                         assert any("hstu_fwd_sm90_ws_kernel" in evt.key for evt in prof.key_averages())
                         assert torch.equal(out_per_tile, out_ws), (_describe(cfg), two_per_sm)
                     if c == 0:
-                        _check_config(cfg)  # forward (warp-specialized) and gradients through the op, 2x / 5x rule
-                os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM", None)
+                        with cuda.kernel_variant(ws):  # forward (warp-specialized) and gradients through the op
+                            _check_config(cfg)
 
 
 def _persistent_forward_short_items_checks() -> None:
@@ -401,15 +409,12 @@ def _persistent_forward_short_items_checks() -> None:
         q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
         L = cfg["max_seqlen"]
         args = (q, k, v, offsets, L, cfg["alpha"], L, True, -1, None, None, 1, None, 0.0, 0)
-        for two_per_sm in ("0", "1"):
-            os.environ["HSTU_SM90_FWD_TWO_PER_SM"] = two_per_sm
-            os.environ["HSTU_SM90_FWD_PERSISTENT"] = "0"
-            expected = cuda.forward(*args)
-            os.environ.pop("HSTU_SM90_FWD_PERSISTENT")
-            outs = [cuda.forward(*args) for _ in range(30)]
+        for two_per_sm in (False, True):
+            persistent = cuda.KernelVariant(forward_two_per_sm=two_per_sm)
+            expected = cuda.forward(*args, variant=dataclasses.replace(persistent, forward_persistent=False))
+            outs = [cuda.forward(*args, variant=persistent) for _ in range(30)]
             torch.cuda.synchronize()
             assert all(torch.equal(o, expected) for o in outs), (dim, two_per_sm)
-        os.environ.pop("HSTU_SM90_FWD_TWO_PER_SM", None)
 
 
 def _is_ws_forward(kernel_name: str) -> bool:
@@ -427,18 +432,16 @@ def _ws_forward_consumer_warpgroups(prof) -> list[str]:
 
 @gpu_test
 @pytest.mark.parametrize("dim", (64, 128, 256))
-def test_sm90_forward_shape_follows_the_longest_sequence(monkeypatch, dim):
-    """Without a switch set, the launcher runs the two-per-SM forward shape (one consumer warpgroup) when no sequence
-    is longer than 256 tokens and the head dim has it (64 / 128), the ping-pong shape (two) otherwise; the two agree
-    bit for bit on the same inputs."""
+def test_sm90_forward_shape_follows_the_longest_sequence(dim):
+    """By default the launcher runs the two-per-SM forward shape (one consumer warpgroup) when no sequence is longer
+    than 256 tokens and the head dim has it (64 / 128), the ping-pong shape (two) otherwise (the plan says so and the
+    profiler sees it); the two agree bit for bit on the same inputs."""
     from torch.profiler import ProfilerActivity, profile
 
     from hstu.ops.hstu_attention import cuda
 
     if not _sm90_forward_available():
         pytest.skip("needs an sm_90 device and a build with the sm90 forward units (9.0a in TORCH_CUDA_ARCH_LIST)")
-    for var in ("HSTU_SM90_FWD", "HSTU_SM90_FWD_WS", "HSTU_SM90_FWD_TWO_PER_SM"):
-        monkeypatch.delenv(var, raising=False)
     for longest in (256, 257):
         cfg = dict(seed=24_000 + dim + longest, dtype=torch.bfloat16, dim=dim, heads=2, lengths=[0, 1, 100, longest],
                    max_seqlen=longest, causal=True, window=-1, num_contexts=None, num_targets=None, group=1,
@@ -450,9 +453,9 @@ def test_sm90_forward_shape_follows_the_longest_sequence(monkeypatch, dim):
             torch.cuda.synchronize()
         expected = "1" if longest <= 256 and dim <= 128 else "2"
         assert _ws_forward_consumer_warpgroups(prof) == [expected], (dim, longest)
-        monkeypatch.setenv("HSTU_SM90_FWD_TWO_PER_SM", "0" if expected == "1" else "1")
-        out_other = cuda.forward(*args)
-        monkeypatch.delenv("HSTU_SM90_FWD_TWO_PER_SM")
+        plan = cuda.kernel_plan("forward", head_dim=dim, batch=4, heads=2, max_seqlen=longest)
+        assert plan["consumer_warpgroups"] == int(expected), (plan, dim, longest)
+        out_other = cuda.forward(*args, variant=cuda.KernelVariant(forward_two_per_sm=expected == "2"))
         assert torch.equal(out_default, out_other), (dim, longest, float((out_default - out_other).abs().max()))
 
 
@@ -460,9 +463,9 @@ def test_sm90_forward_shape_follows_the_longest_sequence(monkeypatch, dim):
 def test_sm90_ws_forward_matches_single_role_kernel():
     """The default sm90 forward is the warp-specialized wgmma kernel (producer warpgroup, mbarrier pipelines) in two
     shapes: ping-pong consumers on 128 rows, and at head dims 64 / 128 two 64-row blocks per SM
-    (HSTU_SM90_FWD_TWO_PER_SM=1 / 0 force one), persistent at head dims 64 / 128 (HSTU_SM90_FWD_PERSISTENT=0: one
-    tile per block); HSTU_SM90_FWD_WS=0 takes the single-role one (every warpgroup loads and computes). All are seen
-    in the profiler and bitwise equal on jagged lengths around their tiles for every head dim, dtype and mask family,
+    (KernelVariant.forward_two_per_sm forces one), persistent at head dims 64 / 128 (forward_persistent=False: one
+    tile per block); forward_warp_specialized=False takes the single-role one (every warpgroup loads and computes).
+    All are seen in the profiler and bitwise equal on jagged lengths around their tiles for every head dim, dtype and mask family,
     and pass the parity rule through the op; the persistent kernel also on many short work items, launched
     repeatedly (where its first version deadlocked). It runs in a child process with a time limit, so a pipeline
     deadlock fails this test instead of hanging the suite."""
@@ -510,11 +513,11 @@ _SM90_BWD_CASES = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", (64, 128, 256))
 @pytest.mark.parametrize("case", list(_SM90_BWD_CASES))
-def test_sm90_backward_runs_and_matches(monkeypatch, dtype, dim, case):
+def test_sm90_backward_runs_and_matches(dtype, dim, case):
     """By default on an sm_90 device the Hopper wgmma backward runs (seen in the profiler) for the atomic-dq path, its
     dq / dk / dv pass the parity rule through the op on jagged lengths around its tiles, and agree with the sm80
-    atomic backward's (HSTU_SM90_BWD=0) to within both kernels' rounding. A rab gradient or deterministic=True keeps
-    the sm80 backward."""
+    atomic backward's (KernelVariant(sm90_backward=False)) to within both kernels' rounding. A rab gradient or
+    deterministic=True keeps the sm80 backward."""
     from torch.profiler import ProfilerActivity, profile
 
     from hstu.ops.hstu_attention import cuda
@@ -531,18 +534,20 @@ def test_sm90_backward_runs_and_matches(monkeypatch, dtype, dim, case):
         device="cuda", dtype=dtype)  # fmt: skip
     scaling = cfg["scaling"] or cfg["max_seqlen"]
 
-    def run(rab_needs_grad=False, deterministic=False):
+    def run(rab_needs_grad=False, deterministic=False, variant=None):
         args = (dout, q, k, v, offsets, cfg["max_seqlen"], cfg["alpha"], scaling, cfg["causal"], cfg["window"], nc, nt,
                 cfg["group"], rab, rab_needs_grad, 0.0, 0, deterministic)  # fmt: skip
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            grads = cuda.backward(*args)
+            grads = cuda.backward(*args, variant=variant)
             torch.cuda.synchronize()
         return grads, [evt.key for evt in prof.key_averages()]
 
-    monkeypatch.delenv("HSTU_SM90_BWD", raising=False)  # the default
-    assert cuda.sm90_backward_enabled()
+    shape = dict(head_dim=dim, batch=len(lengths), heads=3, max_seqlen=517, dtype=dtype, rab=rab is not None)
+    plan = cuda.kernel_plan("backward", **shape)  # the default
+    assert plan["kernel"] == "sm90", plan
     g90, names = run()
     assert any("hstu_bwd_sm90" in n for n in names), names
+    assert all(any(kernel in n for n in names) for kernel in plan["kernels"]), (plan, names)  # the plan is what ran
     assert not any("hstu_bwd_dkdv_kernel" in n for n in names), names
     try:
         _check_config(cfg)  # forward and gradients through the op (the sm90 backward), 2x / 5x rule against fp32
@@ -551,9 +556,12 @@ def test_sm90_backward_runs_and_matches(monkeypatch, dtype, dim, case):
     for kwargs in ([dict(deterministic=True)] + ([dict(rab_needs_grad=True)] if rab is not None else [])):
         _, names = run(**kwargs)
         assert not any("hstu_bwd_sm90" in n for n in names), (kwargs, names)
-    monkeypatch.setenv("HSTU_SM90_BWD", "0")  # opt-out: the sm80 atomic-dq backward on the same inputs
-    assert not cuda.sm90_backward_enabled()
-    g80, names = run()
+        plan_kwargs = dict(shape, deterministic=kwargs.get("deterministic", False),
+                           rab_grad=kwargs.get("rab_needs_grad", False))  # fmt: skip
+        assert cuda.kernel_plan("backward", **plan_kwargs)["kernel"] == "sm80", kwargs
+    sm80 = cuda.KernelVariant(sm90_backward=False)  # opt-out: the sm80 atomic-dq backward on the same inputs
+    assert cuda.kernel_plan("backward", variant=sm80, **shape)["kernel"] == "sm80"
+    g80, names = run(variant=sm80)
     assert not any("hstu_bwd_sm90" in n for n in names), names
     for name, a, b in zip(("dq", "dk", "dv"), g90[:3], g80[:3]):
         assert not bool(torch.isnan(a).any()), name
@@ -564,10 +572,10 @@ def test_sm90_backward_runs_and_matches(monkeypatch, dtype, dim, case):
 
 @gpu_test
 @pytest.mark.parametrize("dim", (64, 128, 256))
-def test_sm90_grouped_schedule_matches_pair_after_pair(monkeypatch, dim):
+def test_sm90_grouped_schedule_matches_pair_after_pair(dim):
     """The sm90 kernels' grouped schedule (blocks launched by groups of (sequence, head) pairs, tile-major inside a
-    group; HSTU_SM90_GROUPED_SCHEDULE=1 forces it) against launching pair after pair (=0): many pairs, a partial last
-    group, jagged lengths with empty and length-1 sequences, contexts and targets. Every output element comes from one
+    group; KernelVariant(grouped_schedule=True) forces it) against launching pair after pair (False): many pairs, a
+    partial last group, jagged lengths with empty and length-1 sequences, contexts and targets. Every output element comes from one
     block in a fixed order, so the forward and dk / dv agree exactly; dq sums the blocks' atomics in another order.
     The grouped order passes the parity rule."""
     from hstu.ops.hstu_attention import cuda
@@ -589,16 +597,19 @@ def test_sm90_grouped_schedule_matches_pair_after_pair(monkeypatch, dim):
     def run():
         return cuda.forward(q, k, v, *args, 0.0, 0), cuda.backward(dout, q, k, v, *args, False, 0.0, 0, False)
 
-    for var in ("HSTU_SM90_FWD", "HSTU_SM90_BWD"):
-        monkeypatch.delenv(var, raising=False)  # the defaults: the sm90 kernels
-    monkeypatch.setenv("HSTU_SM90_GROUPED_SCHEDULE", "1")
-    out, grads = run()
-    try:
-        _check_config(cfg)
-    except AssertionError as err:
-        raise AssertionError(f"grouped schedule {_describe(cfg)}: {err}") from None
-    monkeypatch.setenv("HSTU_SM90_GROUPED_SCHEDULE", "0")
-    out_pairs, grads_pairs = run()
+    shape = dict(head_dim=dim, batch=len(lengths), heads=3, max_seqlen=600)
+    with cuda.kernel_variant(grouped_schedule=True):  # the sm90 kernels (the defaults), grouped launch order
+        for direction in ("forward", "backward"):
+            plan = cuda.kernel_plan(direction, **shape)
+            assert plan["kernel"] != "sm80" and plan["sched_group"] > 1, plan
+        out, grads = run()
+        try:
+            _check_config(cfg)
+        except AssertionError as err:
+            raise AssertionError(f"grouped schedule {_describe(cfg)}: {err}") from None
+    with cuda.kernel_variant(grouped_schedule=False):
+        assert all(cuda.kernel_plan(d, **shape)["sched_group"] == 1 for d in ("forward", "backward"))
+        out_pairs, grads_pairs = run()
     assert torch.equal(out, out_pairs), "forward differs"
     assert torch.equal(grads[1], grads_pairs[1]), "dk differs"
     assert torch.equal(grads[2], grads_pairs[2]), "dv differs"
@@ -1162,6 +1173,117 @@ def test_cpu_emulated_kernels_parity(emulator, case):
                      rab_requires_grad=cfg["rab_grad"], **kwargs)  # fmt: skip
 
 
+def _emu_plan(emu, direction, head_dim, batch, heads, max_seqlen, *, bf16=True, rab=False, drab=False, dropout=False,
+              deterministic=False, sm90_device=True, variant=None):  # fmt: skip
+    """heuristics.h's plan (through the emulation library) as (sm90, kernel, persistent / atomic dq, sched_group)."""
+    import ctypes
+
+    from hstu.ops.hstu_attention import cuda
+
+    v = variant or cuda.KernelVariant()
+    choice = {None: -1, False: 0, True: 1}
+    problem = (ctypes.c_int * 8)(head_dim, batch, heads, max_seqlen, bf16, rab, drab, dropout)
+    options = (ctypes.c_int * 9)(deterministic, v.sm90_forward, v.sm90_backward, v.forward_warp_specialized,
+                                 choice[v.forward_two_per_sm], v.forward_persistent, choice[v.grouped_schedule],
+                                 v.bench_bwd_warps, v.bench_d256_two_pass)  # fmt: skip
+    out = (ctypes.c_int * 4)()
+    emu.emu_plan(int(direction == "backward"), problem, options, int(sm90_device), out)
+    return tuple(out)
+
+
+# Sm90FwdKernel and Sm80DkDv (heuristics.h) as the plan reports them
+_PING_PONG, _TWO_PER_SM, _SINGLE_ROLE = 0, 1, 2
+_ONE_PASS, _SPLIT_HEAD_DIM, _TWO_PASS, _EIGHT_WARPS = 0, 1, 2, 3
+
+
+def test_cpu_heuristics_pick_the_measured_kernels(emulator):
+    """heuristics.h's rules, each at both sides of its threshold: the Hopper forward only without dropout on an sm_90
+    device; two blocks per SM up to 256 tokens at head dims 64 / 128; persistent at 64 / 128 only, warp-specialized
+    only; the Hopper backward only on the atomic path without dropout or rab gradient; the sm80 dk/dv shape per head
+    dim; the grouped launch order for launches of at most 1024 tiles and backwards over 2048+ tokens."""
+    from hstu.ops.hstu_attention import cuda
+
+    V = cuda.KernelVariant
+    plan = functools.partial(_emu_plan, emulator)
+    # 512 tiles: grouped, 85 pairs (12 bytes x 256 x 128 per pair in 32 MB)
+    assert plan("forward", 128, 64, 4, 256) == (1, _TWO_PER_SM, 1, 85)
+    assert plan("forward", 128, 64, 4, 257)[:3] == (1, _PING_PONG, 1)
+    assert plan("forward", 256, 64, 4, 100)[:3] == (1, _PING_PONG, 0)
+    assert plan("forward", 32, 64, 4, 100)[0] == 0
+    assert plan("forward", 128, 8, 4, 100, dropout=True)[0] == 0
+    assert plan("forward", 128, 8, 4, 100, sm90_device=False)[0] == 0
+    assert plan("forward", 128, 8, 4, 100, variant=V(sm90_forward=False))[0] == 0
+    assert plan("forward", 128, 8, 4, 100, variant=V(forward_warp_specialized=False))[:3] == (1, _SINGLE_ROLE, 0)
+    assert plan("forward", 64, 8, 4, 4096, variant=V(forward_two_per_sm=True))[:3] == (1, _TWO_PER_SM, 1)
+    assert plan("forward", 256, 8, 4, 100, variant=V(forward_two_per_sm=True))[:3] == (1, _PING_PONG, 0)
+    assert plan("forward", 128, 8, 4, 100, variant=V(forward_persistent=False))[:3] == (1, _TWO_PER_SM, 0)
+    # launch order: 32 x 4 pairs of 4096 tokens = 4096 forward tiles (pair after pair), backward grouped by 5 pairs
+    # (12 bytes x 4096 x 128 per pair in 32 MB); 1024 tiles or fewer: grouped
+    assert plan("forward", 128, 32, 4, 4096)[3] == 1
+    assert plan("backward", 128, 32, 4, 4096)[3] == 5
+    assert plan("forward", 128, 8, 4, 4096)[3] == 5  # 8 x 4 x 32 = 1024 tiles
+    assert plan("forward", 128, 64, 4, 1024)[3] == 1  # 2048 tiles, 1024 tokens
+    assert plan("backward", 128, 64, 4, 1024)[3] == 1
+    assert plan("forward", 128, 32, 4, 4096, variant=V(grouped_schedule=True))[3] == 5
+    assert plan("backward", 128, 8, 4, 4096, variant=V(grouped_schedule=False))[3] == 1
+    # backward
+    assert plan("backward", 128, 8, 4, 100)[:3] == (1, _ONE_PASS, 1)
+    assert plan("backward", 256, 8, 4, 100)[:3] == (1, _ONE_PASS, 1)
+    for kwargs in (dict(drab=True, rab=True), dict(dropout=True), dict(sm90_device=False), dict(deterministic=True)):
+        assert plan("backward", 128, 8, 4, 100, **kwargs)[0] == 0, kwargs
+    assert plan("backward", 128, 8, 4, 100, variant=V(sm90_backward=False)) == (0, _ONE_PASS, 1, 1)
+    assert plan("backward", 128, 8, 4, 100, deterministic=True)[1:3] == (_ONE_PASS, 0)
+    assert plan("backward", 256, 8, 4, 100, sm90_device=False)[1:3] == (_SPLIT_HEAD_DIM, 1)
+    assert plan("backward", 256, 8, 4, 100, deterministic=True)[1:3] == (_TWO_PASS, 0)
+    # benchmark variants (the emulation library compiles them)
+    bench = V(sm90_backward=False, bench_bwd_warps=8, bench_d256_two_pass=True)
+    assert plan("backward", 128, 8, 4, 100, variant=bench)[1] == _EIGHT_WARPS
+    for kwargs in (dict(bf16=False), dict(rab=True), dict(dropout=True), dict(deterministic=True)):
+        assert plan("backward", 128, 8, 4, 100, variant=bench, **kwargs)[1] == _ONE_PASS, kwargs
+    assert plan("backward", 256, 8, 4, 100, variant=bench)[1:3] == (_TWO_PASS, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(direction=st.sampled_from(["forward", "backward"]), head_dim=st.sampled_from([32, 64, 128, 256]),
+       batch=st.integers(0, 300), heads=st.integers(1, 16), max_seqlen=st.integers(0, 20000),
+       flags=st.tuples(*[st.booleans()] * 7), tri=st.tuples(*[st.sampled_from([None, False, True])] * 2),
+       bools=st.tuples(*[st.booleans()] * 4))  # fmt: skip
+def test_cpu_heuristics_plans_are_consistent(emulator, direction, head_dim, batch, heads, max_seqlen, flags, tri,
+                                             bools):  # fmt: skip
+    """Whatever the problem and the variant: a Hopper plan only where its kernel exists and the call allows it, the
+    two-per-SM shape and the persistent kernel only at head dims 64 / 128 on the warp-specialized kernel, sched_group
+    between 1 and the number of (sequence, head) pairs, the atomic-dq path exactly when deterministic is off."""
+    from hstu.ops.hstu_attention import cuda
+
+    bf16, rab, drab, dropout, deterministic, sm90_device, _ = flags
+    drab = drab and rab
+    variant = cuda.KernelVariant(sm90_forward=bools[0], sm90_backward=bools[1], forward_warp_specialized=bools[2],
+                                 forward_persistent=bools[3], forward_two_per_sm=tri[0], grouped_schedule=tri[1])
+    sm90, kernel, third, group = _emu_plan(
+        emulator, direction, head_dim, batch, heads, max_seqlen, bf16=bf16, rab=rab, drab=drab, dropout=dropout,
+        deterministic=deterministic, sm90_device=sm90_device, variant=variant)  # fmt: skip
+    assert 1 <= group <= max(1, batch * heads)
+    if not sm90:
+        assert group == 1
+    if direction == "forward":
+        allowed = sm90_device and head_dim != 32 and not dropout and variant.sm90_forward
+        assert sm90 == allowed
+        if sm90:
+            assert kernel in (_PING_PONG, _TWO_PER_SM, _SINGLE_ROLE)
+            assert (kernel == _SINGLE_ROLE) == (not variant.forward_warp_specialized)
+            assert kernel != _TWO_PER_SM or head_dim <= 128
+            assert third == (kernel != _SINGLE_ROLE and head_dim <= 128 and variant.forward_persistent)
+            if variant.grouped_schedule is not None:
+                assert (group > 1) <= variant.grouped_schedule
+    else:
+        assert third == (not deterministic)
+        allowed = sm90_device and head_dim != 32 and not dropout and not drab and not deterministic
+        assert sm90 == (allowed and variant.sm90_backward)
+        if not sm90:
+            assert kernel == (_SPLIT_HEAD_DIM if head_dim == 256 and not deterministic else
+                              _TWO_PASS if head_dim == 256 else _ONE_PASS)  # fmt: skip
+
+
 def test_cpu_philox_known_answers():
     """Random123's Philox4x32-10 known-answer vectors (the kernels' dropout.h implements the same function)."""
     from hstu.ops.hstu_attention.cuda import philox4x32_10
@@ -1201,34 +1323,101 @@ def test_cpu_dropout_keep_mask_reference_properties():
                            cuda.dropout_keep_mask_reference(1 + 2**32, 1, 1, 64, 0.5))  # fmt: skip
 
 
-def test_cpu_dropout_arguments_reach_the_extension(monkeypatch):
+class _FakeExtension:
+    """Records the keyword arguments of the binding's calls and of the KernelOptions it is given."""
+
+    def __init__(self):
+        self.calls = {}
+
+    class KernelOptions:
+        def __init__(self, **fields):
+            self.fields = fields
+
+    def hstu_attn_fwd(self, *args, **kwargs):
+        self.calls["fwd"] = kwargs
+
+    def hstu_attn_bwd(self, *args, **kwargs):
+        self.calls["bwd"] = kwargs
+
+
+@pytest.fixture
+def fake_extension(monkeypatch):
+    from hstu.ops.hstu_attention import cuda
+
+    ext = _FakeExtension()
+    monkeypatch.setattr(cuda, "load_extension", lambda: ext)
+    cuda._ext_options.cache_clear()  # options objects are cached per extension
+    yield ext
+    cuda._ext_options.cache_clear()
+
+
+def test_cpu_dropout_arguments_reach_the_extension(fake_extension):
     """cuda.forward / backward hand dropout_p and the (64-bit) seed to the binding; bad p is refused early."""
     from hstu.ops.hstu_attention import cuda
 
-    calls = {}
-
-    class FakeExt:
-        def hstu_attn_fwd(self, *args, **kwargs):
-            calls["fwd"] = kwargs
-
-        def hstu_attn_bwd(self, *args, **kwargs):
-            calls["bwd"] = kwargs
-
-    monkeypatch.setattr(cuda, "load_extension", lambda: FakeExt())
+    calls = fake_extension.calls
     q = torch.randn(5, 2, 32, dtype=torch.bfloat16)
     offsets = torch.tensor([0, 5], dtype=torch.int32)
     common = (offsets, 5, 0.25, 5, True, -1, None, None, 1, None)
     cuda.forward(q, q, q, *common, 0.25, 2**62 - 7)
-    assert calls["fwd"] == dict(dropout_p=0.25, dropout_seed=2**62 - 7)
+    assert {k: calls["fwd"][k] for k in ("dropout_p", "dropout_seed")} == dict(dropout_p=0.25, dropout_seed=2**62 - 7)
     cuda.backward(q, q, q, q, *common, False, 0.5, 2**64 - 1, True)
-    assert calls["bwd"] == dict(dropout_p=0.5, dropout_seed=-1, deterministic=True)  # seed: same 64 bits, signed
-    monkeypatch.delenv("HSTU_ATOMIC_DQ")  # default: deterministic=False is the atomic-dq path
+    # seed: the same 64 bits, signed
+    assert {k: calls["bwd"][k] for k in ("dropout_p", "dropout_seed")} == dict(dropout_p=0.5, dropout_seed=-1)
+    assert calls["bwd"]["options"].fields["deterministic"] is True
     cuda.backward(q, q, q, q, *common, False, 0.0, 3, False)
-    assert calls["bwd"] == dict(dropout_p=0.0, dropout_seed=3, deterministic=False)
-    monkeypatch.setenv("HSTU_ATOMIC_DQ", "0")  # opt-out: always the split, atomic-free path
-    cuda.backward(q, q, q, q, *common, False, 0.0, 3, False)
-    assert calls["bwd"]["deterministic"] is True
+    assert calls["bwd"]["options"].fields["deterministic"] is False
     cuda.forward(q, q, q, *common, 0.0, 0)
-    assert calls["fwd"] == dict(dropout_p=0.0, dropout_seed=0)
+    assert (calls["fwd"]["dropout_p"], calls["fwd"]["dropout_seed"]) == (0.0, 0)
     with pytest.raises(ValueError):
         cuda.dropout_keep_mask(1, 1, 1, 4, 1.0, device="cpu")
+
+
+def test_cpu_kernel_variant_reaches_the_extension(fake_extension, monkeypatch):
+    """The options object the binding gets: deterministic from the call alone (no environment variable turns the
+    atomic-dq path off any more), the variant from the call, from kernel_variant() around it, or the defaults with the
+    user overrides HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 read once per process."""
+    from hstu.ops.hstu_attention import cuda
+
+    calls = fake_extension.calls
+    q = torch.randn(5, 2, 32, dtype=torch.bfloat16)
+    common = (torch.tensor([0, 5], dtype=torch.int32), 5, 0.25, 5, True, -1, None, None, 1, None)
+    monkeypatch.setenv("HSTU_ATOMIC_DQ", "0")
+    with cuda.kernel_variant(cuda.KernelVariant()):
+        cuda.backward(q, q, q, q, *common, False, 0.0, 3, False)
+    assert calls["bwd"]["options"].fields == dict(
+        deterministic=False, sm90_forward=True, sm90_backward=True, fwd_warp_specialized=True, fwd_two_per_sm=None,
+        fwd_persistent=True, grouped_schedule=None, bench_bwd_warps=0, bench_d256_two_pass=False)  # fmt: skip
+    variant = cuda.KernelVariant(sm90_forward=False, forward_two_per_sm=True, grouped_schedule=False)
+    cuda.forward(q, q, q, *common, 0.0, 0, variant=variant)
+    fields = calls["fwd"]["options"].fields
+    assert (fields["sm90_forward"], fields["fwd_two_per_sm"], fields["grouped_schedule"]) == (False, True, False)
+    with cuda.kernel_variant(forward_persistent=False, sm90_backward=False):
+        cuda.forward(q, q, q, *common, 0.0, 0)
+        assert calls["fwd"]["options"].fields["fwd_persistent"] is False
+        cuda.backward(q, q, q, q, *common, False, 0.0, 3, True)
+        assert calls["bwd"]["options"].fields["sm90_backward"] is False
+        assert calls["bwd"]["options"].fields["deterministic"] is True
+    cuda.default_variant.cache_clear()
+    try:
+        monkeypatch.setenv("HSTU_SM90_FWD", "0")
+        monkeypatch.setenv("HSTU_SM90_BWD", "1")
+        assert cuda.default_variant() == cuda.KernelVariant(sm90_forward=False)
+        monkeypatch.setenv("HSTU_SM90_FWD", "1")  # read once: later changes do not count
+        assert cuda.default_variant() == cuda.KernelVariant(sm90_forward=False)
+    finally:
+        cuda.default_variant.cache_clear()
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("sm90_forward", 1, TypeError), ("forward_two_per_sm", 0, TypeError), ("grouped_schedule", "on", TypeError),
+    ("forward_persistent", None, TypeError), ("bench_bwd_warps", 4, ValueError), ("bench_bwd_warps", True, ValueError),
+])  # fmt: skip
+def test_cpu_kernel_variant_rejects_bad_fields(field, value, error):
+    from hstu.ops.hstu_attention import cuda
+
+    with pytest.raises(error, match=field):
+        cuda.KernelVariant(**{field: value})
+    with pytest.raises(TypeError, match="KernelVariant"):
+        with cuda.kernel_variant("sm80"):
+            pass

@@ -49,3 +49,48 @@ def test_padded_head_dims_give_the_unpadded_result(monkeypatch, seed):
 def test_no_padding_off_cuda_or_without_the_extension():
     q = torch.randn(5, 1, 50, dtype=torch.bfloat16)
     assert op._padded_head_dim(q, q) == 0
+
+
+def test_kernel_variant_and_deterministic_reach_the_binding_through_the_op(monkeypatch):
+    """The op's kernel path hands the binding one options object: `deterministic` from the op's argument (no
+    environment variable overrides it) and the variant from `cuda.kernel_variant` around the call. CPU tensors with
+    a stub extension standing in for the kernels."""
+    from hstu.ops.hstu_attention import cuda
+
+    seen = []
+
+    class StubExtension:
+        class KernelOptions:
+            def __init__(self, **fields):
+                self.fields = fields
+
+        def hstu_attn_fwd(self, *args, options, **kwargs):
+            seen.append(("fwd", options.fields))
+
+        def hstu_attn_bwd(self, *args, options, **kwargs):
+            seen.append(("bwd", options.fields))
+
+    monkeypatch.setattr(cuda, "load_extension", lambda: StubExtension())
+    monkeypatch.setattr(op, "_use_kernel", lambda *args: True)
+    monkeypatch.setenv("HSTU_ATOMIC_DQ", "0")
+    cuda._ext_options.cache_clear()
+    try:
+        q, k, v = (torch.randn(6, 2, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        offsets = torch.tensor([0, 2, 6], dtype=torch.int32)
+        variant = cuda.KernelVariant(sm90_forward=False, forward_two_per_sm=True, grouped_schedule=False)
+        for deterministic in (False, True):
+            seen.clear()
+            with cuda.kernel_variant(variant):
+                out = hstu_attention(q, k, v, offsets, 4, deterministic=deterministic)
+                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            assert [direction for direction, _ in seen] == ["fwd", "bwd"]
+            for _, fields in seen:
+                assert (fields["sm90_forward"], fields["fwd_two_per_sm"], fields["grouped_schedule"]) == (
+                    False, True, False)
+            assert seen[1][1]["deterministic"] is deterministic
+        seen.clear()
+        hstu_attention(q.detach(), k.detach(), v.detach(), offsets, 4)  # outside the block: the default variant
+        fields = seen[0][1]
+        assert fields["fwd_two_per_sm"] is None and fields["sm90_forward"] == cuda.default_variant().sm90_forward
+    finally:
+        cuda._ext_options.cache_clear()

@@ -1,12 +1,15 @@
 // Host emulation of the attention kernels, for tests without a GPU (tests/ops/test_hstu_attention_cuda.py builds it
 // with g++ and drives it through ctypes). The real kernel sources (fwd_kernel.h / bwd_kernel.h) run block after
 // block, one ucontext fiber per CUDA thread; emu_core.hpp and the fake cute/arch headers emulate barriers,
-// ldmatrix, mma.sync, cp.async (synchronous) and atomics. The kernel choice below mirrors launch.h: keep them in step.
-// variant: 0 = default, 8 = the HSTU_BWD_WARPS=8 kernel (head dim 128), 2 = the HSTU_BWD_D256_2PASS=1 path.
+// ldmatrix, mma.sync, cp.async (synchronous) and atomics. Which sm80-style kernels run comes from heuristics.h's
+// plan_backward, as in launch.h (the sm90 wgmma kernels are not emulated); the benchmark variants are compiled in.
+// variant: 0 = the default options, 8 = KernelOptions::bench_bwd_warps = 8, 2 = KernelOptions::bench_d256_two_pass.
 #define HSTU_HOST_EMULATION 1
+#define HSTU_BENCH_VARIANTS 1
 #include <functional>
 #include "emu_core.hpp"
 #include "bwd_kernel.h"
+#include "heuristics.h"
 #include "tile_config.h"
 
 using namespace hstu;
@@ -87,7 +90,8 @@ void fwd_impl(const AttnParams& p) {
          Traits::kSmemBytes);
 }
 
-template <typename DkDv, bool kSplit, bool kDrop>
+// launch.h's launch_dkdv, on the emulator.
+template <typename DkDv, bool kTwoPass, bool kDrop>
 void dkdv(const AttnParams& p) {
   const bool head_loop = p.drab != nullptr && p.rab_heads == 1 && p.heads > 1;
   const bool atomic = p.dq_accum != nullptr;
@@ -95,7 +99,7 @@ void dkdv(const AttnParams& p) {
   const int nt = DkDv::kThreads, sm = DkDv::kSmemBytes, sma = DkDv::kSmemBytesAtomic;
   if constexpr (DkDv::kDSplit > 1) {
     launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, true>(p); }, g, nt, sma);
-  } else if constexpr (kSplit) {
+  } else if constexpr (kTwoPass) {
     launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDV, kDrop, false>(p); }, grid_for(p, DkDv::kBlockN, p.heads), nt,
            sm);
     if (atomic)
@@ -113,27 +117,25 @@ void dkdv(const AttnParams& p) {
 template <typename Element, int D, bool kRab, bool kDrop>
 void bwd_impl(const AttnParams& p, int variant) {
   using Cfg = TileConfig<D>;
-  using DkDv = BwdDkDvTraits<Element, D, kRab, Cfg::kDkDvWarps, Cfg::kDkDvBlockM, Cfg::kDkDvStages>;
   const bool atomic = p.dq_accum != nullptr;
+  KernelOptions options;
+  options.deterministic = !atomic;
+  options.bench_bwd_warps = variant == 8 ? 8 : 0;
+  options.bench_d256_two_pass = variant == 2;
+  // no sm90 device: the sm80-style kernels
+  const BwdPlan plan = plan_backward(problem_of<Element, D, kRab>(p), options, Platform{});
   if (p.batch > 0 && p.max_seqlen > 0) {
-    bool done = false;
-    if constexpr (D == 128) {
-      if (atomic && variant == 8) {  // the HSTU_BWD_WARPS=8 knob's kernel
-        using DkDv8 = BwdDkDvTraits<Element, D, kRab, 8, Cfg::kDkDvBlockM, Cfg::kDkDvStages>;
-        dkdv<DkDv8, Cfg::kDkDvSplit, kDrop>(p);
-        done = true;
-      }
+    const bool launched = with_sm80_dkdv_shape<Element, D, kRab, kDrop>(
+        plan.dkdv, [&](auto warps, auto dsplit, auto two_pass) {
+          using DkDv = BwdDkDvTraits<Element, D, kRab, decltype(warps)::value, Cfg::kDkDvBlockM, Cfg::kDkDvStages,
+                                     decltype(dsplit)::value>;
+          dkdv<DkDv, decltype(two_pass)::value, kDrop>(p);
+        });
+    if (!launched) {
+      std::fprintf(stderr, "emulation: no dk/dv kernel for plan %d\n", static_cast<int>(plan.dkdv));
+      std::abort();
     }
-    if constexpr (Cfg::kDkDvSplit) {
-      if (atomic && variant != 2) {  // variant 2: the HSTU_BWD_D256_2PASS knob
-        using DkDv1 =
-            BwdDkDvTraits<Element, D, kRab, Cfg::kDkDvOnePassWarps, Cfg::kDkDvBlockM, Cfg::kDkDvStages, 2>;
-        dkdv<DkDv1, false, kDrop>(p);
-        done = true;
-      }
-    }
-    if (!done) dkdv<DkDv, Cfg::kDkDvSplit, kDrop>(p);
-    if (!atomic) {
+    if (!plan.atomic_dq) {
       using Dq = BwdDqTraits<Element, D, kRab, Cfg::kDqWarps, Cfg::kDqBlockN, Cfg::kDqMI, Cfg::kDqStages>;
       launch([&] { hstu_bwd_dq_kernel<Dq, kDrop>(p); }, grid_for(p, Dq::kBlockM, p.heads), Dq::kThreads,
              Dq::kSmemBytes);
@@ -225,4 +227,46 @@ int emu_bwd(const EmuArgs* a) {
   return 0;
 }
 long emu_switches() { return emu::g_switches; }
+
+// heuristics.h's plans, for the tests (no device: sm90_device says what the device would be). out[0]: an sm90 kernel;
+// out[1]: Sm90FwdKernel (forward) or Sm80DkDv (backward); out[2]: persistent (forward) or atomic dq (backward);
+// out[3]: sched_group. options[]: deterministic, sm90_forward, sm90_backward, fwd_warp_specialized, fwd_two_per_sm,
+// fwd_persistent, grouped_schedule (Choice values: -1 auto, 0 off, 1 on), bench_bwd_warps, bench_d256_two_pass.
+void emu_plan(int backward, const int* problem, const int* options, int sm90_device, int* out) {
+  Problem pr;
+  pr.head_dim = problem[0];
+  pr.batch = problem[1];
+  pr.heads = problem[2];
+  pr.max_seqlen = problem[3];
+  pr.bf16 = problem[4] != 0;
+  pr.rab = problem[5] != 0;
+  pr.drab = problem[6] != 0;
+  pr.dropout = problem[7] != 0;
+  KernelOptions o;
+  o.deterministic = options[0] != 0;
+  o.sm90_forward = options[1] != 0;
+  o.sm90_backward = options[2] != 0;
+  o.fwd_warp_specialized = options[3] != 0;
+  o.fwd_two_per_sm = static_cast<Choice>(options[4]);
+  o.fwd_persistent = options[5] != 0;
+  o.grouped_schedule = static_cast<Choice>(options[6]);
+  o.bench_bwd_warps = options[7];
+  o.bench_d256_two_pass = options[8] != 0;
+  Platform pl;
+  pl.sm90_device = sm90_device != 0;
+  pl.sm90_forward_built = pl.sm90_backward_built = true;
+  if (backward) {
+    const BwdPlan plan = plan_backward(pr, o, pl);
+    out[0] = plan.sm90;
+    out[1] = static_cast<int>(plan.dkdv);
+    out[2] = plan.atomic_dq;
+    out[3] = plan.sched_group;
+  } else {
+    const FwdPlan plan = plan_forward(pr, o, pl);
+    out[0] = plan.sm90;
+    out[1] = static_cast<int>(plan.sm90_choice.kernel);
+    out[2] = plan.sm90_choice.persistent;
+    out[3] = plan.sched_group;
+  }
+}
 }

@@ -5,17 +5,20 @@ q, k, v contiguous (T, H, D) of one dtype on one CUDA device; seq_offsets contig
 num_contexts / num_targets None or contiguous int32 (B,); rab None or (B, H or 1, >=max_seqlen, >=max_seqlen)
 with unit stride in the last dim. ``scaling_seqlen`` is already resolved (never None).
 
-Kernels: forward on Hopper (sm_90, head dims 64/128/256, no dropout) by the wgmma kernel
-(csrc/hstu_attention/fwd_kernel_sm90.h; ``HSTU_SM90_FWD=0`` switches it off), otherwise by the sm80 tensor-core
-(mma.sync) kernel; backward (sm80 path everywhere) in one of two ways, picked by ``deterministic``:
-  * atomic dq (``deterministic=False``, the default; ``HSTU_ATOMIC_DQ=0`` turns it off): one dk/dv kernel also computes dq = dS K for its key tile and adds
-    it with float32 atomics into a zeroed (T, H, D) float32 workspace, which a small kernel scales and casts to
-    q's dtype. S and dP are computed once (D = 256 too: one pass with two warps per key block, each owning half
-    the head dim). dq meets the same tolerance, but its float32 summation order varies between runs, so dq is not
-    bitwise reproducible.
-  * split (``deterministic=True``, or every backward with ``HSTU_ATOMIC_DQ=0``): a dk/dv kernel plus a separate
-    dq kernel, no atomics anywhere; bitwise reproducible. Both paths pass the CUDA test file and compute-sanitizer
-    memcheck/racecheck on an H200 (benchmarks/RESULTS.md, v7); the atomic one is 1.2-1.5x faster in the backward.
+Kernels: which ones a call runs is decided in C++ (csrc/hstu_attention/heuristics.h) from the problem and a
+``KernelVariant`` (its defaults are what the op runs; tests and benchmarks name others, and ``kernel_plan`` tells
+which kernels a call would run). On Hopper (sm_90, built with 9.0a) the forward at head dims 64/128/256 without
+dropout runs the wgmma kernels (fwd_kernel_sm90.h), and so does the atomic-dq backward without dropout or rab
+gradient (bwd_kernel_sm90.h); everything else, and every launch on Ampere, runs the sm80-style mma.sync kernels.
+The backward takes one of two paths, picked by ``deterministic``:
+  * atomic dq (``deterministic=False``, the default): one dk/dv kernel also computes dq = dS K for its key tile and
+    adds it with float32 atomics into a zeroed (T, H, D) float32 workspace, which a small kernel scales and casts to
+    q's dtype. S and dP are computed once. dq meets the same tolerance, but its float32 summation order varies
+    between runs, so dq is not bitwise reproducible.
+  * split (``deterministic=True``): a dk/dv kernel plus a separate dq kernel, no atomics anywhere; bitwise
+    reproducible. The atomic one is 1.2-1.5x faster in the backward (benchmarks/RESULTS.md).
+User overrides, read once per process: ``HSTU_SM90_FWD=0`` / ``HSTU_SM90_BWD=0`` run the Ampere-style forward /
+backward on Hopper too.
 dk, dv and drab never use atomics (drab of a 1-head rab is summed over heads in a fixed order), so they are
 reproducible either way. rab is read in q's dtype (cast here when it differs); its gradient is accumulated in
 float32 and returned in rab's dtype.
@@ -38,6 +41,9 @@ fails to write show up in comparisons (the CUDA parity tests set it).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
 import os
@@ -59,27 +65,120 @@ def build_info() -> dict:
     return dict(ext.build_info())
 
 
-def sm90_forward_enabled() -> bool:
-    """Whether forwards without dropout at head dims 64/128/256 run the Hopper wgmma kernel: built in (9.0a
-    targeted), on an sm_90 device, and not switched off with HSTU_SM90_FWD=0 (the launcher reads it at every call)."""
-    return (bool(build_info().get("sm90_forward")) and torch.cuda.is_available()
-            and torch.cuda.get_device_capability() == (9, 0) and os.environ.get("HSTU_SM90_FWD", "1") != "0")
+@dataclasses.dataclass(frozen=True)
+class KernelVariant:
+    """Which kernels a call may run (csrc/hstu_attention/hstu.h's KernelOptions); the defaults are the op's own
+    choice, per call, by csrc/hstu_attention/heuristics.h. Tests and benchmarks pass other values to run a given
+    kernel: ``forward(..., variant=...)`` or ``with kernel_variant(...)`` around op calls. A field that does not apply
+    to a call (e.g. the Hopper forward on an Ampere device) leaves it to the kernels that do.
+
+    sm90_forward / sm90_backward: the Hopper wgmma kernels where they apply (False: the sm80-style ones).
+    forward_warp_specialized: the Hopper forward with a producer warpgroup (False: the single-role kernel).
+    forward_two_per_sm: True / False force the two-blocks-per-SM forward shape (head dims 64 / 128) on / off; None:
+    sequences of at most 256 tokens take it. forward_persistent: the warp-specialized forward at head dims 64 / 128
+    as one wave of blocks (False: one block per query tile). grouped_schedule: True / False force the Hopper kernels'
+    grouped launch order on / off (None: chosen per call).
+    bench_bwd_warps (0 or 8), bench_d256_two_pass: benchmark-only sm80-style backward variants, in builds with
+    HSTU_BENCH_VARIANTS=1 only (the extension refuses them otherwise).
+    """
+
+    sm90_forward: bool = True
+    sm90_backward: bool = True
+    forward_warp_specialized: bool = True
+    forward_two_per_sm: Optional[bool] = None
+    forward_persistent: bool = True
+    grouped_schedule: Optional[bool] = None
+    bench_bwd_warps: int = 0
+    bench_d256_two_pass: bool = False
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "bench_bwd_warps":
+                if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 8):
+                    raise ValueError(f"KernelVariant.bench_bwd_warps must be 0 or 8, got {value!r}")
+            elif f.name in ("forward_two_per_sm", "grouped_schedule"):
+                if value is not None and not isinstance(value, bool):
+                    raise TypeError(f"KernelVariant.{f.name} must be None, True or False, got {value!r}")
+            elif not isinstance(value, bool):
+                raise TypeError(f"KernelVariant.{f.name} must be a bool, got {value!r}")
 
 
-def sm90_backward_enabled() -> bool:
-    """Whether atomic-dq backwards (deterministic=False) without dropout or rab gradient at head dims 64/128/256 run
-    the Hopper wgmma kernel: built in, on an sm_90 device, and not switched off with HSTU_SM90_BWD=0."""
-    return (bool(build_info().get("sm90_backward")) and torch.cuda.is_available()
-            and torch.cuda.get_device_capability() == (9, 0) and os.environ.get("HSTU_SM90_BWD", "1") != "0")
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "off", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def default_variant() -> KernelVariant:
+    """The variant calls run without an explicit one: the defaults, except for the two documented user overrides
+    HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 (the Ampere-style forward / backward on Hopper too), read once per process."""
+    return KernelVariant(sm90_forward=not _env_off("HSTU_SM90_FWD"), sm90_backward=not _env_off("HSTU_SM90_BWD"))
+
+
+_variant: contextvars.ContextVar[Optional[KernelVariant]] = contextvars.ContextVar("hstu_kernel_variant", default=None)
+
+
+@contextlib.contextmanager
+def kernel_variant(variant: Optional[KernelVariant] = None, **fields):
+    """Runs the kernel calls inside the block (also those made through ``hstu.ops.hstu_attention``) with ``variant``,
+    or with ``default_variant()`` changed in ``fields``; for tests and benchmarks."""
+    if variant is None:
+        variant = dataclasses.replace(default_variant(), **fields)
+    elif fields:
+        raise TypeError("pass either a KernelVariant or its fields, not both")
+    if not isinstance(variant, KernelVariant):
+        raise TypeError(f"variant must be a KernelVariant, got {type(variant).__name__}")
+    token = _variant.set(variant)
+    try:
+        yield variant
+    finally:
+        _variant.reset(token)
+
+
+def _resolve(variant: Optional[KernelVariant]) -> KernelVariant:
+    if variant is None:
+        variant = _variant.get() or default_variant()
+    elif not isinstance(variant, KernelVariant):
+        raise TypeError(f"variant must be a KernelVariant or None, got {type(variant).__name__}")
+    return variant
+
+
+# Cached per (variant, deterministic): the binding's options object is built once, not at every call (host time).
+@functools.lru_cache(maxsize=64)
+def _ext_options(variant: KernelVariant, deterministic: bool):
+    return load_extension().KernelOptions(
+        deterministic=deterministic, sm90_forward=variant.sm90_forward, sm90_backward=variant.sm90_backward,
+        fwd_warp_specialized=variant.forward_warp_specialized, fwd_two_per_sm=variant.forward_two_per_sm,
+        fwd_persistent=variant.forward_persistent, grouped_schedule=variant.grouped_schedule,
+        bench_bwd_warps=variant.bench_bwd_warps, bench_d256_two_pass=variant.bench_d256_two_pass,
+    )  # fmt: skip
+
+
+def kernel_plan(direction: str, *, head_dim: int, batch: int, heads: int, max_seqlen: int,
+                dtype: torch.dtype = torch.bfloat16, rab: bool = False, rab_grad: bool = False, dropout: bool = False,
+                deterministic: bool = False, variant: Optional[KernelVariant] = None) -> dict:  # fmt: skip
+    """Which kernels ``forward`` (direction "forward") or ``backward`` ("backward") would launch on the current CUDA
+    device for a call with these properties and ``variant`` (default: as ``forward`` / ``backward`` resolve it).
+
+    The answer comes from the same C++ function the launchers follow (heuristics.h): a dict with "kernel" (forward:
+    "sm80", "sm90_single_role", "sm90_ping_pong" or "sm90_two_per_sm"; backward: "sm80" or "sm90"), "kernels" (the
+    names of the __global__ functions launched), "sched_group" (the Hopper launch order's pairs per group, 1: pair
+    after pair); forward: "persistent", "consumer_warpgroups"; backward: "atomic_dq", "dkdv" (the sm80-style dk/dv
+    launch: "one_pass", "split_head_dim", "two_pass", "eight_warps"; None on the Hopper kernel).
+    """
+    ext = load_extension()
+    if ext is None or not hasattr(ext, "kernel_plan"):
+        raise RuntimeError("the hstu CUDA extension is not built")
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    options = _ext_options(_resolve(variant), bool(deterministic))
+    return dict(ext.kernel_plan(direction, name, int(head_dim), int(batch), int(heads), int(max_seqlen), bool(rab),
+                                bool(rab_grad), bool(dropout), options))  # fmt: skip
 
 
 def _poison() -> bool:
     return os.environ.get("HSTU_POISON_OUTPUTS", "0") not in ("", "0")
-
-
-def _atomic_dq_enabled() -> bool:
-    """deterministic=False backwards take the atomic-dq path unless HSTU_ATOMIC_DQ=0 (e.g. to compare the paths)."""
-    return os.environ.get("HSTU_ATOMIC_DQ", "1").lower() not in ("0", "false", "off", "no")
 
 
 def _new_like(t: torch.Tensor) -> torch.Tensor:
@@ -245,7 +344,9 @@ def forward(
     rab: Optional[torch.Tensor],
     dropout_p: float,
     dropout_seed: int,
+    variant: Optional[KernelVariant] = None,
 ) -> torch.Tensor:
+    """The forward kernels (the dispatcher has validated the arguments); ``variant``: see ``KernelVariant``."""
     ext = load_extension()
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = _new_like(q)
@@ -253,6 +354,7 @@ def forward(
         q, k, v, seq_offsets, int(max_seqlen), float(alpha), int(scaling_seqlen), bool(causal), int(window_size),
         num_contexts, num_targets, int(target_group_size), _rab_for_kernel(rab, q.dtype), out,
         dropout_p=float(dropout_p), dropout_seed=_seed_arg(dropout_seed),
+        options=_ext_options(_resolve(variant), False),
     )  # fmt: skip
     return out
 
@@ -276,12 +378,13 @@ def backward(
     dropout_p: float,
     dropout_seed: int,
     deterministic: bool,
+    variant: Optional[KernelVariant] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns dq, dk, dv and drab (shaped like rab, or None when rab_needs_grad is False).
 
     dropout_p / dropout_seed must be the forward's: the kernels regenerate its keep mask from them.
-    deterministic=False takes the faster atomic-dq path (dq not bitwise reproducible) unless HSTU_ATOMIC_DQ=0;
-    deterministic=True the split, atomic-free path (bitwise reproducible).
+    deterministic=False takes the faster atomic-dq path (dq not bitwise reproducible), deterministic=True the split,
+    atomic-free path (bitwise reproducible). ``variant``: see ``KernelVariant``.
     """
     ext = load_extension()
     grad_out, q, k, v = _aligned(grad_out), _aligned(q), _aligned(k), _aligned(v)
@@ -294,7 +397,7 @@ def backward(
         grad_out, q, k, v, seq_offsets, int(max_seqlen), float(alpha), int(scaling_seqlen), bool(causal),
         int(window_size), num_contexts, num_targets, int(target_group_size), rab_k, dq, dk, dv, drab,
         dropout_p=float(dropout_p), dropout_seed=_seed_arg(dropout_seed),
-        deterministic=bool(deterministic) or not _atomic_dq_enabled(),
+        options=_ext_options(_resolve(variant), bool(deterministic)),
     )  # fmt: skip
     if drab is not None and drab.dtype != rab.dtype:
         drab = drab.to(rab.dtype)
