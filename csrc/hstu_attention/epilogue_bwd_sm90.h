@@ -42,9 +42,10 @@ __device__ inline void store_dk_dv(const BwdTiles<Tr>& tiles, const AttnParams& 
   __syncthreads();
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   const int chunks = min(BN, tiles.w.mask.L - tiles.n0) * kChunks;
-  const int64_t first = tiles.base + static_cast<int64_t>(tiles.n0) * tiles.row_stride;
-  Element* const gdk = reinterpret_cast<Element*>(p.dk) + first;
-  Element* const gdv = reinterpret_cast<Element*>(p.dv) + first;
+  Element* const gdk =
+      reinterpret_cast<Element*>(p.dk) + tiles.base + static_cast<int64_t>(tiles.n0) * tiles.row_stride;
+  Element* const gdv =
+      reinterpret_cast<Element*>(p.dv) + tiles.base + static_cast<int64_t>(tiles.n0) * tiles.row_stride;
   for (int i = tid; i < chunks; i += NT) {
     const int r = i / kChunks, ch = i % kChunks;
     const int src = r * D + ((ch ^ (r & 7)) << 3);
