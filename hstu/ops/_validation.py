@@ -53,6 +53,12 @@ def check_index_tensor(name: str, t: object, length: Optional[int] = None) -> to
     return t
 
 
+def check_not_meta(name: str, t: torch.Tensor, op: str) -> None:
+    """For ops whose output size depends on an index tensor's values, which a meta tensor does not have."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor, but {op} needs its values (they set the output size)")
+
+
 def check_same_device(reference_name: str, reference: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     for name, t in others.items():
         if t is not None and t.device != reference.device:

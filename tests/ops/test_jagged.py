@@ -204,8 +204,10 @@ class TestIndexRanges:
 
     def test_padded_sizes_past_int64_and_huge_ints_raise(self):
         values, offsets = torch.randn(5, 2), torch.tensor([0, 5])
-        with pytest.raises(ValueError, match=r"max_length=4611686018427387904 would make a padded tensor"):
+        with pytest.raises(ValueError, match=r"max_length=4611686018427387904 is too large"):
             jagged_to_padded_dense(values, offsets, 2**62)
+        with pytest.raises(ValueError, match=r"max_length=4611686018427387904 is too large"):  # strides, no elements
+            jagged_to_padded_dense(values[:0], offsets[:1], 2**62)
         with pytest.raises(ValueError, match="max_length must be <= 9223372036854775807"):
             jagged_to_padded_dense(values, offsets, 2**70)
 

@@ -127,25 +127,31 @@ class _Select(torch.autograd.Function):
         return _Select.apply(grad, bits), None
 
 
-def _nonfinite_terms(weights: torch.Tensor, values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[b, h, i, j] * values[b, j, h, d] over the selected j where values[b, j, h, d] is not finite:
-    NaN, +inf, -inf or 0 (no such term), as IEEE arithmetic would sum them (w * inf is NaN for w == 0; +inf + -inf is
-    NaN). A NaN weight needs no term: the finite part of the product is already NaN for that row."""
+def _nonfinite_terms(weights: torch.Tensor, values: torch.Tensor, select: torch.Tensor, weights_bad: torch.Tensor,
+                     values_bad: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The sum, over the selected j, of the terms weights[b, h, i, j] * values[b, j, h, d] with a non-finite factor,
+    as IEEE arithmetic gives it: NaN if any such term is NaN (a NaN factor, or 0 times an infinity) or if there are
+    infinite terms of both signs, else +inf or -inf, else 0 (no such term). The products themselves are never formed:
+    each class of terms is counted with a product of 0/1 matrices, in which nothing is non-finite."""
     if _values_readable(values):
-        # Only the keys holding a non-finite entry take part (few in practice).
-        keys = (~torch.isfinite(values)).flatten(2).any(dim=2).any(dim=0).nonzero().squeeze(1)
+        # Only the keys with a non-finite value or a non-finite selected weight take part (few in practice).
+        keys = (values_bad.flatten(2).any(dim=2).any(dim=0) | weights_bad.any(dim=2).flatten(0, 1).any(dim=0))
+        keys = keys.nonzero().squeeze(1)
         weights, values, select = weights[..., keys], values[:, keys], select[..., keys]
     dtype = weights.dtype
     select = select.expand(weights.shape)
-    plus_inf, minus_inf = (values == float("inf")).to(dtype), (values == float("-inf")).to(dtype)
+    positive, negative, zero = select & (weights > 0), select & (weights < 0), select & (weights == 0)
+    plus_inf, minus_inf = select & (weights == float("inf")), select & (weights == float("-inf"))
+    x_pos, x_neg, x_zero = values > 0, values < 0, values == 0
+    x_plus_inf, x_minus_inf = values == float("inf"), values == float("-inf")
 
     def count(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bhij,bjhd->bihd", rows.to(dtype), cols)
+        return torch.einsum("bhij,bjhd->bihd", rows.to(dtype), cols.to(dtype))
 
-    positive, negative = select & (weights > 0), select & (weights < 0)
-    up = count(positive, plus_inf) + count(negative, minus_inf)
-    down = count(positive, minus_inf) + count(negative, plus_inf)
-    undefined = count(select, torch.isnan(values).to(dtype)) + count(select & (weights == 0), plus_inf + minus_inf)
+    up = count(plus_inf, x_pos) + count(minus_inf, x_neg) + count(positive, x_plus_inf) + count(negative, x_minus_inf)
+    down = count(plus_inf, x_neg) + count(minus_inf, x_pos) + count(positive, x_minus_inf) + count(negative, x_plus_inf)
+    undefined = (count(select & torch.isnan(weights), torch.ones_like(x_zero)) + count(select, torch.isnan(values))
+                 + count(plus_inf | minus_inf, x_zero) + count(zero, x_plus_inf | x_minus_inf))  # fmt: skip
     terms = torch.zeros_like(up).masked_fill(down > 0, float("-inf")).masked_fill(up > 0, float("inf"))
     return terms.masked_fill((undefined > 0) | ((up > 0) & (down > 0)), float("nan"))
 
@@ -155,9 +161,13 @@ def _masked_product(weights: torch.Tensor, values: torch.Tensor, select: torch.T
     if values_nonfinite is None:
         values_nonfinite = _may_be_nonfinite(values)
     if not values_nonfinite:
+        # Unselected weights are exact zeros times finite values: exactly zero terms.
         return torch.einsum("bhij,bjhd->bihd", weights, values)
-    finite = torch.einsum("bhij,bjhd->bihd", weights, values.masked_fill(~torch.isfinite(values), 0))
-    return finite + _nonfinite_terms(weights, values, select)
+    # The terms with finite factors, then the others (zeroing only the values would turn an infinite weight times a
+    # non-finite value into inf * 0 = NaN).
+    weights_bad, values_bad = ~torch.isfinite(weights), ~torch.isfinite(values)
+    finite = torch.einsum("bhij,bjhd->bihd", weights.masked_fill(weights_bad, 0), values.masked_fill(values_bad, 0))
+    return finite + _nonfinite_terms(weights, values, select, weights_bad, values_bad)
 
 
 class _MaskedProduct(torch.autograd.Function):

@@ -13,6 +13,7 @@ from hstu.ops._validation import (
     check_fits_index_dtype,
     check_index_tensor,
     check_int,
+    check_not_meta,
     check_offsets,
     check_same_device,
     check_tensor,
@@ -61,7 +62,10 @@ def _check_padding(padding_value: object, dtype: torch.dtype) -> object:
     if isinstance(padding_value, torch.Tensor) or not isinstance(padding_value, numbers.Real):
         raise TypeError(f"padding_value must be a real number, got {type(padding_value).__name__}")
     if dtype.is_floating_point or dtype.is_complex:
-        return padding_value
+        try:
+            return float(padding_value)
+        except OverflowError:  # an int past the float range
+            raise ValueError(f"padding_value {padding_value} is past the float range") from None
     if dtype == torch.bool:
         if padding_value not in (0, 1):
             raise ValueError(f"padding_value must be 0 or 1 for bool values, got {padding_value!r}")
@@ -85,9 +89,11 @@ def jagged_to_padded_dense(
     check_same_device("values", values, offsets=offsets)
     max_length = check_int("max_length", max_length, minimum=0)
     padding_value = _check_padding(padding_value, values.dtype)
-    elements = (offsets.numel() - 1) * max_length * math.prod(values.shape[1:])
-    if elements > INT64_MAX:
-        raise ValueError(f"max_length={max_length} would make a padded tensor of {elements} elements")
+    # Sizes, strides and byte counts are int64 (torch counts an empty dimension as 1 in the strides); the padded
+    # buffer has one spare row.
+    extent = math.prod(max(size, 1) for size in (offsets.numel() - 1, max_length, *values.shape[1:]))
+    if (extent + math.prod(values.shape[1:])) * values.element_size() > INT64_MAX:
+        raise ValueError(f"max_length={max_length} is too large: the padded tensor's size would pass the int64 range")
     return reference.jagged_to_padded_dense_reference(values, offsets, max_length, padding_value)
 
 
@@ -96,6 +102,7 @@ def dense_to_jagged(dense: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     dense = _check_values("dense", dense, min_dim=2)
     offsets = check_offsets("offsets", offsets)
     check_same_device("dense", dense, offsets=offsets)
+    check_not_meta("offsets", offsets, "dense_to_jagged")
     if offsets.numel() - 1 != dense.shape[0]:
         raise ValueError(f"offsets describes {offsets.numel() - 1} sequences but dense has batch {dense.shape[0]}")
     if values_are_concrete(offsets) and offsets.numel() > 1:
@@ -149,6 +156,7 @@ def split_2d_jagged(
     if offsets_a.numel() != offsets_b.numel():
         raise ValueError(f"offsets_a has {offsets_a.numel()} entries but offsets_b has {offsets_b.numel()}")
     check_same_device("values", values, offsets_a=offsets_a, offsets_b=offsets_b)
+    check_not_meta("offsets_a", offsets_a, "split_2d_jagged")
     if values_are_concrete(offsets_a, offsets_b):
         expected = int(offsets_a[-1]) + int(offsets_b[-1])
         if values.shape[0] != expected:
@@ -161,6 +169,7 @@ def candidate_mask(seq_offsets: torch.Tensor, num_candidates: torch.Tensor) -> t
     seq_offsets = check_offsets("seq_offsets", seq_offsets)
     num_candidates = check_index_tensor("num_candidates", num_candidates, length=seq_offsets.numel() - 1)
     check_same_device("seq_offsets", seq_offsets, num_candidates=num_candidates)
+    check_not_meta("seq_offsets", seq_offsets, "candidate_mask")
     if values_are_concrete(seq_offsets, num_candidates) and num_candidates.numel():
         lengths = lengths_of(seq_offsets).cpu().to(torch.int64)
         nc = num_candidates.cpu().to(torch.int64)
@@ -173,4 +182,5 @@ def candidate_mask(seq_offsets: torch.Tensor, num_candidates: torch.Tensor) -> t
 def sequence_positions(seq_offsets: torch.Tensor) -> torch.Tensor:
     """Position of every row inside its sequence, (T,) int64."""
     seq_offsets = check_offsets("seq_offsets", seq_offsets)
+    check_not_meta("seq_offsets", seq_offsets, "sequence_positions")
     return reference.sequence_ids_and_positions(seq_offsets, int(seq_offsets[-1]))[1]

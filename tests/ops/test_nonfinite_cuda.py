@@ -1,0 +1,169 @@
+"""Masks select on CUDA: a NaN / inf in a key, value or rab entry that a row does not see changes neither that row's
+output nor any gradient it contributes to (the CPU counterpart is in test_hstu_attention_reference.py).
+
+Each case runs the public op twice on the GPU, on clean inputs and with one poisoned entry, and compares what the
+poisoned entry must not reach: the rows that do not see the poisoned key (forward, dq), every other key's dk / dv,
+and the rab gradient outside the poisoned key's column. Those must be finite and equal to the clean run (exactly,
+except dq of the atomic backward, whose float32 atomics vary in the last bits). Sequences span several tiles and end
+inside one, so the poisoned key sits in tiles that rows which cannot see it still visit. bfloat16 runs the fused
+kernels (when the extension is built; else the reference), float32 the PyTorch reference on the GPU. Paths: the
+default (on sm_90 the wgmma kernels where they apply), the mma.sync kernels (HSTU_SM90_FWD=0, HSTU_SM90_BWD=0), and
+the atomic-free backward (deterministic=True).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hstu.ops import hstu_attention, lengths_to_offsets
+from tests.conftest import requires_cuda
+from tests.ops.dense_attention import mask_matrix
+
+pytestmark = requires_cuda
+
+LENGTHS = [300, 1, 77, 203]
+HEADS, DIM = 2, 64
+FAMILIES = {
+    "causal": dict(causal=True),
+    "causal_window": dict(causal=True, window_size=24),
+    "contexts_targets_groups": dict(causal=True, contexts=[20, 0, 5, 3], targets=[60, 1, 10, 40], target_group_size=7),
+    "noncausal_window": dict(causal=False, window_size=10),
+    "noncausal": dict(causal=False),
+}
+# Keys of sequence 0 (length 300) to poison: history keys some rows of their own tiles do not see, a target key
+# (rows 240..299 are targets with 60 targets), and the sequence's last key.
+POISONED_KEYS = [70, 200, 250, 299]
+PATHS = {
+    "default": ({}, False),
+    "mma_sync": ({"HSTU_SM90_FWD": "0", "HSTU_SM90_BWD": "0"}, False),
+    "deterministic": ({}, True),
+}
+
+
+def _kwargs(family: str) -> dict:
+    spec = FAMILIES[family]
+    kwargs = dict(causal=spec["causal"], window_size=spec.get("window_size", -1),
+                  target_group_size=spec.get("target_group_size", 1), alpha=DIM**-0.5)  # fmt: skip
+    for name in ("contexts", "targets"):
+        if name in spec:
+            kwargs[f"num_{name}"] = torch.tensor(spec[name], dtype=torch.int32, device="cuda")
+    return kwargs
+
+
+def _rows_that_see(kwargs: dict, b: int, j: int) -> list[int]:
+    """Rows (jagged indices) of sequence b that see its key j, from the independent dense formulation."""
+    start = sum(LENGTHS[:b])
+    c = int(kwargs["num_contexts"][b]) if "num_contexts" in kwargs else 0
+    t = int(kwargs["num_targets"][b]) if "num_targets" in kwargs else 0
+    seen = mask_matrix(LENGTHS[b], c, t, kwargs["target_group_size"], kwargs["window_size"], kwargs["causal"])
+    return [start + i for i in range(LENGTHS[b]) if seen[i, j]]
+
+
+def _inputs(dtype: torch.dtype, with_rab: bool, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    total, n = sum(LENGTHS), max(LENGTHS)
+    q, k, v = (torch.randn(total, HEADS, DIM, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    rab = torch.randn(len(LENGTHS), HEADS, n, n, device="cuda", generator=gen).to(dtype) if with_rab else None
+    grad_out = torch.randn(total, HEADS, DIM, device="cuda", generator=gen).to(dtype)
+    return q, k, v, rab, grad_out
+
+
+def _run(q, k, v, rab, grad_out, kwargs, deterministic):
+    offsets = lengths_to_offsets(torch.tensor(LENGTHS, dtype=torch.int32, device="cuda"))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    rab_leaf = None if rab is None else rab.clone().requires_grad_(True)
+    out = hstu_attention(*leaves, offsets, max(LENGTHS), rab=rab_leaf, deterministic=deterministic, **kwargs)
+    inputs = leaves + ([rab_leaf] if rab_leaf is not None else [])
+    grads = list(torch.autograd.grad(out, inputs, grad_out))
+    torch.cuda.synchronize()
+    return out.detach(), grads + ([None] if rab is None else [])
+
+
+def _assert_untouched(got, want, tainted, what, exact=True):
+    keep = torch.ones(got.shape[0], dtype=torch.bool, device=got.device)
+    keep[list(tainted)] = False
+    bad = (~torch.isfinite(got[keep])).flatten(1).any(dim=1)
+    if bool(bad.any()):
+        rows = keep.nonzero().squeeze(1)[bad].tolist()
+        raise AssertionError(f"{what}: {len(rows)} rows that must not see the poisoned entry are not finite, e.g. "
+                             f"{rows[:8]}")  # fmt: skip
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[keep], want[keep], **tolerance, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(params=sorted(PATHS))
+def path(request, monkeypatch):
+    """Whether the backward is the deterministic one, after selecting the kernels of the path."""
+    if request.node.callspec.params.get("dtype") == torch.float32 and request.param != "default":
+        pytest.skip("float32 runs the reference: the kernel paths do not apply")
+    env, deterministic = PATHS[request.param]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32_reference"])
+@pytest.mark.parametrize("with_rab", [False, True], ids=["norab", "rab"])
+@pytest.mark.parametrize("target", ["k", "v"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_invisible_nonfinite_key_or_value(family, target, with_rab, dtype, path):
+    deterministic = path
+    kwargs = _kwargs(family)
+    q, k, v, rab, grad_out = _inputs(dtype, with_rab)
+    clean_out, clean_grads = _run(q, k, v, rab, grad_out, kwargs, deterministic)
+    failures = []
+    for j in POISONED_KEYS:
+        for poison in (float("nan"), float("inf")):
+            q2, k2, v2 = q.clone(), k.clone(), v.clone()
+            (k2 if target == "k" else v2)[j, 1, 5] = poison  # sequence 0 starts at row 0
+            out, grads = _run(q2, k2, v2, rab, grad_out, kwargs, deterministic)
+            sees = _rows_that_see(kwargs, 0, j)
+            checks = [("output", out, clean_out, sees, True), ("dq", grads[0], clean_grads[0], sees, deterministic),
+                      ("dk", grads[1], clean_grads[1], [j], True), ("dv", grads[2], clean_grads[2], [j], True)]
+            if rab is not None:
+                drab, want = grads[3].clone(), clean_grads[3].clone()
+                drab[0, :, :, j] = want[0, :, :, j] = 0  # only column j depends on the poisoned key / value
+                checks.append(("drab", drab.flatten(0, 1), want.flatten(0, 1), [], True))
+            for what, got, want, tainted, exact in checks:
+                try:
+                    _assert_untouched(got, want, tainted, what, exact)
+                except AssertionError as error:
+                    failures.append(f"{target}[{j}] = {poison}: {str(error).splitlines()[0]}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32_reference"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_invisible_nonfinite_rab_entries(family, dtype, path):
+    # Every rab entry no row sees is NaN (masked entries, and the padding past each shorter sequence); then every
+    # such entry is -inf. Nothing may change.
+    kwargs = _kwargs(family)
+    q, k, v, rab, grad_out = _inputs(dtype, with_rab=True)
+    n = max(LENGTHS)
+    hidden = torch.ones(len(LENGTHS), 1, n, n, dtype=torch.bool, device="cuda")
+    for b, length in enumerate(LENGTHS):
+        c = int(kwargs["num_contexts"][b]) if "num_contexts" in kwargs else 0
+        t = int(kwargs["num_targets"][b]) if "num_targets" in kwargs else 0
+        m = mask_matrix(length, c, t, kwargs["target_group_size"], kwargs["window_size"], kwargs["causal"])
+        hidden[b, 0, :length, :length] = ~m.bool().cuda()
+    clean_out, clean_grads = _run(q, k, v, rab.masked_fill(hidden, 0), grad_out, kwargs, path)
+    for poison in (float("nan"), float("-inf")):
+        out, grads = _run(q, k, v, rab.masked_fill(hidden, poison), grad_out, kwargs, path)
+        _assert_untouched(out, clean_out, [], f"output (rab {poison})")
+        for what, got, want in zip(("dq", "dk", "dv", "drab"), grads, clean_grads):
+            got, want = (got.flatten(0, 1), want.flatten(0, 1)) if what == "drab" else (got, want)
+            _assert_untouched(got, want, [], f"{what} (rab {poison})", exact=what != "dq" or path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32_reference"])
+def test_rab_minus_inf_above_the_diagonal(dtype, path):
+    kwargs = _kwargs("causal")
+    q, k, v, rab, grad_out = _inputs(dtype, with_rab=True)
+    above = torch.ones(max(LENGTHS), max(LENGTHS), dtype=torch.bool, device="cuda").triu(1)
+    clean_out, clean_grads = _run(q, k, v, rab.masked_fill(above, 0), grad_out, kwargs, path)
+    out, grads = _run(q, k, v, rab.masked_fill(above, float("-inf")), grad_out, kwargs, path)
+    _assert_untouched(out, clean_out, [], "output")
+    for what, got, want in zip(("dq", "dk", "dv", "drab"), grads, clean_grads):
+        got, want = (got.flatten(0, 1), want.flatten(0, 1)) if what == "drab" else (got, want)
+        _assert_untouched(got, want, [], what, exact=what != "dq" or path)
