@@ -7,8 +7,8 @@ and the rab gradient outside the poisoned key's column. Those must be finite and
 except dq of the atomic backward, whose float32 atomics vary in the last bits). Sequences span several tiles and end
 inside one, so the poisoned key sits in tiles that rows which cannot see it still visit. bfloat16 runs the fused
 kernels (when the extension is built; else the reference), float32 the PyTorch reference on the GPU. Paths: the
-default (on sm_90 the wgmma kernels where they apply), the mma.sync kernels (HSTU_SM90_FWD=0, HSTU_SM90_BWD=0), and
-the atomic-free backward (deterministic=True).
+default (on sm_90 the wgmma kernels where they apply), the mma.sync kernels, the single-role wgmma forward, and the
+atomic-free backward (deterministic=True), chosen with ``cuda.kernel_variant``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hstu.ops import hstu_attention, lengths_to_offsets
+from hstu.ops.hstu_attention.cuda import kernel_variant
 from tests.conftest import requires_cuda
 from tests.ops.dense_attention import mask_matrix
 
@@ -34,9 +35,10 @@ FAMILIES = {
 # Keys of sequence 0 (length 300) to poison: history keys some rows of their own tiles do not see, a target key
 # (rows 240..299 are targets with 60 targets), and the sequence's last key.
 POISONED_KEYS = [70, 200, 250, 299]
-PATHS = {
+PATHS = {  # KernelVariant fields, deterministic
     "default": ({}, False),
-    "mma_sync": ({"HSTU_SM90_FWD": "0", "HSTU_SM90_BWD": "0"}, False),
+    "mma_sync": (dict(sm90_forward=False, sm90_backward=False), False),
+    "wgmma_single_role_forward": (dict(forward_warp_specialized=False), False),
     "deterministic": ({}, True),
 }
 
@@ -69,13 +71,15 @@ def _inputs(dtype: torch.dtype, with_rab: bool, seed: int = 0):
     return q, k, v, rab, grad_out
 
 
-def _run(q, k, v, rab, grad_out, kwargs, deterministic):
+def _run(q, k, v, rab, grad_out, kwargs, path):
+    fields, deterministic = path
     offsets = lengths_to_offsets(torch.tensor(LENGTHS, dtype=torch.int32, device="cuda"))
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     rab_leaf = None if rab is None else rab.clone().requires_grad_(True)
-    out = hstu_attention(*leaves, offsets, max(LENGTHS), rab=rab_leaf, deterministic=deterministic, **kwargs)
-    inputs = leaves + ([rab_leaf] if rab_leaf is not None else [])
-    grads = list(torch.autograd.grad(out, inputs, grad_out))
+    with kernel_variant(**fields):
+        out = hstu_attention(*leaves, offsets, max(LENGTHS), rab=rab_leaf, deterministic=deterministic, **kwargs)
+        inputs = leaves + ([rab_leaf] if rab_leaf is not None else [])
+        grads = list(torch.autograd.grad(out, inputs, grad_out))
     torch.cuda.synchronize()
     return out.detach(), grads + ([None] if rab is None else [])
 
@@ -93,14 +97,11 @@ def _assert_untouched(got, want, tainted, what, exact=True):
 
 
 @pytest.fixture(params=sorted(PATHS))
-def path(request, monkeypatch):
-    """Whether the backward is the deterministic one, after selecting the kernels of the path."""
+def path(request):
+    """(KernelVariant fields, deterministic) of a kernel path."""
     if request.node.callspec.params.get("dtype") == torch.float32 and request.param != "default":
         pytest.skip("float32 runs the reference: the kernel paths do not apply")
-    env, deterministic = PATHS[request.param]
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return deterministic
+    return PATHS[request.param]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32_reference"])
@@ -108,16 +109,16 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("target", ["k", "v"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_invisible_nonfinite_key_or_value(family, target, with_rab, dtype, path):
-    deterministic = path
+    deterministic = path[1]
     kwargs = _kwargs(family)
     q, k, v, rab, grad_out = _inputs(dtype, with_rab)
-    clean_out, clean_grads = _run(q, k, v, rab, grad_out, kwargs, deterministic)
+    clean_out, clean_grads = _run(q, k, v, rab, grad_out, kwargs, path)
     failures = []
     for j in POISONED_KEYS:
         for poison in (float("nan"), float("inf")):
             q2, k2, v2 = q.clone(), k.clone(), v.clone()
             (k2 if target == "k" else v2)[j, 1, 5] = poison  # sequence 0 starts at row 0
-            out, grads = _run(q2, k2, v2, rab, grad_out, kwargs, deterministic)
+            out, grads = _run(q2, k2, v2, rab, grad_out, kwargs, path)
             sees = _rows_that_see(kwargs, 0, j)
             checks = [("output", out, clean_out, sees, True), ("dq", grads[0], clean_grads[0], sees, deterministic),
                       ("dk", grads[1], clean_grads[1], [j], True), ("dv", grads[2], clean_grads[2], [j], True)]
@@ -153,7 +154,7 @@ def test_invisible_nonfinite_rab_entries(family, dtype, path):
         _assert_untouched(out, clean_out, [], f"output (rab {poison})")
         for what, got, want in zip(("dq", "dk", "dv", "drab"), grads, clean_grads):
             got, want = (got.flatten(0, 1), want.flatten(0, 1)) if what == "drab" else (got, want)
-            _assert_untouched(got, want, [], f"{what} (rab {poison})", exact=what != "dq" or path)
+            _assert_untouched(got, want, [], f"{what} (rab {poison})", exact=what != "dq" or path[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32_reference"])
@@ -166,4 +167,4 @@ def test_rab_minus_inf_above_the_diagonal(dtype, path):
     _assert_untouched(out, clean_out, [], "output")
     for what, got, want in zip(("dq", "dk", "dv", "drab"), grads, clean_grads):
         got, want = (got.flatten(0, 1), want.flatten(0, 1)) if what == "drab" else (got, want)
-        _assert_untouched(got, want, [], what, exact=what != "dq" or path)
+        _assert_untouched(got, want, [], what, exact=what != "dq" or path[1])
