@@ -137,12 +137,12 @@ __device__ __forceinline__ void ldsm_a_t(uint32_t (&a)[4], const Element* tile, 
 // A warp owns kMI blocks of 16 rows (rows row0 + 16 mi), so every B fragment read from shared memory feeds kMI MMAs
 // (half the shared-memory traffic per MMA at kMI = 2).
 
-// The shared step loop: acc[kMI][16 x 8 kNB] += A[16 x kK] B over steps (k block, chunk of up to 4 n-pairs), B
-// fragments double-buffered in registers. load_a(kk) fetches the A fragments of k block kk (called as a step
-// starts a new k block, one step ahead of its MMAs); a_of(kk, mi) returns them; load_b(b, kk, np) fetches the B
-// fragments of k block kk and n-pair np (n blocks 2 np, 2 np + 1).
-template <int kMI, int kNB, int kK, typename Element, typename LoadA, typename AOf, typename LoadB>
-__device__ __forceinline__ void warp_gemm(float (&acc)[kMI][kNB][4], LoadA&& load_a, AOf&& a_of, LoadB&& load_b) {
+// The shared step loop: acc(mi, nb) (the 16 x 8 accumulator of row block mi, n block nb) += A[16 x kK] B over steps
+// (k block, chunk of up to 4 n-pairs), B fragments double-buffered in registers. load_a(kk) fetches the A fragments
+// of k block kk (called as a step starts a new k block, one step ahead of its MMAs); a_of(kk, mi) returns them;
+// load_b(b, kk, np) fetches the B fragments of k block kk and n-pair np (n blocks 2 np, 2 np + 1).
+template <int kMI, int kNB, int kK, typename Element, typename Acc, typename LoadA, typename AOf, typename LoadB>
+__device__ __forceinline__ void warp_gemm(Acc&& acc, LoadA&& load_a, AOf&& a_of, LoadB&& load_b) {
   constexpr int kNP = kNB / 2;
   constexpr int kC = kNP < 4 ? kNP : 4;
   constexpr int kChunks = kNP / kC;
@@ -164,8 +164,8 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kMI][kNB][4], LoadA&& loa
     for (int c = 0; c < kC; ++c) {
 #pragma unroll
       for (int mi = 0; mi < kMI; ++mi) {
-        mma16816<Element>(acc[mi][2 * (ch * kC + c)], a_of(kk, mi), b[s & 1][c][0][0], b[s & 1][c][0][1]);
-        mma16816<Element>(acc[mi][2 * (ch * kC + c) + 1], a_of(kk, mi), b[s & 1][c][1][0], b[s & 1][c][1][1]);
+        mma16816<Element>(acc(mi, 2 * (ch * kC + c)), a_of(kk, mi), b[s & 1][c][0][0], b[s & 1][c][0][1]);
+        mma16816<Element>(acc(mi, 2 * (ch * kC + c) + 1), a_of(kk, mi), b[s & 1][c][1][0], b[s & 1][c][1][1]);
       }
     }
   }
@@ -178,7 +178,7 @@ __device__ __forceinline__ void gemm_ss_nk_mi(float (&acc)[kMI][kNB][4], const E
                                               const Element* tile_b, int lane) {
   uint32_t a[2][kMI][4];
   warp_gemm<kMI, kNB, kK, Element>(
-      acc,
+      [&](int mi, int nb) -> float(&)[4] { return acc[mi][nb]; },
       [&](int kk) {
 #pragma unroll
         for (int mi = 0; mi < kMI; ++mi) ldsm_a<kColsA>(a[kk & 1][mi], tile_a, row0 + 16 * mi, kk * 16, lane);
@@ -193,7 +193,8 @@ template <int kMI, int kNB, int kK, int kColsB, typename Element>
 __device__ __forceinline__ void gemm_rs_kn_mi(float (&acc)[kMI][kNB][4], const uint32_t (&pa)[kMI][kK / 16][4],
                                               const Element* tile_b, int lane) {
   warp_gemm<kMI, kNB, kK, Element>(
-      acc, [](int) {}, [&](int kk, int mi) -> const uint32_t(&)[4] { return pa[mi][kk]; },
+      [&](int mi, int nb) -> float(&)[4] { return acc[mi][nb]; }, [](int) {},
+      [&](int kk, int mi) -> const uint32_t(&)[4] { return pa[mi][kk]; },
       [&](uint32_t(&b)[2][2], int kk, int np) { ldsm_b_kn<kColsB>(b, tile_b, kk * 16, np * 16, lane); });
 }
 
@@ -201,13 +202,20 @@ __device__ __forceinline__ void gemm_rs_kn_mi(float (&acc)[kMI][kNB][4], const u
 template <int kNB, int kK, int kColsA, int kColsB, typename Element>
 __device__ __forceinline__ void gemm_ss_nk(float (&acc)[kNB][4], const Element* tile_a, int row0,
                                            const Element* tile_b, int lane) {
-  gemm_ss_nk_mi<1, kNB, kK, kColsA, kColsB>(reinterpret_cast<float(&)[1][kNB][4]>(acc), tile_a, row0, tile_b, lane);
+  uint32_t a[2][4];
+  warp_gemm<1, kNB, kK, Element>(
+      [&](int, int nb) -> float(&)[4] { return acc[nb]; },
+      [&](int kk) { ldsm_a<kColsA>(a[kk & 1], tile_a, row0, kk * 16, lane); },
+      [&](int kk, int) -> const uint32_t(&)[4] { return a[kk & 1]; },
+      [&](uint32_t(&b)[2][2], int kk, int np) { ldsm_b_nk<kColsB>(b, tile_b, np * 16, kk * 16, lane); });
 }
 template <int kNB, int kK, int kColsB, typename Element>
 __device__ __forceinline__ void gemm_rs_kn(float (&acc)[kNB][4], const uint32_t (&pa)[kK / 16][4],
                                            const Element* tile_b, int lane) {
-  gemm_rs_kn_mi<1, kNB, kK, kColsB>(reinterpret_cast<float(&)[1][kNB][4]>(acc),
-                                    reinterpret_cast<const uint32_t(&)[1][kK / 16][4]>(pa), tile_b, lane);
+  warp_gemm<1, kNB, kK, Element>(
+      [&](int, int nb) -> float(&)[4] { return acc[nb]; }, [](int) {},
+      [&](int kk, int) -> const uint32_t(&)[4] { return pa[kk]; },
+      [&](uint32_t(&b)[2][2], int kk, int np) { ldsm_b_kn<kColsB>(b, tile_b, kk * 16, np * 16, lane); });
 }
 
 // acc[kMI][kNB] (rows m0 + 16 mi, columns n0 + 8 nb) += A * B with A read from a [k][m] shared tile (transposing
