@@ -49,8 +49,9 @@ BASE_SHA="$(git rev-parse --short "$BASE")"
 CACHE="${SASS_CACHE:-/tmp/hstu_sass/$BASE_SHA}"
 mkdir -p "$CACHE/tree" "$CACHE/cubin"
 [ -f "$CACHE/tree/.extracted" ] || { git archive "$BASE_SHA" csrc | tar -x -C "$CACHE/tree" && touch "$CACHE/tree/.extracted"; }
-NEW="$(mktemp -d)"
-trap 'rm -rf "$NEW"' EXIT
+NEW="${SASS_NEW:-$(mktemp -d)}"  # SASS_NEW=DIR keeps the working tree's cubins and SASS there
+mkdir -p "$NEW"
+[ -n "${SASS_NEW:-}" ] || trap 'rm -rf "$NEW"' EXIT
 
 # setup.py's nvcc flags (and the defines torch's extension builder adds) without -lineinfo / -Xptxas=-warn-spills
 FLAGS="-O3 -std=c++17 --expt-relaxed-constexpr --expt-extended-lambda -DNDEBUG -D__CUDA_NO_HALF_OPERATORS__
@@ -99,7 +100,7 @@ def kernels(path):
             name = m.group(1)
             out[name] = []
         elif name is not None and not re.match(r"\s*(code for sm_|Fatbin |\.{5,}|arch = |code version|host = |compile_size)", line):
-            out[name].append(line.strip())
+            out[name].append(" ".join(line.split()))  # cuobjdump pads columns to the file's longest instruction
     return out
 
 
