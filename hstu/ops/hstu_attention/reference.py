@@ -85,21 +85,23 @@ def dropout_keep_mask(
     return torch.rand(shape, generator=generator, device=device) >= dropout_p
 
 
-def _values_readable(t: torch.Tensor) -> bool:
-    """Whether t's values may be read on the host now: not while tracing with fake tensors, compiling, or capturing
-    a CUDA graph (where a device-to-host copy is not allowed)."""
-    return values_are_concrete(t) and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+def _values_readable(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors' values may be read on the host now: not while tracing with fake tensors, compiling, or
+    capturing a CUDA graph (where a device-to-host copy is not allowed)."""
+    capturing = any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing()
+    return values_are_concrete(*tensors) and not capturing
 
 
-def _may_be_nonfinite(t: torch.Tensor) -> bool:
-    """Whether t may hold a NaN or an infinity: the exact answer when its values can be read, else True (the product
-    then takes its exact non-finite path unconditionally). A finite sum proves every element finite (a NaN or an
-    infinity makes any sum non-finite); the sum is one vectorized pass, far cheaper than isfinite (CPU, float32:
-    0.02 against 1.1 ms for 2^17 elements), which only runs when the sum is not finite (possibly an overflow)."""
-    if not _values_readable(t):
-        return True
-    t = t.detach()
-    return not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all())
+def _may_be_nonfinite(tensors: list[torch.Tensor], readable: bool) -> list[bool]:
+    """For each tensor, whether it may hold a NaN or an infinity: the exact answer when values can be read, else True
+    (the products then take their exact non-finite path unconditionally). A finite sum proves every element finite (a
+    NaN or an infinity makes any sum non-finite); the sums are one vectorized pass each and one host copy for all,
+    far cheaper than isfinite (CPU, float32: 0.02 against 1.1 ms for 2^17 elements), which only runs for a tensor
+    whose sum is not finite (possibly an overflow)."""
+    if not readable:
+        return [True] * len(tensors)
+    sums = torch.stack([t.detach().sum().to(torch.float64) for t in tensors]).tolist()
+    return [not math.isfinite(total) and not bool(torch.isfinite(t).all()) for total, t in zip(sums, tensors)]
 
 
 _BITS_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -119,12 +121,27 @@ class _Select(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bits):
         ctx.save_for_backward(bits)
-        return (x.view(bits.dtype) & bits).view(x.dtype)
+        return _and_bits(x, bits)
 
     @staticmethod
     def backward(ctx, grad):
         (bits,) = ctx.saved_tensors
-        return _Select.apply(grad, bits), None
+        return _select(grad, bits), None
+
+
+def _and_bits(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    return (x.view(bits.dtype) & bits).view(x.dtype)
+
+
+def _recorded(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on these tensors now. Where it does not (the op's own calls: its forward
+    runs without grad, its backward is closed-form), the autograd Functions below run as plain functions, which
+    saves their host overhead (a few tens of µs per call, most of a short sequence's time)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _select(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    return _Select.apply(x, bits) if _recorded(x) else _and_bits(x, bits)
 
 
 def _nonfinite_terms(weights: torch.Tensor, values: torch.Tensor, select: torch.Tensor, weights_bad: torch.Tensor,
@@ -159,7 +176,7 @@ def _nonfinite_terms(weights: torch.Tensor, values: torch.Tensor, select: torch.
 def _masked_product(weights: torch.Tensor, values: torch.Tensor, select: torch.Tensor,
                     values_nonfinite: Optional[bool]) -> torch.Tensor:  # fmt: skip
     if values_nonfinite is None:
-        values_nonfinite = _may_be_nonfinite(values)
+        (values_nonfinite,) = _may_be_nonfinite([values], _values_readable(values))
     if not values_nonfinite:
         # Unselected weights are exact zeros times finite values: exactly zero terms.
         return torch.einsum("bhij,bjhd->bihd", weights, values)
@@ -176,7 +193,7 @@ class _MaskedProduct(torch.autograd.Function):
     `weights` must be exactly zero where `select` (broadcastable to it) is False; those terms contribute exactly
     zero even where `values` is NaN or infinite (a plain product would give 0 * NaN = NaN). values_nonfinite: whether
     `values` may hold a non-finite entry (None: find out). Differentiable to any order: its backward is itself made
-    of einsum and _MaskedProduct."""
+    of einsum and _MaskedProduct (through _product)."""
 
     @staticmethod
     def forward(ctx, weights, values, select, values_nonfinite):
@@ -191,8 +208,15 @@ class _MaskedProduct(torch.autograd.Function):
             # Non-finite values reach the unselected entries here; the caller's select drops them.
             grad_weights = torch.einsum("bihd,bjhd->bhij", grad, values)
         if ctx.needs_input_grad[1]:
-            grad_values = _MaskedProduct.apply(weights.transpose(-1, -2), grad, select.transpose(-1, -2), None)
+            grad_values = _product(weights.transpose(-1, -2), grad, select.transpose(-1, -2), None)
         return grad_weights, grad_values, None, None
+
+
+def _product(weights: torch.Tensor, values: torch.Tensor, select: torch.Tensor,
+             values_nonfinite: Optional[bool]) -> torch.Tensor:  # fmt: skip
+    if _recorded(weights, values):
+        return _MaskedProduct.apply(weights, values, select, values_nonfinite)
+    return _masked_product(weights, values, select, values_nonfinite)
 
 
 class _Scores(torch.autograd.Function):
@@ -210,9 +234,9 @@ class _Scores(torch.autograd.Function):
         q, k, select = ctx.saved_tensors
         grad_q = grad_k = None
         if ctx.needs_input_grad[0]:
-            grad_q = _MaskedProduct.apply(grad, k, select, None)
+            grad_q = _product(grad, k, select, None)
         if ctx.needs_input_grad[1]:
-            grad_k = _MaskedProduct.apply(grad.transpose(-1, -2), q, select.transpose(-1, -2), None)
+            grad_k = _product(grad.transpose(-1, -2), q, select.transpose(-1, -2), None)
         return grad_q, grad_k, None
 
 
@@ -231,19 +255,20 @@ class _Padded(NamedTuple):
         return select if self.keep is None else select & self.keep[rows]
 
 
-def _padded_width(lengths: torch.Tensor, max_seqlen: int, dropout_p: float) -> int:
+def _padded_width(lengths: torch.Tensor, max_seqlen: int, dropout_p: float, readable: bool) -> int:
     """The padded width n: the longest sequence when it can be read, else max_seqlen (a loose max_seqlen then costs
     no work). With dropout it stays max_seqlen: the keep mask is drawn for that shape."""
-    if dropout_p > 0.0 or lengths.numel() == 0 or not _values_readable(lengths):
+    if dropout_p > 0.0 or lengths.numel() == 0 or not readable:
         return max_seqlen
     return min(max_seqlen, int(lengths.max()))
 
 
 def _padded_problem(q, k, v, seq_offsets, max_seqlen, causal, window_size, num_contexts, num_targets,
-                    target_group_size, dropout_p, dropout_seed, dropout_mask, compute_dtype) -> _Padded:  # fmt: skip
+                    target_group_size, dropout_p, dropout_seed, dropout_mask, compute_dtype,
+                    readable) -> _Padded:  # fmt: skip
     lengths = seq_offsets[1:] - seq_offsets[:-1]
     batch, num_heads = lengths.numel(), q.shape[1]
-    n = _padded_width(lengths, max_seqlen, dropout_p)
+    n = _padded_width(lengths, max_seqlen, dropout_p, readable)
     slots = padded_slots(seq_offsets, q.shape[0], n)
     padded = [pad_to_slots(t.to(compute_dtype), slots, batch, n) for t in (q, k, v)]
     visible = attention_mask(
@@ -278,10 +303,11 @@ def _scaled_scores(p: _Padded, rows: slice, select: torch.Tensor, rab: Optional[
                    alpha: float) -> torch.Tensor:  # fmt: skip
     """alpha * (q k^T + rab) for the sequences `rows`, zero where `select` is False (so a non-finite score there
     reaches neither SiLU nor, through autograd, any gradient)."""
-    scores = _Scores.apply(p.q[rows], p.k[rows], select)
+    q, k = p.q[rows], p.k[rows]
+    scores = _Scores.apply(q, k, select) if _recorded(q, k) else torch.einsum("bihd,bjhd->bhij", q, k)
     if rab is not None:
         scores = scores + rab[rows, :, : p.n, : p.n].to(scores.dtype)
-    return _Select.apply(alpha * scores, _keep_bits(select, scores.dtype))
+    return _select(alpha * scores, _keep_bits(select, scores.dtype))
 
 
 def hstu_attention_reference(
@@ -317,18 +343,19 @@ def hstu_attention_reference(
     scale = 1.0 / float(scaling_seqlen if scaling_seqlen is not None else max_seqlen)
     if batch == 0 or max_seqlen == 0 or q.shape[0] == 0:
         return q.new_zeros(q.shape[0], num_heads, dim_v) + 0 * v.sum()
+    readable = _values_readable(v, seq_offsets)
     p = _padded_problem(
         q, k, v, seq_offsets, max_seqlen, causal, window_size, num_contexts, num_targets, target_group_size,
-        dropout_p, dropout_seed, dropout_mask, compute_dtype,
+        dropout_p, dropout_seed, dropout_mask, compute_dtype, readable,
     )  # fmt: skip
-    v_nonfinite = _may_be_nonfinite(v)
+    (v_nonfinite,) = _may_be_nonfinite([v], readable)
     outputs = []
     for rows in _batch_chunks(batch, num_heads, p.n):
         select = p.select(rows)
         weights = F.silu(_scaled_scores(p, rows, select, rab, alpha)) * scale  # exactly 0 where not selected
         if dropout_p > 0.0:
             weights = weights / (1.0 - dropout_p)
-        outputs.append(_MaskedProduct.apply(weights, p.v[rows], select, v_nonfinite))
+        outputs.append(_product(weights, p.v[rows], select, v_nonfinite))
     return unpad_from_slots(torch.cat(outputs, dim=0), p.slots).to(q.dtype)
 
 
@@ -368,13 +395,14 @@ def hstu_attention_reference_backward(
     drab = torch.zeros_like(rab) if rab is not None and rab_needs_grad else None
     if batch == 0 or max_seqlen == 0 or q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), drab
+    readable = _values_readable(q, k, grad_out, seq_offsets)
     p = _padded_problem(
         q, k, v, seq_offsets, max_seqlen, causal, window_size, num_contexts, num_targets, target_group_size,
-        dropout_p, dropout_seed, dropout_mask, compute_dtype,
+        dropout_p, dropout_seed, dropout_mask, compute_dtype, readable,
     )  # fmt: skip
     n = p.n
     do_pad = pad_to_slots(grad_out.to(compute_dtype), p.slots, batch, n)
-    nonfinite = {name: _may_be_nonfinite(t) for name, t in (("q", q), ("k", k), ("do", grad_out))}
+    q_nonfinite, k_nonfinite, do_nonfinite = _may_be_nonfinite([q, k, grad_out], readable)
     factor = scale / (1.0 - dropout_p) if dropout_p > 0.0 else scale
     dq_pad, dk_pad, dv_pad = torch.zeros_like(p.q), torch.zeros_like(p.k), torch.zeros_like(p.v)
     for rows in _batch_chunks(batch, num_heads, n):
@@ -385,13 +413,13 @@ def hstu_attention_reference_backward(
         s = alpha * s
         sig = torch.sigmoid(s)
         bits = _keep_bits(select, s.dtype)
-        weights = _Select.apply(s * sig * factor, bits)
+        weights = _select(s * sig * factor, bits)
         select_t = select.transpose(-1, -2)
-        dv_pad[rows] = _MaskedProduct.apply(weights.transpose(-1, -2), do_pad[rows], select_t, nonfinite["do"])
+        dv_pad[rows] = _product(weights.transpose(-1, -2), do_pad[rows], select_t, do_nonfinite)
         dweights = torch.einsum("bihd,bjhd->bhij", do_pad[rows], p.v[rows])
-        dscores = _Select.apply(dweights * factor * sig * (1.0 + s * (1.0 - sig)) * alpha, bits)
-        dq_pad[rows] = _MaskedProduct.apply(dscores, p.k[rows], select, nonfinite["k"])
-        dk_pad[rows] = _MaskedProduct.apply(dscores.transpose(-1, -2), p.q[rows], select_t, nonfinite["q"])
+        dscores = _select(dweights * factor * sig * (1.0 + s * (1.0 - sig)) * alpha, bits)
+        dq_pad[rows] = _product(dscores, p.k[rows], select, k_nonfinite)
+        dk_pad[rows] = _product(dscores.transpose(-1, -2), p.q[rows], select_t, q_nonfinite)
         if drab is not None:
             per_head = dscores if rab.shape[1] == num_heads else dscores.sum(dim=1, keepdim=True)
             drab[rows, :, :n, :n] = per_head.to(drab.dtype)
