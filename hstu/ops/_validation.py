@@ -66,13 +66,15 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others: Op
 
 
 def check_int(name: str, value: object, minimum: Optional[int] = None, maximum: int = INT64_MAX) -> int:
-    """An int (numpy integers and SymInts too, not bool) in [minimum, maximum]; maximum defaults to the int64 range
-    that torch sizes and index tensors hold."""
+    """An int (numpy integers and SymInts too, not bool) in [minimum, maximum], and always in the int64 range that
+    torch sizes, index tensors and custom-op arguments hold."""
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, torch.Tensor) or not hasattr(value, "__index__"):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         value = int(value)  # numpy integers and SymInts
-    if minimum is not None and value < minimum:
+    if minimum is None:
+        minimum = -INT64_MAX - 1
+    if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")

@@ -249,6 +249,7 @@ class TestBadInputs:
             (dict(max_seqlen=2**70), ValueError, "max_seqlen must be <= 9223372036854775807"),
             (dict(scaling_seqlen=2**64), ValueError, "scaling_seqlen must be <="),
             (dict(window_size=2**63), ValueError, "window_size must be <="),
+            (dict(window_size=-(2**63) - 1), ValueError, "window_size must be >= -9223372036854775808"),
             (dict(target_group_size=2**70), ValueError, "target_group_size must be <="),
             (dict(seq_offsets=torch.tensor([0, 2**31 - 1, -(2**31)], dtype=torch.int32)), ValueError, "non-decreasing"),
         ],
