@@ -17,11 +17,17 @@ import pytest
 import torch
 
 from hstu.ops import hstu_attention, lengths_to_offsets
+from hstu.ops._extension import load_extension
 from hstu.ops.hstu_attention.cuda import kernel_variant
 from tests.conftest import requires_cuda
 from tests.ops.dense_attention import mask_matrix
 
 pytestmark = requires_cuda
+
+# The fused kernels select on the scores (rab, and keys in the forward's scores, are exact), but their products over
+# keys (P·V in the forward, dS·K for dq, and the Hopper backward's dS = dP · SiLU') multiply an invisible entry by an
+# exact zero, so a NaN / inf there still reaches rows that do not see it. Measured on an H100 (issue 20, kernel part).
+KERNEL_PRODUCTS_LEAK = "fused kernels: products over keys multiply invisible non-finite keys / values by zero"
 
 LENGTHS = [300, 1, 77, 203]
 HEADS, DIM = 2, 64
@@ -108,7 +114,9 @@ def path(request):
 @pytest.mark.parametrize("with_rab", [False, True], ids=["norab", "rab"])
 @pytest.mark.parametrize("target", ["k", "v"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_invisible_nonfinite_key_or_value(family, target, with_rab, dtype, path):
+def test_invisible_nonfinite_key_or_value(family, target, with_rab, dtype, path, request):
+    if dtype != torch.float32 and load_extension() is not None:
+        request.applymarker(pytest.mark.xfail(reason=KERNEL_PRODUCTS_LEAK, strict=False))
     deterministic = path[1]
     kwargs = _kwargs(family)
     q, k, v, rab, grad_out = _inputs(dtype, with_rab)
