@@ -181,7 +181,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
 // interleave on their own. At head dims 64 / 128 the default is its persistent form (hstu_fwd_sm90_persistent_kernel
 // below: the same step loop, one wave of blocks walking work items); this one-tile-per-block form runs at head dim
 // 256 and with KernelOptions::fwd_persistent = false.
-
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_fwd_sm90_ws_kernel(const AttnParams p) {
 #if defined(HSTU_SM90_DEVICE)
