@@ -13,10 +13,6 @@ from hstu.ops._validation import to_host
 from hstu.ops.hstu_attention.reference import dropout_keep_mask, hstu_attention_reference
 from tests.ops.dense_attention import dense_hstu_attention, mask_matrix, visible
 
-# Whether hstu_attention calls hstu.ops._validation.check_attention_extras (a one-line call in op.py, another
-# change's file): set True once it does, and TestBadInputs.test_extra_checks_name_the_argument checks the public op.
-OP_RUNS_EXTRA_CHECKS = False
-
 MASK_FAMILIES = [
     dict(causal=True),
     dict(causal=True, window_size=3),
@@ -326,12 +322,10 @@ class TestBadInputs:
         args.update(overrides)
         with pytest.raises(error, match=match):
             check_attention_extras(args["q"], args["window_size"], args["alpha"], args["deterministic"])
-        # ... and through the public op, once hstu_attention calls check_attention_extras (op.py is not this
-        # change's file): until then H = 0 returns an empty output, window -2 means no window, a NaN alpha gives
-        # NaN outputs and any truthy `deterministic` counts as True.
-        if OP_RUNS_EXTRA_CHECKS:
-            with pytest.raises(error, match=match):
-                self.call(**({"k": overrides["q"], "v": overrides["q"]} if "q" in overrides else {}), **overrides)
+        # ... and through the public op (without the check, H = 0 returns an empty output, window -2 means no
+        # window, a NaN alpha gives NaN outputs and any truthy `deterministic` counts as True).
+        with pytest.raises(error, match=match):
+            self.call(**({"k": overrides["q"], "v": overrides["q"]} if "q" in overrides else {}), **overrides)
 
     def test_extra_checks_accept_valid_arguments(self):
         from hstu.ops._validation import check_attention_extras

@@ -18,6 +18,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from hstu.ops._extension import load_extension, warn_once
 from hstu.ops._validation import (
+    check_attention_extras,
     check_float_tensor,
     check_index_tensor,
     check_int,
@@ -399,6 +400,7 @@ def hstu_attention(
     (q, k, v, seq_offsets, max_seqlen, scaling_seqlen, window_size, target_group_size, num_contexts, num_targets,
      rab) = _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
                       num_targets, target_group_size, rab, dropout_p)  # fmt: skip
+    check_attention_extras(q, window_size, alpha, deterministic)
     dropout_seed = 0
     if dropout_p > 0.0:
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
