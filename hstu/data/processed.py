@@ -80,7 +80,8 @@ def looks_processed(directory: str) -> Optional[str]:
     """``None`` when ``directory`` holds exactly what a writer of this module leaves there, else the reason why not.
 
     That is a ``metadata.json`` object with an integer ``format_version`` and a string ``dataset``, and otherwise
-    only regular ``.npy`` files.
+    only regular ``.npy`` files of the columns prepare writes (the sequence and user columns, ``item_raw_id`` and
+    the contextual features the metadata lists): a user's own arrays beside them make the directory foreign.
     """
     meta_path = os.path.join(directory, "metadata.json")
     if not os.path.isfile(meta_path) or os.path.islink(meta_path):
@@ -93,11 +94,15 @@ def looks_processed(directory: str) -> Optional[str]:
     if not (isinstance(metadata, dict) and _is_int(metadata.get("format_version"))
             and isinstance(metadata.get("dataset"), str)):
         return "its metadata.json lacks the format_version and dataset fields that prepare writes"
+    features = metadata.get("contextual_features")
+    columns = {"offsets", "user_id", "item_raw_id", *SEQUENCE_COLUMNS}
+    if isinstance(features, list):
+        columns.update(f["name"] for f in features if isinstance(f, dict) and isinstance(f.get("name"), str))
     foreign = sorted(
         name for name in os.listdir(directory)
         if name != "metadata.json" and not (
-            name.endswith(".npy") and os.path.isfile(os.path.join(directory, name))
-            and not os.path.islink(os.path.join(directory, name))
+            name.endswith(".npy") and name[: -len(".npy")] in columns
+            and os.path.isfile(os.path.join(directory, name)) and not os.path.islink(os.path.join(directory, name))
         )
     )
     if foreign:

@@ -92,18 +92,37 @@ def earlier_run_outputs(run_dir: str) -> list[str]:
     return [name for name in RUN_OUTPUTS if name in present]
 
 
+def written_by_a_run(run_dir: str) -> bool:
+    """Whether ``run_dir`` carries the mark the trainer leaves: a ``config.json`` object naming the task, or a
+    ``checkpoints/latest`` pointer. Generic names alone (a ``config.json`` of something else) do not count."""
+    if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
+        return True
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("task"), str)
+
+
 def move_run_aside(run_dir: str, keep_clear_of: tuple[str, ...] = ()) -> str:
     """Rename ``run_dir`` to a free ``<run_dir>.old-<UTC time>[-n]`` sibling and return the new path.
 
-    Refuses (ValueError) when ``run_dir`` is the working directory or one of its ancestors, or contains one of the
-    ``keep_clear_of`` paths (e.g. the dataset): moving it would pull them away from under the run.
+    Refuses (ValueError) when ``run_dir`` is the working directory, the home directory or one of their ancestors,
+    contains one of the ``keep_clear_of`` paths (e.g. the dataset), or does not carry the trainer's mark
+    (:func:`written_by_a_run`): only a directory an earlier run wrote is moved.
     """
     real = os.path.realpath(run_dir)
-    for other, what in [(os.getcwd(), "the working directory")] + [(p, p) for p in keep_clear_of]:
+    for other, what in ([(os.getcwd(), "the working directory"), (os.path.expanduser("~"), "the home directory")]
+                        + [(p, p) for p in keep_clear_of]):
         other_real = os.path.realpath(other)
         if os.path.commonpath([real, other_real]) == real:
             raise ValueError(f"--fresh: the run directory {run_dir} contains {what}; it cannot be moved aside: "
                              "choose another --run-dir")
+    if not written_by_a_run(run_dir):
+        raise ValueError(f"--fresh: {run_dir} holds {', '.join(earlier_run_outputs(run_dir)) or 'files'} but no "
+                         "config.json or checkpoints/latest written by an hstu run, so it is not moved aside: choose "
+                         "another --run-dir, or move its contents yourself")
     path = os.path.abspath(run_dir).rstrip(os.sep)
     target = free_sibling_name(f"{path}.old-{utc_stamp()}")
     os.rename(path, target)

@@ -140,7 +140,7 @@ class Trainer:
         if self.ctx.is_main:
             try:
                 outcome = ("ok", *self._check_run_dir(run_dir, resume, fresh, dataset_dir))
-            except (ValueError, OSError) as err:
+            except Exception as err:  # every failure reaches the other ranks, which would otherwise wait forever
                 outcome = ("error", err)
         if self.ctx.world_size > 1:
             box = [outcome]

@@ -86,7 +86,8 @@ def test_cli_raw_dir_with_out_dir_dot_keeps_everything(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("kind", ["foreign-file", "foreign-metadata", "processed-plus-foreign", "symlink", "regular-file"])
+@pytest.mark.parametrize("kind", ["foreign-file", "foreign-metadata", "processed-plus-foreign",
+                                  "processed-plus-own-array", "symlink", "regular-file"])
 def test_overwrite_refuses_anything_but_a_processed_dataset(tmp_path, kind):
     out = tmp_path / "out"
     if kind == "foreign-file":
@@ -99,6 +100,9 @@ def test_overwrite_refuses_anything_but_a_processed_dataset(tmp_path, kind):
     elif kind == "processed-plus-foreign":
         write_synthetic(str(out), **TINY)
         (out / "README").write_text("notes kept next to the data")
+    elif kind == "processed-plus-own-array":
+        write_synthetic(str(out), **TINY)
+        np.save(out / "item_embeddings.npy", np.ones(3))  # a user's array beside the columns prepare writes
     elif kind == "symlink":
         write_synthetic(str(tmp_path / "real"), **TINY)
         os.symlink(tmp_path / "real", out)

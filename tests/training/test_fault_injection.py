@@ -386,12 +386,30 @@ def test_fresh_refuses_to_move_the_working_directory(tmp_path, monkeypatch):
     from hstu.training.run_logging import move_run_aside
 
     (tmp_path / "train_log.jsonl").write_text("")
+    (tmp_path / "config.json").write_text('{"task": "retrieval"}')
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="contains the working directory"):
         move_run_aside(".")
     with pytest.raises(ValueError, match="contains the working directory"):
         move_run_aside(str(tmp_path.parent))
     assert (tmp_path / "train_log.jsonl").exists()
+
+
+def test_fresh_moves_only_a_directory_a_run_wrote(tmp_path, monkeypatch):
+    """Generic output names alone (e.g. a home directory with a config.json) are no run: --fresh leaves it."""
+    from hstu.training.run_logging import move_run_aside
+
+    home = tmp_path / "home"
+    (home / "projects").mkdir(parents=True)
+    (home / "config.json").write_text('{"editor": "vim"}')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="not moved aside"):
+        move_run_aside(str(home))
+    monkeypatch.setenv("HOME", str(home / "projects"))  # a run dir above the home directory
+    (home / "config.json").write_text('{"task": "retrieval"}')
+    with pytest.raises(ValueError, match="contains the home directory"):
+        move_run_aside(str(home))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
 
 
 def test_config_error_prints_one_line_without_traceback(capsys):
