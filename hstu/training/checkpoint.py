@@ -46,6 +46,9 @@ LATEST = "latest"
 MANIFEST_FORMAT = "hstu-checkpoint"
 MANIFEST_FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+# A verified checkpoint moved aside while the same step is written again (see _commit). A crash between the two
+# renames leaves it as the only complete copy of that step, so it counts as that step while step_N is absent.
+_REPLACED_DIR = re.compile(r"^\.step_(\d{8,})\.replaced$")
 _CHUNK = 1 << 20
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointWriteError", "MANIFEST", "capture_rng_state",
@@ -200,13 +203,20 @@ def check_compatible(manifest: dict, path: str, ctx, sharding: Optional[dict] = 
 
 # ---- choosing a checkpoint to resume from ----------------------------------------------------------------------------
 def step_directories(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every ``step_*`` directory under ``<run_dir>/checkpoints``, newest first."""
+    """(step, path) of every ``step_*`` directory under ``<run_dir>/checkpoints``, newest first, plus each
+    ``.step_*.replaced`` directory whose ``step_*`` is absent (a re-save of that step interrupted between its
+    renames)."""
     root = os.path.join(run_dir, CHECKPOINT_DIR)
     if not os.path.isdir(root):
         return []
+    names = os.listdir(root)
     found = []
-    for name in os.listdir(root):
+    for name in names:
         match = _STEP_DIR.match(name)
+        replaced = _REPLACED_DIR.match(name)
+        if replaced and f"step_{replaced.group(1)}" in names:
+            continue
+        match = match or replaced
         if match and os.path.isdir(os.path.join(root, name)):
             found.append((int(match.group(1)), os.path.join(root, name)))
     return sorted(found, reverse=True)
@@ -300,7 +310,15 @@ def _commit(tmp: str, final: str, step: int, ctx, sharding: dict) -> Optional[tu
     for parent, _, _ in os.walk(tmp):
         fsync_directory(parent)
     replaced, aside = None, None
-    if os.path.lexists(final):
+    interrupted = os.path.join(root, f".{os.path.basename(final)}.replaced")
+    if not os.path.lexists(final) and os.path.isdir(interrupted):
+        # An earlier re-save of this step stopped between its renames: that copy is replaced by this one (deleted
+        # once this one is in place when it verifies; else left as it is).
+        try:
+            replaced, aside = verify_checkpoint(interrupted), interrupted
+        except CheckpointError:
+            pass
+    elif os.path.lexists(final):
         try:
             replaced = verify_checkpoint(final)
             aside = os.path.join(root, f".{os.path.basename(final)}.replaced")

@@ -343,6 +343,21 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_data, refere
     assert os.listdir(step_dir(run_dir, 4)) == ["note.txt"]
 
 
+def test_kill_between_the_renames_of_a_resave_keeps_that_step(tiny_data, reference, tmp_path):
+    """A re-save of step 40 killed after it moved the old copy aside (.step_N.replaced) and before the new one's
+    rename: resume takes the moved copy, and the next save of that step puts step_N back and removes it."""
+    run_dir = copy_run(reference, tmp_path)
+    root = run_dir / "checkpoints"
+    shutil.copytree(step_dir(run_dir, 40), root / ".step_00000040.partial")  # the complete, unrenamed new copy
+    os.rename(step_dir(run_dir, 40), root / ".step_00000040.replaced")
+    status, out, err = train_here(RETRIEVAL, tiny_data, run_dir, "--resume")
+    assert status == 0, out[-2000:] + err[-3000:]
+    assert f"resumed from {root / '.step_00000040.replaced'} at step 40" in out
+    assert_same_run(run_dir, reference)
+    assert sorted(n for n in os.listdir(root) if "step_" in n) == ["step_00000032", "step_00000036", "step_00000040"]
+    ckpt.verify_checkpoint(step_dir(run_dir, 40))
+
+
 # ---- run directories and sharding ----------------------------------------------------------------------------------
 def test_second_run_into_a_used_run_dir_is_refused_and_fresh_moves_it_aside(tiny_data, reference, tmp_path):
     run_dir = copy_run(reference, tmp_path)
