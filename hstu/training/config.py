@@ -8,6 +8,10 @@ overrides use the same syntax: ``--gin-param TrainerArgs.max_epochs=3`` (repeata
 field and the expected type: ``"3"`` is not an int, ``True`` is not an int, an int is a valid float), then its value
 (a ``ValueError`` naming the field: allowed choices, positive sizes, dropout in [0, 1), ...). A relative ``include``
 in a gin file is looked up next to the including file first, then in the working directory.
+
+The field names of NVIDIA's recsys-examples HSTU example are accepted next to ours, with the example's meanings and
+defaults (EXAMPLE_FIELDS, at the end of this module; docs/migrating.md). A value whose meaning this stack cannot
+reproduce yet raises :class:`NotSupportedYetError` (a ValueError) naming the field.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import os
 import tokenize
 import typing
+import warnings
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -30,7 +35,6 @@ import gin.config
 KUAIRAND_TASKS = ("click", "like", "follow", "comment", "forward", "hate", "long_view", "profile_enter")
 
 
-@gin.configurable
 @dataclass
 class TrainerArgs:
     run_dir: str = "runs/default"
@@ -60,7 +64,6 @@ class TrainerArgs:
     profile_steps: int = 0
 
 
-@gin.configurable
 @dataclass
 class DatasetArgs:
     dataset_dir: str = "data/synthetic"
@@ -80,7 +83,6 @@ class DatasetArgs:
     balance_workload: bool = False
 
 
-@gin.configurable
 @dataclass
 class NetworkArgs:
     hidden_dim: int = 50  # model width = embedding dim
@@ -107,7 +109,6 @@ class NetworkArgs:
     contextual_features: Sequence[str] = ()  # contextual feature names to prepend as tokens
 
 
-@gin.configurable
 @dataclass
 class EmbeddingArgs:
     init_std: float = 0.02
@@ -119,7 +120,6 @@ class EmbeddingArgs:
     max_embedding_bytes: Optional[int] = None
 
 
-@gin.configurable
 @dataclass
 class OptimizerArgs:
     optimizer: str = "adamw"  # adam | adamw | sgd
@@ -132,7 +132,6 @@ class OptimizerArgs:
     min_lr_ratio: float = 0.0
 
 
-@gin.configurable
 @dataclass
 class RetrievalArgs:
     num_negatives: int = 128  # uniform over the catalogue
@@ -145,7 +144,6 @@ class RetrievalArgs:
     filter_seen_items: bool = False
 
 
-@gin.configurable
 @dataclass
 class RankingArgs:
     task_type: Optional[str] = None  # bitmask | rating (None: from the dataset's action kind)
@@ -157,7 +155,6 @@ class RankingArgs:
     head_dropout: float = 0.0
 
 
-@gin.configurable
 @dataclass
 class ParallelismArgs:
     """Read by ``hstu.distributed`` (``ParallelismSettings.from_args``: same field names; None = its default).
@@ -224,8 +221,7 @@ def parse_gin(config_files: Sequence[str] = (), bindings: Sequence[str] = ()) ->
         except (SyntaxError, tokenize.TokenError) as e:
             raise ValueError(f"--gin-param {text!r}: cannot parse the binding ({_first_line(e)})") from None
     gin.finalize()
-    args = AllArgs(TrainerArgs(), DatasetArgs(), NetworkArgs(), EmbeddingArgs(), OptimizerArgs(), RetrievalArgs(),
-                   RankingArgs(), ParallelismArgs())
+    args = _args_from_bindings(_bound_fields(), config_files)
     validate_args(args)
     return args
 
@@ -508,3 +504,557 @@ def _check_combinations(args: AllArgs) -> None:
         parallelism_settings(args.parallelism, args.optimizer)
     except ValueError as e:
         raise ValueError(f"ParallelismArgs: {e}") from None
+
+
+# ---- the gin surface: our fields and the NVIDIA recsys-examples HSTU example's fields --------------------------------
+# Users arrive with gin files written for NVIDIA's recsys-examples HSTU example (``examples/hstu``), whose argument
+# classes share our class names (TrainerArgs, DatasetArgs, ...) but use other field names, and add classes of their
+# own (TensorModelParallelArgs, DynamicEmbeddingArgs, BenchmarkDatasetArgs, FeatureArgs, RandomDistribution). gin
+# sees one configurable per class name whose parameters are our fields plus the example's; every parameter defaults
+# to _UNSET, so calling the configurable tells which fields a config bound. EXAMPLE_FIELDS maps each example field
+# onto ours; it is the only place that knows the example's names (docs/migrating.md's table is generated from it).
+#
+# A config that binds any field that only the example has is read in the example's style: every example field then
+# has the example's meaning and default (an unbound one too), names both styles share take the example's meaning
+# (RetrievalArgs.num_negatives: negatives drawn from the batch; DatasetArgs.shuffle: default False), and our fields
+# that the example has no name for take the example model's values (EXAMPLE_STYLE_DEFAULTS) unless bound.
+
+
+class NotSupportedYetError(ValueError):
+    """A field of the example's argument classes holds a value whose meaning this stack cannot reproduce yet."""
+
+
+class ExampleDefaultWarning(UserWarning):
+    """An unbound example field's default means something this stack does not reproduce; the run uses ours."""
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+REQUIRED = "required"  # ExampleField.default of a field the example's class has no default for
+
+
+@dataclass(frozen=True)
+class ExampleField:
+    """One field of the example's argument classes and the fields of ours it sets."""
+
+    cls: str
+    name: str
+    hint: Any
+    default: Any  # the example's default, or REQUIRED
+    ours: tuple[str, ...]  # our fields ("DatasetArgs.batch_size") this field sets; () when it sets none
+    differs: str = ""  # what differs from our field(s), for the migration table; "" when the meaning is the same
+    # value, example values by "Class.field" -> {our field: value}; None: the value itself for each of ``ours``
+    convert: Optional[Callable[[Any, dict], dict]] = None
+    # value, example values -> why this stack cannot reproduce the value yet (None: it can)
+    unsupported: Optional[Callable[[Any, dict], Optional[str]]] = None
+    rule: Optional[tuple[Callable[[Any], bool], str]] = None  # value rule as in _RULES (None values skip it)
+    # An unbound field whose default ``unsupported`` rejects warns (ExampleDefaultWarning) unless this is False
+    # (defaults whose difference changes no number, such as the overlap pipeline).
+    warn_default: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.cls}.{self.name}"
+
+
+def _when(condition: Callable[[Any], bool], reason: str) -> Callable[[Any, dict], Optional[str]]:
+    return lambda value, ex: reason if condition(value) else None
+
+
+def _tp(ex: dict) -> int:
+    return ex.get("TensorModelParallelArgs.tensor_model_parallel_size") or 1
+
+
+def _example_dataset_dir(path: Optional[str], ex: dict) -> dict:
+    """The example's dataset_path is a root with one folder per dataset; None means its default root."""
+    name = ex.get("DatasetArgs.dataset_name")
+    if not isinstance(name, str):
+        return {}
+    root = path if path else "data"
+    if path and os.path.isfile(os.path.join(path, "metadata.json")):
+        return {"DatasetArgs.dataset_dir": path}  # prepared straight into dataset_path
+    return {"DatasetArgs.dataset_dir": os.path.join(root, name)}
+
+
+def _max_train_iters(value: Optional[int], ex: dict) -> dict:
+    if value is None:  # the example trains one pass over the data
+        return {"TrainerArgs.max_epochs": 1}
+    # The example cycles the data until max_train_iters; every epoch has at least one step, so this many epochs
+    # always reach max_steps.
+    return {"TrainerArgs.max_steps": value, "TrainerArgs.max_epochs": value}
+
+
+def _checkpoint_interval(value: int, ex: dict) -> dict:
+    if value <= 0:  # the example saves nothing, not even at the end
+        return {"TrainerArgs.checkpoint_interval_steps": _NEVER, "TrainerArgs.save_final_checkpoint": False}
+    return {"TrainerArgs.checkpoint_interval_steps": value, "TrainerArgs.save_final_checkpoint": False}
+
+
+_NEVER = 2 ** 62  # a checkpoint interval no run reaches: no periodic checkpoint
+
+
+def _betas(value: float, ex: dict) -> dict:
+    return {"OptimizerArgs.betas": (ex["OptimizerArgs.adam_beta1"], ex["OptimizerArgs.adam_beta2"])}
+
+
+def _dtype(value: str, ex: dict) -> dict:
+    return {"TrainerArgs.bf16": True} if value == "bfloat16" else {}
+
+
+def _prediction_head(arch: Optional[Sequence[int]], ex: dict) -> dict:
+    """The example's head is arch[:-1] hidden layers and arch[-1] outputs: one per task, or rating classes."""
+    if not arch:
+        return {}
+    tasks = ex.get("RankingArgs.num_tasks", 1)
+    out = {"RankingArgs.head_hidden_dims": tuple(arch[:-1])}
+    if tasks == 1 and arch[-1] > 1:
+        out.update({"RankingArgs.task_type": "rating", "RankingArgs.num_classes": arch[-1]})
+    else:
+        out["RankingArgs.task_type"] = "bitmask"
+        name = ex.get("DatasetArgs.dataset_name")
+        if isinstance(name, str) and name.startswith("kuairand"):
+            out["RankingArgs.task_names"] = KUAIRAND_TASKS[:tasks]
+    return out
+
+
+def _retrieval_top_k(names: Sequence[str], ex: dict) -> dict:
+    ks = sorted({int(n.split("@", 1)[1]) for n in names if "@" in n})
+    return {"RetrievalArgs.eval_top_k": tuple(ks)} if ks else {}
+
+
+def _is_retrieval_metric(name: Any) -> bool:
+    """'HR@k', 'NDCG@k' (k >= 1) or 'MRR' / 'MRR@k', as the example's retrieval metric module accepts them."""
+    if not isinstance(name, str):
+        return False
+    kind, at, k = name.upper().partition("@")
+    if not at:
+        return kind == "MRR"
+    return kind in ("HR", "NDCG", "MRR") and k.isdigit() and int(k) >= 1
+
+
+_SHARED_WITH_OURS = "same field and meaning"
+_NOT_YET = " is not supported yet"
+
+EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
+    # TrainerArgs
+    ExampleField("TrainerArgs", "train_batch_size", int, REQUIRED, ("DatasetArgs.batch_size",),
+                 "per GPU; with tensor parallelism a TP group trains on train_batch_size x TP samples (ours: the "
+                 "ranks of a TP group share one batch), so batch_size = train_batch_size x tensor_model_parallel_size",
+                 lambda v, ex: {"DatasetArgs.batch_size": v * _tp(ex)}, rule=_at_least(1)),
+    ExampleField("TrainerArgs", "eval_batch_size", int, REQUIRED, ("DatasetArgs.eval_batch_size",),
+                 "per GPU, times tensor_model_parallel_size as train_batch_size",
+                 lambda v, ex: {"DatasetArgs.eval_batch_size": v * _tp(ex)}, rule=_at_least(1)),
+    ExampleField("TrainerArgs", "eval_interval", int, 100, ("TrainerArgs.eval_interval_steps",),
+                 "evaluation only every eval_interval steps (eval_every_epochs = 0); ours also evaluates at the end",
+                 rule=_at_least(1)),
+    ExampleField("TrainerArgs", "log_interval", int, 100, ("TrainerArgs.log_interval_steps",), rule=_at_least(1)),
+    ExampleField("TrainerArgs", "max_train_iters", Optional[int], None,
+                 ("TrainerArgs.max_steps", "TrainerArgs.max_epochs"),
+                 "None: one pass over the training data (max_epochs = 1); a number: that many steps, cycling the data",
+                 _max_train_iters, rule=_at_least(1)),
+    ExampleField("TrainerArgs", "max_eval_iters", Optional[int], None, ("TrainerArgs.eval_max_batches",),
+                 rule=_at_least(1)),
+    ExampleField("TrainerArgs", "seed", int, 1234, ("TrainerArgs.seed",), _SHARED_WITH_OURS),
+    ExampleField("TrainerArgs", "profile", bool, False, (),
+                 "a CUDA profiler capture range (cudaProfilerStart/Stop, for nsys) over [profile_step_start, "
+                 "profile_step_end); ours: TrainerArgs.profile_steps (torch.profiler after 10 warm-up steps)",
+                 unsupported=_when(bool, "TrainerArgs.profile=True (a CUDA profiler capture range over steps "
+                                         "[profile_step_start, profile_step_end))" + _NOT_YET
+                                   + "; remove it, or use TrainerArgs.profile_steps=N (torch.profiler over N steps "
+                                     "after 10 warm-up steps, written to <run_dir>/profile.txt)")),
+    ExampleField("TrainerArgs", "profile_step_start", int, 100, (), "used only with profile=True", rule=_at_least(0)),
+    ExampleField("TrainerArgs", "profile_step_end", int, 200, (), "used only with profile=True", rule=_at_least(0)),
+    ExampleField("TrainerArgs", "ckpt_save_interval", int, -1,
+                 ("TrainerArgs.checkpoint_interval_steps", "TrainerArgs.save_final_checkpoint"),
+                 "-1: no checkpoint at all; N: every N steps and none at the end (as the example)",
+                 _checkpoint_interval),
+    ExampleField("TrainerArgs", "ckpt_save_dir", Optional[str], None, ("TrainerArgs.run_dir",),
+                 "becomes the run directory: checkpoints go to <ckpt_save_dir>/checkpoints/step_N in our format "
+                 "(logs and config.json beside them); unbound (the example: ./checkpoints): runs/<config name>",
+                 lambda v, ex: {"TrainerArgs.run_dir": v} if v is not None else {}, rule=((lambda v: bool(v)), "a non-empty path")),
+    ExampleField("TrainerArgs", "ckpt_load_dir", str, "", (),
+                 "loading a checkpoint of another run directory; ours resumes only its own run_dir (--resume)",
+                 unsupported=_when(bool, "TrainerArgs.ckpt_load_dir (loading a checkpoint from another run "
+                                         "directory)" + _NOT_YET + "; copy that run directory and pass --resume")),
+    ExampleField("TrainerArgs", "pipeline_type", str, "native", (),
+                 "ours trains without an overlap pipeline (same numerics as 'none'); 'native' and 'prefetch' "
+                 "(TorchRec train pipelines) are not supported yet when bound",
+                 unsupported=_when(lambda v: v != "none", "TrainerArgs.pipeline_type='native'/'prefetch' (TorchRec "
+                                   "train pipelines that overlap the input copy, input_dist and prefetch)" + _NOT_YET
+                                   + "; bind TrainerArgs.pipeline_type='none' (same results, no overlap)"),
+                 rule=_one_of("none", "native", "prefetch"), warn_default=False),
+    ExampleField("TrainerArgs", "enable_balanced_shuffler", bool, False, ("DatasetArgs.balance_workload",),
+                 "ours balances sum(L^2) per rank (longest processing time first) over the whole shard"),
+    # DatasetArgs
+    ExampleField("DatasetArgs", "dataset_name", str, REQUIRED, ("DatasetArgs.dataset_name",), _SHARED_WITH_OURS,
+                 rule=_one_of("ml-1m", "ml-20m", "kuairand-pure", "kuairand-1k", "kuairand-27k", "synthetic")),
+    ExampleField("DatasetArgs", "max_history_seqlen", int, REQUIRED, ("DatasetArgs.max_seqlen",), rule=_at_least(1)),
+    ExampleField("DatasetArgs", "dataset_path", Optional[str], None, ("DatasetArgs.dataset_dir",),
+                 "a root holding one folder per dataset: dataset_dir = <dataset_path>/<dataset_name> (or "
+                 "dataset_path itself when it holds metadata.json); None: data/<dataset_name>, where the "
+                 "`python -m hstu.data prepare <dataset_name> --out-dir data/<dataset_name>` of our docs writes",
+                 _example_dataset_dir),
+    ExampleField("DatasetArgs", "max_num_candidates", int, 0, ("DatasetArgs.num_candidates",), rule=_at_least(0)),
+    ExampleField("DatasetArgs", "shuffle", bool, False, ("DatasetArgs.shuffle",),
+                 "same meaning; the example's default is False (ours: True)"),
+    # NetworkArgs
+    ExampleField("NetworkArgs", "num_layers", int, REQUIRED, ("NetworkArgs.num_layers",), _SHARED_WITH_OURS,
+                 rule=_at_least(1)),
+    ExampleField("NetworkArgs", "hidden_size", int, REQUIRED, ("NetworkArgs.hidden_dim",), rule=_at_least(1)),
+    ExampleField("NetworkArgs", "num_attention_heads", int, REQUIRED, ("NetworkArgs.num_heads",), rule=_at_least(1)),
+    ExampleField("NetworkArgs", "kv_channels", int, REQUIRED, ("NetworkArgs.qk_dim", "NetworkArgs.v_dim"),
+                 "one per-head width for queries/keys and values", rule=_at_least(1)),
+    ExampleField("NetworkArgs", "hidden_dropout", float, 0.2, ("NetworkArgs.dropout", "NetworkArgs.input_dropout"),
+                 "the example applies it in the layers and to the input embeddings", rule=_fraction()),
+    ExampleField("NetworkArgs", "norm_epsilon", float, 1e-5, ("NetworkArgs.layer_norm_eps",),
+                 "default 1e-5 (ours: 1e-6)", rule=_positive()),
+    ExampleField("NetworkArgs", "is_causal", bool, True, (),
+                 "ours is always causal",
+                 unsupported=_when(lambda v: not v, "NetworkArgs.is_causal=False (non-causal attention)" + _NOT_YET)),
+    ExampleField("NetworkArgs", "dtype_str", str, "bfloat16", ("TrainerArgs.bf16",),
+                 "'bfloat16': bf16 autocast on GPU; 'float16' (fp16 with dynamic loss scaling) is not supported yet",
+                 _dtype, _when(lambda v: v == "float16", "NetworkArgs.dtype_str='float16' (fp16 training with "
+                                                         "dynamic loss scaling)" + _NOT_YET + "; use 'bfloat16'"),
+                 _one_of("bfloat16", "float16")),
+    ExampleField("NetworkArgs", "kernel_backend", str, "cutlass", (),
+                 "'cutlass': our fused CUDA kernels (the PyTorch reference on CPU); 'triton' and 'pytorch' are not "
+                 "supported yet",
+                 unsupported=_when(lambda v: v.lower() != "cutlass",
+                                   "NetworkArgs.kernel_backend='triton'/'pytorch' (choosing the attention kernels)"
+                                   + _NOT_YET + "; use 'cutlass' (our CUDA kernels; the reference on CPU)"),
+                 rule=((lambda v: v.lower() in ("cutlass", "triton", "pytorch")), "one of 'cutlass', 'triton', "
+                                                                                 "'pytorch'")),
+    ExampleField("NetworkArgs", "target_group_size", int, 1, ("NetworkArgs.target_group_size",), _SHARED_WITH_OURS,
+                 rule=_at_least(1)),
+    ExampleField("NetworkArgs", "num_position_buckets", int, 8192, (),
+                 "ours sizes the position table to the longest sequence (reverse positions, as the example); the "
+                 "same while 2 x (max_history_seqlen + max_num_candidates) <= num_position_buckets",
+                 unsupported=lambda v, ex: (
+                     f"NetworkArgs.num_position_buckets={v} below the 2 x (DatasetArgs.max_history_seqlen + "
+                     f"DatasetArgs.max_num_candidates) = {2 * (ex['DatasetArgs.max_history_seqlen'] + ex['DatasetArgs.max_num_candidates'])} "
+                     "tokens (positions clamped to the table)" + _NOT_YET)
+                 if isinstance(ex.get("DatasetArgs.max_history_seqlen"), int)
+                 and 2 * (ex["DatasetArgs.max_history_seqlen"] + ex["DatasetArgs.max_num_candidates"]) > v else None,
+                 rule=_at_least(1)),
+    ExampleField("NetworkArgs", "recompute_input_layernorm", bool, False, (),
+                 "ours recomputes whole layers (NetworkArgs.recompute_layers)",
+                 unsupported=_when(bool, "NetworkArgs.recompute_input_layernorm=True (LayerNorm recompute)" + _NOT_YET
+                                   + "; NetworkArgs.recompute_layers recomputes whole layers")),
+    ExampleField("NetworkArgs", "recompute_input_silu", bool, False, (),
+                 "ours recomputes whole layers (NetworkArgs.recompute_layers)",
+                 unsupported=_when(bool, "NetworkArgs.recompute_input_silu=True (SiLU recompute)" + _NOT_YET
+                                   + "; NetworkArgs.recompute_layers recomputes whole layers")),
+    ExampleField("NetworkArgs", "item_embedding_dim", int, -1, (),
+                 "-1: tables as wide as hidden_size (ours always); other widths projected to hidden_size are not "
+                 "supported yet",
+                 unsupported=_when(lambda v: v > 0, "NetworkArgs.item_embedding_dim > 0 (item embeddings of another "
+                                                    "width, projected to hidden_size)" + _NOT_YET)),
+    ExampleField("NetworkArgs", "contextual_embedding_dim", int, -1, (),
+                 "as item_embedding_dim, for the contextual tables",
+                 unsupported=_when(lambda v: v > 0, "NetworkArgs.contextual_embedding_dim > 0 (contextual "
+                                                    "embeddings of another width)" + _NOT_YET)),
+    ExampleField("NetworkArgs", "scaling_seqlen", int, -1, ("NetworkArgs.scaling_seqlen",),
+                 "-1: the longest sequence of each batch; ours: the static maximum token count (a number: the same)",
+                 lambda v, ex: {"NetworkArgs.scaling_seqlen": v if v > 0 else None},
+                 _when(lambda v: v <= 0, "NetworkArgs.scaling_seqlen=-1 (scaling by the longest sequence of each "
+                                         "batch)" + _NOT_YET + "; the static maximum token count is used")),
+    ExampleField("NetworkArgs", "embedding_backend", Optional[str], None, (),
+                 unsupported=_when(lambda v: v is not None, "NetworkArgs.embedding_backend" + _NOT_YET)),
+    ExampleField("NetworkArgs", "disable_contextual_mask", bool, False, (),
+                 "True makes the contextual tokens plain causal tokens",
+                 unsupported=_when(bool, "NetworkArgs.disable_contextual_mask=True (contextual tokens under the "
+                                         "causal mask)" + _NOT_YET)),
+    # OptimizerArgs
+    ExampleField("OptimizerArgs", "optimizer_str", str, REQUIRED, ("OptimizerArgs.optimizer",),
+                 "the example's optimizer for the dense and the embedding parameters",
+                 rule=_one_of("adam", "sgd")),
+    ExampleField("OptimizerArgs", "learning_rate", float, REQUIRED, ("OptimizerArgs.learning_rate",),
+                 _SHARED_WITH_OURS, rule=_positive()),
+    ExampleField("OptimizerArgs", "adam_beta1", float, 0.9, ("OptimizerArgs.betas",), "betas[0]", _betas,
+                 rule=_fraction()),
+    ExampleField("OptimizerArgs", "adam_beta2", float, 0.999, ("OptimizerArgs.betas",),
+                 "betas[1]; the example's default is 0.999 (ours: 0.98)", _betas, rule=_fraction()),
+    ExampleField("OptimizerArgs", "adam_eps", float, 1e-8, ("OptimizerArgs.eps",), rule=_positive()),
+    # TensorModelParallelArgs
+    ExampleField("TensorModelParallelArgs", "tensor_model_parallel_size", int, 1,
+                 ("ParallelismArgs.tensor_model_parallel_size",), "also multiplies the batch sizes (see "
+                 "train_batch_size)", rule=_at_least(1)),
+    # RankingArgs
+    ExampleField("RankingArgs", "prediction_head_arch", Optional[Sequence[int]], REQUIRED,
+                 ("RankingArgs.head_hidden_dims", "RankingArgs.task_type", "RankingArgs.num_classes",
+                  "RankingArgs.task_names"),
+                 "hidden widths then the output count: num_tasks binary tasks (KuaiRand bits in order), or with "
+                 "num_tasks = 1 and a last entry > 1 that many rating classes (cross-entropy); ours puts a "
+                 "LayerNorm before the head", _prediction_head,
+                 rule=((lambda v: len(v) >= 1 and all(w >= 1 for w in v)), "a non-empty list of widths >= 1")),
+    ExampleField("RankingArgs", "prediction_head_act_type", str, "relu", (),
+                 "ours uses SiLU; 'relu' and 'gelu' are not supported yet",
+                 unsupported=lambda v, ex: f"RankingArgs.prediction_head_act_type={v!r} (ours: SiLU)" + _NOT_YET,
+                 rule=((lambda v: v.lower() in ("relu", "gelu")), "one of 'relu', 'gelu'")),
+    ExampleField("RankingArgs", "prediction_head_bias", bool, True, (), "ours always has biases",
+                 unsupported=_when(lambda v: not v, "RankingArgs.prediction_head_bias=False" + _NOT_YET)),
+    ExampleField("RankingArgs", "num_tasks", int, 1, (), "see prediction_head_arch", rule=_at_least(1)),
+    ExampleField("RankingArgs", "eval_metrics", Sequence[str], ("AUC",), (),
+                 "'AUC' (reported per task); 'NDCG' and 'HR' for ranking are not supported yet",
+                 unsupported=_when(lambda v: any(m.upper() != "AUC" for m in v),
+                                   "RankingArgs.eval_metrics other than 'AUC'" + _NOT_YET),
+                 rule=((lambda v: len(v) > 0 and all(m.upper() in ("AUC", "NDCG", "HR") for m in v)),
+                       "a non-empty list of 'AUC', 'NDCG', 'HR'")),
+    # RetrievalArgs
+    ExampleField("RetrievalArgs", "num_negatives", int, -1,
+                 ("RetrievalArgs.num_in_batch_negatives", "RetrievalArgs.num_negatives"),
+                 "negatives drawn from the batch's deduplicated positive items (our num_in_batch_negatives; ours "
+                 "draws one set per batch, the example one per position); in a config in our style the same name "
+                 "means negatives drawn uniformly from the catalogue; -1 (unset) keeps our default",
+                 lambda v, ex: {"RetrievalArgs.num_in_batch_negatives": v, "RetrievalArgs.num_negatives": 0}
+                 if v > 0 else {},
+                 rule=((lambda v: v == -1 or v >= 1), "-1 (unset) or >= 1")),
+    ExampleField("RetrievalArgs", "eval_metrics", Sequence[str], ("HR@10", "NDCG@10"), ("RetrievalArgs.eval_top_k",),
+                 "the cut-offs k of the HR@k / NDCG@k names; ours reports MRR, HR@k and NDCG@k for each k",
+                 _retrieval_top_k,
+                 rule=((lambda v: len(v) > 0 and all(_is_retrieval_metric(m) for m in v)),
+                       "a non-empty list of 'HR@k', 'NDCG@k' or 'MRR'")),
+    # EmbeddingArgs / DynamicEmbeddingArgs: per-table, used by the example only through BenchmarkDatasetArgs
+    *(ExampleField(cls, name, hint, default, (), note, rule=rule) for cls in ("EmbeddingArgs", "DynamicEmbeddingArgs")
+      for name, hint, default, note, rule in (
+          ("feature_names", Sequence[str], REQUIRED, "per-table (scoped) settings for BenchmarkDatasetArgs",
+           ((lambda v: len(v) > 0), "a non-empty list of names")),
+          ("table_name", str, REQUIRED, "as feature_names", None),
+          ("item_vocab_size_or_capacity", int, REQUIRED, "as feature_names", _at_least(1)),
+          ("sharding_type", str, REQUIRED if cls == "EmbeddingArgs" else "model_parallel",
+           "ours: ParallelismArgs.embedding_sharding per table", _one_of("data_parallel", "model_parallel")))),
+    *(ExampleField("DynamicEmbeddingArgs", name, hint, default, (), note, rule=rule)
+      for name, hint, default, note, rule in (
+          ("global_hbm_for_values", Optional[int], None, "dynamic (hashed, evicting) tables are not supported yet",
+           _at_least(0)),
+          ("item_vocab_gpu_capacity", Optional[float], None, "as global_hbm_for_values", _finite(0.0)),
+          ("item_vocab_gpu_capacity_ratio", Optional[float], None, "as global_hbm_for_values", _finite(0.0)),
+          ("evict_strategy", str, "lru", "as global_hbm_for_values", _one_of("lru", "lfu")),
+          ("caching", bool, False, "as global_hbm_for_values", None),
+          ("dist_type", str, "roundrobin", "as global_hbm_for_values",
+           _one_of("continuous", "roundrobin", "hash_roundrobin")))),
+    # BenchmarkDatasetArgs / FeatureArgs / RandomDistribution: the example's random benchmark data
+    *(ExampleField("BenchmarkDatasetArgs", name, hint, default, (), "random benchmark batches are not supported yet",
+                   rule=rule)
+      for name, hint, default, rule in (
+          ("feature_args", Sequence[Any], REQUIRED, None),
+          ("embedding_args", Sequence[Any], REQUIRED, None),
+          ("item_feature_name", str, REQUIRED, None),
+          ("contextual_feature_names", Sequence[str], REQUIRED, None),
+          ("action_feature_name", Optional[str], None, None),
+          ("max_num_candidates", int, 0, _at_least(0)),
+          ("num_generated_batches", int, 100, _at_least(1)))),
+    *(ExampleField("FeatureArgs", name, hint, default, (), "as BenchmarkDatasetArgs", rule=rule)
+      for name, hint, default, rule in (
+          ("feature_names", Sequence[str], REQUIRED, ((lambda v: len(v) > 0), "a non-empty list of names")),
+          ("max_sequence_length", int, REQUIRED, _at_least(1)),
+          ("is_jagged", bool, False, None),
+          ("seqlen_dist", Any, None, None),
+          ("value_dists", Optional[dict], None, None))),
+    *(ExampleField("RandomDistribution", name, hint, default, (), "as BenchmarkDatasetArgs", rule=rule)
+      for name, hint, default, rule in (
+          ("dist_type", str, REQUIRED, _one_of("uniform", "normal", "zipf", "lognormal")),
+          ("low", int, 0, _at_least(0)),
+          ("high", Optional[int], None, _at_least(0)),
+          ("mean", Optional[float], None, _finite()),
+          ("std", Optional[float], None, _finite(0.0)),
+          ("alpha", Optional[float], None, ((lambda v: math.isfinite(v) and v > 1.0), "a finite number > 1")))),
+)
+
+# Example classes that hold per-table / benchmark settings, reached only through BenchmarkDatasetArgs references.
+_SCOPED_EXAMPLE_CLASSES = ("DynamicEmbeddingArgs", "FeatureArgs", "RandomDistribution")
+
+# Our fields that the example has no name for, set to what the example's model does when a config is in its style.
+EXAMPLE_STYLE_DEFAULTS: dict[str, Any] = {
+    "NetworkArgs.position_encoding": "reverse",  # the example's position embedding counts back from the last item
+    "NetworkArgs.relative_attention_bias": False,  # the example's layers have no relative attention bias
+    "NetworkArgs.num_time_buckets": 0,  # no time encoding
+    "NetworkArgs.attention_dropout": 0.0,
+    "TrainerArgs.eval_every_epochs": 0,  # evaluation only every eval_interval steps
+    "DatasetArgs.split_strategy": "user_ratio",  # the first 70% of the users train, the others are evaluated
+    "DatasetArgs.train_ratio": 0.7,
+}
+
+_EXAMPLE_BY_KEY = {f.key: f for f in EXAMPLE_FIELDS}
+_OUR_CLASSES = {cls.__name__: cls for cls in ARG_CLASSES}
+
+
+def _surface_classes() -> dict[str, type]:
+    """One gin configurable per class name: our fields plus the example's, every one defaulting to _UNSET."""
+    names: dict[str, list[str]] = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in _OUR_CLASSES.items()}
+    for f in EXAMPLE_FIELDS:
+        fields_of = names.setdefault(f.cls, [])
+        if f.name not in fields_of:
+            fields_of.append(f.name)
+    surfaces = {}
+    for name, field_names in names.items():
+        surface = dataclasses.make_dataclass(
+            name, [(n, Any, field(default=_UNSET)) for n in field_names], namespace={"__module__": __name__})
+        surfaces[name] = gin.configurable(name, module="hstu")(surface)
+    return surfaces
+
+
+_SURFACES = _surface_classes()
+
+
+def _explicit(instance: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(instance).items() if v is not _UNSET}
+
+
+def _bound_fields() -> dict[str, dict[str, Any]]:
+    """The fields each (unscoped) configurable was bound, by class name; nested example objects as dicts."""
+    return {name: _explicit(surface()) for name, surface in _SURFACES.items()}
+
+
+def _is_example_only(cls: str, name: str) -> bool:
+    ours = _OUR_CLASSES.get(cls)
+    return ours is None or name not in {f.name for f in dataclasses.fields(ours)}
+
+
+def _args_from_bindings(bound: dict[str, dict[str, Any]], config_files: Sequence[str] = ()) -> AllArgs:
+    example_style = any(_is_example_only(cls, name) for cls, fields_ in bound.items() for name in fields_
+                        if not (cls == "EmbeddingArgs" and name in _PER_TABLE_FIELDS))
+    # Per-table example fields bound without a scope are defaults for the scoped tables, not settings of ours.
+    ours_bound = {f"{cls}.{name}": value for cls, fields_ in bound.items() if cls in _OUR_CLASSES
+                  for name, value in fields_.items() if not _is_example_only(cls, name)
+                  and not (example_style and f"{cls}.{name}" in _EXAMPLE_BY_KEY)}
+    if example_style:
+        values = _example_values(bound)
+        ours_bound = _apply_example_fields(bound, values, ours_bound)
+        if values["TrainerArgs.ckpt_save_dir"] is None and "TrainerArgs.run_dir" not in ours_bound and config_files:
+            # One run directory per example config, so that two of them do not meet in our default one.
+            stem = os.path.splitext(os.path.basename(config_files[-1]))[0]
+            ours_bound["TrainerArgs.run_dir"] = os.path.join("runs", stem)
+    args = AllArgs(TrainerArgs(), DatasetArgs(), NetworkArgs(), EmbeddingArgs(), OptimizerArgs(), RetrievalArgs(),
+                   RankingArgs(), ParallelismArgs())
+    groups = {type(getattr(args, f.name)).__name__: getattr(args, f.name) for f in dataclasses.fields(args)}
+    for key, value in ours_bound.items():
+        cls, name = key.split(".", 1)
+        setattr(groups[cls], name, value)
+    return args
+
+
+_PER_TABLE_FIELDS = ("feature_names", "table_name", "item_vocab_size_or_capacity", "sharding_type")
+
+
+def _example_values(bound: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every example field's value (bound or the example's default), type- and value-checked."""
+    values: dict[str, Any] = {}
+    for f in EXAMPLE_FIELDS:
+        if f.cls in _SCOPED_EXAMPLE_CLASSES or f.cls == "BenchmarkDatasetArgs" or \
+                (f.cls == "EmbeddingArgs" and f.name in _PER_TABLE_FIELDS):
+            continue
+        if f.name in bound.get(f.cls, {}):
+            values[f.key] = _checked_example_value(f, bound[f.cls][f.name])
+        elif f.default is not REQUIRED:
+            values[f.key] = f.default
+    return values
+
+
+def _checked_example_value(f: ExampleField, value: Any) -> Any:
+    if f.key == "TrainerArgs.max_train_iters" and isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # the example accepts the count as a string too
+    value = _checked_type(value, f.hint, f.key)
+    if f.rule is not None and value is not None:
+        check, requirement = f.rule
+        if not check(value):
+            raise ValueError(f"{f.key} must be {requirement}, got {value!r}")
+    return value
+
+
+def _apply_example_fields(bound: dict[str, dict[str, Any]], values: dict[str, Any],
+                          ours_bound: dict[str, Any]) -> dict[str, Any]:
+    """Our field values for a config in the example's style: our bindings over the example's, over its defaults."""
+    _check_benchmark_data(bound)
+    explicit_example = {f"{cls}.{name}" for cls, fields_ in bound.items() for name in fields_
+                        if f"{cls}.{name}" in _EXAMPLE_BY_KEY}
+    # An example field and one of ours that set the same setting cannot both be bound (a shared name is one field).
+    for key in sorted(explicit_example):
+        for target in _EXAMPLE_BY_KEY[key].ours:
+            if target != key and target in ours_bound:
+                raise ValueError(f"{key} (the NVIDIA example's name) and {target} (ours) both set {target}: bind "
+                                 "only one of them")
+    profile_start, profile_end = values["TrainerArgs.profile_step_start"], values["TrainerArgs.profile_step_end"]
+    if values["TrainerArgs.profile"] and profile_start >= profile_end:
+        raise ValueError(f"TrainerArgs.profile_step_start={profile_start} must be < "
+                         f"TrainerArgs.profile_step_end={profile_end}")
+    tasks, arch = values["RankingArgs.num_tasks"], values.get("RankingArgs.prediction_head_arch")
+    if arch and tasks > 1 and arch[-1] != tasks:
+        raise ValueError(f"RankingArgs.prediction_head_arch ends in {arch[-1]} outputs but RankingArgs.num_tasks="
+                         f"{tasks}: the last entry is the number of tasks")
+    out = dict(EXAMPLE_STYLE_DEFAULTS)
+    for f in EXAMPLE_FIELDS:
+        if f.key not in values:
+            continue
+        value = values[f.key]
+        reason = f.unsupported(value, values) if f.unsupported is not None else None
+        if reason is not None:
+            if f.key in explicit_example:
+                raise NotSupportedYetError(reason)
+            if f.warn_default and _class_in_use(f.cls, explicit_example):
+                warnings.warn(f"{f.key} is unbound; the NVIDIA example's default {f.default!r} means: {reason}. "
+                              "This run uses our behaviour", ExampleDefaultWarning, stacklevel=3)
+            continue
+        if f.convert is not None:
+            out.update(f.convert(value, values))
+        else:
+            out.update({target: value for target in f.ours})
+    out.update(ours_bound)
+    return out
+
+
+def _class_in_use(cls: str, explicit_example: set[str]) -> bool:
+    return any(key.startswith(cls + ".") for key in explicit_example)
+
+
+def _check_benchmark_data(bound: dict[str, dict[str, Any]]) -> None:
+    """BenchmarkDatasetArgs and the objects it references: check their fields, then say they are not supported."""
+    benchmark = bound.get("BenchmarkDatasetArgs", {})
+    if not benchmark:
+        return
+    _check_example_object("BenchmarkDatasetArgs", benchmark)
+    for item in benchmark.get("feature_args", ()):
+        feature = _check_example_object("FeatureArgs", item)
+        for dist in [feature.get("seqlen_dist"), *dict(feature.get("value_dists") or {}).values()]:
+            if dist is not None:
+                _check_example_object("RandomDistribution", dist)
+    for item in benchmark.get("embedding_args", ()):
+        _check_example_object(type(item).__name__, item)
+    raise NotSupportedYetError(
+        "BenchmarkDatasetArgs (random benchmark batches, with per-table EmbeddingArgs / DynamicEmbeddingArgs and "
+        "FeatureArgs)" + _NOT_YET + "; train on a prepared dataset with DatasetArgs (python -m hstu.data prepare "
+        "synthetic --out-dir data/synthetic generates one)")
+
+
+def _check_example_object(cls: str, obj: Any) -> dict[str, Any]:
+    """A referenced example object (``@scope/FeatureArgs()``): the fields it was bound, checked; REQUIRED ones present."""
+    if not (dataclasses.is_dataclass(obj) and type(obj).__name__ in _SURFACES) and not isinstance(obj, dict):
+        raise TypeError(f"{cls} entries must be @{cls}() references, got {type(obj).__name__} {obj!r}")
+    fields_ = obj if isinstance(obj, dict) else _explicit(obj)
+    cls = cls if isinstance(obj, dict) else type(obj).__name__
+    for f in EXAMPLE_FIELDS:
+        if f.cls != cls:
+            continue
+        if f.name in fields_:
+            _checked_example_value(f, fields_[f.name])
+        elif f.default is REQUIRED:
+            raise ValueError(f"{cls}.{f.name} is required (a field without default in the NVIDIA example)")
+    ours = {f.name for f in EXAMPLE_FIELDS if f.cls == cls}
+    unknown = sorted(set(fields_) - ours)
+    if unknown:
+        raise ValueError(f"{cls}.{unknown[0]} is not a field of the NVIDIA example's per-table {cls}")
+    return fields_
+
+
+def example_field_table() -> str:
+    """The markdown table of every example field -> our field(s) and what differs (docs/migrating.md)."""
+    rows = ["| example field | example default | our field(s) | what differs |", "|---|---|---|---|"]
+    for f in EXAMPLE_FIELDS:
+        default = "required" if f.default is REQUIRED else f"`{f.default!r}`"
+        ours = ", ".join(f"`{o}`" for o in f.ours) or "—"
+        rows.append(f"| `{f.key}` | {default} | {ours} | {f.differs or 'same meaning'} |")
+    return "\n".join(rows) + "\n"
