@@ -997,7 +997,7 @@ def _apply_example_fields(bound: dict[str, dict[str, Any]], values: dict[str, An
                 raise NotSupportedYetError(reason)
             if f.warn_default and _class_in_use(f.cls, explicit_example):
                 warnings.warn(f"{f.key} is unbound; the NVIDIA example's default {f.default!r} means: {reason}. "
-                              "This run uses our behaviour", ExampleDefaultWarning, stacklevel=3)
+                              "This run uses our behaviour", ExampleDefaultWarning, stacklevel=4)
             continue
         if f.convert is not None:
             out.update(f.convert(value, values))
