@@ -46,6 +46,11 @@ echo "[compile_check] binding TU (host compiler, torch headers)"
 "$NVCC" "${COMMON[@]}" -x cu -gencode=arch=compute_90a,code=sm_90a -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
   -DTORCH_EXTENSION_NAME=_C -w -c csrc/hstu_attention/hstu_api.cpp -o "$WORK/api.o"
 
+echo "[compile_check] jagged kernels TU (csrc/jagged/jagged.cu, sm_80 and sm_90a)"
+"$NVCC" -std=c++17 -O3 -x cu -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a \
+  -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" -DTORCH_EXTENSION_NAME=_C -w -c csrc/jagged/jagged.cu \
+  -o "$WORK/jagged.o"
+
 INST=csrc/hstu_attention/instantiations
 if [ "${HSTU_COMPILE_CHECK_ALL:-0}" = "1" ]; then
   mapfile -t FILES < <(ls $INST/*.cu)
