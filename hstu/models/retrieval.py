@@ -16,8 +16,7 @@ from hstu.data.batch import JaggedBatch
 from hstu.models.losses import SampledSoftmaxLoss
 from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
 from hstu.modules.encoder import EncoderConfig, EncoderInputs, HSTUEncoder, l2_normalize
-from hstu.ops import lengths_to_offsets
-from hstu.ops.jagged.reference import lengths_to_offsets_reference, sequence_ids_and_positions
+from hstu.ops import lengths_to_offsets, sequence_ids_and_positions
 
 
 @dataclass
@@ -60,9 +59,9 @@ def rows_with_next(lengths: torch.Tensor, host_lengths: torch.Tensor) -> torch.T
     """
     lengths = lengths.to(torch.int64)
     offsets = lengths_to_offsets(lengths, host_lengths)
-    num_queries = int((host_lengths.to(torch.int64) - 1).clamp(min=0).sum())
-    query_offsets = lengths_to_offsets_reference((lengths - 1).clamp(min=0))
-    seq_ids, positions = sequence_ids_and_positions(query_offsets, num_queries)
+    host_query_lengths = (host_lengths.to(torch.int64) - 1).clamp(min=0)
+    query_offsets = lengths_to_offsets((lengths - 1).clamp(min=0), host_query_lengths)
+    seq_ids, positions = sequence_ids_and_positions(query_offsets, host_query_lengths)
     return offsets[:-1][seq_ids] + positions
 
 

@@ -21,9 +21,14 @@ from torch import nn
 
 from hstu.modules.hstu_layer import AttentionInputs, HSTULayer, HSTUStack
 from hstu.modules.positional import PositionalEncoder, RelativeAttentionBias, token_positions
-from hstu.ops import concat_2d_jagged, lengths_to_offsets, split_2d_jagged
-from hstu.ops._validation import to_host
-from hstu.ops.jagged.reference import jagged_to_padded_dense_reference, sequence_ids_and_positions
+from hstu.ops import (
+    concat_2d_jagged,
+    jagged_to_padded_dense,
+    lengths_to_host,
+    lengths_to_offsets,
+    sequence_ids_and_positions,
+    split_2d_jagged,
+)
 
 
 @dataclass
@@ -120,7 +125,7 @@ class HSTUEncoder(nn.Module):
 
         # 1. Events -> tokens (item tokens, plus action tokens of the history when interleaving).
         event_offsets = lengths_to_offsets(lengths, host_lengths)
-        event_seq, event_pos = sequence_ids_and_positions(event_offsets, num_events)
+        event_seq, event_pos = sequence_ids_and_positions(event_offsets, host_lengths)
         history = lengths - num_candidates
         host_token_lengths = host_lengths
         if c.interleave_actions:
@@ -169,7 +174,7 @@ class HSTUEncoder(nn.Module):
         total_tokens = tokens.shape[0]
 
         # 3. Position / time encodings and input dropout.
-        token_seq, token_pos = sequence_ids_and_positions(token_offsets, total_tokens)
+        token_seq, token_pos = sequence_ids_and_positions(token_offsets, host_token_lengths)
         max_tokens = int(host_token_lengths.max()) if batch > 0 else 0
         if max_tokens > c.max_tokens:
             raise ValueError(f"a sequence has {max_tokens} tokens, more than the encoder's max_tokens={c.max_tokens}")
@@ -184,14 +189,15 @@ class HSTUEncoder(nn.Module):
         if c.relative_attention_bias and c.rab_use_time:
             time_buckets = RelativeAttentionBias.time_bucket_matrix(
                 token_times, token_offsets, max_tokens, c.rab_num_time_buckets, c.rab_time_reference,
-                inputs.next_timestamps,
+                inputs.next_timestamps, host_lengths=host_token_lengths,
             )  # fmt: skip
         relative_positions = None
         if c.relative_attention_bias and c.rab_use_position and inputs.num_candidates is not None:
             # Candidates share a position, so the bias uses position differences rather than token distances.
             shared = token_positions(token_pos, token_lengths, num_candidates, token_seq, "absolute")
-            # The offsets were built above from checked lengths: the public op's checks would only add syncs.
-            padded = jagged_to_padded_dense_reference(shared.unsqueeze(-1), token_offsets, max_tokens).squeeze(-1)
+            padded = jagged_to_padded_dense(
+                shared.unsqueeze(-1), token_offsets, max_tokens, host_lengths=host_token_lengths
+            ).squeeze(-1)
             relative_positions = padded.unsqueeze(2) - padded.unsqueeze(1)
         attention_inputs = AttentionInputs(
             seq_offsets=token_offsets,
@@ -222,7 +228,7 @@ def _host_lengths_and_candidates(inputs: EncoderInputs, lengths: torch.Tensor) -
     host_lengths, host_candidates = inputs.host_seq_lengths, inputs.host_num_candidates
     if inputs.num_candidates is None:
         host_candidates = torch.zeros(lengths.numel(), dtype=torch.int64)
-    copied_lengths, copied_candidates = to_host(
+    copied_lengths, copied_candidates = lengths_to_host(
         lengths if host_lengths is None else None, inputs.num_candidates if host_candidates is None else None
     )
     host_lengths = copied_lengths if host_lengths is None else host_lengths

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hstu.ops.jagged.reference import jagged_to_padded_dense_reference
+from hstu.ops import jagged_to_padded_dense
 
 POSITION_ENCODINGS = ("absolute", "reverse", "none")
 RAB_TIME_REFERENCES = ("query", "next")
@@ -109,13 +109,16 @@ class RelativeAttentionBias(nn.Module):
     @staticmethod
     def time_bucket_matrix(
         timestamps: torch.Tensor, seq_offsets: torch.Tensor, max_seqlen: int, num_buckets: int, time_reference: str,
-        next_timestamps: Optional[torch.Tensor] = None,
+        next_timestamps: Optional[torch.Tensor] = None, host_lengths: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """(B, N, N) bucket ids, computed once per forward and shared by every layer's bias.
 
-        seq_offsets must be valid (the encoder builds them from checked lengths): no checks, no device syncs.
+        host_lengths: a host copy of the sequence lengths (the encoder holds one); with it the checks of
+        ``seq_offsets`` make no device sync.
         """
-        padded = jagged_to_padded_dense_reference(timestamps.unsqueeze(-1), seq_offsets, max_seqlen).squeeze(-1)
+        padded = jagged_to_padded_dense(
+            timestamps.unsqueeze(-1), seq_offsets, max_seqlen, host_lengths=host_lengths
+        ).squeeze(-1)
         query = padded
         if time_reference == "next":
             lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)

@@ -11,7 +11,9 @@ from hstu.ops.jagged import (
     concat_2d_jagged,
     dense_to_jagged,
     jagged_to_padded_dense,
+    lengths_to_host,
     lengths_to_offsets,
+    sequence_ids_and_positions,
     sequence_positions,
     split_2d_jagged,
 )
@@ -25,7 +27,9 @@ __all__ = [
     "hstu_attention",
     "hstu_attention_reference",
     "jagged_to_padded_dense",
+    "lengths_to_host",
     "lengths_to_offsets",
+    "sequence_ids_and_positions",
     "sequence_positions",
     "split_2d_jagged",
 ]

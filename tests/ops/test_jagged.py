@@ -6,7 +6,9 @@ from hstu.ops import (
     concat_2d_jagged,
     dense_to_jagged,
     jagged_to_padded_dense,
+    lengths_to_host,
     lengths_to_offsets,
+    sequence_ids_and_positions,
     sequence_positions,
     split_2d_jagged,
 )
@@ -78,6 +80,60 @@ def test_candidate_mask_and_positions():
     assert sequence_positions(offsets).tolist() == [0, 1, 2, 0, 1, 2, 3]
     with pytest.raises(ValueError, match="num_candidates must be in"):
         candidate_mask(offsets, torch.tensor([4, 0, 0]))
+
+
+@pytest.mark.parametrize("lengths", LENGTH_CASES)
+def test_sequence_ids_and_positions_match_a_loop_with_or_without_host_lengths(lengths):
+    offsets = lengths_to_offsets(torch.tensor(lengths))
+    expected_ids = [b for b, n in enumerate(lengths) for _ in range(n)]
+    expected_positions = [p for n in lengths for p in range(n)]
+    for host in (None, torch.tensor(lengths, dtype=torch.int32)):
+        ids, positions = sequence_ids_and_positions(offsets, host)
+        assert ids.dtype == positions.dtype == torch.int64
+        assert (ids.tolist(), positions.tolist()) == (expected_ids, expected_positions)
+
+
+def test_host_lengths_replace_every_read_of_the_offsets(monkeypatch):
+    """With host_lengths the ops check the host copy: the device offsets are never read (no sync on GPU)."""
+    from hstu.ops.jagged import op
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the offsets were read although host_lengths was given")
+
+    monkeypatch.setattr(op, "check_offsets", unreachable)
+    values, offsets = jagged([3, 0, 2])
+    host = torch.tensor([3, 0, 2])
+    dense = jagged_to_padded_dense(values, offsets, 4, host_lengths=host)
+    monkeypatch.undo()
+    assert torch.equal(dense, jagged_to_padded_dense(values, offsets, 4))
+    monkeypatch.setattr(op, "check_offsets", unreachable)
+    assert sequence_ids_and_positions(offsets, host)[1].tolist() == [0, 1, 2, 0, 1]
+
+
+def test_host_lengths_errors_name_the_argument():
+    values, offsets = torch.randn(5, 2), torch.tensor([0, 3, 5])
+    with pytest.raises(ValueError, match="host_lengths must be non-negative"):
+        sequence_ids_and_positions(offsets, torch.tensor([6, -1]))
+    with pytest.raises(ValueError, match="host_lengths must have 2 elements"):
+        jagged_to_padded_dense(values, offsets, 4, host_lengths=torch.tensor([5]))
+    with pytest.raises(ValueError, match=r"host_lengths sum to 4, but offsets\[-1\] must equal the number of rows 5"):
+        jagged_to_padded_dense(values, offsets, 4, host_lengths=torch.tensor([3, 1]))
+    with pytest.raises(TypeError, match="host_lengths must be int32 or int64"):
+        sequence_ids_and_positions(offsets, torch.tensor([3.0, 2.0]))
+    with pytest.raises(ValueError, match="seq_offsets must have at least one element"):
+        sequence_ids_and_positions(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"host_lengths: the total length \(seq_offsets\[-1\]\) .* int32 range"):
+        sequence_ids_and_positions(torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([2**31 - 1, 5]))
+
+
+def test_lengths_to_host_copies_in_int64_and_keeps_none():
+    lengths, counts = torch.tensor([3, 0, 2], dtype=torch.int32), torch.tensor([1, 0, 1])
+    host_lengths, missing, host_counts = lengths_to_host(lengths, None, counts)
+    assert missing is None and host_lengths.device.type == host_counts.device.type == "cpu"
+    assert host_lengths.dtype == torch.int64 and host_lengths.tolist() == [3, 0, 2] and host_counts.tolist() == [1, 0, 1]
+    assert lengths_to_host(None) == [None]
+    with pytest.raises(TypeError, match=r"lengths\[1\] must be int32 or int64"):
+        lengths_to_host(lengths, torch.tensor([1.0]))
 
 
 class TestBadInputs:

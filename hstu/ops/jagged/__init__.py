@@ -3,7 +3,9 @@ from hstu.ops.jagged.op import (
     concat_2d_jagged,
     dense_to_jagged,
     jagged_to_padded_dense,
+    lengths_to_host,
     lengths_to_offsets,
+    sequence_ids_and_positions,
     sequence_positions,
     split_2d_jagged,
 )
@@ -13,7 +15,9 @@ __all__ = [
     "concat_2d_jagged",
     "dense_to_jagged",
     "jagged_to_padded_dense",
+    "lengths_to_host",
     "lengths_to_offsets",
+    "sequence_ids_and_positions",
     "sequence_positions",
     "split_2d_jagged",
 ]

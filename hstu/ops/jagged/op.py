@@ -18,6 +18,7 @@ from hstu.ops._validation import (
     check_same_device,
     check_tensor,
     lengths_of,
+    to_host,
     values_are_concrete,
 )
 from hstu.ops.jagged import reference
@@ -77,15 +78,50 @@ def _check_padding(padding_value: object, dtype: torch.dtype) -> object:
     return int(padding_value)
 
 
+def lengths_to_host(*lengths: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """int64 host copies of 1-D index tensors (lengths, counts) in one device-to-host transfer; None stays None.
+
+    The ``host_lengths`` the other ops take: a caller copies the batch's lengths once and no op reads them again.
+    """
+    for index, t in enumerate(lengths):
+        if t is not None:
+            check_index_tensor(f"lengths[{index}]", t)
+    return to_host(*lengths)
+
+
+def _check_host_lengths(name: str, offsets: object, host_lengths: object, total: Optional[int] = None) -> int:
+    """The value checks of ``offsets`` made on ``host_lengths``, a host copy of its sequence lengths, so that the
+    offsets themselves are never read (on GPU a device sync); returns offsets[-1]. As in ``lengths_to_offsets``,
+    the offsets are trusted to match the copy. total: the row count offsets[-1] must equal, when given."""
+    offsets = check_index_tensor(name, offsets)
+    if offsets.numel() < 1:
+        raise ValueError(f"{name} must have at least one element (B+1 entries, starting with 0)")
+    host_lengths = check_index_tensor("host_lengths", host_lengths, length=offsets.numel() - 1)
+    host = host_lengths.detach().to("cpu", torch.int64)
+    if bool((host < 0).any()):
+        raise ValueError(f"host_lengths must be non-negative, got minimum {int(host.min())}")
+    last = _exact_sum(host)
+    check_fits_index_dtype("host_lengths", last, offsets.dtype, f"the total length ({name}[-1])")
+    if total is not None and last != total:
+        raise ValueError(f"host_lengths sum to {last}, but {name}[-1] must equal the number of rows {total}")
+    return last
+
+
 def jagged_to_padded_dense(
-    values: torch.Tensor, offsets: torch.Tensor, max_length: int, padding_value: float = 0.0
+    values: torch.Tensor, offsets: torch.Tensor, max_length: int, padding_value: float = 0.0, *,
+    host_lengths: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(T, *D) jagged -> (B, max_length, *D) dense; sequences longer than max_length keep their first rows.
 
     padding_value: a real number; for integer and bool values it must be one of their values.
+    host_lengths: a host copy of the sequence lengths the caller already holds; the checks read it instead of
+    ``offsets``, which on GPU would cost a device sync.
     """
     values = _check_values("values", values)
-    offsets = check_offsets("offsets", offsets, total=values.shape[0])
+    if host_lengths is None:
+        offsets = check_offsets("offsets", offsets, total=values.shape[0])
+    else:
+        _check_host_lengths("offsets", offsets, host_lengths, total=values.shape[0])
     check_same_device("values", values, offsets=offsets)
     max_length = check_int("max_length", max_length, minimum=0)
     padding_value = _check_padding(padding_value, values.dtype)
@@ -179,8 +215,23 @@ def candidate_mask(seq_offsets: torch.Tensor, num_candidates: torch.Tensor) -> t
     return reference.candidate_mask_reference(seq_offsets, num_candidates, total)
 
 
+def sequence_ids_and_positions(
+    seq_offsets: torch.Tensor, host_lengths: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every row of a jagged tensor: the sequence it belongs to and its position inside it, both (T,) int64.
+
+    host_lengths: a host copy of the sequence lengths the caller already holds; the checks and the output size read
+    it instead of ``seq_offsets``, which on GPU would cost a device sync.
+    """
+    if host_lengths is None:
+        seq_offsets = check_offsets("seq_offsets", seq_offsets)
+        check_not_meta("seq_offsets", seq_offsets, "sequence_ids_and_positions")
+        total = int(seq_offsets[-1])
+    else:
+        total = _check_host_lengths("seq_offsets", seq_offsets, host_lengths)
+    return reference.sequence_ids_and_positions(seq_offsets, total)
+
+
 def sequence_positions(seq_offsets: torch.Tensor) -> torch.Tensor:
     """Position of every row inside its sequence, (T,) int64."""
-    seq_offsets = check_offsets("seq_offsets", seq_offsets)
-    check_not_meta("seq_offsets", seq_offsets, "sequence_positions")
-    return reference.sequence_ids_and_positions(seq_offsets, int(seq_offsets[-1]))[1]
+    return sequence_ids_and_positions(seq_offsets)[1]
