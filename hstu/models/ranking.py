@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from hstu.data.batch import JaggedBatch
+from hstu.models.common import StepOutput, interleave_contextual, sparse_features
 from hstu.models.losses import MultiTaskLoss
-from hstu.models.retrieval import StepOutput, interleave_contextual, sparse_features
 from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
 from hstu.modules.encoder import EncoderConfig, EncoderInputs, HSTUEncoder
 from hstu.ops import candidate_mask
