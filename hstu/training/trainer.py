@@ -21,6 +21,7 @@ from hstu.training import checkpoint as ckpt
 from hstu.training.config import AllArgs, OptimizerArgs
 from hstu.training.distributed import ParallelContext, setup_parallelism, teardown
 from hstu.training.flops import train_step_flops
+from hstu.training.policies import LogWindow, Schedule, StepResult
 from hstu.training.profiling import StepProfiler
 from hstu.training.run_logging import RunLogger, earlier_run_outputs, move_run_aside, write_json_atomic
 from hstu.training.tasks import TASKS, Task, check_task_config
@@ -222,119 +223,101 @@ class Trainer:
             ckpt.restore_rng_state(self.pending_rng)
             self.pending_rng = None
 
-    def _eval_due(self, end_of_epoch: bool) -> bool:
-        t = self.args.trainer
-        if self.state.last_eval_step == self.state.step:
-            return False
-        if t.eval_interval_steps and self.state.step % t.eval_interval_steps == 0:
-            return True
-        return end_of_epoch and t.eval_every_epochs > 0 and self.state.epoch % t.eval_every_epochs == 0
-
     # ---- training -----------------------------------------------------------------------------------------------
+    def train_step(self, batch) -> StepResult:
+        """Forward, backward and optimizer update of one batch; advances the step counters. Makes no device sync:
+        the loss stays on the device for the log window."""
+        ctx, parallel = self.ctx, self.parallel
+        batch = batch.to(ctx.device, non_blocking=True)
+        # Before backward: the sharded tables' fused optimizer updates inside it.
+        lr, sparse_lr = self.learning_rates(self.state.step)
+        parallel.set_learning_rate(lr, sparse_lr)
+        parallel.zero_grad()
+        autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+        with autocast:
+            out = self.model(batch)  # no wrapper: tables are sharded in place; per-rank mean loss
+        out.loss.backward()
+        parallel.finish_grad_sync()  # DP average of dense + replicated-table grads, TP partial sums
+        grad_norm = parallel.step()  # dense optimizer (clipping inside), replicated tables
+        self.state.step += 1
+        self.state.tokens += out.num_tokens
+        head = self.task.head_flops(out.extras.get("num_queries", out.extras.get("num_candidates", 0)))
+        flops = train_step_flops(self.model.encoder.config, out.num_tokens, out.sum_squared_lengths, head)
+        return StepResult(out.loss.detach(), lr, out.num_tokens, flops, grad_norm)
+
     def train(self) -> dict:
+        """Steps until ``total_steps`` (or ``stop_after_steps``), with the logging, evaluation and checkpoint
+        cadences of :class:`~hstu.training.policies.Schedule`; then the final evaluation and summary."""
         t = self.args.trainer
-        ctx = self.ctx
-        encoder_config = self.model.encoder.config
-        progress = tqdm(total=self.total_steps, initial=self.state.step, disable=not (t.progress_bar and ctx.is_main),
-                        desc=f"{self.task.name}", unit="step", dynamic_ncols=True, file=sys.stdout,
-                        mininterval=0.1 if sys.stdout.isatty() else 5.0)
-        parallel = self.parallel
-        pending_losses: list[torch.Tensor] = []
-        grad_norm = None
-        pending_records: list[dict] = []
-        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-        interrupted = False
-        profiler = StepProfiler(t.profile_steps, t.run_dir, ctx.is_main, ctx.device, first_step=self.state.step)
+        schedule, window = Schedule.of(t), LogWindow(self.ctx)
+        progress = tqdm(total=self.total_steps, initial=self.state.step,
+                        disable=not (t.progress_bar and self.ctx.is_main), desc=f"{self.task.name}", unit="step",
+                        dynamic_ncols=True, file=sys.stdout, mininterval=0.1 if sys.stdout.isatty() else 5.0)
+        profiler = StepProfiler(t.profile_steps, t.run_dir, self.ctx.is_main, self.ctx.device,
+                                first_step=self.state.step)
         first_step, first_epoch, train_started = self.state.step, self.state.epoch, time.perf_counter()
+        stopped = False
         self.model.train()
-        while self.state.step < self.total_steps and not interrupted:
+        while self.state.step < self.total_steps and not stopped:
             self.train_loader.set_epoch(self.state.epoch)
             for batch in self.train_loader:
                 self._restore_pending_rng()
-                batch = batch.to(ctx.device, non_blocking=True)
-                # Before backward: the sharded tables' fused optimizer updates inside it.
-                lr, sparse_lr = self.learning_rates(self.state.step)
-                parallel.set_learning_rate(lr, sparse_lr)
-                parallel.zero_grad()
-                autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
-                with autocast:
-                    out = self.model(batch)  # no wrapper: tables are sharded in place; per-rank mean loss
-                out.loss.backward()
-                parallel.finish_grad_sync()  # DP average of dense + replicated-table grads, TP partial sums
-                grad_norm = parallel.step()  # dense optimizer (clipping inside), replicated tables
-                self.state.step += 1
-                self.state.tokens += out.num_tokens
-                window_tokens += out.num_tokens
-                head = self.task.head_flops(out.extras.get("num_queries", out.extras.get("num_candidates", 0)))
-                window_flops += train_step_flops(encoder_config, out.num_tokens, out.sum_squared_lengths, head)
-                pending_losses.append(out.loss.detach())
-                pending_records.append({"step": self.state.step, "epoch": self.state.epoch, "lr": lr})
+                window.add(self.train_step(batch), self.state.step, self.state.epoch)
                 progress.update(1)
                 profiler.after_step(self.state.step)
-
                 last_step = self.state.step >= self.total_steps
-                stop_now = t.stop_after_steps is not None and self.state.step >= t.stop_after_steps
-                if self.state.step % t.log_interval_steps == 0 or last_step or stop_now:
-                    # One collective + one device sync per log interval: losses averaged over the DP group (the
-                    # TP ranks of a group hold the same loss), tokens summed over it.
-                    packed = torch.cat([torch.stack(pending_losses).float(),
-                                        torch.tensor([float(window_tokens)], device=ctx.device)])
-                    if ctx.dp_size > 1:
-                        torch.distributed.all_reduce(packed, group=ctx.dp_group)  # SUM (gloo has no AVG)
-                        packed[:-1].div_(ctx.dp_size)
-                    values = packed.cpu().tolist()
-                    losses, global_tokens = values[:-1], values[-1]
-                    for record, loss in zip(pending_records, losses):
-                        record["loss"] = loss
-                    if grad_norm is not None:
-                        pending_records[-1]["grad_norm"] = round(float(grad_norm), 4)
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    throughput = {"tokens_per_s": global_tokens / elapsed}  # all data-parallel ranks together
-                    if ctx.device.type == "cuda":
-                        throughput["tflops"] = window_flops / elapsed / 1e12  # per GPU (this rank's work)
-                    pending_records[-1].update({k: round(v, 3) for k, v in throughput.items()})
-                    self.logger.log_train(pending_records)
-                    postfix = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{throughput['tokens_per_s']:,.0f}"}
-                    if "tflops" in throughput:
-                        postfix["TFLOP/s"] = f"{throughput['tflops']:.1f}"
-                    progress.set_postfix(postfix, refresh=False)
-                    pending_losses, pending_records = [], []
-                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-                if t.eval_interval_steps and self.state.step % t.eval_interval_steps == 0 and not last_step:
-                    self._report(self.evaluate(), progress)
-                    if not t.checkpoint_interval_steps and not stop_now:
-                        self._save()
-                    window_start = time.perf_counter()
-                if t.checkpoint_interval_steps and self.state.step % t.checkpoint_interval_steps == 0 and not stop_now:
-                    self._save()
-                if stop_now:
-                    interrupted = True
-                    break
-                if last_step and self.train_loader.batches_consumed < len(self.train_loader):
+                stopped = self._after_step(schedule, window, progress, last_step)
+                if stopped or (last_step and self.train_loader.batches_consumed < len(self.train_loader)):
                     break  # (at an epoch's end the loop ends by itself, so that the epoch counts as finished)
             else:
                 # The loader finished the epoch (a run resumed exactly at an epoch's end gets no batch in it).
                 self._restore_pending_rng()
                 self.state.epoch += 1
-                if self._eval_due(end_of_epoch=True) and self.state.step < self.total_steps:
-                    self._report(self.evaluate(), progress)
-                    if not t.checkpoint_interval_steps:
-                        self._save()
-                    window_start = time.perf_counter()
+                if schedule.eval_due_at_epoch_end(self.state.step, self.state.epoch, self.state.last_eval_step,
+                                                  self.total_steps):
+                    self._periodic_eval(schedule, window, progress, stop=False)
         progress.close()
         profiler.finish()
-        if interrupted:
+        if stopped:
+            return self._stop()
+        return self._finish(time.perf_counter() - train_started, first_step, first_epoch)
+
+    def _after_step(self, schedule: Schedule, window: LogWindow, progress, last_step: bool) -> bool:
+        """Logging, evaluation and checkpoint of the step just taken, when due; returns whether the run stops now."""
+        step = self.state.step
+        stop = schedule.stop_due(step)
+        if schedule.log_due(step, last_step, stop):
+            records, postfix = window.flush()
+            self.logger.log_train(records)
+            progress.set_postfix(postfix, refresh=False)
+        if schedule.eval_due_after_step(step, last_step):
+            self._periodic_eval(schedule, window, progress, stop)
+        if schedule.checkpoint_due_after_step(step, stop):
             self._save()
-            if ctx.is_main:
-                print(f"[hstu] stopped after step {self.state.step} (stop_after_steps); resume with --resume", flush=True)
-            self.logger.close()
-            return {"interrupted": True, "step": self.state.step}
-        # Wall time of this run's training loop: steps, periodic evaluations and checkpoints (not the final evaluation).
-        train_seconds = time.perf_counter() - train_started
+        return stop
+
+    def _periodic_eval(self, schedule: Schedule, window: LogWindow, progress, stop: bool) -> None:
+        self._report(self.evaluate(), progress)
+        if schedule.checkpoint_due_after_eval(stop):
+            self._save()
+        window.restart_clock()
+
+    def _stop(self) -> dict:
+        """``stop_after_steps`` reached: checkpoint (for --resume) and return without the final evaluation."""
+        self._save()
+        if self.ctx.is_main:
+            print(f"[hstu] stopped after step {self.state.step} (stop_after_steps); resume with --resume", flush=True)
+        self.logger.close()
+        return {"interrupted": True, "step": self.state.step}
+
+    def _finish(self, train_seconds: float, first_step: int, first_epoch: int) -> dict:
+        """Final evaluation (with the baseline), final checkpoint and summary. ``train_seconds``: wall time of this
+        run's training loop, periodic evaluations and checkpoints included."""
+        t = self.args.trainer
         final = self.evaluate(with_baseline=t.compute_baseline)
         final["train_seconds"] = round(train_seconds, 3)
         epochs = self.state.epoch - first_epoch
-        if ctx.is_main:
+        if self.ctx.is_main:
             per_epoch = f", {train_seconds / epochs:.2f} s per epoch" if epochs > 0 else ""
             print(f"[hstu] trained {self.state.step - first_step} steps ({epochs} epochs) in {train_seconds:.1f} s"
                   f"{per_epoch} (periodic evaluation and checkpoints included)", flush=True)

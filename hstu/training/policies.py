@@ -1,0 +1,123 @@
+"""What the training loop does between steps: when to log, evaluate, checkpoint and stop (:class:`Schedule`), and
+the logging window that turns step results into ``train_log.jsonl`` records (:class:`LogWindow`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from hstu.training.config import TrainerArgs
+
+
+@dataclass
+class StepResult:
+    """What one training step hands to logging. ``loss`` stays on the device until the log window ends."""
+
+    loss: torch.Tensor
+    lr: float
+    num_tokens: int
+    flops: float
+    grad_norm: Any = None  # the dense optimizer's clipped norm (None without grad_clip_norm)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The cadences of ``TrainerArgs``: each method answers "is it due now" for the step just taken (1-based
+    ``step``) or for the end of an epoch. ``last_step``: the step that ends training; ``stop``: the step after which
+    the run stops early (``stop_after_steps``), where the stop itself writes the checkpoint."""
+
+    log_interval_steps: int
+    eval_interval_steps: Optional[int]
+    eval_every_epochs: int
+    checkpoint_interval_steps: Optional[int]
+    stop_after_steps: Optional[int]
+
+    @classmethod
+    def of(cls, t: TrainerArgs) -> "Schedule":
+        return cls(t.log_interval_steps, t.eval_interval_steps, t.eval_every_epochs, t.checkpoint_interval_steps,
+                   t.stop_after_steps)
+
+    def stop_due(self, step: int) -> bool:
+        return self.stop_after_steps is not None and step >= self.stop_after_steps
+
+    def log_due(self, step: int, last_step: bool, stop: bool) -> bool:
+        return step % self.log_interval_steps == 0 or last_step or stop
+
+    def eval_due_after_step(self, step: int, last_step: bool) -> bool:
+        """Every ``eval_interval_steps`` steps; the last step is left to the final evaluation."""
+        return bool(self.eval_interval_steps) and step % self.eval_interval_steps == 0 and not last_step
+
+    def eval_due_at_epoch_end(self, step: int, epoch: int, last_eval_step: int, total_steps: int) -> bool:
+        """At the end of every ``eval_every_epochs``-th epoch (``epoch`` counts the finished ones), unless this step
+        was just evaluated or training is over (the final evaluation follows)."""
+        if last_eval_step == step or step >= total_steps:
+            return False
+        if self.eval_interval_steps and step % self.eval_interval_steps == 0:
+            return True
+        return self.eval_every_epochs > 0 and epoch % self.eval_every_epochs == 0
+
+    def checkpoint_due_after_step(self, step: int, stop: bool) -> bool:
+        return bool(self.checkpoint_interval_steps) and step % self.checkpoint_interval_steps == 0 and not stop
+
+    def checkpoint_due_after_eval(self, stop: bool) -> bool:
+        """Without ``checkpoint_interval_steps``, every periodic evaluation is followed by a checkpoint."""
+        return not self.checkpoint_interval_steps and not stop
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last ``train_log.jsonl`` write. Losses are kept on the device; :meth:`flush` makes one
+    collective and one device sync for the whole window."""
+
+    ctx: Any  # the run's ParallelContext
+    losses: list = field(default_factory=list)
+    records: list = field(default_factory=list)
+    tokens: int = 0
+    flops: float = 0.0
+    grad_norm: Any = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, result: StepResult, step: int, epoch: int) -> None:
+        self.tokens += result.num_tokens
+        self.flops += result.flops
+        self.grad_norm = result.grad_norm
+        self.losses.append(result.loss)
+        self.records.append({"step": step, "epoch": epoch, "lr": result.lr})
+
+    def restart_clock(self) -> None:
+        """Leave the time spent outside training steps (an evaluation, a checkpoint) out of the throughput."""
+        self.started = time.perf_counter()
+
+    def flush(self) -> tuple[list[dict], dict]:
+        """The window's records (loss averaged over the data-parallel group, throughput on the last) and the progress
+        bar's postfix; starts the next window."""
+        ctx = self.ctx
+        # Losses averaged over the DP group (the TP ranks of a group hold the same loss), tokens summed over it.
+        packed = torch.cat([torch.stack(self.losses).float(), torch.tensor([float(self.tokens)], device=ctx.device)])
+        if ctx.dp_size > 1:
+            torch.distributed.all_reduce(packed, group=ctx.dp_group)  # SUM (gloo has no AVG)
+            packed[:-1].div_(ctx.dp_size)
+        values = packed.cpu().tolist()
+        losses, global_tokens = values[:-1], values[-1]
+        records = self.records
+        for record, loss in zip(records, losses):
+            record["loss"] = loss
+        if self.grad_norm is not None:
+            records[-1]["grad_norm"] = round(float(self.grad_norm), 4)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        throughput = {"tokens_per_s": global_tokens / elapsed}  # all data-parallel ranks together
+        if ctx.device.type == "cuda":
+            throughput["tflops"] = self.flops / elapsed / 1e12  # per GPU (this rank's work)
+        records[-1].update({k: round(v, 3) for k, v in throughput.items()})
+        postfix = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{throughput['tokens_per_s']:,.0f}"}
+        if "tflops" in throughput:
+            postfix["TFLOP/s"] = f"{throughput['tflops']:.1f}"
+        self.losses, self.records, self.tokens, self.flops = [], [], 0, 0.0
+        self.restart_clock()
+        return records, postfix
+
+
+__all__ = ["LogWindow", "Schedule", "StepResult"]
