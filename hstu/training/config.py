@@ -208,8 +208,13 @@ def parse_gin(config_files: Sequence[str] = (), bindings: Sequence[str] = ()) ->
     """Parse gin files then ``KEY=VALUE`` bindings (later wins), instantiate every argument group and validate it.
 
     Every problem is a ``ValueError`` or ``TypeError`` naming the file, binding or field: a missing file or include,
-    a syntax error, an unknown configurable or field, a value of the wrong type or out of range.
+    a syntax error, an unknown configurable or field, a value of the wrong type or out of range. A single path or
+    binding may be passed as a string.
     """
+    if isinstance(config_files, (str, os.PathLike)):
+        config_files = [os.fspath(config_files)]
+    if isinstance(bindings, str):
+        bindings = [bindings]
     gin.clear_config()
     with _includes_next_to_the_including_file():
         for path in config_files:

@@ -264,3 +264,18 @@ def test_missing_or_broken_file_is_a_value_error_naming_it(tmp_path):
     broken.write_text("TrainerArgs.seed = (1,\n")
     with pytest.raises(ValueError, match=re.escape(str(broken))):
         parse_gin([str(broken)])
+
+
+def test_a_single_path_or_binding_may_be_a_string():
+    # a string used to be iterated per character ("gin config file 'c' not found")
+    args = parse_gin(os.path.join(ROOT, "configs", "synthetic_retrieval.gin"), "TrainerArgs.max_steps=3")
+    assert args.trainer.max_steps == 3 and args.network.hidden_dim == 64
+
+
+@pytest.mark.parametrize("name", ["e2e_retrieval.gin", "e2e_ranking.gin"])
+def test_end_to_end_configs_hold_nvidias_published_setting(name):
+    args = parse_gin([os.path.join(ROOT, "configs", name)])
+    n = args.network
+    assert (n.num_layers, n.hidden_dim, n.num_heads, n.qk_dim, n.v_dim) == (8, 1024, 4, 256, 256)
+    assert args.dataset.batch_size == 32 and args.trainer.bf16
+    assert args.dataset.synthetic_options["num_items"] == 1_000_000
