@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from hstu.ops import hstu_attention  # noqa: E402
 from hstu.ops.hstu_attention import cuda as hstu_cuda  # noqa: E402
+from hstu.ops.hstu_attention.args import AttentionArgs  # noqa: E402
 from hstu.ops.hstu_attention.reference import hstu_attention_reference  # noqa: E402
 
 # name, B, L, H, D, jagged, extra kwargs
@@ -85,10 +86,11 @@ def make_inputs(B, L, H, D, jagged, extra, dtype=torch.bfloat16, seed=0):
     return q, k, v, offsets, lengths, kwargs
 
 
-def kernel_args(offsets, L, kwargs) -> tuple:
-    """The arguments of hstu_cuda.forward / backward between (q, k, v) and dropout (window -1, group size 1)."""
-    return (offsets, L, kwargs["alpha"], L, kwargs["causal"], -1, kwargs.get("num_contexts"),
-            kwargs.get("num_targets"), 1, kwargs.get("rab"))  # fmt: skip
+def kernel_args(q, k, v, offsets, L, kwargs, deterministic=False) -> AttentionArgs:
+    """The arguments of hstu_cuda.forward / backward (window -1, group size 1, no dropout)."""
+    return AttentionArgs(q, k, v, offsets, L, kwargs["alpha"], L, kwargs["causal"],
+                         num_contexts=kwargs.get("num_contexts"), num_targets=kwargs.get("num_targets"),
+                         rab=kwargs.get("rab"), deterministic=deterministic)  # fmt: skip
 
 
 def flops_fwd(lengths, H, D, causal=True) -> float:
@@ -118,14 +120,14 @@ def time_kernel(q, k, v, offsets, L, kwargs, others=()):
     Backward as the op runs it by default (deterministic=False: atomic dq); also returns the deterministic
     (split dk/dv + dq kernels) backward time, then the times of `others` (callables timed in the same rounds).
     """
-    common = kernel_args(offsets, L, kwargs)
+    args = {det: kernel_args(q, k, v, offsets, L, kwargs, deterministic=det) for det in (False, True)}
     dout = torch.randn_like(q)
 
     def fwd():
-        return hstu_cuda.forward(q, k, v, *common, 0.0, 0)
+        return hstu_cuda.forward(args[False])
 
     def bwd(deterministic=False):
-        return hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, deterministic)
+        return hstu_cuda.backward(dout, args[deterministic])
 
     def fwd_bwd():
         fwd()
@@ -159,14 +161,14 @@ def triton_callables(mha, q, k, v, offsets, L, kwargs):
 
 def time_kernel_forward(q, k, v, offsets, L, kwargs, variant=None) -> float:
     """The kernel forward with an explicit KernelVariant (None: the default choice)."""
-    common = kernel_args(offsets, L, kwargs)
-    return do_bench(lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0, variant=variant))
+    args = kernel_args(q, k, v, offsets, L, kwargs)
+    return do_bench(lambda: hstu_cuda.forward(args, variant=variant))
 
 
 def time_kernel_atomic_backward(q, k, v, offsets, L, kwargs, variant=None) -> float:
-    common = kernel_args(offsets, L, kwargs)
+    args = kernel_args(q, k, v, offsets, L, kwargs)
     dout = torch.randn_like(q)
-    return do_bench(lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False, variant=variant))
+    return do_bench(lambda: hstu_cuda.backward(dout, args, variant=variant))
 
 
 def plan_of(direction: str, q, batch: int, L: int, kwargs, variant=None) -> dict:
@@ -182,17 +184,17 @@ def profile_breakdown() -> None:
 
     for B, L, H, D in ((32, 4096, 4, 128), (32, 4096, 4, 256), (64, 1024, 4, 128)):
         q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, False, {})
-        common = kernel_args(offsets, L, kwargs)
+        args = {det: kernel_args(q, k, v, offsets, L, kwargs, deterministic=det) for det in (False, True)}
         dout = torch.randn_like(q)
         for det in (False, True):
-            hstu_cuda.forward(q, k, v, *common, 0.0, 0)
-            hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, det)
+            hstu_cuda.forward(args[det])
+            hstu_cuda.backward(dout, args[det])
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                hstu_cuda.forward(q, k, v, *common, 0.0, 0)
-                hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False)  # atomic dq
-                hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, True)  # split, deterministic
+                hstu_cuda.forward(args[False])
+                hstu_cuda.backward(dout, args[False])  # atomic dq
+                hstu_cuda.backward(dout, args[True])  # split, deterministic
             torch.cuda.synchronize()
         fl = flops_fwd(lengths, H, D)
         for evt in prof.key_averages():
@@ -204,7 +206,7 @@ def profile_breakdown() -> None:
                     name += " atomic" if last.group(1) == "true" else " split"
                 print(f"  profile {B}x{L}x{H}x{D} {name:28s} {ms:7.3f} ms/call  ({evt.count} calls)"
                       f"  = {fl / ms / 1e9:6.1f} fwd-equivalent TFLOP/s", flush=True)
-        del q, k, v
+        del q, k, v, args
         torch.cuda.empty_cache()
 
 
@@ -222,14 +224,13 @@ def length_sweep(H: int = 4, D: int = 128) -> list[dict]:
             B = SWEEP_TOKENS // L
             q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, False, {})
             kwargs["causal"] = causal
-            common = kernel_args(offsets, L, kwargs)
+            args = kernel_args(q, k, v, offsets, L, kwargs)
             dout = torch.randn_like(q)
-            fns = [lambda: hstu_cuda.forward(q, k, v, *common, 0.0, 0),
-                   lambda: hstu_cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False)]
+            fns = [lambda: hstu_cuda.forward(args), lambda: hstu_cuda.backward(dout, args)]
             if plan_of("forward", q, B, L, kwargs)["kernel"] != "sm80" and D <= 128:
                 # both warp-specialized forward shapes, forced
                 variants = [hstu_cuda.KernelVariant(forward_two_per_sm=two) for two in (False, True)]
-                fns += [lambda var=var: hstu_cuda.forward(q, k, v, *common, 0.0, 0, variant=var) for var in variants]
+                fns += [lambda var=var: hstu_cuda.forward(args, variant=var) for var in variants]
             tf, tb, *tws = do_bench_interleaved(fns)
             fl = flops_fwd(lengths, H, D, causal)
             rows.append({"B": B, "L": L, "H": H, "D": D, "causal": causal, "fwd_ms": tf, "bwd_ms": tb,
@@ -240,7 +241,7 @@ def length_sweep(H: int = 4, D: int = 128) -> list[dict]:
                   f"  bwd {rows[-1]['bwd_tflops']:6.1f} TFLOP/s  (ms {tf:.3f}/{tb:.3f})"
                   + (f"  fwd ping-pong {fl / tws[0] / 1e9:6.1f}  two per SM {fl / tws[1] / 1e9:6.1f}" if tws else ""),
                   flush=True)  # fmt: skip
-            del q, k, v, dout
+            del q, k, v, dout, args
             torch.cuda.empty_cache()
     return rows
 
@@ -302,7 +303,7 @@ def main() -> None:
             triton_fns = ()
             if mha is not None and not extra:
                 triton_fns = triton_callables(mha, q, k, v, offsets, L, kwargs)
-                ours = hstu_cuda.forward(q, k, v, *kernel_args(offsets, L, kwargs), 0.0, 0)
+                ours = hstu_cuda.forward(kernel_args(q, k, v, offsets, L, kwargs))
                 row["triton_fwd_max_abs_diff"] = float((triton_fns[0]().float() - ours.float()).abs().max())
             tf, tb, tfb, tbd, *tt = time_kernel(q, k, v, offsets, L, kwargs, triton_fns)
             if tt:

@@ -5,10 +5,11 @@
 
 `time` loads DIR's benchmarks/bench_attention.py (its inputs, kernel arguments and `do_bench`) and DIR's `hstu`
 package with its built extension, nothing of this checkout, and times `hstu.ops.hstu_attention.cuda.forward` /
-`backward` with their default kernels (causal, bf16, alpha = 1/sqrt(D), atomic-dq backward). Those functions take
-the same positional arguments in the trees before and after the kernel-options refactor, so both trees run the
-same script. scripts/gpu_ab.sh alternates the trees' processes round by round; `compare` takes each tree's median over
-the rounds and reports after / before per shape and pass.
+`backward` with their default kernels (causal, bf16, alpha = 1/sqrt(D), atomic-dq backward). A tree with
+`hstu/ops/hstu_attention/args.py` passes them one `AttentionArgs` (from its `kernel_args`); an older tree passes the
+flat argument list its `kernel_args` and functions take, so one script times both trees. scripts/gpu_ab.sh
+alternates the trees' processes round by round; `compare` takes each tree's median over the rounds and reports
+after / before per shape and pass.
 """
 
 from __future__ import annotations
@@ -44,13 +45,20 @@ def time_tree(tree: pathlib.Path, label: str, round_: int, out: pathlib.Path) ->
 
     if not pathlib.Path(hstu.__file__).resolve().is_relative_to(tree.resolve()):
         raise SystemExit(f"imported hstu from {hstu.__file__}, not from {tree}")
+    named_args = importlib.util.find_spec("hstu.ops.hstu_attention.args") is not None
     rows = []
     for name, B, L, H, D, jagged in SHAPES:
         q, k, v, offsets, lengths, kwargs = bench.make_inputs(B, L, H, D, jagged, {})
         dout = torch.randn_like(q)
-        common = bench.kernel_args(offsets, L, kwargs)
-        t_fwd = bench.do_bench(lambda: cuda.forward(q, k, v, *common, 0.0, 0))
-        t_bwd = bench.do_bench(lambda: cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False))
+        if named_args:
+            args = bench.kernel_args(q, k, v, offsets, L, kwargs)
+            t_fwd = bench.do_bench(lambda: cuda.forward(args))
+            t_bwd = bench.do_bench(lambda: cuda.backward(dout, args))
+            del args  # (it holds q, k and v, freed below)
+        else:
+            common = bench.kernel_args(offsets, L, kwargs)
+            t_fwd = bench.do_bench(lambda: cuda.forward(q, k, v, *common, 0.0, 0))
+            t_bwd = bench.do_bench(lambda: cuda.backward(dout, q, k, v, *common, False, 0.0, 0, False))
         flops = bench.flops_fwd(lengths, H, D)
         rows.append({"shape": name, "fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwd_flops": flops})
         print(f"{label} round {round_} {name:22s} fwd {flops / t_fwd / 1e9:6.1f}  bwd {2.5 * flops / t_bwd / 1e9:6.1f} "

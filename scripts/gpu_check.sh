@@ -166,6 +166,7 @@ if has sanitize; then
   cat >"$OUT/sanitize_case.py" <<'PY'
 import torch
 from hstu.ops.hstu_attention import cuda
+from hstu.ops.hstu_attention.args import AttentionArgs
 V = cuda.KernelVariant
 offsets = torch.tensor([0, 0, 1, 70, 200], dtype=torch.int32, device="cuda")
 # (head dim, rab heads, causal, window, targets, rab gradient); the cases without a rab gradient at head dims
@@ -178,12 +179,12 @@ for dim, rab_heads, causal, window, tgt, rab_grad in [(64, 1, True, -1, True, Tr
     rab = torch.randn(4, rab_heads, 131, 131, device="cuda", dtype=torch.bfloat16) if rab_heads else None
     nt = torch.tensor([0, 1, 7, 20], dtype=torch.int32, device="cuda") if tgt else None
     nc = torch.tensor([0, 0, 3, 4], dtype=torch.int32, device="cuda") if tgt else None
-    args = (q, k, v, offsets, 130, 0.125, 130, causal, window, nc, nt, 2, rab)
-    out = cuda.forward(*args, 0.0, 0)
+    args = AttentionArgs(q, k, v, offsets, 130, 0.125, 130, causal, window, nc, nt, 2, rab)
+    out = cuda.forward(args)
     # atomic-dq path (wgmma backward where it applies), the same on the mma.sync kernel, then the split path
     for deterministic, sm90_bwd in ((False, True), (False, False), (True, True)):
-        grads = cuda.backward(torch.randn_like(out), *args[:13], rab is not None and rab_grad, 0.0, 0, deterministic,
-                              variant=V(sm90_backward=sm90_bwd))
+        grads = cuda.backward(torch.randn_like(out), args._replace(deterministic=deterministic),
+                              rab is not None and rab_grad, variant=V(sm90_backward=sm90_bwd))
         assert all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
 # the other sm90 forwards (the cases above ran the default: at these lengths, head dims 64 / 128, the two-per-SM
 # warp-specialized shape): the single-role kernel, then the ping-pong one
@@ -192,14 +193,13 @@ for variant in (V(forward_warp_specialized=False), V(forward_two_per_sm=False)):
         q, k, v = (torch.randn(200, 2, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         rab = torch.randn(4, 2, 131, 131, device="cuda", dtype=torch.bfloat16)
         nt = torch.tensor([0, 1, 7, 20], dtype=torch.int32, device="cuda")
-        out = cuda.forward(q, k, v, offsets, 130, 0.125, 130, True, -1, None, nt, 2, rab, 0.0, 0, variant=variant)
+        out = cuda.forward(AttentionArgs(q, k, v, offsets, 130, 0.125, 130, True, -1, None, nt, 2, rab), variant=variant)
         assert bool(torch.isfinite(out).all())
 # the persistent forward (head dims 64 / 128) with more work items than blocks, in both warp-specialized shapes
 for (batch, length, heads, dim), two_per_sm in (((16, 1024, 2, 128), False), ((64, 256, 2, 64), True)):
     offs = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(batch * length, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = cuda.forward(q, k, v, offs, length, 0.125, length, True, -1, None, None, 1, None, 0.0, 0,
-                       variant=V(forward_two_per_sm=two_per_sm))
+    out = cuda.forward(AttentionArgs(q, k, v, offs, length, 0.125, length), variant=V(forward_two_per_sm=two_per_sm))
     assert bool(torch.isfinite(out).all())
 torch.cuda.synchronize()
 print("sanitize case done")

@@ -310,6 +310,7 @@ def test_sm90_forward_runs_and_matches(dtype, dim):
     from torch.profiler import ProfilerActivity, profile
 
     from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
 
     if not _sm90_forward_available():
         pytest.skip("needs an sm_90 device and a build with the sm90 forward units (9.0a in TORCH_CUDA_ARCH_LIST)")
@@ -318,12 +319,12 @@ def test_sm90_forward_runs_and_matches(dtype, dim):
                num_targets=[0, 1, 10, 0, 33, 50, 64], group=2, rab_kind="heads", rab_grad=False,
                alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
     q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
-    args = (q, k, v, offsets, 517, cfg["alpha"], 517, True, -1, nc, nt, 2, rab)
+    args = AttentionArgs(q, k, v, offsets, 517, cfg["alpha"], 517, True, -1, nc, nt, 2, rab)
     shape = dict(head_dim=dim, batch=len(cfg["lengths"]), heads=3, max_seqlen=517, dtype=dtype, rab=True)
     plan = cuda.kernel_plan("forward", **shape)  # the default
     assert plan["kernel"] in ("sm90_ping_pong", "sm90_two_per_sm"), plan
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out_sm90 = cuda.forward(*args, 0.0, 0)
+        out_sm90 = cuda.forward(args)
         torch.cuda.synchronize()
     names = [evt.key for evt in prof.key_averages()]
     assert any(_is_ws_forward(n) for n in names), names
@@ -332,7 +333,7 @@ def test_sm90_forward_runs_and_matches(dtype, dim):
     sm80 = cuda.KernelVariant(sm90_forward=False)  # opt-out: the mma.sync forward
     assert cuda.kernel_plan("forward", variant=sm80, **shape)["kernel"] == "sm80"
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out_sm80 = cuda.forward(*args, 0.0, 0, variant=sm80)
+        out_sm80 = cuda.forward(args, variant=sm80)
         torch.cuda.synchronize()
     assert not any("hstu_fwd_sm90" in evt.key for evt in prof.key_averages())
     assert not bool(torch.isnan(out_sm90).any())
@@ -345,6 +346,7 @@ def _ws_forward_checks() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
 
     cases = [dict(causal=True, window=-1, num_contexts=[0, 0, 4, 0, 9, 3, 12], num_targets=[0, 1, 10, 0, 33, 50, 64],
                   group=2, rab_kind="heads"),
@@ -362,11 +364,10 @@ def _ws_forward_checks() -> None:
                            **dict(case, lengths=lengths))  # fmt: skip
                 q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
                 L = cfg["max_seqlen"]
-                args = (q, k, v, offsets, L, cfg["alpha"], L, cfg["causal"], cfg["window"], nc, nt, cfg["group"],
-                        rab)  # fmt: skip
+                args = AttentionArgs(q, k, v, offsets, L, cfg["alpha"], L, cfg["causal"], cfg["window"], nc, nt,
+                                     cfg["group"], rab)  # fmt: skip
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    out_single = cuda.forward(*args, 0.0, 0,
-                                              variant=cuda.KernelVariant(forward_warp_specialized=False))
+                    out_single = cuda.forward(args, variant=cuda.KernelVariant(forward_warp_specialized=False))
                     torch.cuda.synchronize()
                 names = [evt.key for evt in prof.key_averages()]
                 assert any("hstu_fwd_sm90_kernel" in n for n in names), names
@@ -376,7 +377,7 @@ def _ws_forward_checks() -> None:
                 for two_per_sm in (False, True) if dim <= 128 else (False,):
                     ws = cuda.KernelVariant(forward_two_per_sm=two_per_sm)
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        out_ws = cuda.forward(*args, 0.0, 0, variant=ws)
+                        out_ws = cuda.forward(args, variant=ws)
                         torch.cuda.synchronize()
                     assert _ws_forward_consumer_warpgroups(prof) == ["1" if two_per_sm else "2"]
                     assert not bool(torch.isnan(out_ws).any()), _describe(cfg)
@@ -388,7 +389,7 @@ def _ws_forward_checks() -> None:
                     if dim <= 128:  # the persistent kernel is the default there: the one-tile-per-block one agrees
                         per_tile = dataclasses.replace(ws, forward_persistent=False)
                         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                            out_per_tile = cuda.forward(*args, 0.0, 0, variant=per_tile)
+                            out_per_tile = cuda.forward(args, variant=per_tile)
                             torch.cuda.synchronize()
                         assert any("hstu_fwd_sm90_ws_kernel" in evt.key for evt in prof.key_averages())
                         assert torch.equal(out_per_tile, out_ws), (_describe(cfg), two_per_sm)
@@ -401,6 +402,7 @@ def _persistent_forward_short_items_checks() -> None:
     """Many short work items per persistent block (128 sequences of up to 200 tokens, 128 x 1024 tokens), launched 30
     times: each launch bitwise equal to the one-tile-per-block kernel's output, in both warp-specialized shapes."""
     from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
 
     for dim, lengths in ((64, [200] * 127 + [1]), (128, [1024] * 128)):
         cfg = dict(seed=25_000 + dim, dtype=torch.bfloat16, dim=dim, heads=1, lengths=lengths, max_seqlen=max(lengths),
@@ -408,11 +410,11 @@ def _persistent_forward_short_items_checks() -> None:
                    rab_grad=False, alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
         q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
         L = cfg["max_seqlen"]
-        args = (q, k, v, offsets, L, cfg["alpha"], L, True, -1, None, None, 1, None, 0.0, 0)
+        args = AttentionArgs(q, k, v, offsets, L, cfg["alpha"], L, True, -1, None, None, 1, None, 0.0, 0)
         for two_per_sm in (False, True):
             persistent = cuda.KernelVariant(forward_two_per_sm=two_per_sm)
-            expected = cuda.forward(*args, variant=dataclasses.replace(persistent, forward_persistent=False))
-            outs = [cuda.forward(*args, variant=persistent) for _ in range(30)]
+            expected = cuda.forward(args, variant=dataclasses.replace(persistent, forward_persistent=False))
+            outs = [cuda.forward(args, variant=persistent) for _ in range(30)]
             torch.cuda.synchronize()
             assert all(torch.equal(o, expected) for o in outs), (dim, two_per_sm)
 
@@ -439,6 +441,7 @@ def test_sm90_forward_shape_follows_the_longest_sequence(dim):
     from torch.profiler import ProfilerActivity, profile
 
     from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
 
     if not _sm90_forward_available():
         pytest.skip("needs an sm_90 device and a build with the sm90 forward units (9.0a in TORCH_CUDA_ARCH_LIST)")
@@ -447,15 +450,15 @@ def test_sm90_forward_shape_follows_the_longest_sequence(dim):
                    max_seqlen=longest, causal=True, window=-1, num_contexts=None, num_targets=None, group=1,
                    rab_kind="none", rab_grad=False, alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
         q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
-        args = (q, k, v, offsets, longest, cfg["alpha"], longest, True, -1, None, None, 1, None, 0.0, 0)
+        args = AttentionArgs(q, k, v, offsets, longest, cfg["alpha"], longest, True, -1, None, None, 1, None, 0.0, 0)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            out_default = cuda.forward(*args)
+            out_default = cuda.forward(args)
             torch.cuda.synchronize()
         expected = "1" if longest <= 256 and dim <= 128 else "2"
         assert _ws_forward_consumer_warpgroups(prof) == [expected], (dim, longest)
         plan = cuda.kernel_plan("forward", head_dim=dim, batch=4, heads=2, max_seqlen=longest)
         assert plan["consumer_warpgroups"] == int(expected), (plan, dim, longest)
-        out_other = cuda.forward(*args, variant=cuda.KernelVariant(forward_two_per_sm=expected == "2"))
+        out_other = cuda.forward(args, variant=cuda.KernelVariant(forward_two_per_sm=expected == "2"))
         assert torch.equal(out_default, out_other), (dim, longest, float((out_default - out_other).abs().max()))
 
 
@@ -521,6 +524,7 @@ def test_sm90_backward_runs_and_matches(dtype, dim, case):
     from torch.profiler import ProfilerActivity, profile
 
     from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
 
     if not _sm90_backward_available():
         pytest.skip("needs an sm_90 device and a build with the sm90 backward units (9.0a in TORCH_CUDA_ARCH_LIST)")
@@ -535,10 +539,10 @@ def test_sm90_backward_runs_and_matches(dtype, dim, case):
     scaling = cfg["scaling"] or cfg["max_seqlen"]
 
     def run(rab_needs_grad=False, deterministic=False, variant=None):
-        args = (dout, q, k, v, offsets, cfg["max_seqlen"], cfg["alpha"], scaling, cfg["causal"], cfg["window"], nc, nt,
-                cfg["group"], rab, rab_needs_grad, 0.0, 0, deterministic)  # fmt: skip
+        args = AttentionArgs(q, k, v, offsets, cfg["max_seqlen"], cfg["alpha"], scaling, cfg["causal"], cfg["window"],
+                             nc, nt, cfg["group"], rab, 0.0, 0, deterministic)  # fmt: skip
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            grads = cuda.backward(*args, variant=variant)
+            grads = cuda.backward(dout, args, rab_needs_grad, variant=variant)
             torch.cuda.synchronize()
         return grads, [evt.key for evt in prof.key_averages()]
 
@@ -579,6 +583,7 @@ def test_sm90_grouped_schedule_matches_pair_after_pair(dim):
     block in a fixed order, so the forward and dk / dv agree exactly; dq sums the blocks' atomics in another order.
     The grouped order passes the parity rule."""
     from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
 
     if not _sm90_backward_available():
         pytest.skip("needs an sm_90 device and a build with the sm90 units (9.0a in TORCH_CUDA_ARCH_LIST)")
@@ -592,10 +597,11 @@ def test_sm90_grouped_schedule_matches_pair_after_pair(dim):
     q, k, v, offsets, rab, nc, nt = _build_inputs(cfg)
     dout = torch.randn(q.shape, generator=torch.Generator(device="cpu").manual_seed(cfg["seed"] + 1)).to(
         device="cuda", dtype=cfg["dtype"])  # fmt: skip
-    args = (offsets, cfg["max_seqlen"], cfg["alpha"], cfg["max_seqlen"], True, -1, nc, nt, 1, None)
+    args = AttentionArgs(q, k, v, offsets, cfg["max_seqlen"], cfg["alpha"], cfg["max_seqlen"], True, -1, nc, nt, 1,
+                         None)  # fmt: skip
 
     def run():
-        return cuda.forward(q, k, v, *args, 0.0, 0), cuda.backward(dout, q, k, v, *args, False, 0.0, 0, False)
+        return cuda.forward(args), cuda.backward(dout, args)
 
     shape = dict(head_dim=dim, batch=len(lengths), heads=3, max_seqlen=600)
     with cuda.kernel_variant(grouped_schedule=True):  # the sm90 kernels (the defaults), grouped launch order
@@ -1354,20 +1360,21 @@ def fake_extension(monkeypatch):
 def test_cpu_dropout_arguments_reach_the_extension(fake_extension):
     """cuda.forward / backward hand dropout_p and the (64-bit) seed to the binding; bad p is refused early."""
     from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
 
     calls = fake_extension.calls
     q = torch.randn(5, 2, 32, dtype=torch.bfloat16)
     offsets = torch.tensor([0, 5], dtype=torch.int32)
-    common = (offsets, 5, 0.25, 5, True, -1, None, None, 1, None)
-    cuda.forward(q, q, q, *common, 0.25, 2**62 - 7)
+    args = AttentionArgs(q, q, q, offsets, 5, 0.25, 5, True, -1, None, None, 1, None)
+    cuda.forward(args._replace(dropout_p=0.25, dropout_seed=2**62 - 7))
     assert {k: calls["fwd"][k] for k in ("dropout_p", "dropout_seed")} == dict(dropout_p=0.25, dropout_seed=2**62 - 7)
-    cuda.backward(q, q, q, q, *common, False, 0.5, 2**64 - 1, True)
+    cuda.backward(q, args._replace(dropout_p=0.5, dropout_seed=2**64 - 1, deterministic=True))
     # seed: the same 64 bits, signed
     assert {k: calls["bwd"][k] for k in ("dropout_p", "dropout_seed")} == dict(dropout_p=0.5, dropout_seed=-1)
     assert calls["bwd"]["options"].fields["deterministic"] is True
-    cuda.backward(q, q, q, q, *common, False, 0.0, 3, False)
+    cuda.backward(q, args._replace(dropout_seed=3))
     assert calls["bwd"]["options"].fields["deterministic"] is False
-    cuda.forward(q, q, q, *common, 0.0, 0)
+    cuda.forward(args)
     assert (calls["fwd"]["dropout_p"], calls["fwd"]["dropout_seed"]) == (0.0, 0)
     with pytest.raises(ValueError):
         cuda.dropout_keep_mask(1, 1, 1, 4, 1.0, device="cpu")
@@ -1378,24 +1385,25 @@ def test_cpu_kernel_variant_reaches_the_extension(fake_extension, monkeypatch):
     atomic-dq path off any more), the variant from the call, from kernel_variant() around it, or the defaults with the
     user overrides HSTU_SM90_FWD=0 / HSTU_SM90_BWD=0 read once per process."""
     from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
 
     calls = fake_extension.calls
     q = torch.randn(5, 2, 32, dtype=torch.bfloat16)
-    common = (torch.tensor([0, 5], dtype=torch.int32), 5, 0.25, 5, True, -1, None, None, 1, None)
+    args = AttentionArgs(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5, 0.25, 5, True, -1, None, None, 1, None)
     monkeypatch.setenv("HSTU_ATOMIC_DQ", "0")
     with cuda.kernel_variant(cuda.KernelVariant()):
-        cuda.backward(q, q, q, q, *common, False, 0.0, 3, False)
+        cuda.backward(q, args._replace(dropout_seed=3))
     assert calls["bwd"]["options"].fields == dict(
         deterministic=False, sm90_forward=True, sm90_backward=True, fwd_warp_specialized=True, fwd_two_per_sm=None,
         fwd_persistent=True, grouped_schedule=None, bench_bwd_warps=0, bench_d256_two_pass=False)  # fmt: skip
     variant = cuda.KernelVariant(sm90_forward=False, forward_two_per_sm=True, grouped_schedule=False)
-    cuda.forward(q, q, q, *common, 0.0, 0, variant=variant)
+    cuda.forward(args, variant=variant)
     fields = calls["fwd"]["options"].fields
     assert (fields["sm90_forward"], fields["fwd_two_per_sm"], fields["grouped_schedule"]) == (False, True, False)
     with cuda.kernel_variant(forward_persistent=False, sm90_backward=False):
-        cuda.forward(q, q, q, *common, 0.0, 0)
+        cuda.forward(args)
         assert calls["fwd"]["options"].fields["fwd_persistent"] is False
-        cuda.backward(q, q, q, q, *common, False, 0.0, 3, True)
+        cuda.backward(q, args._replace(dropout_seed=3, deterministic=True))
         assert calls["bwd"]["options"].fields["sm90_backward"] is False
         assert calls["bwd"]["options"].fields["deterministic"] is True
     cuda.default_variant.cache_clear()

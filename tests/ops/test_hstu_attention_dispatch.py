@@ -29,9 +29,9 @@ def test_padded_head_dims_give_the_unpadded_result(monkeypatch, seed):
     calls = []
     real_forward = op._forward_impl
 
-    def forward_spy(q, k, v, *args):
-        calls.append((q.shape[-1], k.shape[-1], v.shape[-1]))
-        return real_forward(q, k, v, *args)
+    def forward_spy(args):
+        calls.append((args.q.shape[-1], args.k.shape[-1], args.v.shape[-1]))
+        return real_forward(args)
 
     monkeypatch.setattr(op, "_padded_head_dim", lambda q, v: padded_to)
     monkeypatch.setattr(op, "_forward_impl", forward_spy)

@@ -433,17 +433,13 @@ def test_double_backward_through_the_kernel_path_takes_the_reference(monkeypatch
 
     kernel_backward_calls = []
 
-    def detached_backward(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
-                          num_contexts, num_targets, group, rab, rab_needs_grad, dropout_p, dropout_seed, det):  # fmt: skip
+    def detached_backward(grad_out, args, rab_needs_grad):
         kernel_backward_calls.append(torch.is_grad_enabled())  # True: called with create_graph=True
         with torch.no_grad():
-            return op.hstu_attention_reference_backward(
-                grad_out, q, k, v, seq_offsets, max_seqlen, alpha=alpha, scaling_seqlen=scaling_seqlen, causal=causal,
-                window_size=window_size, num_contexts=num_contexts, num_targets=num_targets, target_group_size=group,
-                rab=rab, rab_needs_grad=rab_needs_grad)  # fmt: skip
+            return op.reference.backward(grad_out, args, rab_needs_grad)
 
     monkeypatch.setattr(op, "_use_kernel", lambda *a: True)
-    monkeypatch.setattr(op.cuda, "forward", lambda *a: op._reference_forward(*a))
+    monkeypatch.setattr(op.cuda, "forward", lambda args: op.reference.forward(args))
     monkeypatch.setattr(op.cuda, "backward", detached_backward)
     offsets = torch.tensor([0, 3, 8])
     q, k, v = (torch.randn(8, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))

@@ -1,9 +1,10 @@
 """Binding of the fused CUDA HSTU attention kernels (csrc/hstu_attention) to the dispatcher.
 
-The dispatcher (``hstu.ops.hstu_attention.op``) has already validated and normalised every argument:
-q, k, v contiguous (T, H, D) of one dtype on one CUDA device; seq_offsets contiguous int32 (B+1,);
-num_contexts / num_targets None or contiguous int32 (B,); rab None or (B, H or 1, >=max_seqlen, >=max_seqlen)
-with unit stride in the last dim. ``scaling_seqlen`` is already resolved (never None).
+``forward`` and ``backward`` take one call's ``AttentionArgs`` (``hstu.ops.hstu_attention.args``), which the
+dispatcher (``hstu.ops.hstu_attention.op``) has already validated and normalised: q, k, v contiguous (T, H, D)
+of one dtype on one CUDA device; seq_offsets contiguous int32 (B+1,); num_contexts / num_targets None or contiguous
+int32 (B,); rab None or (B, H or 1, >=max_seqlen, >=max_seqlen) with unit stride in the last dim.
+``scaling_seqlen`` is already resolved (never None).
 
 Kernels: which ones a call runs is decided in C++ (csrc/hstu_attention/heuristics.h) from the problem and a
 ``KernelVariant`` (its defaults are what the op runs; tests and benchmarks name others, and ``kernel_plan`` tells
@@ -52,6 +53,7 @@ from typing import Optional
 import torch
 
 from hstu.ops._extension import load_extension
+from hstu.ops.hstu_attention.args import AttentionArgs
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -328,76 +330,43 @@ def _rab_for_kernel(rab: Optional[torch.Tensor], dtype: torch.dtype) -> Optional
     return r
 
 
-def forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    max_seqlen: int,
-    alpha: float,
-    scaling_seqlen: int,
-    causal: bool,
-    window_size: int,
-    num_contexts: Optional[torch.Tensor],
-    num_targets: Optional[torch.Tensor],
-    target_group_size: int,
-    rab: Optional[torch.Tensor],
-    dropout_p: float,
-    dropout_seed: int,
-    variant: Optional[KernelVariant] = None,
-) -> torch.Tensor:
-    """The forward kernels (the dispatcher has validated the arguments); ``variant``: see ``KernelVariant``."""
+def forward(args: AttentionArgs, variant: Optional[KernelVariant] = None) -> torch.Tensor:
+    """The forward kernels (the dispatcher has validated ``args``; ``args.deterministic`` concerns the backward
+    only); ``variant``: see ``KernelVariant``."""
     ext = load_extension()
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    q, k, v = _aligned(args.q), _aligned(args.k), _aligned(args.v)
     out = _new_like(q)
     ext.hstu_attn_fwd(
-        q, k, v, seq_offsets, int(max_seqlen), float(alpha), int(scaling_seqlen), bool(causal), int(window_size),
-        num_contexts, num_targets, int(target_group_size), _rab_for_kernel(rab, q.dtype), out,
-        dropout_p=float(dropout_p), dropout_seed=_seed_arg(dropout_seed),
-        options=_ext_options(_resolve(variant), False),
+        q, k, v, args.seq_offsets, int(args.max_seqlen), float(args.alpha), int(args.scaling_seqlen), bool(args.causal),
+        int(args.window_size), args.num_contexts, args.num_targets, int(args.target_group_size),
+        _rab_for_kernel(args.rab, q.dtype), out, dropout_p=float(args.dropout_p),
+        dropout_seed=_seed_arg(args.dropout_seed), options=_ext_options(_resolve(variant), False),
     )  # fmt: skip
     return out
 
 
 def backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    max_seqlen: int,
-    alpha: float,
-    scaling_seqlen: int,
-    causal: bool,
-    window_size: int,
-    num_contexts: Optional[torch.Tensor],
-    num_targets: Optional[torch.Tensor],
-    target_group_size: int,
-    rab: Optional[torch.Tensor],
-    rab_needs_grad: bool,
-    dropout_p: float,
-    dropout_seed: int,
-    deterministic: bool,
-    variant: Optional[KernelVariant] = None,
+    grad_out: torch.Tensor, args: AttentionArgs, rab_needs_grad: bool = False, variant: Optional[KernelVariant] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns dq, dk, dv and drab (shaped like rab, or None when rab_needs_grad is False).
 
-    dropout_p / dropout_seed must be the forward's: the kernels regenerate its keep mask from them.
-    deterministic=False takes the faster atomic-dq path (dq not bitwise reproducible), deterministic=True the split,
+    ``args`` must be the forward's (its dropout_p / dropout_seed too: the kernels regenerate its keep mask from them).
+    args.deterministic=False takes the faster atomic-dq path (dq not bitwise reproducible), True the split,
     atomic-free path (bitwise reproducible). ``variant``: see ``KernelVariant``.
     """
     ext = load_extension()
-    grad_out, q, k, v = _aligned(grad_out), _aligned(q), _aligned(k), _aligned(v)
+    rab = args.rab
+    grad_out, q, k, v = _aligned(grad_out), _aligned(args.q), _aligned(args.k), _aligned(args.v)
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
     rab_k = _rab_for_kernel(rab, q.dtype)
     drab = None
     if rab is not None and rab_needs_grad:
         drab = torch.zeros(rab.shape, dtype=torch.float32, device=q.device)
     ext.hstu_attn_bwd(
-        grad_out, q, k, v, seq_offsets, int(max_seqlen), float(alpha), int(scaling_seqlen), bool(causal),
-        int(window_size), num_contexts, num_targets, int(target_group_size), rab_k, dq, dk, dv, drab,
-        dropout_p=float(dropout_p), dropout_seed=_seed_arg(dropout_seed),
-        options=_ext_options(_resolve(variant), bool(deterministic)),
+        grad_out, q, k, v, args.seq_offsets, int(args.max_seqlen), float(args.alpha), int(args.scaling_seqlen),
+        bool(args.causal), int(args.window_size), args.num_contexts, args.num_targets, int(args.target_group_size),
+        rab_k, dq, dk, dv, drab, dropout_p=float(args.dropout_p), dropout_seed=_seed_arg(args.dropout_seed),
+        options=_ext_options(_resolve(variant), bool(args.deterministic)),
     )  # fmt: skip
     if drab is not None and drab.dtype != rab.dtype:
         drab = drab.to(rab.dtype)

@@ -28,8 +28,8 @@ from hstu.ops._validation import (
     to_host,
     values_are_concrete,
 )
-from hstu.ops.hstu_attention import cuda
-from hstu.ops.hstu_attention.reference import hstu_attention_reference, hstu_attention_reference_backward
+from hstu.ops.hstu_attention import cuda, reference
+from hstu.ops.hstu_attention.args import AttentionArgs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -52,16 +52,18 @@ def _padded_head_dim(q: torch.Tensor, v: torch.Tensor) -> int:
     return min((d for d in compiled if d >= max(dqk, dv)), default=0)
 
 
-def _use_kernel(q, k, v, rab, dropout_p) -> bool:
-    if q.device.type != "cuda":
+def _use_kernel(args: AttentionArgs) -> bool:
+    if args.q.device.type != "cuda":
         return False
-    reason = cuda.unsupported_reason(q, k, v, rab, dropout_p)
+    reason = cuda.unsupported_reason(args.q, args.k, args.v, args.rab, args.dropout_p)
     if reason is None:
         return True
     warn_once(f"hstu_attention:{reason}", f"hstu_attention runs the PyTorch reference on GPU: {reason}")
     return False
 
 
+# The custom ops take the flat argument list (their schema); everything below them takes one AttentionArgs, whose
+# fields are in the forward op's schema order.
 @torch.library.custom_op("hstu::hstu_attention_forward", mutates_args=())
 def _forward_op(
     q: torch.Tensor,
@@ -81,26 +83,15 @@ def _forward_op(
     dropout_seed: int,
     deterministic: bool,
 ) -> torch.Tensor:
-    return _forward_impl(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-                         num_targets, target_group_size, rab, dropout_p, dropout_seed, deterministic)  # fmt: skip
+    return _forward_impl(AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
+                                       num_contexts, num_targets, target_group_size, rab, dropout_p, dropout_seed,
+                                       deterministic))  # fmt: skip
 
 
-def _forward_impl(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-                  num_targets, target_group_size, rab, dropout_p, dropout_seed, deterministic):  # fmt: skip
-    args = (q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-            num_targets, target_group_size, rab, dropout_p, dropout_seed)  # fmt: skip
-    if _use_kernel(q, k, v, rab, dropout_p):
-        return cuda.forward(*args)
-    return _reference_forward(*args)
-
-
-def _reference_forward(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-                       num_targets, target_group_size, rab, dropout_p, dropout_seed):  # fmt: skip
-    return hstu_attention_reference(
-        q, k, v, seq_offsets, max_seqlen, alpha=alpha, scaling_seqlen=scaling_seqlen, causal=causal,
-        window_size=window_size, num_contexts=num_contexts, num_targets=num_targets,
-        target_group_size=target_group_size, rab=rab, dropout_p=dropout_p, dropout_seed=dropout_seed,
-    )  # fmt: skip
+def _forward_impl(args: AttentionArgs) -> torch.Tensor:
+    if _use_kernel(args):
+        return cuda.forward(args)
+    return reference.forward(args)
 
 
 @_forward_op.register_fake
@@ -125,24 +116,23 @@ def _backward_op(
     num_targets: Optional[torch.Tensor],
     target_group_size: int,
     rab: Optional[torch.Tensor],
-    rab_needs_grad: bool,
     dropout_p: float,
     dropout_seed: int,
     deterministic: bool,
+    rab_needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dq, dk, dv, drab; drab is an empty tensor when rab_needs_grad is False."""
-    return _backward_impl(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
-                          num_contexts, num_targets, target_group_size, rab, rab_needs_grad, dropout_p, dropout_seed,
-                          deterministic)  # fmt: skip
+    """grad_out, the forward's arguments, rab_needs_grad. Returns dq, dk, dv, drab; drab is an empty tensor when
+    rab_needs_grad is False."""
+    args = AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
+                         num_targets, target_group_size, rab, dropout_p, dropout_seed, deterministic)  # fmt: skip
+    return _backward_impl(grad_out, args, rab_needs_grad)
 
 
-def _backward_impl(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
-                   num_contexts, num_targets, target_group_size, rab, rab_needs_grad, dropout_p, dropout_seed,
-                   deterministic):  # fmt: skip
-    kernel = _use_kernel(q, k, v, rab, dropout_p)
+def _backward_impl(grad_out: torch.Tensor, args: AttentionArgs, rab_needs_grad: bool):
+    kernel = _use_kernel(args)
     if kernel and torch.is_grad_enabled():
         # backward(create_graph=True): the kernels' gradients are not differentiable; the reference's are.
-        if dropout_p > 0.0:
+        if args.dropout_p > 0.0:
             raise ValueError(
                 "double backward (create_graph=True) through hstu_attention with dropout_p > 0 is not supported on "
                 "the fused kernel (the PyTorch reference draws a different dropout mask); use dropout_p=0"
@@ -152,23 +142,15 @@ def _backward_impl(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_se
                   "max_seqlen^2")  # fmt: skip
         kernel = False
     if kernel:
-        dq, dk, dv, drab = cuda.backward(
-            grad_out.contiguous(), q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
-            num_contexts, num_targets, target_group_size, rab, rab_needs_grad, dropout_p, dropout_seed, deterministic,
-        )  # fmt: skip
-        return dq, dk, dv, drab if drab is not None else q.new_empty(0)
-    dq, dk, dv, drab = hstu_attention_reference_backward(
-        grad_out, q, k, v, seq_offsets, max_seqlen, alpha=alpha, scaling_seqlen=scaling_seqlen, causal=causal,
-        window_size=window_size, num_contexts=num_contexts, num_targets=num_targets,
-        target_group_size=target_group_size, rab=rab, rab_needs_grad=rab_needs_grad, dropout_p=dropout_p,
-        dropout_seed=dropout_seed,
-    )  # fmt: skip
-    return dq, dk, dv, drab if drab is not None else q.new_empty(0)
+        dq, dk, dv, drab = cuda.backward(grad_out.contiguous(), args, rab_needs_grad)
+    else:
+        dq, dk, dv, drab = reference.backward(grad_out, args, rab_needs_grad)
+    return dq, dk, dv, drab if drab is not None else args.q.new_empty(0)
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-      num_targets, target_group_size, rab, rab_needs_grad, dropout_p, dropout_seed, deterministic):  # fmt: skip
+      num_targets, target_group_size, rab, dropout_p, dropout_seed, deterministic, rab_needs_grad):  # fmt: skip
     drab = torch.empty_like(rab) if rab_needs_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drab
 
@@ -186,33 +168,35 @@ def _runs_eagerly(*tensors: Optional[torch.Tensor]) -> bool:
             and not torch.jit.is_tracing())  # fmt: skip
 
 
-def _forward(*inputs):
-    q, k, v, seq_offsets, _, _, _, _, _, num_contexts, num_targets, _, rab, _, _, _ = inputs
-    eager = _runs_eagerly(q, k, v, seq_offsets, num_contexts, num_targets, rab)
-    return (_forward_impl if eager else _forward_op)(*inputs)
+def _forward(args: AttentionArgs) -> torch.Tensor:
+    eager = _runs_eagerly(*args.tensors())
+    return _forward_impl(args) if eager else _forward_op(*args)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts, num_targets,
-     target_group_size, rab, dropout_p, dropout_seed, deterministic) = inputs  # fmt: skip
-    ctx.save_for_backward(q, k, v, seq_offsets, num_contexts, num_targets, rab)
-    ctx.params = (max_seqlen, alpha, scaling_seqlen, causal, window_size)
-    ctx.target_group_size = target_group_size
-    ctx.dropout = (dropout_p, dropout_seed)
-    ctx.deterministic = deterministic
+    """inputs: the forward op's arguments, in AttentionArgs' field order."""
+    _save_for_backward(ctx, AttentionArgs._make(inputs))
+
+
+def _save_for_backward(ctx, args: AttentionArgs) -> None:
+    ctx.save_for_backward(*args.tensors())
+    ctx.args = args.settings()
+
+
+# Gradients of the forward op's inputs other than q, k, v and rab.
+_NO_OTHER_GRADS = dict.fromkeys(f for f in AttentionArgs._fields if f not in ("q", "k", "v", "rab"))
 
 
 def _backward(ctx, grad_out):
-    q, k, v, seq_offsets, num_contexts, num_targets, rab = ctx.saved_tensors
-    rab_needs_grad = rab is not None and ctx.needs_input_grad[12]
-    eager = _runs_eagerly(grad_out, q, k, v, seq_offsets, num_contexts, num_targets, rab)
-    backward = _backward_impl if eager else _backward_op
-    dq, dk, dv, drab = backward(
-        grad_out, q, k, v, seq_offsets, *ctx.params, num_contexts, num_targets, ctx.target_group_size, rab,
-        rab_needs_grad, *ctx.dropout, ctx.deterministic,
-    )  # fmt: skip
-    return (dq, dk, dv, None, None, None, None, None, None, None, None, None,
-            drab if rab_needs_grad else None, None, None, None)  # fmt: skip
+    saved = ctx.saved_tensors
+    args = ctx.args.with_tensors(saved)
+    rab_needs_grad = args.rab is not None and AttentionArgs._make(ctx.needs_input_grad).rab
+    if _runs_eagerly(grad_out, *saved):
+        dq, dk, dv, drab = _backward_impl(grad_out, args, rab_needs_grad)
+    else:
+        dq, dk, dv, drab = _backward_op(grad_out, *args, rab_needs_grad)
+    # (a plain tuple: torch.library checks that it has the structure of the op's inputs)
+    return tuple(AttentionArgs(q=dq, k=dk, v=dv, rab=drab if rab_needs_grad else None, **_NO_OTHER_GRADS))
 
 
 torch.library.register_autograd("hstu::hstu_attention_forward", _backward, setup_context=_setup_context)
@@ -228,8 +212,9 @@ class _HstuAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out = _forward(*inputs)
-        _setup_context(ctx, inputs, out)
+        args = AttentionArgs._make(inputs)
+        out = _forward(args)
+        _save_for_backward(ctx, args)
         return out
 
     backward = staticmethod(_backward)
@@ -299,11 +284,12 @@ def _checked_longest(seq_offsets: torch.Tensor, rows: int, num_contexts: Optiona
     return longest
 
 
-def _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-              num_targets, target_group_size, rab, dropout_p):  # fmt: skip
-    q = check_float_tensor("q", q, 3, SUPPORTED_DTYPES)
-    k = check_float_tensor("k", k, 3, SUPPORTED_DTYPES)
-    v = check_float_tensor("v", v, 3, SUPPORTED_DTYPES)
+def _validate(args: AttentionArgs) -> AttentionArgs:
+    """Checks a call's arguments as given (raises TypeError / ValueError naming the argument) and returns them with
+    the tensors and integers the checks normalised; alpha, dropout_p and deterministic are returned as given."""
+    q = check_float_tensor("q", args.q, 3, SUPPORTED_DTYPES)
+    k = check_float_tensor("k", args.k, 3, SUPPORTED_DTYPES)
+    v = check_float_tensor("v", args.v, 3, SUPPORTED_DTYPES)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
@@ -313,19 +299,22 @@ def _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, w
         raise ValueError(f"v must be (T, H, Dv) with T, H = {tuple(q.shape[:2])}, got {tuple(v.shape)}")
     if q.shape[2] == 0 or v.shape[2] == 0:
         raise ValueError(f"head dims must be positive, got Dqk={q.shape[2]}, Dv={v.shape[2]}")
-    seq_offsets = check_index_tensor("seq_offsets", seq_offsets)
+    seq_offsets = check_index_tensor("seq_offsets", args.seq_offsets)
     if seq_offsets.numel() < 1:
         raise ValueError("seq_offsets must have at least one element (B+1 entries, starting with 0)")
     batch = seq_offsets.numel() - 1
-    max_seqlen = check_int("max_seqlen", max_seqlen, minimum=0)
+    max_seqlen = check_int("max_seqlen", args.max_seqlen, minimum=0)
+    scaling_seqlen = args.scaling_seqlen
     if scaling_seqlen is not None:
         scaling_seqlen = check_int("scaling_seqlen", scaling_seqlen, minimum=1)
+    alpha, causal, dropout_p = args.alpha, args.causal, args.dropout_p
+    num_contexts, num_targets, rab = args.num_contexts, args.num_targets, args.rab
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    window_size = check_int("window_size", window_size)
-    target_group_size = check_int("target_group_size", target_group_size)
+    window_size = check_int("window_size", args.window_size)
+    target_group_size = check_int("target_group_size", args.target_group_size)
     if target_group_size < 1:
         raise ValueError(f"target_group_size must be >= 1, got {target_group_size}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
@@ -351,7 +340,9 @@ def _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, w
         longest = _checked_longest(seq_offsets, q.shape[0], num_contexts, num_targets)
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is less than the longest sequence ({longest})")
-    return q, k, v, seq_offsets, max_seqlen, scaling_seqlen, window_size, target_group_size, num_contexts, num_targets, rab
+    return AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
+                         num_targets, target_group_size, rab, dropout_p, args.dropout_seed,
+                         args.deterministic)  # fmt: skip
 
 
 def _int32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -397,10 +388,11 @@ def hstu_attention(
     Returns:
         (T, H, Dv) in q's dtype.
     """
-    (q, k, v, seq_offsets, max_seqlen, scaling_seqlen, window_size, target_group_size, num_contexts, num_targets,
-     rab) = _validate(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-                      num_targets, target_group_size, rab, dropout_p)  # fmt: skip
-    check_attention_extras(q, window_size, alpha, deterministic)
+    args = _validate(AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
+                                   num_contexts, num_targets, target_group_size, rab, dropout_p, 0,
+                                   deterministic))  # fmt: skip
+    q, k, v, max_seqlen, rab = args.q, args.k, args.v, args.max_seqlen, args.rab
+    check_attention_extras(q, args.window_size, alpha, deterministic)
     dropout_seed = 0
     if dropout_p > 0.0:
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -416,22 +408,24 @@ def hstu_attention(
     if head_dim:
         q, k, v = (F.pad(t, (0, head_dim - t.shape[-1])) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rab))
-    out = (_HstuAttention.apply if needs_grad else _forward)(
+    args = AttentionArgs(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
-        _int32(seq_offsets),
+        _int32(args.seq_offsets),
         max_seqlen,
         float(alpha),
-        scaling_seqlen if scaling_seqlen is not None else max(max_seqlen, 1),
+        args.scaling_seqlen if args.scaling_seqlen is not None else max(max_seqlen, 1),
         causal,
-        window_size,
-        _int32(num_contexts),
-        _int32(num_targets),
-        target_group_size,
+        args.window_size,
+        _int32(args.num_contexts),
+        _int32(args.num_targets),
+        args.target_group_size,
         rab,
         float(dropout_p),
         dropout_seed,
         bool(deterministic),
     )
+    # (the autograd Function takes the fields as its arguments: it tracks only tensors passed directly)
+    out = _HstuAttention.apply(*args) if needs_grad else _forward(args)
     return out[..., :value_dim] if head_dim else out

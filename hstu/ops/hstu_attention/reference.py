@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu.ops._validation import values_are_concrete
+from hstu.ops.hstu_attention.args import AttentionArgs
 from hstu.ops.jagged.reference import pad_to_slots, padded_slots, unpad_from_slots
 
 # Score elements materialised at once (B_chunk * H * N * N); keeps the reference usable at L = 8192.
@@ -263,28 +264,29 @@ def _padded_width(lengths: torch.Tensor, max_seqlen: int, dropout_p: float, read
     return min(max_seqlen, int(lengths.max()))
 
 
-def _padded_problem(q, k, v, seq_offsets, max_seqlen, causal, window_size, num_contexts, num_targets,
-                    target_group_size, dropout_p, dropout_seed, dropout_mask, compute_dtype,
-                    readable) -> _Padded:  # fmt: skip
+def _padded_problem(args: AttentionArgs, dropout_mask: Optional[torch.Tensor], compute_dtype: torch.dtype,
+                    readable: bool) -> _Padded:  # fmt: skip
+    q, seq_offsets, max_seqlen, dropout_p = args.q, args.seq_offsets, args.max_seqlen, args.dropout_p
     lengths = seq_offsets[1:] - seq_offsets[:-1]
     batch, num_heads = lengths.numel(), q.shape[1]
     n = _padded_width(lengths, max_seqlen, dropout_p, readable)
     slots = padded_slots(seq_offsets, q.shape[0], n)
-    padded = [pad_to_slots(t.to(compute_dtype), slots, batch, n) for t in (q, k, v)]
+    padded = [pad_to_slots(t.to(compute_dtype), slots, batch, n) for t in (q, args.k, args.v)]
     visible = attention_mask(
         lengths,
         n,
-        causal=causal,
-        window_size=window_size,
-        num_contexts=num_contexts,
-        num_targets=num_targets,
-        target_group_size=target_group_size,
+        causal=args.causal,
+        window_size=args.window_size,
+        num_contexts=args.num_contexts,
+        num_targets=args.num_targets,
+        target_group_size=args.target_group_size,
     )
     keep = None
     if dropout_p > 0.0:
         keep = dropout_mask
         if keep is None:
-            keep = dropout_keep_mask((batch, num_heads, max_seqlen, max_seqlen), dropout_p, dropout_seed, q.device)
+            keep = dropout_keep_mask((batch, num_heads, max_seqlen, max_seqlen), dropout_p, args.dropout_seed,
+                                     q.device)  # fmt: skip
         keep = keep[:, :, :n, :n]
     return _Padded(*padded, visible, keep, slots, n)
 
@@ -337,69 +339,59 @@ def hstu_attention_reference(
     dropout_mask: (B, H, max_seqlen, max_seqlen) bool keep-mask to apply instead of drawing one from dropout_seed
         (used to compare against a kernel's own mask).
     """
+    args = AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
+                         num_targets, target_group_size, rab, dropout_p, dropout_seed)  # fmt: skip
+    return forward(args, dropout_mask=dropout_mask, upcast=upcast)
+
+
+def forward(args: AttentionArgs, *, dropout_mask: Optional[torch.Tensor] = None, upcast: bool = True) -> torch.Tensor:
+    """``hstu_attention_reference`` of one call's arguments (``args.deterministic`` does not apply)."""
+    q, v, seq_offsets, max_seqlen, dropout_p = args.q, args.v, args.seq_offsets, args.max_seqlen, args.dropout_p
     compute_dtype = _compute_dtype(q.dtype, upcast)
     batch = seq_offsets.numel() - 1
     num_heads, dim_v = v.shape[1], v.shape[2]
-    scale = 1.0 / float(scaling_seqlen if scaling_seqlen is not None else max_seqlen)
+    scale = 1.0 / float(args.scaling_seqlen if args.scaling_seqlen is not None else max_seqlen)
     if batch == 0 or max_seqlen == 0 or q.shape[0] == 0:
         return q.new_zeros(q.shape[0], num_heads, dim_v) + 0 * v.sum()
     readable = _values_readable(v, seq_offsets)
-    p = _padded_problem(
-        q, k, v, seq_offsets, max_seqlen, causal, window_size, num_contexts, num_targets, target_group_size,
-        dropout_p, dropout_seed, dropout_mask, compute_dtype, readable,
-    )  # fmt: skip
+    p = _padded_problem(args, dropout_mask, compute_dtype, readable)
     (v_nonfinite,) = _may_be_nonfinite([v], readable)
     outputs = []
     for rows in _batch_chunks(batch, num_heads, p.n):
         select = p.select(rows)
-        weights = F.silu(_scaled_scores(p, rows, select, rab, alpha)) * scale  # exactly 0 where not selected
+        weights = F.silu(_scaled_scores(p, rows, select, args.rab, args.alpha)) * scale  # exactly 0 where not selected
         if dropout_p > 0.0:
             weights = weights / (1.0 - dropout_p)
         outputs.append(_product(weights, p.v[rows], select, v_nonfinite))
     return unpad_from_slots(torch.cat(outputs, dim=0), p.slots).to(q.dtype)
 
 
-def hstu_attention_reference_backward(
+def backward(
     grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    max_seqlen: int,
+    args: AttentionArgs,
+    rab_needs_grad: bool,
     *,
-    alpha: float = 1.0,
-    scaling_seqlen: Optional[int] = None,
-    causal: bool = True,
-    window_size: int = -1,
-    num_contexts: Optional[torch.Tensor] = None,
-    num_targets: Optional[torch.Tensor] = None,
-    target_group_size: int = 1,
-    rab: Optional[torch.Tensor] = None,
-    rab_needs_grad: bool = False,
-    dropout_p: float = 0.0,
-    dropout_seed: int = 0,
     dropout_mask: Optional[torch.Tensor] = None,
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Closed-form gradients of ``hstu_attention_reference``: (dq, dk, dv, drab or None).
+    """Closed-form gradients of ``forward``: (dq, dk, dv, drab, None unless args.rab is given and rab_needs_grad).
 
     With S = alpha (q k^T + rab), m the selected entries (visible, and kept by dropout) and c = 1 / (N (1 - p)):
     W = select(m, SiLU(S) c), dv = W^T dO, dW = dO v^T, dS = select(m, dW c SiLU'(S)), dq = alpha dS k,
     dk = alpha dS^T q, drab = alpha dS; the three products over keys / rows are _MaskedProduct sums.
     Written out (not autograd) because custom-op kernels run below the autograd dispatch key.
     """
+    q, k, seq_offsets, max_seqlen, rab, alpha = args.q, args.k, args.seq_offsets, args.max_seqlen, args.rab, args.alpha
+    dropout_p = args.dropout_p
     compute_dtype = _compute_dtype(q.dtype, upcast)
     batch = seq_offsets.numel() - 1
     num_heads = q.shape[1]
-    scale = 1.0 / float(scaling_seqlen if scaling_seqlen is not None else max_seqlen)
+    scale = 1.0 / float(args.scaling_seqlen if args.scaling_seqlen is not None else max_seqlen)
     drab = torch.zeros_like(rab) if rab is not None and rab_needs_grad else None
     if batch == 0 or max_seqlen == 0 or q.shape[0] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), drab
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(args.v), drab
     readable = _values_readable(q, k, grad_out, seq_offsets)
-    p = _padded_problem(
-        q, k, v, seq_offsets, max_seqlen, causal, window_size, num_contexts, num_targets, target_group_size,
-        dropout_p, dropout_seed, dropout_mask, compute_dtype, readable,
-    )  # fmt: skip
+    p = _padded_problem(args, dropout_mask, compute_dtype, readable)
     n = p.n
     do_pad = pad_to_slots(grad_out.to(compute_dtype), p.slots, batch, n)
     q_nonfinite, k_nonfinite, do_nonfinite = _may_be_nonfinite([q, k, grad_out], readable)
@@ -423,5 +415,5 @@ def hstu_attention_reference_backward(
         if drab is not None:
             per_head = dscores if rab.shape[1] == num_heads else dscores.sum(dim=1, keepdim=True)
             drab[rows, :, :n, :n] = per_head.to(drab.dtype)
-    grads = [unpad_from_slots(g, p.slots).to(t.dtype) for g, t in ((dq_pad, q), (dk_pad, k), (dv_pad, v))]
+    grads = [unpad_from_slots(g, p.slots).to(t.dtype) for g, t in ((dq_pad, q), (dk_pad, k), (dv_pad, args.v))]
     return grads[0], grads[1], grads[2], drab

@@ -1,0 +1,56 @@
+"""``AttentionArgs``: the tensors and settings of one attention call, as the op's internals pass them around.
+
+The public ``hstu_attention(...)`` takes keywords and the ``torch.library`` custom ops take a flat schema; between
+them (validation, dispatch, the CUDA binding, the PyTorch reference, the autograd context) a call travels as one
+``AttentionArgs``. Its fields are in the forward custom op's schema order, so ``AttentionArgs._make(inputs)`` reads
+the op's inputs and ``op(*args)`` calls it, and a per-input tuple such as autograd's ``needs_input_grad`` can be
+read by name through ``AttentionArgs._make``.
+
+After the dispatcher's checks (``hstu.ops.hstu_attention.op``): q, k, v contiguous (T, H, D) of one dtype;
+seq_offsets int32 (B+1,); num_contexts / num_targets None or int32 (B,); scaling_seqlen resolved (an int >= 1);
+alpha and dropout_p floats; dropout_seed the int the call drew (0 without dropout). The PyTorch reference also
+accepts unchecked values (scaling_seqlen None: max_seqlen).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class AttentionArgs(NamedTuple):
+    q: torch.Tensor  # (T, H, Dqk)
+    k: torch.Tensor  # (T, H, Dqk)
+    v: torch.Tensor  # (T, H, Dv)
+    seq_offsets: torch.Tensor  # (B+1,) jagged offsets
+    max_seqlen: int
+    alpha: float
+    scaling_seqlen: Optional[int]  # N, the divisor of the SiLU weights
+    causal: bool = True
+    window_size: int = -1
+    num_contexts: Optional[torch.Tensor] = None  # (B,)
+    num_targets: Optional[torch.Tensor] = None  # (B,)
+    target_group_size: int = 1
+    rab: Optional[torch.Tensor] = None  # (B, H or 1, >=max_seqlen, >=max_seqlen)
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
+    deterministic: bool = False  # the backward without atomics
+
+    def tensors(self) -> tuple[Optional[torch.Tensor], ...]:
+        """The tensor fields, in the order ``with_tensors`` takes them: q, k, v, seq_offsets, num_contexts,
+        num_targets, rab."""
+        return self.q, self.k, self.v, self.seq_offsets, self.num_contexts, self.num_targets, self.rab
+
+    def settings(self) -> AttentionArgs:
+        """These arguments with every tensor field None (what an autograd context keeps beside its saved tensors)."""
+        return AttentionArgs(None, None, None, None, self.max_seqlen, self.alpha, self.scaling_seqlen, self.causal,
+                             self.window_size, None, None, self.target_group_size, None, self.dropout_p,
+                             self.dropout_seed, self.deterministic)  # fmt: skip
+
+    def with_tensors(self, tensors: tuple[Optional[torch.Tensor], ...]) -> AttentionArgs:
+        """These settings with the tensor fields from ``tensors`` (in ``tensors()`` order)."""
+        q, k, v, seq_offsets, num_contexts, num_targets, rab = tensors
+        return AttentionArgs(q, k, v, seq_offsets, self.max_seqlen, self.alpha, self.scaling_seqlen, self.causal,
+                             self.window_size, num_contexts, num_targets, self.target_group_size, rab, self.dropout_p,
+                             self.dropout_seed, self.deterministic)  # fmt: skip
