@@ -15,8 +15,7 @@ from hstu.data.batch import JaggedBatch
 from hstu.models.common import StepOutput, interleave_contextual, sparse_features
 from hstu.models.losses import MultiTaskLoss
 from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
-from hstu.modules.encoder import EncoderConfig, EncoderInputs, HSTUEncoder
-from hstu.ops import candidate_mask
+from hstu.modules.encoder import EncoderConfig, EncoderInputs, EncoderOutputs, HSTUEncoder
 
 
 class MLPHead(nn.Module):
@@ -60,8 +59,9 @@ class RankingModel(nn.Module):
         self.head = MLPHead(encoder_config.embedding_dim, head_hidden_dims, loss.num_outputs, head_dropout)
         self.loss = loss
 
-    def predict(self, batch: JaggedBatch) -> tuple[torch.Tensor, "object"]:
-        """Logits (num_candidates_total, num_outputs) of the candidates, in batch order."""
+    def predict(self, batch: JaggedBatch) -> tuple[torch.Tensor, EncoderOutputs]:
+        """Logits (num_candidates_total, num_outputs) of the candidates, in batch order, and the encoder's outputs
+        (whose ``layout`` says which sequence every candidate belongs to)."""
         values = self.embeddings(sparse_features(self.embeddings, batch, ["item", "action"], self.contextual_keys))
         outputs = self.encoder(
             EncoderInputs(
@@ -75,8 +75,7 @@ class RankingModel(nn.Module):
                 num_contextual=len(self.contextual_keys),
             )
         )
-        is_candidate = candidate_mask(batch.seq_offsets, batch.num_candidates)
-        return self.head(outputs.item_outputs[is_candidate]), outputs
+        return self.head(outputs.item_outputs[outputs.layout.candidate_rows()]), outputs
 
     def forward(self, batch: JaggedBatch) -> StepOutput:
         logits, outputs = self.predict(batch)

@@ -16,21 +16,6 @@ from hstu.models.common import StepOutput, interleave_contextual, sparse_feature
 from hstu.models.losses import SampledSoftmaxLoss
 from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
 from hstu.modules.encoder import EncoderConfig, EncoderInputs, HSTUEncoder, l2_normalize
-from hstu.ops import lengths_to_offsets, sequence_ids_and_positions
-
-
-def rows_with_next(lengths: torch.Tensor, host_lengths: torch.Tensor) -> torch.Tensor:
-    """Ascending jagged rows that have a next event in their sequence (all but each sequence's last row).
-
-    Built from per-sequence counts rather than a boolean mask: the host lengths give the output size, so no
-    nonzero (a device sync on GPU) is needed.
-    """
-    lengths = lengths.to(torch.int64)
-    offsets = lengths_to_offsets(lengths, host_lengths)
-    host_query_lengths = (host_lengths.to(torch.int64) - 1).clamp(min=0)
-    query_offsets = lengths_to_offsets((lengths - 1).clamp(min=0), host_query_lengths)
-    seq_ids, positions = sequence_ids_and_positions(query_offsets, host_query_lengths)
-    return offsets[:-1][seq_ids] + positions
 
 
 class RetrievalModel(nn.Module):
@@ -73,7 +58,7 @@ class RetrievalModel(nn.Module):
     def forward(self, batch: JaggedBatch) -> StepOutput:
         """Training step: every position predicts the next item of its sequence."""
         item_embeddings, outputs = self.encode(batch)
-        query_rows = rows_with_next(batch.seq_lengths, batch.seq_lengths_on_host())
+        query_rows = outputs.layout.rows_with_next()
         items = batch.sequence["item"].values()
         result = self.loss(
             outputs.item_outputs[query_rows],
@@ -100,11 +85,10 @@ class RetrievalModel(nn.Module):
         next_timestamps: (B,) request time of the item to predict, for a relative bias with time reference "next".
         """
         _, outputs = self.encode(batch, next_timestamps)
-        lengths = batch.seq_lengths.to(torch.int64)
-        last = (lengths_to_offsets(lengths, batch.seq_lengths_on_host())[1:] - 1).clamp(min=0)
+        layout = outputs.layout
         if outputs.item_outputs.shape[0] == 0:
-            return outputs.item_outputs.new_zeros(lengths.numel(), self.encoder.config.embedding_dim)
+            return outputs.item_outputs.new_zeros(layout.num_sequences, self.encoder.config.embedding_dim)
         # An empty sequence's index points at another sequence's row: select zeros, whatever that row holds.
-        last_outputs = outputs.item_outputs[last].float()
-        users = torch.where((lengths > 0).unsqueeze(1), last_outputs, torch.zeros_like(last_outputs))
+        last_outputs = outputs.item_outputs[layout.last_rows()].float()
+        users = torch.where((layout.event_lengths > 0).unsqueeze(1), last_outputs, torch.zeros_like(last_outputs))
         return l2_normalize(users, self.l2_norm_eps)

@@ -8,6 +8,7 @@ from hstu.modules.positional import (
     RelativeAttentionBias,
     log_time_buckets,
 )
+from hstu.modules.token_layout import TokenLayout, sequence_tokens
 
 __all__ = [
     "EmbeddingTableSpec",
@@ -20,5 +21,7 @@ __all__ = [
     "PositionalEncoder",
     "RelativeAttentionBias",
     "SparseEmbeddings",
+    "TokenLayout",
     "log_time_buckets",
+    "sequence_tokens",
 ]

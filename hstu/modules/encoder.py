@@ -1,12 +1,15 @@
-"""The dense HSTU encoder: block preprocessing, the layer stack, block postprocessing.
+"""The dense HSTU encoder in three stages: ``preprocess`` -> the layer stack (``self.layers``) -> ``postprocess``.
 
-Preprocessing (the seed's order):
-1. ranking: interleave item and action tokens of the history ([i1, a1, i2, a2, ...]) and append the candidates'
+``preprocess`` (the seed's order):
+1. the token layout (:class:`~hstu.modules.token_layout.TokenLayout`): where every event goes among the tokens;
+2. ranking: interleave item and action tokens of the history ([i1, a1, i2, a2, ...]) and append the candidates'
    item tokens (their actions are the labels and are never fed);
-2. prepend the contextual feature tokens (``concat_2d_jagged``);
-3. scale, add position (+ time-bucket) encodings, input dropout.
-Postprocessing strips the contextual tokens again and returns, per sequence, the outputs of the item tokens
-(action tokens removed), optionally L2-normalised.
+3. prepend the contextual feature tokens (``concat_2d_jagged``);
+4. scale, add position (+ time-bucket) encodings, input dropout; the relative attention bias inputs (time buckets,
+   shared candidate positions) for every layer.
+``postprocess`` strips the contextual and action tokens again and returns one output per event (history and
+candidates, in event order), optionally L2-normalised, with the layout: the models and tasks ask it which rows are
+candidates, which have a next item and which end a sequence.
 
 Everything is index arithmetic on jagged tensors: no per-sample Python.
 """
@@ -21,11 +24,11 @@ from torch import nn
 
 from hstu.modules.hstu_layer import AttentionInputs, HSTULayer, HSTUStack
 from hstu.modules.positional import PositionalEncoder, RelativeAttentionBias, token_positions
+from hstu.modules.token_layout import TokenLayout
 from hstu.ops import (
     concat_2d_jagged,
     jagged_to_padded_dense,
     lengths_to_host,
-    lengths_to_offsets,
     sequence_ids_and_positions,
     split_2d_jagged,
 )
@@ -81,6 +84,7 @@ class EncoderOutputs:
     item_outputs: torch.Tensor  # (T, D) outputs at the item tokens, aligned with EncoderInputs.item_embeddings
     num_tokens: int  # tokens that went through the layers (for throughput)
     sum_squared_lengths: int  # Σ L_b² over token sequences (attention FLOPs)
+    layout: TokenLayout  # which item_outputs rows are candidates, have a next item, end a sequence
 
 
 class HSTUEncoder(nn.Module):
@@ -112,115 +116,144 @@ class HSTUEncoder(nn.Module):
         self.layers = HSTUStack(layers)
 
     def forward(self, inputs: EncoderInputs) -> EncoderOutputs:
+        tokens = self.preprocess(inputs)
+        # The HSTU layer stack (hstu.distributed swaps in its tensor-parallel twin under tensor parallelism).
+        x = self.layers(tokens.x, tokens.attention_inputs)
+        return self.postprocess(x, tokens.layout)
+
+    # ---- preprocessing: events -> tokens -------------------------------------------------------------------------
+    def preprocess(self, inputs: EncoderInputs) -> "EncoderTokens":
+        """The token sequences the layers see: layout, token embeddings with their position / time encodings and
+        input dropout, and the attention inputs (masks, relative bias inputs) every layer shares."""
+        layout = self.token_layout(inputs)
+        tokens, token_times = self._arrange_tokens(inputs, layout)
+        token_seq, token_pos = sequence_ids_and_positions(layout.token_offsets, layout.host_token_lengths)
+        x = self._encode_positions(tokens, token_times, token_seq, token_pos, layout)
+        attention_inputs = AttentionInputs(
+            seq_offsets=layout.token_offsets,
+            max_seqlen=layout.max_tokens,
+            num_contexts=layout.context_lengths,
+            num_targets=layout.attention_targets,
+            time_buckets=self._time_buckets(token_times, layout, inputs.next_timestamps),
+            relative_positions=self._relative_positions(token_seq, token_pos, layout),
+        )
+        return EncoderTokens(x, attention_inputs, layout)
+
+    def token_layout(self, inputs: EncoderInputs) -> TokenLayout:
+        """Where every event goes among the tokens (checks the inputs against the configuration)."""
         c = self.config
         lengths = inputs.seq_lengths.to(torch.int64)
-        batch = lengths.numel()
-        num_events = inputs.item_embeddings.shape[0]
         num_candidates = inputs.num_candidates
         if num_candidates is None:
             num_candidates = torch.zeros_like(lengths)
-        num_candidates = num_candidates.to(torch.int64)
-        device = inputs.item_embeddings.device
         host_lengths, host_candidates = _host_lengths_and_candidates(inputs, lengths)
+        layout = TokenLayout.build(
+            lengths, host_lengths, num_candidates.to(torch.int64), host_candidates,
+            has_candidates=inputs.num_candidates is not None, num_contextual=inputs.num_contextual,
+            interleave_actions=c.interleave_actions,
+        )  # fmt: skip
+        if layout.num_events != inputs.item_embeddings.shape[0]:
+            raise ValueError(f"item_embeddings has {inputs.item_embeddings.shape[0]} rows but seq_lengths sum to "
+                             f"{layout.num_events} events")
+        if c.interleave_actions and inputs.action_embeddings is None:
+            raise ValueError("interleave_actions needs action embeddings")
+        if inputs.num_contextual > 0 and inputs.contextual_embeddings is None:
+            raise ValueError("num_contextual > 0 needs contextual_embeddings")
+        if layout.max_tokens > c.max_tokens:
+            raise ValueError(f"a sequence has {layout.max_tokens} tokens, more than the encoder's "
+                             f"max_tokens={c.max_tokens}")
+        return layout
 
-        # 1. Events -> tokens (item tokens, plus action tokens of the history when interleaving).
-        event_offsets = lengths_to_offsets(lengths, host_lengths)
-        event_seq, event_pos = sequence_ids_and_positions(event_offsets, host_lengths)
-        history = lengths - num_candidates
-        host_token_lengths = host_lengths
-        if c.interleave_actions:
-            if inputs.action_embeddings is None:
-                raise ValueError("interleave_actions needs action embeddings")
-            token_lengths = 2 * history + num_candidates
-            host_token_lengths = 2 * (host_lengths - host_candidates) + host_candidates
-            token_offsets = lengths_to_offsets(token_lengths, host_token_lengths)
-            in_history = event_pos < history[event_seq]
-            item_slot = torch.where(in_history, 2 * event_pos, history[event_seq] + event_pos)
-            item_dest = token_offsets[:-1][event_seq] + item_slot
-            action_dest = (token_offsets[:-1][event_seq] + 2 * event_pos + 1)[in_history]
-            tokens = inputs.item_embeddings.new_zeros(int(host_token_lengths.sum()), c.embedding_dim)
-            tokens = tokens.index_put((item_dest,), inputs.item_embeddings)
-            tokens = tokens.index_put((action_dest,), inputs.action_embeddings[in_history].to(tokens.dtype))
+    def _arrange_tokens(self, inputs: EncoderInputs, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, D) token embeddings and (T,) token times in the layout's order. Action tokens take their event's
+        time; contextual tokens, which carry no time of their own, take the sequence's first event time."""
+        tokens, token_times = inputs.item_embeddings, inputs.timestamps
+        if layout.interleave_actions:
+            item_rows, action_rows, history = layout.item_token_rows, layout.action_token_rows, layout.action_events
+            tokens = tokens.new_zeros(layout.num_event_tokens, self.config.embedding_dim)
+            tokens = tokens.index_put((item_rows,), inputs.item_embeddings)
+            tokens = tokens.index_put((action_rows,), inputs.action_embeddings[history].to(tokens.dtype))
             token_times = inputs.timestamps.new_zeros(tokens.shape[0])
-            token_times = token_times.index_put((item_dest,), inputs.timestamps)
-            token_times = token_times.index_put((action_dest,), inputs.timestamps[in_history])
-        else:
-            token_lengths, token_offsets = lengths, event_offsets
-            tokens, token_times = inputs.item_embeddings, inputs.timestamps
+            token_times = token_times.index_put((item_rows,), inputs.timestamps)
+            token_times = token_times.index_put((action_rows,), inputs.timestamps[history])
+        if layout.num_contextual == 0:
+            return tokens, token_times
+        first_time = torch.zeros(layout.num_sequences, dtype=inputs.timestamps.dtype, device=tokens.device)
+        num_events = inputs.item_embeddings.shape[0]
+        if num_events:
+            first_event = layout.event_offsets[:-1].clamp(max=num_events - 1)
+            first_time = torch.where(layout.event_lengths > 0, inputs.timestamps[first_event], first_time)
+        context_times = first_time.repeat_interleave(layout.num_contextual)
+        tokens, _ = concat_2d_jagged(
+            inputs.contextual_embeddings.to(tokens.dtype), layout.context_offsets, tokens, layout.event_token_offsets
+        )
+        token_times, _ = concat_2d_jagged(
+            context_times.unsqueeze(-1), layout.context_offsets, token_times.unsqueeze(-1),
+            layout.event_token_offsets,
+        )
+        return tokens, token_times.squeeze(-1)
 
-        # 2. Contextual tokens in front; their time is the first event's (they carry no time of their own).
-        num_contexts = None
-        if inputs.num_contextual > 0:
-            if inputs.contextual_embeddings is None:
-                raise ValueError("num_contextual > 0 needs contextual_embeddings")
-            ctx_lengths = torch.full((batch,), inputs.num_contextual, dtype=torch.int64, device=device)
-            ctx_offsets = lengths_to_offsets(ctx_lengths)
-            first_time = torch.zeros(batch, dtype=inputs.timestamps.dtype, device=device)
-            if num_events:
-                first_event = event_offsets[:-1].clamp(max=num_events - 1)
-                first_time = torch.where(lengths > 0, inputs.timestamps[first_event], first_time)
-            ctx_times = first_time.repeat_interleave(inputs.num_contextual)
-            tokens, new_offsets = concat_2d_jagged(
-                inputs.contextual_embeddings.to(tokens.dtype), ctx_offsets, tokens, token_offsets
-            )
-            token_times, _ = concat_2d_jagged(
-                ctx_times.unsqueeze(-1), ctx_offsets, token_times.unsqueeze(-1), token_offsets
-            )
-            token_times = token_times.squeeze(-1)
-            token_lengths = token_lengths + inputs.num_contextual
-            host_token_lengths = host_token_lengths + inputs.num_contextual
-            token_offsets = new_offsets
-            num_contexts = ctx_lengths
-        total_tokens = tokens.shape[0]
-
-        # 3. Position / time encodings and input dropout.
-        token_seq, token_pos = sequence_ids_and_positions(token_offsets, host_token_lengths)
-        max_tokens = int(host_token_lengths.max()) if batch > 0 else 0
-        if max_tokens > c.max_tokens:
-            raise ValueError(f"a sequence has {max_tokens} tokens, more than the encoder's max_tokens={c.max_tokens}")
-        positions = token_positions(token_pos, token_lengths, num_candidates, token_seq, c.position_encoding)
+    def _encode_positions(self, tokens: torch.Tensor, token_times: torch.Tensor, token_seq: torch.Tensor,
+                          token_pos: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Scale, position (+ time-bucket) encodings and input dropout; time buckets are measured from the time of
+        the sequence's last history token."""
+        c = self.config
+        positions = token_positions(token_pos, layout.token_lengths, layout.num_candidates, token_seq,
+                                    c.position_encoding)
         query_times = None
         if c.num_time_buckets > 0:
-            last_history = (token_offsets[1:] - 1 - num_candidates).clamp(min=0)
+            total_tokens = tokens.shape[0]
+            last_history = (layout.token_offsets[1:] - 1 - layout.num_candidates).clamp(min=0)
             query_times = token_times[last_history.clamp(max=max(total_tokens - 1, 0))][token_seq]
-        x = self.input_encoder(tokens, positions, token_times, query_times)
+        return self.input_encoder(tokens, positions, token_times, query_times)
 
-        time_buckets = None
-        if c.relative_attention_bias and c.rab_use_time:
-            time_buckets = RelativeAttentionBias.time_bucket_matrix(
-                token_times, token_offsets, max_tokens, c.rab_num_time_buckets, c.rab_time_reference,
-                inputs.next_timestamps, host_lengths=host_token_lengths,
-            )  # fmt: skip
-        relative_positions = None
-        if c.relative_attention_bias and c.rab_use_position and inputs.num_candidates is not None:
-            # Candidates share a position, so the bias uses position differences rather than token distances.
-            shared = token_positions(token_pos, token_lengths, num_candidates, token_seq, "absolute")
-            padded = jagged_to_padded_dense(
-                shared.unsqueeze(-1), token_offsets, max_tokens, host_lengths=host_token_lengths
-            ).squeeze(-1)
-            relative_positions = padded.unsqueeze(2) - padded.unsqueeze(1)
-        attention_inputs = AttentionInputs(
-            seq_offsets=token_offsets,
-            max_seqlen=max_tokens,
-            num_contexts=num_contexts,
-            num_targets=num_candidates if inputs.num_candidates is not None else None,
-            time_buckets=time_buckets,
-            relative_positions=relative_positions,
-        )
-        x = self.layers(x, attention_inputs)
+    def _time_buckets(self, token_times: torch.Tensor, layout: TokenLayout,
+                      next_timestamps: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(B, N, N) time-bucket ids of the relative attention bias, shared by every layer (None without one)."""
+        c = self.config
+        if not (c.relative_attention_bias and c.rab_use_time):
+            return None
+        return RelativeAttentionBias.time_bucket_matrix(
+            token_times, layout.token_offsets, layout.max_tokens, c.rab_num_time_buckets, c.rab_time_reference,
+            next_timestamps, host_lengths=layout.host_token_lengths,
+        )  # fmt: skip
 
-        # 4. Postprocessing: drop contextual and action tokens, keep the item tokens in event order.
-        if inputs.num_contextual > 0:
-            _, x = split_2d_jagged(x, ctx_offsets, token_offsets - ctx_offsets)
-            token_offsets = token_offsets - ctx_offsets
-        item_outputs = x[item_dest] if c.interleave_actions else x
-        if c.l2_normalize_output:
-            item_outputs = l2_normalize(item_outputs, c.l2_norm_eps)
+    def _relative_positions(self, token_seq: torch.Tensor, token_pos: torch.Tensor,
+                            layout: TokenLayout) -> Optional[torch.Tensor]:
+        """(B, N, N) position differences for the relative bias when candidates share a position; None when the
+        positions are the token indices."""
+        c = self.config
+        if not (c.relative_attention_bias and c.rab_use_position and layout.has_candidates):
+            return None
+        shared = token_positions(token_pos, layout.token_lengths, layout.num_candidates, token_seq, "absolute")
+        padded = jagged_to_padded_dense(
+            shared.unsqueeze(-1), layout.token_offsets, layout.max_tokens, host_lengths=layout.host_token_lengths
+        ).squeeze(-1)
+        return padded.unsqueeze(2) - padded.unsqueeze(1)
+
+    # ---- postprocessing: tokens -> one output per event ----------------------------------------------------------
+    def postprocess(self, x: torch.Tensor, layout: TokenLayout) -> EncoderOutputs:
+        """Drops the contextual and action tokens: one output per event, in event order (optionally L2-normalised)."""
+        if layout.num_contextual > 0:
+            _, x = split_2d_jagged(x, layout.context_offsets, layout.event_token_offsets)
+        item_outputs = x[layout.item_token_rows] if layout.interleave_actions else x
+        if self.config.l2_normalize_output:
+            item_outputs = l2_normalize(item_outputs, self.config.l2_norm_eps)
         return EncoderOutputs(
             item_outputs=item_outputs,
-            num_tokens=total_tokens,
-            sum_squared_lengths=int((host_token_lengths**2).sum()),
+            num_tokens=layout.num_tokens,
+            sum_squared_lengths=layout.sum_squared_lengths,
+            layout=layout,
         )
+
+
+@dataclass
+class EncoderTokens:
+    """What preprocessing hands to the layer stack."""
+
+    x: torch.Tensor  # (T, D) encoded tokens
+    attention_inputs: AttentionInputs
+    layout: TokenLayout
 
 
 def _host_lengths_and_candidates(inputs: EncoderInputs, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from hstu.data.loader import SequenceDataset, make_dataloader, ranges_to_positio
 from hstu.metrics import RankingMetrics, RetrievalMetrics, seen_item_mask, target_ranks
 from hstu.models import MultiTaskLoss, RankingModel, RetrievalModel, SampledSoftmaxLoss, bitmask_to_labels
 from hstu.modules.encoder import EncoderConfig
+from hstu.modules.token_layout import sequence_tokens
 from hstu.training.config import KUAIRAND_TASKS, AllArgs, RankingArgs
 from hstu.training.distributed import ParallelContext
 
@@ -367,7 +368,7 @@ class RetrievalTask(Task):
     def build_model(self) -> RetrievalModel:
         r = self.args.retrieval
         num_items, low = self.num_items(), self.item_id_low()
-        max_tokens = self.args.dataset.max_seqlen + len(self.contextual_vocab_sizes)
+        max_tokens = sequence_tokens(self.args.dataset.max_seqlen, 0, len(self.contextual_vocab_sizes), False)
         loss = SampledSoftmaxLoss(
             low, num_items, num_uniform_negatives=r.num_negatives, num_in_batch_negatives=r.num_in_batch_negatives,
             temperature=r.temperature, share_uniform_negatives=r.share_negatives, l2_normalize_embeddings=r.l2_normalize,
@@ -450,7 +451,7 @@ class RankingTask(Task):
 
     def build_model(self) -> RankingModel:
         r, d = self.args.ranking, self.args.dataset
-        max_tokens = 2 * d.max_seqlen + d.num_candidates + len(self.contextual_vocab_sizes)
+        max_tokens = sequence_tokens(d.max_seqlen, d.num_candidates, len(self.contextual_vocab_sizes), True)
         loss = MultiTaskLoss(self.task_type, self.num_outputs, r.task_weights)
         return RankingModel(
             self.num_items(), self.train_dataset.action_vocab_size, build_encoder_config(self.args, max_tokens, True, False),
@@ -500,27 +501,22 @@ class RankingTask(Task):
                 break
             batch = batch.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and self.args.trainer.bf16):
-                logits, _ = model.predict(batch)
+                logits, outputs = model.predict(batch)
+            layout = outputs.layout
             actions = batch.labels()
             loss, _ = model.loss(logits.float(), actions)
             probabilities, labels = self.binary_targets(logits, actions)
-            users = torch.repeat_interleave(torch.arange(batch.batch_size, device=device), batch.num_candidates) + users_seen
+            users = layout.candidate_sequence_ids() + users_seen
             users_seen += batch.batch_size
             metrics.update(probabilities, labels, users, loss_sum=float(loss) * logits.shape[0])
             if baseline is not None:
-                candidates = batch.sequence["item"].values()[_candidate_rows(batch)]
+                candidates = batch.sequence["item"].values()[layout.candidate_rows()]
                 baseline.update(rates[candidates.clamp(max=rates.shape[0] - 1)].float(), labels, users)
         loader.set_epoch(-1)
         out = metrics.compute(self.ctx.dp_group)
         if baseline is not None:
             out.update({f"baseline/popularity/{k}": v for k, v in baseline.compute(self.ctx.dp_group).items()})
         return out
-
-
-def _candidate_rows(batch) -> torch.Tensor:
-    from hstu.ops import candidate_mask
-
-    return candidate_mask(batch.seq_offsets, batch.num_candidates)
 
 
 TASKS = {"retrieval": RetrievalTask, "ranking": RankingTask}

@@ -7,8 +7,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.data.batch import SEQUENCE_KEYS, JaggedBatch
-from hstu.models.retrieval import rows_with_next
 from hstu.modules import EncoderConfig, EncoderInputs, HSTUEncoder
+from hstu.modules.token_layout import rows_with_next
 
 
 def _batch(lengths):

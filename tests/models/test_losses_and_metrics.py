@@ -210,14 +210,16 @@ def test_empty_sequence_user_embedding_is_zero_whatever_the_other_rows_hold():
     from types import SimpleNamespace
 
     from hstu.models import RetrievalModel
-    from hstu.modules import EncoderConfig
+    from hstu.modules import EncoderConfig, TokenLayout
 
     config = EncoderConfig(embedding_dim=4, num_layers=1, qk_dim=4, v_dim=4, max_tokens=4)
     model = RetrievalModel(10, config, SampledSoftmaxLoss(1, 10, num_uniform_negatives=2)).eval()
     lengths = torch.tensor([0, 2, 1])
     outputs = torch.tensor([[float("inf")] * 4, [1.0, 0.0, 0.0, 0.0], [float("nan")] * 4])
     # Sequence 0 is empty: its "last row" index lands on sequence 1's first row, which holds inf.
-    model.encode = lambda batch, next_timestamps=None: (None, SimpleNamespace(item_outputs=outputs))
+    layout = TokenLayout.build(lengths, lengths, torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
+                               has_candidates=False, num_contextual=0, interleave_actions=False)
+    model.encode = lambda batch, next_timestamps=None: (None, SimpleNamespace(item_outputs=outputs, layout=layout))
     batch = SimpleNamespace(seq_lengths=lengths, seq_lengths_on_host=lambda: lengths)
     users = model.user_embeddings(batch)
     assert users[0].tolist() == [0.0, 0.0, 0.0, 0.0]
