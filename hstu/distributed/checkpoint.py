@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from hstu.distributed.agreement import describe_error
+from hstu.distributed.agreement import raise_if_any_rank_failed as agree
 from hstu.distributed.context import ParallelContext
 from hstu.distributed.parallel_model import ParallelModel
 
@@ -63,15 +65,6 @@ def _dense_state(parallel: ParallelModel) -> dict[str, Any]:
     return state
 
 
-def _failures_on_ranks(ctx: ParallelContext, failed: bool) -> int:
-    """Collective: how many ranks report a failure (0 when every rank succeeded)."""
-    if ctx.world_size == 1:
-        return int(failed)
-    flag = torch.tensor([1.0 if failed else 0.0], device=ctx.device)
-    dist.all_reduce(flag)
-    return int(flag.item())
-
-
 def _root_cause(err: BaseException) -> BaseException:
     """The first rank's exception inside DCP's CheckpointException, else ``err`` itself."""
     if isinstance(err, CheckpointException) and err.failures:
@@ -83,22 +76,21 @@ def _root_cause(err: BaseException) -> BaseException:
 def write_error(where: str, err: BaseException) -> CheckpointWriteError:
     cause = _root_cause(err)
     code = getattr(cause, "errno", None) or errno_codes.EIO
-    return CheckpointWriteError(code, f"could not write the checkpoint {where}: {type(cause).__name__}: {cause}")
+    return CheckpointWriteError(code, f"could not write the checkpoint {where}: {describe_error(cause)}")
 
 
 def raise_if_any_rank_failed(ctx: ParallelContext, error: Optional[BaseException], where: str,
                              kind: type = CheckpointWriteError) -> None:
-    """Collective: every rank raises when one of them failed (its own error, or one naming ``where``)."""
-    failures = _failures_on_ranks(ctx, error is not None)
-    if not failures:
-        return
-    if error is not None:
-        if isinstance(error, kind):
-            raise error
-        raise (write_error(where, error) if kind is CheckpointWriteError else
-               CheckpointError(f"{where}: {type(error).__name__}: {error}")) from error
-    message = f"{failures} other rank(s) failed on the checkpoint {where} (their output has the reason)"
-    raise CheckpointWriteError(errno_codes.EIO, message) if kind is CheckpointWriteError else CheckpointError(message)
+    """Collective: every rank raises ``kind`` when one of them failed on the checkpoint ``where`` (a failed rank its
+    own error, the others one naming the failed ranks and their errors)."""
+    if kind is CheckpointWriteError:
+        agree(ctx, error, f"writing the checkpoint {where}",
+              own_error=lambda err: err if isinstance(err, kind) else write_error(where, err),
+              other_error=lambda message: CheckpointWriteError(errno_codes.EIO, message))
+    else:
+        agree(ctx, error, f"reading the checkpoint {where}",
+              own_error=lambda err: err if isinstance(err, kind) else CheckpointError(
+                  f"{where}: {describe_error(err)}"), other_error=CheckpointError)
 
 
 def save_synced(obj: Any, path: str) -> None:

@@ -1,9 +1,10 @@
 """Command line of the training scripts: ``--gin-config-file`` plus repeated ``--gin-param KEY=VALUE``.
 
 Problems with the configuration, the data, the run directory or a checkpoint (ValueError, TypeError and OSError,
-which covers FileNotFoundError / FileExistsError and failed checkpoint writes) end the script with
-``error: <message>`` on stderr and exit status 1, without a traceback; ``HSTU_DEBUG=1`` re-raises them to show it.
-Other exceptions are bugs and keep their traceback.
+which covers FileNotFoundError / FileExistsError and failed checkpoint writes), and on the other ranks of a
+multi-rank run the failure of one rank during set-up (OtherRankFailedError, naming that rank's error), end the script
+with ``error: <message>`` on stderr and exit status 1, without a traceback; ``HSTU_DEBUG=1`` re-raises them to show
+it. Other exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ def main(task: str, argv: Optional[Sequence[str]] = None) -> int:
         if not os.path.isfile(path):
             print(f"error: gin config file {path} not found", file=sys.stderr)
             return 2
+    from hstu.distributed.agreement import OtherRankFailedError
+
     try:
         args = parse_gin(options.gin_config_file, bindings)
         from hstu.training.trainer import run
 
         run(task, args, resume=options.resume, fresh=options.fresh)
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, OtherRankFailedError) as err:
         if os.environ.get("HSTU_DEBUG", "") not in ("", "0"):
             raise
         return _report_error(err)

@@ -9,13 +9,14 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from hstu.distributed import ParallelModel, parallelize
+from hstu.distributed.agreement import raise_if_any_rank_failed
 from hstu.modules.hstu_layer import HSTULayer
 from hstu.training import checkpoint as ckpt
 from hstu.training.config import AllArgs, OptimizerArgs
@@ -24,7 +25,10 @@ from hstu.training.flops import train_step_flops
 from hstu.training.policies import LogWindow, Schedule, StepResult
 from hstu.training.profiling import StepProfiler
 from hstu.training.run_logging import RunLogger, earlier_run_outputs, move_run_aside, write_json_atomic
-from hstu.training.tasks import TASKS, Task, check_task_config
+from hstu.training.tasks import TASKS, DatasetMissingError, Task, check_task_config, ensure_dataset
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,6 +43,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+class _WithoutBarrier:
+    """A ParallelContext for a call that rank 0 makes alone: its ``barrier`` is left to the caller, which agrees with
+    the other ranks on the outcome instead."""
+
+    def __init__(self, ctx: ParallelContext):
+        self._ctx = ctx
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
+
+    def barrier(self) -> None:
+        pass
 
 
 def lr_multiplier(step: int, total_steps: int, args: OptimizerArgs) -> float:
@@ -96,6 +114,7 @@ class Trainer:
         # Before anything is read or written: refuses a reused run directory, picks the checkpoint to resume from.
         resume_from, manifest = self._prepare_run_dir(t.run_dir, resume, fresh, args.dataset.dataset_dir)
         seed_everything(t.seed)  # identical initialisation on every rank (replicas and TP slices start equal)
+        self._generate_dataset_if_missing()
         self.task: Task = TASKS[task_name](args, self.ctx)
         self.train_loader, self.eval_loader = self.task.loaders()  # sharded by the data-parallel rank
         self.model = self.task.build_model()  # on CPU; the tables are moved onto the device by sharding
@@ -125,11 +144,7 @@ class Trainer:
             # one TP group share the stream: they must draw the same negatives and input dropout (the dropout
             # inside TP layers uses Megatron's per-TP-rank tracker).
             seed_everything(t.seed + 1_000_003 * self.ctx.dp_rank)
-        # A --resume without any checkpoint restarts from step 0: what an earlier attempt logged is replayed.
-        self.logger = RunLogger(t.run_dir, self.ctx.is_main, t.tensorboard,
-                                resume_step=self.state.step if resume else None)
-        if self.ctx.is_main:
-            write_json_atomic(os.path.join(t.run_dir, "config.json"), {"task": task_name, **args.to_dict()})
+        self.logger = self._open_run_outputs(task_name, resume)
         self.use_bf16 = self.ctx.device.type == "cuda" and t.bf16
         self.peak_eval: dict = {}
         self.last_eval: dict = {}
@@ -172,6 +187,53 @@ class Trainer:
         moved = move_run_aside(run_dir, keep_clear_of=(dataset_dir,))
         print(f"[hstu] --fresh: moved the earlier run in {run_dir} to {moved}", flush=True)
         return None, {}
+
+    def _on_every_rank_agreed(self, what: str, action: Callable[[], T]) -> T:
+        """Collective: ``action()`` on every rank (typically a write that only rank 0 makes); when it fails on any
+        rank, every rank raises (the failed rank its own error, the others an ``OtherRankFailedError`` naming it)
+        instead of leaving the others waiting in their next collective."""
+        result, error = None, None
+        try:
+            result = action()
+        except Exception as err:
+            error = err
+        raise_if_any_rank_failed(self.ctx, error, what)
+        return result
+
+    def _generate_dataset_if_missing(self) -> None:
+        """Collective: rank 0 generates a missing synthetic dataset (``tasks.ensure_dataset``), every rank agreeing
+        on the outcome. A dataset that is missing and not generated is reported by every rank when the task is
+        built (``Task`` calls ``ensure_dataset`` again, which then finds the generated data)."""
+
+        def generate() -> None:
+            if not self.ctx.is_main:
+                return
+            try:
+                ensure_dataset(self.args, _WithoutBarrier(self.ctx))
+            except DatasetMissingError:
+                pass  # reported by every rank when the task is built
+
+        self._on_every_rank_agreed(f"generating the synthetic dataset in {self.args.dataset.dataset_dir}", generate)
+
+    def _open_run_outputs(self, task_name: str, resume: bool) -> RunLogger:
+        """Collective: the run logger (its files on rank 0) and rank 0's ``config.json``, agreed on every rank."""
+        t = self.args.trainer
+
+        def open_outputs() -> RunLogger:
+            # A --resume without any checkpoint restarts from step 0: what an earlier attempt logged is replayed.
+            logger = RunLogger(t.run_dir, self.ctx.is_main, t.tensorboard,
+                               resume_step=self.state.step if resume else None)
+            try:
+                if self.ctx.is_main:
+                    write_json_atomic(os.path.join(t.run_dir, "config.json"),
+                                      {"task": task_name, **self.args.to_dict()})
+            except BaseException:
+                logger.close()
+                raise
+            return logger
+
+        return self._on_every_rank_agreed(f"writing the logs and config.json of the run directory {t.run_dir}",
+                                          open_outputs)
 
     def _set_deterministic(self, deterministic: bool) -> None:
         for module in self.model.modules():
