@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 
 from hstu.data.errors import DataFormatError, DownloadError
 from hstu.data.external_sort import DEFAULT_SORT_BUFFER_ROWS
-from hstu.data.prepare import DATASETS, PrepareOptions, prepare
-from hstu.data.processed import compute_stats, is_within
+from hstu.data.prepare import DATASETS, KUAIRAND_USER_SETS, PrepareOptions, prepare
+from hstu.data.processed import TIMESTAMP_UNITS, compute_stats, is_within
 from hstu.data.synthetic import LENGTH_DISTRIBUTIONS, SyntheticConfig, write_synthetic
 
 EPILOG = """\
@@ -22,6 +22,8 @@ examples:
   python -m hstu.data prepare ml-1m --raw-dir ~/Downloads/ml-1m --out-dir data/ml-1m
   python -m hstu.data prepare ml-20m --download --raw-dir data/raw --out-dir data/ml-20m
   python -m hstu.data prepare kuairand-27k --raw-dir /datasets/KuaiRand-27K --out-dir data/kuairand-27k
+  python -m hstu.data prepare kuairand-1k --raw-dir /datasets/KuaiRand-1K --out-dir data/kuairand-1k \\
+      --kuairand-users every-log --timestamp-unit milliseconds    # the data NVIDIA's example trains on
   python -m hstu.data stats data/ml-1m
 
 Raw directories hold the files as extracted from the official archives (ml-1m/ratings.dat, users.dat, movies.dat;
@@ -55,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rows sorted in memory at once; bounds peak memory (~100 bytes per row)")
     prep.add_argument("--block-mb", type=int, default=16, help="raw text read per parsing block, MiB")
     prep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    kuai = prep.add_argument_group("KuaiRand options")
+    kuai.add_argument("--kuairand-users", choices=KUAIRAND_USER_SETS, default="all",
+                      help="every-log: keep only the users with interactions in every standard log file (the user "
+                      "set of NVIDIA's example preprocessing)")
+    kuai.add_argument("--timestamp-unit", choices=tuple(TIMESTAMP_UNITS), default="seconds",
+                      help="unit of timestamp.npy; milliseconds keeps time_ms as it is (batches still carry seconds)")
     synth = prep.add_argument_group("synthetic dataset options")
     defaults = SyntheticConfig()
     synth.add_argument("--seed", type=int, default=defaults.seed)
@@ -78,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare(args: argparse.Namespace) -> None:
     show_progress = not args.no_progress
+    kuairand = dict(kuairand_users=args.kuairand_users, timestamp_unit=args.timestamp_unit)
     if args.dataset == "synthetic":
+        PrepareOptions(**kuairand).validate(args.dataset)  # refuses the KuaiRand options
         config = SyntheticConfig(
             num_users=args.num_users, num_items=args.num_items, num_topics=args.num_topics, mean_length=args.mean_length,
             min_length=args.min_length, max_length=args.max_length, length_distribution=args.length_distribution,
@@ -87,6 +97,9 @@ def _prepare(args: argparse.Namespace) -> None:
         metadata = write_synthetic(args.out_dir, config, overwrite=args.overwrite, show_progress=show_progress)
     else:
         raw_dir = args.raw_dir
+        options = PrepareOptions(remap_items=args.remap_items, sort_buffer_rows=args.sort_buffer_rows,
+                                 block_bytes=args.block_mb << 20, show_progress=show_progress, **kuairand)
+        options.validate(args.dataset)  # before any download
         if args.download:
             from hstu.data.download import ARCHIVES, fetch_archive
 
@@ -98,8 +111,6 @@ def _prepare(args: argparse.Namespace) -> None:
                                     show_progress=show_progress)
         elif raw_dir is None:
             raise DataFormatError(args.out_dir, f"{args.dataset}: pass --raw-dir with the extracted files, or --download")
-        options = PrepareOptions(remap_items=args.remap_items, sort_buffer_rows=args.sort_buffer_rows,
-                                 block_bytes=args.block_mb << 20, show_progress=show_progress)
         metadata = prepare(args.dataset, raw_dir, args.out_dir, options, overwrite=args.overwrite)
     print(f"wrote {args.out_dir}: {metadata['num_users']} users, {metadata['num_interactions']} interactions, "
           f"item vocabulary {metadata['num_items']}", file=sys.stderr)

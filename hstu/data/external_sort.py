@@ -9,6 +9,8 @@ option, so rows are processed in three streaming passes with memory bounded by `
 2. Users are cut into contiguous id ranges ("buckets") of about ``sort_buffer_rows`` rows; the spill is read once
    more in chunks and each record is appended to its bucket's file (skipped when one bucket suffices).
 3. Each bucket is loaded alone, stably sorted by (user, time, arrival order) and appended to the output columns.
+
+``finish(keep_users=...)`` drops every other user's rows on the way (their items then count as unseen).
 """
 
 from __future__ import annotations
@@ -86,15 +88,37 @@ class InteractionSorter:
                 bar.update(len(records))
                 yield records
 
+    def _keep_only(self, keep_users: np.ndarray, remap_items: bool) -> np.ndarray:
+        """Restrict the counts to ``keep_users`` (raw ids); with ``remap_items`` recount the items those users have.
+        Returns the per-raw-id keep mask."""
+        keep_users = np.asarray(keep_users, dtype=np.int64)
+        keep = np.zeros(len(self.user_counts), dtype=bool)
+        keep[keep_users[(keep_users >= 0) & (keep_users < len(keep))]] = True
+        self.user_counts = np.where(keep, self.user_counts, 0)
+        self.num_rows = int(self.user_counts.sum())
+        if remap_items:
+            self.item_seen = np.zeros(len(self.item_seen), dtype=bool)
+            self._large_items, self._large_pending = np.zeros(0, dtype=np.int64), []
+            for records in self._iter_spill(self.spill_path, "count kept items"):
+                item = records["item"][keep[records["user"]]]
+                large = item >= ID_LIMIT
+                if large.any():
+                    self._large_pending.append(np.unique(item[large]))
+                self.item_seen[item[~large]] = True
+        return keep
+
     def finish(
-        self, out_dir: str, *, time_divisor: int = 1, remap_items: bool = False
+        self, out_dir: str, *, time_divisor: int = 1, remap_items: bool = False, keep_users: Optional[np.ndarray] = None
     ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """Write ``item.npy``, ``timestamp.npy``, ``action.npy`` into ``out_dir``.
 
-        Returns ``(offsets, user_ids, item_raw_ids)``; ``item_raw_ids[new_id]`` is the raw id when remapping
-        (new ids are 1..K in raw-id order, 0 stays unused), else ``None``.
+        ``keep_users``: raw user ids whose rows are kept (``None``: all). Returns ``(offsets, user_ids,
+        item_raw_ids)``; ``item_raw_ids[new_id]`` is the raw id when remapping (new ids are 1..K in raw-id order of
+        the items that occur, 0 stays unused), else ``None``.
         """
         self._spill.close()
+        spilled_rows = self.num_rows
+        keep = None if keep_users is None else self._keep_only(keep_users, remap_items)
         user_ids = np.flatnonzero(self.user_counts)
         lengths = self.user_counts[user_ids]
         offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
@@ -123,13 +147,16 @@ class InteractionSorter:
         _, bucket_of_user_rank = np.unique(bucket_of_user_rank, return_inverse=True)
         num_buckets = int(bucket_of_user_rank.max()) + 1 if len(user_ids) else 0
         bucket_paths = [self.spill_path]
-        if num_buckets > 1:
+        # Dropped rows are filtered out while partitioning, so that no bucket holds more than it keeps.
+        if num_buckets > 1 or (num_buckets == 1 and self.num_rows < spilled_rows):
             bucket_of_uid = np.zeros(len(self.user_counts), dtype=np.int64)
             bucket_of_uid[user_ids] = bucket_of_user_rank
             bucket_paths = [os.path.join(self.work_dir, f"bucket-{b:05d}.bin") for b in range(num_buckets)]
             files = [open(p, "wb") for p in bucket_paths]
             try:
                 for records in self._iter_spill(self.spill_path, "partition by user"):
+                    if keep is not None:
+                        records = records[keep[records["user"]]]
                     bucket = bucket_of_uid[records["user"]]
                     order = np.argsort(bucket, kind="stable")
                     bounds = np.searchsorted(bucket[order], np.arange(num_buckets + 1))

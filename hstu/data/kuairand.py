@@ -7,11 +7,12 @@ import glob
 import io
 import os
 import re
+from typing import Optional
 
 import numpy as np
 
 from hstu.data.errors import DataFormatError
-from hstu.data.prepare import InteractionBlock, RawSource, file_progress, id_columns, user_id_feature
+from hstu.data.prepare import InteractionBlock, PrepareOptions, RawSource, file_progress, id_columns, user_id_feature
 from hstu.data.processed import ContextualFeature, bitmask_action_spec
 from hstu.data.textio import iter_numeric_blocks, read_header, require_file
 
@@ -112,10 +113,16 @@ def read_user_features(path: str) -> tuple[dict[int, dict[str, str]], dict[str, 
     return users, vocab
 
 
-def source(dataset: str, raw_dir: str) -> RawSource:
+def source(dataset: str, raw_dir: str, options: Optional[PrepareOptions] = None) -> RawSource:
+    """The reader of one KuaiRand variant. ``options.kuairand_users = "every-log"`` keeps the users that have rows in
+    every standard log file (NVIDIA's example joins the per-file user sequences that way); ``options.timestamp_unit
+    = "milliseconds"`` stores ``time_ms`` as it is instead of whole seconds. Rows are ordered by ``time_ms`` either
+    way."""
+    options = options or PrepareOptions()
     variant = VARIANTS[dataset]
     features_path = os.path.join(data_dir(raw_dir), f"user_features_{variant}.csv")
-    state: dict = {}
+    every_log = options.kuairand_users == "every-log"
+    state: dict = {"present": {}}  # with every_log: log file -> sorted raw ids of the users it has rows for
 
     def check():
         files = log_files(raw_dir, variant)
@@ -145,7 +152,22 @@ def source(dataset: str, raw_dir: str) -> RawSource:
                             raise DataFormatError(path, f"column {name!r}: {flag[bad[0]]} is not 0 or 1", block.first_line + int(bad[0]))
                         action |= flag.astype(np.int64) << bit
                     user, item, time = id_columns(path, block, options, "user_id", "video_id", "time_ms")
+                    if every_log:
+                        seen = state["present"].get(path, np.zeros(0, dtype=np.int64))
+                        state["present"][path] = np.union1d(seen, user)
                     yield InteractionBlock(user=user, item=item, time=time, action=action)
+
+    def keep_users() -> np.ndarray:
+        files = [f for f, _, _ in state["files"]]
+        kept = state["present"].get(files[0], np.zeros(0, dtype=np.int64))
+        for path in files[1:]:
+            kept = np.intersect1d(kept, state["present"].get(path, np.zeros(0, dtype=np.int64)), assume_unique=True)
+        if not len(kept):
+            raise DataFormatError(
+                files[0], f"--kuairand-users every-log: no user has interactions in every standard log file "
+                f"({', '.join(os.path.basename(f) for f in files)}); use --kuairand-users all"
+            )
+        return kept
 
     def contextual(user_ids):
         users, vocab = state["users"], state["vocab"]
@@ -156,12 +178,18 @@ def source(dataset: str, raw_dir: str) -> RawSource:
             features.append(ContextualFeature(name, values, len(vocab[name]), vocab[name]))
         return features
 
+    milliseconds = options.timestamp_unit == "milliseconds"
     return RawSource(
         dataset=dataset,
         blocks=blocks,
-        time_divisor=1000,
+        time_divisor=1 if milliseconds else 1000,
         action_spec=bitmask_action_spec(),
         contextual=contextual,
-        extra_metadata={"raw_files": "data/log_standard_*_%s*.csv, data/user_features_%s.csv" % (variant, variant)},
+        extra_metadata={
+            "raw_files": "data/log_standard_*_%s*.csv, data/user_features_%s.csv" % (variant, variant),
+            "kuairand_users": options.kuairand_users,
+        },
         check=check,
+        timestamp_unit=options.timestamp_unit,
+        keep_users=keep_users if every_log else None,
     )

@@ -179,6 +179,10 @@ class SequenceDataset(torch.utils.data.Dataset):
             np.stack([hist_start, cand_start], axis=1).ravel(), np.stack([hist_len, cand_len], axis=1).ravel()
         )
         columns = [np.asarray(getattr(data, key)[positions], dtype=np.int64) for key in SEQUENCE_KEYS]
+        ticks = data.timestamp_ticks_per_second
+        if ticks != 1:  # batches carry unix seconds whatever unit the dataset stores
+            timestamp = SEQUENCE_KEYS.index("timestamp")
+            columns[timestamp] = columns[timestamp] // ticks
         users = per_sample(self.user)
         contextual = [np.where(padding, 0, data.contextual[name][users]) for name in self.contextual_feature_names]
         target = None

@@ -47,10 +47,10 @@ def read_ml1m_movies(path: str) -> dict[int, str]:
     return titles
 
 
-def read_ml1m_users(path: str) -> dict[int, tuple[int, int, int]]:
-    """UserID → (gender id, age id, occupation id); id 0 is reserved for "missing"."""
-    users = {}
-    for line, (user, gender, age, occupation, _zip) in _read_dat_lines(path, 5):
+def read_ml1m_user_rows(path: str) -> list[tuple[int, tuple[int, int, int], str]]:
+    """Every row of ``users.dat`` in file order: (UserID, (gender id, age id, occupation id), zip code text)."""
+    rows = []
+    for line, (user, gender, age, occupation, zip_code) in _read_dat_lines(path, 5):
         uid = _parse_int(path, line, "UserID", user)
         if gender not in ("F", "M"):
             raise DataFormatError(path, f"Gender: {gender!r} is not F or M", line)
@@ -60,8 +60,31 @@ def read_ml1m_users(path: str) -> dict[int, tuple[int, int, int]]:
         occ = _parse_int(path, line, "Occupation", occupation)
         if not 0 <= occ < ML1M_NUM_OCCUPATIONS:
             raise DataFormatError(path, f"Occupation: {occ} outside 0..{ML1M_NUM_OCCUPATIONS - 1}", line)
-        users[uid] = (1 + ("F", "M").index(gender), 1 + ML1M_AGE_CODES.index(age_code), 1 + occ)
-    return users
+        rows.append((uid, (1 + ("F", "M").index(gender), 1 + ML1M_AGE_CODES.index(age_code), 1 + occ), zip_code.strip()))
+    return rows
+
+
+def read_ml1m_users(path: str) -> dict[int, tuple[int, int, int]]:
+    """UserID → (gender id, age id, occupation id); id 0 is reserved for "missing"."""
+    return {uid: codes for uid, codes, _zip in read_ml1m_user_rows(path)}
+
+
+def ml1m_zip_codes(rows: list[tuple[int, tuple[int, int, int], str]]) -> tuple[dict[int, int], list[str]]:
+    """UserID → zip code id, and the vocabulary (id → zip code, entry 0 = "<missing>").
+
+    A zip code is kept whole, as the text in ``users.dat`` (``"55117"``, ``"98107-2117"``, leading zeros kept). Ids
+    are 1, 2, ... in the order each distinct code first occurs in the file (users without ratings included): the
+    ids NVIDIA's example preprocessing gives. An empty field is "missing" (id 0). A UserID listed twice takes its
+    last row, as for the other user features.
+    """
+    ids: dict[str, int] = {}
+    users = {}
+    for uid, _codes, zip_code in rows:
+        if zip_code:
+            users[uid] = ids.setdefault(zip_code, len(ids) + 1)
+        else:
+            users[uid] = 0
+    return users, ["<missing>"] + list(ids)
 
 
 def _ml1m_source(raw_dir: str) -> RawSource:
@@ -74,7 +97,9 @@ def _ml1m_source(raw_dir: str) -> RawSource:
         for path in (ratings, users_path, movies_path):
             require_file(path)
         # Small files: parse now so a malformed one fails before any output is written.
-        state["users"] = read_ml1m_users(users_path)
+        rows = read_ml1m_user_rows(users_path)
+        state["users"] = {uid: codes for uid, codes, _zip in rows}
+        state["zip_codes"], state["zip_vocabulary"] = ml1m_zip_codes(rows)
         state["movies"] = read_ml1m_movies(movies_path)
 
     def blocks(options):
@@ -95,6 +120,8 @@ def _ml1m_source(raw_dir: str) -> RawSource:
         known = state["users"]
         for row, uid in enumerate(user_ids.tolist()):
             table[row] = known.get(uid, (0, 0, 0))
+        zip_codes, zip_vocabulary = state["zip_codes"], state["zip_vocabulary"]
+        zip_ids = np.array([zip_codes.get(uid, 0) for uid in user_ids.tolist()], dtype=np.int64)
         return [
             user_id_feature(user_ids),
             ContextualFeature("gender", table[:, 0], 3, ["<missing>", "F", "M"]),
@@ -102,6 +129,7 @@ def _ml1m_source(raw_dir: str) -> RawSource:
             ContextualFeature(
                 "occupation", table[:, 2], 1 + ML1M_NUM_OCCUPATIONS, ["<missing>"] + [str(o) for o in range(ML1M_NUM_OCCUPATIONS)]
             ),
+            ContextualFeature("zip_code", zip_ids, len(zip_vocabulary), zip_vocabulary),
         ]
 
     return RawSource(

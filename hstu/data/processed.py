@@ -4,7 +4,7 @@ Layout (N interactions, U users, documented in docs/data.md)::
 
     offsets.npy     int64 (U+1)  user u owns rows offsets[u]:offsets[u+1], time ordered
     item.npy        int64 (N)
-    timestamp.npy   int64 (N)    unix seconds
+    timestamp.npy   int64 (N)    unix time in metadata's timestamp_unit (seconds, or milliseconds for KuaiRand on request)
     action.npy      int64 (N)    rating class or KuaiRand 8-bit action mask
     user_id.npy     int64 (U)    raw user id
     <feature>.npy   int64 (U)    one per contextual feature listed in metadata (ids in 0..vocab_size-1)
@@ -36,6 +36,7 @@ SEQUENCE_COLUMNS = ("item", "timestamp", "action")
 ID_LIMIT = 1 << 27
 FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # used with fullmatch
 RESERVED_NAMES = SEQUENCE_COLUMNS + ("offsets", "item_raw_id", "metadata")
+TIMESTAMP_UNITS = {"seconds": 1, "milliseconds": 1000}  # unit -> ticks per second
 KUAIRAND_ACTION_TASKS = ("click", "like", "follow", "comment", "forward", "hate", "long_view", "profile_enter")
 
 
@@ -253,7 +254,9 @@ def write_user_columns(
         np.save(os.path.join(out, f"{feature.name}.npy"), np.asarray(feature.values, dtype=np.int64))
 
 
-def write_metadata(out: str, *, dataset: str, action: dict, contextual: list[ContextualFeature], extra: dict) -> dict:
+def write_metadata(
+    out: str, *, dataset: str, action: dict, contextual: list[ContextualFeature], extra: dict, timestamp_unit: str = "seconds"
+) -> dict:
     """Write ``metadata.json`` with counts computed from the columns already in ``out``."""
     offsets = np.load(os.path.join(out, "offsets.npy"))
     item = np.load(os.path.join(out, "item.npy"), mmap_mode="r")
@@ -265,7 +268,7 @@ def write_metadata(out: str, *, dataset: str, action: dict, contextual: list[Con
         "num_interactions": int(offsets[-1]),
         "num_items": num_items,
         "num_distinct_items": int(count_distinct(item, num_items)),
-        "timestamp_unit": "seconds",
+        "timestamp_unit": timestamp_unit,
         "action": action,
         "contextual_features": [f.describe() for f in contextual],
         **extra,
@@ -339,6 +342,9 @@ def read_metadata(meta_path: str) -> dict:
         raise DataFormatError(meta_path, f"field 'dataset' must be a string, found {metadata.get('dataset')!r}")
     for key in ("num_users", "num_interactions", "num_items", "num_distinct_items"):
         _metadata_int(meta_path, metadata, key)
+    unit = metadata.get("timestamp_unit", "seconds")
+    if not isinstance(unit, str) or unit not in TIMESTAMP_UNITS:
+        raise DataFormatError(meta_path, f"field 'timestamp_unit' must be one of {sorted(TIMESTAMP_UNITS)}, found {unit!r}")
     action = metadata.get("action")
     if not isinstance(action, dict) or action.get("kind") not in ("rating", "bitmask"):
         raise DataFormatError(meta_path, "field 'action' must be an object with kind 'rating' or 'bitmask'")
@@ -512,6 +518,12 @@ class ProcessedData:
     @property
     def num_users(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def timestamp_ticks_per_second(self) -> int:
+        """1 when ``timestamp.npy`` holds seconds, 1000 when it holds milliseconds (``timestamp_unit``; absent =
+        seconds)."""
+        return TIMESTAMP_UNITS[self.metadata.get("timestamp_unit", "seconds")]
 
     @property
     def seq_lengths(self) -> np.ndarray:

@@ -31,8 +31,9 @@ def test_retrieval_eval_batch_content_and_padding(processed):
     assert first.sequence["action"].values().tolist() == [4, 2, 2, 4, 3]
     assert first.sequence["timestamp"].values().tolist()[:1] == [978300760]
     assert first.target_item.tolist() == [2355, 3068]
-    assert first.contextual.keys() == ["user_id", "gender", "age", "occupation"]
+    assert first.contextual.keys() == ["user_id", "gender", "age", "occupation", "zip_code"]
     assert first.contextual["user_id"].values().tolist() == [1, 2]
+    assert first.contextual["zip_code"].values().tolist() == [1, 2]  # 48067, 70072: first two codes of users.dat
     assert first.contextual["gender"].lengths().tolist() == [1, 1]
     assert first.num_candidates.tolist() == [0, 0]
     # The last batch is padded to the full batch size with empty samples.
@@ -42,6 +43,7 @@ def test_retrieval_eval_batch_content_and_padding(processed):
     assert last.sequence["item"].values().tolist() == [2333, 3952, 2987]
     assert last.target_item.tolist() == [1193, -1]
     assert last.contextual["user_id"].values().tolist() == [5, 0]
+    assert last.contextual["zip_code"].values().tolist() == [5, 0]
 
 
 def test_ranking_batch_candidates_and_labels(processed):

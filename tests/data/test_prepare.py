@@ -57,7 +57,7 @@ def test_ml1m_sequences_time_ordered_with_stable_ties(processed):
     assert data.contextual["gender"].tolist() == [1, 2, 2, 2]
     assert data.contextual["age"].tolist() == [1, 7, 3, 3]  # codes 1, 56, 25, 25
     assert data.contextual["occupation"].tolist() == [11, 17, 16, 21]  # occupation + 1
-    assert [f["name"] for f in meta["contextual_features"]] == ["user_id", "gender", "age", "occupation"]
+    assert [f["name"] for f in meta["contextual_features"]] == ["user_id", "gender", "age", "occupation", "zip_code"]
 
 
 def test_ml20m_half_star_ratings_become_ten_classes(processed):
