@@ -34,7 +34,8 @@ def batches(draw):
 def build(lengths, candidates, num_contextual, interleave, has_candidates=True):
     lengths_t, candidates_t = torch.tensor(lengths, dtype=torch.int64), torch.tensor(candidates, dtype=torch.int64)
     return TokenLayout.build(lengths_t, lengths_t.clone(), candidates_t, candidates_t.clone(),
-                             has_candidates=has_candidates, num_contextual=num_contextual, interleave_actions=interleave)
+                             has_candidates=has_candidates, num_contextual=num_contextual,
+                             interleave_actions=interleave)
 
 
 @settings(max_examples=60, deadline=None)
@@ -115,9 +116,8 @@ def test_preprocess_places_every_embedding_where_the_layout_says(interleave, num
     for b in range(len(lengths)):  # contextual tokens first, sample-major
         expected = inputs.contextual_embeddings[b * num_contextual : (b + 1) * num_contextual]
         assert torch.equal(tokens.x[offsets[b] : offsets[b] + num_contextual], expected)
-    event_rows = torch.tensor([i for b in range(len(lengths)) for i in range(offsets[b] + num_contextual, offsets[b + 1])],
-                              dtype=torch.int64)  # fmt: skip
-    event_tokens = tokens.x[event_rows]
+    event_rows = [i for b in range(len(lengths)) for i in range(offsets[b] + num_contextual, offsets[b + 1])]
+    event_tokens = tokens.x[torch.tensor(event_rows, dtype=torch.int64)]
     if interleave:
         assert torch.equal(event_tokens[layout.item_token_rows], inputs.item_embeddings)
         assert torch.equal(event_tokens[layout.action_token_rows], inputs.action_embeddings[layout.action_events])

@@ -130,7 +130,8 @@ def test_lengths_to_host_copies_in_int64_and_keeps_none():
     lengths, counts = torch.tensor([3, 0, 2], dtype=torch.int32), torch.tensor([1, 0, 1])
     host_lengths, missing, host_counts = lengths_to_host(lengths, None, counts)
     assert missing is None and host_lengths.device.type == host_counts.device.type == "cpu"
-    assert host_lengths.dtype == torch.int64 and host_lengths.tolist() == [3, 0, 2] and host_counts.tolist() == [1, 0, 1]
+    assert host_lengths.dtype == torch.int64
+    assert host_lengths.tolist() == [3, 0, 2] and host_counts.tolist() == [1, 0, 1]
     assert lengths_to_host(None) == [None]
     with pytest.raises(TypeError, match=r"lengths\[1\] must be int32 or int64"):
         lengths_to_host(lengths, torch.tensor([1.0]))
