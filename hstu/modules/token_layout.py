@@ -7,8 +7,8 @@ Token sequence b, as the encoder builds it:
 with the history interleaved as [i1, a1, i2, a2, ...] (item, action) when actions are tokens, else [i1, i2, ...].
 The encoder's ``item_outputs`` have one row per event (history + candidates) in event order; the methods of
 :class:`TokenLayout` name the rows of that tensor that the losses, heads and metrics use, so nothing outside the
-encoder re-derives the layout. All index arithmetic is vectorised, and output sizes come from host copies of the
-lengths (no device syncs).
+encoder re-derives the layout. All index arithmetic is vectorised and output sizes come from host copies of the
+lengths; only ``candidate_rows`` reads device values (the checks of ``candidate_mask``).
 """
 
 from __future__ import annotations
