@@ -68,7 +68,7 @@ fi
 if has test; then
   t0=$(date +%s)
   PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout "${HSTU_T_TEST:-300}" $PY -m pytest -q -p no:cacheprovider --tb=line -rf --maxfail=40 \
-    tests/ops/test_hstu_attention_cuda.py >"$OUT/test.log" 2>&1
+    tests/ops/test_hstu_attention_cuda_*.py >"$OUT/test.log" 2>&1
   note "tests rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/test.log")"
   grep -E "^FAILED|Error" "$OUT/test.log" | head -20 | cut -c1-300 | tee -a "$OUT/summary.txt"
 fi

@@ -156,7 +156,7 @@ $PY -c 'import torch; from hstu import _C; print("extension:", _C.build_info())'
 if has test; then
   t0=$(date +%s)
   timeout "${HSTU_T_TEST:-240}" $PY -m pytest -q -p no:cacheprovider --tb=line -rf --maxfail=40 \
-    tests/ops/test_hstu_attention_cuda.py ${HSTU_TEST_K:+-k "$HSTU_TEST_K"} >"$OUT/test.log" 2>&1
+    tests/ops/test_hstu_attention_cuda_*.py ${HSTU_TEST_K:+-k "$HSTU_TEST_K"} >"$OUT/test.log" 2>&1
   rc=$?
   note "tests rc=$rc in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/test.log")"
   grep -E "^FAILED|Error" "$OUT/test.log" | head -25 | cut -c1-400 | tee -a "$SUMMARY"

@@ -1,0 +1,291 @@
+"""Host emulation of the kernels (csrc/hstu_attention/emulation), no GPU needed: the real kernel sources, compiled by
+g++ with one fiber per CUDA thread and emulated ldmatrix / mma.sync / barriers / atomics, run on the CPU against the
+fp32 reference under the parity rule (catches indexing, layout, masking and barrier-protocol bugs; not timing, not
+memory-model races); and heuristics.h's kernel choice through the same library. Needs g++ and the CUDA headers;
+skips otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.ops.attention_cuda_common import _build_inputs
+
+pytestmark = pytest.mark.usefixtures("attention_cuda_env")
+
+
+_EMU_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "hstu_attention")
+
+
+def _cuda_include_dir():
+    import glob
+
+    cands = [os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "include")]
+    cands += sorted(glob.glob("/usr/local/cuda*/targets/*/include")) + sorted(glob.glob("/usr/local/cuda*/include"))
+    for c in cands:
+        if os.path.exists(os.path.join(c, "cuda_bf16.h")) and os.path.exists(os.path.join(c, "cuda_runtime.h")):
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    import ctypes
+    import shutil
+    import subprocess
+
+    cxx, inc = shutil.which("g++"), _cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("host emulation needs g++ and the CUDA headers")
+    src = os.path.abspath(_EMU_DIR)
+    lib = str(tmp_path_factory.mktemp("hstu_emu") / "libhstu_emu.so")
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-w", f"-I{src}/emulation", f"-I{src}", f"-I{inc}",
+           f"{src}/emulation/harness.cpp", "-o", lib]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # cp.async copies land as late as a wait allows: a tile read before its wait sees stale / poisoned data (the
+    # library reads the variable once, when it is loaded)
+    old = os.environ.get("HSTU_EMU_LAZY_CP_ASYNC")
+    os.environ["HSTU_EMU_LAZY_CP_ASYNC"] = "1"
+    try:
+        return ctypes.CDLL(lib)
+    finally:
+        if old is None:
+            del os.environ["HSTU_EMU_LAZY_CP_ASYNC"]
+        else:
+            os.environ["HSTU_EMU_LAZY_CP_ASYNC"] = old
+
+
+def _emu_impl(emu, deterministic, variant=0):
+    """hstu_attention-like callable (CPU tensors) running the emulated kernels; dropout uses the kernels' Philox."""
+    import ctypes
+
+    vp, i64, i32, f32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint32
+
+    class Args(ctypes.Structure):
+        _fields_ = [(n, vp) for n in ("q", "k", "v", "dout", "out", "dq", "dk", "dv", "drab", "dq_accum", "offsets",
+                                      "ctx", "tgt", "rab")]
+        _fields_ += [(n, i64) for n in ("rab_bs", "rab_hs", "rab_rs", "drab_bs", "drab_hs", "drab_rs", "row_stride",
+                                        "total_rows")]
+        _fields_ += [(n, i32) for n in ("batch", "heads", "max_seqlen", "causal", "window", "group", "rab_heads",
+                                        "dtype", "D", "dropout", "variant")]
+        _fields_ += [(n, f32) for n in ("alpha", "inv_scale", "dropout_scale")]
+        _fields_ += [(n, u32) for n in ("seed_lo", "seed_hi", "threshold")]  # fmt: skip
+
+    from hstu.ops.hstu_attention import cuda
+
+    def ptr(t):
+        return None if t is None else vp(t.data_ptr())
+
+    def args_for(q, k, v, offsets, n, alpha, scaling, causal, window, nc, nt, group, rab, p, seed):
+        a = Args()
+        a.q, a.k, a.v, a.offsets, a.ctx, a.tgt, a.rab = map(ptr, (q, k, v, offsets, nc, nt, rab))
+        if rab is not None:
+            a.rab_bs, a.rab_hs, a.rab_rs, _ = rab.stride()
+            a.rab_heads = rab.shape[1]
+        a.row_stride, a.total_rows = q.stride(0), q.shape[0]
+        a.batch, a.heads, a.max_seqlen, a.D = offsets.numel() - 1, q.shape[1], n, q.shape[2]
+        a.causal, a.window, a.group, a.variant = int(causal), max(window, -1), group, variant
+        a.dtype = 0 if q.dtype == torch.bfloat16 else 1
+        a.alpha, a.inv_scale = alpha, 1.0 / scaling
+        s = seed & 0xFFFFFFFFFFFFFFFF
+        a.dropout, a.seed_lo, a.seed_hi = int(p > 0), s & 0xFFFFFFFF, s >> 32
+        a.threshold, a.dropout_scale = cuda.dropout_threshold(p), 1.0 / (1.0 - p)
+        return a
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, rab, offsets, n, alpha, scaling, causal, window, nc, nt, group, p, seed):
+            rab_k = None if rab is None else rab.detach().to(q.dtype).contiguous()
+            out = torch.full_like(q, float("nan"))
+            a = args_for(q, k, v, offsets, n, alpha, scaling, causal, window, nc, nt, group, rab_k, p, seed)
+            a.out = ptr(out)
+            if q.numel():
+                emu.emu_fwd(ctypes.byref(a))
+            ctx.save_for_backward(q, k, v, rab_k, offsets, nc, nt)
+            ctx.cfg = (n, alpha, scaling, causal, window, group, p, seed)
+            ctx.rab_grad = rab is not None and rab.requires_grad
+            ctx.rab_dtype = None if rab is None else rab.dtype
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, rab_k, offsets, nc, nt = ctx.saved_tensors
+            n, alpha, scaling, causal, window, group, p, seed = ctx.cfg
+            dout = dout.contiguous()
+            dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
+            a = args_for(q, k, v, offsets, n, alpha, scaling, causal, window, nc, nt, group, rab_k, p, seed)
+            a.dout, a.dq, a.dk, a.dv = map(ptr, (dout, dq, dk, dv))
+            drab = acc = None
+            if ctx.rab_grad:
+                drab = torch.zeros(rab_k.shape, dtype=torch.float32)
+                a.drab = ptr(drab)
+                a.drab_bs, a.drab_hs, a.drab_rs, _ = drab.stride()
+            if not deterministic and q.numel():
+                acc = torch.zeros(q.shape, dtype=torch.float32)  # the binding's zeroed workspace
+                a.dq_accum = ptr(acc)
+            if q.numel():
+                emu.emu_bwd(ctypes.byref(a))
+            return dq, dk, dv, None if drab is None else drab.to(ctx.rab_dtype), *([None] * 11)
+
+    def impl(q, k, v, offsets, n, *, rab=None, alpha=1.0, scaling_seqlen=None, causal=True, window_size=-1,
+             num_contexts=None, num_targets=None, target_group_size=1, dropout_p=0.0, dropout_mask=None, seed=77):
+        scaling = n if scaling_seqlen is None else scaling_seqlen
+        return Fn.apply(q.contiguous(), k.contiguous(), v.contiguous(), rab, offsets, n, alpha, scaling, causal,
+                        window_size, num_contexts, num_targets, target_group_size, dropout_p, seed)  # fmt: skip
+
+    return impl
+
+
+_EMU_CASES = {
+    # name: (dim, dtype, deterministic, variant, dropout p, config overrides)
+    "atomic_d64_rab1": (64, torch.bfloat16, False, 0, 0.0, dict(rab_kind="one", rab_grad=True)),
+    "atomic_d256_onepass_ctx_tgt_rabH": (256, torch.float16, False, 0, 0.0, dict(
+        rab_kind="heads", rab_grad=True, num_targets=[0, 1, 20, 9, 64], num_contexts=[0, 0, 5, 3, 12])),
+    "atomic_d32_dropout_noncausal": (32, torch.float16, False, 0, 0.3, dict(causal=False, window=30)),
+    "atomic_d128_8warps_window": (128, torch.bfloat16, False, 8, 0.0, dict(window=17, num_targets=[0, 1, 20, 9, 64],
+                                                                          group=4)),
+    "atomic_d256_twopass": (256, torch.bfloat16, False, 2, 0.0, dict(rab_kind="one", rab_grad=True)),
+    "split_d128_rab1_dropout": (128, torch.bfloat16, True, 0, 0.5, dict(rab_kind="one", rab_grad=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(_EMU_CASES))
+def test_cpu_emulated_kernels_parity(emulator, case):
+    """Forward and every gradient of the emulated kernels against the fp32 reference (parity rule), both backward
+    paths (atomic dq incl. the one-pass head-dim-256 kernel and the benchmark-knob variants; split)."""
+    from hstu.testing.parity import attention_parity
+    from hstu.ops.hstu_attention import cuda
+
+    dim, dtype, det, variant, p, extra = _EMU_CASES[case]
+    lengths = [0, 1, 77, 130, 100]
+    cfg = dict(seed=70_000 + len(case), dtype=dtype, dim=dim, heads=2, lengths=lengths, max_seqlen=131, causal=True,
+               window=-1, num_contexts=None, num_targets=None, group=1, rab_kind="none", rab_grad=False,
+               alpha=1.0 / math.sqrt(dim), scaling=None)  # fmt: skip
+    cfg.update(extra)
+    q, k, v, offsets, rab, nc, nt = _build_inputs(cfg, device="cpu")
+    kwargs = dict(alpha=cfg["alpha"], causal=cfg["causal"], window_size=cfg["window"], num_contexts=nc,
+                  num_targets=nt, target_group_size=cfg["group"])  # fmt: skip
+    if p > 0:
+        mask = cuda.dropout_keep_mask_reference(77, len(lengths), cfg["heads"], cfg["max_seqlen"], p)
+        kwargs.update(dropout_p=p, dropout_mask=mask)
+    attention_parity(q, k, v, offsets, cfg["max_seqlen"], impl=_emu_impl(emulator, det, variant), rab=rab,
+                     rab_requires_grad=cfg["rab_grad"], **kwargs)  # fmt: skip
+
+
+def _emu_plan(emu, direction, head_dim, batch, heads, max_seqlen, *, bf16=True, rab=False, drab=False, dropout=False,
+              deterministic=False, sm90_device=True, variant=None):  # fmt: skip
+    """heuristics.h's plan (through the emulation library) as (sm90, kernel, persistent / atomic dq, sched_group)."""
+    import ctypes
+
+    from hstu.ops.hstu_attention import cuda
+
+    v = variant or cuda.KernelVariant()
+    choice = {None: -1, False: 0, True: 1}
+    problem = (ctypes.c_int * 8)(head_dim, batch, heads, max_seqlen, bf16, rab, drab, dropout)
+    options = (ctypes.c_int * 9)(deterministic, v.sm90_forward, v.sm90_backward, v.forward_warp_specialized,
+                                 choice[v.forward_two_per_sm], v.forward_persistent, choice[v.grouped_schedule],
+                                 v.bench_bwd_warps, v.bench_d256_two_pass)  # fmt: skip
+    out = (ctypes.c_int * 4)()
+    emu.emu_plan(int(direction == "backward"), problem, options, int(sm90_device), out)
+    return tuple(out)
+
+
+# Sm90FwdKernel and Sm80DkDv (heuristics.h) as the plan reports them
+_PING_PONG, _TWO_PER_SM, _SINGLE_ROLE = 0, 1, 2
+_ONE_PASS, _SPLIT_HEAD_DIM, _TWO_PASS, _EIGHT_WARPS = 0, 1, 2, 3
+
+
+def test_cpu_heuristics_pick_the_measured_kernels(emulator):
+    """heuristics.h's rules, each at both sides of its threshold: the Hopper forward only without dropout on an sm_90
+    device; two blocks per SM up to 256 tokens at head dims 64 / 128; persistent at 64 / 128 only, warp-specialized
+    only; the Hopper backward only on the atomic path without dropout or rab gradient; the sm80 dk/dv shape per head
+    dim; the grouped launch order for launches of at most 1024 tiles and backwards over 2048+ tokens."""
+    from hstu.ops.hstu_attention import cuda
+
+    V = cuda.KernelVariant
+    plan = functools.partial(_emu_plan, emulator)
+    # 512 tiles: grouped, 85 pairs (12 bytes x 256 x 128 per pair in 32 MB)
+    assert plan("forward", 128, 64, 4, 256) == (1, _TWO_PER_SM, 1, 85)
+    assert plan("forward", 128, 64, 4, 257)[:3] == (1, _PING_PONG, 1)
+    assert plan("forward", 256, 64, 4, 100)[:3] == (1, _PING_PONG, 0)
+    assert plan("forward", 32, 64, 4, 100)[0] == 0
+    assert plan("forward", 128, 8, 4, 100, dropout=True)[0] == 0
+    assert plan("forward", 128, 8, 4, 100, sm90_device=False)[0] == 0
+    assert plan("forward", 128, 8, 4, 100, variant=V(sm90_forward=False))[0] == 0
+    assert plan("forward", 128, 8, 4, 100, variant=V(forward_warp_specialized=False))[:3] == (1, _SINGLE_ROLE, 0)
+    assert plan("forward", 64, 8, 4, 4096, variant=V(forward_two_per_sm=True))[:3] == (1, _TWO_PER_SM, 1)
+    assert plan("forward", 256, 8, 4, 100, variant=V(forward_two_per_sm=True))[:3] == (1, _PING_PONG, 0)
+    assert plan("forward", 128, 8, 4, 100, variant=V(forward_persistent=False))[:3] == (1, _TWO_PER_SM, 0)
+    # launch order: 32 x 4 pairs of 4096 tokens = 4096 forward tiles (pair after pair), backward grouped by 5 pairs
+    # (12 bytes x 4096 x 128 per pair in 32 MB); 1024 tiles or fewer: grouped
+    assert plan("forward", 128, 32, 4, 4096)[3] == 1
+    assert plan("backward", 128, 32, 4, 4096)[3] == 5
+    assert plan("forward", 128, 8, 4, 4096)[3] == 5  # 8 x 4 x 32 = 1024 tiles
+    assert plan("forward", 128, 64, 4, 1024)[3] == 1  # 2048 tiles, 1024 tokens
+    assert plan("backward", 128, 64, 4, 1024)[3] == 1
+    assert plan("forward", 128, 32, 4, 4096, variant=V(grouped_schedule=True))[3] == 5
+    assert plan("backward", 128, 8, 4, 4096, variant=V(grouped_schedule=False))[3] == 1
+    # backward
+    assert plan("backward", 128, 8, 4, 100)[:3] == (1, _ONE_PASS, 1)
+    assert plan("backward", 256, 8, 4, 100)[:3] == (1, _ONE_PASS, 1)
+    for kwargs in (dict(drab=True, rab=True), dict(dropout=True), dict(sm90_device=False), dict(deterministic=True)):
+        assert plan("backward", 128, 8, 4, 100, **kwargs)[0] == 0, kwargs
+    assert plan("backward", 128, 8, 4, 100, variant=V(sm90_backward=False)) == (0, _ONE_PASS, 1, 1)
+    assert plan("backward", 128, 8, 4, 100, deterministic=True)[1:3] == (_ONE_PASS, 0)
+    assert plan("backward", 256, 8, 4, 100, sm90_device=False)[1:3] == (_SPLIT_HEAD_DIM, 1)
+    assert plan("backward", 256, 8, 4, 100, deterministic=True)[1:3] == (_TWO_PASS, 0)
+    # benchmark variants (the emulation library compiles them)
+    bench = V(sm90_backward=False, bench_bwd_warps=8, bench_d256_two_pass=True)
+    assert plan("backward", 128, 8, 4, 100, variant=bench)[1] == _EIGHT_WARPS
+    for kwargs in (dict(bf16=False), dict(rab=True), dict(dropout=True), dict(deterministic=True)):
+        assert plan("backward", 128, 8, 4, 100, variant=bench, **kwargs)[1] == _ONE_PASS, kwargs
+    assert plan("backward", 256, 8, 4, 100, variant=bench)[1:3] == (_TWO_PASS, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(direction=st.sampled_from(["forward", "backward"]), head_dim=st.sampled_from([32, 64, 128, 256]),
+       batch=st.integers(0, 300), heads=st.integers(1, 16), max_seqlen=st.integers(0, 20000),
+       flags=st.tuples(*[st.booleans()] * 7), tri=st.tuples(*[st.sampled_from([None, False, True])] * 2),
+       bools=st.tuples(*[st.booleans()] * 4))  # fmt: skip
+def test_cpu_heuristics_plans_are_consistent(emulator, direction, head_dim, batch, heads, max_seqlen, flags, tri,
+                                             bools):  # fmt: skip
+    """Whatever the problem and the variant: a Hopper plan only where its kernel exists and the call allows it, the
+    two-per-SM shape and the persistent kernel only at head dims 64 / 128 on the warp-specialized kernel, sched_group
+    between 1 and the number of (sequence, head) pairs, the atomic-dq path exactly when deterministic is off."""
+    from hstu.ops.hstu_attention import cuda
+
+    bf16, rab, drab, dropout, deterministic, sm90_device, _ = flags
+    drab = drab and rab
+    variant = cuda.KernelVariant(sm90_forward=bools[0], sm90_backward=bools[1], forward_warp_specialized=bools[2],
+                                 forward_persistent=bools[3], forward_two_per_sm=tri[0], grouped_schedule=tri[1])
+    sm90, kernel, third, group = _emu_plan(
+        emulator, direction, head_dim, batch, heads, max_seqlen, bf16=bf16, rab=rab, drab=drab, dropout=dropout,
+        deterministic=deterministic, sm90_device=sm90_device, variant=variant)  # fmt: skip
+    assert 1 <= group <= max(1, batch * heads)
+    if not sm90:
+        assert group == 1
+    if direction == "forward":
+        allowed = sm90_device and head_dim != 32 and not dropout and variant.sm90_forward
+        assert sm90 == allowed
+        if sm90:
+            assert kernel in (_PING_PONG, _TWO_PER_SM, _SINGLE_ROLE)
+            assert (kernel == _SINGLE_ROLE) == (not variant.forward_warp_specialized)
+            assert kernel != _TWO_PER_SM or head_dim <= 128
+            assert third == (kernel != _SINGLE_ROLE and head_dim <= 128 and variant.forward_persistent)
+            if variant.grouped_schedule is not None:
+                assert (group > 1) <= variant.grouped_schedule
+    else:
+        assert third == (not deterministic)
+        allowed = sm90_device and head_dim != 32 and not dropout and not drab and not deterministic
+        assert sm90 == (allowed and variant.sm90_backward)
+        if not sm90:
+            assert kernel == (_SPLIT_HEAD_DIM if head_dim == 256 and not deterministic else
+                              _TWO_PASS if head_dim == 256 else _ONE_PASS)  # fmt: skip
