@@ -94,3 +94,41 @@ def test_kernel_variant_and_deterministic_reach_the_binding_through_the_op(monke
         assert fields["fwd_two_per_sm"] is None and fields["sm90_forward"] == cuda.default_variant().sm90_forward
     finally:
         cuda._ext_options.cache_clear()
+
+
+def test_attention_args_fields_follow_the_custom_op_schemas():
+    """The op passes AttentionArgs to its custom ops positionally (op(*args)) and reads their inputs with
+    AttentionArgs._make: its fields must be the forward schema's arguments, in order, and the backward's between
+    grad_out and rab_needs_grad."""
+    from hstu.ops.hstu_attention.args import AttentionArgs
+
+    forward = [a.name for a in torch.ops.hstu.hstu_attention_forward.default._schema.arguments]
+    backward = [a.name for a in torch.ops.hstu.hstu_attention_backward.default._schema.arguments]
+    assert tuple(forward) == AttentionArgs._fields
+    assert tuple(backward) == ("grad_out", *AttentionArgs._fields, "rab_needs_grad")
+
+
+@pytest.mark.parametrize("rab_grad", [True, False])
+@pytest.mark.parametrize("eager", [True, False])
+def test_gradients_through_the_custom_op_autograd(monkeypatch, rab_grad, eager):
+    """Calling the forward custom op with inputs that need grad runs torch.library's autograd (_setup_context and
+    _backward: the path torch.compile takes): each gradient reaches its own input (rab's only when it needs one),
+    equal to the public op's; eager=False takes the backward custom op too."""
+    if not eager:
+        monkeypatch.setattr(op, "_runs_eagerly", lambda *tensors: False)
+    gen = torch.Generator().manual_seed(3)
+    offsets = torch.tensor([0, 3, 8], dtype=torch.int32)
+    q, k, v = (torch.randn(8, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
+    rab = torch.randn(2, 1, 5, 5, dtype=torch.float64, generator=gen, requires_grad=rab_grad)
+    leaves = (q, k, v, rab) if rab_grad else (q, k, v)
+    out = torch.ops.hstu.hstu_attention_forward(q, k, v, offsets, 5, 0.25, 7, True, 2, None, None, 1, rab, 0.0, 0,
+                                                False)  # fmt: skip
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    expected = hstu_attention(q, k, v, offsets, 5, alpha=0.25, scaling_seqlen=7, window_size=2, rab=rab)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    want = torch.autograd.grad(expected, leaves, grad_out)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
