@@ -62,6 +62,9 @@ class TrainerArgs:
     # torch.profiler over this many training steps after 10 warm-up steps: top ops by device and host time go to
     # <run_dir>/profile.txt (rank 0). 0: off.
     profile_steps: int = 0
+    # Dense bf16 peak of one GPU in TFLOP/s, for the MFU in the logs. None: from the card's name
+    # (hstu/training/flops.py's table; an unknown card logs TFLOP/s without MFU).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -430,6 +433,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "TrainerArgs.grad_clip_norm": _positive(),
     "TrainerArgs.num_threads": _at_least(0),
     "TrainerArgs.profile_steps": _at_least(0),
+    "TrainerArgs.peak_tflops": _positive(),
     "DatasetArgs.max_seqlen": _at_least(1),
     "DatasetArgs.num_candidates": _at_least(0),
     "DatasetArgs.train_ratio": ((lambda v: 0.0 < v < 1.0), "in (0, 1)"),

@@ -1,4 +1,5 @@
-"""Model FLOPs per training step, for achieved TFLOP/s (FlashAttention convention for the attention).
+"""Model FLOPs per training step, for achieved TFLOP/s (FlashAttention convention for the attention), and the dense
+bf16 peak of the card that MFU is measured against.
 
 Per layer, T tokens, width D, H heads, head dims dqk/dv, Σ L² over sequences:
   linears  fwd = 2·T·D·H·(2dv + 2dqk) + 2·T·H·dv·D         (backward 2× forward)
@@ -8,7 +9,26 @@ plus the retrieval loss (P queries against 1 + M candidates, 2·P·(M+1)·D, bac
 
 from __future__ import annotations
 
+import re
+from typing import Optional
+
+import torch
+
 from hstu.modules.encoder import EncoderConfig
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendor's data sheets, by a pattern of
+# torch.cuda.get_device_name(); first match wins.
+DENSE_BF16_PEAK_TFLOPS = (
+    (r"GH200|H200", 989.4),
+    (r"H100.*PCIe", 756.0),
+    (r"H100.*NVL", 835.0),
+    (r"H100|H800", 989.4),
+    (r"B200", 2250.0),
+    (r"A100|A800", 312.0),
+    (r"L40S", 362.1),
+    (r"A10G", 70.0),
+    (r"\bL4\b", 121.0),
+)
 
 
 def train_step_flops(config: EncoderConfig, num_tokens: int, sum_squared_lengths: int, head_flops_fwd: float = 0.0) -> float:
@@ -17,3 +37,20 @@ def train_step_flops(config: EncoderConfig, num_tokens: int, sum_squared_lengths
     linear += 2.0 * num_tokens * c.num_heads * c.v_dim * c.embedding_dim
     attention = 2.0 * sum_squared_lengths * c.num_heads * (c.qk_dim + c.v_dim) * 0.5
     return c.num_layers * (3.0 * linear + 3.5 * attention) + 3.0 * head_flops_fwd
+
+
+def peak_for_name(name: str) -> Optional[float]:
+    """The dense bf16 peak (TFLOP/s) of a card named ``name``, or None when the table does not know it."""
+    for pattern, peak in DENSE_BF16_PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return peak
+    return None
+
+
+def device_peak(device: torch.device, override: Optional[float] = None) -> tuple[str, Optional[float]]:
+    """(card name, dense bf16 peak in TFLOP/s) of a CUDA device; ``override`` (TrainerArgs.peak_tflops) wins.
+    The peak is None on CPU and for cards the table does not know."""
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, override if override is not None else peak_for_name(name)

@@ -73,12 +73,17 @@ class LogWindow:
     collective and one device sync for the whole window."""
 
     ctx: Any  # the run's ParallelContext
+    peak_tflops: Optional[float] = None  # one GPU's dense bf16 peak: records get "mfu" when known
     losses: list = field(default_factory=list)
     records: list = field(default_factory=list)
     tokens: int = 0
     flops: float = 0.0
     grad_norm: Any = None
     started: float = field(default_factory=time.perf_counter)
+    # totals over every flushed window (time in training steps only): the run's mean throughput
+    total_seconds: float = 0.0
+    total_flops: float = 0.0
+    total_tokens: float = 0.0
 
     def add(self, result: StepResult, step: int, epoch: int) -> None:
         self.tokens += result.num_tokens
@@ -108,16 +113,36 @@ class LogWindow:
         if self.grad_norm is not None:
             records[-1]["grad_norm"] = round(float(self.grad_norm), 4)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        throughput = {"tokens_per_s": global_tokens / elapsed}  # all data-parallel ranks together
-        if ctx.device.type == "cuda":
-            throughput["tflops"] = self.flops / elapsed / 1e12  # per GPU (this rank's work)
-        records[-1].update({k: round(v, 3) for k, v in throughput.items()})
+        self.total_seconds += elapsed
+        self.total_flops += self.flops
+        self.total_tokens += global_tokens
+        throughput = self._throughput(global_tokens, self.flops, elapsed)
+        records[-1].update(throughput)
         postfix = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{throughput['tokens_per_s']:,.0f}"}
         if "tflops" in throughput:
             postfix["TFLOP/s"] = f"{throughput['tflops']:.1f}"
+        if "mfu" in throughput:
+            postfix["MFU"] = f"{100 * throughput['mfu']:.1f}%"
         self.losses, self.records, self.tokens, self.flops = [], [], 0, 0.0
         self.restart_clock()
         return records, postfix
+
+    def _throughput(self, global_tokens: float, flops: float, seconds: float) -> dict:
+        """tokens_per_s (all data-parallel ranks together), tokens_per_s_per_gpu (over every rank); on GPU tflops (model FLOPs of this
+        rank's work per second) and, with a known peak, mfu (tflops / peak)."""
+        seconds = max(seconds, 1e-9)
+        out = {"tokens_per_s": global_tokens / seconds, "tokens_per_s_per_gpu": global_tokens / seconds / self.ctx.world_size}
+        if self.ctx.device.type == "cuda":
+            out["tflops"] = flops / seconds / 1e12
+            if self.peak_tflops:
+                out["mfu"] = out["tflops"] / self.peak_tflops
+        return {k: round(v, 4 if k == "mfu" else 3) for k, v in out.items()}
+
+    def run_throughput(self) -> dict:
+        """The mean throughput over every flushed window (evaluations and checkpoints left out)."""
+        if self.total_seconds <= 0:
+            return {}
+        return self._throughput(self.total_tokens, self.total_flops, self.total_seconds)
 
 
 __all__ = ["LogWindow", "Schedule", "StepResult"]

@@ -21,7 +21,7 @@ from hstu.modules.hstu_layer import HSTULayer
 from hstu.training import checkpoint as ckpt
 from hstu.training.config import AllArgs, OptimizerArgs
 from hstu.training.distributed import ParallelContext, setup_parallelism, teardown
-from hstu.training.flops import train_step_flops
+from hstu.training.flops import device_peak, train_step_flops
 from hstu.training.policies import LogWindow, Schedule, StepResult
 from hstu.training.profiling import StepProfiler
 from hstu.training.run_logging import RunLogger, earlier_run_outputs, move_run_aside, write_json_atomic
@@ -311,7 +311,12 @@ class Trainer:
         """Steps until ``total_steps`` (or ``stop_after_steps``), with the logging, evaluation and checkpoint
         cadences of :class:`~hstu.training.policies.Schedule`; then the final evaluation and summary."""
         t = self.args.trainer
-        schedule, window = Schedule.of(t), LogWindow(self.ctx)
+        card, peak = device_peak(self.ctx.device, t.peak_tflops)
+        if self.ctx.is_main and self.ctx.device.type == "cuda":
+            print(f"[hstu] MFU against {card}'s dense bf16 peak of {peak:g} TFLOP/s per GPU" if peak else
+                  f"[hstu] no dense bf16 peak known for {card}: TFLOP/s are logged without MFU "
+                  "(set TrainerArgs.peak_tflops)", flush=True)
+        schedule, window = Schedule.of(t), LogWindow(self.ctx, peak_tflops=peak)
         progress = tqdm(total=self.total_steps, initial=self.state.step,
                         disable=not (t.progress_bar and self.ctx.is_main), desc=f"{self.task.name}", unit="step",
                         dynamic_ncols=True, file=sys.stdout, mininterval=0.1 if sys.stdout.isatty() else 5.0)
@@ -342,7 +347,7 @@ class Trainer:
         profiler.finish()
         if stopped:
             return self._stop()
-        return self._finish(time.perf_counter() - train_started, first_step, first_epoch)
+        return self._finish(time.perf_counter() - train_started, first_step, first_epoch, window.run_throughput())
 
     def _after_step(self, schedule: Schedule, window: LogWindow, progress, last_step: bool) -> bool:
         """Logging, evaluation and checkpoint of the step just taken, when due; returns whether the run stops now."""
@@ -372,17 +377,26 @@ class Trainer:
         self.logger.close()
         return {"interrupted": True, "step": self.state.step}
 
-    def _finish(self, train_seconds: float, first_step: int, first_epoch: int) -> dict:
+    def _finish(self, train_seconds: float, first_step: int, first_epoch: int, throughput: dict) -> dict:
         """Final evaluation (with the baseline), final checkpoint and summary. ``train_seconds``: wall time of this
-        run's training loop, periodic evaluations and checkpoints included."""
+        run's training loop, periodic evaluations and checkpoints included; ``throughput``: the mean over the
+        training steps (LogWindow.run_throughput), kept in the summary as train_<key>."""
         t = self.args.trainer
         final = self.evaluate(with_baseline=t.compute_baseline)
         final["train_seconds"] = round(train_seconds, 3)
+        final.update({f"train_{k}": v for k, v in throughput.items()})
         epochs = self.state.epoch - first_epoch
         if self.ctx.is_main:
             per_epoch = f", {train_seconds / epochs:.2f} s per epoch" if epochs > 0 else ""
             print(f"[hstu] trained {self.state.step - first_step} steps ({epochs} epochs) in {train_seconds:.1f} s"
                   f"{per_epoch} (periodic evaluation and checkpoints included)", flush=True)
+            if throughput:
+                rate = f"[hstu] training steps: {throughput['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU"
+                if "tflops" in throughput:
+                    rate += f", {throughput['tflops']:.1f} model TFLOP/s per GPU"
+                if "mfu" in throughput:
+                    rate += f", MFU {100 * throughput['mfu']:.1f}%"
+                print(rate, flush=True)
         if t.save_final_checkpoint:
             self._save()
         self._report(final, None, final_summary=True)
@@ -392,8 +406,8 @@ class Trainer:
     def _report(self, record: dict, progress, final_summary: bool = False) -> None:
         if not self.ctx.is_main:
             return
-        keys = [k for k in record if k not in ("step", "epoch", "num_samples", "eval_seconds", "train_seconds")
-                and not k.startswith("baseline/")]
+        keys = [k for k in record if k not in ("step", "epoch", "num_samples", "eval_seconds")
+                and not k.startswith(("baseline/", "train_"))]
         text = " ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record[k], float))
         line = f"[eval] step {record['step']} epoch {record['epoch']}: {text}"
         if progress is not None:

@@ -57,7 +57,9 @@ def test_tiny_retrieval_beats_popularity(tiny_data, tmp_path):
     ])
     assert "popularity" in out and "HR@10" in out
     assert "trained" in out and "(5 epochs)" in out and "s per epoch" in out
-    assert json.loads((run_dir / "summary.json").read_text())["train_seconds"] > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train_seconds"] > 0 and summary["train_tokens_per_s_per_gpu"] > 0
+    assert "tokens/s per GPU" in out
     assert_run_outputs(run_dir)
     assert_loss_falls(run_dir)
     evals = read_jsonl(run_dir / "metrics.jsonl")
