@@ -183,20 +183,29 @@ def _save_for_backward(ctx, args: AttentionArgs) -> None:
     ctx.args = args.settings()
 
 
-# Gradients of the forward op's inputs other than q, k, v and rab.
-_NO_OTHER_GRADS = dict.fromkeys(f for f in AttentionArgs._fields if f not in ("q", "k", "v", "rab"))
+# Where the forward op's inputs that have gradients stand in its argument list (and in needs_input_grad).
+_GRAD_SLOTS = tuple(AttentionArgs._fields.index(name) for name in ("q", "k", "v", "rab"))
+_RAB_SLOT = _GRAD_SLOTS[3]
+
+
+def _input_grads(dq, dk, dv, drab) -> tuple:
+    """The backward's result: one entry per forward op input, None but for q, k, v and rab (a plain tuple: torch.library
+    checks that it has the structure of the op's inputs)."""
+    grads = [None] * len(AttentionArgs._fields)
+    for slot, grad in zip(_GRAD_SLOTS, (dq, dk, dv, drab)):
+        grads[slot] = grad
+    return tuple(grads)
 
 
 def _backward(ctx, grad_out):
     saved = ctx.saved_tensors
     args = ctx.args.with_tensors(saved)
-    rab_needs_grad = args.rab is not None and AttentionArgs._make(ctx.needs_input_grad).rab
+    rab_needs_grad = args.rab is not None and ctx.needs_input_grad[_RAB_SLOT]
     if _runs_eagerly(grad_out, *saved):
         dq, dk, dv, drab = _backward_impl(grad_out, args, rab_needs_grad)
     else:
         dq, dk, dv, drab = _backward_op(grad_out, *args, rab_needs_grad)
-    # (a plain tuple: torch.library checks that it has the structure of the op's inputs)
-    return tuple(AttentionArgs(q=dq, k=dk, v=dv, rab=drab if rab_needs_grad else None, **_NO_OTHER_GRADS))
+    return _input_grads(dq, dk, dv, drab if rab_needs_grad else None)
 
 
 torch.library.register_autograd("hstu::hstu_attention_forward", _backward, setup_context=_setup_context)
@@ -340,9 +349,9 @@ def _validate(args: AttentionArgs) -> AttentionArgs:
         longest = _checked_longest(seq_offsets, q.shape[0], num_contexts, num_targets)
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is less than the longest sequence ({longest})")
-    return AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-                         num_targets, target_group_size, rab, dropout_p, args.dropout_seed,
-                         args.deterministic)  # fmt: skip
+    return AttentionArgs._make((q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
+                                num_contexts, num_targets, target_group_size, rab, dropout_p, args.dropout_seed,
+                                args.deterministic))  # fmt: skip
 
 
 def _int32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -388,9 +397,10 @@ def hstu_attention(
     Returns:
         (T, H, Dv) in q's dtype.
     """
-    args = _validate(AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
-                                   num_contexts, num_targets, target_group_size, rab, dropout_p, 0,
-                                   deterministic))  # fmt: skip
+    # (AttentionArgs._make here and below: a tuple built in place costs less host time than the constructor)
+    args = _validate(AttentionArgs._make((q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
+                                          num_contexts, num_targets, target_group_size, rab, dropout_p, 0,
+                                          deterministic)))  # fmt: skip
     q, k, v, max_seqlen, rab = args.q, args.k, args.v, args.max_seqlen, args.rab
     check_attention_extras(q, args.window_size, alpha, deterministic)
     dropout_seed = 0
@@ -408,7 +418,7 @@ def hstu_attention(
     if head_dim:
         q, k, v = (F.pad(t, (0, head_dim - t.shape[-1])) for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rab))
-    args = AttentionArgs(
+    args = AttentionArgs._make((
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
@@ -425,7 +435,7 @@ def hstu_attention(
         float(dropout_p),
         dropout_seed,
         bool(deterministic),
-    )
+    ))  # fmt: skip
     # (the autograd Function takes the fields as its arguments: it tracks only tensors passed directly)
     out = _HstuAttention.apply(*args) if needs_grad else _forward(args)
     return out[..., :value_dim] if head_dim else out
