@@ -3,8 +3,8 @@
 The public ``hstu_attention(...)`` takes keywords and the ``torch.library`` custom ops take a flat schema; between
 them (validation, dispatch, the CUDA binding, the PyTorch reference, the autograd context) a call travels as one
 ``AttentionArgs``. Its fields are in the forward custom op's schema order, so ``AttentionArgs._make(inputs)`` reads
-the op's inputs and ``op(*args)`` calls it, and a per-input tuple such as autograd's ``needs_input_grad`` can be
-read by name through ``AttentionArgs._make``.
+the op's inputs, ``op(*args)`` calls it, and a per-input tuple such as autograd's ``needs_input_grad`` is read at
+``AttentionArgs._fields.index(name)``.
 
 After the dispatcher's checks (``hstu.ops.hstu_attention.op``): q, k, v contiguous (T, H, D) of one dtype;
 seq_offsets int32 (B+1,); num_contexts / num_targets None or int32 (B,); scaling_seqlen resolved (an int >= 1);
