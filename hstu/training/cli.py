@@ -40,12 +40,25 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _write_stderr(text: str) -> None:
+    """One write of the whole text, so that lines of ranks sharing a terminal or pipe do not interleave."""
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stderr without a file descriptor
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
+    data = text.encode(errors="replace")
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def _report_error(err: BaseException) -> int:
     rank = os.environ.get("RANK", "0")
     where = "" if rank == "0" else f" (rank {rank})"
-    print(f"error{where}: {err}", file=sys.stderr, flush=True)
-    if rank == "0":
-        print("(set HSTU_DEBUG=1 to see the traceback)", file=sys.stderr, flush=True)
+    hint = "(set HSTU_DEBUG=1 to see the traceback)\n" if rank == "0" else ""
+    _write_stderr(f"error{where}: {err}\n{hint}")
     return 1
 
 
