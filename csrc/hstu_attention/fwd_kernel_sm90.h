@@ -1,10 +1,11 @@
 // Hopper (sm_90a) forward kernels: the same math, masks and tile walk as fwd_kernel.h, with the two GEMMs on
-// warpgroup MMAs (wgmma, through CuTe's SM90 GMMA atoms) instead of per-warp mma.sync. Three kernels over one set of
+// warpgroup MMAs (wgmma, through CuTe's SM90 GMMA atoms) instead of per-warp mma.sync. Two kernels over one set of
 // traits (fwd_traits_sm90.h), mainloop pieces (mainloop_fwd_sm90.h) and epilogue (epilogue_fwd_sm90.h); the launcher
 // (fwd_launch_sm90.h) runs the one heuristics.h picks:
-//   hstu_fwd_sm90_kernel             single role: every warpgroup loads (cp.async) and computes, one block per tile
-//   hstu_fwd_sm90_ws_kernel          warp-specialized: a producer warpgroup and one or two consumers, per tile
-//   hstu_fwd_sm90_persistent_kernel  the warp-specialized kernel as one wave of blocks drawing work items
+//   hstu_fwd_sm90_kernel<Tr>                single role: every warpgroup loads (cp.async) and computes, one block
+//                                           per tile
+//   hstu_fwd_sm90_ws_kernel<Tr, Scheduler>  warp-specialized: a producer warpgroup and one or two consumers, over
+//                                           the work items a tile scheduler (tile_scheduler.h) gives the block
 //
 // Single role: block = 2 consumer warpgroups (256 threads), 128 query rows (64 per warpgroup); all 256 threads
 // stream K/V tiles into shared-memory rings with cp.async (zero-fill past the sequence end, exactly as the sm80
@@ -168,158 +169,64 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Warp-specialized variant, the default on sm_90 (heuristics.h; KernelOptions::fwd_warp_specialized = false takes the
-// kernel above).
-// Block = 3 warpgroups: warpgroup 0 produces (cp.async with zero-fill, exactly the loads of the kernel above) into
-// K / V rings (2 / 3 slots) guarded by cutlass::PipelineAsync mbarrier pairs (full: the producer's 128 threads'
-// copies landed; empty: the 256 consumer threads released the slot) and then keeps 40 registers (setmaxnreg);
-// warpgroups 1 and 2 consume (232 registers), 64 query rows each, with the same math, masks, in-warpgroup overlap
-// (S_t with O += P_{t-1} V_{t-1}) and epilogue as hstu_fwd_sm90_kernel, and no block-wide barrier in the loop.
+// Warp-specialized kernel, the default on sm_90 (heuristics.h; KernelOptions::fwd_warp_specialized = false takes the
+// kernel above), templated on a tile scheduler (tile_scheduler.h) that says which work items a block runs:
+//   SingleTileScheduler         one block per query tile (head dim 256, and KernelOptions::fwd_persistent = false)
+//   DynamicPersistentScheduler  one wave of blocks drawing work items from a per-launch counter, longest first (the
+//                               default at head dims 64 / 128)
+// Block = 3 warpgroups: warpgroup 0 produces (cp.async with zero-fill, exactly the loads of the kernel above) Q and
+// the visible K / V tiles of each item into a Q ring (1 slot, or Tr::kStagesWsQ for a persistent block) and K / V
+// rings (2 / 3 slots), each guarded by cutlass::PipelineAsync mbarrier pairs (full: the producer's 128 threads' copies
+// landed; empty: the 256 consumer threads released the slot), and keeps 40 registers (setmaxnreg); warpgroups 1 and 2
+// consume (232 registers), 64 query rows each, with the same math, masks, in-warpgroup overlap (S_t with
+// O += P_{t-1} V_{t-1}) and epilogue as hstu_fwd_sm90_kernel, and no block-wide barrier in the loop.
 // Ping-pong: the consumers take turns to issue their GEMMs (named barriers kTurnBarrier + w, 256 threads: one group
 // syncs while the other arrives), so one group's pointwise stage runs under the other's GEMMs.
 // With one consumer warpgroup (FwdTraitsSm90<..., 1>) there is no turn to take: the two blocks sharing the SM
-// interleave on their own. At head dims 64 / 128 the default is its persistent form (hstu_fwd_sm90_persistent_kernel
-// below: the same step loop, one wave of blocks walking work items); this one-tile-per-block form runs at head dim
-// 256 and with KernelOptions::fwd_persistent = false.
-template <typename Tr>
+// interleave on their own.
+// Across the items of a persistent block the K / V rings, the Q slots and the consumers' turn-taking simply continue:
+// the producer loads the next item's Q and first K / V tiles while the consumers finish this one, so a short
+// sequence's per-tile prologue (loads, launch) hides under the previous tile's GEMMs and epilogue.
+template <typename Tr, typename Scheduler>
 __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_fwd_sm90_ws_kernel(const AttnParams p) {
 #if defined(HSTU_SM90_DEVICE)
   using namespace cute;
   using Element = typename Tr::Element;
   using T = typename Tr::T;
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM;
+  constexpr bool kPersistent = Scheduler::kPersistent;
+  // A persistent block's producer loads the next item's Q while the consumers stage this item's O through theirs.
+  constexpr int kStagesQ = kPersistent ? Tr::kStagesWsQ : 1;
   using PipeK = cutlass::PipelineAsync<Tr::kStagesWsK>;
   using PipeV = cutlass::PipelineAsync<Tr::kStagesWsV>;
-  using PipeQ = cutlass::PipelineAsync<1>;
+  using PipeQ = cutlass::PipelineAsync<kStagesQ>;
+  using SchedStorage = typename Scheduler::SharedStorage;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  T* const pQ = reinterpret_cast<T*>(smem_raw);
-  T* const pK = pQ + Tr::kSizeQ;                   // kStagesWsK slots
+  T* const pQ = reinterpret_cast<T*>(smem_raw);    // kStagesQ slots
+  T* const pK = pQ + kStagesQ * Tr::kSizeQ;         // kStagesWsK slots
   T* const pV = pK + Tr::kStagesWsK * Tr::kSizeK;  // kStagesWsV slots
   auto* k_storage = reinterpret_cast<typename PipeK::SharedStorage*>(smem_raw + Tr::kTileBytesWs);
   auto* v_storage = reinterpret_cast<typename PipeV::SharedStorage*>(k_storage + 1);
   auto* q_storage = reinterpret_cast<typename PipeQ::SharedStorage*>(v_storage + 1);
+  auto* sched_storage = reinterpret_cast<SchedStorage*>(q_storage + 1);
   static_assert(sizeof(typename PipeK::SharedStorage) + sizeof(typename PipeV::SharedStorage) +
-                        sizeof(typename PipeQ::SharedStorage) <= 256,
+                        sizeof(typename PipeQ::SharedStorage) + sizeof(SchedStorage) <= 256,
                 "barriers fit the reserved bytes");
+  static_assert(kStagesQ * Tr::kSizeQ + Tr::kStagesWsK * Tr::kSizeK + Tr::kStagesWsV * Tr::kSizeV <=
+                    Tr::kTileBytesWs / 2, "tiles fit the reserved bytes");
   if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
 
-  const WorkItem w = schedule_grouped_block(p, (p.max_seqlen + BM - 1) / BM, /*reverse=*/true);
-  const SeqMask& mk = w.mask;
-  const int m0 = w.tile * BM;
-  if (m0 >= mk.L) return;  // whole block uniform
+  Scheduler sched(p, BM, *sched_storage);
+  if (sched.idle_block()) return;  // whole block uniform
   const int tid = threadIdx.x;
   const bool producer = tid < 128;
 
   PipeK pipe_k(*k_storage, ws_pipeline_params<PipeK>(producer, 128, Tr::kThreads), cute::true_type{});  // warp 0 inits
   PipeV pipe_v(*v_storage, ws_pipeline_params<PipeV>(producer, 128, Tr::kThreads), cute::true_type{});
   PipeQ pipe_q(*q_storage, ws_pipeline_params<PipeQ>(producer, 128, Tr::kThreads), cute::true_type{});
+  sched.init_barriers(producer, Tr::kThreads);
   __syncthreads();  // initialized barriers visible to every thread
 
-  const int64_t base = static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
-  auto sVt = [&](int slot) {
-    return make_tensor(make_smem_ptr(pV + slot * Tr::kSizeV), typename Tr::SmemLayoutVt{});
-  };
-
-  if (producer) {
-    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
-    const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
-    const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
-    auto sq = cutlass::make_producer_start_state<PipeQ>();
-    pipe_q.producer_acquire(sq);
-    load_rows_async<BM, D, 128, false>(make_tensor(make_smem_ptr(pQ), typename Tr::SmemLayoutQ{}),
-                                       reinterpret_cast<const Element*>(p.q) + base + m0 * p.row_stride,
-                                       p.row_stride, mk.L - m0, tid);
-    pipe_q.producer_commit(sq, cutlass::arch::cpasync_barrier_arrive);
-    auto sk = cutlass::make_producer_start_state<PipeK>();
-    auto sv = cutlass::make_producer_start_state<PipeV>();
-    ws_produce_key_tiles<Tr>(p, mk, m0, gK, gV, pK, pV, pipe_k, pipe_v, sk, sv, tid);
-    cp_async_wait_all();  // the block's shared memory outlives every copy it issued
-    return;
-  }
-
-  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
-  const int ctid = tid - 128;  // 0..255 over the two consumer warpgroups
-  const int cwg = ctid / 128;
-  typename Tr::MmaS mma_s;
-  typename Tr::MmaO mma_o;
-  auto thr_s = mma_s.get_thread_slice(ctid);
-  auto thr_o = mma_o.get_thread_slice(ctid);
-  Tensor sQ = make_tensor(make_smem_ptr(pQ), typename Tr::SmemLayoutQ{});
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
-  Tensor tSrS = partition_fragment_C(mma_s, Shape<typename Tr::BM, typename Tr::BN>{});
-  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::BN>{}));
-  Tensor tOrO = partition_fragment_C(mma_o, Shape<typename Tr::BM, typename Tr::HD>{});
-  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::HD>{}));
-  Tensor tOrP = make_tensor<T>(POperandShape<Tr>{});
-  clear(tOrO);
-
-  const int hr = (Tr::kHasRab && p.rab_heads == 1) ? 0 : w.head;
-  // After each full-barrier wait, a proxy fence: the producer's cp.async writes (generic proxy) are then read by
-  // this thread's wgmmas (async proxy).
-  pipe_q.consumer_wait(cutlass::PipelineState<1>{});
-  fence_proxy_async_smem();
-  constexpr bool kPingPong = Tr::kWarpGroups == 2;
-  if (kPingPong && cwg == 1) named_barrier_arrive<256>(kTurnBarrier);  // group 0 issues first
-  cutlass::PipelineState<Tr::kStagesWsK> sk;           // consumer states start at slot 0, phase 0
-  cutlass::PipelineState<Tr::kStagesWsV> sv, sv_prev;
-  bool have_prev = false;                            // P_{t-1} in tOrP, V_{t-1} in slot sv_prev
-  ws_consume_key_tiles<Tr>(p, mk, w.batch, hr, m0, cwg, pK, pV, pipe_k, pipe_v, sk, sv, sv_prev, have_prev, mma_s, mma_o,
-                           tSrQ, tSrS, tScS, tOrO, tOrP);
-  if (kPingPong && cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over
-  if (have_prev) {  // the last tile's O GEMM
-    Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
-    wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
-    pipe_v.consumer_release(sv_prev);
-  }
-  store_o<Tr>(p, base, m0, mk.L, tOrO, tOcO, pQ, cwg, ctid % 128);
-#else
-  __trap();
-#endif
-}
-
-// Persistent: min(work items, SMs x blocks per SM) blocks, each running work items (query tiles of the grouped launch
-// order, tile_scheduler.h) until none is left: block b starts with item b, then takes gridDim.x + the next value of
-// p.tile_counter (zeroed by the launcher), so the longest items go first and a block that finishes early takes more. The
-// producer's thread 0 draws the items and hands each to the block through a 2-slot pipeline (the consumers read it
-// there). Across items the K / V rings, the Q slots and the consumers' turn-taking simply continue: the producer
-// loads the next item's Q and first K / V tiles while the consumers finish this one, so a short sequence's
-// per-tile prologue (loads, launch) hides under the previous tile's GEMMs and epilogue.
-template <typename Tr>
-__global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_fwd_sm90_persistent_kernel(const AttnParams p) {
-#if defined(HSTU_SM90_DEVICE)
-  using namespace cute;
-  using Element = typename Tr::Element;
-  using T = typename Tr::T;
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM;
-  using PipeK = cutlass::PipelineAsync<Tr::kStagesWsK>;
-  using PipeV = cutlass::PipelineAsync<Tr::kStagesWsV>;
-  using PipeQ = cutlass::PipelineAsync<Tr::kStagesWsQ>;
-  using PipeItem = cutlass::PipelineAsync<2>;
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  T* const pQ = reinterpret_cast<T*>(smem_raw);       // kStagesWsQ slots
-  T* const pK = pQ + Tr::kStagesWsQ * Tr::kSizeQ;     // kStagesWsK slots
-  T* const pV = pK + Tr::kStagesWsK * Tr::kSizeK;     // kStagesWsV slots
-  auto* k_storage = reinterpret_cast<typename PipeK::SharedStorage*>(smem_raw + Tr::kTileBytesWs);
-  auto* v_storage = reinterpret_cast<typename PipeV::SharedStorage*>(k_storage + 1);
-  auto* q_storage = reinterpret_cast<typename PipeQ::SharedStorage*>(v_storage + 1);
-  auto* item_storage = reinterpret_cast<typename PipeItem::SharedStorage*>(q_storage + 1);
-  int* const item_slots = reinterpret_cast<int*>(item_storage + 1);  // the item of each PipeItem slot
-  static_assert(sizeof(typename PipeK::SharedStorage) + sizeof(typename PipeV::SharedStorage) +
-                        sizeof(typename PipeQ::SharedStorage) + sizeof(typename PipeItem::SharedStorage) +
-                        2 * sizeof(int) <= 256,
-                "barriers fit the reserved bytes");
-  if ((cast_smem_ptr_to_uint(smem_raw) & 1023u) != 0) __trap();
-
-  const int tid = threadIdx.x;
-  const bool producer = tid < 128;
-  PipeK pipe_k(*k_storage, ws_pipeline_params<PipeK>(producer, 128, Tr::kThreads), cute::true_type{});  // warp 0 inits
-  PipeV pipe_v(*v_storage, ws_pipeline_params<PipeV>(producer, 128, Tr::kThreads), cute::true_type{});
-  PipeQ pipe_q(*q_storage, ws_pipeline_params<PipeQ>(producer, 128, Tr::kThreads), cute::true_type{});
-  PipeItem pipe_item(*item_storage, ws_pipeline_params<PipeItem>(producer, 1, Tr::kThreads), cute::true_type{});
-  __syncthreads();  // initialized barriers visible to every thread
-
-  const int tiles = (p.max_seqlen + BM - 1) / BM;
-  const int items = tiles * p.batch * p.heads;
   auto base_of = [&](const WorkItem& w) {
     return static_cast<int64_t>(w.seq_start) * p.row_stride + static_cast<int64_t>(w.head) * D;
   };
@@ -333,29 +240,14 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
     auto sq = cutlass::make_producer_start_state<PipeQ>();
     auto sk = cutlass::make_producer_start_state<PipeK>();
     auto sv = cutlass::make_producer_start_state<PipeV>();
-    auto si = cutlass::make_producer_start_state<PipeItem>();
-    int item = blockIdx.x;
     while (true) {
-      // Hand the item to the consumers (items: none left), and to the other producer threads. Only the thread that
-      // fills the slot waits for it to be free: another one arriving late could find the consumers already done with
-      // the slot, its barrier a phase further, and wait for the next phase forever.
-      if (tid == 0) {
-        pipe_item.producer_acquire(si);
-        item_slots[si.index()] = item;
-        compiler_fence();  // CUTLASS's mbarrier arrive / wait asm has no memory clobber: keep the slot access in place
-        pipe_item.producer_commit(si);
-      }
-      __syncwarp();  // bar.sync is .aligned: warp 0 arrives converged
-      named_barrier_sync<128>(kProducerBarrier);
-      item = item_slots[si.index()];
-      ++si;
-      if (item >= items) break;
-      int next = 0;
-      if (tid == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);  // in flight during the loads
-      const WorkItem w = schedule_grouped_item(p, tiles, /*reverse=*/true, item);
+      const auto work = sched.template get_work</*kProducer=*/true>();
+      if (!sched.is_valid(work)) break;
+      sched.prefetch_next_work(p);  // in flight during the loads
+      const WorkItem w = sched.work_item(p, work);
       const SeqMask& mk = w.mask;
       const int m0 = w.tile * BM;
-      if (m0 < mk.L) {
+      if (m0 < mk.L) {  // (a tile past its sequence end: nothing to load, the consumers skip it too)
         const int64_t base = base_of(w);
         const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
         const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
@@ -366,7 +258,6 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
         ++sq;
         ws_produce_key_tiles<Tr>(p, mk, m0, gK, gV, pK, pV, pipe_k, pipe_v, sk, sv, tid);
       }
-      item = next;  // only thread 0's is real: it alone writes the item slot
     }
     cp_async_wait_all();  // the block's shared memory outlives every copy it issued
     return;
@@ -383,22 +274,20 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
   Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<typename Tr::BM, typename Tr::HD>{}));
 
   constexpr bool kPingPong = Tr::kWarpGroups == 2;
-  // Turn-taking runs through every step of every item: group 0 issues first; each step a group waits for its turn
-  // and then hands the turn over, and group 0 takes group 1's last hand-over after the last item.
-  if (kPingPong && cwg == 1) named_barrier_arrive<256>(kTurnBarrier);
-  cutlass::PipelineState<Tr::kStagesWsQ> sq;  // consumer states start at slot 0, phase 0
+  // Turn-taking runs through every step of every item: group 0 issues first (group 1 arrives once up front); each
+  // step a group waits for its turn and then hands it over; group 0 takes group 1's last hand-over once it has
+  // issued its last turn's GEMMs.
+  // (A one-item block arrives once its Q tile is in.)
+  if constexpr (kPersistent) {
+    if (kPingPong && cwg == 1) named_barrier_arrive<256>(kTurnBarrier);
+  }
+  cutlass::PipelineState<kStagesQ> sq;  // consumer states start at slot 0, phase 0
   cutlass::PipelineState<Tr::kStagesWsK> sk;
   cutlass::PipelineState<Tr::kStagesWsV> sv, sv_prev;
-  cutlass::PipelineState<2> si;
   while (true) {
-    pipe_item.consumer_wait(si);
-    compiler_fence();
-    const int item = item_slots[si.index()];
-    compiler_fence();
-    pipe_item.consumer_release(si);
-    ++si;
-    if (item >= items) break;
-    const WorkItem w = schedule_grouped_item(p, tiles, /*reverse=*/true, item);
+    const auto work = sched.template get_work</*kProducer=*/false>();
+    if (!sched.is_valid(work)) break;
+    const WorkItem w = sched.work_item(p, work);
     const SeqMask& mk = w.mask;
     const int m0 = w.tile * BM;
     if (m0 >= mk.L) continue;  // the producer skips it too
@@ -412,25 +301,39 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
     // this thread's wgmmas (async proxy).
     pipe_q.consumer_wait(sq);
     fence_proxy_async_smem();
+    if constexpr (!kPersistent) {
+      if (kPingPong && cwg == 1) named_barrier_arrive<256>(kTurnBarrier);
+    }
     Tensor tSrQ = thr_s.partition_fragment_A(sQ(sq.index()));
     bool have_prev = false;  // P_{t-1} in tOrP, V_{t-1} in slot sv_prev
     ws_consume_key_tiles<Tr>(p, mk, w.batch, hr, m0, cwg, pK, pV, pipe_k, pipe_v, sk, sv, sv_prev, have_prev, mma_s,
                              mma_o, tSrQ, tSrS, tScS, tOrO, tOrP);
+    if constexpr (!kPersistent) {
+      if (kPingPong && cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over: the block's only item
+    }
     if (have_prev) {  // the last tile's O GEMM
       Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
       wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
       pipe_v.consumer_release(sv_prev);
     }
     store_o<Tr>(p, base_of(w), m0, mk.L, tOrO, tOcO, pQ + sq.index() * Tr::kSizeQ, cwg, ctid % 128);
-    compiler_fence();
-    pipe_q.consumer_release(sq);  // this thread's staging reads are done
+    if constexpr (kPersistent) {  // the next item's Q goes into this slot once this thread's staging reads are done
+      compiler_fence();
+      pipe_q.consumer_release(sq);
+    }
     ++sq;
   }
-  if (kPingPong && cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over
+  if constexpr (kPersistent) {
+    if (kPingPong && cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over
+  }
 #else
   __trap();
 #endif
 }
+
+// The tile schedulers the launcher instantiates the warp-specialized kernel with.
+using FwdSingleTileScheduler = SingleTileScheduler;
+using FwdPersistentScheduler = DynamicPersistentScheduler<kProducerBarrier, cutlass::PipelineAsync<2>>;
 
 }  // namespace sm90
 }  // namespace hstu

@@ -21,8 +21,9 @@ inline constexpr int kSm90FwdBlockM = 128;
 //   kSingleRole hstu_fwd_sm90_kernel, 128 rows: every warpgroup loads and computes
 enum class Sm90FwdKernel { kPingPong, kTwoPerSm, kSingleRole };
 
-// Which sm90 forward a launch runs (heuristics.h picks it). persistent: the warp-specialized kernels at head dims
-// 64 / 128 as one wave of blocks drawing work items (hstu_fwd_sm90_persistent_kernel) instead of one block per tile.
+// Which sm90 forward a launch runs (heuristics.h picks it). persistent: the warp-specialized kernel at head dims
+// 64 / 128 with the DynamicPersistentScheduler (tile_scheduler.h: one wave of blocks drawing work items) instead of the
+// SingleTileScheduler (one block per tile); the launcher turns it into the kernel's scheduler type.
 struct Sm90FwdChoice {
   Sm90FwdKernel kernel = Sm90FwdKernel::kPingPong;
   bool persistent = false;

@@ -17,7 +17,7 @@ namespace sm90 {
 // Named barriers of the forward kernels (0 is __syncthreads).
 constexpr int kTurnBarrier = 1;      // 1 and 2: the ping-pong consumers' turns to issue their GEMMs
 constexpr int kEpilogueBarrier = 3;  // 3 and 4: one per consumer warpgroup's epilogue
-constexpr int kProducerBarrier = 5;  // the persistent kernel's producer warpgroup
+constexpr int kProducerBarrier = 5;  // the producer warpgroup (DynamicPersistentScheduler's item hand-over)
 
 // kWarpGroups_: consumer warpgroups per block. 2: the default (128 query rows, ping-pong in the warp-specialized
 // kernel, one block per SM). 1: the warp-specialized kernel's short-sequence shape (Sm90FwdKernel::kTwoPerSm, head
@@ -70,12 +70,12 @@ struct FwdTraitsSm90 {
   // 128B-swizzled GMMA tiles need 1024-byte aligned bases: every tile size is a multiple of 8 rows x 128 bytes.
   static_assert((kSizeQ * 2) % 1024 == 0 && (kSizeK * 2) % 1024 == 0, "1024-byte aligned tiles");
   static constexpr int kSmemBytes = (kSizeQ + kStagesK * kSizeK + kStagesV * kSizeV) * 2;  // 96 / 192 / 224 KB
-  // Warp-specialized variant (hstu_fwd_sm90_ws_kernel): K and V rings behind mbarrier pipelines (a slot is refilled
+  // Warp-specialized kernel (hstu_fwd_sm90_ws_kernel): K and V rings behind mbarrier pipelines (a slot is refilled
   // only after both consumer warpgroups released it), then the barriers. V_t is released one step after K_t (its O
   // GEMM runs during step t + 1), and the producer loads K, V in tile order: a third V slot keeps the producer from
   // waiting on V_{t-1} before it can start K_{t+1}.
-  // A second Q slot at head dims 64 / 128 (the persistent kernel: the producer loads the next work item's Q while the
-  // consumers still stage this item's O through theirs; the one-tile-per-block kernel leaves it unused).
+  // A second Q slot at head dims 64 / 128 (a persistent scheduler: the producer loads the next work item's Q while the
+  // consumers still stage this item's O through theirs; with the SingleTileScheduler it stays unused).
   static constexpr int kStagesWsK = 2;
   static constexpr int kStagesWsV = 3;
   static constexpr int kStagesWsQ = kHeadDim <= 128 ? 2 : 1;

@@ -335,7 +335,7 @@ pybind11::dict kernel_plan(const std::string& direction, const std::string& dtyp
       kernels.append("hstu_fwd_sm90_kernel");
     } else {
       d["kernel"] = c.kernel == Sm90FwdKernel::kTwoPerSm ? "sm90_two_per_sm" : "sm90_ping_pong";
-      kernels.append(c.persistent ? "hstu_fwd_sm90_persistent_kernel" : "hstu_fwd_sm90_ws_kernel");
+      kernels.append("hstu_fwd_sm90_ws_kernel");  // templated on its tile scheduler: d["persistent"]
     }
     d["consumer_warpgroups"] = plan.sm90 ? (c.kernel == Sm90FwdKernel::kTwoPerSm ? 1 : 2) : 0;
     d["persistent"] = plan.sm90 && c.persistent;

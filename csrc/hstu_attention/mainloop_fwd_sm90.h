@@ -1,12 +1,11 @@
 // Mainloop pieces of the Hopper (sm_90a) forward, per query tile and key tile:
 //   consumer: the pointwise stage on the S accumulator (fwd_pointwise: P = SiLU(alpha (S + rab)), masked) and P's
-//             repacking as the A operand of O += P V (pack_p); in the warp-specialized kernels the consumers' walk over
+//             repacking as the A operand of O += P V (pack_p); in the warp-specialized kernel the consumers' walk over
 //             the visible key tiles (ws_consume_key_tiles: wait, S_t and O += P_{t-1} V_{t-1} in this warpgroup's turn,
 //             release, pointwise stage)
-//   producer: the warp-specialized kernels' producer walk (ws_produce_key_tiles: K and V of each visible key tile
+//   producer: the warp-specialized kernel's producer walk (ws_produce_key_tiles: K and V of each visible key tile
 //             into the next free ring slots with cp.async, zero-filled past the sequence end)
-// and the PipelineAsync parameters both sides build. The single-role kernel (fwd_kernel_sm90.h) runs the same
-// pointwise stage in its own cp.async loop.
+// The single-role kernel (fwd_kernel_sm90.h) runs the same pointwise stage in its own cp.async loop.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -68,19 +67,7 @@ __device__ __forceinline__ void pack_p(FragS const& tSrS, FragP& tOrP) {
 #endif  // HSTU_SM90_DEVICE
 
 #if defined(HSTU_SM90_DEVICE)
-// A PipelineAsync's parameters as this thread sees them: `producers` threads fill a slot, `consumers` release it.
-template <typename Pipe>
-__device__ __forceinline__ typename Pipe::Params ws_pipeline_params(bool producer, int producers, int consumers) {
-  typename Pipe::Params pp;
-  pp.role = producer ? Pipe::ThreadCategory::Producer : Pipe::ThreadCategory::Consumer;
-  pp.producer_arv_count = producers;
-  pp.consumer_arv_count = consumers;
-  return pp;
-}
-#endif
-
-#if defined(HSTU_SM90_DEVICE)
-// The producer's walk over the key tiles that query tile m0 may see (both warp-specialized kernels): per tile, K into
+// The producer's walk over the key tiles that query tile m0 may see (the warp-specialized kernel): per tile, K into
 // the next free K slot and V into the next free V slot (cp.async, zero-filled past the sequence end), each slot
 // published when this thread's copies have landed.
 template <typename Tr, typename PipeK, typename PipeV, typename StateK, typename StateV>
@@ -109,7 +96,7 @@ __device__ __forceinline__ void ws_produce_key_tiles(const AttnParams& p, const 
   }
 }
 
-// The consumers' walk over the key tiles that query tile m0 may see (both warp-specialized kernels): per tile, wait for
+// The consumers' walk over the key tiles that query tile m0 may see (the warp-specialized kernel): per tile, wait for
 // K, issue S_t (and O += P_{t-1} V_{t-1}) in this warpgroup's turn, release K once S_t retired, the pointwise stage,
 // release V_{t-1} once its O GEMM retired, P_t into tOrP, wait for V_t. Leaves the last tile's P in tOrP and its V slot
 // in sv_prev (have_prev) for the caller's last O GEMM.

@@ -2,7 +2,7 @@
 //   CuteElement          CUDA element type -> the CuTe type of the same bits (GMMA atoms, shared tiles; a table of
 //                        its own: utils.h, which has the sm80 MMA's, is also compiled by the host emulation of the
 //                        tests, without CUTLASS)
-//   compiler_fence, fence_proxy_async_smem, publish_copies_to_block (the step barrier after cp.async), red_add_v4_f32,
+//   fence_proxy_async_smem, publish_copies_to_block (the step barrier after cp.async), red_add_v4_f32,
 //   RowLoadPlan, load_rows_async (cp.async, zero-fill past the sequence end, through a CuTe smem tensor),
 //   wg_gemm_issue / wg_wait / wg_gemm (one warpgroup GEMM over all k blocks: issued, waited for, or both)
 //                        [sm_90a only]
@@ -77,10 +77,6 @@ struct RowLoadPlan {
 };
 
 #if defined(HSTU_SM90_DEVICE)
-
-// A compiler-only barrier: no memory access moves across it. CUTLASS's mbarrier arrive / wait asm carries no memory
-// clobber, so plain shared-memory accesses meant to sit after a wait or before an arrive need one.
-__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
 
 // Orders this thread's generic-proxy shared-memory writes (cp.async) before later async-proxy reads (wgmma).
 __device__ __forceinline__ void fence_proxy_async_smem() {

@@ -267,6 +267,21 @@ __device__ __forceinline__ void named_barrier_sync(int id) {
 #endif
 }
 
+// A compiler-only barrier: no memory access moves across it. CUTLASS's mbarrier arrive / wait asm carries no memory
+// clobber, so plain shared-memory accesses meant to sit after a wait or before an arrive need one.
+__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+
+// A cutlass::PipelineAsync's parameters as this thread sees them: `producers` threads fill a slot, `consumers`
+// release it (the sm90 kernels' hand-overs between warpgroups).
+template <typename Pipe>
+__device__ __forceinline__ typename Pipe::Params ws_pipeline_params(bool producer, int producers, int consumers) {
+  typename Pipe::Params pp;
+  pp.role = producer ? Pipe::ThreadCategory::Producer : Pipe::ThreadCategory::Consumer;
+  pp.producer_arv_count = producers;
+  pp.consumer_arv_count = consumers;
+  return pp;
+}
+
 // Fire-and-forget float32 add of two adjacent floats (8-byte aligned) in global memory: one vector reduction on
 // sm_90, two scalar ones before.
 __device__ __forceinline__ void atomic_add2(float* addr, float x, float y) {
