@@ -109,7 +109,7 @@ class NetworkArgs:
     rab_use_time: bool = True
     target_group_size: int = 1
     recompute_layers: Sequence[int] = ()
-    contextual_features: Sequence[str] = ()  # contextual feature names to prepend as tokens
+    contextual_features: Sequence[str] = ()  # contextual feature names to prepend as tokens; ["*"]: all the dataset has
 
 
 @dataclass
@@ -886,6 +886,7 @@ EXAMPLE_STYLE_DEFAULTS: dict[str, Any] = {
     "TrainerArgs.eval_every_epochs": 0,  # evaluation only every eval_interval steps
     "DatasetArgs.split_strategy": "user_ratio",  # the first 70% of the users train, the others are evaluated
     "DatasetArgs.train_ratio": 0.7,
+    "NetworkArgs.contextual_features": ("*",),  # the example feeds every contextual feature its dataset has
 }
 
 _EXAMPLE_BY_KEY = {f.key: f for f in EXAMPLE_FIELDS}

@@ -6,13 +6,14 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hstu.data.loader import SequenceDataset, make_dataloader, ranges_to_positions
+from hstu.distributed.agreement import raise_if_any_rank_failed
 from hstu.metrics import RankingMetrics, RetrievalMetrics, seen_item_mask, target_ranks
 from hstu.models import MultiTaskLoss, RankingModel, RetrievalModel, SampledSoftmaxLoss, bitmask_to_labels
 from hstu.modules.encoder import EncoderConfig
@@ -25,9 +26,10 @@ PREPARE_HINTS = {
     "ml-1m": "python -m hstu.data prepare ml-1m --raw-dir <folder with ratings.dat, users.dat, movies.dat> --out-dir {dir}"
     "   (or add --download)",
     "ml-20m": "python -m hstu.data prepare ml-20m --raw-dir <folder with ratings.csv> --out-dir {dir}   (or add --download)",
-    "kuairand-pure": "python -m hstu.data prepare kuairand-pure --raw-dir <KuaiRand-Pure folder> --out-dir {dir}",
-    "kuairand-1k": "python -m hstu.data prepare kuairand-1k --raw-dir <KuaiRand-1K folder> --out-dir {dir}",
-    "kuairand-27k": "python -m hstu.data prepare kuairand-27k --raw-dir <KuaiRand-27K folder> --out-dir {dir}",
+    **{name: f"python -m hstu.data prepare {name} --raw-dir <{folder} folder> --out-dir {{dir}}   (add "
+           "--kuairand-users every-log --timestamp-unit milliseconds for the data NVIDIA's example trains on)"
+       for name, folder in (("kuairand-pure", "KuaiRand-Pure"), ("kuairand-1k", "KuaiRand-1K"),
+                            ("kuairand-27k", "KuaiRand-27K"))},
 }
 
 
@@ -36,16 +38,23 @@ class DatasetMissingError(SystemExit):
 
 
 def ensure_dataset(args: AllArgs, ctx: ParallelContext) -> None:
-    """Generate the synthetic data when allowed, else stop with the command that prepares the data."""
+    """Generate the synthetic data when allowed, else stop with the command that prepares the data.
+
+    Collective when it generates: rank 0 writes, and every rank agrees on the outcome, so a failed write stops
+    every rank (rank 0 with its error, the others with an ``OtherRankFailedError`` naming it)."""
     d = args.dataset
     present = os.path.isfile(os.path.join(d.dataset_dir, "metadata.json"))
     if not present and d.prepare_if_missing and d.dataset_name == "synthetic":
+        error = None
         if ctx.is_main:
             from hstu.data.synthetic import write_synthetic
 
             print(f"[hstu] generating the synthetic dataset into {d.dataset_dir}", flush=True)
-            write_synthetic(d.dataset_dir, overwrite=False, show_progress=False, **dict(d.synthetic_options))
-        ctx.barrier()
+            try:
+                write_synthetic(d.dataset_dir, overwrite=False, show_progress=False, **dict(d.synthetic_options))
+            except Exception as err:  # raised again on this rank by the agreement below
+                error = err
+        raise_if_any_rank_failed(ctx, error, f"generating the synthetic dataset in {d.dataset_dir}")
         present = True
     if not present:
         hint = PREPARE_HINTS.get(d.dataset_name, "python -m hstu.data prepare <dataset> --out-dir {dir}")
@@ -140,23 +149,36 @@ def check_against_dataset(task_name: str, args: AllArgs, metadata: dict, source:
                          "rows")
     features = metadata.get("contextual_features") or []
     available = {f.get("name"): f.get("vocab_size") for f in features if isinstance(f, dict)}
-    missing = [n for n in args.network.contextual_features if n not in available]
-    if missing:
-        raise ValueError(f"NetworkArgs.contextual_features {missing} not in the dataset ({source} has "
-                         f"{sorted(map(str, available))})")
+    names = contextual_feature_names(args.network.contextual_features, list(available), source)
     origin = "EmbeddingArgs.item_vocab_size" if e.item_vocab_size else f"num_items in {source}"
     tables = {"item": (item_rows, origin)}
     setup = None
     if task_name == "ranking":
         setup = resolve_ranking(args.ranking, metadata.get("action"), source)
         tables["action"] = (_metadata_int(metadata, source, "action", "vocab_size"), f"action.vocab_size in {source}")
-    for name in args.network.contextual_features:
+    for name in names:
         size = available[name]
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"{source}: contextual feature {name!r} has vocab_size {size!r}, not a positive integer")
         tables[name] = (size, f"contextual_features[{name!r}].vocab_size in {source}")
     check_embedding_memory(tables, args.network.hidden_dim, e.max_embedding_bytes)
     return setup
+
+
+def contextual_feature_names(requested: Sequence[str], available: Sequence[str], source: str) -> list[str]:
+    """NetworkArgs.contextual_features resolved against the dataset's features (in its order): ["*"] takes every
+    one; a name the dataset lacks is a ValueError naming it and ``source``."""
+    requested = list(requested)
+    if "*" in requested:
+        if requested != ["*"]:
+            raise ValueError(f"NetworkArgs.contextual_features {requested}: '*' (every feature of the dataset) "
+                             "stands alone")
+        return [str(n) for n in available]
+    missing = [n for n in requested if n not in available]
+    if missing:
+        raise ValueError(f"NetworkArgs.contextual_features {missing} not in the dataset ({source} has "
+                         f"{sorted(map(str, available))})")
+    return requested
 
 
 def resolve_ranking(r: RankingArgs, action, source: str) -> RankingSetup:
@@ -331,10 +353,7 @@ class Task:
 
     def _contextual_vocab_sizes(self) -> dict[str, int]:
         available = self.train_dataset.contextual_vocab_sizes
-        names = list(self.args.network.contextual_features)
-        missing = [n for n in names if n not in available]
-        if missing:
-            raise ValueError(f"NetworkArgs.contextual_features {missing} not in the dataset (has {sorted(available)})")
+        names = contextual_feature_names(self.args.network.contextual_features, list(available), "the dataset")
         return {n: available[n] for n in names}
 
     def num_items(self) -> int:

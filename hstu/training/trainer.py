@@ -25,7 +25,7 @@ from hstu.training.flops import device_peak, train_step_flops
 from hstu.training.policies import LogWindow, Schedule, StepResult
 from hstu.training.profiling import StepProfiler
 from hstu.training.run_logging import RunLogger, earlier_run_outputs, move_run_aside, write_json_atomic
-from hstu.training.tasks import TASKS, DatasetMissingError, Task, check_task_config, ensure_dataset
+from hstu.training.tasks import TASKS, Task, check_task_config, ensure_dataset
 
 
 T = TypeVar("T")
@@ -43,20 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-class _WithoutBarrier:
-    """A ParallelContext for a call that rank 0 makes alone: its ``barrier`` is left to the caller, which agrees with
-    the other ranks on the outcome instead."""
-
-    def __init__(self, ctx: ParallelContext):
-        self._ctx = ctx
-
-    def __getattr__(self, name: str):
-        return getattr(self._ctx, name)
-
-    def barrier(self) -> None:
-        pass
 
 
 def lr_multiplier(step: int, total_steps: int, args: OptimizerArgs) -> float:
@@ -114,7 +100,7 @@ class Trainer:
         # Before anything is read or written: refuses a reused run directory, picks the checkpoint to resume from.
         resume_from, manifest = self._prepare_run_dir(t.run_dir, resume, fresh, args.dataset.dataset_dir)
         seed_everything(t.seed)  # identical initialisation on every rank (replicas and TP slices start equal)
-        self._generate_dataset_if_missing()
+        ensure_dataset(args, self.ctx)  # collective: rank 0 generates a missing synthetic dataset
         self.task: Task = TASKS[task_name](args, self.ctx)
         self.train_loader, self.eval_loader = self.task.loaders()  # sharded by the data-parallel rank
         self.model = self.task.build_model()  # on CPU; the tables are moved onto the device by sharding
@@ -199,21 +185,6 @@ class Trainer:
             error = err
         raise_if_any_rank_failed(self.ctx, error, what)
         return result
-
-    def _generate_dataset_if_missing(self) -> None:
-        """Collective: rank 0 generates a missing synthetic dataset (``tasks.ensure_dataset``), every rank agreeing
-        on the outcome. A dataset that is missing and not generated is reported by every rank when the task is
-        built (``Task`` calls ``ensure_dataset`` again, which then finds the generated data)."""
-
-        def generate() -> None:
-            if not self.ctx.is_main:
-                return
-            try:
-                ensure_dataset(self.args, _WithoutBarrier(self.ctx))
-            except DatasetMissingError:
-                pass  # reported by every rank when the task is built
-
-        self._on_every_rank_agreed(f"generating the synthetic dataset in {self.args.dataset.dataset_dir}", generate)
 
     def _open_run_outputs(self, task_name: str, resume: bool) -> RunLogger:
         """Collective: the run logger (its files on rank 0) and rank 0's ``config.json``, agreed on every rank."""

@@ -181,6 +181,7 @@ NetworkArgs.scaling_seqlen = 60
 NetworkArgs.layer_norm_eps = 1e-5
 NetworkArgs.position_encoding = 'reverse'
 NetworkArgs.relative_attention_bias = False
+NetworkArgs.contextual_features = ('*',)
 OptimizerArgs.optimizer = 'adam'
 OptimizerArgs.learning_rate = 1e-3
 OptimizerArgs.betas = (0.9, 0.999)

@@ -172,3 +172,16 @@ def test_embedding_limit_is_configurable(labelled):
     with pytest.raises(ValueError, match=r"need 13,200 bytes .* more than EmbeddingArgs.max_embedding_bytes = 13,199"):
         RankingTask(_args(labelled / "rating", "EmbeddingArgs.max_embedding_bytes=13199"), CTX)
     RankingTask(_args(labelled / "rating", "EmbeddingArgs.max_embedding_bytes=13200"), CTX)
+
+
+def test_contextual_features_star_takes_every_feature_of_the_dataset_in_its_order():
+    from hstu.training.tasks import contextual_feature_names
+
+    available = ["user_id", "gender", "zip_code"]
+    assert contextual_feature_names(["*"], available, "m.json") == available
+    assert contextual_feature_names(["zip_code"], available, "m.json") == ["zip_code"]
+    assert contextual_feature_names([], available, "m.json") == []
+    with pytest.raises(ValueError, match="stands alone"):
+        contextual_feature_names(["*", "gender"], available, "m.json")
+    with pytest.raises(ValueError, match=r"\['age'\] not in the dataset \(m.json has"):
+        contextual_feature_names(["age"], available, "m.json")
