@@ -57,6 +57,7 @@ class EncoderConfig:
     rab_use_position: bool = True
     rab_use_time: bool = True
     target_group_size: int = 1
+    causal: bool = True  # False: full attention inside each sequence
     interleave_actions: bool = False
     recompute_layers: list[int] = field(default_factory=list)  # indices of layers to checkpoint
     l2_normalize_output: bool = False
@@ -129,13 +130,16 @@ class HSTUEncoder(nn.Module):
         tokens, token_times = self._arrange_tokens(inputs, layout)
         token_seq, token_pos = sequence_ids_and_positions(layout.token_offsets, layout.host_token_lengths)
         x = self._encode_positions(tokens, token_times, token_seq, token_pos, layout)
+        c = self.config
         attention_inputs = AttentionInputs(
             seq_offsets=layout.token_offsets,
             max_seqlen=layout.max_tokens,
-            num_contexts=layout.context_lengths,
-            num_targets=layout.attention_targets,
+            # The contextual and candidate masks refine causal attention; full attention has neither.
+            num_contexts=layout.context_lengths if c.causal else None,
+            num_targets=layout.attention_targets if c.causal else None,
             time_buckets=self._time_buckets(token_times, layout, inputs.next_timestamps),
             relative_positions=self._relative_positions(token_seq, token_pos, layout),
+            causal=c.causal,
         )
         return EncoderTokens(x, attention_inputs, layout)
 

@@ -3,6 +3,7 @@
     normed = LayerNorm(x)
     u, v, q, k = split(SiLU(uvqk_proj(normed)))           # per head
     attn = hstu_attention(q, k, v, alpha=1/sqrt(d_qk))    # SiLU-weighted, causal + context/target masks
+                                                          # (or full attention when AttentionInputs.causal is False)
     y = output_proj(dropout(LayerNorm(attn) * u))
     return x + y
 
@@ -35,6 +36,7 @@ class AttentionInputs:
     num_targets: Optional[torch.Tensor] = None  # (B,)
     time_buckets: Optional[torch.Tensor] = None  # (B, N, N) for the relative attention bias
     relative_positions: Optional[torch.Tensor] = None  # (B, N, N) pos_i - pos_j when not token distances
+    causal: bool = True  # False: every token sees its whole sequence (num_contexts / num_targets then play no part)
 
 
 class HSTULayer(nn.Module):
@@ -105,7 +107,7 @@ def layer_attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
         q, k, v, inputs.seq_offsets, inputs.max_seqlen,
         alpha=layer.alpha,
         scaling_seqlen=layer.scaling_seqlen,
-        causal=True,
+        causal=inputs.causal,
         num_contexts=inputs.num_contexts,
         num_targets=inputs.num_targets,
         target_group_size=layer.target_group_size,

@@ -108,6 +108,7 @@ class NetworkArgs:
     rab_use_position: bool = True
     rab_use_time: bool = True
     target_group_size: int = 1
+    causal: bool = True  # False: full attention inside each sequence (ranking only; context/target masks unused)
     recompute_layers: Sequence[int] = ()
     contextual_features: Sequence[str] = ()  # contextual feature names to prepend as tokens; ["*"]: all the dataset has
 
@@ -721,9 +722,9 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
                  "the example applies it in the layers and to the input embeddings", rule=_fraction()),
     ExampleField("NetworkArgs", "norm_epsilon", float, 1e-5, ("NetworkArgs.layer_norm_eps",),
                  "default 1e-5 (ours: 1e-6)", rule=_positive()),
-    ExampleField("NetworkArgs", "is_causal", bool, True, (),
-                 "ours is always causal",
-                 unsupported=_when(lambda v: not v, "NetworkArgs.is_causal=False (non-causal attention)" + _NOT_YET)),
+    ExampleField("NetworkArgs", "is_causal", bool, True, ("NetworkArgs.causal",),
+                 "False: full attention inside each sequence (the contextual and candidate masks play no part); "
+                 "ranking only (a retrieval position would see the item it predicts)"),
     ExampleField("NetworkArgs", "dtype_str", str, "bfloat16", ("TrainerArgs.bf16",),
                  "'bfloat16': bf16 autocast on GPU; 'float16' (fp16 with dynamic loss scaling) is not supported yet",
                  _dtype, _when(lambda v: v == "float16", "NetworkArgs.dtype_str='float16' (fp16 training with "

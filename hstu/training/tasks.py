@@ -121,6 +121,9 @@ def _check_task_args(task_name: str, args: AllArgs) -> None:
         if d.num_candidates != 0:
             raise ValueError("DatasetArgs.num_candidates must be 0 for retrieval (the whole catalogue is ranked), "
                              f"got {d.num_candidates}")
+        if not args.network.causal:
+            raise ValueError("NetworkArgs.causal=False (the example's NetworkArgs.is_causal=False) lets every position "
+                             "attend to the item it is trained to predict: retrieval needs causal attention")
         if d.train_through_validation and (d.split_strategy != "leave_one_out" or t.eval_split != "test"):
             raise ValueError("DatasetArgs.train_through_validation needs DatasetArgs.split_strategy='leave_one_out' "
                              f"and TrainerArgs.eval_split='test', got {d.split_strategy!r} and {t.eval_split!r}")
@@ -311,7 +314,7 @@ def build_encoder_config(args: AllArgs, max_tokens: int, interleave_actions: boo
         position_encoding=n.position_encoding, num_time_buckets=n.num_time_buckets, input_scale=n.input_scale,
         relative_attention_bias=n.relative_attention_bias, rab_num_time_buckets=n.rab_num_time_buckets,
         rab_time_reference=n.rab_time_reference, rab_use_position=n.rab_use_position, rab_use_time=n.rab_use_time,
-        target_group_size=n.target_group_size, interleave_actions=interleave_actions,
+        target_group_size=n.target_group_size, causal=n.causal, interleave_actions=interleave_actions,
         recompute_layers=list(n.recompute_layers), l2_normalize_output=l2_normalize,
         l2_norm_eps=args.retrieval.l2_norm_eps,
     )  # fmt: skip

@@ -1,0 +1,66 @@
+"""The features that the fields of NVIDIA's recsys-examples HSTU example switch on, each from its gin field to the
+model: non-causal attention, the contextual mask switch, the ranking head's activation / bias and metrics, the
+attention backend, item / contextual embedding widths projected to the hidden size, and starting a run from the
+checkpoint of another run directory."""
+
+import re
+
+import gin
+import pytest
+import torch
+
+from hstu.modules.encoder import EncoderConfig, EncoderInputs, HSTUEncoder
+from hstu.training.config import parse_gin
+
+EXAMPLE = ["TrainerArgs.train_batch_size=8", "DatasetArgs.dataset_name='ml-1m'", "DatasetArgs.max_history_seqlen=20",
+           "NetworkArgs.scaling_seqlen=60", "NetworkArgs.num_position_buckets=512"]
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    yield
+    gin.clear_config()
+
+
+def _encoder(**overrides):
+    config = dict(embedding_dim=8, num_layers=2, num_heads=2, qk_dim=4, v_dim=4, dropout=0.0, input_dropout=0.0,
+                  max_tokens=40, interleave_actions=True, position_encoding="absolute")
+    config.update(overrides)
+    torch.manual_seed(0)
+    return HSTUEncoder(EncoderConfig(**config)).double().eval()
+
+
+def _inputs(items, contexts=None, num_contextual=0):
+    lengths = torch.tensor([5, 4])
+    actions = torch.randn(items.shape[0], items.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    return EncoderInputs(item_embeddings=items, seq_lengths=lengths, timestamps=torch.arange(9) * 10,
+                         num_candidates=torch.tensor([2, 1]), action_embeddings=actions,
+                         contextual_embeddings=contexts, num_contextual=num_contextual)
+
+
+def _items():
+    return torch.randn(9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+# ---- NetworkArgs.is_causal / NetworkArgs.causal --------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [True, False])
+def test_non_causal_attention_lets_earlier_tokens_see_later_ones(causal):
+    encoder = _encoder(causal=causal)
+    items = _items()
+    changed = items.clone()
+    changed[2] = -changed[2]  # the third history event of the first sequence
+    with torch.no_grad():
+        before, after = (encoder(_inputs(x)).item_outputs for x in (items, changed))
+    earlier_moved = not torch.equal(before[:2], after[:2])
+    assert earlier_moved == (not causal)
+    torch.testing.assert_close(before[5:], after[5:], rtol=0, atol=0)  # the other sequence never sees it
+
+
+def test_is_causal_maps_onto_our_field_and_retrieval_refuses_it():
+    from hstu.training.tasks import check_task_config
+
+    args = parse_gin([], EXAMPLE + ["NetworkArgs.is_causal=False"])
+    assert args.network.causal is False
+    assert parse_gin([], ["NetworkArgs.causal=False"]).network.causal is False
+    with pytest.raises(ValueError, match=re.escape("NetworkArgs.causal=False")):
+        check_task_config("retrieval", args)
