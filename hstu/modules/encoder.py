@@ -58,6 +58,8 @@ class EncoderConfig:
     rab_use_time: bool = True
     target_group_size: int = 1
     causal: bool = True  # False: full attention inside each sequence
+    # False: the contextual tokens are plain causal tokens (no contextual mask: they do not see the history)
+    contextual_mask: bool = True
     interleave_actions: bool = False
     recompute_layers: list[int] = field(default_factory=list)  # indices of layers to checkpoint
     l2_normalize_output: bool = False
@@ -135,7 +137,7 @@ class HSTUEncoder(nn.Module):
             seq_offsets=layout.token_offsets,
             max_seqlen=layout.max_tokens,
             # The contextual and candidate masks refine causal attention; full attention has neither.
-            num_contexts=layout.context_lengths if c.causal else None,
+            num_contexts=layout.context_lengths if c.causal and c.contextual_mask else None,
             num_targets=layout.attention_targets if c.causal else None,
             time_buckets=self._time_buckets(token_times, layout, inputs.next_timestamps),
             relative_positions=self._relative_positions(token_seq, token_pos, layout),

@@ -109,6 +109,8 @@ class NetworkArgs:
     rab_use_time: bool = True
     target_group_size: int = 1
     causal: bool = True  # False: full attention inside each sequence (ranking only; context/target masks unused)
+    # True: the contextual tokens see the whole history and every token sees them; False: plain causal tokens
+    contextual_mask: bool = True
     recompute_layers: Sequence[int] = ()
     contextual_features: Sequence[str] = ()  # contextual feature names to prepend as tokens; ["*"]: all the dataset has
 
@@ -774,10 +776,9 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
                                          "batch)" + _NOT_YET + "; the static maximum token count is used")),
     ExampleField("NetworkArgs", "embedding_backend", Optional[str], None, (),
                  unsupported=_when(lambda v: v is not None, "NetworkArgs.embedding_backend" + _NOT_YET)),
-    ExampleField("NetworkArgs", "disable_contextual_mask", bool, False, (),
-                 "True makes the contextual tokens plain causal tokens",
-                 unsupported=_when(bool, "NetworkArgs.disable_contextual_mask=True (contextual tokens under the "
-                                         "causal mask)" + _NOT_YET)),
+    ExampleField("NetworkArgs", "disable_contextual_mask", bool, False, ("NetworkArgs.contextual_mask",),
+                 "True: the contextual tokens are plain causal tokens (our contextual_mask = False)",
+                 lambda v, ex: {"NetworkArgs.contextual_mask": not v}),
     # OptimizerArgs
     ExampleField("OptimizerArgs", "optimizer_str", str, REQUIRED, ("OptimizerArgs.optimizer",),
                  "the example's optimizer for the dense and the embedding parameters",

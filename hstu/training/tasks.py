@@ -314,7 +314,8 @@ def build_encoder_config(args: AllArgs, max_tokens: int, interleave_actions: boo
         position_encoding=n.position_encoding, num_time_buckets=n.num_time_buckets, input_scale=n.input_scale,
         relative_attention_bias=n.relative_attention_bias, rab_num_time_buckets=n.rab_num_time_buckets,
         rab_time_reference=n.rab_time_reference, rab_use_position=n.rab_use_position, rab_use_time=n.rab_use_time,
-        target_group_size=n.target_group_size, causal=n.causal, interleave_actions=interleave_actions,
+        target_group_size=n.target_group_size, causal=n.causal, contextual_mask=n.contextual_mask,
+        interleave_actions=interleave_actions,
         recompute_layers=list(n.recompute_layers), l2_normalize_output=l2_normalize,
         l2_norm_eps=args.retrieval.l2_norm_eps,
     )  # fmt: skip

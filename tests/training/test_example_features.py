@@ -64,3 +64,27 @@ def test_is_causal_maps_onto_our_field_and_retrieval_refuses_it():
     assert parse_gin([], ["NetworkArgs.causal=False"]).network.causal is False
     with pytest.raises(ValueError, match=re.escape("NetworkArgs.causal=False")):
         check_task_config("retrieval", args)
+
+
+# ---- NetworkArgs.disable_contextual_mask / NetworkArgs.contextual_mask ----------------------------------------------
+@pytest.mark.parametrize("contextual_mask", [True, False])
+def test_without_the_contextual_mask_contextual_tokens_no_longer_carry_later_history(contextual_mask):
+    # With the mask, a contextual token sees the whole history in layer 1, and the first item sees that token in
+    # layer 2; as a plain causal token it sees nothing after itself.
+    encoder = _encoder(contextual_mask=contextual_mask)
+    contexts = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    items = _items()
+    changed = items.clone()
+    changed[2] = -changed[2]
+    with torch.no_grad():
+        before, after = (encoder(_inputs(x, contexts, num_contextual=2)).item_outputs for x in (items, changed))
+    assert (not torch.equal(before[:2], after[:2])) == contextual_mask
+
+
+def test_disable_contextual_mask_maps_onto_our_field():
+    assert parse_gin([], EXAMPLE + ["NetworkArgs.disable_contextual_mask=True"]).network.contextual_mask is False
+    gin.clear_config()
+    assert parse_gin([], EXAMPLE).network.contextual_mask is True
+    gin.clear_config()
+    with pytest.raises(ValueError, match="NetworkArgs.disable_contextual_mask.*NetworkArgs.contextual_mask"):
+        parse_gin([], EXAMPLE + ["NetworkArgs.disable_contextual_mask=True", "NetworkArgs.contextual_mask=False"])
