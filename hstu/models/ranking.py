@@ -18,17 +18,25 @@ from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
 from hstu.modules.encoder import EncoderConfig, EncoderInputs, EncoderOutputs, HSTUEncoder
 
 
-class MLPHead(nn.Module):
-    """LayerNorm -> [Linear -> SiLU -> dropout]* -> Linear to the task logits."""
+HEAD_ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int], num_outputs: int, dropout: float = 0.0):
+
+class MLPHead(nn.Module):
+    """LayerNorm -> [Linear -> activation -> dropout]* -> Linear to the task logits.
+
+    ``activation``: one of HEAD_ACTIVATIONS; ``bias``: whether the Linear layers have biases."""
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], num_outputs: int, dropout: float = 0.0,
+                 activation: str = "silu", bias: bool = True):
         super().__init__()
+        if activation not in HEAD_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(HEAD_ACTIVATIONS)}, got {activation!r}")
         layers: list[nn.Module] = [nn.LayerNorm(input_dim)]
         width = input_dim
         for hidden in hidden_dims:
-            layers += [nn.Linear(width, hidden), nn.SiLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, hidden, bias=bias), HEAD_ACTIVATIONS[activation](), nn.Dropout(dropout)]
             width = hidden
-        layers.append(nn.Linear(width, num_outputs))
+        layers.append(nn.Linear(width, num_outputs, bias=bias))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +55,8 @@ class RankingModel(nn.Module):
         *,
         contextual_vocab_sizes: Optional[dict[str, int]] = None,
         embedding_init_std: float = 0.02,
+        head_activation: str = "silu",
+        head_bias: bool = True,
     ):
         super().__init__()
         if not encoder_config.interleave_actions:
@@ -56,7 +66,8 @@ class RankingModel(nn.Module):
         tables += [EmbeddingTableSpec(name, size) for name, size in (contextual_vocab_sizes or {}).items()]
         self.embeddings = SparseEmbeddings(tables, encoder_config.embedding_dim, init_std=embedding_init_std)
         self.encoder = HSTUEncoder(encoder_config)
-        self.head = MLPHead(encoder_config.embedding_dim, head_hidden_dims, loss.num_outputs, head_dropout)
+        self.head = MLPHead(encoder_config.embedding_dim, head_hidden_dims, loss.num_outputs, head_dropout,
+                            activation=head_activation, bias=head_bias)
         self.loss = loss
 
     def predict(self, batch: JaggedBatch) -> tuple[torch.Tensor, EncoderOutputs]:

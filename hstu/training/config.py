@@ -31,6 +31,8 @@ from typing import Any, Callable, Optional, Sequence
 import gin
 import gin.config
 
+RANKING_METRICS = ("AUC", "ACC")  # RankingArgs.eval_metrics
+
 # Tasks of the KuaiRand bitmask, in bit order (bit t = task t).
 KUAIRAND_TASKS = ("click", "like", "follow", "comment", "forward", "hate", "long_view", "profile_enter")
 
@@ -159,6 +161,11 @@ class RankingArgs:
     positive_rating_threshold: Optional[int] = None  # rating class >= this counts as positive for AUC (None: top 40%)
     head_hidden_dims: Sequence[int] = (512,)
     head_dropout: float = 0.0
+    head_activation: str = "silu"  # silu | relu | gelu, after every hidden layer of the head
+    head_bias: bool = True  # biases in the head's Linear layers
+    # Per-task evaluation metrics: "AUC" (with GAUC; always reported), "ACC" (bitmask tasks: probability > 0.5 against
+    # the bit; rating labels: the most probable class against the rating)
+    eval_metrics: Sequence[str] = ("AUC",)
 
 
 @dataclass
@@ -418,6 +425,7 @@ def _choice_rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "OptimizerArgs.optimizer": _one_of("adam", "adamw", "sgd"),
         "OptimizerArgs.decay": _one_of("constant", "linear", "cosine"),
         "RankingArgs.task_type": _one_of("bitmask", "rating"),
+        "RankingArgs.head_activation": _one_of("silu", "relu", "gelu"),
     }
 
 
@@ -480,6 +488,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "RankingArgs.positive_rating_threshold": _at_least(1),
     "RankingArgs.head_hidden_dims": _each(_at_least(1)),
     "RankingArgs.head_dropout": _fraction(),
+    "RankingArgs.eval_metrics": ((lambda v: len(v) > 0 and all(m in RANKING_METRICS for m in v)),
+                                 "a non-empty list of " + ", ".join(repr(m) for m in ("AUC", "ACC"))),
     "ParallelismArgs.tensor_model_parallel_size": _at_least(1),
     "ParallelismArgs.data_parallel_max_rows": _at_least(0),
     "ParallelismArgs.sparse_learning_rate": _positive(),
@@ -648,6 +658,18 @@ def _is_retrieval_metric(name: Any) -> bool:
     return kind in ("HR", "NDCG", "MRR") and k.isdigit() and int(k) >= 1
 
 
+# The example's ranking metric names (upper-cased), and the ones this stack reports (RANKING_METRICS).
+_EXAMPLE_RANKING_METRICS = ("AUC", "ACC", "RECALL", "PRECISION", "F1SCORE", "AVERAGE PRECISION", "NDCG", "HR")
+
+
+def _ranking_metrics_not_yet(names: Sequence[str], ex: dict) -> Optional[str]:
+    missing = [m for m in names if m.upper() not in RANKING_METRICS]
+    if not missing:
+        return None
+    return (f"RankingArgs.eval_metrics {missing}" + _NOT_YET + " (ranking reports 'AUC' with GAUC and 'ACC'; 'NDCG' / "
+            "'HR' are retrieval metrics: RetrievalArgs.eval_metrics)")
+
+
 _SHARED_WITH_OURS = "same field and meaning"
 _NOT_YET = " is not supported yet"
 
@@ -802,19 +824,19 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
                  "num_tasks = 1 and a last entry > 1 that many rating classes (cross-entropy); ours puts a "
                  "LayerNorm before the head", _prediction_head,
                  rule=((lambda v: len(v) >= 1 and all(w >= 1 for w in v)), "a non-empty list of widths >= 1")),
-    ExampleField("RankingArgs", "prediction_head_act_type", str, "relu", (),
-                 "ours uses SiLU; 'relu' and 'gelu' are not supported yet",
-                 unsupported=lambda v, ex: f"RankingArgs.prediction_head_act_type={v!r} (ours: SiLU)" + _NOT_YET,
+    ExampleField("RankingArgs", "prediction_head_act_type", str, "relu", ("RankingArgs.head_activation",),
+                 "same meaning (our default: 'silu')", lambda v, ex: {"RankingArgs.head_activation": v.lower()},
                  rule=((lambda v: v.lower() in ("relu", "gelu")), "one of 'relu', 'gelu'")),
-    ExampleField("RankingArgs", "prediction_head_bias", bool, True, (), "ours always has biases",
-                 unsupported=_when(lambda v: not v, "RankingArgs.prediction_head_bias=False" + _NOT_YET)),
+    ExampleField("RankingArgs", "prediction_head_bias", bool, True, ("RankingArgs.head_bias",),
+                 "same meaning (ours keeps the LayerNorm's bias)"),
     ExampleField("RankingArgs", "num_tasks", int, 1, (), "see prediction_head_arch", rule=_at_least(1)),
-    ExampleField("RankingArgs", "eval_metrics", Sequence[str], ("AUC",), (),
-                 "'AUC' (reported per task); 'NDCG' and 'HR' for ranking are not supported yet",
-                 unsupported=_when(lambda v: any(m.upper() != "AUC" for m in v),
-                                   "RankingArgs.eval_metrics other than 'AUC'" + _NOT_YET),
-                 rule=((lambda v: len(v) > 0 and all(m.upper() in ("AUC", "NDCG", "HR") for m in v)),
-                       "a non-empty list of 'AUC', 'NDCG', 'HR'")),
+    ExampleField("RankingArgs", "eval_metrics", Sequence[str], ("AUC",), ("RankingArgs.eval_metrics",),
+                 "'AUC' (with GAUC) and 'ACC', per task (AUC/GAUC always); 'RECALL', 'PRECISION', 'F1Score', "
+                 "'AVERAGE PRECISION' are not supported yet, nor 'NDCG' / 'HR' (retrieval metrics)",
+                 lambda v, ex: {"RankingArgs.eval_metrics": tuple(dict.fromkeys(m.upper() for m in v))},
+                 _ranking_metrics_not_yet,
+                 rule=((lambda v: len(v) > 0 and all(m.upper() in _EXAMPLE_RANKING_METRICS for m in v)),
+                       "a non-empty list of " + ", ".join(repr(m) for m in _EXAMPLE_RANKING_METRICS))),
     # RetrievalArgs
     ExampleField("RetrievalArgs", "num_negatives", int, -1,
                  ("RetrievalArgs.num_in_batch_negatives", "RetrievalArgs.num_negatives"),

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from hstu.data.loader import SequenceDataset, make_dataloader, ranges_to_positions
@@ -479,7 +480,7 @@ class RankingTask(Task):
         return RankingModel(
             self.num_items(), self.train_dataset.action_vocab_size, build_encoder_config(self.args, max_tokens, True, False),
             loss, r.head_hidden_dims, r.head_dropout, contextual_vocab_sizes=self.contextual_vocab_sizes,
-            embedding_init_std=self.args.embeddings.init_std,
+            embedding_init_std=self.args.embeddings.init_std, head_activation=r.head_activation, head_bias=r.head_bias,
         )  # fmt: skip
 
     def head_flops(self, num_candidates: int) -> float:
@@ -517,6 +518,7 @@ class RankingTask(Task):
         metrics = RankingMetrics(self.task_names, device=device)
         baseline = RankingMetrics(self.task_names, device=device) if with_baseline else None
         rates = self.item_label_rates().to(device) if with_baseline else None
+        accuracy = _Accuracy(self.accuracy_names(), device) if "ACC" in self.args.ranking.eval_metrics else None
         users_seen = 0
         loader.set_epoch(0)
         for index, batch in enumerate(loader):
@@ -532,14 +534,49 @@ class RankingTask(Task):
             users = layout.candidate_sequence_ids() + users_seen
             users_seen += batch.batch_size
             metrics.update(probabilities, labels, users, loss_sum=float(loss) * logits.shape[0])
+            if accuracy is not None:
+                accuracy.update(self.correct_predictions(logits, actions, probabilities, labels))
             if baseline is not None:
                 candidates = batch.sequence["item"].values()[layout.candidate_rows()]
                 baseline.update(rates[candidates.clamp(max=rates.shape[0] - 1)].float(), labels, users)
         loader.set_epoch(-1)
         out = metrics.compute(self.ctx.dp_group)
+        if accuracy is not None:
+            out.update(accuracy.compute(self.ctx.dp_group))
         if baseline is not None:
             out.update({f"baseline/popularity/{k}": v for k, v in baseline.compute(self.ctx.dp_group).items()})
         return out
+
+    def accuracy_names(self) -> list[str]:
+        """The ACC metrics: one per bitmask task, or one for the rating classes."""
+        return [f"ACC/{n}" for n in self.task_names] if self.task_type == "bitmask" else ["ACC/rating"]
+
+    def correct_predictions(self, logits: torch.Tensor, actions: torch.Tensor, probabilities: torch.Tensor,
+                            labels: torch.Tensor) -> torch.Tensor:
+        """(N, len(accuracy_names())) bool: bitmask tasks, probability > 0.5 agrees with the bit; ratings, the most
+        probable class is the rating."""
+        if self.task_type == "bitmask":
+            return (probabilities > 0.5) == (labels > 0.5)
+        return (logits.argmax(dim=-1) == actions).unsqueeze(1)
+
+
+class _Accuracy:
+    """Correct / evaluated counts per metric name, summed over the data-parallel group."""
+
+    def __init__(self, names: Sequence[str], device: torch.device):
+        self.names = list(names)
+        self.counts = torch.zeros(2, len(self.names), dtype=torch.float64, device=device)  # [correct, evaluated]
+
+    def update(self, correct: torch.Tensor) -> None:
+        self.counts[0] += correct.sum(0).to(torch.float64)
+        self.counts[1] += correct.shape[0]
+
+    def compute(self, group) -> dict[str, float]:
+        counts = self.counts.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+        correct, evaluated = counts.tolist()
+        return {name: c / n for name, c, n in zip(self.names, correct, evaluated) if n > 0}
 
 
 TASKS = {"retrieval": RetrievalTask, "ranking": RankingTask}

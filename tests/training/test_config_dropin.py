@@ -74,7 +74,7 @@ OptimizerArgs.adam_eps = 1e-7
 TensorModelParallelArgs.tensor_model_parallel_size = 2
 
 RankingArgs.prediction_head_arch = [256, 64, 4]
-RankingArgs.prediction_head_act_type = 'silu_is_ours'
+RankingArgs.prediction_head_act_type = 'gelu'
 RankingArgs.prediction_head_bias = True
 RankingArgs.num_tasks = 4
 RankingArgs.eval_metrics = ('auc',)
@@ -82,8 +82,6 @@ RankingArgs.eval_metrics = ('auc',)
 RetrievalArgs.num_negatives = 32
 RetrievalArgs.eval_metrics = ('HR@5', 'NDCG@50', 'MRR')
 """
-# prediction_head_act_type has no value we reproduce (ours is SiLU): the main file leaves it to the test below.
-EVERY_MAIN_FIELD = EVERY_MAIN_FIELD.replace("RankingArgs.prediction_head_act_type = 'silu_is_ours'\n", "")
 
 # Every field of the example's per-table and random-data classes.
 EVERY_BENCHMARK_FIELD = """
@@ -187,6 +185,7 @@ OptimizerArgs.learning_rate = 1e-3
 OptimizerArgs.betas = (0.9, 0.999)
 RankingArgs.task_type = 'bitmask'
 RankingArgs.head_hidden_dims = (64,)
+RankingArgs.head_activation = 'relu'
 RetrievalArgs.num_negatives = 0
 RetrievalArgs.num_in_batch_negatives = 16
 RetrievalArgs.eval_top_k = (10,)
@@ -210,8 +209,7 @@ def _bound_keys(text):
 
 
 def test_the_test_files_bind_every_example_field():
-    bound = _bound_keys(EVERY_MAIN_FIELD) | _bound_keys(EVERY_BENCHMARK_FIELD) | {
-        "RankingArgs.prediction_head_act_type"} | {f"EmbeddingArgs.{n}" for n in (
+    bound = _bound_keys(EVERY_MAIN_FIELD) | _bound_keys(EVERY_BENCHMARK_FIELD) | {f"EmbeddingArgs.{n}" for n in (
             "feature_names", "table_name", "item_vocab_size_or_capacity", "sharding_type")}
     assert bound == {f.key for f in EXAMPLE_FIELDS}
 
@@ -220,9 +218,8 @@ def test_every_main_field_parses_and_maps_onto_ours(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         args = parse_gin([_write(tmp_path, EVERY_MAIN_FIELD)])
-    # Every field is bound except the head activation, whose default (ReLU; ours: SiLU) is said out loud.
-    warned = [str(w.message) for w in caught if issubclass(w.category, ExampleDefaultWarning)]
-    assert len(warned) == 1 and warned[0].startswith("RankingArgs.prediction_head_act_type is unbound")
+    # Every field is bound: no example default is left to warn about.
+    assert not [w for w in caught if issubclass(w.category, ExampleDefaultWarning)]
     t, d, n, o, r, k = args.trainer, args.dataset, args.network, args.optimizer, args.retrieval, args.ranking
     assert (d.batch_size, d.eval_batch_size) == (12, 20)  # per GPU x tensor_model_parallel_size
     assert (t.eval_interval_steps, t.eval_every_epochs, t.log_interval_steps) == (7, 0, 3)
@@ -238,6 +235,7 @@ def test_every_main_field_parses_and_maps_onto_ours(tmp_path):
     assert args.parallelism.tensor_model_parallel_size == 2
     assert (k.task_type, tuple(k.head_hidden_dims), tuple(k.task_names)) == \
         ("bitmask", (256, 64), ("click", "like", "follow", "comment"))
+    assert (k.head_activation, k.head_bias, tuple(k.eval_metrics)) == ("gelu", True, ("AUC",))
     assert (r.num_negatives, r.num_in_batch_negatives, tuple(r.eval_top_k)) == (0, 32, (5, 50))
 
 
@@ -277,10 +275,8 @@ def test_benchmark_objects_are_checked_before_the_not_supported_error(tmp_path, 
     ("NetworkArgs.contextual_embedding_dim=16", "NetworkArgs.contextual_embedding_dim"),
     ("NetworkArgs.scaling_seqlen=-1", "NetworkArgs.scaling_seqlen"),
     ("NetworkArgs.embedding_backend='dynamicemb'", "NetworkArgs.embedding_backend"),
-    ("RankingArgs.prediction_head_act_type='relu'", "RankingArgs.prediction_head_act_type"),
-    ("RankingArgs.prediction_head_act_type='gelu'", "RankingArgs.prediction_head_act_type"),
-    ("RankingArgs.prediction_head_bias=False", "RankingArgs.prediction_head_bias"),
     ("RankingArgs.eval_metrics=('NDCG',)", "RankingArgs.eval_metrics"),
+    ("RankingArgs.eval_metrics=('AUC', 'F1Score')", "RankingArgs.eval_metrics"),
 ])
 def test_values_we_cannot_reproduce_yet_are_named_errors(tmp_path, binding, field):
     with pytest.raises(NotSupportedYetError, match=re.escape(field) + ".*not supported yet"):

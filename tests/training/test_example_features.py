@@ -88,3 +88,57 @@ def test_disable_contextual_mask_maps_onto_our_field():
     gin.clear_config()
     with pytest.raises(ValueError, match="NetworkArgs.disable_contextual_mask.*NetworkArgs.contextual_mask"):
         parse_gin([], EXAMPLE + ["NetworkArgs.disable_contextual_mask=True", "NetworkArgs.contextual_mask=False"])
+
+
+# ---- RankingArgs.prediction_head_act_type / prediction_head_bias / eval_metrics --------------------------------------
+@pytest.mark.parametrize("act_type, bias", [("relu", True), ("gelu", False), ("GELU", True)])
+def test_the_ranking_head_has_the_example_activation_and_bias(act_type, bias):
+    from hstu.models.ranking import MLPHead
+
+    args = parse_gin([], EXAMPLE + [f"RankingArgs.prediction_head_act_type={act_type!r}",
+                                    f"RankingArgs.prediction_head_bias={bias}"])
+    k = args.ranking
+    assert (k.head_activation, k.head_bias) == (act_type.lower(), bias)
+    torch.manual_seed(0)
+    head = MLPHead(6, [5], 3, activation=k.head_activation, bias=k.head_bias).double()
+    norm, first, _, _, last = head.net
+    assert all((layer.bias is not None) == bias for layer in (first, last))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    hidden = first(norm(x))
+    expected = last(torch.relu(hidden) if k.head_activation == "relu" else torch.nn.functional.gelu(hidden))
+    torch.testing.assert_close(head(x), expected, rtol=0, atol=0)
+
+
+def test_our_head_defaults_stay_silu_with_biases():
+    k = parse_gin([], []).ranking
+    assert (k.head_activation, k.head_bias, tuple(k.eval_metrics)) == ("silu", True, ("AUC",))
+    gin.clear_config()
+    with pytest.raises(ValueError, match="RankingArgs.head_activation"):
+        parse_gin([], ["RankingArgs.head_activation='tanh'"])
+
+
+def test_accuracy_counts_bits_and_rating_classes():
+    from types import SimpleNamespace
+
+    from hstu.training.tasks import RankingTask, _Accuracy
+
+    bitmask = SimpleNamespace(task_type="bitmask", task_names=["click", "like"])
+    probabilities = torch.tensor([[0.9, 0.2], [0.4, 0.7], [0.6, 0.51]])
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    accuracy = _Accuracy(RankingTask.accuracy_names(bitmask), torch.device("cpu"))
+    accuracy.update(RankingTask.correct_predictions(bitmask, None, None, probabilities, labels))
+    assert accuracy.compute(None) == {"ACC/click": pytest.approx(1 / 3), "ACC/like": pytest.approx(2 / 3)}
+    rating = SimpleNamespace(task_type="rating", task_names=["rating_positive"])
+    logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0]])
+    accuracy = _Accuracy(RankingTask.accuracy_names(rating), torch.device("cpu"))
+    accuracy.update(RankingTask.correct_predictions(rating, logits, torch.tensor([1, 2]), None, None))
+    assert accuracy.compute(None) == {"ACC/rating": 0.5}
+
+
+def test_the_example_ranking_metric_names():
+    assert tuple(parse_gin([], EXAMPLE + ["RankingArgs.eval_metrics=['auc', 'ACC']"]).ranking.eval_metrics) == \
+        ("AUC", "ACC")
+    for name in ("NDCG", "RECALL"):
+        gin.clear_config()
+        with pytest.raises(ValueError, match=f"RankingArgs.eval_metrics \\['{name}'\\].*not supported yet"):
+            parse_gin([], EXAMPLE + [f"RankingArgs.eval_metrics=['AUC', '{name}']"])
