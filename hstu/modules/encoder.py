@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from hstu.modules.attention_backends import AttentionBackendError, check_backend_settings
 from hstu.modules.hstu_layer import AttentionInputs, HSTULayer, HSTUStack
 from hstu.modules.positional import PositionalEncoder, RelativeAttentionBias, token_positions
 from hstu.modules.token_layout import TokenLayout
@@ -60,6 +61,7 @@ class EncoderConfig:
     causal: bool = True  # False: full attention inside each sequence
     # False: the contextual tokens are plain causal tokens (no contextual mask: they do not see the history)
     contextual_mask: bool = True
+    attention_backend: str = "fused"  # fused | reference | triton (hstu.modules.attention_backends)
     interleave_actions: bool = False
     recompute_layers: list[int] = field(default_factory=list)  # indices of layers to checkpoint
     l2_normalize_output: bool = False
@@ -100,6 +102,12 @@ class HSTUEncoder(nn.Module):
             input_scale=c.input_scale, dropout=c.input_dropout,
         )  # fmt: skip
         scaling = c.scaling_seqlen if c.scaling_seqlen is not None else c.max_tokens
+        check_backend_settings(c.attention_backend, causal=c.causal, relative_attention_bias=c.relative_attention_bias,
+                               attention_dropout=c.attention_dropout, target_group_size=c.target_group_size)
+        if c.attention_backend == "triton" and scaling < c.max_tokens:
+            raise AttentionBackendError(
+                f"NetworkArgs.attention_backend='triton' needs NetworkArgs.scaling_seqlen >= the longest token "
+                f"sequence ({c.max_tokens}), got {scaling}: Meta's kernel uses it as the sequence bound too")
         layers = []
         for index in range(c.num_layers):
             rab = None
@@ -142,6 +150,8 @@ class HSTUEncoder(nn.Module):
             time_buckets=self._time_buckets(token_times, layout, inputs.next_timestamps),
             relative_positions=self._relative_positions(token_seq, token_pos, layout),
             causal=c.causal,
+            attention_backend=c.attention_backend,
+            num_contextual=layout.num_contextual if c.contextual_mask else 0,
         )
         return EncoderTokens(x, attention_inputs, layout)
 

@@ -14,6 +14,7 @@ heads; ``output_proj`` consumes heads in the same order (row parallel). Both are
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hstu.modules.attention_backends import reference_attention, triton_attention
 from hstu.ops import hstu_attention
 
 
@@ -37,6 +39,8 @@ class AttentionInputs:
     time_buckets: Optional[torch.Tensor] = None  # (B, N, N) for the relative attention bias
     relative_positions: Optional[torch.Tensor] = None  # (B, N, N) pos_i - pos_j when not token distances
     causal: bool = True  # False: every token sees its whole sequence (num_contexts / num_targets then play no part)
+    attention_backend: str = "fused"  # hstu.modules.attention_backends.ATTENTION_BACKENDS
+    num_contextual: int = 0  # contextual tokens at the start of every sequence (the triton backend takes the count)
 
 
 class HSTULayer(nn.Module):
@@ -103,7 +107,13 @@ def layer_attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
         batch = inputs.seq_offsets.numel() - 1
         rab = layer.relative_attention_bias(inputs.time_buckets, batch, inputs.max_seqlen, inputs.relative_positions)
         rab = rab.to(q.dtype) if q.dtype != torch.float32 else rab
-    return hstu_attention(
+    if inputs.attention_backend == "fused":
+        attention = hstu_attention  # looked up at call time
+    elif inputs.attention_backend == "reference":
+        attention = reference_attention
+    else:
+        attention = functools.partial(triton_attention, num_contextual=inputs.num_contextual)
+    return attention(
         q, k, v, inputs.seq_offsets, inputs.max_seqlen,
         alpha=layer.alpha,
         scaling_seqlen=layer.scaling_seqlen,

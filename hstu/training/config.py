@@ -113,6 +113,9 @@ class NetworkArgs:
     causal: bool = True  # False: full attention inside each sequence (ranking only; context/target masks unused)
     # True: the contextual tokens see the whole history and every token sees them; False: plain causal tokens
     contextual_mask: bool = True
+    # fused: our CUDA kernels where they apply, else the PyTorch reference; reference: the PyTorch reference;
+    # triton: Meta's generative-recommenders Triton kernel (that package installed, CUDA)
+    attention_backend: str = "fused"
     recompute_layers: Sequence[int] = ()
     contextual_features: Sequence[str] = ()  # contextual feature names to prepend as tokens; ["*"]: all the dataset has
 
@@ -422,6 +425,7 @@ def _choice_rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "DatasetArgs.truncate": _one_of("recent", "oldest"),
         "NetworkArgs.position_encoding": _one_of("absolute", "reverse", "none"),
         "NetworkArgs.rab_time_reference": _one_of("query", "next"),
+        "NetworkArgs.attention_backend": _one_of("fused", "reference", "triton"),
         "OptimizerArgs.optimizer": _one_of("adam", "adamw", "sgd"),
         "OptimizerArgs.decay": _one_of("constant", "linear", "cosine"),
         "RankingArgs.task_type": _one_of("bitmask", "rating"),
@@ -520,6 +524,10 @@ def _check_combinations(args: AllArgs) -> None:
             and args.embeddings.item_id_low >= args.embeddings.item_vocab_size:
         raise ValueError(f"EmbeddingArgs.item_id_low={args.embeddings.item_id_low} leaves no item: it must be < "
                          f"EmbeddingArgs.item_vocab_size={args.embeddings.item_vocab_size}")
+    from hstu.modules.attention_backends import check_backend_settings
+
+    check_backend_settings(n.attention_backend, causal=n.causal, relative_attention_bias=n.relative_attention_bias,
+                           attention_dropout=n.attention_dropout, target_group_size=n.target_group_size)
     try:  # sharding types, sparse optimizer, backend: the distributed layer's own checks, before any process group
         from hstu.training.distributed import parallelism_settings
 
@@ -625,6 +633,9 @@ def _betas(value: float, ex: dict) -> dict:
 
 def _dtype(value: str, ex: dict) -> dict:
     return {"TrainerArgs.bf16": True} if value == "bfloat16" else {}
+
+
+_KERNEL_BACKENDS = {"cutlass": "fused", "pytorch": "reference", "triton": "triton"}  # example -> ours
 
 
 def _prediction_head(arch: Optional[Sequence[int]], ex: dict) -> dict:
@@ -754,12 +765,12 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
                  _dtype, _when(lambda v: v == "float16", "NetworkArgs.dtype_str='float16' (fp16 training with "
                                                          "dynamic loss scaling)" + _NOT_YET + "; use 'bfloat16'"),
                  _one_of("bfloat16", "float16")),
-    ExampleField("NetworkArgs", "kernel_backend", str, "cutlass", (),
-                 "'cutlass': our fused CUDA kernels (the PyTorch reference on CPU); 'triton' and 'pytorch' are not "
-                 "supported yet",
-                 unsupported=_when(lambda v: v.lower() != "cutlass",
-                                   "NetworkArgs.kernel_backend='triton'/'pytorch' (choosing the attention kernels)"
-                                   + _NOT_YET + "; use 'cutlass' (our CUDA kernels; the reference on CPU)"),
+    ExampleField("NetworkArgs", "kernel_backend", str, "cutlass", ("NetworkArgs.attention_backend",),
+                 "'cutlass': our fused CUDA kernels ('fused'; the PyTorch reference where they do not apply, e.g. on "
+                 "CPU); 'pytorch': the PyTorch reference ('reference'); 'triton': Meta's generative-recommenders "
+                 "Triton kernel when that package is installed (CUDA; causal, no relative bias / attention dropout / "
+                 "target groups; the example falls back to PyTorch for non-causal, ours refuses)",
+                 lambda v, ex: {"NetworkArgs.attention_backend": _KERNEL_BACKENDS[v.lower()]},
                  rule=((lambda v: v.lower() in ("cutlass", "triton", "pytorch")), "one of 'cutlass', 'triton', "
                                                                                  "'pytorch'")),
     ExampleField("NetworkArgs", "target_group_size", int, 1, ("NetworkArgs.target_group_size",), _SHARED_WITH_OURS,

@@ -316,7 +316,7 @@ def build_encoder_config(args: AllArgs, max_tokens: int, interleave_actions: boo
         relative_attention_bias=n.relative_attention_bias, rab_num_time_buckets=n.rab_num_time_buckets,
         rab_time_reference=n.rab_time_reference, rab_use_position=n.rab_use_position, rab_use_time=n.rab_use_time,
         target_group_size=n.target_group_size, causal=n.causal, contextual_mask=n.contextual_mask,
-        interleave_actions=interleave_actions,
+        attention_backend=n.attention_backend, interleave_actions=interleave_actions,
         recompute_layers=list(n.recompute_layers), l2_normalize_output=l2_normalize,
         l2_norm_eps=args.retrieval.l2_norm_eps,
     )  # fmt: skip
@@ -329,6 +329,9 @@ class Task:
     def __init__(self, args: AllArgs, ctx: ParallelContext):
         self.args, self.ctx = args, ctx
         _check_task_args(self.name, args)
+        if args.network.attention_backend == "triton" and ctx.device.type != "cuda":
+            raise ValueError(f"NetworkArgs.attention_backend='triton' (Meta's Triton kernel) needs a CUDA device, the "
+                             f"run is on {ctx.device.type}; use 'fused' or 'reference'")
         ensure_dataset(args, ctx)
         path = _metadata_path(args)
         self.ranking_setup = check_against_dataset(self.name, args, read_metadata(path), path)

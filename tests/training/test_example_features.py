@@ -142,3 +142,103 @@ def test_the_example_ranking_metric_names():
         gin.clear_config()
         with pytest.raises(ValueError, match=f"RankingArgs.eval_metrics \\['{name}'\\].*not supported yet"):
             parse_gin([], EXAMPLE + [f"RankingArgs.eval_metrics=['AUC', '{name}']"])
+
+
+# ---- a few training steps on CPU -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bitmask_data(tmp_path_factory):
+    from hstu.data.synthetic import write_synthetic
+
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    write_synthetic(str(path), show_progress=False, actions="bitmask", num_users=120, num_items=100, num_topics=4,
+                    mean_length=20, min_length=8, max_length=40, seed=3)
+    return str(path)
+
+
+def _train(data, run_dir, *bindings, resume=False):
+    """Losses of a 4-step example-style ranking run on CPU (train_log.jsonl)."""
+    import json
+    import os
+
+    from hstu.training.trainer import run
+
+    gin.clear_config()
+    args = parse_gin([], [
+        "TrainerArgs.train_batch_size=16", "TrainerArgs.eval_batch_size=32", "TrainerArgs.max_train_iters=4",
+        "TrainerArgs.log_interval=1", "TrainerArgs.eval_interval=4", "TrainerArgs.max_eval_iters=1",
+        "DatasetArgs.dataset_name='synthetic'", f"DatasetArgs.dataset_path={data!r}", "DatasetArgs.max_history_seqlen=16",
+        "DatasetArgs.max_num_candidates=3", "NetworkArgs.num_layers=1", "NetworkArgs.hidden_size=16",
+        "NetworkArgs.num_attention_heads=2", "NetworkArgs.kv_channels=8", "NetworkArgs.scaling_seqlen=60",
+        "NetworkArgs.hidden_dropout=0.1", "OptimizerArgs.optimizer_str='adam'", "OptimizerArgs.learning_rate=1e-2",
+        "RankingArgs.prediction_head_arch=[16, 8]", "RankingArgs.num_tasks=8", f"TrainerArgs.run_dir={str(run_dir)!r}",
+        "TrainerArgs.device='cpu'", "TrainerArgs.progress_bar=False", "TrainerArgs.tensorboard=False",
+        "TrainerArgs.plot=False", "TrainerArgs.compute_baseline=False", *bindings])
+    summary = run("ranking", args, resume=resume)
+    with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if line.strip()], summary
+
+
+# ---- NetworkArgs.kernel_backend / NetworkArgs.attention_backend -------------------------------------------------------
+def test_the_pytorch_backend_trains_as_the_default_on_cpu(bitmask_data, tmp_path, monkeypatch):
+    import hstu.modules.hstu_layer as hstu_layer
+
+    default, _ = _train(bitmask_data, tmp_path / "cutlass")
+    called = []
+    reference = hstu_layer.reference_attention
+    monkeypatch.setattr(hstu_layer, "reference_attention", lambda *a, **k: called.append(1) or reference(*a, **k))
+    pytorch, _ = _train(bitmask_data, tmp_path / "pytorch", "NetworkArgs.kernel_backend='pytorch'")
+    assert called  # the layers called the reference, not the dispatching op
+    assert pytorch[0] == default[0]  # same forward; the backward differs from the op's formula in rounding only
+    assert pytorch == pytest.approx(default, rel=1e-5)
+
+
+def test_the_triton_backend_without_its_package_is_a_named_error_at_config_time(monkeypatch):
+    import sys
+
+    from hstu.modules import attention_backends
+
+    monkeypatch.setitem(sys.modules, "generative_recommenders", None)  # not importable, even where installed
+    attention_backends.load_triton_attention.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=re.escape("NetworkArgs.attention_backend='triton' (the example's "
+                                                       "NetworkArgs.kernel_backend='triton') needs Meta's")):
+            parse_gin([], EXAMPLE + ["NetworkArgs.kernel_backend='triton'"])
+    finally:
+        attention_backends.load_triton_attention.cache_clear()
+
+
+def test_the_triton_backend_calls_metas_kernel_with_our_arguments(monkeypatch):
+    import sys
+    import types
+
+    from hstu.modules import attention_backends
+    from hstu.ops import hstu_attention_reference
+
+    calls = []
+
+    def triton_hstu_mha(N, alpha, q, k, v, seq_offsets, num_targets=None, max_attn_len=0, contextual_seq_len=0,
+                        sort_by_length=False, enable_tma=False):
+        # Meta's semantics: N bounds the sequences and divides the weights; one contextual count for all.
+        calls.append((N, contextual_seq_len))
+        contexts = torch.full((seq_offsets.numel() - 1,), contextual_seq_len, dtype=torch.int64)
+        return hstu_attention_reference(q, k, v, seq_offsets, N, alpha=alpha, scaling_seqlen=N,
+                                        num_contexts=contexts if contextual_seq_len else None, num_targets=num_targets)
+
+    module = types.ModuleType(attention_backends._TRITON_MODULE)
+    module.triton_hstu_mha = triton_hstu_mha
+    monkeypatch.setitem(sys.modules, attention_backends._TRITON_MODULE, module)
+    attention_backends.load_triton_attention.cache_clear()
+    try:
+        contexts = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        outputs = []
+        for backend in ("fused", "triton"):
+            with torch.no_grad():
+                outputs.append(_encoder(attention_backend=backend)(_inputs(_items(), contexts, 2)).item_outputs)
+        torch.testing.assert_close(outputs[1], outputs[0])
+        assert calls == [(40, 2), (40, 2)]  # max_tokens (the scaling length) and the contexts, in both layers
+        with pytest.raises(ValueError, match=re.escape("NetworkArgs.relative_attention_bias=True")):
+            _encoder(attention_backend="triton", relative_attention_bias=True)
+        with pytest.raises(ValueError, match=re.escape("NetworkArgs.scaling_seqlen >= the longest token sequence")):
+            _encoder(attention_backend="triton", scaling_seqlen=20)
+    finally:
+        attention_backends.load_triton_attention.cache_clear()
