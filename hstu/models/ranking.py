@@ -14,7 +14,7 @@ from torch import nn
 from hstu.data.batch import JaggedBatch
 from hstu.models.common import StepOutput, interleave_contextual, sparse_features
 from hstu.models.losses import MultiTaskLoss
-from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
+from hstu.modules.embeddings import EmbeddingProjection, EmbeddingTableSpec, SparseEmbeddings
 from hstu.modules.encoder import EncoderConfig, EncoderInputs, EncoderOutputs, HSTUEncoder
 
 
@@ -57,14 +57,24 @@ class RankingModel(nn.Module):
         embedding_init_std: float = 0.02,
         head_activation: str = "silu",
         head_bias: bool = True,
+        item_embedding_dim: Optional[int] = None,
+        contextual_embedding_dim: Optional[int] = None,
     ):
         super().__init__()
         if not encoder_config.interleave_actions:
             raise ValueError("the ranking model feeds actions as interleaved tokens: set interleave_actions=True")
         self.contextual_keys = list((contextual_vocab_sizes or {}).keys())
-        tables = [EmbeddingTableSpec("item", num_items), EmbeddingTableSpec("action", action_vocab_size)]
-        tables += [EmbeddingTableSpec(name, size) for name, size in (contextual_vocab_sizes or {}).items()]
+        # Item and action tables of item_embedding_dim, contextual ones of contextual_embedding_dim (None: the model
+        # width); each kind of another width has its projection to the model width.
+        tables = [EmbeddingTableSpec("item", num_items, item_embedding_dim),
+                  EmbeddingTableSpec("action", action_vocab_size, item_embedding_dim)]
+        tables += [EmbeddingTableSpec(name, size, contextual_embedding_dim)
+                   for name, size in (contextual_vocab_sizes or {}).items()]
         self.embeddings = SparseEmbeddings(tables, encoder_config.embedding_dim, init_std=embedding_init_std)
+        width = encoder_config.embedding_dim
+        self.item_projection = EmbeddingProjection(item_embedding_dim, width) if item_embedding_dim else None
+        self.contextual_projection = (EmbeddingProjection(contextual_embedding_dim, width)
+                                      if contextual_embedding_dim and self.contextual_keys else None)
         self.encoder = HSTUEncoder(encoder_config)
         self.head = MLPHead(encoder_config.embedding_dim, head_hidden_dims, loss.num_outputs, head_dropout,
                             activation=head_activation, bias=head_bias)
@@ -74,6 +84,10 @@ class RankingModel(nn.Module):
         """Logits (num_candidates_total, num_outputs) of the candidates, in batch order, and the encoder's outputs
         (whose ``layout`` says which sequence every candidate belongs to)."""
         values = self.embeddings(sparse_features(self.embeddings, batch, ["item", "action"], self.contextual_keys))
+        if self.item_projection is not None:
+            values.update({k: self.item_projection(values[k]) for k in ("item", "action")})
+        if self.contextual_projection is not None:
+            values.update({k: self.contextual_projection(values[k]) for k in self.contextual_keys})
         outputs = self.encoder(
             EncoderInputs(
                 item_embeddings=values["item"],

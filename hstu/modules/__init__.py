@@ -1,6 +1,6 @@
 """Building blocks of HSTU models: embeddings (sparse part), HSTU layers, encoders and pre/post-processing."""
 
-from hstu.modules.embeddings import EmbeddingTableSpec, SparseEmbeddings
+from hstu.modules.embeddings import EmbeddingProjection, EmbeddingTableSpec, SparseEmbeddings
 from hstu.modules.encoder import EncoderConfig, EncoderInputs, EncoderOutputs, HSTUEncoder
 from hstu.modules.hstu_layer import HSTULayer, HSTUStack
 from hstu.modules.positional import (
@@ -11,6 +11,7 @@ from hstu.modules.positional import (
 from hstu.modules.token_layout import TokenLayout, sequence_tokens
 
 __all__ = [
+    "EmbeddingProjection",
     "EmbeddingTableSpec",
     "EncoderConfig",
     "EncoderInputs",

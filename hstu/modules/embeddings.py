@@ -3,6 +3,10 @@
 Everything that indexes a table goes through :class:`SparseEmbeddings` (one ``EmbeddingCollection`` call per
 lookup), so the collection can be sharded by TorchRec's ``DistributedModelParallel`` without touching model code.
 Each table serves exactly one feature of the same name (``item``, ``action``, one per contextual feature).
+
+TorchRec's ``EmbeddingCollection`` holds tables of one width: tables of another width than the first table's (the
+example's ``item_embedding_dim`` / ``contextual_embedding_dim``) go into one more collection per width
+(``extra_collections``), and :class:`EmbeddingProjection` brings them to the model width.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 class EmbeddingTableSpec:
     name: str  # table name == feature name
     num_embeddings: int
+    embedding_dim: Optional[int] = None  # None: the SparseEmbeddings' embedding_dim
 
 
 def _truncated_normal_init(weight: torch.Tensor, std: float) -> torch.Tensor:
@@ -49,25 +54,29 @@ class SparseEmbeddings(nn.Module):
         for table in tables:
             if table.num_embeddings < 1:
                 raise ValueError(f"table {table.name!r} needs num_embeddings >= 1, got {table.num_embeddings}")
-        self.feature_names: list[str] = names
+            if table.embedding_dim is not None and table.embedding_dim < 1:
+                raise ValueError(f"table {table.name!r} needs embedding_dim >= 1, got {table.embedding_dim}")
         self.embedding_dim = int(embedding_dim)
-        self.collection = EmbeddingCollection(
-            tables=[
-                EmbeddingConfig(
-                    name=t.name,
-                    embedding_dim=self.embedding_dim,
-                    num_embeddings=int(t.num_embeddings),
-                    feature_names=[t.name],
-                    init_fn=functools.partial(_truncated_normal_init, std=init_std),
-                )
-                for t in tables
-            ],
-            device=device,
-        )
+        by_width: dict[int, list[EmbeddingTableSpec]] = {}  # in order of first appearance
+        for table in tables:
+            by_width.setdefault(int(table.embedding_dim or self.embedding_dim), []).append(table)
+        groups = list(by_width.items())
+        # Feature names grouped by collection, so that a KJT over all of them splits into one KJT per collection.
+        self.feature_names: list[str] = [t.name for _, group in groups for t in group]
+        self.group_sizes = [len(group) for _, group in groups]
+        self.collection = _collection(groups[0][0], groups[0][1], init_std, device)
+        self.extra_collections = nn.ModuleDict(
+            {f"width_{width}": _collection(width, group, init_std, device) for width, group in groups[1:]})
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """Embeddings of every feature of ``features`` (keys = this module's feature names), as (N_f, D) values."""
-        return {name: jagged.values() for name, jagged in self.collection(features).items()}
+        """Embeddings of every feature of ``features`` (keys = this module's feature names), as (N_f, D_f) values."""
+        if not self.extra_collections:
+            return {name: jagged.values() for name, jagged in self.collection(features).items()}
+        parts = features.split(self.group_sizes)
+        out = {}
+        for collection, part in zip([self.collection, *self.extra_collections.values()], parts):
+            out.update({name: jagged.values() for name, jagged in collection(part).items()})
+        return out
 
     def make_features(self, ids_by_feature: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyedJaggedTensor:
         """KJT over all of this module's features from {name: (values, lengths)}; absent features stay empty.
@@ -95,3 +104,35 @@ class SparseEmbeddings(nn.Module):
         """Embeddings (N, D) of 1-D ``ids`` of one feature (e.g. negative items, the whole catalogue)."""
         lengths = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
         return self(self.make_features({feature: (ids.reshape(-1), lengths)}))[feature]
+
+
+def _collection(width: int, tables: Sequence[EmbeddingTableSpec], init_std: float,
+                device: Optional[torch.device]) -> EmbeddingCollection:
+    return EmbeddingCollection(
+        tables=[
+            EmbeddingConfig(
+                name=t.name,
+                embedding_dim=width,
+                num_embeddings=int(t.num_embeddings),
+                feature_names=[t.name],
+                init_fn=functools.partial(_truncated_normal_init, std=init_std),
+            )
+            for t in tables
+        ],
+        device=device,
+    )
+
+
+class EmbeddingProjection(nn.Module):
+    """Embeddings of another width to the model width, as the NVIDIA example does it: Linear(in, D) -> ReLU ->
+    Linear(D, D), Xavier-uniform weights and zero biases."""
+
+    def __init__(self, input_dim: int, output_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(input_dim, output_dim), nn.ReLU(), nn.Linear(output_dim, output_dim))
+        for layer in (self.net[0], self.net[2]):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -116,6 +116,10 @@ class NetworkArgs:
     # fused: our CUDA kernels where they apply, else the PyTorch reference; reference: the PyTorch reference;
     # triton: Meta's generative-recommenders Triton kernel (that package installed, CUDA)
     attention_backend: str = "fused"
+    # Widths of the item/action tables and of the contextual tables (ranking), each projected to hidden_dim by
+    # Linear -> ReLU -> Linear as in the NVIDIA example. None: tables as wide as hidden_dim, no projection.
+    item_embedding_width: Optional[int] = None
+    contextual_embedding_width: Optional[int] = None
     recompute_layers: Sequence[int] = ()
     contextual_features: Sequence[str] = ()  # contextual feature names to prepend as tokens; ["*"]: all the dataset has
 
@@ -470,6 +474,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "NetworkArgs.input_scale": _finite(),
     "NetworkArgs.rab_num_time_buckets": _at_least(1),
     "NetworkArgs.target_group_size": _at_least(1),
+    "NetworkArgs.item_embedding_width": _at_least(1),
+    "NetworkArgs.contextual_embedding_width": _at_least(1),
     "EmbeddingArgs.init_std": _positive(),
     "EmbeddingArgs.item_vocab_size": _at_least(1),
     "EmbeddingArgs.item_id_low": _at_least(0),
@@ -793,15 +799,13 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
                  "ours recomputes whole layers (NetworkArgs.recompute_layers)",
                  unsupported=_when(bool, "NetworkArgs.recompute_input_silu=True (SiLU recompute)" + _NOT_YET
                                    + "; NetworkArgs.recompute_layers recomputes whole layers")),
-    ExampleField("NetworkArgs", "item_embedding_dim", int, -1, (),
-                 "-1: tables as wide as hidden_size (ours always); other widths projected to hidden_size are not "
-                 "supported yet",
-                 unsupported=_when(lambda v: v > 0, "NetworkArgs.item_embedding_dim > 0 (item embeddings of another "
-                                                    "width, projected to hidden_size)" + _NOT_YET)),
-    ExampleField("NetworkArgs", "contextual_embedding_dim", int, -1, (),
+    ExampleField("NetworkArgs", "item_embedding_dim", int, -1, ("NetworkArgs.item_embedding_width",),
+                 "-1 (<= 0): item and action tables as wide as hidden_size (ours: None); > 0: tables of that width "
+                 "projected to hidden_size by Linear -> ReLU -> Linear; ranking only (retrieval refuses it, as the "
+                 "example)", lambda v, ex: {"NetworkArgs.item_embedding_width": v} if v > 0 else {}),
+    ExampleField("NetworkArgs", "contextual_embedding_dim", int, -1, ("NetworkArgs.contextual_embedding_width",),
                  "as item_embedding_dim, for the contextual tables",
-                 unsupported=_when(lambda v: v > 0, "NetworkArgs.contextual_embedding_dim > 0 (contextual "
-                                                    "embeddings of another width)" + _NOT_YET)),
+                 lambda v, ex: {"NetworkArgs.contextual_embedding_width": v} if v > 0 else {}),
     ExampleField("NetworkArgs", "scaling_seqlen", int, -1, ("NetworkArgs.scaling_seqlen",),
                  "-1: the longest sequence of each batch; ours: the static maximum token count (a number: the same)",
                  lambda v, ex: {"NetworkArgs.scaling_seqlen": v if v > 0 else None},

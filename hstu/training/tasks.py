@@ -122,6 +122,13 @@ def _check_task_args(task_name: str, args: AllArgs) -> None:
         if d.num_candidates != 0:
             raise ValueError("DatasetArgs.num_candidates must be 0 for retrieval (the whole catalogue is ranked), "
                              f"got {d.num_candidates}")
+        widths = [f"NetworkArgs.{name}={getattr(args.network, name)}" for name in
+                  ("item_embedding_width", "contextual_embedding_width") if getattr(args.network, name) is not None]
+        if widths:
+            raise ValueError(f"{' and '.join(widths)} (the example's NetworkArgs.item_embedding_dim / "
+                             "contextual_embedding_dim): retrieval scores outputs against the item table itself, so its "
+                             "tables are as wide as NetworkArgs.hidden_dim (as in the NVIDIA example); leave them "
+                             "unset (the example's -1)")
         if not args.network.causal:
             raise ValueError("NetworkArgs.causal=False (the example's NetworkArgs.is_causal=False) lets every position "
                              "attend to the item it is trained to predict: retrieval needs causal attention")
@@ -165,7 +172,11 @@ def check_against_dataset(task_name: str, args: AllArgs, metadata: dict, source:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"{source}: contextual feature {name!r} has vocab_size {size!r}, not a positive integer")
         tables[name] = (size, f"contextual_features[{name!r}].vocab_size in {source}")
-    check_embedding_memory(tables, args.network.hidden_dim, e.max_embedding_bytes)
+    n = args.network
+    widths = {name: (n.item_embedding_width if name in ("item", "action") else n.contextual_embedding_width) or
+              n.hidden_dim for name in tables}
+    check_embedding_memory(tables, n.hidden_dim, e.max_embedding_bytes,
+                           widths if set(widths.values()) != {n.hidden_dim} else None)
     return setup
 
 
@@ -248,13 +259,18 @@ def host_memory_bytes() -> Optional[int]:
     return min(limits) if limits else None
 
 
-def check_embedding_memory(tables: dict[str, tuple[int, str]], dim: int, max_bytes: Optional[int]) -> None:
+def check_embedding_memory(tables: dict[str, tuple[int, str]], dim: int, max_bytes: Optional[int],
+                           widths: Optional[dict[str, int]] = None) -> None:
     """Stop before allocating embedding tables larger than ``max_bytes`` (default: host memory per process).
 
-    ``tables``: name -> (rows, where the row count comes from). Every process builds its full tables on the host
-    before they are sharded, so the fp32 weights of all tables must fit in one process's share of the host.
+    ``tables``: name -> (rows, where the row count comes from); ``widths``: name -> width where the tables differ
+    (None: all ``dim`` wide). Every process builds its full tables on the host before they are sharded, so the fp32
+    weights of all tables must fit in one process's share of the host.
     """
-    total = sum(rows for rows, _ in tables.values()) * dim * FP32_BYTES
+    if widths is None:
+        total = sum(rows for rows, _ in tables.values()) * dim * FP32_BYTES
+    else:
+        total = sum(rows * widths[name] for name, (rows, _) in tables.items()) * FP32_BYTES
     if max_bytes is not None:
         limit, limit_text = max_bytes, "EmbeddingArgs.max_embedding_bytes"
     else:
@@ -269,8 +285,10 @@ def check_embedding_memory(tables: dict[str, tuple[int, str]], dim: int, max_byt
     if total <= limit:
         return
     parts = "; ".join(f"{name}: {rows:,} rows ({origin})" for name, (rows, origin) in tables.items())
-    raise ValueError(f"the embedding tables need {total:,} bytes ({_human_bytes(total)}: rows x {dim} "
-                     f"(NetworkArgs.hidden_dim) x {FP32_BYTES} bytes; {parts}), more than {limit_text} "
+    width = (f"{dim} (NetworkArgs.hidden_dim)" if widths is None else
+             "their widths (NetworkArgs.hidden_dim, item_embedding_width, contextual_embedding_width)")
+    raise ValueError(f"the embedding tables need {total:,} bytes ({_human_bytes(total)}: rows x {width} "
+                     f"x {FP32_BYTES} bytes; {parts}), more than {limit_text} "
                      f"= {limit:,} bytes. Item ids should be dense (0..num_items - 1): re-map huge ids when "
                      "preparing the data, or lower NetworkArgs.hidden_dim")
 
@@ -484,6 +502,8 @@ class RankingTask(Task):
             self.num_items(), self.train_dataset.action_vocab_size, build_encoder_config(self.args, max_tokens, True, False),
             loss, r.head_hidden_dims, r.head_dropout, contextual_vocab_sizes=self.contextual_vocab_sizes,
             embedding_init_std=self.args.embeddings.init_std, head_activation=r.head_activation, head_bias=r.head_bias,
+            item_embedding_dim=self.args.network.item_embedding_width,
+            contextual_embedding_dim=self.args.network.contextual_embedding_width,
         )  # fmt: skip
 
     def head_flops(self, num_candidates: int) -> float:

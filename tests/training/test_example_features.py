@@ -242,3 +242,50 @@ def test_the_triton_backend_calls_metas_kernel_with_our_arguments(monkeypatch):
             _encoder(attention_backend="triton", scaling_seqlen=20)
     finally:
         attention_backends.load_triton_attention.cache_clear()
+
+
+# ---- NetworkArgs.item_embedding_dim / contextual_embedding_dim --------------------------------------------------------
+def test_tables_of_their_own_width_are_projected_to_the_hidden_size():
+    from hstu.models.losses import MultiTaskLoss
+    from hstu.models.ranking import RankingModel
+
+    config = EncoderConfig(embedding_dim=8, num_layers=1, num_heads=2, qk_dim=4, v_dim=4, max_tokens=40,
+                           interleave_actions=True)
+    model = RankingModel(30, 4, config, MultiTaskLoss("bitmask", 2), (8,), contextual_vocab_sizes={"age": 5, "city": 7},
+                         item_embedding_dim=6, contextual_embedding_dim=3)
+    weights = {name: tuple(p.shape) for name, p in model.embeddings.named_parameters()}
+    assert weights == {"collection.embeddings.item.weight": (30, 6), "collection.embeddings.action.weight": (4, 6),
+                       "extra_collections.width_3.embeddings.age.weight": (5, 3),
+                       "extra_collections.width_3.embeddings.city.weight": (7, 3)}
+    ids = {"item": (torch.tensor([1, 2, 3]), torch.tensor([3])), "action": (torch.tensor([0, 1, 2]), torch.tensor([3])),
+           "age": (torch.tensor([4]), torch.tensor([1])), "city": (torch.tensor([6]), torch.tensor([1]))}
+    values = model.embeddings(model.embeddings.make_features(ids))
+    assert {k: tuple(v.shape) for k, v in values.items()} == {"item": (3, 6), "action": (3, 6), "age": (1, 3),
+                                                              "city": (1, 3)}
+    torch.testing.assert_close(values["age"], model.embeddings.extra_collections["width_3"].embeddings["age"].weight[4:5])
+    projected = model.item_projection(values["item"])
+    first, _, second = model.item_projection.net
+    torch.testing.assert_close(projected, second(torch.relu(first(values["item"]))))
+    assert projected.shape == (3, 8) and model.contextual_projection(values["age"]).shape == (1, 8)
+
+
+def test_embedding_widths_map_onto_ours_and_retrieval_refuses_them():
+    from hstu.training.tasks import check_task_config
+
+    args = parse_gin([], EXAMPLE + ["NetworkArgs.item_embedding_dim=12", "NetworkArgs.contextual_embedding_dim=-1"])
+    assert (args.network.item_embedding_width, args.network.contextual_embedding_width) == (12, None)
+    with pytest.raises(ValueError, match=re.escape("NetworkArgs.item_embedding_width=12 (the example's")):
+        check_task_config("retrieval", args)
+    gin.clear_config()
+    with pytest.raises(ValueError, match="NetworkArgs.contextual_embedding_width must be >= 1"):
+        parse_gin([], ["NetworkArgs.contextual_embedding_width=0"])
+
+
+def test_a_run_with_every_new_network_and_head_option(bitmask_data, tmp_path):
+    losses, summary = _train(bitmask_data, tmp_path / "all", "NetworkArgs.item_embedding_dim=12",
+                             "NetworkArgs.contextual_embedding_dim=6", "NetworkArgs.disable_contextual_mask=True",
+                             "RankingArgs.prediction_head_act_type='gelu'", "RankingArgs.prediction_head_bias=False",
+                             "RankingArgs.eval_metrics=['AUC', 'ACC']", "NetworkArgs.kernel_backend='pytorch'")
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)
+    accuracies = {k: v for k, v in summary.items() if k.startswith("ACC/")}
+    assert len(accuracies) == 8 and all(0.0 <= v <= 1.0 for v in accuracies.values())
