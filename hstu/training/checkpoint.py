@@ -52,7 +52,7 @@ _REPLACED_DIR = re.compile(r"^\.step_(\d{8,})\.replaced$")
 _CHUNK = 1 << 20
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointWriteError", "MANIFEST", "capture_rng_state",
-           "check_compatible", "choose_checkpoint", "load_checkpoint", "restore_rng_state", "save_checkpoint",
+           "check_compatible", "choose_checkpoint", "choose_init_checkpoint", "load_checkpoint", "restore_rng_state", "save_checkpoint",
            "sharding_plan", "step_directories", "verify_checkpoint"]
 
 
@@ -231,11 +231,12 @@ def _latest_name(run_dir: str) -> Optional[str]:
         return None
 
 
-def choose_checkpoint(run_dir: str) -> tuple[Optional[str], dict, list[str]]:
+def choose_checkpoint(run_dir: str, purpose: str = "--resume") -> tuple[Optional[str], dict, list[str]]:
     """The newest checkpoint of ``run_dir`` that verifies: (path or None, its manifest, notes on what was skipped).
 
     None when there is no ``step_*`` directory at all. When there are some and none verifies, raises
-    :class:`CheckpointError` listing each one and why (nothing is changed on disk).
+    :class:`CheckpointError` listing each one and why (nothing is changed on disk). ``purpose`` starts the error
+    message (what the checkpoint is for).
     """
     notes, skipped = [], []
     latest = _latest_name(run_dir)
@@ -255,10 +256,32 @@ def choose_checkpoint(run_dir: str) -> tuple[Optional[str], dict, list[str]]:
                          f"checkpoint that verifies, {os.path.basename(path)}")
         return path, manifest, notes
     if candidates:
+        advice = " Pass --fresh to move this run aside and start anew." if purpose == "--resume" else ""
         raise CheckpointError(
-            f"--resume: no checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)} verifies (nothing was changed): "
-            + "; ".join(skipped) + ". Pass --fresh to move this run aside and start anew.")
+            f"{purpose}: no checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)} verifies (nothing was changed): "
+            + "; ".join(skipped) + "." + advice)
     return None, {}, notes
+
+
+def choose_init_checkpoint(directory: str) -> tuple[str, dict, list[str]]:
+    """The checkpoint that starts a run from another run's state (``TrainerArgs.init_from``): ``directory`` itself
+    when it is a checkpoint (it holds a manifest), else the newest checkpoint of run directory ``directory`` that
+    verifies. Returns (path, manifest, notes); only reads. A :class:`CheckpointError` naming the directory when
+    there is no such checkpoint."""
+    what = f"TrainerArgs.init_from={directory!r}"
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{what}: no such directory (a run directory or one of its {CHECKPOINT_DIR}/step_N "
+                              "directories expected)")
+    if os.path.isfile(os.path.join(directory, MANIFEST)):
+        try:
+            return directory, verify_checkpoint(directory), []
+        except CheckpointError as err:
+            raise CheckpointError(f"{what}: {err}") from None
+    path, manifest, notes = choose_checkpoint(directory, purpose=what)
+    if path is None:
+        raise CheckpointError(f"{what}: no checkpoint in {os.path.join(directory, CHECKPOINT_DIR)} (a run directory "
+                              f"or one of its {CHECKPOINT_DIR}/step_N directories expected)")
+    return path, manifest, notes
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ class TrainerArgs:
     max_epochs: int = 1
     max_steps: Optional[int] = None  # total optimizer steps (caps max_epochs; sets the LR schedule length)
     stop_after_steps: Optional[int] = None  # exit (checkpointing) after this global step: simulates an interruption
+    # Start from the model and optimizer state of another run: its run directory (the newest checkpoint that
+    # verifies) or one of its checkpoints/step_N directories. Only read; --resume with a checkpoint of run_dir wins.
+    init_from: Optional[str] = None
     eval_interval_steps: Optional[int] = None  # evaluate every N steps (None: only at epoch ends)
     eval_every_epochs: int = 1  # evaluate every N epochs (0: only at the end)
     eval_split: str = "test"  # "valid" or "test"
@@ -443,6 +446,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "TrainerArgs.max_epochs": _at_least(0),
     "TrainerArgs.max_steps": _at_least(1),
     "TrainerArgs.stop_after_steps": _at_least(1),
+    "TrainerArgs.init_from": ((lambda v: bool(v)), "a non-empty path"),
     "TrainerArgs.eval_interval_steps": _at_least(0),
     "TrainerArgs.eval_every_epochs": _at_least(0),
     "TrainerArgs.eval_max_batches": _at_least(1),
@@ -530,6 +534,13 @@ def _check_combinations(args: AllArgs) -> None:
             and args.embeddings.item_id_low >= args.embeddings.item_vocab_size:
         raise ValueError(f"EmbeddingArgs.item_id_low={args.embeddings.item_id_low} leaves no item: it must be < "
                          f"EmbeddingArgs.item_vocab_size={args.embeddings.item_vocab_size}")
+    t = args.trainer
+    if t.init_from:
+        source, target = os.path.realpath(t.init_from), os.path.realpath(t.run_dir)
+        if source == target or source.startswith(target + os.sep) or target.startswith(source + os.sep):
+            raise ValueError(f"TrainerArgs.init_from={t.init_from!r} (the example's ckpt_load_dir) and TrainerArgs."
+                             f"run_dir={t.run_dir!r} (ckpt_save_dir) overlap: the run would write where it loads from; "
+                             "continue a run with --resume instead, or save into another directory")
     from hstu.modules.attention_backends import check_backend_settings
 
     check_backend_settings(n.attention_backend, causal=n.causal, relative_attention_bias=n.relative_attention_bias,
@@ -727,10 +738,11 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
                  "becomes the run directory: checkpoints go to <ckpt_save_dir>/checkpoints/step_N in our format "
                  "(logs and config.json beside them); unbound (the example: ./checkpoints): runs/<config name>",
                  lambda v, ex: {"TrainerArgs.run_dir": v} if v is not None else {}, rule=((lambda v: bool(v)), "a non-empty path")),
-    ExampleField("TrainerArgs", "ckpt_load_dir", str, "", (),
-                 "loading a checkpoint of another run directory; ours resumes only its own run_dir (--resume)",
-                 unsupported=_when(bool, "TrainerArgs.ckpt_load_dir (loading a checkpoint from another run "
-                                         "directory)" + _NOT_YET + "; copy that run directory and pass --resume")),
+    ExampleField("TrainerArgs", "ckpt_load_dir", str, "", ("TrainerArgs.init_from",),
+                 "a run directory (its newest checkpoint that verifies) or one of its checkpoints/step_N: model and "
+                 "optimizer state from there, step, data order and random streams afresh (as the example); only "
+                 "read, never inside ckpt_save_dir (continue a run there with --resume)",
+                 lambda v, ex: {"TrainerArgs.init_from": v} if v else {}),
     ExampleField("TrainerArgs", "pipeline_type", str, "native", (),
                  "ours trains without an overlap pipeline (same numerics as 'none'); 'native' and 'prefetch' "
                  "(TorchRec train pipelines) are not supported yet when bound",

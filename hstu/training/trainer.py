@@ -99,6 +99,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # Before anything is read or written: refuses a reused run directory, picks the checkpoint to resume from.
         resume_from, manifest = self._prepare_run_dir(t.run_dir, resume, fresh, args.dataset.dataset_dir)
+        init_from, init_manifest = None, {}
+        if resume_from is None and t.init_from is not None:
+            # A run that resumes continues its own checkpoints; otherwise it starts from another run's state.
+            init_from, init_manifest = self._decided_on_rank0(lambda: self._init_checkpoint(t.init_from))
         seed_everything(t.seed)  # identical initialisation on every rank (replicas and TP slices start equal)
         ensure_dataset(args, self.ctx)  # collective: rank 0 generates a missing synthetic dataset
         self.task: Task = TASKS[task_name](args, self.ctx)
@@ -126,6 +130,8 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from, manifest)
         else:
+            if init_from is not None:
+                self._initialise_from(init_from, init_manifest)
             # Different dropout / negative samples per data-parallel rank, reproducible from the seed. The ranks of
             # one TP group share the stream: they must draw the same negatives and input dropout (the dropout
             # inside TP layers uses Megatron's per-TP-rank tracker).
@@ -138,10 +144,14 @@ class Trainer:
     def _prepare_run_dir(self, run_dir: str, resume: bool, fresh: bool, dataset_dir: str) -> tuple[Optional[str], dict]:
         """Collective: rank 0 applies the run-directory rules and picks the checkpoint; every rank gets the outcome
         (the same error is raised on every rank). Returns (checkpoint path or None, its verified manifest)."""
-        outcome: tuple = ("error", RuntimeError("run directory not checked"))
+        return self._decided_on_rank0(lambda: self._check_run_dir(run_dir, resume, fresh, dataset_dir))
+
+    def _decided_on_rank0(self, decide: Callable[[], tuple]) -> tuple:
+        """Collective: ``decide()`` on rank 0, its result (or its error, raised on every rank) on every rank."""
+        outcome: tuple = ("error", RuntimeError("not decided"))
         if self.ctx.is_main:
             try:
-                outcome = ("ok", *self._check_run_dir(run_dir, resume, fresh, dataset_dir))
+                outcome = ("ok", *decide())
             except Exception as err:  # every failure reaches the other ranks, which would otherwise wait forever
                 outcome = ("error", err)
         if self.ctx.world_size > 1:
@@ -151,6 +161,12 @@ class Trainer:
         if outcome[0] == "error":
             raise outcome[1]
         return outcome[1], outcome[2]
+
+    def _init_checkpoint(self, directory: str) -> tuple[str, dict]:
+        path, manifest, notes = ckpt.choose_init_checkpoint(directory)
+        for note in notes:
+            print(f"[hstu] TrainerArgs.init_from: {note}", flush=True)
+        return path, manifest
 
     def _check_run_dir(self, run_dir: str, resume: bool, fresh: bool, dataset_dir: str) -> tuple[Optional[str], dict]:
         if resume:
@@ -232,6 +248,17 @@ class Trainer:
         self.pending_rng = extra["rng"]
         if self.ctx.is_main:
             print(f"[hstu] resumed from {path} at step {self.state.step} (epoch {self.state.epoch})", flush=True)
+
+    def _initialise_from(self, path: str, manifest: dict) -> None:
+        """Weights and optimizer states (dense and tables) of checkpoint ``path`` of another run; the step, data
+        position and random streams start afresh, as the NVIDIA example's ckpt_load_dir does. Only reads ``path``."""
+        try:
+            ckpt.load_checkpoint(path, self.parallel, manifest)
+        except (ckpt.CheckpointError, RuntimeError, KeyError) as err:  # RuntimeError: a model of other shapes
+            raise ckpt.CheckpointError(f"TrainerArgs.init_from={self.args.trainer.init_from!r}: {err}") from None
+        if self.ctx.is_main:
+            print(f"[hstu] model and optimizer state from {path} (its step {manifest['step']}); this run starts at "
+                  "step 0", flush=True)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, with_baseline: bool = False) -> dict:

@@ -262,7 +262,6 @@ def test_benchmark_objects_are_checked_before_the_not_supported_error(tmp_path, 
 
 @pytest.mark.parametrize("binding, field", [
     ("TrainerArgs.profile=True", "TrainerArgs.profile"),
-    ("TrainerArgs.ckpt_load_dir='runs/other'", "TrainerArgs.ckpt_load_dir"),
     ("TrainerArgs.pipeline_type='prefetch'", "TrainerArgs.pipeline_type"),
     ("TrainerArgs.pipeline_type='native'", "TrainerArgs.pipeline_type"),
     ("NetworkArgs.dtype_str='float16'", "NetworkArgs.dtype_str"),

@@ -155,15 +155,9 @@ def bitmask_data(tmp_path_factory):
     return str(path)
 
 
-def _train(data, run_dir, *bindings, resume=False):
-    """Losses of a 4-step example-style ranking run on CPU (train_log.jsonl)."""
-    import json
-    import os
-
-    from hstu.training.trainer import run
-
+def _example_args(data, run_dir, *bindings):
     gin.clear_config()
-    args = parse_gin([], [
+    return parse_gin([], [
         "TrainerArgs.train_batch_size=16", "TrainerArgs.eval_batch_size=32", "TrainerArgs.max_train_iters=4",
         "TrainerArgs.log_interval=1", "TrainerArgs.eval_interval=4", "TrainerArgs.max_eval_iters=1",
         "DatasetArgs.dataset_name='synthetic'", f"DatasetArgs.dataset_path={data!r}", "DatasetArgs.max_history_seqlen=16",
@@ -173,7 +167,16 @@ def _train(data, run_dir, *bindings, resume=False):
         "RankingArgs.prediction_head_arch=[16, 8]", "RankingArgs.num_tasks=8", f"TrainerArgs.run_dir={str(run_dir)!r}",
         "TrainerArgs.device='cpu'", "TrainerArgs.progress_bar=False", "TrainerArgs.tensorboard=False",
         "TrainerArgs.plot=False", "TrainerArgs.compute_baseline=False", *bindings])
-    summary = run("ranking", args, resume=resume)
+
+
+def _train(data, run_dir, *bindings):
+    """Losses of a 4-step example-style ranking run on CPU (train_log.jsonl) and its summary."""
+    import json
+    import os
+
+    from hstu.training.trainer import run
+
+    summary = run("ranking", _example_args(data, run_dir, *bindings))
     with open(os.path.join(run_dir, "train_log.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f if line.strip()], summary
 
@@ -289,3 +292,71 @@ def test_a_run_with_every_new_network_and_head_option(bitmask_data, tmp_path):
     assert len(losses) == 4 and all(0 < x < 10 for x in losses)
     accuracies = {k: v for k, v in summary.items() if k.startswith("ACC/")}
     assert len(accuracies) == 8 and all(0.0 <= v <= 1.0 for v in accuracies.values())
+
+
+# ---- TrainerArgs.ckpt_load_dir / TrainerArgs.init_from ---------------------------------------------------------------
+def _tree(root):
+    """Every file under ``root`` with its size, modification time and content."""
+    import os
+
+    out = {}
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (os.path.getsize(path), os.stat(path).st_mtime_ns, f.read())
+    return out
+
+
+def _state(trainer):
+    dense = trainer.parallel.dense
+    return trainer.model.state_dict(), dense.optimizer.state_dict()["state"]
+
+
+def test_a_run_starts_from_the_model_and_optimizer_state_of_another_run_directory(bitmask_data, tmp_path):
+    import shutil
+
+    from hstu.training.trainer import Trainer
+
+    source = tmp_path / "source"
+    _train(bitmask_data, source, "TrainerArgs.ckpt_save_interval=2")  # checkpoints at steps 2 and 4
+    before = _tree(source)
+    shutil.copytree(source, tmp_path / "copy")
+    resumed = Trainer("ranking", _example_args(bitmask_data, tmp_path / "copy", "TrainerArgs.ckpt_save_interval=2"),
+                      resume=True)
+    trainer = Trainer("ranking", _example_args(bitmask_data, tmp_path / "new", f"TrainerArgs.ckpt_load_dir={str(source)!r}"))
+    try:
+        assert (resumed.state.step, trainer.state.step) == (4, 0)  # the step starts afresh
+        (model, optimizer), (expected_model, expected_optimizer) = _state(trainer), _state(resumed)
+        assert model.keys() == expected_model.keys() and optimizer.keys() == expected_optimizer.keys()
+        for name, value in model.items():
+            torch.testing.assert_close(value, expected_model[name], rtol=0, atol=0, msg=name)
+        for index, state in optimizer.items():
+            for key, value in state.items():
+                torch.testing.assert_close(value, expected_optimizer[index][key], rtol=0, atol=0)
+        trainer.train()
+    finally:
+        trainer.close()
+        resumed.close()
+    assert _tree(source) == before  # nothing in the loaded directory was written, moved or deleted
+
+
+def test_init_from_a_step_directory_and_the_named_errors(bitmask_data, tmp_path):
+    from hstu.training.checkpoint import CheckpointError, choose_init_checkpoint
+
+    source = tmp_path / "source"
+    _train(bitmask_data, source, "TrainerArgs.ckpt_save_interval=2")
+    step = source / "checkpoints" / "step_00000002"
+    assert choose_init_checkpoint(str(step))[0] == str(step)
+    assert choose_init_checkpoint(str(source))[0].endswith("step_00000004")
+    (source / "checkpoints" / "step_00000004" / "rank0.pt").write_bytes(b"corrupt")
+    path, _, notes = choose_init_checkpoint(str(source))  # the newest checkpoint that verifies
+    assert path.endswith("step_00000002") and "step_00000004" in notes[0]
+    with pytest.raises(CheckpointError, match=re.escape(f"TrainerArgs.init_from={str(tmp_path / 'nowhere')!r}: no such")):
+        _train(bitmask_data, tmp_path / "b", f"TrainerArgs.ckpt_load_dir={str(tmp_path / 'nowhere')!r}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=re.escape(f"TrainerArgs.init_from={str(empty)!r}: no checkpoint")):
+        _train(bitmask_data, tmp_path / "c", f"TrainerArgs.ckpt_load_dir={str(empty)!r}")
+    with pytest.raises(ValueError, match="TrainerArgs.init_from=.*TrainerArgs.run_dir=.*overlap"):
+        _example_args(bitmask_data, source, f"TrainerArgs.ckpt_load_dir={str(source)!r}")
