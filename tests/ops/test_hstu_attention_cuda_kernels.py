@@ -118,7 +118,8 @@ def _ws_forward_checks() -> None:
                         with profile(activities=[ProfilerActivity.CUDA]) as prof:
                             out_per_tile = cuda.forward(args, variant=per_tile)
                             torch.cuda.synchronize()
-                        assert any("hstu_fwd_sm90_ws_kernel" in evt.key for evt in prof.key_averages())
+                        assert any("hstu_fwd_sm90_ws_kernel" in evt.key and "SingleTileScheduler" in evt.key
+                                   for evt in prof.key_averages())
                         assert torch.equal(out_per_tile, out_ws), (_describe(cfg), two_per_sm)
                     if c == 0:
                         with cuda.kernel_variant(ws):  # forward (warp-specialized) and gradients through the op
@@ -147,8 +148,8 @@ def _persistent_forward_short_items_checks() -> None:
 
 
 def _is_ws_forward(kernel_name: str) -> bool:
-    """Whether a profiled kernel is a warp-specialized sm90 forward: the persistent one or the one-tile-per-block one."""
-    return "hstu_fwd_sm90_ws_kernel" in kernel_name or "hstu_fwd_sm90_persistent_kernel" in kernel_name
+    """Whether a profiled kernel is the warp-specialized sm90 forward (either tile scheduler)."""
+    return "hstu_fwd_sm90_ws_kernel" in kernel_name
 
 
 def _ws_forward_consumer_warpgroups(prof) -> list[str]:

@@ -1,4 +1,4 @@
-// Host emulation of the attention kernels, for tests without a GPU (tests/ops/test_hstu_attention_cuda.py builds it
+// Host emulation of the attention kernels, for tests without a GPU (tests/ops/test_hstu_attention_cuda_emulation.py builds it
 // with g++ and drives it through ctypes). The real kernel sources (fwd_kernel.h / bwd_kernel.h) run block after
 // block, one ucontext fiber per CUDA thread; emu_core.hpp and the fake cute/arch headers emulate barriers,
 // ldmatrix, mma.sync, cp.async (synchronous) and atomics. Which sm80-style kernels run comes from heuristics.h's
