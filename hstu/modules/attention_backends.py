@@ -55,7 +55,8 @@ def check_backend_settings(backend: str, *, causal: bool, relative_attention_bia
     """Settings that ``backend`` cannot compute, as an :class:`AttentionBackendError` naming the fields; for
     ``triton`` also whether Meta's package imports."""
     if backend not in ATTENTION_BACKENDS:
-        raise AttentionBackendError(f"NetworkArgs.attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        raise AttentionBackendError(f"NetworkArgs.attention_backend must be one of {ATTENTION_BACKENDS}, "
+                                    f"got {backend!r}")
     if backend != "triton":
         return
     unsupported = [name for name, bad in (

@@ -52,7 +52,8 @@ _REPLACED_DIR = re.compile(r"^\.step_(\d{8,})\.replaced$")
 _CHUNK = 1 << 20
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "CheckpointWriteError", "MANIFEST", "capture_rng_state",
-           "check_compatible", "choose_checkpoint", "choose_init_checkpoint", "load_checkpoint", "restore_rng_state", "save_checkpoint",
+           "check_compatible", "choose_checkpoint", "choose_init_checkpoint", "load_checkpoint", "restore_rng_state",
+           "save_checkpoint",
            "sharding_plan", "step_directories", "verify_checkpoint"]
 
 

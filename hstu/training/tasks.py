@@ -126,8 +126,8 @@ def _check_task_args(task_name: str, args: AllArgs) -> None:
                   ("item_embedding_width", "contextual_embedding_width") if getattr(args.network, name) is not None]
         if widths:
             raise ValueError(f"{' and '.join(widths)} (the example's NetworkArgs.item_embedding_dim / "
-                             "contextual_embedding_dim): retrieval scores outputs against the item table itself, so its "
-                             "tables are as wide as NetworkArgs.hidden_dim (as in the NVIDIA example); leave them "
+                             "contextual_embedding_dim): retrieval scores outputs against the item table itself, so "
+                             "its tables are as wide as NetworkArgs.hidden_dim (as in the NVIDIA example); leave them "
                              "unset (the example's -1)")
         if not args.network.causal:
             raise ValueError("NetworkArgs.causal=False (the example's NetworkArgs.is_causal=False) lets every position "

@@ -32,7 +32,8 @@ def _encoder(**overrides):
 
 def _inputs(items, contexts=None, num_contextual=0):
     lengths = torch.tensor([5, 4])
-    actions = torch.randn(items.shape[0], items.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    actions = torch.randn(items.shape[0], items.shape[1], dtype=torch.float64, generator=generator)
     return EncoderInputs(item_embeddings=items, seq_lengths=lengths, timestamps=torch.arange(9) * 10,
                          num_candidates=torch.tensor([2, 1]), action_embeddings=actions,
                          contextual_embeddings=contexts, num_contextual=num_contextual)
@@ -160,7 +161,8 @@ def _example_args(data, run_dir, *bindings):
     return parse_gin([], [
         "TrainerArgs.train_batch_size=16", "TrainerArgs.eval_batch_size=32", "TrainerArgs.max_train_iters=4",
         "TrainerArgs.log_interval=1", "TrainerArgs.eval_interval=4", "TrainerArgs.max_eval_iters=1",
-        "DatasetArgs.dataset_name='synthetic'", f"DatasetArgs.dataset_path={data!r}", "DatasetArgs.max_history_seqlen=16",
+        "DatasetArgs.dataset_name='synthetic'", f"DatasetArgs.dataset_path={data!r}",
+        "DatasetArgs.max_history_seqlen=16",
         "DatasetArgs.max_num_candidates=3", "NetworkArgs.num_layers=1", "NetworkArgs.hidden_size=16",
         "NetworkArgs.num_attention_heads=2", "NetworkArgs.kv_channels=8", "NetworkArgs.scaling_seqlen=60",
         "NetworkArgs.hidden_dropout=0.1", "OptimizerArgs.optimizer_str='adam'", "OptimizerArgs.learning_rate=1e-2",
@@ -181,7 +183,7 @@ def _train(data, run_dir, *bindings):
         return [json.loads(line)["loss"] for line in f if line.strip()], summary
 
 
-# ---- NetworkArgs.kernel_backend / NetworkArgs.attention_backend -------------------------------------------------------
+# ---- NetworkArgs.kernel_backend / NetworkArgs.attention_backend ------------------------------------------------------
 def test_the_pytorch_backend_trains_as_the_default_on_cpu(bitmask_data, tmp_path, monkeypatch):
     import hstu.modules.hstu_layer as hstu_layer
 
@@ -247,7 +249,7 @@ def test_the_triton_backend_calls_metas_kernel_with_our_arguments(monkeypatch):
         attention_backends.load_triton_attention.cache_clear()
 
 
-# ---- NetworkArgs.item_embedding_dim / contextual_embedding_dim --------------------------------------------------------
+# ---- NetworkArgs.item_embedding_dim / contextual_embedding_dim -------------------------------------------------------
 def test_tables_of_their_own_width_are_projected_to_the_hidden_size():
     from hstu.models.losses import MultiTaskLoss
     from hstu.models.ranking import RankingModel
@@ -265,7 +267,8 @@ def test_tables_of_their_own_width_are_projected_to_the_hidden_size():
     values = model.embeddings(model.embeddings.make_features(ids))
     assert {k: tuple(v.shape) for k, v in values.items()} == {"item": (3, 6), "action": (3, 6), "age": (1, 3),
                                                               "city": (1, 3)}
-    torch.testing.assert_close(values["age"], model.embeddings.extra_collections["width_3"].embeddings["age"].weight[4:5])
+    age_table = model.embeddings.extra_collections["width_3"].embeddings["age"].weight
+    torch.testing.assert_close(values["age"], age_table[4:5])
     projected = model.item_projection(values["item"])
     first, _, second = model.item_projection.net
     torch.testing.assert_close(projected, second(torch.relu(first(values["item"]))))
@@ -295,19 +298,6 @@ def test_a_run_with_every_new_network_and_head_option(bitmask_data, tmp_path):
 
 
 # ---- TrainerArgs.ckpt_load_dir / TrainerArgs.init_from ---------------------------------------------------------------
-def _tree(root):
-    """Every file under ``root`` with its size, modification time and content."""
-    import os
-
-    out = {}
-    for directory, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = (os.path.getsize(path), os.stat(path).st_mtime_ns, f.read())
-    return out
-
-
 def _state(trainer):
     dense = trainer.parallel.dense
     return trainer.model.state_dict(), dense.optimizer.state_dict()["state"]
@@ -317,14 +307,16 @@ def test_a_run_starts_from_the_model_and_optimizer_state_of_another_run_director
     import shutil
 
     from hstu.training.trainer import Trainer
+    from tests.training.test_fault_injection import tree
 
     source = tmp_path / "source"
     _train(bitmask_data, source, "TrainerArgs.ckpt_save_interval=2")  # checkpoints at steps 2 and 4
-    before = _tree(source)
+    before = tree(source)
     shutil.copytree(source, tmp_path / "copy")
     resumed = Trainer("ranking", _example_args(bitmask_data, tmp_path / "copy", "TrainerArgs.ckpt_save_interval=2"),
                       resume=True)
-    trainer = Trainer("ranking", _example_args(bitmask_data, tmp_path / "new", f"TrainerArgs.ckpt_load_dir={str(source)!r}"))
+    trainer = Trainer("ranking", _example_args(bitmask_data, tmp_path / "new",
+                                               f"TrainerArgs.ckpt_load_dir={str(source)!r}"))
     try:
         assert (resumed.state.step, trainer.state.step) == (4, 0)  # the step starts afresh
         (model, optimizer), (expected_model, expected_optimizer) = _state(trainer), _state(resumed)
@@ -338,7 +330,7 @@ def test_a_run_starts_from_the_model_and_optimizer_state_of_another_run_director
     finally:
         trainer.close()
         resumed.close()
-    assert _tree(source) == before  # nothing in the loaded directory was written, moved or deleted
+    assert tree(source) == before  # nothing in the loaded directory was written, moved or deleted
 
 
 def test_init_from_a_step_directory_and_the_named_errors(bitmask_data, tmp_path):
@@ -352,8 +344,9 @@ def test_init_from_a_step_directory_and_the_named_errors(bitmask_data, tmp_path)
     (source / "checkpoints" / "step_00000004" / "rank0.pt").write_bytes(b"corrupt")
     path, _, notes = choose_init_checkpoint(str(source))  # the newest checkpoint that verifies
     assert path.endswith("step_00000002") and "step_00000004" in notes[0]
-    with pytest.raises(CheckpointError, match=re.escape(f"TrainerArgs.init_from={str(tmp_path / 'nowhere')!r}: no such")):
-        _train(bitmask_data, tmp_path / "b", f"TrainerArgs.ckpt_load_dir={str(tmp_path / 'nowhere')!r}")
+    nowhere = str(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=re.escape(f"TrainerArgs.init_from={nowhere!r}: no such")):
+        _train(bitmask_data, tmp_path / "b", f"TrainerArgs.ckpt_load_dir={nowhere!r}")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match=re.escape(f"TrainerArgs.init_from={str(empty)!r}: no checkpoint")):
