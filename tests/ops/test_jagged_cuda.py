@@ -110,20 +110,3 @@ def test_gradients_match_reference_autograd(dtype):
 
     for got, want in zip(run(True), run(False)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def test_public_ops_run_the_kernels_on_cuda(monkeypatch):
-    from hstu.ops import concat_2d_jagged, dense_to_jagged, jagged_to_padded_dense, split_2d_jagged
-
-    calls = []
-    for name in ("jagged_to_padded_dense", "dense_to_jagged", "concat_2d_jagged", "split_2d_jagged"):
-        original = getattr(jagged_cuda, name)
-        monkeypatch.setattr(jagged_cuda, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    offsets = _offsets(LENGTHS, torch.int32)
-    values = _values(sum(LENGTHS), (4,), torch.bfloat16, seed=10)
-    padded = jagged_to_padded_dense(values, offsets, 200)
-    assert torch.equal(dense_to_jagged(padded, offsets), values)
-    cat, cat_offsets = concat_2d_jagged(values, offsets, values, offsets.long())  # promoted to int64 offsets
-    a, b = split_2d_jagged(cat, offsets, offsets)
-    assert torch.equal(a, values) and torch.equal(b, values) and cat_offsets.dtype == torch.int64
-    assert calls == ["jagged_to_padded_dense", "dense_to_jagged", "concat_2d_jagged", "split_2d_jagged"]

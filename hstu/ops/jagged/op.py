@@ -1,5 +1,4 @@
-"""Public jagged ops: argument checks, then the implementation: the CUDA kernels of csrc/jagged (``cuda.py``) for
-tensors on a GPU when the extension is built, else the vectorised torch references (``reference.py``)."""
+"""Public jagged ops: argument checks, then the implementation (vectorised torch on every device)."""
 
 from __future__ import annotations
 
@@ -22,12 +21,7 @@ from hstu.ops._validation import (
     to_host,
     values_are_concrete,
 )
-from hstu.ops.jagged import cuda, reference
-
-
-def _use_kernels(*tensors: torch.Tensor) -> bool:
-    """The CUDA kernels take real tensors on a GPU (not fake or meta ones, nor a graph being compiled)."""
-    return values_are_concrete(*tensors) and cuda.available(*tensors)
+from hstu.ops.jagged import reference
 
 
 def _exact_sum(host: torch.Tensor) -> int:
@@ -136,8 +130,6 @@ def jagged_to_padded_dense(
     extent = math.prod(max(size, 1) for size in (offsets.numel() - 1, max_length, *values.shape[1:]))
     if (extent + math.prod(values.shape[1:])) * values.element_size() > INT64_MAX:
         raise ValueError(f"max_length={max_length} is too large: the padded tensor's size would pass the int64 range")
-    if _use_kernels(values, offsets):
-        return cuda.jagged_to_padded_dense(values, offsets, max_length, padding_value)
     return reference.jagged_to_padded_dense_reference(values, offsets, max_length, padding_value)
 
 
@@ -153,8 +145,6 @@ def dense_to_jagged(dense: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         longest = int(lengths_of(offsets).max())
         if longest > dense.shape[1]:
             raise ValueError(f"offsets has a sequence of length {longest} > dense.shape[1]={dense.shape[1]}")
-    if _use_kernels(dense, offsets):
-        return cuda.dense_to_jagged(dense, offsets, int(offsets[-1]))
     return reference.dense_to_jagged_reference(dense, offsets)
 
 
@@ -189,10 +179,7 @@ def concat_2d_jagged(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence b: [a_b; b_b]. Returns (values, offsets) with offsets = offsets_a + offsets_b, in the offsets'
     promoted dtype (int64 if either is int64)."""
-    checked = _check_pair(values_a, offsets_a, values_b, offsets_b)
-    if _use_kernels(*checked):
-        return cuda.concat_2d_jagged(*checked)
-    return reference.concat_2d_jagged_reference(*checked)
+    return reference.concat_2d_jagged_reference(*_check_pair(values_a, offsets_a, values_b, offsets_b))
 
 
 def split_2d_jagged(
@@ -207,14 +194,10 @@ def split_2d_jagged(
     check_same_device("values", values, offsets_a=offsets_a, offsets_b=offsets_b)
     check_not_meta("offsets_a", offsets_a, "split_2d_jagged")
     if values_are_concrete(offsets_a, offsets_b):
-        total_a, total_b = (int(t) for t in torch.stack([offsets_a[-1].long(), offsets_b[-1].long()]).tolist())
-        if values.shape[0] != total_a + total_b:
-            raise ValueError(f"values has {values.shape[0]} rows but offsets_a[-1] + offsets_b[-1] = "
-                             f"{total_a + total_b}")
-    offsets_a, offsets_b = _common_offsets(offsets_a, offsets_b, values.shape[0])
-    if _use_kernels(values, offsets_a, offsets_b):
-        return cuda.split_2d_jagged(values, offsets_a, offsets_b, total_a, total_b)
-    return reference.split_2d_jagged_reference(values, offsets_a, offsets_b)
+        expected = int(offsets_a[-1]) + int(offsets_b[-1])
+        if values.shape[0] != expected:
+            raise ValueError(f"values has {values.shape[0]} rows but offsets_a[-1] + offsets_b[-1] = {expected}")
+    return reference.split_2d_jagged_reference(values, *_common_offsets(offsets_a, offsets_b, values.shape[0]))
 
 
 def candidate_mask(seq_offsets: torch.Tensor, num_candidates: torch.Tensor) -> torch.Tensor:
