@@ -1,6 +1,7 @@
 """CUDA implementations of the jagged ops (csrc/jagged/jagged.cu, the ``hstu_jagged`` torch library) with their
-autograd. No argument checks here: ``hstu.ops.jagged.op`` validates and dispatches. Every function takes the host
-sizes its outputs need (``total`` rows and the like) from the caller, so none reads a device value.
+autograd. No argument checks here. Every function takes the host sizes its outputs need (``total`` rows and the
+like) from the caller, so none reads a device value. The public ops in ``hstu.ops.jagged.op`` do not dispatch here
+yet: they will once these kernels have passed tests/ops/test_jagged_cuda.py on a GPU.
 """
 
 from __future__ import annotations
