@@ -173,6 +173,13 @@ void with_index(const at::Tensor& offsets, F&& f) {
   if (offsets.scalar_type() == at::kInt) f(int32_t{}); else f(int64_t{});
 }
 
+// launch(Idx{}, Vec{}) for the offsets' index type and the vector width, then the launch check.
+template <typename F>
+void launch_typed(const at::Tensor& offsets, int vbytes, F&& launch) {
+  with_index(offsets, [&](auto idx) { with_vector(vbytes, [&](auto vec) { launch(idx, vec); }); });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 struct Launch {
   int tpr;
   unsigned grid;
@@ -191,6 +198,26 @@ Launch launch_for(int64_t rows, int64_t row_vecs) {
   return {tpr, static_cast<unsigned>(std::max<int64_t>(1, std::min(want, cap)))};
 }
 
+// n rows shaped like the rows of t (t's dimensions after the first `skip`).
+std::vector<int64_t> rows_shape(int64_t n, const at::Tensor& t, int skip = 1) {
+  std::vector<int64_t> shape{n};
+  for (int64_t d = skip; d < t.dim(); ++d) shape.push_back(t.size(d));
+  return shape;
+}
+
+// How the kernels walk `rows` output rows of `bytes_per_row` bytes: vector width, vectors per row, grid, stream.
+struct RowPlan {
+  int vbytes;
+  int64_t row_vecs;
+  Launch launch;
+  cudaStream_t stream;
+};
+RowPlan plan_rows(int64_t rows, int64_t bytes_per_row, std::initializer_list<const void*> ptrs) {
+  const int vbytes = vector_bytes(bytes_per_row, ptrs);
+  const int64_t row_vecs = bytes_per_row / vbytes;
+  return {vbytes, row_vecs, launch_for(rows, row_vecs), c10::cuda::getCurrentCUDAStream().stream()};
+}
+
 void check_common(const at::Tensor& offsets, std::initializer_list<at::Tensor> tensors) {
   TORCH_CHECK(offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong,
               "hstu_jagged: offsets must be int32 or int64");
@@ -207,8 +234,8 @@ at::Tensor to_padded(const at::Tensor& values, const at::Tensor& offsets, int64_
               "hstu_jagged.to_padded: bad shapes");
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t batch = offsets.numel() - 1;
-  std::vector<int64_t> shape{batch, max_length};
-  for (int d = 1; d < values.dim(); ++d) shape.push_back(values.size(d));
+  std::vector<int64_t> shape = rows_shape(max_length, values);
+  shape.insert(shape.begin(), batch);
   at::Tensor out = at::empty(shape, values.options());
   const int64_t rb = row_bytes(values);
   if (out.numel() == 0 || rb == 0) return out;
@@ -219,23 +246,17 @@ at::Tensor to_padded(const at::Tensor& values, const at::Tensor& offsets, int64_
   for (int i = 0; i < 16; i += es) std::memcpy(pattern + i, pad_elem.data_ptr(), es);
   // element sizes are powers of two and the row and pointers are element-aligned, so the vector holds whole
   // elements and the padding pattern lines up with it
-  const int vbytes = vector_bytes(rb, {values.data_ptr(), out.data_ptr()});
-  TORCH_CHECK(vbytes % es == 0, "hstu_jagged.to_padded: unsupported element size ", es);
-  const int64_t row_vecs = rb / vbytes;
-  const Launch l = launch_for(batch * max_length, row_vecs);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  with_index(offsets, [&](auto idx) {
+  const RowPlan r = plan_rows(batch * max_length, rb, {values.data_ptr(), out.data_ptr()});
+  TORCH_CHECK(r.vbytes % es == 0, "hstu_jagged.to_padded: unsupported element size ", es);
+  launch_typed(offsets, r.vbytes, [&](auto idx, auto vec) {
     using Idx = decltype(idx);
-    with_vector(vbytes, [&](auto vec) {
-      using Vec = decltype(vec);
-      Vec pad;
-      std::memcpy(&pad, pattern, sizeof(Vec));
-      to_padded_kernel<Idx, Vec><<<l.grid, kThreads, 0, stream>>>(
-          static_cast<const Vec*>(values.data_ptr()), offsets.data_ptr<Idx>(), static_cast<Vec*>(out.data_ptr()),
-          batch, max_length, row_vecs, l.tpr, pad);
-    });
+    using Vec = decltype(vec);
+    Vec pad;
+    std::memcpy(&pad, pattern, sizeof(Vec));
+    to_padded_kernel<Idx, Vec><<<r.launch.grid, kThreads, 0, r.stream>>>(
+        static_cast<const Vec*>(values.data_ptr()), offsets.data_ptr<Idx>(), static_cast<Vec*>(out.data_ptr()),
+        batch, max_length, r.row_vecs, r.launch.tpr, pad);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -245,26 +266,17 @@ at::Tensor from_padded(const at::Tensor& dense, const at::Tensor& offsets, int64
               "hstu_jagged.from_padded: bad shapes");
   const c10::cuda::CUDAGuard guard(dense.device());
   const int64_t batch = dense.size(0), n = dense.size(1);
-  std::vector<int64_t> shape{total};
-  for (int d = 2; d < dense.dim(); ++d) shape.push_back(dense.size(d));
-  at::Tensor out = at::empty(shape, dense.options());
-  const int64_t rb = out.numel() == 0 ? 0 : row_bytes(out);
+  at::Tensor out = at::empty(rows_shape(total, dense, 2), dense.options());
   if (out.numel() == 0) return out;
   TORCH_CHECK(batch > 0, "hstu_jagged.from_padded: rows without a sequence");
-  const int vbytes = vector_bytes(rb, {dense.data_ptr(), out.data_ptr()});
-  const int64_t row_vecs = rb / vbytes;
-  const Launch l = launch_for(total, row_vecs);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  with_index(offsets, [&](auto idx) {
+  const RowPlan r = plan_rows(total, row_bytes(out), {dense.data_ptr(), out.data_ptr()});
+  launch_typed(offsets, r.vbytes, [&](auto idx, auto vec) {
     using Idx = decltype(idx);
-    with_vector(vbytes, [&](auto vec) {
-      using Vec = decltype(vec);
-      from_padded_kernel<Idx, Vec><<<l.grid, kThreads, 0, stream>>>(
-          static_cast<const Vec*>(dense.data_ptr()), offsets.data_ptr<Idx>(), static_cast<Vec*>(out.data_ptr()),
-          batch, n, total, row_vecs, l.tpr);
-    });
+    using Vec = decltype(vec);
+    from_padded_kernel<Idx, Vec><<<r.launch.grid, kThreads, 0, r.stream>>>(
+        static_cast<const Vec*>(dense.data_ptr()), offsets.data_ptr<Idx>(), static_cast<Vec*>(out.data_ptr()),
+        batch, n, total, r.row_vecs, r.launch.tpr);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -283,26 +295,18 @@ at::Tensor concat(const at::Tensor& a, const at::Tensor& offsets_a, const at::Te
   TORCH_CHECK(a.dim() >= 1 && a.sizes().slice(1) == b.sizes().slice(1) && a.scalar_type() == b.scalar_type(),
               "hstu_jagged.concat: a and b rows differ");
   const c10::cuda::CUDAGuard guard(a.device());
-  std::vector<int64_t> shape{a.size(0) + b.size(0)};
-  for (int d = 1; d < a.dim(); ++d) shape.push_back(a.size(d));
-  at::Tensor out = at::empty(shape, a.options());
+  at::Tensor out = at::empty(rows_shape(a.size(0) + b.size(0), a), a.options());
   if (out.numel() == 0) return out;
-  const int64_t rb = row_bytes(out), total = out.size(0), batch = offsets_a.numel() - 1;
-  const int vbytes = vector_bytes(rb, {a.data_ptr(), b.data_ptr(), out.data_ptr()});
-  const int64_t row_vecs = rb / vbytes;
-  const Launch l = launch_for(total, row_vecs);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  with_index(offsets_a, [&](auto idx) {
+  const int64_t total = out.size(0), batch = offsets_a.numel() - 1;
+  const RowPlan r = plan_rows(total, row_bytes(out), {a.data_ptr(), b.data_ptr(), out.data_ptr()});
+  launch_typed(offsets_a, r.vbytes, [&](auto idx, auto vec) {
     using Idx = decltype(idx);
-    with_vector(vbytes, [&](auto vec) {
-      using Vec = decltype(vec);
-      concat_kernel<Idx, Vec><<<l.grid, kThreads, 0, stream>>>(
-          static_cast<const Vec*>(a.data_ptr()), static_cast<const Vec*>(b.data_ptr()), offsets_a.data_ptr<Idx>(),
-          offsets_b.data_ptr<Idx>(), out_offsets.data_ptr<Idx>(), static_cast<Vec*>(out.data_ptr()), batch, total,
-          row_vecs, l.tpr);
-    });
+    using Vec = decltype(vec);
+    concat_kernel<Idx, Vec><<<r.launch.grid, kThreads, 0, r.stream>>>(
+        static_cast<const Vec*>(a.data_ptr()), static_cast<const Vec*>(b.data_ptr()), offsets_a.data_ptr<Idx>(),
+        offsets_b.data_ptr<Idx>(), out_offsets.data_ptr<Idx>(), static_cast<Vec*>(out.data_ptr()), batch, total,
+        r.row_vecs, r.launch.tpr);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -314,29 +318,19 @@ std::tuple<at::Tensor, at::Tensor> split(const at::Tensor& values, const at::Ten
   TORCH_CHECK(values.dim() >= 1 && total_a >= 0 && total_b >= 0 && values.size(0) == total_a + total_b,
               "hstu_jagged.split: values has ", values.size(0), " rows, not total_a + total_b = ", total_a + total_b);
   const c10::cuda::CUDAGuard guard(values.device());
-  std::vector<int64_t> shape_a{total_a}, shape_b{total_b};
-  for (int d = 1; d < values.dim(); ++d) {
-    shape_a.push_back(values.size(d));
-    shape_b.push_back(values.size(d));
-  }
-  at::Tensor a = at::empty(shape_a, values.options()), b = at::empty(shape_b, values.options());
+  at::Tensor a = at::empty(rows_shape(total_a, values), values.options());
+  at::Tensor b = at::empty(rows_shape(total_b, values), values.options());
   if (values.numel() == 0) return {a, b};
-  const int64_t rb = row_bytes(values), total = values.size(0), batch = offsets_a.numel() - 1;
-  const int vbytes = vector_bytes(rb, {values.data_ptr(), a.data_ptr(), b.data_ptr()});
-  const int64_t row_vecs = rb / vbytes;
-  const Launch l = launch_for(total, row_vecs);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  with_index(offsets_a, [&](auto idx) {
+  const int64_t total = values.size(0), batch = offsets_a.numel() - 1;
+  const RowPlan r = plan_rows(total, row_bytes(values), {values.data_ptr(), a.data_ptr(), b.data_ptr()});
+  launch_typed(offsets_a, r.vbytes, [&](auto idx, auto vec) {
     using Idx = decltype(idx);
-    with_vector(vbytes, [&](auto vec) {
-      using Vec = decltype(vec);
-      split_kernel<Idx, Vec><<<l.grid, kThreads, 0, stream>>>(
-          static_cast<const Vec*>(values.data_ptr()), offsets_a.data_ptr<Idx>(), offsets_b.data_ptr<Idx>(),
-          out_offsets.data_ptr<Idx>(), static_cast<Vec*>(a.data_ptr()), static_cast<Vec*>(b.data_ptr()), batch, total,
-          row_vecs, l.tpr);
-    });
+    using Vec = decltype(vec);
+    split_kernel<Idx, Vec><<<r.launch.grid, kThreads, 0, r.stream>>>(
+        static_cast<const Vec*>(values.data_ptr()), offsets_a.data_ptr<Idx>(), offsets_b.data_ptr<Idx>(),
+        out_offsets.data_ptr<Idx>(), static_cast<Vec*>(a.data_ptr()), static_cast<Vec*>(b.data_ptr()), batch, total,
+        r.row_vecs, r.launch.tpr);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {a, b};
 }
 
