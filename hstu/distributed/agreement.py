@@ -7,12 +7,14 @@ raises, and the ranks that did not fail name the ranks that did and their except
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from hstu.distributed.context import ParallelContext
+
+T = TypeVar("T")
 
 
 class OtherRankFailedError(RuntimeError):
@@ -58,4 +60,17 @@ def raise_if_any_rank_failed(ctx: ParallelContext, error: Optional[BaseException
     raise other_error(f"{what} failed on {len(failures)} other rank(s) ({causes})")
 
 
-__all__ = ["OtherRankFailedError", "describe_error", "failures_on_ranks", "raise_if_any_rank_failed"]
+def run_agreed(ctx: ParallelContext, what: str, action: Callable[[], T]) -> T:
+    """Collective: ``action()`` on every rank (typically a write that only rank 0 makes, the others doing nothing);
+    when it fails on any rank, every rank raises as :func:`raise_if_any_rank_failed` says instead of leaving the
+    others waiting in their next collective."""
+    result, error = None, None
+    try:
+        result = action()
+    except Exception as err:  # raised again on this rank by the agreement
+        error = err
+    raise_if_any_rank_failed(ctx, error, what)
+    return result
+
+
+__all__ = ["OtherRankFailedError", "describe_error", "failures_on_ranks", "raise_if_any_rank_failed", "run_agreed"]

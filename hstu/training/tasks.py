@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hstu.data.loader import SequenceDataset, make_dataloader, ranges_to_positions
-from hstu.distributed.agreement import raise_if_any_rank_failed
+from hstu.distributed.agreement import run_agreed
 from hstu.metrics import RankingMetrics, RetrievalMetrics, seen_item_mask, target_ranks
 from hstu.models import MultiTaskLoss, RankingModel, RetrievalModel, SampledSoftmaxLoss, bitmask_to_labels
 from hstu.modules.encoder import EncoderConfig
@@ -46,16 +46,15 @@ def ensure_dataset(args: AllArgs, ctx: ParallelContext) -> None:
     d = args.dataset
     present = os.path.isfile(os.path.join(d.dataset_dir, "metadata.json"))
     if not present and d.prepare_if_missing and d.dataset_name == "synthetic":
-        error = None
-        if ctx.is_main:
-            from hstu.data.synthetic import write_synthetic
 
-            print(f"[hstu] generating the synthetic dataset into {d.dataset_dir}", flush=True)
-            try:
+        def generate() -> None:
+            if ctx.is_main:
+                from hstu.data.synthetic import write_synthetic
+
+                print(f"[hstu] generating the synthetic dataset into {d.dataset_dir}", flush=True)
                 write_synthetic(d.dataset_dir, overwrite=False, show_progress=False, **dict(d.synthetic_options))
-            except Exception as err:  # raised again on this rank by the agreement below
-                error = err
-        raise_if_any_rank_failed(ctx, error, f"generating the synthetic dataset in {d.dataset_dir}")
+
+        run_agreed(ctx, f"generating the synthetic dataset in {d.dataset_dir}", generate)
         present = True
     if not present:
         hint = PREPARE_HINTS.get(d.dataset_name, "python -m hstu.data prepare <dataset> --out-dir {dir}")

@@ -9,14 +9,14 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from hstu.distributed import ParallelModel, parallelize
-from hstu.distributed.agreement import raise_if_any_rank_failed
+from hstu.distributed.agreement import run_agreed
 from hstu.modules.hstu_layer import HSTULayer
 from hstu.training import checkpoint as ckpt
 from hstu.training.config import AllArgs, OptimizerArgs
@@ -26,9 +26,6 @@ from hstu.training.policies import LogWindow, Schedule, StepResult
 from hstu.training.profiling import StepProfiler
 from hstu.training.run_logging import RunLogger, earlier_run_outputs, move_run_aside, write_json_atomic
 from hstu.training.tasks import TASKS, Task, check_task_config, ensure_dataset
-
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -190,18 +187,6 @@ class Trainer:
         print(f"[hstu] --fresh: moved the earlier run in {run_dir} to {moved}", flush=True)
         return None, {}
 
-    def _on_every_rank_agreed(self, what: str, action: Callable[[], T]) -> T:
-        """Collective: ``action()`` on every rank (typically a write that only rank 0 makes); when it fails on any
-        rank, every rank raises (the failed rank its own error, the others an ``OtherRankFailedError`` naming it)
-        instead of leaving the others waiting in their next collective."""
-        result, error = None, None
-        try:
-            result = action()
-        except Exception as err:
-            error = err
-        raise_if_any_rank_failed(self.ctx, error, what)
-        return result
-
     def _open_run_outputs(self, task_name: str, resume: bool) -> RunLogger:
         """Collective: the run logger (its files on rank 0) and rank 0's ``config.json``, agreed on every rank."""
         t = self.args.trainer
@@ -219,8 +204,8 @@ class Trainer:
                 raise
             return logger
 
-        return self._on_every_rank_agreed(f"writing the logs and config.json of the run directory {t.run_dir}",
-                                          open_outputs)
+        return run_agreed(self.ctx, f"writing the logs and config.json of the run directory {t.run_dir}",
+                          open_outputs)
 
     def _set_deterministic(self, deterministic: bool) -> None:
         for module in self.model.modules():
