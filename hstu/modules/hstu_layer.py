@@ -84,12 +84,19 @@ class HSTULayer(nn.Module):
         u, v, q, k = per_head.split([self.v_dim, self.v_dim, self.qk_dim, self.qk_dim], dim=-1)
         return u.reshape(-1, self.num_heads * self.v_dim), v, q, k
 
-    def _forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        u, v, q, k = self.split_uvqk(F.silu(self.uvqk_proj(self.input_norm(x))))
-        attn = layer_attention(self, q, k, v, inputs)
+    def project(self, x: torch.Tensor):
+        """The layer's input side: (u, v, q, k) of the tokens x, u as (T, H * Dv), v / q / k as (T, H, D)."""
+        return self.split_uvqk(F.silu(self.uvqk_proj(self.input_norm(x))))
+
+    def combine(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The layer's output side: x + output_proj(dropout(LayerNorm(attn) * u)) for the attention output attn."""
         gated = self.attention_norm(attn.reshape(-1, self.num_heads * self.v_dim)) * u
         gated = F.dropout(gated, p=self.dropout, training=self.training)
         return x + self.output_proj(gated)
+
+    def _forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        u, v, q, k = self.project(x)
+        return self.combine(x, layer_attention(self, q, k, v, inputs), u)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         if self.recompute and self.training and torch.is_grad_enabled():
