@@ -52,7 +52,9 @@ class TrainerArgs:
     eval_split: str = "test"  # "valid" or "test"
     eval_max_batches: Optional[int] = None  # cap evaluation batches (smoke tests)
     log_interval_steps: int = 10
-    checkpoint_interval_steps: Optional[int] = None  # None: at every evaluation and at the end
+    # None: after every periodic evaluation; N: every N steps; -1: never (the final checkpoint follows
+    # save_final_checkpoint either way)
+    checkpoint_interval_steps: Optional[int] = None
     keep_last_checkpoints: int = 2
     save_final_checkpoint: bool = True
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
@@ -451,7 +453,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "TrainerArgs.eval_every_epochs": _at_least(0),
     "TrainerArgs.eval_max_batches": _at_least(1),
     "TrainerArgs.log_interval_steps": _at_least(1),
-    "TrainerArgs.checkpoint_interval_steps": _at_least(0),
+    "TrainerArgs.checkpoint_interval_steps": ((lambda v: v == -1 or v >= 1), "-1 (never) or >= 1"),
     "TrainerArgs.keep_last_checkpoints": _at_least(1),
     "TrainerArgs.grad_clip_norm": _positive(),
     "TrainerArgs.num_threads": _at_least(0),
@@ -636,12 +638,10 @@ def _max_train_iters(value: Optional[int], ex: dict) -> dict:
 
 
 def _checkpoint_interval(value: int, ex: dict) -> dict:
-    if value <= 0:  # the example saves nothing, not even at the end
-        return {"TrainerArgs.checkpoint_interval_steps": _NEVER, "TrainerArgs.save_final_checkpoint": False}
-    return {"TrainerArgs.checkpoint_interval_steps": value, "TrainerArgs.save_final_checkpoint": False}
-
-
-_NEVER = 2 ** 62  # a checkpoint interval no run reaches: no periodic checkpoint
+    # The example saves before step N when N * interval > 0 and N % interval == 0: nothing for interval <= 0, and
+    # never at the end unless the last step is a multiple of the interval.
+    return {"TrainerArgs.checkpoint_interval_steps": value if value > 0 else -1,
+            "TrainerArgs.save_final_checkpoint": False}
 
 
 def _betas(value: float, ex: dict) -> dict:
@@ -711,9 +711,11 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
                  "per GPU, times tensor_model_parallel_size as train_batch_size",
                  lambda v, ex: {"DatasetArgs.eval_batch_size": v * _tp(ex)}, rule=_at_least(1)),
     ExampleField("TrainerArgs", "eval_interval", int, 100, ("TrainerArgs.eval_interval_steps",),
-                 "evaluation only every eval_interval steps (eval_every_epochs = 0); ours also evaluates at the end",
-                 rule=_at_least(1)),
-    ExampleField("TrainerArgs", "log_interval", int, 100, ("TrainerArgs.log_interval_steps",), rule=_at_least(1)),
+                 "evaluation only every eval_interval steps (eval_every_epochs = 0); 0: no periodic evaluation (the "
+                 "example then divides by zero after training); ours also evaluates at the end",
+                 lambda v, ex: {"TrainerArgs.eval_interval_steps": v if v > 0 else None}, rule=_at_least(0)),
+    ExampleField("TrainerArgs", "log_interval", int, 100, ("TrainerArgs.log_interval_steps",),
+                 "same meaning; >= 1 (the example divides by it)", rule=_at_least(1)),
     ExampleField("TrainerArgs", "max_train_iters", Optional[int], None,
                  ("TrainerArgs.max_steps", "TrainerArgs.max_epochs"),
                  "None: one pass over the training data (max_epochs = 1); a number: that many steps, cycling the data",
@@ -732,8 +734,8 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
     ExampleField("TrainerArgs", "profile_step_end", int, 200, (), "used only with profile=True", rule=_at_least(0)),
     ExampleField("TrainerArgs", "ckpt_save_interval", int, -1,
                  ("TrainerArgs.checkpoint_interval_steps", "TrainerArgs.save_final_checkpoint"),
-                 "-1: no checkpoint at all; N: every N steps and none at the end (as the example)",
-                 _checkpoint_interval),
+                 "-1 (any value <= 0): no checkpoint at all (checkpoint_interval_steps = -1); N: every N steps and "
+                 "none at the end (as the example)", _checkpoint_interval),
     ExampleField("TrainerArgs", "ckpt_save_dir", Optional[str], None, ("TrainerArgs.run_dir",),
                  "becomes the run directory: checkpoints go to <ckpt_save_dir>/checkpoints/step_N in our format "
                  "(logs and config.json beside them); unbound (the example: ./checkpoints): runs/<config name>",

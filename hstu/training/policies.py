@@ -60,11 +60,13 @@ class Schedule:
         return self.eval_every_epochs > 0 and epoch % self.eval_every_epochs == 0
 
     def checkpoint_due_after_step(self, step: int, stop: bool) -> bool:
-        return bool(self.checkpoint_interval_steps) and step % self.checkpoint_interval_steps == 0 and not stop
+        """Every ``checkpoint_interval_steps`` steps (> 0); -1 and None never checkpoint by step count."""
+        interval = self.checkpoint_interval_steps
+        return interval is not None and interval > 0 and step % interval == 0 and not stop
 
     def checkpoint_due_after_eval(self, stop: bool) -> bool:
-        """Without ``checkpoint_interval_steps``, every periodic evaluation is followed by a checkpoint."""
-        return not self.checkpoint_interval_steps and not stop
+        """With ``checkpoint_interval_steps`` None, every periodic evaluation is followed by a checkpoint."""
+        return self.checkpoint_interval_steps is None and not stop
 
 
 @dataclass
