@@ -1,4 +1,5 @@
 from hstu.ops.jagged.op import (
+    candidate_indices,
     candidate_mask,
     concat_2d_jagged,
     dense_to_jagged,
@@ -11,6 +12,7 @@ from hstu.ops.jagged.op import (
 )
 
 __all__ = [
+    "candidate_indices",
     "candidate_mask",
     "concat_2d_jagged",
     "dense_to_jagged",

@@ -1,7 +1,8 @@
 """CUDA implementations of the jagged ops (csrc/jagged/jagged.cu, the ``hstu_jagged`` torch library) with their
 autograd. No argument checks here. Every function takes the host sizes its outputs need (``total`` rows and the
-like) from the caller, so none reads a device value. The public ops in ``hstu.ops.jagged.op`` do not dispatch here
-yet: they will once these kernels have passed tests/ops/test_jagged_cuda.py on a GPU.
+like) from the caller, so none reads a device value. The public ops in ``hstu.ops.jagged.op`` dispatch here when
+``op.USE_CUDA_KERNELS`` is on, which it is not until these kernels have passed tests/ops/test_jagged_cuda.py on a
+GPU.
 """
 
 from __future__ import annotations

@@ -84,10 +84,12 @@ def concat_2d_jagged_reference(
 
 
 def split_2d_jagged_reference(
-    values: torch.Tensor, offsets_a: torch.Tensor, offsets_b: torch.Tensor
+    values: torch.Tensor, offsets_a: torch.Tensor, offsets_b: torch.Tensor, total_a: int | None = None,
+    total_b: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    total_a = int(offsets_a[-1])
-    total_b = int(offsets_b[-1])
+    """total_a / total_b: offsets_a[-1] / offsets_b[-1] when the caller knows them (reading them is a sync)."""
+    total_a = int(offsets_a[-1]) if total_a is None else total_a
+    total_b = int(offsets_b[-1]) if total_b is None else total_b
     _, dest_a, dest_b = _concat_destinations(offsets_a, offsets_b, total_a, total_b)
     return values[dest_a], values[dest_b]
 
@@ -96,3 +98,13 @@ def candidate_mask_reference(seq_offsets: torch.Tensor, num_candidates: torch.Te
     seq_ids, positions = sequence_ids_and_positions(seq_offsets, total)
     lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)
     return positions >= (lengths - num_candidates.to(torch.int64))[seq_ids]
+
+
+def candidate_indices_reference(seq_offsets: torch.Tensor, num_candidates: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending rows of the last num_candidates[b] rows of every sequence b; count: sum(num_candidates)."""
+    counts = num_candidates.to(torch.int64)
+    candidate_offsets = counts.new_zeros(counts.numel() + 1)
+    torch.cumsum(counts, dim=0, out=candidate_offsets[1:])
+    seq_ids, rank = sequence_ids_and_positions(candidate_offsets, count)
+    first = seq_offsets[1:].to(torch.int64) - counts
+    return first[seq_ids] + rank
