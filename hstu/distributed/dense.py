@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -129,17 +129,25 @@ class DenseParallel:
             p.grad = torch.zeros_like(p)
         return p.grad
 
-    def step(self) -> Optional[float | torch.Tensor]:
+    def step(self, step_optimizer: Optional[Callable[[torch.optim.Optimizer], Any]] = None
+             ) -> Optional[float | torch.Tensor]:
         """Optimizer step (with gradient clipping when configured); returns the gradient norm if computed.
 
-        Megatron's optimizer returns a float; the torch path returns a 0-dim tensor (no host sync per step)."""
+        Megatron's optimizer returns a float; the torch path returns a 0-dim tensor (no host sync per step).
+        ``step_optimizer``: called with the torch optimizer instead of its ``step()`` (a loss scaler's step, which
+        skips the update when the gradients are not finite); the Megatron path takes none."""
         if self.megatron_ddp is not None:
+            if step_optimizer is not None:
+                raise ValueError("a custom optimizer step (loss scaling) needs the torch optimizer path, not Megatron's")
             _, grad_norm, _ = self.optimizer.step()
             return None if grad_norm is None else float(grad_norm)
         grad_norm = None
         if self.grad_clip_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip_norm)
-        self.optimizer.step()
+        if step_optimizer is None:
+            self.optimizer.step()
+        else:
+            step_optimizer(self.optimizer)
         return grad_norm
 
     @property

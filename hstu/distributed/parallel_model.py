@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from hstu.distributed.context import ParallelContext, ParallelismSettings
@@ -35,12 +36,18 @@ class ParallelModel:
         self.dense.finish_grad_sync()
         self.sparse.finish_grad_sync()
 
-    def step(self):
+    def step(self, step_optimizer: Optional[Callable[[torch.optim.Optimizer], Any]] = None):
         """Dense + replicated-table optimizer steps; returns the dense gradient norm when clipping computed it
-        (a float from Megatron's optimizer, a 0-dim tensor from the torch path), else None."""
-        grad_norm = self.dense.step()
-        self.sparse.step()
+        (a float from Megatron's optimizer, a 0-dim tensor from the torch path), else None. ``step_optimizer``:
+        called with each torch optimizer instead of its ``step()`` (see :meth:`DenseParallel.step`)."""
+        grad_norm = self.dense.step(step_optimizer)
+        self.sparse.step(step_optimizer)
         return grad_norm
+
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers that ``step()`` steps: the dense one (unless Megatron's) and the replicated tables'."""
+        out = [] if self.dense.uses_megatron else [self.dense.optimizer]
+        return out + ([self.sparse.replicated_optimizer] if self.sparse.replicated_optimizer is not None else [])
 
     def set_learning_rate(self, lr: float, sparse_lr: Optional[float] = None) -> None:
         """Learning rate of the next update; call it before the forward/backward (the sharded tables are updated

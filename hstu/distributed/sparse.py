@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -108,10 +108,19 @@ class ShardedSparse:
         """Average the replicated tables' gradients over the data-parallel group (call after backward)."""
         self._grad_sync.finish_grad_sync()
 
-    def step(self) -> None:
-        """Step the replicated tables' optimizer (the sharded tables were already updated in backward)."""
+    def step(self, step_optimizer: Optional[Callable[[torch.optim.Optimizer], Any]] = None) -> None:
+        """Step the replicated tables' optimizer (the sharded tables were already updated in backward);
+        ``step_optimizer`` as in :meth:`DenseParallel.step`."""
         if self.replicated_optimizer is not None:
-            self.replicated_optimizer.step()
+            if step_optimizer is None:
+                self.replicated_optimizer.step()
+            else:
+                step_optimizer(self.replicated_optimizer)
+
+    @property
+    def updates_in_backward(self) -> bool:
+        """Whether some tables are sharded with an optimizer fused into backward (updated before any step())."""
+        return any(True for _ in self.fused_optimizer.params)
 
     def zero_grad(self) -> None:
         for _, p in self.replicated_parameters:

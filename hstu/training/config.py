@@ -59,6 +59,11 @@ class TrainerArgs:
     save_final_checkpoint: bool = True
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
+    # fp16 autocast on GPU with dynamic loss scaling (torch.amp.GradScaler: steps with inf/nan gradients are
+    # skipped and halve the scale, loss_scale_growth_interval finite steps in a row double it); needs bf16 = False
+    fp16: bool = False
+    loss_scale_init: float = 65536.0
+    loss_scale_growth_interval: int = 2000
     deterministic: bool = False  # torch.use_deterministic_algorithms + deterministic attention backward
     grad_clip_norm: Optional[float] = None
     progress_bar: bool = True
@@ -459,6 +464,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "TrainerArgs.num_threads": _at_least(0),
     "TrainerArgs.profile_steps": _at_least(0),
     "TrainerArgs.peak_tflops": _positive(),
+    "TrainerArgs.loss_scale_init": _positive(),
+    "TrainerArgs.loss_scale_growth_interval": _at_least(1),
     "DatasetArgs.max_seqlen": _at_least(1),
     "DatasetArgs.num_candidates": _at_least(0),
     "DatasetArgs.train_ratio": ((lambda v: 0.0 < v < 1.0), "in (0, 1)"),
@@ -537,6 +544,9 @@ def _check_combinations(args: AllArgs) -> None:
         raise ValueError(f"EmbeddingArgs.item_id_low={args.embeddings.item_id_low} leaves no item: it must be < "
                          f"EmbeddingArgs.item_vocab_size={args.embeddings.item_vocab_size}")
     t = args.trainer
+    if t.fp16 and t.bf16:
+        raise ValueError("TrainerArgs.fp16=True and TrainerArgs.bf16=True (its default) exclude each other: set "
+                         "TrainerArgs.bf16=False for fp16 training")
     if t.init_from:
         source, target = os.path.realpath(t.init_from), os.path.realpath(t.run_dir)
         if source == target or source.startswith(target + os.sep) or target.startswith(source + os.sep):
@@ -649,7 +659,7 @@ def _betas(value: float, ex: dict) -> dict:
 
 
 def _dtype(value: str, ex: dict) -> dict:
-    return {"TrainerArgs.bf16": True} if value == "bfloat16" else {}
+    return {"TrainerArgs.bf16": value == "bfloat16", "TrainerArgs.fp16": value == "float16"}
 
 
 _KERNEL_BACKENDS = {"cutlass": "fused", "pytorch": "reference", "triton": "triton"}  # example -> ours
@@ -780,11 +790,11 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
     ExampleField("NetworkArgs", "is_causal", bool, True, ("NetworkArgs.causal",),
                  "False: full attention inside each sequence (the contextual and candidate masks play no part); "
                  "ranking only (a retrieval position would see the item it predicts)"),
-    ExampleField("NetworkArgs", "dtype_str", str, "bfloat16", ("TrainerArgs.bf16",),
-                 "'bfloat16': bf16 autocast on GPU; 'float16' (fp16 with dynamic loss scaling) is not supported yet",
-                 _dtype, _when(lambda v: v == "float16", "NetworkArgs.dtype_str='float16' (fp16 training with "
-                                                         "dynamic loss scaling)" + _NOT_YET + "; use 'bfloat16'"),
-                 _one_of("bfloat16", "float16")),
+    ExampleField("NetworkArgs", "dtype_str", str, "bfloat16", ("TrainerArgs.bf16", "TrainerArgs.fp16"),
+                 "'bfloat16': bf16 autocast on GPU; 'float16': fp16 autocast with dynamic loss scaling (torch.amp."
+                 "GradScaler; the example uses Megatron's scaler, initial scale 2^32, window 1000); GPU only, one "
+                 "process with unsharded tables (the scaler must be able to skip every update)",
+                 _dtype, rule=_one_of("bfloat16", "float16")),
     ExampleField("NetworkArgs", "kernel_backend", str, "cutlass", ("NetworkArgs.attention_backend",),
                  "'cutlass': our fused CUDA kernels ('fused'; the PyTorch reference where they do not apply, e.g. on "
                  "CPU); 'pytorch': the PyTorch reference ('reference'); 'triton': Meta's generative-recommenders "

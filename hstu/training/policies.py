@@ -21,6 +21,7 @@ class StepResult:
     num_tokens: int
     flops: float
     grad_norm: Any = None  # the dense optimizer's clipped norm (None without grad_clip_norm)
+    loss_scale: Any = None  # fp16: the loss scale after this step, a device tensor (None without loss scaling)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class LogWindow:
     tokens: int = 0
     flops: float = 0.0
     grad_norm: Any = None
+    loss_scale: Any = None
     started: float = field(default_factory=time.perf_counter)
     # totals over every flushed window (time in training steps only): the run's mean throughput
     total_seconds: float = 0.0
@@ -91,6 +93,7 @@ class LogWindow:
         self.tokens += result.num_tokens
         self.flops += result.flops
         self.grad_norm = result.grad_norm
+        self.loss_scale = result.loss_scale
         self.losses.append(result.loss)
         self.records.append({"step": step, "epoch": epoch, "lr": result.lr})
 
@@ -114,6 +117,8 @@ class LogWindow:
             record["loss"] = loss
         if self.grad_norm is not None:
             records[-1]["grad_norm"] = round(float(self.grad_norm), 4)
+        if self.loss_scale is not None:
+            records[-1]["loss_scale"] = float(self.loss_scale)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         self.total_seconds += elapsed
         self.total_flops += self.flops

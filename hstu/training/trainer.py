@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -23,6 +22,7 @@ from hstu.training.config import AllArgs, OptimizerArgs
 from hstu.training.distributed import ParallelContext, setup_parallelism, teardown
 from hstu.training.flops import device_peak, train_step_flops
 from hstu.training.policies import LogWindow, Schedule, StepResult
+from hstu.training.precision import Precision
 from hstu.training.profiling import StepProfiler
 from hstu.training.run_logging import RunLogger, earlier_run_outputs, move_run_aside, write_json_atomic
 from hstu.training.tasks import TASKS, Task, check_task_config, ensure_dataset
@@ -114,6 +114,8 @@ class Trainer:
         self.parallel: ParallelModel = parallelize(self.model, self.ctx, self.parallel_settings, args.optimizer,
                                                    grad_clip_norm=t.grad_clip_norm)
         self._set_deterministic(t.deterministic)  # the tensor-parallel layers too
+        self.precision = Precision(self.ctx.device, t.bf16, t.fp16, t.loss_scale_init, t.loss_scale_growth_interval)
+        self.precision.check_model(self.parallel)
         if self.ctx.is_main:
             print(f"[hstu] {self.ctx.describe()}\n[hstu] {self.parallel.sparse.describe()}", flush=True)
         steps_per_epoch = len(self.train_loader)
@@ -134,7 +136,6 @@ class Trainer:
             # inside TP layers uses Megatron's per-TP-rank tracker).
             seed_everything(t.seed + 1_000_003 * self.ctx.dp_rank)
         self.logger = self._open_run_outputs(task_name, resume)
-        self.use_bf16 = self.ctx.device.type == "cuda" and t.bf16
         self.peak_eval: dict = {}
         self.last_eval: dict = {}
 
@@ -222,13 +223,15 @@ class Trainer:
         """Collective: tables + dense part + optimizers via hstu.distributed, plus this rank's trainer state."""
         t = self.args.trainer
         extra = {"train_state": asdict(self.state), "rng": ckpt.capture_rng_state(),
-                 "train_loader": self.train_loader.state_dict(), "world_size": self.ctx.world_size}
+                 "train_loader": self.train_loader.state_dict(), "world_size": self.ctx.world_size,
+                 **self.precision.state_dict()}
         ckpt.save_checkpoint(t.run_dir, self.state.step, self.parallel, extra, keep_last=t.keep_last_checkpoints)
 
     def _load(self, path: str, manifest: dict) -> None:
         extra = ckpt.load_checkpoint(path, self.parallel, manifest)
         self.state = TrainState(**extra["train_state"])
         self.train_loader.load_state_dict(extra["train_loader"])
+        self.precision.load_state_dict(extra)
         # Restored once the loader's iterator exists: creating it may draw from the global RNG.
         self.pending_rng = extra["rng"]
         if self.ctx.is_main:
@@ -278,17 +281,16 @@ class Trainer:
         lr, sparse_lr = self.learning_rates(self.state.step)
         parallel.set_learning_rate(lr, sparse_lr)
         parallel.zero_grad()
-        autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
-        with autocast:
+        with self.precision.autocast():
             out = self.model(batch)  # no wrapper: tables are sharded in place; per-rank mean loss
-        out.loss.backward()
+        self.precision.backward(out.loss)  # scaled by the loss scale in fp16
         parallel.finish_grad_sync()  # DP average of dense + replicated-table grads, TP partial sums
-        grad_norm = parallel.step()  # dense optimizer (clipping inside), replicated tables
+        grad_norm = self.precision.step(parallel)  # dense optimizer (clipping inside), replicated tables
         self.state.step += 1
         self.state.tokens += out.num_tokens
         head = self.task.head_flops(out.extras.get("num_queries", out.extras.get("num_candidates", 0)))
         flops = train_step_flops(self.model.encoder.config, out.num_tokens, out.sum_squared_lengths, head)
-        return StepResult(out.loss.detach(), lr, out.num_tokens, flops, grad_norm)
+        return StepResult(out.loss.detach(), lr, out.num_tokens, flops, grad_norm, self.precision.loss_scale())
 
     def train(self) -> dict:
         """Steps until ``total_steps`` (or ``stop_after_steps``), with the logging, evaluation and checkpoint
