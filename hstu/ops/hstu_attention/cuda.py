@@ -6,6 +6,10 @@ of one dtype on one CUDA device; seq_offsets contiguous int32 (B+1,); num_contex
 int32 (B,); rab None or (B, H or 1, >=max_seqlen, >=max_seqlen) with unit stride in the last dim.
 ``scaling_seqlen`` is already resolved (never None).
 
+Relative bias tables (``AttentionArgs.rab_*``, ``rab_tables.py``): ``forward`` / ``backward`` hand them to the binding
+(hstu_api.cpp checks them and fills AttnParams' table fields), which refuses them with a ValueError before any
+launch until the kernels read them; the dispatcher sends table calls to the PyTorch reference.
+
 Kernels: which ones a call runs is decided in C++ (csrc/hstu_attention/heuristics.h) from the problem and a
 ``KernelVariant`` (its defaults are what the op runs; tests and benchmarks name others, and ``kernel_plan`` tells
 which kernels a call would run). On Hopper (sm_90, built with 9.0a) the forward at head dims 64/128/256 without
@@ -330,6 +334,16 @@ def _rab_for_kernel(rab: Optional[torch.Tensor], dtype: torch.dtype) -> Optional
     return r
 
 
+def _table_kwargs(args: AttentionArgs) -> dict:
+    """The binding's bias-table keywords (none without tables, so a call without them passes nothing new)."""
+    if not args.has_tables():
+        return {}
+    return dict(rab_position_weights=args.rab_position_weights, rab_time_weights=args.rab_time_weights,
+                rab_timestamps=args.rab_timestamps, rab_next_timestamps=args.rab_next_timestamps,
+                rab_shared_positions=args.rab_shared_positions, rab_time_next=args.rab_time_reference == "next",
+                rab_time_divisor=float(args.rab_time_divisor))  # fmt: skip
+
+
 def forward(args: AttentionArgs, variant: Optional[KernelVariant] = None) -> torch.Tensor:
     """The forward kernels (the dispatcher has validated ``args``; ``args.deterministic`` concerns the backward
     only); ``variant``: see ``KernelVariant``."""
@@ -341,14 +355,18 @@ def forward(args: AttentionArgs, variant: Optional[KernelVariant] = None) -> tor
         int(args.window_size), args.num_contexts, args.num_targets, int(args.target_group_size),
         _rab_for_kernel(args.rab, q.dtype), out, dropout_p=float(args.dropout_p),
         dropout_seed=_seed_arg(args.dropout_seed), options=_ext_options(_resolve(variant), False),
+        **_table_kwargs(args),
     )  # fmt: skip
     return out
 
 
 def backward(
     grad_out: torch.Tensor, args: AttentionArgs, rab_needs_grad: bool = False, variant: Optional[KernelVariant] = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Returns dq, dk, dv and drab (shaped like rab, or None when rab_needs_grad is False).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+           Optional[torch.Tensor]]:  # fmt: skip
+    """Returns dq, dk, dv, drab (shaped like rab, or None when rab_needs_grad is False) and the bias tables'
+    gradients (float32 workspaces shaped like the tables, cast to their dtype; None without tables or
+    rab_needs_grad).
 
     ``args`` must be the forward's (its dropout_p / dropout_seed too: the kernels regenerate its keep mask from them).
     args.deterministic=False takes the faster atomic-dq path (dq not bitwise reproducible), True the split,
@@ -362,12 +380,20 @@ def backward(
     drab = None
     if rab is not None and rab_needs_grad:
         drab = torch.zeros(rab.shape, dtype=torch.float32, device=q.device)
+    tables = _table_kwargs(args)
+    table_grads = [None, None]
+    if tables and rab_needs_grad:
+        table_grads = [None if t is None else torch.zeros(t.shape, dtype=torch.float32, device=q.device)
+                       for t in (args.rab_position_weights, args.rab_time_weights)]  # fmt: skip
+        tables.update(drab_position=table_grads[0], drab_time=table_grads[1])
     ext.hstu_attn_bwd(
         grad_out, q, k, v, args.seq_offsets, int(args.max_seqlen), float(args.alpha), int(args.scaling_seqlen),
         bool(args.causal), int(args.window_size), args.num_contexts, args.num_targets, int(args.target_group_size),
         rab_k, dq, dk, dv, drab, dropout_p=float(args.dropout_p), dropout_seed=_seed_arg(args.dropout_seed),
-        options=_ext_options(_resolve(variant), bool(args.deterministic)),
+        options=_ext_options(_resolve(variant), bool(args.deterministic)), **tables,
     )  # fmt: skip
     if drab is not None and drab.dtype != rab.dtype:
         drab = drab.to(rab.dtype)
-    return dq, dk, dv, drab
+    dpos, dtime = (None if g is None else g.to(t.dtype) for g, t in zip(
+        table_grads, (args.rab_position_weights, args.rab_time_weights)))  # fmt: skip
+    return dq, dk, dv, drab, dpos, dtime

@@ -19,6 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from hstu.ops._extension import load_extension, warn_once
 from hstu.ops._validation import (
     check_attention_extras,
+    check_tensor,
     check_float_tensor,
     check_index_tensor,
     check_int,
@@ -30,6 +31,7 @@ from hstu.ops._validation import (
 )
 from hstu.ops.hstu_attention import cuda, reference
 from hstu.ops.hstu_attention.args import AttentionArgs
+from hstu.ops.hstu_attention.rab_tables import TIME_REFERENCES, RelativeBiasTables
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -52,8 +54,16 @@ def _padded_head_dim(q: torch.Tensor, v: torch.Tensor) -> int:
     return min((d for d in compiled if d >= max(dqk, dv)), default=0)
 
 
+# Why a call with bias tables runs the reference on GPU (the kernels' binding refuses tables until they read them).
+_TABLES_REASON = "relative bias tables (rab_tables) are computed by the PyTorch reference until the kernels read them"
+
+
 def _use_kernel(args: AttentionArgs) -> bool:
     if args.q.device.type != "cuda":
+        return False
+    if args.has_tables():
+        warn_once(f"hstu_attention:{_TABLES_REASON}", f"hstu_attention runs the PyTorch reference on GPU: "
+                  f"{_TABLES_REASON}")  # fmt: skip
         return False
     reason = cuda.unsupported_reason(args.q, args.k, args.v, args.rab, args.dropout_p)
     if reason is None:
@@ -82,10 +92,19 @@ def _forward_op(
     dropout_p: float,
     dropout_seed: int,
     deterministic: bool,
+    rab_position_weights: Optional[torch.Tensor],
+    rab_time_weights: Optional[torch.Tensor],
+    rab_timestamps: Optional[torch.Tensor],
+    rab_next_timestamps: Optional[torch.Tensor],
+    rab_shared_positions: Optional[torch.Tensor],
+    rab_time_reference: str,
+    rab_time_divisor: float,
 ) -> torch.Tensor:
     return _forward_impl(AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
                                        num_contexts, num_targets, target_group_size, rab, dropout_p, dropout_seed,
-                                       deterministic))  # fmt: skip
+                                       deterministic, rab_position_weights, rab_time_weights, rab_timestamps,
+                                       rab_next_timestamps, rab_shared_positions, rab_time_reference,
+                                       rab_time_divisor))  # fmt: skip
 
 
 def _forward_impl(args: AttentionArgs) -> torch.Tensor:
@@ -95,8 +114,7 @@ def _forward_impl(args: AttentionArgs) -> torch.Tensor:
 
 
 @_forward_op.register_fake
-def _(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts, num_targets,
-      target_group_size, rab, dropout_p, dropout_seed, deterministic):  # fmt: skip
+def _(q, k, v, *args):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
 
@@ -119,12 +137,22 @@ def _backward_op(
     dropout_p: float,
     dropout_seed: int,
     deterministic: bool,
+    rab_position_weights: Optional[torch.Tensor],
+    rab_time_weights: Optional[torch.Tensor],
+    rab_timestamps: Optional[torch.Tensor],
+    rab_next_timestamps: Optional[torch.Tensor],
+    rab_shared_positions: Optional[torch.Tensor],
+    rab_time_reference: str,
+    rab_time_divisor: float,
     rab_needs_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_out, the forward's arguments, rab_needs_grad. Returns dq, dk, dv, drab; drab is an empty tensor when
-    rab_needs_grad is False."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_out, the forward's arguments, rab_needs_grad (the dense rab's or the tables' gradients). Returns dq, dk,
+    dv, drab, d rab_position_weights, d rab_time_weights; a bias gradient is an empty tensor when rab_needs_grad is
+    False or its tensor is None."""
     args = AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-                         num_targets, target_group_size, rab, dropout_p, dropout_seed, deterministic)  # fmt: skip
+                         num_targets, target_group_size, rab, dropout_p, dropout_seed, deterministic,
+                         rab_position_weights, rab_time_weights, rab_timestamps, rab_next_timestamps,
+                         rab_shared_positions, rab_time_reference, rab_time_divisor)  # fmt: skip
     return _backward_impl(grad_out, args, rab_needs_grad)
 
 
@@ -142,17 +170,20 @@ def _backward_impl(grad_out: torch.Tensor, args: AttentionArgs, rab_needs_grad: 
                   "max_seqlen^2")  # fmt: skip
         kernel = False
     if kernel:
-        dq, dk, dv, drab = cuda.backward(grad_out.contiguous(), args, rab_needs_grad)
+        grads = cuda.backward(grad_out.contiguous(), args, rab_needs_grad)
     else:
-        dq, dk, dv, drab = reference.backward(grad_out, args, rab_needs_grad)
-    return dq, dk, dv, drab if drab is not None else args.q.new_empty(0)
+        grads = reference.backward(grad_out, args, rab_needs_grad)
+    return tuple(g if g is not None else args.q.new_empty(0) for g in grads)  # (outputs must not alias)
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-      num_targets, target_group_size, rab, dropout_p, dropout_seed, deterministic, rab_needs_grad):  # fmt: skip
-    drab = torch.empty_like(rab) if rab_needs_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drab
+def _(grad_out, *inputs):
+    args, rab_needs_grad = AttentionArgs._make(inputs[:-1]), inputs[-1]
+    q = args.q
+    bias = [t if t is None or not rab_needs_grad else torch.empty_like(t)
+            for t in (args.rab, args.rab_position_weights, args.rab_time_weights)]  # fmt: skip
+    return (torch.empty_like(q), torch.empty_like(args.k), torch.empty_like(args.v),
+            *(q.new_empty(0) if t is None else t for t in bias))  # fmt: skip
 
 
 def _runs_eagerly(*tensors: Optional[torch.Tensor]) -> bool:
@@ -183,16 +214,18 @@ def _save_for_backward(ctx, args: AttentionArgs) -> None:
     ctx.args = args.settings()
 
 
-# Where the forward op's inputs that have gradients stand in its argument list (and in needs_input_grad).
-_GRAD_SLOTS = tuple(AttentionArgs._fields.index(name) for name in ("q", "k", "v", "rab"))
-_RAB_SLOT = _GRAD_SLOTS[3]
+# Where the forward op's inputs that have gradients stand in its argument list (and in needs_input_grad): q, k, v,
+# then the bias inputs (the dense rab and the two tables).
+_GRAD_SLOTS = tuple(AttentionArgs._fields.index(name)
+                    for name in ("q", "k", "v", "rab", "rab_position_weights", "rab_time_weights"))  # fmt: skip
+_BIAS_SLOTS = _GRAD_SLOTS[3:]
 
 
-def _input_grads(dq, dk, dv, drab) -> tuple:
-    """The backward's result: one entry per forward op input, None but for q, k, v and rab (a plain tuple: torch.library
-    checks that it has the structure of the op's inputs)."""
+def _input_grads(grads_in_slot_order) -> tuple:
+    """The backward's result: one entry per forward op input, None but for q, k, v and the bias inputs (a plain
+    tuple: torch.library checks that it has the structure of the op's inputs)."""
     grads = [None] * len(AttentionArgs._fields)
-    for slot, grad in zip(_GRAD_SLOTS, (dq, dk, dv, drab)):
+    for slot, grad in zip(_GRAD_SLOTS, grads_in_slot_order):
         grads[slot] = grad
     return tuple(grads)
 
@@ -200,12 +233,14 @@ def _input_grads(dq, dk, dv, drab) -> tuple:
 def _backward(ctx, grad_out):
     saved = ctx.saved_tensors
     args = ctx.args.with_tensors(saved)
-    rab_needs_grad = args.rab is not None and ctx.needs_input_grad[_RAB_SLOT]
+    bias_needs_grad = [args[slot] is not None and ctx.needs_input_grad[slot] for slot in _BIAS_SLOTS]
+    rab_needs_grad = any(bias_needs_grad)
     if _runs_eagerly(grad_out, *saved):
-        dq, dk, dv, drab = _backward_impl(grad_out, args, rab_needs_grad)
+        grads = _backward_impl(grad_out, args, rab_needs_grad)
     else:
-        dq, dk, dv, drab = _backward_op(grad_out, *args, rab_needs_grad)
-    return _input_grads(dq, dk, dv, drab if rab_needs_grad else None)
+        grads = _backward_op(grad_out, *args, rab_needs_grad)
+    wanted = (True, True, True, *bias_needs_grad)
+    return _input_grads([g if want else None for g, want in zip(grads, wanted)])
 
 
 torch.library.register_autograd("hstu::hstu_attention_forward", _backward, setup_context=_setup_context)
@@ -293,6 +328,10 @@ def _checked_longest(seq_offsets: torch.Tensor, rows: int, num_contexts: Optiona
     return longest
 
 
+# The rab_* fields of AttentionArgs (the bias tables), which end it.
+_TABLE_FIELDS = slice(AttentionArgs._fields.index("rab_position_weights"), None)
+
+
 def _validate(args: AttentionArgs) -> AttentionArgs:
     """Checks a call's arguments as given (raises TypeError / ValueError naming the argument) and returns them with
     the tensors and integers the checks normalised; alpha, dropout_p and deterministic are returned as given."""
@@ -344,20 +383,118 @@ def _validate(args: AttentionArgs) -> AttentionArgs:
             raise ValueError(f"rab's last two dims must be >= max_seqlen={max_seqlen}, got {tuple(rab.shape)}")
     check_same_device("q", q, k=k, v=v, seq_offsets=seq_offsets, num_contexts=num_contexts,
                       num_targets=num_targets, rab=rab)  # fmt: skip
+    tables = _validate_tables(args, q, batch) if args.has_tables() else args[_TABLE_FIELDS]
 
     if values_are_concrete(seq_offsets, num_contexts, num_targets):
         longest = _checked_longest(seq_offsets, q.shape[0], num_contexts, num_targets)
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is less than the longest sequence ({longest})")
+        shared = tables[4]
+        if shared is not None and values_are_concrete(shared):
+            _check_shared_positions(seq_offsets, shared)
     return AttentionArgs._make((q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
                                 num_contexts, num_targets, target_group_size, rab, dropout_p, args.dropout_seed,
-                                args.deterministic))  # fmt: skip
+                                args.deterministic, *tables))  # fmt: skip
+
+
+def _validate_tables(args: AttentionArgs, q: torch.Tensor, batch: int) -> tuple:
+    """Checks the rab_tables fields of a call (errors name ``rab_tables.<field>``); returns them in AttentionArgs
+    order, the index tensors as int64 (timestamps, next_timestamps) or int32 (shared_positions), contiguous."""
+    if args.rab is not None:
+        raise ValueError("rab and rab_tables are mutually exclusive: pass the relative bias either as a dense tensor "
+                         "(rab) or as weight tables (rab_tables)")
+    heads = q.shape[1]
+    position, time = args.rab_position_weights, args.rab_time_weights
+    for name, table in (("position_weights", position), ("time_weights", time)):
+        if table is None:
+            continue
+        table = check_tensor(f"rab_tables.{name}", table)
+        if table.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"rab_tables.{name} must be a float tensor, got {table.dtype}")
+        if table.dim() not in (1, 2) or (table.dim() == 2 and table.shape[0] != heads) or table.shape[-1] < 1:
+            raise ValueError(f"rab_tables.{name} must be (K,) or (H={heads}, K) with K >= 1, got {tuple(table.shape)}")
+    if position is not None and position.shape[-1] % 2 != 1:
+        raise ValueError(f"rab_tables.position_weights must have an odd length 2M-1 (distances -(M-1)..M-1), got "
+                         f"{position.shape[-1]}")
+    if position is not None and time is not None and position.dtype != time.dtype:
+        raise TypeError(f"rab_tables.position_weights ({position.dtype}) and rab_tables.time_weights ({time.dtype}) "
+                        "must share one dtype")
+    reference_name, divisor = args.rab_time_reference, args.rab_time_divisor
+    if not isinstance(reference_name, str) or reference_name not in TIME_REFERENCES:
+        raise ValueError(f"rab_tables.time_reference must be one of {TIME_REFERENCES}, got {reference_name!r}")
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)) or not (0.0 < divisor < float("inf")):
+        raise ValueError(f"rab_tables.time_divisor must be a positive finite float, got {divisor!r}")
+    timestamps, next_timestamps, shared = args.rab_timestamps, args.rab_next_timestamps, args.rab_shared_positions
+    if time is None:
+        for name, t in (("timestamps", timestamps), ("next_timestamps", next_timestamps)):
+            if t is not None:
+                raise ValueError(f"rab_tables.{name} is given but rab_tables.time_weights is None (no time bias)")
+    elif timestamps is None:
+        raise ValueError("rab_tables.time_weights needs rab_tables.timestamps (one per token, int seconds)")
+    else:
+        timestamps = check_index_tensor("rab_tables.timestamps", timestamps, length=q.shape[0])
+    if next_timestamps is not None:
+        if reference_name != "next":
+            raise ValueError("rab_tables.next_timestamps only applies to time_reference='next'")
+        next_timestamps = check_index_tensor("rab_tables.next_timestamps", next_timestamps, length=batch)
+    if shared is not None:
+        if position is None:
+            raise ValueError("rab_tables.shared_positions is given but rab_tables.position_weights is None")
+        shared = check_index_tensor("rab_tables.shared_positions", shared, length=batch)
+    check_same_device("q", q, **{"rab_tables.position_weights": position, "rab_tables.time_weights": time,
+                                 "rab_tables.timestamps": timestamps, "rab_tables.next_timestamps": next_timestamps,
+                                 "rab_tables.shared_positions": shared})  # fmt: skip
+    return (position, time, _int64(timestamps), _int64(next_timestamps), _int32(shared), reference_name,
+            float(divisor))  # fmt: skip
+
+
+# shared_positions tensors whose values passed the check, with the version counters it saw (as _checked_offsets).
+_checked_shared = WeakIdKeyDictionary()
+
+
+def _check_shared_positions(seq_offsets: torch.Tensor, shared: torch.Tensor) -> None:
+    """0 <= shared_positions[b] <= length of sequence b (ValueError naming rab_tables.shared_positions)."""
+    cacheable = not (shared.is_inference() or seq_offsets.is_inference())
+    entry = _checked_shared.get(shared) if cacheable else None
+    if entry is not None and entry[0] == shared._version and _same_version(entry[1], seq_offsets):
+        return
+    offsets_host, shared_host = to_host(seq_offsets, shared)
+    lengths = lengths_of(offsets_host)
+    bad = (shared_host < 0) | (shared_host > lengths)
+    if bool(bad.any()):
+        b = int(torch.nonzero(bad)[0])
+        raise ValueError(f"rab_tables.shared_positions[{b}]={int(shared_host[b])} must be in [0, the sequence length "
+                         f"{int(lengths[b])}]")
+    if cacheable:
+        _checked_shared[shared] = (shared._version, _version_key(seq_offsets))
 
 
 def _int32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None or (t.dtype == torch.int32 and t.is_contiguous()):
         return t  # (a no-op .to() still costs a dispatch)
     return t.to(torch.int32).contiguous()
+
+
+def _int64(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is None or (t.dtype == torch.int64 and t.is_contiguous()):
+        return t
+    return t.to(torch.int64).contiguous()
+
+
+def _table_fields(rab_tables: Optional[RelativeBiasTables]) -> tuple:
+    """The AttentionArgs rab_* fields of the public rab_tables argument (TypeError unless a RelativeBiasTables)."""
+    if rab_tables is None:
+        return _NO_TABLES
+    if not isinstance(rab_tables, RelativeBiasTables):
+        raise TypeError(f"rab_tables must be a hstu.ops.hstu_attention.RelativeBiasTables, got {type(rab_tables).__name__}")
+    t = rab_tables
+    if t.position_weights is None and t.time_weights is None:
+        raise ValueError("rab_tables needs position_weights or time_weights (pass rab_tables=None for no bias)")
+    return (t.position_weights, t.time_weights, t.timestamps, t.next_timestamps, t.shared_positions,
+            t.time_reference, t.time_divisor)  # fmt: skip
+
+
+_NO_TABLES = AttentionArgs(None, None, None, None, 0, 1.0, None)[_TABLE_FIELDS]
 
 
 def hstu_attention(
@@ -377,6 +514,7 @@ def hstu_attention(
     rab: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     deterministic: bool = False,
+    rab_tables: Optional[RelativeBiasTables] = None,
 ) -> torch.Tensor:
     """Jagged HSTU attention: O_i = sum_j visible(i,j) SiLU(alpha (q_i.k_j + rab_ij)) / N v_j.
 
@@ -393,14 +531,17 @@ def hstu_attention(
         target_group_size: targets attend to each other inside groups of this size.
         rab: (B, H or 1, >=max_seqlen, >=max_seqlen) relative attention bias, added before alpha.
         dropout_p: attention-weight dropout probability (pass 0 in evaluation).
-        deterministic: reproducible backward (no atomics) when the kernel runs.
+        deterministic: reproducible backward (no atomics) when the kernel runs; covers the tables' gradients too.
+        rab_tables: the relative bias as weight tables (``hstu.ops.hstu_attention.RelativeBiasTables``: position and / or
+            time-bucket weights, per-token timestamps, the time reference), instead of rab (exclusive with it).
+            Differentiable in both tables. Computed by the PyTorch reference for now (on GPU too).
     Returns:
         (T, H, Dv) in q's dtype.
     """
     # (AttentionArgs._make here and below: a tuple built in place costs less host time than the constructor)
     args = _validate(AttentionArgs._make((q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
                                           num_contexts, num_targets, target_group_size, rab, dropout_p, 0,
-                                          deterministic)))  # fmt: skip
+                                          deterministic, *_table_fields(rab_tables))))  # fmt: skip
     q, k, v, max_seqlen, rab = args.q, args.k, args.v, args.max_seqlen, args.rab
     check_attention_extras(q, args.window_size, alpha, deterministic)
     dropout_seed = 0
@@ -413,11 +554,12 @@ def hstu_attention(
             )
         # A CPU draw needs no device sync and follows torch.manual_seed.
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
-    head_dim = _padded_head_dim(q, v)
+    head_dim = 0 if args.has_tables() else _padded_head_dim(q, v)  # (tables run the reference)
     value_dim = v.shape[-1]
     if head_dim:
         q, k, v = (F.pad(t, (0, head_dim - t.shape[-1])) for t in (q, k, v))
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rab))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+        q, k, v, rab, args.rab_position_weights, args.rab_time_weights))  # fmt: skip
     args = AttentionArgs._make((
         q.contiguous(),
         k.contiguous(),
@@ -435,6 +577,7 @@ def hstu_attention(
         float(dropout_p),
         dropout_seed,
         bool(deterministic),
+        *args[_TABLE_FIELDS],
     ))  # fmt: skip
     # (the autograd Function takes the fields as its arguments: it tracks only tensors passed directly)
     out = _HstuAttention.apply(*args) if needs_grad else _forward(args)

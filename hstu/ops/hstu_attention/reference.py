@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from hstu.ops._validation import values_are_concrete
 from hstu.ops.hstu_attention.args import AttentionArgs
+from hstu.ops.hstu_attention.rab_tables import RelativeBiasTables, TableGrads, TablePlan
 from hstu.ops.jagged.reference import pad_to_slots, padded_slots, unpad_from_slots
 
 # Score elements materialised at once (B_chunk * H * N * N); keeps the reference usable at L = 8192.
@@ -249,6 +250,7 @@ class _Padded(NamedTuple):
     keep: Optional[torch.Tensor]  # (B, H, n, n) bool dropout keep mask, or None
     slots: torch.Tensor
     n: int
+    tables: Optional[TablePlan]  # the relative bias tables' padded inputs, or None
 
     def select(self, rows: slice) -> torch.Tensor:
         """The entries that count, for the sequences `rows`: visible and (with dropout) kept; (b, 1 or H, n, n)."""
@@ -288,7 +290,9 @@ def _padded_problem(args: AttentionArgs, dropout_mask: Optional[torch.Tensor], c
             keep = dropout_keep_mask((batch, num_heads, max_seqlen, max_seqlen), dropout_p, args.dropout_seed,
                                      q.device)  # fmt: skip
         keep = keep[:, :, :n, :n]
-    return _Padded(*padded, visible, keep, slots, n)
+    tables = args.tables()
+    plan = None if tables is None else TablePlan.build(tables, lengths, slots, n)
+    return _Padded(*padded, visible, keep, slots, n, plan)
 
 
 def _batch_chunks(batch: int, num_heads: int, n: int):
@@ -301,14 +305,24 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _scaled_scores(p: _Padded, rows: slice, select: torch.Tensor, rab: Optional[torch.Tensor],
+def _chunk_bias(p: _Padded, rows: slice, rab: Optional[torch.Tensor], index=None) -> Optional[torch.Tensor]:
+    """The bias of the sequences `rows`: the dense rab's block, or the tables' gather (``index``: the chunk's table
+    ids when the caller has them)."""
+    if rab is not None:
+        return rab[rows, :, : p.n, : p.n]
+    if p.tables is None:
+        return None
+    return p.tables.bias(index if index is not None else p.tables.index(rows, p.n, p.q.device))
+
+
+def _scaled_scores(p: _Padded, rows: slice, select: torch.Tensor, bias: Optional[torch.Tensor],
                    alpha: float) -> torch.Tensor:  # fmt: skip
-    """alpha * (q k^T + rab) for the sequences `rows`, zero where `select` is False (so a non-finite score there
-    reaches neither SiLU nor, through autograd, any gradient)."""
+    """alpha * (q k^T + bias) for the sequences `rows` (bias: their block, or None), zero where `select` is False (so
+    a non-finite score there reaches neither SiLU nor, through autograd, any gradient)."""
     q, k = p.q[rows], p.k[rows]
     scores = _Scores.apply(q, k, select) if _recorded(q, k) else torch.einsum("bihd,bjhd->bhij", q, k)
-    if rab is not None:
-        scores = scores + rab[rows, :, : p.n, : p.n].to(scores.dtype)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     return _select(alpha * scores, _keep_bits(select, scores.dtype))
 
 
@@ -331,6 +345,7 @@ def hstu_attention_reference(
     dropout_seed: int = 0,
     dropout_mask: Optional[torch.Tensor] = None,
     upcast: bool = True,
+    rab_tables: Optional[RelativeBiasTables] = None,
 ) -> torch.Tensor:
     """HSTU attention without argument checks (``hstu.ops.hstu_attention`` validates). Differentiable.
 
@@ -338,9 +353,14 @@ def hstu_attention_reference(
         "same-dtype torch" baseline of the parity rule.
     dropout_mask: (B, H, max_seqlen, max_seqlen) bool keep-mask to apply instead of drawing one from dropout_seed
         (used to compare against a kernel's own mask).
+    rab_tables: the relative bias as weight tables (``hstu.ops.hstu_attention.rab_tables``), instead of rab;
+        differentiable in both tables (through the reference's own autograd).
     """
+    t = rab_tables if rab_tables is not None else RelativeBiasTables()
     args = AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size, num_contexts,
-                         num_targets, target_group_size, rab, dropout_p, dropout_seed)  # fmt: skip
+                         num_targets, target_group_size, rab, dropout_p, dropout_seed, False, t.position_weights,
+                         t.time_weights, t.timestamps, t.next_timestamps, t.shared_positions, t.time_reference,
+                         t.time_divisor)  # fmt: skip
     return forward(args, dropout_mask=dropout_mask, upcast=upcast)
 
 
@@ -359,7 +379,8 @@ def forward(args: AttentionArgs, *, dropout_mask: Optional[torch.Tensor] = None,
     outputs = []
     for rows in _batch_chunks(batch, num_heads, p.n):
         select = p.select(rows)
-        weights = F.silu(_scaled_scores(p, rows, select, args.rab, args.alpha)) * scale  # exactly 0 where not selected
+        bias = _chunk_bias(p, rows, args.rab)
+        weights = F.silu(_scaled_scores(p, rows, select, bias, args.alpha)) * scale  # exactly 0 where not selected
         if dropout_p > 0.0:
             weights = weights / (1.0 - dropout_p)
         outputs.append(_product(weights, p.v[rows], select, v_nonfinite))
@@ -373,12 +394,15 @@ def backward(
     *,
     dropout_mask: Optional[torch.Tensor] = None,
     upcast: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Closed-form gradients of ``forward``: (dq, dk, dv, drab, None unless args.rab is given and rab_needs_grad).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+           Optional[torch.Tensor]]:  # fmt: skip
+    """Closed-form gradients of ``forward``: (dq, dk, dv, drab, d position_weights, d time_weights); each bias
+    gradient is None unless its tensor is given and rab_needs_grad (which covers the dense rab and the tables).
 
     With S = alpha (q k^T + rab), m the selected entries (visible, and kept by dropout) and c = 1 / (N (1 - p)):
     W = select(m, SiLU(S) c), dv = W^T dO, dW = dO v^T, dS = select(m, dW c SiLU'(S)), dq = alpha dS k,
-    dk = alpha dS^T q, drab = alpha dS; the three products over keys / rows are _MaskedProduct sums.
+    dk = alpha dS^T q, drab = alpha dS; the three products over keys / rows are _MaskedProduct sums. A table's
+    gradient is alpha dS summed over the entries that read each weight (``rab_tables.TableGrads``).
     Written out (not autograd) because custom-op kernels run below the autograd dispatch key.
     """
     q, k, seq_offsets, max_seqlen, rab, alpha = args.q, args.k, args.seq_offsets, args.max_seqlen, args.rab, args.alpha
@@ -388,8 +412,11 @@ def backward(
     num_heads = q.shape[1]
     scale = 1.0 / float(args.scaling_seqlen if args.scaling_seqlen is not None else max_seqlen)
     drab = torch.zeros_like(rab) if rab is not None and rab_needs_grad else None
+    tables = args.tables() if rab_needs_grad else None
+    table_grads = TableGrads(tables) if tables is not None else None
     if batch == 0 or max_seqlen == 0 or q.shape[0] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(args.v), drab
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(args.v), drab,
+                *_table_results(table_grads))  # fmt: skip
     readable = _values_readable(q, k, grad_out, seq_offsets)
     p = _padded_problem(args, dropout_mask, compute_dtype, readable)
     n = p.n
@@ -400,8 +427,10 @@ def backward(
     for rows in _batch_chunks(batch, num_heads, n):
         select = p.select(rows)
         s = torch.einsum("bihd,bjhd->bhij", p.q[rows], p.k[rows])
-        if rab is not None:
-            s = s + rab[rows, :, :n, :n].to(compute_dtype)
+        index = p.tables.index(rows, n, q.device) if p.tables is not None else None
+        bias = _chunk_bias(p, rows, rab, index)
+        if bias is not None:
+            s = s + bias.to(compute_dtype)
         s = alpha * s
         sig = torch.sigmoid(s)
         bits = _keep_bits(select, s.dtype)
@@ -415,5 +444,11 @@ def backward(
         if drab is not None:
             per_head = dscores if rab.shape[1] == num_heads else dscores.sum(dim=1, keepdim=True)
             drab[rows, :, :n, :n] = per_head.to(drab.dtype)
+        if table_grads is not None:
+            table_grads.add(index, dscores)
     grads = [unpad_from_slots(g, p.slots).to(t.dtype) for g, t in ((dq_pad, q), (dk_pad, k), (dv_pad, args.v))]
-    return grads[0], grads[1], grads[2], drab
+    return (grads[0], grads[1], grads[2], drab, *_table_results(table_grads))
+
+
+def _table_results(table_grads: Optional[TableGrads]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    return table_grads.result() if table_grads is not None else (None, None)
