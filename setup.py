@@ -152,7 +152,8 @@ def cuda_extension_setup() -> dict:
     if include is None:
         log("CUTLASS headers not found (set CUTLASS_INCLUDE_DIR or pip install nvidia-cutlass): pure-Python install")
         return {}
-    sources = ["csrc/hstu_attention/hstu_api.cpp", "csrc/jagged/jagged.cu"] + selected_instantiations()
+    sources = ["csrc/hstu_attention/hstu_api.cpp", "csrc/jagged/jagged.cu",
+               "csrc/layer/norm_mul_dropout.cu"] + selected_instantiations()
     defines = [f"-D{name}" for name in DISABLE_FLAGS if env_flag(name)]
     if env_flag("HSTU_BENCH_VARIANTS"):
         defines.append("-DHSTU_BENCH_VARIANTS")

@@ -46,10 +46,14 @@ echo "[compile_check] binding TU (host compiler, torch headers)"
 "$NVCC" "${COMMON[@]}" -x cu -gencode=arch=compute_90a,code=sm_90a -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
   -DTORCH_EXTENSION_NAME=_C -w -c csrc/hstu_attention/hstu_api.cpp -o "$WORK/api.o"
 
-echo "[compile_check] jagged kernels TU (csrc/jagged/jagged.cu, sm_80 and sm_90a)"
-"$NVCC" -std=c++17 -O3 -x cu -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a \
-  -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" -DTORCH_EXTENSION_NAME=_C -w -c csrc/jagged/jagged.cu \
-  -o "$WORK/jagged.o"
+# The plain-CUDA units (no CUTLASS), with torch's half-type switches as setup.py's build passes them.
+for unit in csrc/jagged/jagged.cu csrc/layer/norm_mul_dropout.cu; do
+  echo "[compile_check] $unit (sm_80 and sm_90a)"
+  "$NVCC" -std=c++17 -O3 -x cu -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a \
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+    -D__CUDA_NO_HALF2_OPERATORS__ -Xptxas=-warn-spills -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
+    -DTORCH_EXTENSION_NAME=_C -w -c "$unit" -o "$WORK/$(basename "$unit" .cu).o"
+done
 
 INST=csrc/hstu_attention/instantiations
 if [ "${HSTU_COMPILE_CHECK_ALL:-0}" = "1" ]; then

@@ -126,7 +126,7 @@ if has build && [ -f "$OBJ_DIR.tar.xz" ] && [[ "$TORCH_CUDA_ARCH_LIST" == "9.0a"
 import os, shutil, sysconfig
 from torch.utils.cpp_extension import load
 cutlass = os.environ.get("CUTLASS_INCLUDE_DIR", "")
-m = load(name="_C", sources=["csrc/hstu_attention/hstu_api.cpp", "csrc/jagged/jagged.cu"], extra_cflags=["-O3", "-DNDEBUG", *os.environ["HSTU_DEFINES"].split()],
+m = load(name="_C", sources=["csrc/hstu_attention/hstu_api.cpp", "csrc/jagged/jagged.cu", "csrc/layer/norm_mul_dropout.cu"], extra_cflags=["-O3", "-DNDEBUG", *os.environ["HSTU_DEFINES"].split()],
          extra_include_paths=["csrc/hstu_attention", cutlass], extra_ldflags=os.environ["HSTU_OBJS"].split(),
          build_directory=os.makedirs("/tmp/hstu_link", exist_ok=True) or "/tmp/hstu_link", with_cuda=True, verbose=True)
 dst = os.path.join("hstu", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
