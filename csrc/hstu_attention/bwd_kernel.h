@@ -33,13 +33,16 @@ struct BwdDkDvTraits {
   static constexpr int kBlockM = kBlockM_;     // queries per step
   static constexpr int kSmemKV = kBlockN * kHeadDim;
   static constexpr int kSmemQ = kBlockM * kHeadDim;
-  static constexpr int kSmemBytes = (2 * kSmemKV + 2 * kStages * kSmemQ) * 2;
+  // Per row of the current Q and dO tiles and of the resident K tile: whether it held a non-finite entry (zeroed).
+  static constexpr int kSmemFlags = (2 * kBlockM + kBlockN + 15) / 16 * 16;
+  static constexpr int kSmemTiles = (2 * kSmemKV + 2 * kStages * kSmemQ) * 2;
+  static constexpr int kSmemBytes = kSmemTiles + kSmemFlags;
   // Atomic dq: dS^T tile (keys x queries) in shared memory, and the warp grid of dQ_partial = dS K (kBlockM x
   // kHeadDim): kDqWarpsN warps across the head dim (>= 16 columns each), kDqWarpsM across the rows; each warp
   // covers its columns in chunks of kDqChunk so that at most 32 accumulator floats per thread are live.
   static constexpr int kSmemDS = kBlockN * kBlockM;
   static constexpr int kXchFloats = kDSplit > 1 ? kWarps * 32 * (kBlockM / 8) * 8 : 0;  // S^T + dP^T partials
-  static constexpr int kSmemBytesAtomic = kSmemBytes + kSmemDS * 2 + kXchFloats * 4;
+  static constexpr int kSmemBytesAtomic = kSmemTiles + kSmemDS * 2 + kXchFloats * 4 + kSmemFlags;
   static constexpr int kDqWarpsN = (kWarps < kHeadDim / 16) ? kWarps : kHeadDim / 16;
   static constexpr int kDqWarpsM = kWarps / kDqWarpsN;
   static constexpr int kDqRows = kBlockM / kDqWarpsM;
@@ -65,7 +68,8 @@ struct BwdDqTraits {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kSmemQ = kBlockM * kHeadDim;
   static constexpr int kSmemKV = kBlockN * kHeadDim;
-  static constexpr int kSmemBytes = (2 * kSmemQ + 2 * kStages * kSmemKV) * 2;
+  static constexpr int kSmemFlags = (kBlockN + 15) / 16 * 16;  // per key of the current tile: K row non-finite
+  static constexpr int kSmemBytes = (2 * kSmemQ + 2 * kStages * kSmemKV) * 2 + kSmemFlags;
 };
 
 
@@ -84,6 +88,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
   Element* sQ = sV + Traits::kSmemKV;  // kStages slots
   Element* sdO = sQ + Traits::kStages * Traits::kSmemQ;
   Element* sdS = sdO + Traits::kStages * Traits::kSmemQ;  // kAtomicDq only: dS^T, [key][query] (BN x BM)
+  uint8_t* q_bad = smem_raw + (kAtomicDq ? Traits::kSmemBytesAtomic : Traits::kSmemBytes) - Traits::kSmemFlags;
+  uint8_t* do_bad = q_bad + BM;
+  uint8_t* k_bad = do_bad + BM;
 
   const WorkItem w = schedule_block(p, /*reverse=*/false);
   const SeqMask& mk = w.mask;
@@ -120,6 +127,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
 
     __syncthreads();  // the previous head's shared tiles are no longer read
     load_tile_pair_async<BN, D, NT>(sK, sV, gK, gV, p.row_stride, n0, mk.L, tid);
+    bool k_nonfinite = false;
     auto load_q = [&](int m, int stage) {
       load_tile_pair_async<BM, D, NT>(sQ + stage * Traits::kSmemQ, sdO + stage * Traits::kSmemQ, gQ, gdO,
                                       p.row_stride, m * BM, mk.L, tid);
@@ -151,9 +159,27 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
         m_load = next_tile(m_load);
       }
       cp_async_commit();
-      const Element* tQ = sQ + stage * Traits::kSmemQ;
-      const Element* tdO = sdO + stage * Traits::kSmemQ;
+      Element* tQ = sQ + stage * Traits::kSmemQ;
+      Element* tdO = sdO + stage * Traits::kSmemQ;
       const int m0 = m * BM;
+      // Atomic dq: dQ = dS K multiplies K by the zeros of masked dS, so the resident K tile's non-finite entries are
+      // zeroed once per block and head (its copies rode in the first commit group) and every score reading a zeroed
+      // entry is recomputed below, in every query tile.
+      if constexpr (kAtomicDq) {
+        if (it == 0) k_nonfinite = __syncthreads_or(zero_nonfinite_rows<BN, D, NT>(sK, k_bad, tid));
+      }
+      // Tiles with masked (or dropped) entries: dK = dS^T Q and dV = P^T dO multiply them by zeros, so the tile's
+      // non-finite Q entries (dS pass) and dO entries (dV pass) are zeroed, the scores reading them recomputed and
+      // the dropped terms of the selected entries added back. Fully visible tiles skip this.
+      const bool exact_q = kDropout || !mk.tile_full(m0, m0 + BM, n0, n0 + BN);
+      bool q_nonfinite = false, do_nonfinite = false;
+      if (exact_q) {
+        bool found_q = false, found_do = false;
+        if constexpr (kDoDK) found_q = zero_nonfinite_rows<BM, D, NT>(tQ, q_bad, tid);
+        if constexpr (kDoDV) found_do = zero_nonfinite_rows<BM, D, NT>(tdO, do_bad, tid);
+        q_nonfinite = __syncthreads_or(found_q);
+        do_nonfinite = __syncthreads_or(found_do);
+      }
 
       // Dropout keep flags (before the GEMMs: fewer registers live): bit 4 nb + e belongs to st[nb][e] /
       // dpt[nb][e] (key n0 + 16 warp + g + 8 (e >> 1), query m0 + 8 nb + 2 t + (e & 1)); the counter is this
@@ -191,6 +217,25 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
           dpt[nb][0] += b.x, dpt[nb][1] += b.y, dpt[nb][2] += b.z, dpt[nb][3] += b.w;
         }
       }
+      if (q_nonfinite || k_nonfinite || do_nonfinite) {
+        // Scores whose operands had entries zeroed: the exact non-finite value where the entry is visible (masked
+        // ones are selected away below).
+#pragma unroll
+        for (int nb = 0; nb < BM / 8; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = key_lo + (e >> 1) * 8;
+            const int i = m0 + nb * 8 + 2 * t + (e & 1);
+            if (!mk.visible(i, j)) continue;
+            const bool row_q = q_nonfinite && q_bad[i - m0], row_k = k_nonfinite && k_bad[j - n0];
+            if (row_q || row_k) nonfinite_dot<D>(gQ + i * p.row_stride, gK + j * p.row_stride, st[nb][e]);
+            if constexpr (kDoDK) {
+              if (do_nonfinite && do_bad[i - m0])
+                nonfinite_dot<D>(gdO + i * p.row_stride, gV + j * p.row_stride, dpt[nb][e]);
+            }
+          }
+        }
+      }
       auto pointwise = [&](auto masked_tag) {
         constexpr bool kMasked = decltype(masked_tag)::value != TileMask::kNone;
 #pragma unroll
@@ -225,10 +270,20 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
         }
       };
       with_tile_mask(mk, m0, m0 + BM, n0, n0 + BN, pointwise);
+      // (query i, key j) of st / dpt[nb][e] is selected: visible and kept
+      auto selected = [&](int nb, int e) {
+        const int j = key_lo + (e >> 1) * 8, i = m0 + nb * 8 + 2 * t + (e & 1);
+        bool sel = mk.visible(i, j);
+        if constexpr (kDropout) sel = sel && ((keep >> (nb * 4 + e)) & 1u);
+        return sel;
+      };
       if constexpr (kDoDV) {
         uint32_t pa[BM / 16][4];
         acc_to_a<Element, BM / 8>(pa, st);
         gemm_rs_kn<DH / 8, BM, D>(acc_dv, pa, tdO + wd * DH, lane);
+        if (do_nonfinite)
+          add_dropped_terms<Element, DH / 8, BM / 8>(acc_dv, st, do_bad, gdO + m0 * p.row_stride + wd * DH,
+                                                     p.row_stride, selected, lane);
       }
       if constexpr (kDoDK) {
         uint32_t pa[BM / 16][4];
@@ -245,6 +300,22 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
           }
         }
         gemm_rs_kn<DH / 8, BM, D>(acc_dk, pa, tQ + wd * DH, lane);
+        if (q_nonfinite)
+          add_dropped_terms<Element, DH / 8, BM / 8>(acc_dk, dpt, q_bad, gQ + m0 * p.row_stride + wd * DH,
+                                                     p.row_stride, selected, lane);
+        if (kAtomicDq && k_nonfinite && wd == 0) {
+          // dQ's terms lost to the zeroed K entries, from this thread's own dS elements (keys j, queries i)
+#pragma unroll
+          for (int nb = 0; nb < BM / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int j = key_lo + (e >> 1) * 8, i = m0 + nb * 8 + 2 * t + (e & 1);
+              if (!k_bad[j - n0] || !selected(nb, e)) continue;
+              add_dropped_row<D>(p.dq_accum + base + static_cast<int64_t>(i) * p.row_stride,
+                                 rounded<Element>(dpt[nb][e]), gK + j * p.row_stride);
+            }
+          }
+        }
       }
       if constexpr (kAtomicDq) {
         // dQ_partial[BM x D] = dS[BM x BN] K[BN x D]; every warp's dS^T rows must be in shared memory. The next
@@ -303,6 +374,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
   Element* sdO = sQ + Traits::kSmemQ;
   Element* sK = sdO + Traits::kSmemQ;  // kStages slots
   Element* sV = sK + Traits::kStages * Traits::kSmemKV;
+  uint8_t* k_bad = reinterpret_cast<uint8_t*>(sV + Traits::kStages * Traits::kSmemKV);
 
   const WorkItem w = schedule_block(p, /*reverse=*/true);
   const SeqMask& mk = w.mask;
@@ -357,9 +429,15 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
       n_load = next_tile(n_load);
     }
     cp_async_commit();
-    const Element* tK = sK + stage * Traits::kSmemKV;
+    Element* tK = sK + stage * Traits::kSmemKV;
     const Element* tV = sV + stage * Traits::kSmemKV;
     const int n0 = n * BN;
+    // Tiles with masked (or dropped) entries: dQ = dS K multiplies them by dS = 0, so the tile's non-finite K
+    // entries are zeroed (one scan of the tile), the scores reading them recomputed and the dropped terms of the
+    // selected entries added back. Fully visible tiles skip this.
+    const bool exact_k = kDropout || !mk.tile_full(m0, m0 + BM, n0, n0 + BN);
+    bool k_nonfinite = false;
+    if (exact_k) k_nonfinite = __syncthreads_or(zero_nonfinite_rows<BN, D, NT>(tK, k_bad, tid));
 
     // Dropout keep flags (forward layout; before the GEMMs: fewer registers live): bit
     // mi * kKeepBits + 4 nb + e of keep (32-bit words) belongs to dp[mi][nb][e].
@@ -375,6 +453,21 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
     }
     gemm_ss_nk_mi<MI, BN / 8, D, D, D>(s, sQ, warp_row0, tK, lane);
     gemm_ss_nk_mi<MI, BN / 8, D, D, D>(dp, sdO, warp_row0, tV, lane);
+    if (k_nonfinite) {
+      // scores of visible entries whose key had entries zeroed: the exact non-finite value
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = row_lo + 16 * mi + (e >> 1) * 8, j = n0 + nb * 8 + 2 * t + (e & 1);
+            if (mk.visible(i, j) && k_bad[j - n0])
+              nonfinite_dot<D>(gQ + i * p.row_stride, gK + j * p.row_stride, s[mi][nb][e]);
+          }
+        }
+      }
+    }
     auto pointwise = [&](auto masked_tag) {
       constexpr bool kMasked = decltype(masked_tag)::value != TileMask::kNone;
 #pragma unroll
@@ -403,6 +496,19 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], dp[mi]);
     gemm_rs_kn_mi<MI, D / 8, BN, D>(acc_dq, pa, tK, lane);
+    if (k_nonfinite) {
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        auto selected = [&](int nb, int e) {
+          const int i = row_lo + 16 * mi + (e >> 1) * 8, j = n0 + nb * 8 + 2 * t + (e & 1);
+          bool sel = mk.visible(i, j);
+          if constexpr (kDropout) sel = sel && dropout_flag(keep, mi * kKeepBits + nb * 4 + e);
+          return sel;
+        };
+        add_dropped_terms<Element, D / 8, BN / 8>(acc_dq[mi], dp[mi], k_bad, gK + n0 * p.row_stride, p.row_stride,
+                                                  selected, lane);
+      }
+    }
     ++it;
     n = next_tile(n);
   }

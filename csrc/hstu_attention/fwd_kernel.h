@@ -26,7 +26,8 @@ struct FwdTraits {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kSmemQ = kBlockM * kHeadDim;
   static constexpr int kSmemKV = kBlockN * kHeadDim;
-  static constexpr int kSmemBytes = (kSmemQ + 2 * kStages * kSmemKV) * 2;
+  static constexpr int kSmemFlags = (kBlockN + 15) / 16 * 16;  // per key of the current tile: V row non-finite
+  static constexpr int kSmemBytes = (kSmemQ + 2 * kStages * kSmemKV) * 2 + kSmemFlags;
 };
 
 // kDropout: attention dropout (dropout.h); the false instantiation (p == 0) contains no dropout code at all.
@@ -39,6 +40,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
   Element* sQ = reinterpret_cast<Element*>(smem_raw);
   Element* sK = sQ + Traits::kSmemQ;  // kStages slots
   Element* sV = sK + Traits::kStages * Traits::kSmemKV;
+  uint8_t* v_bad = reinterpret_cast<uint8_t*>(sV + Traits::kStages * Traits::kSmemKV);
 
   const WorkItem w = schedule_block(p, /*reverse=*/true);
   const SeqMask& mk = w.mask;
@@ -96,7 +98,14 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
     cp_async_commit();
 
     const Element* tK = sK + stage * Traits::kSmemKV;
-    const Element* tV = sV + stage * Traits::kSmemKV;
+    Element* tV = sV + stage * Traits::kSmemKV;
+    const int n0 = n * BN;
+    // Tiles with masked (or dropped) entries: O = P V multiplies them by P = 0, so the tile's non-finite V entries
+    // are zeroed (one scan of the tile) and the terms of the entries that are selected are added back below. Fully
+    // visible tiles skip both: every row sees every key there.
+    const bool exact_v = kDropout || !mk.tile_full(m0, m0 + BM, n0, n0 + BN);
+    bool v_nonfinite = false;
+    if (exact_v) v_nonfinite = __syncthreads_or(zero_nonfinite_rows<BN, D, NT>(tV, v_bad, tid));
     // Dropout keep flags of this thread's elements (before the GEMM: fewer registers live): bit
     // mi * kKeepBits + 4 nb + e of keep (32-bit words) belongs to s[mi][nb][e].
     constexpr int kKeepBits = BN / 2;  // flags per 16-row block (dropout_bits_qk_mi)
@@ -107,7 +116,6 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
     for (int mi = 0; mi < MI; ++mi) zero_acc(s[mi]);
     gemm_ss_nk_mi<MI, BN / 8, D, D, D>(s, sQ, warp_row0, tK, lane);
 
-    const int n0 = n * BN;
     // pointwise stage, two unrolled copies (with_tile_mask: fully visible tiles skip every mask and bounds test)
     auto pointwise = [&](auto masked_tag) {
       constexpr bool kMasked = decltype(masked_tag)::value != TileMask::kNone;
@@ -142,6 +150,19 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], s[mi]);
     gemm_rs_kn_mi<MI, D / 8, BN, D>(acc_o, pa, tV, lane);
+    if (v_nonfinite) {
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        auto selected = [&](int nb, int e) {
+          const int i = row_lo + 16 * mi + (e >> 1) * 8, j = n0 + nb * 8 + 2 * t + (e & 1);
+          bool sel = mk.visible(i, j);
+          if constexpr (kDropout) sel = sel && dropout_flag(keep, mi * kKeepBits + nb * 4 + e);
+          return sel;
+        };
+        add_dropped_terms<Element, D / 8, BN / 8>(acc_o[mi], s[mi], v_bad, gV + n0 * p.row_stride, p.row_stride,
+                                                  selected, lane);
+      }
+    }
     ++it;
     n = next_tile(n);
   }

@@ -11,6 +11,12 @@
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
+#if defined(__CUDACC__)
+#define HSTU_NOINLINE __noinline__
+#else  // host emulation of the kernels (tests only)
+#define HSTU_NOINLINE __attribute__((noinline))
+#endif
+
 namespace hstu {
 
 template <typename Element>
@@ -314,6 +320,141 @@ __device__ __forceinline__ void zero_acc(float (&acc)[kNB][4]) {
   }
 }
 
+
+// Non-finite entries of loaded tiles. The products over keys (queries) multiply a masked entry by an exact zero, and
+// 0 * NaN / 0 * inf is NaN, so on tiles with masked entries the kernels zero the non-finite entries of the tile a
+// product reads (zero_nonfinite_rows), recompute the scores that read a zeroed entry (nonfinite_dot), and add the
+// dropped terms back for the entries that are selected (add_dropped_terms): an entry a row sees propagates as IEEE
+// arithmetic says, one it does not see never reaches it.
+
+// Whether a 16-bit float (the low 16 bits of h) is infinite or NaN: exponent bits all ones.
+template <typename Element>
+__device__ __forceinline__ bool nonfinite_bits(uint32_t h) {
+  constexpr uint32_t kExp = std::is_same_v<Element, __nv_bfloat16> ? 0x7f80u : 0x7c00u;
+  return (h & kExp) == kExp;
+}
+
+__device__ __forceinline__ bool finite_f(float x) { return fabsf(x) <= 3.402823466e38f; }  // false for inf, NaN
+
+// x rounded to Element, as float: the value an MMA operand packed from x holds.
+template <typename Element>
+__device__ __forceinline__ float rounded(float x) {
+  if constexpr (std::is_same_v<Element, __nv_bfloat16>)
+    return __bfloat162float(__float2bfloat16_rn(x));
+  else
+    return __half2float(__float2half_rn(x));
+}
+
+// Zeroes the non-finite entries of rows [0, kRows) of a swizzled shared tile and sets flags[row] to whether the row
+// held one; returns whether this thread found any. Thread tid scans rows tid, tid + kThreads, ... whole (no flag
+// needs clearing or atomics); call after the barrier that makes the tile's copies visible, and read the zeroed tile
+// and the flags after the next one.
+template <int kRows, int kCols, int kThreads, typename Element>
+__device__ __forceinline__ bool zero_nonfinite_rows(Element* tile, uint8_t* flags, int tid) {
+  bool any = false;
+#pragma unroll 1
+  for (int row = tid; row < kRows; row += kThreads) {
+    bool bad = false;
+#pragma unroll 4
+    for (int col = 0; col < kCols; col += 8) {
+      uint4* chunk = reinterpret_cast<uint4*>(tile + SmemTile<kCols>::offset(row, col));
+      const uint4 v = *chunk;
+      uint32_t w[4] = {v.x, v.y, v.z, v.w};
+      bool chunk_bad = false;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const bool lo = nonfinite_bits<Element>(w[k]), hi = nonfinite_bits<Element>(w[k] >> 16);
+        chunk_bad |= lo || hi;
+        w[k] &= (lo ? 0xffff0000u : 0xffffffffu) & (hi ? 0x0000ffffu : 0xffffffffu);
+      }
+      if (chunk_bad) {
+        *chunk = make_uint4(w[0], w[1], w[2], w[3]);
+        bad = true;
+      }
+    }
+    flags[row] = bad;
+    any |= bad;
+  }
+  return any;
+}
+
+// The sum over d < kD of the terms a[d] * b[d] that have a non-finite factor (NaN, or +-inf, as IEEE arithmetic
+// adds them, in any order) written into out; returns false, out unchanged, when there is none. a and b are rows in
+// global memory (the originals of a zeroed tile's rows). Such a sum is the exact dot product whenever it exists: its
+// finite terms cannot change a non-finite total. Off the fast path (tiles whose loads held a non-finite entry).
+template <int kD, typename Element>
+__device__ HSTU_NOINLINE bool nonfinite_dot(const Element* a, const Element* b, float& out) {
+  float sum = 0.f;
+  bool any = false;
+#pragma unroll 1
+  for (int d = 0; d < kD; ++d) {
+    const float x = to_float<Element>(a[d]), y = to_float<Element>(b[d]);
+    if (!finite_f(x) || !finite_f(y)) {
+      sum += x * y;
+      any = true;
+    }
+  }
+  if (any) out = sum;
+  return any;
+}
+
+// The terms acc += W B lost to a zeroed tile B, added back: W is a warp's 16 x 8 kKB fp32 operand in accumulator
+// layout (w[kb][e]: row g + 8 (e >> 1), k = 8 kb + 2 t + (e & 1)), B the tile (row k, columns 8 nb + 2 t + (e & 1)
+// of acc[nb][e]) whose rows flagged in flags[k] had non-finite entries zeroed; orig + k * stride is the original row
+// k (global memory, offset to acc's first column). For each flagged k and each of this thread's two rows whose
+// (row, k) entry selected(kb, e) keeps (evaluated by the thread holding w[kb][e], which passes W[row][k] on by a quad
+// shuffle), acc += W[row][k] * b for every non-finite b of row k, with W rounded as the MMA operand holds it.
+// Entries not selected add nothing: W is zero there, and 0 * inf would be NaN. Off the fast path.
+template <typename Element, int kNB, int kKB, typename Selected>
+__device__ __forceinline__ void add_dropped_terms(float (&acc)[kNB][4], const float (&w)[kKB][4],
+                                                  const uint8_t* flags, const Element* orig, int64_t stride,
+                                                  Selected&& selected, int lane) {
+  const int t = lane & 3;
+#pragma unroll 1
+  for (int k = 0; k < 8 * kKB; ++k) {
+    if (!flags[k]) continue;  // the same flag for the whole block
+    const Element* row = orig + k * stride;
+    const int src = (lane & ~3) | ((k & 7) >> 1);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float wv = 0.f;
+      int sel = 0;
+#pragma unroll
+      for (int kb = 0; kb < kKB; ++kb) {
+#pragma unroll
+        for (int par = 0; par < 2; ++par) {
+          if (8 * kb + 2 * t + par == k) {
+            wv = w[kb][2 * h + par];
+            sel = selected(kb, 2 * h + par) ? 1 : 0;
+          }
+        }
+      }
+      wv = __shfl_sync(0xffffffffu, wv, src);
+      sel = __shfl_sync(0xffffffffu, sel, src);
+      if (!sel) continue;
+      wv = rounded<Element>(wv);
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int par = 0; par < 2; ++par) {
+          const float b = to_float<Element>(row[8 * nb + 2 * t + par]);
+          if (!finite_f(b)) acc[nb][2 * h + par] += wv * b;
+        }
+      }
+    }
+  }
+}
+
+// dst[d] += w * b[d] (float32 atomics) for the non-finite entries b[d] of a row of kD (global memory): the terms of
+// an atomically accumulated product that a zeroed tile row dropped. Off the fast path.
+template <int kD, typename Element>
+__device__ HSTU_NOINLINE void add_dropped_row(float* dst, float w, const Element* b) {
+#pragma unroll 1
+  for (int d = 0; d < kD; ++d) {
+    const float x = to_float<Element>(b[d]);
+    if (!finite_f(x)) atomicAdd(dst + d, w * x);
+  }
+}
 
 // Stores a warp's 16 x kD fp32 accumulator (times scale) as Element rows row_base + {g, g+8}, rows >= valid_rows
 // skipped. gmem points at row 0 of the tile.

@@ -289,3 +289,65 @@ def test_cpu_heuristics_plans_are_consistent(emulator, direction, head_dim, batc
         if not sm90:
             assert kernel == (_SPLIT_HEAD_DIM if head_dim == 256 and not deterministic else
                               _TWO_PASS if head_dim == 256 else _ONE_PASS)  # fmt: skip
+
+
+# Non-finite entries on the emulated kernels (issue 20): one poisoned entry per (sequence, head) slot, so no product
+# has two non-finite factors. (tensor, sequence, head, row in the sequence, column, value). Under the causal mask a
+# poisoned key / value is seen by the rows at or after it and hidden from those before it inside the same tiles; a
+# poisoned query / dO row reaches the keys at or before it and not those after.
+_POISONS = [("k", 3, 0, 100, 5, float("nan")), ("v", 3, 1, 90, 7, float("inf")), ("q", 4, 0, 40, 3, float("-inf")),
+            ("dout", 4, 1, 70, 9, float("nan")), ("v", 2, 0, 50, 2, float("-inf")), ("k", 2, 1, 60, 11, float("inf"))]
+_NONFINITE_CASES = {
+    # name: (dim, dtype, deterministic, variant, dropout p, extra call arguments)
+    "atomic_d64_bf16": (64, torch.bfloat16, False, 0, 0.0, {}),
+    "split_d64_fp16_window": (64, torch.float16, True, 0, 0.0, dict(window_size=40)),
+    "split_d32_bf16_dropout": (32, torch.bfloat16, True, 0, 0.3, {}),
+    "atomic_d256_onepass_fp16": (256, torch.float16, False, 0, 0.0, {}),
+}
+
+
+def _nonfinite_pattern(t: torch.Tensor) -> torch.Tensor:
+    """0 finite, 1 NaN, 2 +inf, 3 -inf."""
+    return torch.isnan(t).to(torch.int8) + 2 * torch.isposinf(t).to(torch.int8) + 3 * torch.isneginf(t).to(torch.int8)
+
+
+@pytest.mark.parametrize("case", list(_NONFINITE_CASES))
+def test_cpu_emulated_kernels_select_nonfinite_entries(emulator, case):
+    """A NaN / inf in k, v, q or dO reaches exactly the outputs and gradients the fp32 reference says it reaches
+    (same NaN / +inf / -inf pattern: rows that see it get what IEEE arithmetic gives, rows and keys that do not see it
+    stay finite), and every other entry equals the emulated kernels' result on the clean inputs bit for bit."""
+    from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.reference import hstu_attention_reference
+
+    dim, dtype, det, variant, p, extra = _NONFINITE_CASES[case]
+    lengths = [0, 1, 77, 130, 100]
+    n = max(lengths)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    g = torch.Generator().manual_seed(20 + dim)
+    q, k, v, dout = (torch.randn(int(offsets[-1]), 2, dim, generator=g).to(dtype) for _ in range(4))
+    kwargs = dict(alpha=1.0 / math.sqrt(dim), causal=True, **extra)
+    mask = None
+    if p > 0:
+        mask = cuda.dropout_keep_mask_reference(77, len(lengths), 2, n, p)
+    emu = _emu_impl(emulator, det, variant)
+
+    def run(tensors, fn, dt):
+        leaves = [t.to(dt).requires_grad_(True) for t in tensors[:3]]
+        drop = dict(dropout_p=p, dropout_mask=mask) if p > 0 else {}
+        out = fn(*leaves, offsets, n, **kwargs, **drop)
+        return [out.detach(), *torch.autograd.grad(out, leaves, tensors[3].to(dt))]
+
+    poisoned = {"q": q.clone(), "k": k.clone(), "v": v.clone(), "dout": dout.clone()}
+    for name, b, h, row, col, value in _POISONS:
+        poisoned[name][int(offsets[b]) + row, h, col] = value
+    poisoned = [poisoned[name] for name in ("q", "k", "v", "dout")]
+    clean = run([q, k, v, dout], emu, dtype)
+    got = run(poisoned, emu, dtype)
+    want = run(poisoned, hstu_attention_reference, torch.float32)
+    for what, c, x, r in zip(("out", "dq", "dk", "dv"), clean, got, want):
+        pattern, expected = _nonfinite_pattern(x), _nonfinite_pattern(r)
+        wrong = (pattern != expected).nonzero().tolist()
+        assert not wrong, f"{what}: non-finite pattern differs from the reference at {len(wrong)} entries, e.g. " + \
+            ", ".join(f"{tuple(e)}: {int(pattern[tuple(e)])} (want {int(expected[tuple(e)])})" for e in wrong[:6])
+        finite = pattern == 0
+        assert torch.equal(x[finite], c[finite]), f"{what}: finite entries differ from the clean run"

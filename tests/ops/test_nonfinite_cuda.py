@@ -1,5 +1,7 @@
-"""Masks select on CUDA: a NaN / inf in a key, value or rab entry that a row does not see changes neither that row's
-output nor any gradient it contributes to (the CPU counterpart is in test_hstu_attention_reference.py).
+"""Masks select on CUDA: a NaN / inf in a key, value, query, output gradient or rab entry that a row does not see
+changes neither that row's output nor any gradient it contributes to (the CPU counterpart is in
+test_hstu_attention_reference.py; the sm80-style kernels also run on the CPU emulator in
+test_hstu_attention_cuda_emulation.py).
 
 Each case runs the public op twice on the GPU, on clean inputs and with one poisoned entry, and compares what the
 poisoned entry must not reach: the rows that do not see the poisoned key (forward, dq), every other key's dk / dv,
@@ -8,7 +10,8 @@ except dq of the atomic backward, whose float32 atomics vary in the last bits). 
 inside one, so the poisoned key sits in tiles that rows which cannot see it still visit. bfloat16 runs the fused
 kernels (when the extension is built; else the reference), float32 the PyTorch reference on the GPU. Paths: the
 default (on sm_90 the wgmma kernels where they apply), the mma.sync kernels, the single-role wgmma forward, and the
-atomic-free backward (deterministic=True), chosen with ``cuda.kernel_variant``.
+atomic-free backward (deterministic=True), and both backwards of the mma.sync kernels, chosen with
+``cuda.kernel_variant``; ``cuda.kernel_plan`` says which kernels a case runs.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ import torch
 
 from hstu.ops import hstu_attention, lengths_to_offsets
 from hstu.ops._extension import load_extension
-from hstu.ops.hstu_attention.cuda import kernel_variant
+from hstu.ops.hstu_attention.cuda import KernelVariant, kernel_plan, kernel_variant
 from tests.conftest import requires_cuda
 from tests.ops.dense_attention import mask_matrix
 
 pytestmark = requires_cuda
 
-# The fused kernels select on the scores (rab, and keys in the forward's scores, are exact), but their products over
-# keys (P·V in the forward, dS·K for dq, and the Hopper backward's dS = dP · SiLU') multiply an invisible entry by an
-# exact zero, so a NaN / inf there still reaches rows that do not see it. Measured on an H100 (issue 20, kernel part).
-KERNEL_PRODUCTS_LEAK = "fused kernels: products over keys multiply invisible non-finite keys / values by zero"
+# The mma.sync (sm80-style) kernels zero the non-finite entries of the tiles their products read on tiles with
+# masked entries and add the selected terms back (csrc/hstu_attention/utils.h). The Hopper wgmma kernels still
+# multiply an invisible entry by an exact zero in their products over keys (P·V in the forward, dS·K for dq, and the
+# backward's dS = dP · SiLU'), so a NaN / inf there reaches rows that do not see it (measured on an H100, issue 20).
+HOPPER_PRODUCTS_LEAK = "wgmma kernels: products over keys multiply invisible non-finite entries by zero"
 
 LENGTHS = [300, 1, 77, 203]
 HEADS, DIM = 2, 64
@@ -46,7 +50,23 @@ PATHS = {  # KernelVariant fields, deterministic
     "mma_sync": (dict(sm90_forward=False, sm90_backward=False), False),
     "wgmma_single_role_forward": (dict(forward_warp_specialized=False), False),
     "deterministic": ({}, True),
+    "mma_sync_deterministic": (dict(sm90_forward=False, sm90_backward=False), True),
 }
+
+
+def _runs_hopper_kernel(path, with_rab: bool) -> bool:
+    """Whether a bfloat16 case of this test runs a wgmma kernel (forward or backward) on the current device."""
+    fields, deterministic = path
+    shape = dict(head_dim=DIM, batch=len(LENGTHS), heads=HEADS, max_seqlen=max(LENGTHS), dtype=torch.bfloat16,
+                 rab=with_rab, variant=KernelVariant(**fields))  # fmt: skip
+    forward = kernel_plan("forward", **shape)
+    backward = kernel_plan("backward", rab_grad=with_rab, deterministic=deterministic, **shape)
+    return forward["kernel"] != "sm80" or backward["kernel"] != "sm80"
+
+
+def _mark_hopper_leak(request, dtype, path, with_rab: bool) -> None:
+    if dtype != torch.float32 and load_extension() is not None and _runs_hopper_kernel(path, with_rab):
+        request.applymarker(pytest.mark.xfail(reason=HOPPER_PRODUCTS_LEAK, strict=False))
 
 
 def _kwargs(family: str) -> dict:
@@ -59,13 +79,22 @@ def _kwargs(family: str) -> dict:
     return kwargs
 
 
-def _rows_that_see(kwargs: dict, b: int, j: int) -> list[int]:
-    """Rows (jagged indices) of sequence b that see its key j, from the independent dense formulation."""
-    start = sum(LENGTHS[:b])
+def _seen(kwargs: dict, b: int):
     c = int(kwargs["num_contexts"][b]) if "num_contexts" in kwargs else 0
     t = int(kwargs["num_targets"][b]) if "num_targets" in kwargs else 0
-    seen = mask_matrix(LENGTHS[b], c, t, kwargs["target_group_size"], kwargs["window_size"], kwargs["causal"])
-    return [start + i for i in range(LENGTHS[b]) if seen[i, j]]
+    return mask_matrix(LENGTHS[b], c, t, kwargs["target_group_size"], kwargs["window_size"], kwargs["causal"])
+
+
+def _rows_that_see(kwargs: dict, b: int, j: int) -> list[int]:
+    """Rows (jagged indices) of sequence b that see its key j, from the independent dense formulation."""
+    seen = _seen(kwargs, b)
+    return [sum(LENGTHS[:b]) + i for i in range(LENGTHS[b]) if seen[i, j]]
+
+
+def _keys_seen_by(kwargs: dict, b: int, i: int) -> list[int]:
+    """Keys (jagged indices) of sequence b that its row i sees."""
+    seen = _seen(kwargs, b)
+    return [sum(LENGTHS[:b]) + j for j in range(LENGTHS[b]) if seen[i, j]]
 
 
 def _inputs(dtype: torch.dtype, with_rab: bool, seed: int = 0):
@@ -115,8 +144,7 @@ def path(request):
 @pytest.mark.parametrize("target", ["k", "v"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_invisible_nonfinite_key_or_value(family, target, with_rab, dtype, path, request):
-    if dtype != torch.float32 and load_extension() is not None:
-        request.applymarker(pytest.mark.xfail(reason=KERNEL_PRODUCTS_LEAK, strict=False))
+    _mark_hopper_leak(request, dtype, path, with_rab)
     deterministic = path[1]
     kwargs = _kwargs(family)
     q, k, v, rab, grad_out = _inputs(dtype, with_rab)
@@ -139,6 +167,40 @@ def test_invisible_nonfinite_key_or_value(family, target, with_rab, dtype, path,
                     _assert_untouched(got, want, tainted, what, exact)
                 except AssertionError as error:
                     failures.append(f"{target}[{j}] = {poison}: {str(error).splitlines()[0]}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32_reference"])
+@pytest.mark.parametrize("with_rab", [False, True], ids=["norab", "rab"])
+@pytest.mark.parametrize("target", ["q", "grad_out"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_invisible_nonfinite_query_or_output_grad(family, target, with_rab, dtype, path, request):
+    # A poisoned query row i (output gradient row i) reaches output row i (query only), dq_i, the dk / dv rows of
+    # the keys row i sees, and drab row i; nothing else.
+    _mark_hopper_leak(request, dtype, path, with_rab)
+    deterministic = path[1]
+    kwargs = _kwargs(family)
+    q, k, v, rab, grad_out = _inputs(dtype, with_rab)
+    clean_out, clean_grads = _run(q, k, v, rab, grad_out, kwargs, path)
+    failures = []
+    for i in POISONED_KEYS:  # rows of sequence 0 in partially masked tiles, a target row, the last row
+        for poison in (float("nan"), float("inf")):
+            q2, g2 = q.clone(), grad_out.clone()
+            (q2 if target == "q" else g2)[i, 1, 5] = poison
+            out, grads = _run(q2, k, v, rab, g2, kwargs, path)
+            keys = _keys_seen_by(kwargs, 0, i)
+            checks = [("output", out, clean_out, [i] if target == "q" else [], True),
+                      ("dq", grads[0], clean_grads[0], [i], deterministic),
+                      ("dk", grads[1], clean_grads[1], keys, True), ("dv", grads[2], clean_grads[2], keys, True)]
+            if rab is not None:
+                drab, want = grads[3].clone(), clean_grads[3].clone()
+                drab[0, :, i, :] = want[0, :, i, :] = 0  # only row i depends on the poisoned query / gradient
+                checks.append(("drab", drab.flatten(0, 1), want.flatten(0, 1), [], True))
+            for what, got, want, tainted, exact in checks:
+                try:
+                    _assert_untouched(got, want, tainted, what, exact)
+                except AssertionError as error:
+                    failures.append(f"{target}[{i}] = {poison}: {str(error).splitlines()[0]}")
     assert not failures, "\n".join(failures)
 
 

@@ -46,11 +46,13 @@ struct Bar { int arrived = 0; long gen = 0; };
 struct Warp {
   const void* addr[32];
   uint32_t a[32][4], b[32][2];
+  uint32_t shfl[32];
 };
 inline Fiber* g_cur = nullptr;
 inline ucontext_t g_sched;
 inline uint3 g_block_idx, g_grid_dim, g_block_dim;
 inline Bar g_bars[2048];
+inline int g_sync_or = 0;  // __syncthreads_or's reduction (0 between calls)
 inline Warp g_warps[32];
 inline long g_switches = 0;
 // HSTU_EMU_LAZY_CP_ASYNC=1: cp.async copies land only when a wait requires them (the latest the hardware may
@@ -75,6 +77,28 @@ inline void warp_sync() { barrier(1024 + warp(), 32); }
 
 inline void __syncthreads() { emu::barrier(0, emu::g_block_dim.x * emu::g_block_dim.y * emu::g_block_dim.z); }
 inline void hstu_emulation_named_barrier(int id, int threads) { emu::barrier(id, threads); }
+// bar.red.or: three block barriers around one shared flag (set, read, cleared by thread 0 before its next call)
+inline int __syncthreads_or(int pred) {
+  __syncthreads();
+  if (pred) emu::g_sync_or = 1;
+  __syncthreads();
+  const int any = emu::g_sync_or;
+  __syncthreads();
+  if (emu::g_cur->linear == 0) emu::g_sync_or = 0;
+  return any;
+}
+// shfl.sync.idx over the full warp (4-byte values)
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src) {
+  static_assert(sizeof(T) == 4, "4-byte shuffles");
+  emu::Warp& w = emu::g_warps[emu::warp()];
+  std::memcpy(&w.shfl[emu::lane()], &v, 4);
+  emu::warp_sync();
+  T r;
+  std::memcpy(&r, &w.shfl[src & 31], 4);
+  emu::warp_sync();
+  return r;
+}
 inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
 inline float2 atomicAdd(float2* p, float2 v) { float2 o = *p; p->x += v.x; p->y += v.y; return o; }
 using std::min;
