@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 import warnings
 from typing import Optional
 
@@ -28,21 +29,10 @@ from hstu.distributed.context import ParallelContext
 from hstu.distributed.dense import dense_modules
 from hstu.inference.errors import UnsupportedModelError
 from hstu.training import checkpoint as ckpt
-from hstu.training.config import (
-    AllArgs,
-    DatasetArgs,
-    EmbeddingArgs,
-    NetworkArgs,
-    OptimizerArgs,
-    ParallelismArgs,
-    RankingArgs,
-    RetrievalArgs,
-    TrainerArgs,
-)
+from hstu.training.config import AllArgs
 
-_GROUPS = {"trainer": TrainerArgs, "dataset": DatasetArgs, "network": NetworkArgs, "embeddings": EmbeddingArgs,
-           "optimizer": OptimizerArgs, "retrieval": RetrievalArgs, "ranking": RankingArgs,
-           "parallelism": ParallelismArgs}
+# config.json holds one dict per AllArgs field: the field's argument class rebuilds it.
+_GROUPS = typing.get_type_hints(AllArgs)
 
 
 @dataclasses.dataclass

@@ -425,6 +425,15 @@ class InferenceModel:
                 times.append(None)
         return items, times
 
+    def _candidate_request(self, users, candidates, timestamps):
+        """(candidate ids, their times, the users' caches) of a checked ranking request; candidates without times
+        take their user's last event time."""
+        items, times = self._checked_candidates(users, candidates, timestamps)
+        caches = self._checked_users(users)
+        times = [t if t is not None else cache.timestamps[-1].expand(ids.numel()).clone()
+                 for t, ids, cache in zip(times, items, caches)]
+        return items, times, caches
+
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         if self.model.loss.task_type == "bitmask":
             return torch.sigmoid(logits.float())
@@ -436,10 +445,7 @@ class InferenceModel:
         """Task probabilities (N_b, tasks) of every user's candidates (bitmask tasks: sigmoid of each task;
         rating: the class distribution), scored against the cached histories in one pass. ``timestamps``: the
         candidates' times (default: each user's last event time)."""
-        items, times = self._checked_candidates(users, candidates, timestamps)
-        caches = self._checked_users(users)
-        times = [t if t is not None else cache.timestamps[-1].expand(ids.numel()).clone()
-                 for t, ids, cache in zip(times, items, caches)]
+        items, times, caches = self._candidate_request(users, candidates, timestamps)
         keep = [b for b, ids in enumerate(items) if ids.numel() > 0]
         results = [torch.zeros(0, self.model.loss.num_outputs) for _ in users]
         if not keep:
@@ -521,10 +527,7 @@ class InferenceModel:
                   ) -> list[torch.Tensor]:
         """What :meth:`rank` returns, from the training model's full forward over the stored events plus the
         candidates (in rounds of as many candidates as the model's maximum token count leaves room for)."""
-        items, times = self._checked_candidates(users, candidates, timestamps)
-        caches = self._checked_users(users)
-        times = [t if t is not None else cache.timestamps[-1].expand(ids.numel()).clone()
-                 for t, ids, cache in zip(times, items, caches)]
+        items, times, caches = self._candidate_request(users, candidates, timestamps)
         max_tokens = self.encoder.config.max_tokens
         room = [(max_tokens - cache.num_tokens) // self.group * self.group for cache in caches]
         parts: list[list[torch.Tensor]] = [[] for _ in users]
