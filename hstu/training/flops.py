@@ -4,7 +4,9 @@ bf16 peak of the card that MFU is measured against.
 Per layer, T tokens, width D, H heads, head dims dqk/dv, Σ L² over sequences:
   linears  fwd = 2·T·D·H·(2dv + 2dqk) + 2·T·H·dv·D         (backward 2× forward)
   attention fwd = 2·Σ L²·H·(dqk + dv) · ½ (causal)         (backward 2.5× forward)
-plus the retrieval loss (P queries against 1 + M candidates, 2·P·(M+1)·D, backward 2×) or the ranking MLP head.
+plus the retrieval loss (P queries against 1 + M candidates, 2·P·(M+1)·D, backward 2×) or the ranking MLP head,
+plus the embedding-width projections of models whose tables are narrower or wider than D (each projected row
+through Linear(w, D) -> ReLU -> Linear(D, D): 2·rows·(w·D + D·D), backward 2× as the tables are trained).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from typing import Optional
 
 import torch
+from torch import nn
 
 from hstu.modules.encoder import EncoderConfig
 
@@ -31,12 +34,33 @@ DENSE_BF16_PEAK_TFLOPS = (
 )
 
 
-def train_step_flops(config: EncoderConfig, num_tokens: int, sum_squared_lengths: int, head_flops_fwd: float = 0.0) -> float:
+def train_step_flops(config: EncoderConfig, num_tokens: int, sum_squared_lengths: int, head_flops_fwd: float = 0.0,
+                     input_flops_fwd: float = 0.0) -> float:
+    """Forward + backward FLOPs of one step; ``head_flops_fwd`` / ``input_flops_fwd``: forward FLOPs of the loss
+    head and of the input projections (:func:`input_projection_flops`), whose backward costs twice their forward."""
     c = config
     linear = 2.0 * num_tokens * c.embedding_dim * c.num_heads * (2 * c.v_dim + 2 * c.qk_dim)
     linear += 2.0 * num_tokens * c.num_heads * c.v_dim * c.embedding_dim
     attention = 2.0 * sum_squared_lengths * c.num_heads * (c.qk_dim + c.v_dim) * 0.5
-    return c.num_layers * (3.0 * linear + 3.5 * attention) + 3.0 * head_flops_fwd
+    return c.num_layers * (3.0 * linear + 3.5 * attention) + 3.0 * (head_flops_fwd + input_flops_fwd)
+
+
+def _linear_flops(module: nn.Module, rows: int) -> float:
+    return 2.0 * rows * sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def input_projection_flops(model: nn.Module, batch) -> float:
+    """Forward FLOPs of a model's embedding-width projections for ``batch``: every item and action row (one per
+    event, candidates included) through ``model.item_projection``, one row per sample and contextual feature through
+    ``model.contextual_projection``; 0 for a model without them. Reads sizes only (no device sync)."""
+    total = 0.0
+    item = getattr(model, "item_projection", None)
+    if item is not None:
+        total += _linear_flops(item, sum(batch.sequence[k].values().numel() for k in ("item", "action")))
+    contextual = getattr(model, "contextual_projection", None)
+    if contextual is not None:
+        total += _linear_flops(contextual, sum(batch.contextual[k].values().numel() for k in model.contextual_keys))
+    return total
 
 
 def peak_for_name(name: str) -> Optional[float]:

@@ -20,7 +20,8 @@ from hstu.modules.hstu_layer import HSTULayer
 from hstu.training import checkpoint as ckpt
 from hstu.training.config import AllArgs, OptimizerArgs
 from hstu.training.distributed import ParallelContext, setup_parallelism, teardown
-from hstu.training.flops import device_peak, train_step_flops
+from hstu.training.flops import device_peak, input_projection_flops, train_step_flops
+from hstu.training.memory import format_memory, memory_report
 from hstu.training.policies import LogWindow, Schedule, StepResult
 from hstu.training.precision import Precision
 from hstu.training.profiling import StepProfiler
@@ -138,6 +139,7 @@ class Trainer:
         self.logger = self._open_run_outputs(task_name, resume)
         self.peak_eval: dict = {}
         self.last_eval: dict = {}
+        self.max_step_tokens = 0  # the largest training step's token count (memory report)
 
     def _prepare_run_dir(self, run_dir: str, resume: bool, fresh: bool, dataset_dir: str) -> tuple[Optional[str], dict]:
         """Collective: rank 0 applies the run-directory rules and picks the checkpoint; every rank gets the outcome
@@ -289,7 +291,9 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += out.num_tokens
         head = self.task.head_flops(out.extras.get("num_queries", out.extras.get("num_candidates", 0)))
-        flops = train_step_flops(self.model.encoder.config, out.num_tokens, out.sum_squared_lengths, head)
+        flops = train_step_flops(self.model.encoder.config, out.num_tokens, out.sum_squared_lengths, head,
+                                 input_projection_flops(self.model, batch))
+        self.max_step_tokens = max(self.max_step_tokens, out.num_tokens)
         return StepResult(out.loss.detach(), lr, out.num_tokens, flops, grad_norm, self.precision.loss_scale())
 
     def train(self) -> dict:
@@ -370,6 +374,9 @@ class Trainer:
         final = self.evaluate(with_baseline=t.compute_baseline)
         final["train_seconds"] = round(train_seconds, 3)
         final.update({f"train_{k}": v for k, v in throughput.items()})
+        memory = memory_report(self.ctx, self.model, self.parallel, self.model.encoder.config, self.max_step_tokens,
+                               dtype_bytes=4 if self.precision.dtype is None else 2)
+        final.update({f"memory_{k}": v for k, v in memory.items()})
         epochs = self.state.epoch - first_epoch
         if self.ctx.is_main:
             per_epoch = f", {train_seconds / epochs:.2f} s per epoch" if epochs > 0 else ""
@@ -382,6 +389,7 @@ class Trainer:
                 if "mfu" in throughput:
                     rate += f", MFU {100 * throughput['mfu']:.1f}%"
                 print(rate, flush=True)
+            print(format_memory(memory), flush=True)
         if t.save_final_checkpoint:
             self._save()
         self._report(final, None, final_summary=True)
@@ -392,7 +400,7 @@ class Trainer:
         if not self.ctx.is_main:
             return
         keys = [k for k in record if k not in ("step", "epoch", "num_samples", "eval_seconds")
-                and not k.startswith(("baseline/", "train_"))]
+                and not k.startswith(("baseline/", "train_", "memory_"))]
         text = " ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record[k], float))
         line = f"[eval] step {record['step']} epoch {record['epoch']}: {text}"
         if progress is not None:
