@@ -80,6 +80,25 @@ struct Dropout {
   bool on;
 };
 
+// v after dropout: kept elements scaled by 1 / (1 - p), dropped ones 0 (selected, not multiplied by a mask)
+__device__ __forceinline__ float dropped(float v, bool keep, const Dropout& drop) {
+  return drop.on ? (keep ? v * drop.scale : 0.f) : v;
+}
+
+// f(c, keep) for every column c of `row` that this thread owns (groups of four consecutive columns, one Philox draw
+// per group); keep: whether dropout keeps element (row, c)
+template <typename F>
+__device__ __forceinline__ void for_each_column(int64_t row, int64_t d, const Dropout& drop, F&& f) {
+  for (int64_t c0 = 4 * static_cast<int64_t>(threadIdx.x); c0 < d; c0 += 4 * static_cast<int64_t>(blockDim.x)) {
+    const unsigned keep = drop.on ? keep_bits(drop.seed, drop.offset, row, c0, drop.p) : 0xfu;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (c0 + j >= d) break;
+      f(c0 + j, ((keep >> j) & 1u) != 0u);
+    }
+  }
+}
+
 // mean and rstd of a row of length d (fp32, centred second pass)
 template <typename T>
 __device__ __forceinline__ float2 row_stats(const T* __restrict__ xr, int64_t d, float eps, float* shm) {
@@ -111,18 +130,11 @@ __global__ void __launch_bounds__(kMaxThreads) fwd_kernel(const T* __restrict__ 
       mean_out[row] = st.x;
       rstd_out[row] = st.y;
     }
-    for (int64_t c0 = 4 * static_cast<int64_t>(threadIdx.x); c0 < d; c0 += 4 * static_cast<int64_t>(blockDim.x)) {
-      const unsigned keep = drop.on ? keep_bits(drop.seed, drop.offset, row, c0, drop.p) : 0xfu;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = c0 + j;
-        if (c >= d) break;
-        const float normed = (static_cast<float>(xr[c]) - st.x) * st.y * static_cast<float>(weight[c]) +
-                             static_cast<float>(bias[c]);
-        const float gated = normed * static_cast<float>(ur[c]);
-        yr[c] = static_cast<T>(drop.on ? ((keep >> j) & 1u ? gated * drop.scale : 0.f) : gated);
-      }
-    }
+    for_each_column(row, d, drop, [&](int64_t c, bool keep) {
+      const float normed = (static_cast<float>(xr[c]) - st.x) * st.y * static_cast<float>(weight[c]) +
+                           static_cast<float>(bias[c]);
+      yr[c] = static_cast<T>(dropped(normed * static_cast<float>(ur[c]), keep, drop));
+    });
   }
 }
 
@@ -141,45 +153,29 @@ __global__ void __launch_bounds__(kMaxThreads) bwd_kernel(const T* __restrict__ 
   __shared__ float shm[32];
   float* dw = dweight_part + static_cast<int64_t>(blockIdx.x) * d;
   float* db = dbias_part + static_cast<int64_t>(blockIdx.x) * d;
-  const int64_t step = 4 * static_cast<int64_t>(blockDim.x);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * d;
     const float mean = mean_in[row], rstd = rstd_in[row];
     float sum_dn = 0.f, sum_dn_n = 0.f;
-    for (int64_t c0 = 4 * static_cast<int64_t>(threadIdx.x); c0 < d; c0 += step) {
-      const unsigned keep = drop.on ? keep_bits(drop.seed, drop.offset, row, c0, drop.p) : 0xfu;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = c0 + j;
-        if (c >= d) break;
-        const float g = drop.on ? ((keep >> j) & 1u ? static_cast<float>(dy[base + c]) * drop.scale : 0.f)
-                                : static_cast<float>(dy[base + c]);
-        const float n = (static_cast<float>(x[base + c]) - mean) * rstd;
-        const float w = static_cast<float>(weight[c]);
-        const float gu = g * static_cast<float>(u[base + c]);
-        const float dn = gu * w;
-        sum_dn += dn;
-        sum_dn_n += dn * n;
-        du[base + c] = static_cast<T>(g * (n * w + static_cast<float>(bias[c])));
-        dw[c] += gu * n;  // column c of this block's partial row belongs to this thread alone
-        db[c] += gu;
-      }
-    }
+    for_each_column(row, d, drop, [&](int64_t c, bool keep) {
+      const float g = dropped(static_cast<float>(dy[base + c]), keep, drop);
+      const float n = (static_cast<float>(x[base + c]) - mean) * rstd;
+      const float w = static_cast<float>(weight[c]);
+      const float gu = g * static_cast<float>(u[base + c]);
+      sum_dn += gu * w;
+      sum_dn_n += gu * w * n;
+      du[base + c] = static_cast<T>(g * (n * w + static_cast<float>(bias[c])));
+      dw[c] += gu * n;  // column c of this block's partial row belongs to this thread alone
+      db[c] += gu;
+    });
     const float mean_dn = block_sum(sum_dn, shm) / static_cast<float>(d);
     const float mean_dn_n = block_sum(sum_dn_n, shm) / static_cast<float>(d);
-    for (int64_t c0 = 4 * static_cast<int64_t>(threadIdx.x); c0 < d; c0 += step) {
-      const unsigned keep = drop.on ? keep_bits(drop.seed, drop.offset, row, c0, drop.p) : 0xfu;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = c0 + j;
-        if (c >= d) break;
-        const float g = drop.on ? ((keep >> j) & 1u ? static_cast<float>(dy[base + c]) * drop.scale : 0.f)
-                                : static_cast<float>(dy[base + c]);
-        const float n = (static_cast<float>(x[base + c]) - mean) * rstd;
-        const float dn = g * static_cast<float>(u[base + c]) * static_cast<float>(weight[c]);
-        dx[base + c] = static_cast<T>(rstd * (dn - mean_dn - n * mean_dn_n));
-      }
-    }
+    for_each_column(row, d, drop, [&](int64_t c, bool keep) {
+      const float g = dropped(static_cast<float>(dy[base + c]), keep, drop);
+      const float n = (static_cast<float>(x[base + c]) - mean) * rstd;
+      const float dn = g * static_cast<float>(u[base + c]) * static_cast<float>(weight[c]);
+      dx[base + c] = static_cast<T>(rstd * (dn - mean_dn - n * mean_dn_n));
+    });
   }
 }
 
