@@ -28,7 +28,6 @@ from hstu.modules.positional import PositionalEncoder, RelativeAttentionBias, to
 from hstu.modules.token_layout import TokenLayout
 from hstu.ops import (
     concat_2d_jagged,
-    jagged_to_padded_dense,
     lengths_to_host,
     sequence_ids_and_positions,
     split_2d_jagged,
@@ -147,8 +146,7 @@ class HSTUEncoder(nn.Module):
             # The contextual and candidate masks refine causal attention; full attention has neither.
             num_contexts=layout.context_lengths if c.causal and c.contextual_mask else None,
             num_targets=layout.attention_targets if c.causal else None,
-            time_buckets=self._time_buckets(token_times, layout, inputs.next_timestamps),
-            relative_positions=self._relative_positions(token_seq, token_pos, layout),
+            **self._bias_inputs(token_times, layout, inputs.next_timestamps),
             causal=c.causal,
             attention_backend=c.attention_backend,
             num_contextual=layout.num_contextual if c.contextual_mask else 0,
@@ -223,29 +221,21 @@ class HSTUEncoder(nn.Module):
             query_times = token_times[last_history.clamp(max=max(total_tokens - 1, 0))][token_seq]
         return self.input_encoder(tokens, positions, token_times, query_times)
 
-    def _time_buckets(self, token_times: torch.Tensor, layout: TokenLayout,
-                      next_timestamps: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """(B, N, N) time-bucket ids of the relative attention bias, shared by every layer (None without one)."""
+    def _bias_inputs(self, token_times: torch.Tensor, layout: TokenLayout,
+                     next_timestamps: Optional[torch.Tensor]) -> dict:
+        """The relative attention bias's AttentionInputs fields: token times (and the next request's time) for the
+        time weights, the candidate counts that share one position when the batch has candidates. Every layer's
+        bias gathers its own weights from them inside the attention; no (B, N, N) matrix is built here."""
         c = self.config
-        if not (c.relative_attention_bias and c.rab_use_time):
-            return None
-        return RelativeAttentionBias.time_bucket_matrix(
-            token_times, layout.token_offsets, layout.max_tokens, c.rab_num_time_buckets, c.rab_time_reference,
-            next_timestamps, host_lengths=layout.host_token_lengths,
-        )  # fmt: skip
-
-    def _relative_positions(self, token_seq: torch.Tensor, token_pos: torch.Tensor,
-                            layout: TokenLayout) -> Optional[torch.Tensor]:
-        """(B, N, N) position differences for the relative bias when candidates share a position; None when the
-        positions are the token indices."""
-        c = self.config
-        if not (c.relative_attention_bias and c.rab_use_position and layout.has_candidates):
-            return None
-        shared = token_positions(token_pos, layout.token_lengths, layout.num_candidates, token_seq, "absolute")
-        padded = jagged_to_padded_dense(
-            shared.unsqueeze(-1), layout.token_offsets, layout.max_tokens, host_lengths=layout.host_token_lengths
-        ).squeeze(-1)
-        return padded.unsqueeze(2) - padded.unsqueeze(1)
+        if not c.relative_attention_bias:
+            return {}
+        fields = {}
+        if c.rab_use_time:
+            fields.update(timestamps=token_times,
+                          next_timestamps=next_timestamps if c.rab_time_reference == "next" else None)
+        if c.rab_use_position and layout.has_candidates:
+            fields.update(shared_positions=layout.num_candidates)
+        return fields
 
     # ---- postprocessing: tokens -> one output per event ----------------------------------------------------------
     def postprocess(self, x: torch.Tensor, layout: TokenLayout) -> EncoderOutputs:

@@ -36,6 +36,11 @@ class AttentionInputs:
     max_seqlen: int  # the longest sequence in this batch (tokens)
     num_contexts: Optional[torch.Tensor] = None  # (B,)
     num_targets: Optional[torch.Tensor] = None  # (B,)
+    # The relative attention bias's inputs, taken by hstu_attention(rab_tables=...) as they are:
+    timestamps: Optional[torch.Tensor] = None  # (T,) int token times (the bias's time weights)
+    next_timestamps: Optional[torch.Tensor] = None  # (B,) the time after each sequence (time reference "next")
+    shared_positions: Optional[torch.Tensor] = None  # (B,) trailing tokens sharing one position (ranking candidates)
+    # ... or as dense matrices, which the layers turn into a dense (B, 1, N, N) bias (either one given: this form)
     time_buckets: Optional[torch.Tensor] = None  # (B, N, N) for the relative attention bias
     relative_positions: Optional[torch.Tensor] = None  # (B, N, N) pos_i - pos_j when not token distances
     causal: bool = True  # False: every token sees its whole sequence (num_contexts / num_targets then play no part)
@@ -108,11 +113,16 @@ class HSTULayer(nn.Module):
 def layer_attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     inputs: AttentionInputs) -> torch.Tensor:
     """The attention step of an HSTU layer (``HSTULayer`` or its tensor-parallel twin, which holds the same
-    attributes): relative bias from the batch's positions/time buckets, masks from the batch, dropout in training."""
-    rab = None
-    if layer.relative_attention_bias is not None:
+    attributes): relative bias from the batch's timestamps and positions (as weight tables; as a dense bias when the
+    inputs carry the dense bucket / position matrices), masks from the batch, dropout in training."""
+    rab = rab_tables = None
+    bias = layer.relative_attention_bias
+    if bias is not None and inputs.time_buckets is None and inputs.relative_positions is None:
+        rab_tables = bias.tables(inputs.max_seqlen, inputs.timestamps, inputs.next_timestamps,
+                                 inputs.shared_positions)  # fmt: skip
+    elif bias is not None:
         batch = inputs.seq_offsets.numel() - 1
-        rab = layer.relative_attention_bias(inputs.time_buckets, batch, inputs.max_seqlen, inputs.relative_positions)
+        rab = bias(inputs.time_buckets, batch, inputs.max_seqlen, inputs.relative_positions)
         rab = rab.to(q.dtype) if q.dtype != torch.float32 else rab
     if inputs.attention_backend == "fused":
         attention = hstu_attention  # looked up at call time
@@ -131,6 +141,7 @@ def layer_attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
         rab=rab,
         dropout_p=layer.attention_dropout if layer.training else 0.0,
         deterministic=layer.deterministic,
+        rab_tables=rab_tables,
     )  # fmt: skip
 
 

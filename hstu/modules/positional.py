@@ -13,15 +13,20 @@ import torch
 from torch import nn
 
 from hstu.ops import jagged_to_padded_dense
+from hstu.ops.hstu_attention.rab_tables import (
+    DEFAULT_TIME_DIVISOR,
+    TIME_REFERENCES,
+    RelativeBiasTables,
+    bucket_index,
+    log_time_buckets,
+    reference_times,
+)
 
 POSITION_ENCODINGS = ("absolute", "reverse", "none")
-RAB_TIME_REFERENCES = ("query", "next")
+RAB_TIME_REFERENCES = TIME_REFERENCES
 
-
-def log_time_buckets(delta_seconds: torch.Tensor, num_buckets: int, log_base_divisor: float = 0.301) -> torch.Tensor:
-    """Meta HSTU's bucketisation: floor(ln(max(|dt|, 1)) / 0.301), clamped to [0, num_buckets]."""
-    magnitude = delta_seconds.abs().clamp(min=1).to(torch.float32)
-    return (torch.log(magnitude) / log_base_divisor).to(torch.int64).clamp(0, num_buckets)
+__all__ = ["POSITION_ENCODINGS", "RAB_TIME_REFERENCES", "PositionalEncoder", "RelativeAttentionBias",
+           "gather_weights", "log_time_buckets", "token_positions"]
 
 
 def token_positions(
@@ -93,6 +98,10 @@ class RelativeAttentionBias(nn.Module):
     ``time_reference="query"`` takes t_query(i) = t_i (only the past is seen). ``"next"`` uses the timestamp of the
     event that row i predicts, t_{i+1}, as Meta's reference does (it knows when the next request happens); the last
     row then uses ``next_timestamps`` when given (the request time of the held-out target) or its own time.
+
+    Two forms: :meth:`tables` hands the weights to ``hstu_attention(rab_tables=...)``, which gathers them itself (the
+    layers' path: no (B, N, N) matrix is built here); ``forward`` builds the dense (B, 1, n, n) bias from a bucket
+    matrix (:meth:`time_bucket_matrix`) and / or explicit relative positions.
     """
 
     def __init__(self, max_seqlen: int, num_time_buckets: int = 128, time_reference: str = "query",
@@ -119,14 +128,37 @@ class RelativeAttentionBias(nn.Module):
         padded = jagged_to_padded_dense(
             timestamps.unsqueeze(-1), seq_offsets, max_seqlen, host_lengths=host_lengths
         ).squeeze(-1)
-        query = padded
-        if time_reference == "next":
-            lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)
-            last = (lengths - 1).clamp(min=0)
-            tail = padded.gather(1, last.unsqueeze(1)).squeeze(1) if next_timestamps is None else next_timestamps
-            query = torch.cat([padded[:, 1:], padded.new_zeros(padded.shape[0], 1)], dim=1)
-            query = query.scatter(1, last.unsqueeze(1), tail.to(query.dtype).unsqueeze(1))
-        return log_time_buckets(query.unsqueeze(2) - padded.unsqueeze(1), num_buckets)
+        lengths = seq_offsets[1:] - seq_offsets[:-1]
+        query = reference_times(padded, lengths, time_reference, next_timestamps)
+        return bucket_index(query, padded, num_buckets, DEFAULT_TIME_DIVISOR)
+
+    def tables(self, n: int, timestamps: Optional[torch.Tensor], next_timestamps: Optional[torch.Tensor] = None,
+               shared_positions: Optional[torch.Tensor] = None) -> Optional[RelativeBiasTables]:
+        """This bias as ``hstu_attention``'s rab_tables for sequences of at most n tokens (None: no table in use).
+
+        timestamps: (T,) token times (needed with the time weights); next_timestamps: (B,) the time after each
+        sequence (time reference "next"); shared_positions: (B,) trailing tokens (ranking candidates) that share
+        the position right after the history, None when positions are the token indices.
+        """
+        self._check_length(n)
+        if self.time_weights is None and self.position_weights is None:
+            return None
+        use_time = self.time_weights is not None
+        if use_time and timestamps is None:
+            raise ValueError("the relative attention bias's time weights need the token timestamps "
+                             "(AttentionInputs.timestamps) or a time bucket matrix (AttentionInputs.time_buckets)")
+        return RelativeBiasTables(
+            position_weights=self.position_weights,
+            time_weights=self.time_weights,
+            timestamps=timestamps if use_time else None,
+            time_reference=self.time_reference,
+            next_timestamps=next_timestamps if use_time and self.time_reference == "next" else None,
+            shared_positions=shared_positions if self.position_weights is not None else None,
+        )
+
+    def _check_length(self, n: int) -> None:
+        if n > self.max_seqlen:
+            raise ValueError(f"sequence of {n} tokens exceeds the relative bias range max_seqlen={self.max_seqlen}")
 
     def forward(self, time_buckets: Optional[torch.Tensor], batch_size: int, n: int,
                 relative_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -135,9 +167,9 @@ class RelativeAttentionBias(nn.Module):
         time_buckets: the (B, n, n) output of :meth:`time_bucket_matrix`; relative_positions: (B, n, n) pos_i - pos_j
         when positions are not the token indices (ranking candidates share one position), else None.
         """
-        if n > self.max_seqlen:
-            raise ValueError(f"sequence of {n} tokens exceeds the relative bias range max_seqlen={self.max_seqlen}")
-        device = self.position_weights.device if self.position_weights is not None else self.time_weights.device
+        self._check_length(n)
+        device = next((t.device for t in (self.position_weights, self.time_weights, time_buckets, relative_positions)
+                       if t is not None), torch.device("cpu"))  # fmt: skip
         bias = None
         if self.time_weights is not None:
             if time_buckets is None:

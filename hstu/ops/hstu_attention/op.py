@@ -31,7 +31,7 @@ from hstu.ops._validation import (
 )
 from hstu.ops.hstu_attention import cuda, reference
 from hstu.ops.hstu_attention.args import AttentionArgs
-from hstu.ops.hstu_attention.rab_tables import TIME_REFERENCES, RelativeBiasTables
+from hstu.ops.hstu_attention.rab_tables import DEFAULT_TIME_DIVISOR, TIME_REFERENCES, RelativeBiasTables
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -73,7 +73,8 @@ def _use_kernel(args: AttentionArgs) -> bool:
 
 
 # The custom ops take the flat argument list (their schema); everything below them takes one AttentionArgs, whose
-# fields are in the forward op's schema order.
+# fields are in the forward op's schema order. The forward's bias-table arguments have defaults (no tables), so a
+# call without them keeps the 16-argument form.
 @torch.library.custom_op("hstu::hstu_attention_forward", mutates_args=())
 def _forward_op(
     q: torch.Tensor,
@@ -92,13 +93,13 @@ def _forward_op(
     dropout_p: float,
     dropout_seed: int,
     deterministic: bool,
-    rab_position_weights: Optional[torch.Tensor],
-    rab_time_weights: Optional[torch.Tensor],
-    rab_timestamps: Optional[torch.Tensor],
-    rab_next_timestamps: Optional[torch.Tensor],
-    rab_shared_positions: Optional[torch.Tensor],
-    rab_time_reference: str,
-    rab_time_divisor: float,
+    rab_position_weights: Optional[torch.Tensor] = None,
+    rab_time_weights: Optional[torch.Tensor] = None,
+    rab_timestamps: Optional[torch.Tensor] = None,
+    rab_next_timestamps: Optional[torch.Tensor] = None,
+    rab_shared_positions: Optional[torch.Tensor] = None,
+    rab_time_reference: str = "query",
+    rab_time_divisor: float = DEFAULT_TIME_DIVISOR,
 ) -> torch.Tensor:
     return _forward_impl(AttentionArgs(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
                                        num_contexts, num_targets, target_group_size, rab, dropout_p, dropout_seed,
