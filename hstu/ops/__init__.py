@@ -1,12 +1,14 @@
 """HSTU ops: fused attention and jagged-tensor ops, each with a pure-PyTorch reference.
 
 ``hstu.ops.hstu_attention`` dispatches to the CUDA kernel when the extension is built and supports the call,
-else to the reference; the jagged ops are vectorised torch on every device.
+else to the reference; the jagged ops are vectorised torch, without device syncs when the caller passes the host
+sizes (``host_lengths=`` ...), and ``hstu.ops.norm_mul_dropout`` fuses the layer's LayerNorm(attn) * u * dropout.
 """
 
 from hstu.ops._extension import extension_available
 from hstu.ops.hstu_attention import attention_mask, hstu_attention, hstu_attention_reference
 from hstu.ops.jagged import (
+    candidate_indices,
     candidate_mask,
     concat_2d_jagged,
     dense_to_jagged,
@@ -20,6 +22,7 @@ from hstu.ops.jagged import (
 
 __all__ = [
     "attention_mask",
+    "candidate_indices",
     "candidate_mask",
     "concat_2d_jagged",
     "dense_to_jagged",
