@@ -496,19 +496,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], dp[mi]);
     gemm_rs_kn_mi<MI, D / 8, BN, D>(acc_dq, pa, tK, lane);
-    if (k_nonfinite) {
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        auto selected = [&](int nb, int e) {
-          const int i = row_lo + 16 * mi + (e >> 1) * 8, j = n0 + nb * 8 + 2 * t + (e & 1);
-          bool sel = mk.visible(i, j);
-          if constexpr (kDropout) sel = sel && dropout_flag(keep, mi * kKeepBits + nb * 4 + e);
-          return sel;
-        };
-        add_dropped_terms<Element, D / 8, BN / 8>(acc_dq[mi], dp[mi], k_bad, gK + n0 * p.row_stride, p.row_stride,
-                                                  selected, lane);
-      }
-    }
+    if (k_nonfinite)
+      add_dropped_terms_mi<Element, kDropout>(acc_dq, dp, k_bad, gK + n0 * p.row_stride, p.row_stride, mk, row_lo, n0,
+                                             keep, lane);
     ++it;
     n = next_tile(n);
   }

@@ -30,6 +30,27 @@ struct FwdTraits {
   static constexpr int kSmemBytes = (kSmemQ + 2 * kStages * kSmemKV) * 2 + kSmemFlags;
 };
 
+// add_dropped_terms (utils.h) for the kMI row blocks of a warp in the forward layout (the forward and dq kernels):
+// rows row_lo + 16 mi (+ 8), keys n0 + 8 nb + 2 t + (e & 1), an entry selected where visible and (kDropout) kept
+// (keep: dropout_bits_qk_mi's flags).
+template <typename Element, bool kDropout, int kMI, int kNB, int kKB, int kWords>
+__device__ __forceinline__ void add_dropped_terms_mi(float (&acc)[kMI][kNB][4], const float (&w)[kMI][kKB][4],
+                                                     const uint8_t* flags, const Element* orig, int64_t stride,
+                                                     const SeqMask& mk, int row_lo, int n0,
+                                                     const uint32_t (&keep)[kWords], int lane) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi) {
+    auto selected = [&](int nb, int e) {
+      const int i = row_lo + 16 * mi + (e >> 1) * 8, j = n0 + nb * 8 + 2 * t + (e & 1);
+      bool sel = mk.visible(i, j);
+      if constexpr (kDropout) sel = sel && dropout_flag(keep, mi * (4 * kKB) + nb * 4 + e);
+      return sel;
+    };
+    add_dropped_terms<Element, kNB, kKB>(acc[mi], w[mi], flags, orig, stride, selected, lane);
+  }
+}
+
 // kDropout: attention dropout (dropout.h); the false instantiation (p == 0) contains no dropout code at all.
 template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnParams p) {
@@ -150,19 +171,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], s[mi]);
     gemm_rs_kn_mi<MI, D / 8, BN, D>(acc_o, pa, tV, lane);
-    if (v_nonfinite) {
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        auto selected = [&](int nb, int e) {
-          const int i = row_lo + 16 * mi + (e >> 1) * 8, j = n0 + nb * 8 + 2 * t + (e & 1);
-          bool sel = mk.visible(i, j);
-          if constexpr (kDropout) sel = sel && dropout_flag(keep, mi * kKeepBits + nb * 4 + e);
-          return sel;
-        };
-        add_dropped_terms<Element, D / 8, BN / 8>(acc_o[mi], s[mi], v_bad, gV + n0 * p.row_stride, p.row_stride,
-                                                  selected, lane);
-      }
-    }
+    if (v_nonfinite)
+      add_dropped_terms_mi<Element, kDropout>(acc_o, s, v_bad, gV + n0 * p.row_stride, p.row_stride, mk, row_lo, n0,
+                                             keep, lane);
     ++it;
     n = next_tile(n);
   }

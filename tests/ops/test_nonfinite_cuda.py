@@ -139,34 +139,52 @@ def path(request):
     return PATHS[request.param]
 
 
+def _poisoning_failures(family: str, target: str, with_rab: bool, dtype: torch.dtype, path) -> list[str]:
+    """Poisons entry (r, head 1, column 5) of `target` for every r in POISONED_KEYS (sequence 0 starts at row 0),
+    NaN then inf, and lists what it reached beyond what may depend on it: a key / value row j reaches the output and
+    dq rows that see key j, dk_j, dv_j and drab column j; a query (output gradient) row i reaches output row i (query
+    only), dq_i, the dk / dv rows of the keys row i sees, and drab row i."""
+    deterministic = path[1]
+    kwargs = _kwargs(family)
+    inputs = dict(zip(("q", "k", "v", "rab", "grad_out"), _inputs(dtype, with_rab)))
+    rab = inputs["rab"]
+    clean_out, clean_grads = _run(*inputs.values(), kwargs, path)
+    failures = []
+    for r in POISONED_KEYS:
+        for poison in (float("nan"), float("inf")):
+            poisoned = dict(inputs, **{target: inputs[target].clone()})
+            poisoned[target][r, 1, 5] = poison
+            out, grads = _run(*poisoned.values(), kwargs, path)
+            if target in ("k", "v"):
+                sees = _rows_that_see(kwargs, 0, r)
+                tainted = dict(output=sees, dq=sees, dk=[r], dv=[r])
+            else:
+                keys = _keys_seen_by(kwargs, 0, r)
+                tainted = dict(output=[r] if target == "q" else [], dq=[r], dk=keys, dv=keys)
+            checks = [(what, got, want, tainted[what], what != "dq" or deterministic)
+                      for what, got, want in zip(("output", "dq", "dk", "dv"), [out, *grads], [clean_out, *clean_grads])]
+            if rab is not None:
+                drab, want = grads[3].clone(), clean_grads[3].clone()
+                if target in ("k", "v"):
+                    drab[0, :, :, r] = want[0, :, :, r] = 0  # only column r depends on the poisoned key / value
+                else:
+                    drab[0, :, r, :] = want[0, :, r, :] = 0  # only row r depends on the poisoned query / gradient
+                checks.append(("drab", drab.flatten(0, 1), want.flatten(0, 1), [], True))
+            for what, got, want, rows, exact in checks:
+                try:
+                    _assert_untouched(got, want, rows, what, exact)
+                except AssertionError as error:
+                    failures.append(f"{target}[{r}] = {poison}: {str(error).splitlines()[0]}")
+    return failures
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32_reference"])
 @pytest.mark.parametrize("with_rab", [False, True], ids=["norab", "rab"])
 @pytest.mark.parametrize("target", ["k", "v"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_invisible_nonfinite_key_or_value(family, target, with_rab, dtype, path, request):
     _mark_hopper_leak(request, dtype, path, with_rab)
-    deterministic = path[1]
-    kwargs = _kwargs(family)
-    q, k, v, rab, grad_out = _inputs(dtype, with_rab)
-    clean_out, clean_grads = _run(q, k, v, rab, grad_out, kwargs, path)
-    failures = []
-    for j in POISONED_KEYS:
-        for poison in (float("nan"), float("inf")):
-            q2, k2, v2 = q.clone(), k.clone(), v.clone()
-            (k2 if target == "k" else v2)[j, 1, 5] = poison  # sequence 0 starts at row 0
-            out, grads = _run(q2, k2, v2, rab, grad_out, kwargs, path)
-            sees = _rows_that_see(kwargs, 0, j)
-            checks = [("output", out, clean_out, sees, True), ("dq", grads[0], clean_grads[0], sees, deterministic),
-                      ("dk", grads[1], clean_grads[1], [j], True), ("dv", grads[2], clean_grads[2], [j], True)]
-            if rab is not None:
-                drab, want = grads[3].clone(), clean_grads[3].clone()
-                drab[0, :, :, j] = want[0, :, :, j] = 0  # only column j depends on the poisoned key / value
-                checks.append(("drab", drab.flatten(0, 1), want.flatten(0, 1), [], True))
-            for what, got, want, tainted, exact in checks:
-                try:
-                    _assert_untouched(got, want, tainted, what, exact)
-                except AssertionError as error:
-                    failures.append(f"{target}[{j}] = {poison}: {str(error).splitlines()[0]}")
+    failures = _poisoning_failures(family, target, with_rab, dtype, path)
     assert not failures, "\n".join(failures)
 
 
@@ -175,32 +193,8 @@ def test_invisible_nonfinite_key_or_value(family, target, with_rab, dtype, path,
 @pytest.mark.parametrize("target", ["q", "grad_out"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_invisible_nonfinite_query_or_output_grad(family, target, with_rab, dtype, path, request):
-    # A poisoned query row i (output gradient row i) reaches output row i (query only), dq_i, the dk / dv rows of
-    # the keys row i sees, and drab row i; nothing else.
     _mark_hopper_leak(request, dtype, path, with_rab)
-    deterministic = path[1]
-    kwargs = _kwargs(family)
-    q, k, v, rab, grad_out = _inputs(dtype, with_rab)
-    clean_out, clean_grads = _run(q, k, v, rab, grad_out, kwargs, path)
-    failures = []
-    for i in POISONED_KEYS:  # rows of sequence 0 in partially masked tiles, a target row, the last row
-        for poison in (float("nan"), float("inf")):
-            q2, g2 = q.clone(), grad_out.clone()
-            (q2 if target == "q" else g2)[i, 1, 5] = poison
-            out, grads = _run(q2, k, v, rab, g2, kwargs, path)
-            keys = _keys_seen_by(kwargs, 0, i)
-            checks = [("output", out, clean_out, [i] if target == "q" else [], True),
-                      ("dq", grads[0], clean_grads[0], [i], deterministic),
-                      ("dk", grads[1], clean_grads[1], keys, True), ("dv", grads[2], clean_grads[2], keys, True)]
-            if rab is not None:
-                drab, want = grads[3].clone(), clean_grads[3].clone()
-                drab[0, :, i, :] = want[0, :, i, :] = 0  # only row i depends on the poisoned query / gradient
-                checks.append(("drab", drab.flatten(0, 1), want.flatten(0, 1), [], True))
-            for what, got, want, tainted, exact in checks:
-                try:
-                    _assert_untouched(got, want, tainted, what, exact)
-                except AssertionError as error:
-                    failures.append(f"{target}[{i}] = {poison}: {str(error).splitlines()[0]}")
+    failures = _poisoning_failures(family, target, with_rab, dtype, path)
     assert not failures, "\n".join(failures)
 
 
