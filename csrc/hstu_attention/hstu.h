@@ -21,6 +21,29 @@ struct AttnParams {
   int64_t rab_row_stride;
   int rab_heads;  // 1 or H
 
+  // Relative bias as weight tables (hstu/ops/hstu_attention/rab_tables.py), exclusive with rab:
+  //   bias(b, h, i, j) = time_w[h][bucket(t_ref(i) - t_j)] + pos_w[h][clamp(p_i - p_j, -(M-1), M-1) + M - 1]
+  // bucket(dt) = min(int(logf(max(|dt|, 1)) / time_divisor), time_buckets); t_ref(i) = t_i, or with rab_time_next the
+  // next token's time (the last token of sequence b: next_timestamps[b], or its own time when that is nullptr);
+  // p_i = min(i, L_b - shared_positions[b]) (i without shared_positions). Set by the binding; no kernel reads them
+  // yet (the binding refuses tables before any launch).
+  const float* __restrict__ rab_pos_weights;   // (Hp, 2M - 1) fp32, Hp = 1 or H, or nullptr
+  const float* __restrict__ rab_time_weights;  // (Ht, K + 1) fp32, Ht = 1 or H, or nullptr
+  const int64_t* __restrict__ rab_timestamps;       // (T,) seconds, with rab_time_weights
+  const int64_t* __restrict__ rab_next_timestamps;  // (B,) or nullptr
+  const int* __restrict__ rab_shared_positions;     // (B,) or nullptr
+  int rab_pos_heads;    // Hp (row stride of rab_pos_weights: rab_pos_size)
+  int rab_pos_size;     // 2M - 1
+  int rab_time_heads;   // Ht (row stride of rab_time_weights: time_buckets + 1)
+  int rab_time_buckets; // K
+  bool rab_time_next;   // time reference "next"
+  float rab_time_divisor;
+  // Table gradients (backward): fp32 workspaces shaped like the tables, zero on entry, or nullptr. The kernels add
+  // alpha * dS of every entry into its weights: per-CTA shared-memory histograms, then global atomics (deterministic:
+  // per-CTA partial tables reduced in a fixed order).
+  float* __restrict__ drab_pos_weights;
+  float* __restrict__ drab_time_weights;
+
   // outputs (forward) / gradient inputs+outputs (backward)
   void* __restrict__ out;
   const void* __restrict__ dout;

@@ -86,6 +86,87 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return p;
 }
 
+// The relative-bias tables' arguments of one call (hstu/ops/hstu_attention/rab_tables.py; all optional).
+struct BiasTables {
+  std::optional<at::Tensor> position_weights, time_weights, timestamps, next_timestamps, shared_positions;
+  bool time_next = false;
+  double time_divisor = 0.301;
+  std::optional<at::Tensor> dposition, dtime;  // backward: fp32 zeros shaped like the tables, or None
+
+  bool given() const { return position_weights.has_value() || time_weights.has_value(); }
+};
+
+// A table (K,) or (H, K) of fp32 on q's device; returns its head count.
+int check_table(const at::Tensor& w, const at::Tensor& q, const char* name) {
+  TORCH_CHECK_VALUE(w.device() == q.device() && w.scalar_type() == at::kFloat && w.is_contiguous(), name,
+                    " must be a contiguous float32 tensor on q's device");
+  TORCH_CHECK_VALUE((w.dim() == 1 || (w.dim() == 2 && (w.size(0) == 1 || w.size(0) == q.size(1)))) && w.size(-1) >= 1,
+                    name, " must be (K,) or (H, K) with K >= 1");
+  return w.dim() == 1 ? 1 : static_cast<int>(w.size(0));
+}
+
+// A table's gradient workspace: fp32 zeros shaped like the table.
+float* table_grad(const std::optional<at::Tensor>& d, const std::optional<at::Tensor>& w, const char* name) {
+  if (!d.has_value()) return nullptr;
+  TORCH_CHECK_VALUE(w.has_value(), name, " needs its table");
+  TORCH_CHECK_VALUE(d->device() == w->device() && d->scalar_type() == at::kFloat && d->is_contiguous() &&
+                        d->sizes() == w->sizes(),
+                    name, " must be a contiguous float32 tensor shaped like its table");
+  return d->data_ptr<float>();
+}
+
+// Checks the tables and fills the parameter block's table fields, then refuses the call: no kernel reads the tables
+// yet, and a kernel that ignored them would return attention without the bias. Runs before any launch.
+void set_tables(AttnParams& p, const BiasTables& t, const at::Tensor& q) {
+  if (!t.given()) {
+    TORCH_CHECK_VALUE(!t.timestamps && !t.next_timestamps && !t.shared_positions && !t.dposition && !t.dtime,
+                      "rab_timestamps / rab_next_timestamps / rab_shared_positions / drab_position / drab_time need "
+                      "rab_position_weights or rab_time_weights");
+    return;
+  }
+  TORCH_CHECK_VALUE(p.rab == nullptr, "rab and the rab tables (rab_position_weights / rab_time_weights) are exclusive");
+  const int64_t batch = p.batch;
+  if (t.position_weights) {
+    p.rab_pos_heads = check_table(*t.position_weights, q, "rab_position_weights");
+    p.rab_pos_size = static_cast<int>(t.position_weights->size(-1));
+    TORCH_CHECK_VALUE(p.rab_pos_size % 2 == 1, "rab_position_weights must have an odd length 2M - 1");
+    p.rab_pos_weights = t.position_weights->data_ptr<float>();
+  }
+  if (t.time_weights) {
+    p.rab_time_heads = check_table(*t.time_weights, q, "rab_time_weights");
+    p.rab_time_buckets = static_cast<int>(t.time_weights->size(-1) - 1);
+    p.rab_time_weights = t.time_weights->data_ptr<float>();
+    TORCH_CHECK_VALUE(t.timestamps.has_value(), "rab_time_weights needs rab_timestamps");
+    const at::Tensor& ts = *t.timestamps;
+    TORCH_CHECK_VALUE(ts.device() == q.device() && ts.scalar_type() == at::kLong && ts.is_contiguous() &&
+                          ts.dim() == 1 && ts.size(0) == q.size(0),
+                      "rab_timestamps must be a contiguous int64 tensor of shape (T,) on q's device");
+    p.rab_timestamps = ts.data_ptr<int64_t>();
+    if (t.next_timestamps) {
+      const at::Tensor& nt = *t.next_timestamps;
+      TORCH_CHECK_VALUE(t.time_next, "rab_next_timestamps only applies with rab_time_next");
+      TORCH_CHECK_VALUE(nt.device() == q.device() && nt.scalar_type() == at::kLong && nt.is_contiguous() &&
+                            nt.dim() == 1 && nt.size(0) == batch,
+                        "rab_next_timestamps must be a contiguous int64 tensor of shape (B,) on q's device");
+      p.rab_next_timestamps = nt.data_ptr<int64_t>();
+    }
+    TORCH_CHECK_VALUE(std::isfinite(t.time_divisor) && t.time_divisor > 0.0, "rab_time_divisor must be positive");
+    p.rab_time_next = t.time_next;
+    p.rab_time_divisor = static_cast<float>(t.time_divisor);
+  } else {
+    TORCH_CHECK_VALUE(!t.timestamps && !t.next_timestamps, "rab_timestamps / rab_next_timestamps need rab_time_weights");
+  }
+  if (t.shared_positions) {
+    TORCH_CHECK_VALUE(t.position_weights.has_value(), "rab_shared_positions needs rab_position_weights");
+    TORCH_CHECK_VALUE(t.shared_positions->device() == q.device(), "rab_shared_positions must be on q's device");
+    p.rab_shared_positions = opt_int_ptr(t.shared_positions, batch, "rab_shared_positions");
+  }
+  p.drab_pos_weights = table_grad(t.dposition, t.position_weights, "drab_position");
+  p.drab_time_weights = table_grad(t.dtime, t.time_weights, "drab_time");
+  TORCH_CHECK_VALUE(false, "rab_position_weights / rab_time_weights: the fused kernels do not read relative-bias "
+                    "tables yet; hstu_attention(rab_tables=...) runs them on the PyTorch reference");
+}
+
 // Dropout fields of the parameter block (dropout.h): p in [0, 1); p == 0 leaves dropout off (the kernels without
 // any dropout code run).
 void set_dropout(AttnParams& p, double dropout_p, int64_t seed) {
@@ -201,11 +282,13 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal, int64_t window,
                const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
                int64_t group, const std::optional<at::Tensor>& rab, at::Tensor out, double dropout_p,
-               int64_t dropout_seed, const KernelOptions& options) {
+               int64_t dropout_seed, const KernelOptions& options, const BiasTables& tables) {
   c10::cuda::CUDAGuard guard(q.device());
   AttnParams p = make_params(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
                              num_targets, group, rab);
   set_dropout(p, dropout_p, dropout_seed);
+  TORCH_CHECK_VALUE(!tables.dposition && !tables.dtime, "the forward takes no table gradients");
+  set_tables(p, tables, q);
   check_qkv(out, q, "out");
   p.out = out.data_ptr();
   // The persistent sm90 forward's work-item counter. Uninitialised: that kernel's launcher zeroes it on the stream
@@ -224,7 +307,8 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
          const at::Tensor& seq_offsets, int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal,
          int64_t window, const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
          int64_t group, const std::optional<at::Tensor>& rab, at::Tensor dq, at::Tensor dk, at::Tensor dv,
-         const std::optional<at::Tensor>& drab, double dropout_p, int64_t dropout_seed, const KernelOptions& options) {
+         const std::optional<at::Tensor>& drab, double dropout_p, int64_t dropout_seed, const KernelOptions& options,
+         const BiasTables& tables) {
 #ifdef HSTU_DISABLE_BACKWARD
   TORCH_CHECK(false, "hstu attention: built with HSTU_DISABLE_BACKWARD");
 #else
@@ -232,6 +316,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   AttnParams p = make_params(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
                              num_targets, group, rab);
   set_dropout(p, dropout_p, dropout_seed);
+  set_tables(p, tables, q);
   check_qkv(dout, q, "grad_out");
   check_qkv(dq, q, "dq");
   check_qkv(dk, q, "dk");
@@ -432,16 +517,61 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("fwd_persistent", &hstu::KernelOptions::fwd_persistent)
       .def_readonly("bench_bwd_warps", &hstu::KernelOptions::bench_bwd_warps)
       .def_readonly("bench_d256_two_pass", &hstu::KernelOptions::bench_d256_two_pass);
-  m.def("hstu_attn_fwd", &hstu::fwd, "HSTU attention forward", py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("seq_offsets"), py::arg("max_seqlen"), py::arg("alpha"), py::arg("scaling_seqlen"), py::arg("causal"),
-        py::arg("window"), py::arg("num_contexts"), py::arg("num_targets"), py::arg("group"), py::arg("rab"),
-        py::arg("out"), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
-        py::arg("options") = hstu::KernelOptions{});
-  m.def("hstu_attn_bwd", &hstu::bwd, "HSTU attention backward", py::arg("dout"), py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("seq_offsets"), py::arg("max_seqlen"), py::arg("alpha"), py::arg("scaling_seqlen"),
-        py::arg("causal"), py::arg("window"), py::arg("num_contexts"), py::arg("num_targets"), py::arg("group"),
-        py::arg("rab"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("drab"), py::arg("dropout_p") = 0.0,
-        py::arg("dropout_seed") = 0, py::arg("options") = hstu::KernelOptions{});
+  using OptTensor = std::optional<at::Tensor>;
+  // The relative-bias tables' keywords (all optional; refused until the kernels read them).
+  auto tables = [](OptTensor position_weights, OptTensor time_weights, OptTensor timestamps, OptTensor next_timestamps,
+                   OptTensor shared_positions, bool time_next, double time_divisor, OptTensor dposition,
+                   OptTensor dtime) {
+    return hstu::BiasTables{std::move(position_weights), std::move(time_weights), std::move(timestamps),
+                            std::move(next_timestamps), std::move(shared_positions), time_next, time_divisor,
+                            std::move(dposition), std::move(dtime)};
+  };
+  m.def(
+      "hstu_attn_fwd",
+      [tables](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seq_offsets,
+               int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal, int64_t window,
+               const OptTensor& num_contexts, const OptTensor& num_targets, int64_t group, const OptTensor& rab,
+               at::Tensor out, double dropout_p, int64_t dropout_seed, const hstu::KernelOptions& options,
+               OptTensor rab_position_weights, OptTensor rab_time_weights, OptTensor rab_timestamps,
+               OptTensor rab_next_timestamps, OptTensor rab_shared_positions, bool rab_time_next,
+               double rab_time_divisor) {
+        return hstu::fwd(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
+                         num_targets, group, rab, out, dropout_p, dropout_seed, options,
+                         tables(rab_position_weights, rab_time_weights, rab_timestamps, rab_next_timestamps,
+                                rab_shared_positions, rab_time_next, rab_time_divisor, std::nullopt, std::nullopt));
+      },
+      "HSTU attention forward", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("seq_offsets"),
+      py::arg("max_seqlen"), py::arg("alpha"), py::arg("scaling_seqlen"), py::arg("causal"), py::arg("window"),
+      py::arg("num_contexts"), py::arg("num_targets"), py::arg("group"), py::arg("rab"), py::arg("out"),
+      py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0, py::arg("options") = hstu::KernelOptions{},
+      py::arg("rab_position_weights") = py::none(), py::arg("rab_time_weights") = py::none(),
+      py::arg("rab_timestamps") = py::none(), py::arg("rab_next_timestamps") = py::none(),
+      py::arg("rab_shared_positions") = py::none(), py::arg("rab_time_next") = false,
+      py::arg("rab_time_divisor") = 0.301);
+  m.def(
+      "hstu_attn_bwd",
+      [tables](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& seq_offsets, int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal,
+               int64_t window, const OptTensor& num_contexts, const OptTensor& num_targets, int64_t group,
+               const OptTensor& rab, at::Tensor dq, at::Tensor dk, at::Tensor dv, const OptTensor& drab,
+               double dropout_p, int64_t dropout_seed, const hstu::KernelOptions& options,
+               OptTensor rab_position_weights, OptTensor rab_time_weights, OptTensor rab_timestamps,
+               OptTensor rab_next_timestamps, OptTensor rab_shared_positions, bool rab_time_next,
+               double rab_time_divisor, OptTensor drab_position, OptTensor drab_time) {
+        hstu::bwd(dout, q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
+                  num_targets, group, rab, dq, dk, dv, drab, dropout_p, dropout_seed, options,
+                  tables(rab_position_weights, rab_time_weights, rab_timestamps, rab_next_timestamps,
+                         rab_shared_positions, rab_time_next, rab_time_divisor, drab_position, drab_time));
+      },
+      "HSTU attention backward", py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("seq_offsets"),
+      py::arg("max_seqlen"), py::arg("alpha"), py::arg("scaling_seqlen"), py::arg("causal"), py::arg("window"),
+      py::arg("num_contexts"), py::arg("num_targets"), py::arg("group"), py::arg("rab"), py::arg("dq"), py::arg("dk"),
+      py::arg("dv"), py::arg("drab"), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
+      py::arg("options") = hstu::KernelOptions{}, py::arg("rab_position_weights") = py::none(),
+      py::arg("rab_time_weights") = py::none(), py::arg("rab_timestamps") = py::none(),
+      py::arg("rab_next_timestamps") = py::none(), py::arg("rab_shared_positions") = py::none(),
+      py::arg("rab_time_next") = false, py::arg("rab_time_divisor") = 0.301, py::arg("drab_position") = py::none(),
+      py::arg("drab_time") = py::none());
   m.def("kernel_plan", &hstu::kernel_plan,
         "which kernels a call with these properties runs on the current device (heuristics.h's plan)",
         py::arg("direction"), py::arg("dtype"), py::arg("head_dim"), py::arg("batch"), py::arg("heads"),

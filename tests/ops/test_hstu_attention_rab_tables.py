@@ -302,3 +302,72 @@ def test_time_bucket_constants_follow_the_formula():
             counts[min(int(math.log(max(abs(int(times[i]) - int(times[j])), 1)) / 0.5), 40)] += 1
     # q = 0: every score is the bias; a weight has a gradient exactly when some pair reads it
     assert torch.equal(grad != 0, counts != 0)
+
+
+def test_cuda_binding_receives_the_tables(monkeypatch):
+    # cuda.forward / backward hand the tables and their gradient workspaces to the binding (which refuses them until
+    # the kernels read them); calls without tables pass no table keyword.
+    from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
+
+    calls = {}
+
+    class Ext:
+        class KernelOptions:
+            def __init__(self, **fields):
+                self.fields = fields
+
+        def hstu_attn_fwd(self, *args, **kwargs):
+            calls["fwd"] = kwargs
+
+        def hstu_attn_bwd(self, *args, **kwargs):
+            calls["bwd"] = kwargs
+
+    monkeypatch.setattr(cuda, "load_extension", lambda: Ext())
+    cuda._ext_options.cache_clear()
+    try:
+        q = torch.randn(5, 2, 32, dtype=torch.bfloat16)
+        args = AttentionArgs(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5, 0.25, 5)
+        cuda.forward(args)
+        assert not any(key.startswith("rab_") for key in calls["fwd"])
+        times, pos = torch.arange(5), torch.randn(2, 9)
+        with_tables = args._replace(rab_position_weights=pos, rab_timestamps=times, rab_time_weights=torch.randn(4),
+                                    rab_time_reference="next", rab_time_divisor=0.5)  # fmt: skip
+        cuda.forward(with_tables)
+        assert calls["fwd"]["rab_position_weights"] is pos and calls["fwd"]["rab_timestamps"] is times
+        assert calls["fwd"]["rab_time_next"] is True and calls["fwd"]["rab_time_divisor"] == 0.5
+        grads = cuda.backward(q, with_tables, True)
+        assert calls["bwd"]["drab_position"].shape == pos.shape and calls["bwd"]["drab_time"].shape == (4,)
+        assert grads[4].shape == pos.shape and grads[5].shape == (4,)
+    finally:
+        cuda._ext_options.cache_clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_table_calls_run_the_reference_and_the_binding_refuses_tables():
+    import warnings
+
+    from hstu.ops._extension import load_extension
+    from hstu.ops.hstu_attention import cuda
+    from hstu.ops.hstu_attention.args import AttentionArgs
+
+    p = dict(lengths=[5, 0, 7], heads=2, num_buckets=16, half=8, times=list(range(0, 12000, 1000)), causal=True,
+             window=-1, targets=[1, 0, 2], contexts=None, shared=[1, 0, 2], reference="next", use_next=True,
+             next_gap=30, per_head_time=True, per_head_position=False, use_time=True, use_position=True, group=1,
+             seed=5)  # fmt: skip
+    q, k, v, offsets, n, tables, masks = build(p, dtype=torch.bfloat16)
+    to = lambda t: None if t is None else t.cuda()  # noqa: E731
+    gpu_tables = RelativeBiasTables(*(to(x) if isinstance(x, torch.Tensor) else x for x in tables))
+    gpu_masks = {key: to(x) if isinstance(x, torch.Tensor) else x for key, x in masks.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = hstu_attention(q.cuda(), k.cuda(), v.cuda(), offsets.cuda(), n, rab_tables=gpu_tables, **gpu_masks)
+    expected = hstu_attention_reference(q, k, v, offsets, n, rab_tables=tables, **masks)
+    torch.testing.assert_close(out.cpu(), expected, rtol=2e-2, atol=2e-2)  # (the reference on GPU, bf16 output)
+    if load_extension() is None:
+        return
+    qc = q.cuda()
+    args = AttentionArgs(qc, qc, qc, offsets.cuda().int(), n, 0.25, n, rab_position_weights=to(tables.position_weights),
+                         rab_time_weights=to(tables.time_weights), rab_timestamps=to(tables.timestamps))
+    with pytest.raises(ValueError, match="do not read relative-bias tables"):
+        cuda.forward(args)
