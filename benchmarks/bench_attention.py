@@ -12,7 +12,10 @@ where it fits in memory, the PyTorch reference. Writes benchmarks/results/attent
 importable: pip install it or put a checkout on PYTHONPATH) side by side with these kernels on the shapes without
 contexts, targets or rab, round-robin in the same rounds, and checks that both forwards agree;
 --profile adds a per-kernel breakdown (torch.profiler: forward, backward, the dq workspace's fill and conversion);
---sweep adds kernel fwd / bwd over sequence lengths at a fixed token count (JSON key "length_sweep").
+--sweep adds kernel fwd / bwd over sequence lengths at a fixed token count (JSON key "length_sweep");
+--rab-tables adds, for the five shapes and 128x200x1x64, fwd+bwd through the public op and its peak memory with no
+bias, with the dense (B, 1, L, L) rab gathered from weight tables (the models' former path) and with the tables
+themselves (hstu_attention(rab_tables=...); JSON key "rab_tables"; each row names the path that ran).
 """
 
 from __future__ import annotations
@@ -246,6 +249,77 @@ def length_sweep(H: int = 4, D: int = 128) -> list[dict]:
     return rows
 
 
+RAB_TABLE_SHAPES = ("32x4096x4x256", "32x4096x4x128", "16x8192x4x128", "64x1024x4x128", "jagged 32x4096x4x128",
+                    "128x200x1x64")  # fmt: skip
+
+
+def _bias_tables(q, offsets, L: int, num_buckets: int = 128):
+    """Position and time weight tables as the models hold them (float32, shared by the heads, requiring grad) and
+    per-token timestamps one to 10^5 seconds apart."""
+    from hstu.ops.hstu_attention import RelativeBiasTables
+
+    g = torch.Generator(device="cpu").manual_seed(7)
+    times = torch.cumsum(torch.randint(1, 10**5, (q.shape[0],), generator=g), 0).to(q.device)
+    pos = (0.02 * torch.randn(2 * L - 1, generator=g)).to(q.device).requires_grad_()
+    time = (0.02 * torch.randn(num_buckets + 1, generator=g)).to(q.device).requires_grad_()
+    return RelativeBiasTables(pos, time, times)
+
+
+def _dense_from_tables(tables, offsets, L: int):
+    """The dense (B, 1, L, L) bias gathered from the tables (in q's dtype at the op), as the layers built it."""
+    from hstu.modules.positional import RelativeAttentionBias, gather_weights
+
+    buckets = RelativeAttentionBias.time_bucket_matrix(tables.timestamps, offsets, L, tables.time_weights.numel() - 1,
+                                                       "query")  # fmt: skip
+    i = torch.arange(L, device=buckets.device)
+    index = (i.view(-1, 1) - i.view(1, -1)) + L - 1
+    return (gather_weights(tables.time_weights, buckets) + gather_weights(tables.position_weights, index)).unsqueeze(1)
+
+
+def rab_table_rows(shapes) -> list[dict]:
+    """Issue 25's Speed (a): fwd+bwd of the public op (time, peak memory) without bias, with the dense rab and with
+    the bias tables, per shape. A variant that does not fit in memory is recorded as such."""
+    rows = []
+    for name, B, L, H, D, jagged, extra in shapes:
+        if name not in RAB_TABLE_SHAPES:
+            continue
+        q, k, v, offsets, lengths, kwargs = make_inputs(B, L, H, D, jagged, extra)
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        tables = _bias_tables(q, offsets, L)
+        variants = {
+            "none": lambda: hstu_attention(q, k, v, offsets, L, **kwargs),
+            "dense_rab": lambda: hstu_attention(q, k, v, offsets, L, rab=_dense_from_tables(tables, offsets, L).to(
+                q.dtype), **kwargs),
+            "tables": lambda: hstu_attention(q, k, v, offsets, L, rab_tables=tables, **kwargs),
+        }
+        row = {"shape": name, "B": B, "L": L, "H": H, "D": D, "jagged": jagged,
+               "tables_path": "reference" if hstu_cuda.unsupported_reason(q, k, v, None, 0.0) is not None
+               or not hstu_cuda.build_info().get("rab_tables", False) else "kernel"}  # fmt: skip
+        for key, forward in variants.items():
+            def step():
+                forward().backward(dout)
+            dout = torch.randn(q.shape[0], H, v.shape[-1], device=q.device, dtype=q.dtype)
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                row[f"{key}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                row[f"{key}_fwdbwd_ms"] = do_bench(step)
+            except torch.OutOfMemoryError:
+                row[f"{key}_fwdbwd_ms"] = "out of memory"
+            torch.cuda.empty_cache()
+        if isinstance(row.get("tables_fwdbwd_ms"), float) and isinstance(row.get("none_fwdbwd_ms"), float):
+            row["tables_overhead_vs_none"] = row["tables_fwdbwd_ms"] / row["none_fwdbwd_ms"] - 1.0
+        print(f"{name:>24} rab tables ({row['tables_path']}): " + "  ".join(
+            f"{key} {row.get(f'{key}_fwdbwd_ms')} ms / {row.get(f'{key}_peak_mib', float('nan')):.0f} MiB"
+            if isinstance(row.get(f"{key}_fwdbwd_ms"), float) else f"{key} {row.get(f'{key}_fwdbwd_ms')}"
+            for key in variants))  # fmt: skip
+        rows.append(row)
+    return rows
+
+
 def gemm_peak() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -274,12 +348,15 @@ def main() -> None:
         "HSTU_BENCH_LABEL", "default kernels (csrc/hstu_attention/heuristics.h): warp-specialized wgmma forward (two "
         "per SM up to 256 tokens, persistent at head dims 64 / 128), wgmma backward"))
     ap.add_argument("--plot", metavar="JSON", help="only redraw the PNG of a saved results JSON (next to it)")
+    ap.add_argument("--rab-tables", action="store_true",
+                    help="also time the public op with no bias, the dense rab and the bias tables (issue 25, Speed a)")
     args = ap.parse_args()
     if args.plot:
         path = pathlib.Path(args.plot)
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
         return
-    assert torch.cuda.is_available(), "needs a GPU"
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py: needs a CUDA GPU (none is visible); nothing was measured")
     gpu = torch.cuda.get_device_name()
     mha = triton_baseline() if args.triton_baseline else None
     rows = []
@@ -381,6 +458,8 @@ def main() -> None:
         profile_breakdown()
     if args.sweep:
         result["length_sweep"] = length_sweep()
+    if args.rab_tables:
+        result["rab_tables"] = rab_table_rows(SHAPES)
     (out_dir / f"attention_{tag}.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out_dir / f'attention_{tag}.json'}")
     plot(result, out_dir / f"attention_{tag}.png")
