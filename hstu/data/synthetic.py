@@ -13,6 +13,9 @@ Generative story (every user independently, one event at a time):
   median ~12 h); users start at random over ``time_span_days`` from 2000-04-25.
 * Labels follow the user's affinity to the item's topic (plus a bonus for successor steps): a rating 1..5 (stored as
   class 0..4), or with ``actions="bitmask"`` KuaiRand-like 8-task action masks.
+* Contextual features: ``user_id`` and the user's activity quintile, or with ``contextual_vocab`` one feature per
+  given name whose ids are uniform over ``0..vocab_size - 1`` (the layout of a random benchmark; a ``user_id`` among
+  them then is the user id column, so users may share an id).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from hstu.data.processed import (
     ID_LIMIT, ContextualFeature, atomic_output_dir, bitmask_action_spec, rating_action_spec, write_in_memory,
 )
 
-LENGTH_DISTRIBUTIONS = ("lognormal", "pareto", "uniform", "fixed")
+LENGTH_DISTRIBUTIONS = ("lognormal", "pareto", "uniform", "fixed", "zipf", "normal")
 SUCCESSOR_PROBS = (0.7, 0.2, 0.1)
 NUM_ACTIVITY_LEVELS = 5
 MAX_SYNTHETIC_LENGTH = 1 << 24  # longest sequence the generator accepts (16M events)
@@ -46,6 +49,8 @@ class SyntheticConfig:
     max_length: int = 2000
     length_distribution: str = "lognormal"
     length_sigma: float = 1.0  # lognormal shape
+    length_std: float = 1.0  # normal: standard deviation in events (mean: mean_length)
+    length_alpha: float = 1.5  # zipf: exponent (> 1) of min_length - 1 + Zipf(length_alpha)
     transition_prob: float = 0.5
     topic_drift: float = 0.05
     zipf_exponent: float = 1.0
@@ -53,6 +58,9 @@ class SyntheticConfig:
     seed: int = 0
     start_time: int = 956_703_932  # 2000-04-25, MovieLens-1M era
     time_span_days: float = 3 * 365.0
+    # None: the contextual features user_id and activity_level; {name: vocab_size}: exactly these features, ids
+    # uniform over 0..vocab_size - 1 per user
+    contextual_vocab: Optional[dict] = None
 
     def validate(self) -> None:
         """Raise ``TypeError``/``ValueError`` naming the field (and its ``--option``) for any invalid value."""
@@ -63,7 +71,8 @@ class SyntheticConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} (--{name.replace('_', '-')}) must be an integer, got {value!r}")
-        for name in ("mean_length", "length_sigma", "transition_prob", "topic_drift", "zipf_exponent", "time_span_days"):
+        for name in ("mean_length", "length_sigma", "length_std", "length_alpha", "transition_prob", "topic_drift",
+                     "zipf_exponent", "time_span_days"):
             value = getattr(self, name)
             if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
@@ -87,6 +96,12 @@ class SyntheticConfig:
             raise bad("mean_length", f"> 0 and <= {MAX_SYNTHETIC_LENGTH}")
         if not self.length_sigma > 0:
             raise bad("length_sigma", "> 0")
+        if not self.length_std > 0:
+            raise bad("length_std", "> 0")
+        if not self.length_alpha > 1:
+            raise bad("length_alpha", "> 1")
+        if self.contextual_vocab is not None:
+            self._validate_contextual_vocab()
         for name in ("transition_prob", "topic_drift"):
             if not 0 <= getattr(self, name) <= 1:
                 raise bad(name, "a probability in [0, 1]")
@@ -98,6 +113,19 @@ class SyntheticConfig:
             raise bad("start_time", ">= 0 (unix seconds)")
         if not 1 <= self.time_span_days * 86400 <= 100 * 365 * 86400:
             raise bad("time_span_days", "between one second and 100 years")
+
+    def _validate_contextual_vocab(self) -> None:
+        vocab = self.contextual_vocab
+        if not isinstance(vocab, dict):
+            raise TypeError(f"contextual_vocab must be a dict of feature name -> vocabulary size, got {vocab!r}")
+        for name, size in vocab.items():
+            if not isinstance(name, str) or not name or name in ("item", "action"):
+                raise ValueError(f"contextual_vocab: feature name {name!r} must be a non-empty string other than "
+                                 "'item' and 'action'")
+            if not isinstance(size, (int, np.integer)) or isinstance(size, (bool, np.bool_)) \
+                    or not 1 <= size <= ID_LIMIT:
+                raise ValueError(f"contextual_vocab[{name!r}] must be an integer vocabulary size in 1..{ID_LIMIT}, "
+                                 f"got {size!r}")
 
 
 @dataclass
@@ -131,6 +159,10 @@ def sample_lengths(config: SyntheticConfig, rng: np.random.Generator) -> np.ndar
         raw = lo * (1 + rng.pareto(shape, n))
     elif config.length_distribution == "uniform":
         raw = rng.uniform(lo, hi + 1, n)
+    elif config.length_distribution == "zipf":
+        raw = (lo - 1) + rng.zipf(config.length_alpha, n).astype(np.float64)
+    elif config.length_distribution == "normal":
+        raw = np.rint(rng.normal(mean, config.length_std, n))
     else:
         raw = np.full(n, mean)
     return np.clip(np.floor(raw), lo, hi).astype(np.int64)
@@ -228,11 +260,17 @@ def generate(config: Optional[SyntheticConfig] = None, show_progress: bool = Fal
     timestamp = _timestamps(config, lengths, offsets, rng)
     user_id = np.arange(1, U + 1, dtype=np.int64)
     activity = np.searchsorted(np.quantile(lengths, np.linspace(0, 1, NUM_ACTIVITY_LEVELS + 1)[1:-1]), lengths, side="right")
-    contextual = [
-        ContextualFeature("user_id", user_id, U + 1),
-        ContextualFeature("activity_level", activity.astype(np.int64), NUM_ACTIVITY_LEVELS,
-                          [f"sequence-length quintile {q}" for q in range(NUM_ACTIVITY_LEVELS)]),
-    ]
+    if config.contextual_vocab is None:
+        contextual = [
+            ContextualFeature("user_id", user_id, U + 1),
+            ContextualFeature("activity_level", activity.astype(np.int64), NUM_ACTIVITY_LEVELS,
+                              [f"sequence-length quintile {q}" for q in range(NUM_ACTIVITY_LEVELS)]),
+        ]
+    else:
+        contextual = [ContextualFeature(name, rng.integers(0, int(size), U, dtype=np.int64), int(size))
+                      for name, size in config.contextual_vocab.items()]
+        # A contextual user_id is the user id column itself (processed.write_user_columns).
+        user_id = next((f.values for f in contextual if f.name == "user_id"), user_id)
     return SyntheticData(config, offsets, item, timestamp, action, user_id, contextual, action_spec,
                          item_topic, successors, from_transition)
 
@@ -274,7 +312,7 @@ def write_synthetic(out_dir: str, config: Optional[SyntheticConfig] = None, over
     started = time.perf_counter()
     data = generate(config, show_progress=show_progress, **overrides)
     generated_s = time.perf_counter() - started
-    extra = {"item_ids": "1..num_items (0 unused)", "synthetic": dataclasses.asdict(data.config),
+    extra = {"item_ids": "1..num_items (0 unused)", "synthetic": _config_record(data.config),
              "generation_seconds": round(generated_s, 3)}
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         return write_in_memory(
@@ -282,3 +320,17 @@ def write_synthetic(out_dir: str, config: Optional[SyntheticConfig] = None, over
             action=data.action, user_id=data.user_id, contextual=data.contextual, action_spec=data.action_spec,
             extra=extra,
         )
+
+
+# Options that shape the data only when set (their length distribution, or contextual_vocab): at their defaults they
+# are left out of the record in metadata.json.
+_OPTIONAL_FIELDS = ("length_std", "length_alpha", "contextual_vocab")
+
+
+def _config_record(config: SyntheticConfig) -> dict:
+    record = dataclasses.asdict(config)
+    defaults = SyntheticConfig()
+    for name in _OPTIONAL_FIELDS:
+        if record[name] == getattr(defaults, name):
+            del record[name]
+    return record
