@@ -71,6 +71,12 @@ def build_info() -> dict:
     return dict(ext.build_info())
 
 
+def reads_rab_tables() -> bool:
+    """Whether the compiled kernels compute the relative bias from weight tables (``build_info()['rab_tables']``);
+    until they do, the binding refuses table calls and the dispatcher must not send them."""
+    return bool(build_info().get("rab_tables", False))
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelVariant:
     """Which kernels a call may run (csrc/hstu_attention/hstu.h's KernelOptions); the defaults are the op's own
