@@ -72,8 +72,12 @@ class TrainerArgs:
     compute_baseline: bool = True  # popularity baseline (retrieval) printed next to the final metrics
     num_threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch's default)
     # torch.profiler over this many training steps after 10 warm-up steps: top ops by device and host time go to
-    # <run_dir>/profile.txt (rank 0). 0: off.
+    # <run_dir>/profile.txt, the Chrome trace to profile_trace.json (rank 0). 0: off.
     profile_steps: int = 0
+    # torch.profiler over the steps with 0-based indices start .. end - 1 of (start, end), written to
+    # <run_dir>/profile.txt and profile_trace.json (rank 0); on CUDA also a cudaProfilerStart/Stop range for nsys
+    # (the NVIDIA example's profile = True over [profile_step_start, profile_step_end)). None: off.
+    profile_range: Optional[Sequence[int]] = None
     # Dense bf16 peak of one GPU in TFLOP/s, for the MFU in the logs. None: from the card's name
     # (hstu/training/flops.py's table; an unknown card logs TFLOP/s without MFU).
     peak_tflops: Optional[float] = None
@@ -463,6 +467,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "TrainerArgs.grad_clip_norm": _positive(),
     "TrainerArgs.num_threads": _at_least(0),
     "TrainerArgs.profile_steps": _at_least(0),
+    "TrainerArgs.profile_range": ((lambda v: len(v) == 2 and 0 <= v[0] < v[1]), "two steps (start, end) with "
+                                  "0 <= start < end"),
     "TrainerArgs.peak_tflops": _positive(),
     "TrainerArgs.loss_scale_init": _positive(),
     "TrainerArgs.loss_scale_growth_interval": _at_least(1),
@@ -547,6 +553,10 @@ def _check_combinations(args: AllArgs) -> None:
     if t.fp16 and t.bf16:
         raise ValueError("TrainerArgs.fp16=True and TrainerArgs.bf16=True (its default) exclude each other: set "
                          "TrainerArgs.bf16=False for fp16 training")
+    if t.profile_range is not None and t.profile_steps > 0:
+        raise ValueError(f"TrainerArgs.profile_range={tuple(t.profile_range)} (the example's profile / "
+                         f"profile_step_start / profile_step_end) and TrainerArgs.profile_steps={t.profile_steps} "
+                         "both choose the profiled steps: set only one of them")
     if t.init_from:
         source, target = os.path.realpath(t.init_from), os.path.realpath(t.run_dir)
         if source == target or source.startswith(target + os.sep) or target.startswith(source + os.sep):
@@ -733,15 +743,16 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
     ExampleField("TrainerArgs", "max_eval_iters", Optional[int], None, ("TrainerArgs.eval_max_batches",),
                  rule=_at_least(1)),
     ExampleField("TrainerArgs", "seed", int, 1234, ("TrainerArgs.seed",), _SHARED_WITH_OURS),
-    ExampleField("TrainerArgs", "profile", bool, False, (),
-                 "a CUDA profiler capture range (cudaProfilerStart/Stop, for nsys) over [profile_step_start, "
-                 "profile_step_end); ours: TrainerArgs.profile_steps (torch.profiler after 10 warm-up steps)",
-                 unsupported=_when(bool, "TrainerArgs.profile=True (a CUDA profiler capture range over steps "
-                                         "[profile_step_start, profile_step_end))" + _NOT_YET
-                                   + "; remove it, or use TrainerArgs.profile_steps=N (torch.profiler over N steps "
-                                     "after 10 warm-up steps, written to <run_dir>/profile.txt)")),
-    ExampleField("TrainerArgs", "profile_step_start", int, 100, (), "used only with profile=True", rule=_at_least(0)),
-    ExampleField("TrainerArgs", "profile_step_end", int, 200, (), "used only with profile=True", rule=_at_least(0)),
+    ExampleField("TrainerArgs", "profile", bool, False, ("TrainerArgs.profile_range",),
+                 "True: torch.profiler over the steps with 0-based indices profile_step_start .. profile_step_end - 1 "
+                 "(profile.txt and profile_trace.json in the run directory, rank 0), on CUDA also the example's "
+                 "cudaProfilerStart/Stop range (nsys --capture-range=cudaProfilerApi); ours without it: "
+                 "TrainerArgs.profile_steps", lambda v, ex: {"TrainerArgs.profile_range": (
+                     ex["TrainerArgs.profile_step_start"], ex["TrainerArgs.profile_step_end"])} if v else {}),
+    ExampleField("TrainerArgs", "profile_step_start", int, 100, ("TrainerArgs.profile_range",),
+                 "profile_range[0]; used only with profile=True", lambda v, ex: {}, rule=_at_least(0)),
+    ExampleField("TrainerArgs", "profile_step_end", int, 200, ("TrainerArgs.profile_range",),
+                 "profile_range[1]; used only with profile=True", lambda v, ex: {}, rule=_at_least(0)),
     ExampleField("TrainerArgs", "ckpt_save_interval", int, -1,
                  ("TrainerArgs.checkpoint_interval_steps", "TrainerArgs.save_final_checkpoint"),
                  "-1 (any value <= 0): no checkpoint at all (checkpoint_interval_steps = -1); N: every N steps and "

@@ -19,7 +19,7 @@ TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON object per training step (loss, l
 PLOT_FILE = "training_curves.png"
 # What a run writes into its directory: the presence of any of them marks an earlier run.
 RUN_OUTPUTS = ("checkpoints", METRICS_FILE, TRAIN_LOG_FILE, "summary.json", "config.json", "tensorboard", PLOT_FILE,
-               "profile.txt")
+               "profile.txt", "profile_trace.json")
 
 
 def utc_stamp() -> str:

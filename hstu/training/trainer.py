@@ -309,8 +309,9 @@ class Trainer:
         progress = tqdm(total=self.total_steps, initial=self.state.step,
                         disable=not (t.progress_bar and self.ctx.is_main), desc=f"{self.task.name}", unit="step",
                         dynamic_ncols=True, file=sys.stdout, mininterval=0.1 if sys.stdout.isatty() else 5.0)
-        profiler = StepProfiler(t.profile_steps, t.run_dir, self.ctx.is_main, self.ctx.device,
-                                first_step=self.state.step)
+        profiler = StepProfiler.of(t.profile_steps, t.profile_range, t.run_dir, self.ctx.is_main, self.ctx.device,
+                                   first_step=self.state.step)
+        profiler.at_step(self.state.step)
         first_step, first_epoch, train_started = self.state.step, self.state.epoch, time.perf_counter()
         stopped = False
         self.model.train()
@@ -320,7 +321,7 @@ class Trainer:
                 self._restore_pending_rng()
                 window.add(self.train_step(batch), self.state.step, self.state.epoch)
                 progress.update(1)
-                profiler.after_step(self.state.step)
+                profiler.at_step(self.state.step)
                 last_step = self.state.step >= self.total_steps
                 stopped = self._after_step(schedule, window, progress, last_step)
                 if stopped or (last_step and self.train_loader.batches_consumed < len(self.train_loader)):

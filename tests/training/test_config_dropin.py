@@ -265,7 +265,6 @@ def test_benchmark_objects_are_checked_before_the_not_supported_error(tmp_path, 
 
 
 @pytest.mark.parametrize("binding, field", [
-    ("TrainerArgs.profile=True", "TrainerArgs.profile"),
     ("TrainerArgs.pipeline_type='prefetch'", "TrainerArgs.pipeline_type"),
     ("TrainerArgs.pipeline_type='native'", "TrainerArgs.pipeline_type"),
     ("NetworkArgs.num_position_buckets=100", "NetworkArgs.num_position_buckets"),
