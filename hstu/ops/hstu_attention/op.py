@@ -31,7 +31,13 @@ from hstu.ops._validation import (
 )
 from hstu.ops.hstu_attention import cuda, reference
 from hstu.ops.hstu_attention.args import AttentionArgs
-from hstu.ops.hstu_attention.rab_tables import DEFAULT_TIME_DIVISOR, TIME_REFERENCES, RelativeBiasTables
+from hstu.ops.hstu_attention.rab_tables import (
+    DEFAULT_TIME_DIVISOR,
+    TIME_REFERENCES,
+    RelativeBiasTables,
+    dense_bias,
+    dense_bias_grads,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -54,22 +60,35 @@ def _padded_head_dim(q: torch.Tensor, v: torch.Tensor) -> int:
     return min((d for d in compiled if d >= max(dqk, dv)), default=0)
 
 
-# Why a call with bias tables runs the reference on GPU (the kernels' binding refuses tables until they read them).
-_TABLES_REASON = "relative bias tables (rab_tables) are computed by the PyTorch reference until the kernels read them"
-
-
 def _use_kernel(args: AttentionArgs) -> bool:
     if args.q.device.type != "cuda":
         return False
-    if args.has_tables():
-        warn_once(f"hstu_attention:{_TABLES_REASON}", f"hstu_attention runs the PyTorch reference on GPU: "
-                  f"{_TABLES_REASON}")  # fmt: skip
-        return False
-    reason = cuda.unsupported_reason(args.q, args.k, args.v, args.rab, args.dropout_p)
+    # A table call runs the kernel with a bias (the tables, or the dense rab written out from them: _kernel_args), so
+    # it needs what a dense-rab call needs; the table stands in for the rab in the check.
+    bias = args.rab
+    if bias is None and args.has_tables():
+        bias = args.rab_position_weights if args.rab_position_weights is not None else args.rab_time_weights
+    reason = cuda.unsupported_reason(args.q, args.k, args.v, bias, args.dropout_p)
     if reason is None:
         return True
     warn_once(f"hstu_attention:{reason}", f"hstu_attention runs the PyTorch reference on GPU: {reason}")
     return False
+
+
+def _expands_tables(args: AttentionArgs) -> bool:
+    """Whether a kernel call writes the bias tables out as a dense rab: the call has tables and the built kernels do
+    not read them (``cuda.reads_rab_tables()``)."""
+    return args.has_tables() and not cuda.reads_rab_tables()
+
+
+def _kernel_args(args: AttentionArgs) -> AttentionArgs:
+    """What the binding gets for a kernel call: ``args``, or for a call whose tables the kernels do not read, the
+    dense (B, 1 or H, max_seqlen, max_seqlen) rab in q's dtype gathered from them on the device and no tables."""
+    if not _expands_tables(args):
+        return args
+    rab = dense_bias(args.tables(), args.seq_offsets, args.q.shape[0], args.max_seqlen, args.q.shape[1],
+                     args.q.dtype)  # fmt: skip
+    return args._replace(rab=rab, **_NO_TABLE_FIELDS)
 
 
 # The custom ops take the flat argument list (their schema); everything below them takes one AttentionArgs, whose
@@ -110,7 +129,7 @@ def _forward_op(
 
 def _forward_impl(args: AttentionArgs) -> torch.Tensor:
     if _use_kernel(args):
-        return cuda.forward(args)
+        return cuda.forward(_kernel_args(args))
     return reference.forward(args)
 
 
@@ -170,7 +189,14 @@ def _backward_impl(grad_out: torch.Tensor, args: AttentionArgs, rab_needs_grad: 
                   "reference (the fused kernel's gradients are not differentiable); its memory grows with B * H * "
                   "max_seqlen^2")  # fmt: skip
         kernel = False
-    if kernel:
+    if kernel and _expands_tables(args):
+        # The dense rab's gradient, reduced to the tables' (the dense rab is written out again, not kept from the
+        # forward: it is as large as the forward's scores).
+        dq, dk, dv, drab, _, _ = cuda.backward(grad_out.contiguous(), _kernel_args(args), rab_needs_grad)
+        table_grads = (None, None) if drab is None else dense_bias_grads(
+            args.tables(), args.seq_offsets, args.q.shape[0], drab, args.deterministic)  # fmt: skip
+        grads = (dq, dk, dv, None, *table_grads)
+    elif kernel:
         grads = cuda.backward(grad_out.contiguous(), args, rab_needs_grad)
     else:
         grads = reference.backward(grad_out, args, rab_needs_grad)
@@ -496,6 +522,7 @@ def _table_fields(rab_tables: Optional[RelativeBiasTables]) -> tuple:
 
 
 _NO_TABLES = AttentionArgs(None, None, None, None, 0, 1.0, None)[_TABLE_FIELDS]
+_NO_TABLE_FIELDS = dict(zip(AttentionArgs._fields[_TABLE_FIELDS], _NO_TABLES))
 
 
 def hstu_attention(
@@ -535,7 +562,10 @@ def hstu_attention(
         deterministic: reproducible backward (no atomics) when the kernel runs; covers the tables' gradients too.
         rab_tables: the relative bias as weight tables (``hstu.ops.hstu_attention.RelativeBiasTables``: position and / or
             time-bucket weights, per-token timestamps, the time reference), instead of rab (exclusive with it).
-            Differentiable in both tables. Computed by the PyTorch reference for now (on GPU too).
+            Differentiable in both tables. On GPU the fused kernel runs them: it reads the tables where the build's
+            kernels do (``cuda.reads_rab_tables()``), else it runs on the dense (B, 1 or H, max_seqlen, max_seqlen)
+            rab gathered from them in q's dtype, and the tables' gradients are that rab's gradient summed per weight
+            (``deterministic=True``: a reproducible summation order).
     Returns:
         (T, H, Dv) in q's dtype.
     """
@@ -555,7 +585,7 @@ def hstu_attention(
             )
         # A CPU draw needs no device sync and follows torch.manual_seed.
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
-    head_dim = 0 if args.has_tables() else _padded_head_dim(q, v)  # (tables run the reference)
+    head_dim = _padded_head_dim(q, v)
     value_dim = v.shape[-1]
     if head_dim:
         q, k, v = (F.pad(t, (0, head_dim - t.shape[-1])) for t in (q, k, v))

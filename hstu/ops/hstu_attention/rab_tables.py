@@ -14,9 +14,10 @@ key j of sequence b (head h) is
 * p_i: the token's index in its sequence, except that the last ``shared_positions[b]`` tokens of sequence b (ranking
   candidates) all take position L_b - shared_positions[b].
 
-A table that is None adds nothing. The op never builds the (B, N, N) bucket or position matrices outside the
-reference's own per-chunk work; this module holds the reference's gathers and scatters: ``chunk_bias`` (the forward)
-and ``TableGrads`` (the gradients, one bincount per table and chunk).
+A table that is None adds nothing. This module holds the gathers and scatters of the tables: ``TablePlan`` (the
+table ids and bias of a chunk of sequences) and ``TableGrads`` (the gradients, one scatter-sum per table and chunk),
+which the reference uses per chunk of its score tensor, and ``dense_bias`` / ``dense_bias_grads``, which write the
+bias out as a dense rab and reduce a dense rab's gradient to the tables' for kernels that read a dense rab only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from hstu.ops.jagged.reference import pad_to_slots
+from hstu.ops.jagged.reference import pad_to_slots, padded_slots
 
 TIME_REFERENCES = ("query", "next")
 DEFAULT_TIME_DIVISOR = 0.301
@@ -132,7 +133,14 @@ class TablePlan(NamedTuple):
         return bias
 
 
-def _bincount(index: torch.Tensor, grad: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+# How TableGrads sums a gradient into its table: "bincount" (torch.bincount: sequential on CPU; on CUDA it reads the
+# largest id on the host, a device sync, and adds with atomics), "index_add" (index_add_: on CUDA float atomics, no
+# sync, run-to-run order varies) or "index_put" (index_put_ with accumulate=True: on CUDA the ids are sorted (a stable
+# radix sort) and each run of equal ids is summed in that order, so the result is bitwise reproducible; no sync).
+REDUCTIONS = ("bincount", "index_add", "index_put")
+
+
+def _scatter_sum(index: torch.Tensor, grad: torch.Tensor, table: torch.Tensor, reduction: str) -> torch.Tensor:
     """sum of grad over equal index, as table's (K,) or (H, K) shape; grad (b, 1 or H, n, n), index (b, n, n)."""
     size = table.shape[-1]
     if table.dim() == 2:
@@ -141,15 +149,24 @@ def _bincount(index: torch.Tensor, grad: torch.Tensor, table: torch.Tensor) -> t
         index = index.unsqueeze(1) + offsets
     flat = grad.reshape(-1)
     flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
-    counted = torch.bincount(index.reshape(-1), weights=flat, minlength=table.numel())
+    ids = index.reshape(-1)
+    if reduction == "bincount":
+        counted = torch.bincount(ids, weights=flat, minlength=table.numel())
+    elif reduction == "index_add":
+        counted = flat.new_zeros(table.numel()).index_add_(0, ids, flat)
+    else:
+        counted = flat.new_zeros(table.numel()).index_put_((ids,), flat, accumulate=True)
     return counted.view(table.shape)
 
 
 class TableGrads:
     """Accumulates the tables' gradients from the score gradients dS (alpha included) of every chunk."""
 
-    def __init__(self, tables: RelativeBiasTables):
+    def __init__(self, tables: RelativeBiasTables, reduction: str = "bincount"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.tables = tables
+        self.reduction = reduction
         self.position: Optional[torch.Tensor] = None
         self.time: Optional[torch.Tensor] = None
 
@@ -165,7 +182,7 @@ class TableGrads:
             grad = grad.to(table.dtype)
             if idx.shape[0] == 1 and grad.shape[0] != 1:
                 grad = grad.sum(dim=0, keepdim=True)  # the ids do not depend on the sequence
-            counted = _bincount(idx, grad, table)
+            counted = _scatter_sum(idx, grad, table, self.reduction)
             previous = getattr(self, name)
             setattr(self, name, counted if previous is None else previous + counted)
 
@@ -178,3 +195,49 @@ class TableGrads:
             else:
                 out.append(torch.zeros_like(table) if grad is None else grad.to(table.dtype))
         return out[0], out[1]
+
+
+# (b, n, n) table ids that dense_bias / dense_bias_grads materialise at once (int64: 256 MiB).
+_DENSE_CHUNK_ELEMENTS = 1 << 25
+
+
+def _dense_plan(tables: RelativeBiasTables, seq_offsets: torch.Tensor, total: int, n: int):
+    """The TablePlan of a (B, n) padded layout of the jagged sequences and their row chunks."""
+    lengths = seq_offsets[1:] - seq_offsets[:-1]
+    batch = lengths.numel()
+    plan = TablePlan.build(tables, lengths, padded_slots(seq_offsets, total, n), n)
+    step = max(1, _DENSE_CHUNK_ELEMENTS // max(1, n * n))
+    return plan, [slice(start, min(batch, start + step)) for start in range(0, batch, step)]
+
+
+def dense_heads(tables: RelativeBiasTables, heads: int) -> int:
+    """The head count of the tables' dense bias: H when a table is per head, else 1."""
+    return heads if any(w is not None and w.dim() == 2 for w in (tables.position_weights, tables.time_weights)) else 1
+
+
+def dense_bias(tables: RelativeBiasTables, seq_offsets: torch.Tensor, total: int, n: int, heads: int,
+               dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """The tables' bias as a dense rab: (B, 1 or H, n, n) in ``dtype`` on seq_offsets' device (time part plus
+    position part summed in the tables' dtype, then cast). Entries outside a sequence hold the weights their padded
+    ids read; attention never sees them. ``total``: the token count (the timestamps' length); reads no device value."""
+    plan, chunks = _dense_plan(tables, seq_offsets, total, n)
+    device = seq_offsets.device
+    rab = torch.empty(seq_offsets.numel() - 1, dense_heads(tables, heads), n, n, dtype=dtype, device=device)
+    for rows in chunks:
+        rab[rows] = plan.bias(plan.index(rows, n, device))
+    return rab
+
+
+def dense_bias_grads(tables: RelativeBiasTables, seq_offsets: torch.Tensor, total: int, drab: torch.Tensor,
+                     deterministic: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
+    """(d position_weights, d time_weights) from the gradient ``drab`` of ``dense_bias``'s rab: each weight's
+    gradient is the sum of drab over the entries that read it, summed in float32 (float64 for float64 tables) and
+    cast to the table's dtype. deterministic: a reproducible reduction ("index_put", see REDUCTIONS), else float
+    atomics ("index_add"); neither reads a device value."""
+    n = drab.shape[-1]
+    plan, chunks = _dense_plan(tables, seq_offsets, total, n)
+    grads = TableGrads(tables, "index_put" if deterministic else "index_add")
+    for rows in chunks:
+        chunk = drab[rows]
+        grads.add(plan.index(rows, n, drab.device), chunk.float() if chunk.dtype.itemsize < 4 else chunk)
+    return grads.result()
