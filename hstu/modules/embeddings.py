@@ -7,6 +7,13 @@ Each table serves exactly one feature of the same name (``item``, ``action``, on
 TorchRec's ``EmbeddingCollection`` holds tables of one width: tables of another width than the first table's (the
 example's ``item_embedding_dim`` / ``contextual_embedding_dim``) go into one more collection per width
 (``extra_collections``), and :class:`EmbeddingProjection` brings them to the model width.
+
+Dynamic tables (the example's ``DynamicEmbeddingArgs``): :meth:`SparseEmbeddings.manage_collisions` puts TorchRec's
+managed-collision modules (``MCHManagedCollisionModule`` in a ``ManagedCollisionCollection``, ``remapper``) in front
+of the lookup of the named tables, so that any int64 id is remapped into one of the table's rows: in training a new id
+is admitted into a free row, and once the rows are full the policy (least recently / least frequently used) evicts
+ids to make room; an id that holds no row reads TorchRec's miss row. The remapping state is buffers of this module, so
+it is saved and loaded with the tables.
 """
 
 from __future__ import annotations
@@ -19,7 +26,12 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.mc_modules import (
+    LFU_EvictionPolicy, LRU_EvictionPolicy, ManagedCollisionCollection, MCHManagedCollisionModule,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+EVICTION_POLICIES = {"lru": LRU_EvictionPolicy, "lfu": LFU_EvictionPolicy}
 
 
 @dataclass(frozen=True)
@@ -67,9 +79,58 @@ class SparseEmbeddings(nn.Module):
         self.collection = _collection(groups[0][0], groups[0][1], init_std, device)
         self.extra_collections = nn.ModuleDict(
             {f"width_{width}": _collection(width, group, init_std, device) for width, group in groups[1:]})
+        self.remapper: Optional[ManagedCollisionCollection] = None  # see manage_collisions
+        self.dynamic_features: list[str] = []
+
+    def manage_collisions(self, tables: dict[str, str], eviction_interval: int = 1) -> None:
+        """Make the named tables dynamic: ``{table: "lru" | "lfu"}`` (the eviction policy). Their ids, any int64, are
+        remapped into the table's rows by TorchRec's managed-collision modules before every lookup; eviction runs
+        every ``eviction_interval`` training forwards. Call once, before the module is sharded or trained."""
+        if self.remapper is not None:
+            raise ValueError(f"the tables {self.dynamic_features} are dynamic already: call manage_collisions once")
+        if not tables:
+            return
+        if not isinstance(eviction_interval, int) or isinstance(eviction_interval, bool) or eviction_interval < 1:
+            raise ValueError(f"eviction_interval must be an int >= 1, got {eviction_interval!r}")
+        configs = {c.name: c for ec in [self.collection, *self.extra_collections.values()]
+                   for c in ec.embedding_configs()}
+        modules = {}
+        for name, policy in tables.items():
+            if name not in configs:
+                raise ValueError(f"dynamic table {name!r} is not one of the embedding tables {self.feature_names}")
+            if policy not in EVICTION_POLICIES:
+                raise ValueError(f"dynamic table {name!r}: eviction policy {policy!r} is not one of "
+                                 f"{sorted(EVICTION_POLICIES)}")
+            weight = self.table_weight(name)
+            modules[name] = MCHManagedCollisionModule(
+                zch_size=configs[name].num_embeddings, device=weight.device, eviction_policy=EVICTION_POLICIES[policy](),
+                eviction_interval=eviction_interval, name=name)
+        self.dynamic_features = [n for n in self.feature_names if n in tables]
+        self.remapper = ManagedCollisionCollection(modules, [configs[n] for n in self.dynamic_features])
+
+    def table_weight(self, name: str) -> torch.Tensor:
+        """The weight (rows x width) of table ``name``."""
+        for ec in [self.collection, *self.extra_collections.values()]:
+            if name in ec.embeddings:
+                return ec.embeddings[name].weight
+        raise KeyError(f"no embedding table {name!r}; tables: {self.feature_names}")
+
+    def _remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``features`` with the ids of the dynamic tables remapped to their rows (the others unchanged)."""
+        jagged = features.to_dict()
+        dynamic = [n for n in self.dynamic_features if n in jagged]
+        if not dynamic:
+            return features
+        remapper = self.remapper
+        if next(remapper.buffers()).device != features.values().device:
+            remapper.to(features.values().device)  # the lookup's device (the tables move there when sharded)
+        jagged.update(remapper(KeyedJaggedTensor.from_jt_dict({n: jagged[n] for n in dynamic})).to_dict())
+        return KeyedJaggedTensor.from_jt_dict({n: jagged[n] for n in features.keys()})
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Embeddings of every feature of ``features`` (keys = this module's feature names), as (N_f, D_f) values."""
+        if self.remapper is not None:
+            features = self._remap(features)
         if not self.extra_collections:
             return {name: jagged.values() for name, jagged in self.collection(features).items()}
         parts = features.split(self.group_sizes)

@@ -74,11 +74,12 @@ def benchmark_dataset_fields(benchmark: dict, features: list[dict], tables: list
         if name not in table_of:
             raise ValueError(f"BenchmarkDatasetArgs.embedding_args has no table for the feature {name!r} (tables for "
                              f"{sorted(table_of)})")
-    dynamic = sorted(table["table_name"] for name, (cls, table) in table_of.items()
-                     if name in used and cls == "DynamicEmbeddingArgs")
-    if dynamic:
-        raise NotSupportedYetError(f"DynamicEmbeddingArgs (tables {dynamic}: ids hashed into a fixed capacity with "
-                                   "eviction) is not supported yet; use EmbeddingArgs with a vocabulary size")
+    dynamic = {name: table["evict_strategy"].lower() for name, (cls, table) in table_of.items()
+               if name in used and cls == "DynamicEmbeddingArgs"}
+    if item in dynamic and not ranking:
+        raise NotSupportedYetError(f"DynamicEmbeddingArgs for the item table {table_of[item][1]['table_name']!r} with "
+                                   "retrieval is not supported yet: retrieval scores every row of the item table as "
+                                   "an item; use EmbeddingArgs for it")
     for name, dist in sorted((sequence.get("value_dists") or {}).items()):
         if name != item:
             raise NotSupportedYetError(f"FeatureArgs.value_dists[{name!r}]: a value distribution for a feature other "
@@ -120,6 +121,7 @@ def benchmark_dataset_fields(benchmark: dict, features: list[dict], tables: list
         "DatasetArgs.prepare_if_missing": True,
         "DatasetArgs.synthetic_options": options,
         "EmbeddingArgs.item_vocab_size": item_rows,
+        "EmbeddingArgs.dynamic_tables": dynamic,
         "DatasetArgs.max_seqlen": length - held_out,
         "DatasetArgs.num_candidates": held_out,
         "DatasetArgs.split_strategy": "user_ratio",

@@ -128,6 +128,10 @@ def _check_task_args(task_name: str, args: AllArgs) -> None:
                              "contextual_embedding_dim): retrieval scores outputs against the item table itself, so "
                              "its tables are as wide as NetworkArgs.hidden_dim (as in the NVIDIA example); leave them "
                              "unset (the example's -1)")
+        if "item" in args.embeddings.dynamic_tables:
+            raise ValueError("EmbeddingArgs.dynamic_tables['item'] (the example's DynamicEmbeddingArgs for the item "
+                             "table): retrieval scores every row of the item table as an item, so its ids must be the "
+                             "rows; leave the item table static")
         if not args.network.causal:
             raise ValueError("NetworkArgs.causal=False (the example's NetworkArgs.is_causal=False) lets every position "
                              "attend to the item it is trained to predict: retrieval needs causal attention")
@@ -384,6 +388,25 @@ class Task:
     def num_items(self) -> int:
         return self.args.embeddings.item_vocab_size or self.train_dataset.num_items
 
+    def _with_dynamic_tables(self, model):
+        """``model`` with the tables of EmbeddingArgs.dynamic_tables remapped by TorchRec's managed-collision
+        modules (SparseEmbeddings.manage_collisions)."""
+        tables = dict(self.args.embeddings.dynamic_tables)
+        if not tables:
+            return model
+        if self.ctx.world_size > 1:
+            from hstu.training.config import NotSupportedYetError
+
+            raise NotSupportedYetError(
+                f"EmbeddingArgs.dynamic_tables {sorted(tables)} (the example's DynamicEmbeddingArgs) with "
+                f"{self.ctx.world_size} processes is not supported yet: every process would remap ids on its own; "
+                "train them with one process")
+        try:
+            model.embeddings.manage_collisions(tables)
+        except ValueError as e:
+            raise ValueError(f"EmbeddingArgs.dynamic_tables: {e}") from None
+        return model
+
     def item_id_low(self) -> int:
         if self.args.embeddings.item_id_low is not None:
             return self.args.embeddings.item_id_low
@@ -418,11 +441,11 @@ class RetrievalTask(Task):
             temperature=r.temperature, share_uniform_negatives=r.share_negatives, l2_normalize_embeddings=r.l2_normalize,
             l2_norm_eps=r.l2_norm_eps,
         )  # fmt: skip
-        return RetrievalModel(
+        return self._with_dynamic_tables(RetrievalModel(
             num_items, build_encoder_config(self.args, max_tokens, False, r.l2_normalize), loss,
             contextual_vocab_sizes=self.contextual_vocab_sizes, embedding_init_std=self.args.embeddings.init_std,
             item_id_low=low, l2_norm_eps=r.l2_norm_eps,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def target_timestamps(self, sample_ids) -> torch.Tensor:
         """Timestamps of the held-out items of evaluation samples ``sample_ids`` (-1: padding, time 0)."""
@@ -497,13 +520,13 @@ class RankingTask(Task):
         r, d = self.args.ranking, self.args.dataset
         max_tokens = sequence_tokens(d.max_seqlen, d.num_candidates, len(self.contextual_vocab_sizes), True)
         loss = MultiTaskLoss(self.task_type, self.num_outputs, r.task_weights)
-        return RankingModel(
+        return self._with_dynamic_tables(RankingModel(
             self.num_items(), self.train_dataset.action_vocab_size, build_encoder_config(self.args, max_tokens, True, False),
             loss, r.head_hidden_dims, r.head_dropout, contextual_vocab_sizes=self.contextual_vocab_sizes,
             embedding_init_std=self.args.embeddings.init_std, head_activation=r.head_activation, head_bias=r.head_bias,
             item_embedding_dim=self.args.network.item_embedding_width,
             contextual_embedding_dim=self.args.network.contextual_embedding_width,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def head_flops(self, num_candidates: int) -> float:
         dims = [self.args.network.hidden_dim, *self.args.ranking.head_hidden_dims, self.num_outputs]

@@ -243,8 +243,16 @@ BENCHMARK_RUN = ["TrainerArgs.train_batch_size=4", "TrainerArgs.eval_batch_size=
                  "TrainerArgs.max_eval_iters=1"]
 
 
-def test_every_benchmark_field_is_accepted_then_dynamic_tables_are_reported_as_not_supported(tmp_path):
-    with pytest.raises(NotSupportedYetError, match="DynamicEmbeddingArgs"):
+def test_every_benchmark_field_parses_onto_a_synthetic_dataset(tmp_path):
+    # ranking (RankingArgs bound): a dynamic item table; the same config as retrieval would score its rows as items
+    args = parse_gin([_write(tmp_path, EVERY_BENCHMARK_FIELD)],
+                     BENCHMARK_RUN + ["RankingArgs.prediction_head_arch=[8, 8]", "RankingArgs.num_tasks=8"])
+    d, options = args.dataset, args.dataset.synthetic_options
+    assert (d.dataset_name, d.max_seqlen, d.num_candidates, options["num_users"]) == ("synthetic", 99, 1, 80)
+    assert (options["length_distribution"], options["length_alpha"], options["zipf_exponent"]) == ("zipf", 1.3, 0.0)
+    assert (args.embeddings.dynamic_tables, args.embeddings.item_vocab_size) == ({"item": "lfu"}, 100000)
+    gin.clear_config()
+    with pytest.raises(NotSupportedYetError, match="DynamicEmbeddingArgs for the item table"):
         parse_gin([_write(tmp_path, EVERY_BENCHMARK_FIELD)], BENCHMARK_RUN)
 
 
