@@ -34,8 +34,10 @@ class JaggedBatch:
     contextual: Optional[KeyedJaggedTensor] = None
     # Retrieval evaluation: the held-out next item of each sample (B,), -1 for padding samples.
     target_item: Optional[torch.Tensor] = None
-    # seq_lengths as they were on the host before ``to(device)``: batch statistics without a device sync.
+    # seq_lengths / num_candidates as they were on the host before ``to(device)``: batch statistics and the jagged
+    # ops' sizes without a device sync.
     host_seq_lengths: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False, compare=False)
+    host_num_candidates: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -49,7 +51,7 @@ class JaggedBatch:
     def seq_offsets(self) -> torch.Tensor:
         from hstu.ops import lengths_to_offsets
 
-        return lengths_to_offsets(self.seq_lengths)
+        return lengths_to_offsets(self.seq_lengths, self.host_seq_lengths)
 
     def seq_lengths_on_host(self) -> torch.Tensor:
         """seq_lengths on the CPU: the copy kept by ``to`` or, for a batch built on the device, one transfer."""
@@ -57,12 +59,20 @@ class JaggedBatch:
             return self.host_seq_lengths
         return self.seq_lengths.cpu()
 
+    def num_candidates_on_host(self) -> torch.Tensor:
+        """num_candidates on the CPU: the copy kept by ``to`` or, for a batch built on the device, one transfer."""
+        if self.host_num_candidates is not None:
+            return self.host_num_candidates
+        return self.num_candidates.cpu()
+
     def labels(self) -> torch.Tensor:
         """Actions of the candidates, concatenated over samples (ranking labels)."""
-        from hstu.ops import candidate_mask
+        from hstu.ops import candidate_indices
 
         actions = self.sequence["action"].values()
-        return actions[candidate_mask(self.seq_offsets, self.num_candidates)]
+        rows = candidate_indices(self.seq_offsets, self.num_candidates, host_lengths=self.seq_lengths_on_host(),
+                                 host_num_candidates=self.num_candidates_on_host())  # fmt: skip
+        return actions[rows]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "JaggedBatch":
         def move(x):
@@ -76,6 +86,7 @@ class JaggedBatch:
             contextual=move(self.contextual),
             target_item=move(self.target_item),
             host_seq_lengths=self.seq_lengths_on_host(),
+            host_num_candidates=self.num_candidates_on_host(),
         )
 
     def pin_memory(self) -> "JaggedBatch":

@@ -95,6 +95,7 @@ class RankingModel(nn.Module):
                 host_seq_lengths=batch.seq_lengths_on_host(),
                 timestamps=batch.sequence["timestamp"].values(),
                 num_candidates=batch.num_candidates,
+                host_num_candidates=batch.num_candidates_on_host(),
                 action_embeddings=values["action"],
                 contextual_embeddings=interleave_contextual(values, self.contextual_keys, batch.batch_size),
                 num_contextual=len(self.contextual_keys),

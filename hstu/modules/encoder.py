@@ -26,6 +26,7 @@ from hstu.modules.attention_backends import AttentionBackendError, check_backend
 from hstu.modules.hstu_layer import AttentionInputs, HSTULayer, HSTUStack
 from hstu.modules.positional import PositionalEncoder, RelativeAttentionBias, token_positions
 from hstu.modules.token_layout import TokenLayout
+from hstu.ops.hstu_attention import check_attention_indices
 from hstu.ops import (
     concat_2d_jagged,
     lengths_to_host,
@@ -151,6 +152,7 @@ class HSTUEncoder(nn.Module):
             attention_backend=c.attention_backend,
             num_contextual=layout.num_contextual if c.contextual_mask else 0,
         )
+        _check_attention_indices(attention_inputs, layout)
         return EncoderTokens(x, attention_inputs, layout)
 
     def token_layout(self, inputs: EncoderInputs) -> TokenLayout:
@@ -183,7 +185,7 @@ class HSTUEncoder(nn.Module):
         time; contextual tokens, which carry no time of their own, take the sequence's first event time."""
         tokens, token_times = inputs.item_embeddings, inputs.timestamps
         if layout.interleave_actions:
-            item_rows, action_rows, history = layout.item_token_rows, layout.action_token_rows, layout.action_events
+            item_rows, action_rows, history = layout.item_token_rows, layout.action_token_rows, layout.history_event_rows
             tokens = tokens.new_zeros(layout.num_event_tokens, self.config.embedding_dim)
             tokens = tokens.index_put((item_rows,), inputs.item_embeddings)
             tokens = tokens.index_put((action_rows,), inputs.action_embeddings[history].to(tokens.dtype))
@@ -198,12 +200,14 @@ class HSTUEncoder(nn.Module):
             first_event = layout.event_offsets[:-1].clamp(max=num_events - 1)
             first_time = torch.where(layout.event_lengths > 0, inputs.timestamps[first_event], first_time)
         context_times = first_time.repeat_interleave(layout.num_contextual)
+        host_sizes = dict(host_lengths_a=layout.host_context_lengths, host_lengths_b=layout.host_event_token_lengths)
         tokens, _ = concat_2d_jagged(
-            inputs.contextual_embeddings.to(tokens.dtype), layout.context_offsets, tokens, layout.event_token_offsets
+            inputs.contextual_embeddings.to(tokens.dtype), layout.context_offsets, tokens, layout.event_token_offsets,
+            **host_sizes,
         )
         token_times, _ = concat_2d_jagged(
             context_times.unsqueeze(-1), layout.context_offsets, token_times.unsqueeze(-1),
-            layout.event_token_offsets,
+            layout.event_token_offsets, **host_sizes,
         )
         return tokens, token_times.squeeze(-1)
 
@@ -241,7 +245,9 @@ class HSTUEncoder(nn.Module):
     def postprocess(self, x: torch.Tensor, layout: TokenLayout) -> EncoderOutputs:
         """Drops the contextual and action tokens: one output per event, in event order (optionally L2-normalised)."""
         if layout.num_contextual > 0:
-            _, x = split_2d_jagged(x, layout.context_offsets, layout.event_token_offsets)
+            _, x = split_2d_jagged(x, layout.context_offsets, layout.event_token_offsets,
+                                   host_lengths_a=layout.host_context_lengths,
+                                   host_lengths_b=layout.host_event_token_lengths)  # fmt: skip
         item_outputs = x[layout.item_token_rows] if layout.interleave_actions else x
         if self.config.l2_normalize_output:
             item_outputs = l2_normalize(item_outputs, self.config.l2_norm_eps)
@@ -276,6 +282,19 @@ def _host_lengths_and_candidates(inputs: EncoderInputs, lengths: torch.Tensor) -
         if host.shape != lengths.shape:
             raise ValueError(f"{name} must have the shape of seq_lengths {tuple(lengths.shape)}, got {tuple(host.shape)}")
     return host_lengths.to(torch.int64), host_candidates.to(torch.int64)
+
+
+def _check_attention_indices(inputs: AttentionInputs, layout: TokenLayout) -> None:
+    """Checks the index tensors every layer's attention call shares from the layout's host copies, once per batch,
+    so that the layer stack makes no device-to-host copy for those checks (``check_attention_indices``)."""
+    targets = inputs.num_targets
+    check_attention_indices(
+        inputs.seq_offsets, layout.host_token_lengths,
+        num_contexts=inputs.num_contexts, host_num_contexts=layout.host_context_lengths,
+        num_targets=targets, host_num_targets=None if targets is None else layout.host_num_candidates,
+        shared_positions=inputs.shared_positions,
+        host_shared_positions=None if inputs.shared_positions is None else layout.host_num_candidates,
+    )  # fmt: skip
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

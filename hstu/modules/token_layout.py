@@ -8,7 +8,7 @@ with the history interleaved as [i1, a1, i2, a2, ...] (item, action) when action
 The encoder's ``item_outputs`` have one row per event (history + candidates) in event order; the methods of
 :class:`TokenLayout` name the rows of that tensor that the losses, heads and metrics use, so nothing outside the
 encoder re-derives the layout. All index arithmetic is vectorised and output sizes come from host copies of the
-lengths; only ``candidate_rows`` reads device values (the checks of ``candidate_mask``).
+lengths: building the layout and reading its rows make no device-to-host copy.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Optional, TypeVar
 
 import torch
 
-from hstu.ops import candidate_mask, lengths_to_offsets, sequence_ids_and_positions
+from hstu.ops import candidate_indices, lengths_to_offsets, sequence_ids_and_positions
 
 Count = TypeVar("Count", int, torch.Tensor)
 
@@ -61,10 +61,12 @@ class TokenLayout:
     token_offsets: torch.Tensor  # (B+1,)
     event_token_offsets: torch.Tensor  # (B+1,) of the event tokens (items and actions: no contextual tokens)
     # With interleaving (else None): the row of every event's item token and of every history action token, counted
-    # among the tokens without the contextual ones, and which events have an action token (the history).
+    # among the tokens without the contextual ones, which events have an action token (the history), and the event
+    # rows of those, ascending (the events whose action embeddings become action tokens, in action token order).
     item_token_rows: Optional[torch.Tensor] = None  # (num_events,)
     action_token_rows: Optional[torch.Tensor] = None  # (num_history_events,)
     action_events: Optional[torch.Tensor] = None  # (num_events,) bool
+    history_event_rows: Optional[torch.Tensor] = None  # (num_history_events,)
     context_offsets: Optional[torch.Tensor] = None  # (B+1,) of the contextual tokens when num_contextual > 0
 
     @staticmethod
@@ -75,21 +77,25 @@ class TokenLayout:
         """lengths / num_candidates: (B,) int64 events and candidates per sequence, with their int64 host copies."""
         event_offsets = lengths_to_offsets(lengths, host_lengths)
         token_lengths, host_token_lengths, token_offsets = lengths, host_lengths, event_offsets
-        item_rows = action_rows = action_events = None
+        item_rows = action_rows = action_events = history_rows = None
         if interleave_actions:
-            history = lengths - num_candidates
+            history, host_history = lengths - num_candidates, host_lengths - host_num_candidates
             token_lengths = sequence_tokens(history, num_candidates, 0, True)
-            host_token_lengths = sequence_tokens(host_lengths - host_num_candidates, host_num_candidates, 0, True)
+            host_token_lengths = sequence_tokens(host_history, host_num_candidates, 0, True)
             token_offsets = lengths_to_offsets(token_lengths, host_token_lengths)
             event_seq, event_pos = sequence_ids_and_positions(event_offsets, host_lengths)
             action_events = event_pos < history[event_seq]
             item_slot = torch.where(action_events, 2 * event_pos, history[event_seq] + event_pos)
             item_rows = token_offsets[:-1][event_seq] + item_slot
-            action_rows = (token_offsets[:-1][event_seq] + 2 * event_pos + 1)[action_events]
+            # The history events, enumerated from their counts (a boolean index would be a nonzero: a device sync).
+            history_seq, history_pos = sequence_ids_and_positions(lengths_to_offsets(history, host_history),
+                                                                  host_history)  # fmt: skip
+            history_rows = event_offsets[:-1][history_seq] + history_pos
+            action_rows = token_offsets[:-1][history_seq] + 2 * history_pos + 1
         context_offsets, event_token_offsets = None, token_offsets
         if num_contextual > 0:
             context_lengths = torch.full_like(lengths, num_contextual)
-            context_offsets = lengths_to_offsets(context_lengths)
+            context_offsets = lengths_to_offsets(context_lengths, torch.full_like(host_lengths, num_contextual))
             token_lengths = token_lengths + num_contextual
             host_token_lengths = host_token_lengths + num_contextual
             token_offsets = context_offsets + token_offsets
@@ -99,7 +105,8 @@ class TokenLayout:
             num_contextual=num_contextual, interleave_actions=interleave_actions, token_lengths=token_lengths,
             host_token_lengths=host_token_lengths, token_offsets=token_offsets,
             event_token_offsets=event_token_offsets, item_token_rows=item_rows,
-            action_token_rows=action_rows, action_events=action_events, context_offsets=context_offsets,
+            action_token_rows=action_rows, action_events=action_events, history_event_rows=history_rows,
+            context_offsets=context_offsets,
         )  # fmt: skip
 
     # ---- sizes --------------------------------------------------------------------------------------------------
@@ -133,6 +140,16 @@ class TokenLayout:
 
     # ---- what the attention masks need --------------------------------------------------------------------------
     @property
+    def host_event_token_lengths(self) -> torch.Tensor:
+        """(B,) host counts of the event tokens (items and actions) per sequence, without the contextual ones."""
+        return self.host_token_lengths - self.num_contextual
+
+    @property
+    def host_context_lengths(self) -> Optional[torch.Tensor]:
+        """Host copy of ``context_lengths``."""
+        return None if self.context_offsets is None else torch.full_like(self.host_event_lengths, self.num_contextual)
+
+    @property
     def context_lengths(self) -> Optional[torch.Tensor]:
         """(B,) contextual tokens per sequence, None without contextual tokens."""
         return None if self.context_offsets is None else self.context_offsets[1:] - self.context_offsets[:-1]
@@ -144,8 +161,10 @@ class TokenLayout:
 
     # ---- rows of the encoder's item outputs (one per event) ------------------------------------------------------
     def candidate_rows(self) -> torch.Tensor:
-        """Bool (num_events,): the ranking candidates (the last num_candidates[b] events of every sequence b)."""
-        return candidate_mask(self.event_offsets, self.num_candidates)
+        """(num_candidates_total,) int64 ascending rows of the ranking candidates (the last num_candidates[b] events
+        of every sequence b)."""
+        return candidate_indices(self.event_offsets, self.num_candidates, host_lengths=self.host_event_lengths,
+                                 host_num_candidates=self.host_num_candidates)  # fmt: skip
 
     def candidate_sequence_ids(self) -> torch.Tensor:
         """(num_candidates_total,) int64: the sequence every candidate belongs to, in candidate order."""

@@ -61,6 +61,7 @@ def test_layout_matches_a_per_sequence_construction(batch):
         assert layout.action_token_rows.tolist() == actions
         history = [p < n - c for n, c in zip(lengths, candidates) for p in range(n)]
         assert layout.action_events.tolist() == history
+        assert layout.history_event_rows.tolist() == [r for r, h in enumerate(history) if h]
     else:
         assert layout.item_token_rows is None and list(items.values()) == list(range(sum(lengths)))
     context_lengths = layout.context_lengths
@@ -69,7 +70,7 @@ def test_layout_matches_a_per_sequence_construction(batch):
         assert context_lengths.tolist() == [num_contextual] * len(lengths)
     # Rows of the item outputs (one per event).
     starts = [sum(lengths[:b]) for b in range(len(lengths))]
-    expected_candidates = [p >= n - c for n, c in zip(lengths, candidates) for p in range(n)]
+    expected_candidates = [s + p for s, n, c in zip(starts, lengths, candidates) for p in range(n - c, n)]
     assert layout.candidate_rows().tolist() == expected_candidates
     assert layout.candidate_sequence_ids().tolist() == [b for b, c in enumerate(candidates) for _ in range(c)]
     assert layout.rows_with_next().tolist() == [s + p for s, n in zip(starts, lengths) for p in range(n - 1)]

@@ -293,7 +293,8 @@ class _HstuAttention(torch.autograd.Function):
 
 # Value checks of index tensors that passed, per seq_offsets tensor. A model calls the op once per layer with the
 # same offsets, contexts and targets; the check needs their values on the host, a device-to-host copy that waits for
-# the device and leaves the launch queue empty. So only the first call per batch pays it. An entry records the
+# the device and leaves the launch queue empty. So only the first call per batch pays it, or none when the caller
+# checked them from its host copies (check_attention_indices). An entry records the
 # version counters of the tensors it checked (in-place writes, also through views, bump them) and holds no
 # reference: it goes with the offsets tensor. Inference tensors have no version counter and are checked every time.
 class _CheckedIndices(NamedTuple):
@@ -329,6 +330,16 @@ def _checked_longest(seq_offsets: torch.Tensor, rows: int, num_contexts: Optiona
         return entry.longest
     # One device-to-host copy for every value check.
     offsets_host, contexts, targets = to_host(seq_offsets, num_contexts, num_targets)
+    longest = _check_index_values(offsets_host, rows, contexts, targets)
+    if cacheable:
+        _checked_offsets[seq_offsets] = _CheckedIndices(seq_offsets._version, rows, longest,
+                                                        _version_key(num_contexts), _version_key(num_targets))
+    return longest
+
+
+def _check_index_values(offsets_host: torch.Tensor, rows: int, contexts: Optional[torch.Tensor],
+                        targets: Optional[torch.Tensor]) -> int:  # fmt: skip
+    """_checked_longest's checks on host values; returns the longest sequence."""
     check_offsets_values("seq_offsets", offsets_host, total=rows)
     lengths = lengths_of(offsets_host)
     longest = int(lengths.max()) if lengths.numel() > 0 else 0
@@ -349,10 +360,60 @@ def _checked_longest(seq_offsets: torch.Tensor, rows: int, num_contexts: Optiona
                 f"num_contexts[{b}]={int(contexts[b])} exceeds the non-target length {int(history[b])} "
                 "(contexts must come before the targets)"
             )
-    if cacheable:
-        _checked_offsets[seq_offsets] = _CheckedIndices(seq_offsets._version, rows, longest,
-                                                        _version_key(num_contexts), _version_key(num_targets))
     return longest
+
+
+def check_attention_indices(
+    seq_offsets: torch.Tensor,
+    host_lengths: torch.Tensor,
+    *,
+    num_contexts: Optional[torch.Tensor] = None,
+    host_num_contexts: Optional[torch.Tensor] = None,
+    num_targets: Optional[torch.Tensor] = None,
+    host_num_targets: Optional[torch.Tensor] = None,
+    shared_positions: Optional[torch.Tensor] = None,
+    host_shared_positions: Optional[torch.Tensor] = None,
+) -> None:
+    """Checks the index tensors that a batch's ``hstu_attention`` calls share (seq_offsets, num_contexts,
+    num_targets, rab_tables.shared_positions) on host copies of their values the caller already holds, and records
+    them as checked: the calls that pass these same tensors, unchanged, then make no device-to-host copy for their
+    checks (a model's layer stack calls the op once per layer with them).
+
+    host_lengths: the (B,) sequence lengths of seq_offsets on the CPU; host_num_contexts / host_num_targets /
+    host_shared_positions: CPU copies of the tensors given beside them (each needed with its tensor). The copies must
+    hold the device tensors' values: that is the caller's promise, not checked against the device. Raises the
+    op's ValueError naming the argument for bad values, TypeError / ValueError naming a bad host copy. Tensors whose
+    values cannot be read (fake tensors) or inference tensors (no version counter) are left to the op's own checks.
+    """
+    seq_offsets = check_index_tensor("seq_offsets", seq_offsets)
+    batch = seq_offsets.numel() - 1
+    host = {}
+    for name, t, copy in (("lengths", seq_offsets, host_lengths), ("num_contexts", num_contexts, host_num_contexts),
+                          ("num_targets", num_targets, host_num_targets),
+                          ("shared_positions", shared_positions, host_shared_positions)):  # fmt: skip
+        if t is None:
+            if copy is not None:
+                raise ValueError(f"host_{name} is given but {name} is None")
+            continue
+        if name != "lengths":
+            check_index_tensor(name, t, length=batch)
+        if copy is None:
+            raise ValueError(f"{name} needs its host copy host_{name}")
+        copy = check_index_tensor(f"host_{name}", copy, length=batch)
+        if copy.device.type != "cpu":
+            raise ValueError(f"host_{name} must be a CPU tensor, got one on {copy.device}")
+        host[name] = copy.to(torch.int64)
+    tensors = (seq_offsets, num_contexts, num_targets, shared_positions)
+    if not values_are_concrete(*tensors) or any(t is not None and t.is_inference() for t in tensors):
+        return
+    offsets_host = torch.cat([host["lengths"].new_zeros(1), host["lengths"].cumsum(0)])
+    rows = int(offsets_host[-1])
+    longest = _check_index_values(offsets_host, rows, host.get("num_contexts"), host.get("num_targets"))
+    _checked_offsets[seq_offsets] = _CheckedIndices(seq_offsets._version, rows, longest, _version_key(num_contexts),
+                                                    _version_key(num_targets))  # fmt: skip
+    if shared_positions is not None:
+        _check_shared_values(offsets_host, host["shared_positions"])
+        _checked_shared[shared_positions] = (shared_positions._version, _version_key(seq_offsets))
 
 
 # The rab_* fields of AttentionArgs (the bias tables), which end it.
@@ -416,7 +477,7 @@ def _validate(args: AttentionArgs) -> AttentionArgs:
         longest = _checked_longest(seq_offsets, q.shape[0], num_contexts, num_targets)
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is less than the longest sequence ({longest})")
-        shared = tables[4]
+        shared = args.rab_shared_positions  # (as given: its checks are cached per tensor, _int32 may copy it)
         if shared is not None and values_are_concrete(shared):
             _check_shared_positions(seq_offsets, shared)
     return AttentionArgs._make((q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window_size,
@@ -485,15 +546,18 @@ def _check_shared_positions(seq_offsets: torch.Tensor, shared: torch.Tensor) -> 
     entry = _checked_shared.get(shared) if cacheable else None
     if entry is not None and entry[0] == shared._version and _same_version(entry[1], seq_offsets):
         return
-    offsets_host, shared_host = to_host(seq_offsets, shared)
+    _check_shared_values(*to_host(seq_offsets, shared))
+    if cacheable:
+        _checked_shared[shared] = (shared._version, _version_key(seq_offsets))
+
+
+def _check_shared_values(offsets_host: torch.Tensor, shared_host: torch.Tensor) -> None:
     lengths = lengths_of(offsets_host)
     bad = (shared_host < 0) | (shared_host > lengths)
     if bool(bad.any()):
         b = int(torch.nonzero(bad)[0])
         raise ValueError(f"rab_tables.shared_positions[{b}]={int(shared_host[b])} must be in [0, the sequence length "
                          f"{int(lengths[b])}]")
-    if cacheable:
-        _checked_shared[shared] = (shared._version, _version_key(seq_offsets))
 
 
 def _int32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
