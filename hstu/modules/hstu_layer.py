@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hstu.modules.attention_backends import reference_attention, triton_attention
 from hstu.ops import hstu_attention
+from hstu.ops.norm_mul_dropout import layer_norm_mul_dropout
 
 
 @dataclass
@@ -94,9 +95,14 @@ class HSTULayer(nn.Module):
         return self.split_uvqk(F.silu(self.uvqk_proj(self.input_norm(x))))
 
     def combine(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """The layer's output side: x + output_proj(dropout(LayerNorm(attn) * u)) for the attention output attn."""
-        gated = self.attention_norm(attn.reshape(-1, self.num_heads * self.v_dim)) * u
-        gated = F.dropout(gated, p=self.dropout, training=self.training)
+        """The layer's output side: x + output_proj(dropout(LayerNorm(attn) * u)) for the attention output attn.
+
+        LayerNorm, product and dropout are one op (``layer_norm_mul_dropout``: fused kernels on CUDA, in u's dtype;
+        elsewhere the same composition as torch's LayerNorm, product and F.dropout, bit for bit)."""
+        attn = attn.reshape(-1, self.num_heads * self.v_dim)
+        norm = self.attention_norm
+        gated = layer_norm_mul_dropout(attn.to(u.dtype), u, norm.weight, norm.bias, eps=norm.eps,
+                                       dropout_p=self.dropout, training=self.training)  # fmt: skip
         return x + self.output_proj(gated)
 
     def _forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
