@@ -73,9 +73,24 @@ def check_backend_settings(backend: str, *, causal: bool, relative_attention_bia
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_offsets: torch.Tensor, max_seqlen: int,
                      *, alpha: float, scaling_seqlen: Optional[int], num_targets: Optional[torch.Tensor],
-                     num_contextual: int, **unused) -> torch.Tensor:
+                     num_contextual: int, rab: Optional[torch.Tensor] = None, rab_tables: Optional[object] = None,
+                     dropout_p: float = 0.0, causal: bool = True, target_group_size: int = 1,
+                     **unused) -> torch.Tensor:
     """Meta's Triton kernel with our arguments: its N (sequence bound and divisor) is ``scaling_seqlen``, its
-    contextual count one int for every sequence. The settings it lacks were refused by check_backend_settings."""
+    contextual count one int for every sequence (``num_contexts`` and ``deterministic`` play no further part). What
+    it cannot apply (a relative bias, attention dropout, full attention, target groups) is an
+    :class:`AttentionBackendError` naming the argument; check_backend_settings refuses the settings that lead to
+    them before training starts."""
+    refused = [name for name, bad in (
+        ("rab", rab is not None),
+        ("rab_tables", rab_tables is not None),
+        (f"dropout_p={dropout_p}", dropout_p > 0.0),
+        ("causal=False", not causal),
+        (f"target_group_size={target_group_size}", target_group_size != 1),
+    ) if bad]  # fmt: skip
+    if refused:
+        raise AttentionBackendError("attention_backend='triton' (Meta's Triton kernel) cannot apply "
+                                    + ", ".join(refused) + "; use the 'fused' or 'reference' backend")
     n = max_seqlen if scaling_seqlen is None else scaling_seqlen
     if n < max_seqlen:
         raise AttentionBackendError(
