@@ -287,10 +287,10 @@ def _host_lengths_and_candidates(inputs: EncoderInputs, lengths: torch.Tensor) -
 def _check_attention_indices(inputs: AttentionInputs, layout: TokenLayout) -> None:
     """Checks the index tensors every layer's attention call shares from the layout's host copies, once per batch,
     so that the layer stack makes no device-to-host copy for those checks (``check_attention_indices``)."""
-    targets = inputs.num_targets
+    contexts, targets = inputs.num_contexts, inputs.num_targets
     check_attention_indices(
         inputs.seq_offsets, layout.host_token_lengths,
-        num_contexts=inputs.num_contexts, host_num_contexts=layout.host_context_lengths,
+        num_contexts=contexts, host_num_contexts=None if contexts is None else layout.host_context_lengths,
         num_targets=targets, host_num_targets=None if targets is None else layout.host_num_candidates,
         shared_positions=inputs.shared_positions,
         host_shared_positions=None if inputs.shared_positions is None else layout.host_num_candidates,

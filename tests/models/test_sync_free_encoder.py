@@ -24,11 +24,11 @@ def test_token_layout_builds_from_meta_counts(num_contextual):
     assert layout.candidate_rows().shape == (int(candidates.sum()),)
 
 
-def _encoder_and_inputs(ranking: bool):
+def _encoder_and_inputs(ranking: bool, **settings):
     torch.manual_seed(0)
     config = EncoderConfig(embedding_dim=16, num_layers=2, num_heads=2, qk_dim=8, v_dim=8, dropout=0.0,
                            input_dropout=0.0, max_tokens=40, interleave_actions=ranking, relative_attention_bias=True,
-                           rab_time_reference="next" if ranking else "query")  # fmt: skip
+                           rab_time_reference="next" if ranking else "query", **settings)  # fmt: skip
     lengths = torch.tensor([4, 1, 7])
     total = int(lengths.sum())
     candidates = torch.tensor([1, 0, 3]) if ranking else None
@@ -42,9 +42,10 @@ def _encoder_and_inputs(ranking: bool):
     return HSTUEncoder(config), inputs
 
 
+@pytest.mark.parametrize("settings", [{}, dict(contextual_mask=False), dict(causal=False)], ids=str)
 @pytest.mark.parametrize("ranking", [False, True], ids=["retrieval", "ranking"])
-def test_layer_stack_reads_no_index_values_after_preprocess(ranking, monkeypatch):
-    encoder, inputs = _encoder_and_inputs(ranking)
+def test_layer_stack_reads_no_index_values_after_preprocess(ranking, settings, monkeypatch):
+    encoder, inputs = _encoder_and_inputs(ranking, **settings)
     tokens = encoder.preprocess(inputs)
     expected = encoder.layers(tokens.x, tokens.attention_inputs)
 
