@@ -74,9 +74,13 @@ struct BwdDqTraits {
 
 
 // kAtomicDq: also accumulate dq into p.dq_accum (needs the dS pass: kPassBoth or kPassDK).
-template <typename Traits, int kPass, bool kDropout, bool kAtomicDq>
+// kTables (kHasRab units only): the bias comes from the weight tables (rab_tables.h); the dS pass adds the tables'
+// gradients into p.drab_*_weights (a shared-memory histogram of p.rab_hist_floats floats past the tiles, then
+// global atomics).
+template <typename Traits, int kPass, bool kDropout, bool kAtomicDq, bool kTables = false>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
+  static_assert(!kTables || Traits::kHasRab, "the table kernels are the kHasRab instantiations");
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
   static_assert(BM % 16 == 0 && BN % 16 == 0, "dropout.h's 2 x 2 Philox grouping needs 16-aligned tiles");
   constexpr bool kDoDV = kPass != kPassDK;
@@ -91,6 +95,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
   uint8_t* q_bad = smem_raw + (kAtomicDq ? Traits::kSmemBytesAtomic : Traits::kSmemBytes) - Traits::kSmemFlags;
   uint8_t* do_bad = q_bad + BM;
   uint8_t* k_bad = do_bad + BM;
+  float* table_hist = reinterpret_cast<float*>(q_bad + Traits::kSmemFlags);  // kTables: p.rab_hist_floats
 
   const WorkItem w = schedule_block(p, /*reverse=*/false);
   const SeqMask& mk = w.mask;
@@ -108,6 +113,19 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
   static_assert(DS == 1 || (kAtomicDq && kPass == kPassBoth && DH % 64 == 0), "split head dim: one atomic pass");
   const int wk = warp / DS, wd = warp % DS;  // key block, head-dim part of this warp
   const int key_lo = n0 + wk * 16 + g;       // keys key_lo and key_lo + 8 of this thread
+  const auto tb = make_table_bias<kTables>(p, w.batch, w.head, w.seq_start, mk.L);
+  const auto tg = make_table_grads<kTables && kDoDK>(p, w.head, table_hist);
+  [[maybe_unused]] int64_t key_t[2];  // kTables: t_j and position of this thread's keys
+  [[maybe_unused]] int key_p[2];
+  if constexpr (kTables) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = key_lo + 8 * h;
+      key_t[h] = j < mk.L ? tb.key_time(j) : 0;
+      key_p[h] = j < mk.L ? tb.position(j) : 0;
+    }
+  }
+  if constexpr (kTables && kDoDK) tg.template clear<NT>(tid);  // ordered before any add by the head loop's barrier
   float ds_scale = p.alpha * p.inv_scale;  // dS (dk, drab) scale; P (dv) uses p_scale
   float p_scale = p.inv_scale;
   if constexpr (kDropout) {
@@ -246,7 +264,13 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
             const int i = m0 + nb * 8 + 2 * t + (e & 1);
             [[maybe_unused]] const bool inside = !kMasked || (i < mk.L && j < mk.L);
             float x = st[nb][e];
-            if constexpr (Traits::kHasRab) {
+            [[maybe_unused]] TableIndex ids{-1, -1};
+            if constexpr (kTables) {
+              if (inside) {
+                ids = tb.index(tb.row_time(i), tb.position(i), key_t[e >> 1], key_p[e >> 1]);
+                x += tb.value(ids);
+              }
+            } else if constexpr (Traits::kHasRab) {
               if (inside) x += rab_value<Element>(p, w.batch, hr, i, j);
             }
             x *= p.alpha;
@@ -257,6 +281,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
             if constexpr (kDoDK) {
               const float ds = vis ? dpt[nb][e] * silu_grad(x, sig) : 0.f;
               dpt[nb][e] = ds;
+              if constexpr (kTables) {
+                if (vis && inside && tg.active() && (DS == 1 || wd == 0)) tg.add(ids, ds * ds_scale);
+              }
               if (p.drab != nullptr && inside && (DS == 1 || wd == 0)) {
                 float* dr = p.drab + w.batch * p.drab_batch_stride + hr * p.drab_head_stride +
                             static_cast<int64_t>(i) * p.drab_row_stride + j;
@@ -362,11 +389,14 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
       store_acc_rows<Element, DH / 8>(gdK, p.row_stride, acc_dk, ds_scale, wk * 16, mk.L - n0, lane);
     }
   }
+  if constexpr (kTables && kDoDK) tg.template flush<NT>(tid);
 }
 
-template <typename Traits, bool kDropout>
+// kTables (kHasRab units only): the bias comes from the weight tables (rab_tables.h).
+template <typename Traits, bool kDropout, bool kTables = false>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
+  static_assert(!kTables || Traits::kHasRab, "the table kernels are the kHasRab instantiations");
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
   static_assert(BM % 16 == 0 && BN % 16 == 0, "dropout.h's 2 x 2 Philox grouping needs 16-aligned tiles");
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -419,6 +449,10 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
   const int warp_row0 = warp * 16 * MI;
   const int row_lo = m0 + warp_row0 + g;
   const uint32_t drop_bh = static_cast<uint32_t>(w.batch * p.heads + w.head);  // dropout counter (kDropout only)
+  const auto tb = make_table_bias<kTables>(p, w.batch, w.head, w.seq_start, mk.L);
+  [[maybe_unused]] int64_t row_t[MI][2];  // kTables: t_ref and position of this thread's rows
+  [[maybe_unused]] int row_p[MI][2];
+  if constexpr (kTables) table_rows<MI>(tb, row_lo, row_t, row_p);
   int it = 0;
   while (n < n_tiles) {
     const int stage = it % kStages;
@@ -479,7 +513,10 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
             const int i = row_lo + 16 * mi + (e >> 1) * 8;
             const int j = n0 + nb * 8 + 2 * t + (e & 1);
             float x = s[mi][nb][e];
-            if constexpr (Traits::kHasRab) {
+            if constexpr (kTables) {
+              if (!kMasked || (i < mk.L && j < mk.L))
+                x += tb.value(tb.index(row_t[mi][e >> 1], row_p[mi][e >> 1], tb.key_time(j), tb.position(j)));
+            } else if constexpr (Traits::kHasRab) {
               if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
             }
             x *= p.alpha;

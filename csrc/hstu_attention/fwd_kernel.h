@@ -8,6 +8,7 @@
 #include "hstu.h"
 #include "mask.h"
 #include "pointwise.h"
+#include "rab_tables.h"
 #include "tile_scheduler.h"
 #include "utils.h"
 
@@ -52,9 +53,11 @@ __device__ __forceinline__ void add_dropped_terms_mi(float (&acc)[kMI][kNB][4], 
 }
 
 // kDropout: attention dropout (dropout.h); the false instantiation (p == 0) contains no dropout code at all.
-template <typename Traits, bool kDropout>
+// kTables (kHasRab units only): the bias comes from the weight tables (rab_tables.h) instead of the dense rab.
+template <typename Traits, bool kDropout, bool kTables = false>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
+  static_assert(!kTables || Traits::kHasRab, "the table kernels are the kHasRab instantiations");
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
   static_assert(BM % 16 == 0 && BN % 16 == 0, "dropout.h's 2 x 2 Philox grouping needs 16-aligned tiles");
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -106,6 +109,10 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
   const int warp_row0 = warp * 16 * MI;       // first row of this warp inside the tile
   const int row_lo = m0 + warp_row0 + g;      // rows row_lo + 16 mi + {0, 8} of this thread
   const uint32_t drop_bh = static_cast<uint32_t>(w.batch * p.heads + w.head);  // dropout counter (kDropout only)
+  const auto tb = make_table_bias<kTables>(p, w.batch, w.head, w.seq_start, mk.L);
+  [[maybe_unused]] int64_t row_t[MI][2];  // kTables: t_ref and position of this thread's rows
+  [[maybe_unused]] int row_p[MI][2];
+  if constexpr (kTables) table_rows<MI>(tb, row_lo, row_t, row_p);
 
   int it = 0;
   while (n < n_tiles) {
@@ -149,7 +156,10 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
             const int i = row_lo + 16 * mi + (e >> 1) * 8;
             const int j = n0 + nb * 8 + 2 * t + (e & 1);
             float x = s[mi][nb][e];
-            if constexpr (Traits::kHasRab) {
+            if constexpr (kTables) {
+              if (!kMasked || (i < mk.L && j < mk.L))
+                x += tb.value(tb.index(row_t[mi][e >> 1], row_p[mi][e >> 1], tb.key_time(j), tb.position(j)));
+            } else if constexpr (Traits::kHasRab) {
               if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
             }
             x *= p.alpha;

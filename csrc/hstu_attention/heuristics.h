@@ -26,6 +26,7 @@ struct Problem {
   bool rab = false;      // a relative attention bias is added
   bool drab = false;     // the backward also produces the bias gradient
   bool dropout = false;  // attention dropout p > 0
+  bool rab_tables = false;  // the bias comes from weight tables (rab_tables.h): the sm80-style kernels only
 };
 
 // The Problem of a launch of run_fwd / run_bwd<Element, kHeadDim, kHasRab> with parameters p.
@@ -40,6 +41,7 @@ inline Problem problem_of(const AttnParams& p) {
   pr.rab = kHasRab;
   pr.drab = p.drab != nullptr;
   pr.dropout = p.dropout;
+  pr.rab_tables = p.rab_pos_weights != nullptr || p.rab_time_weights != nullptr;
   return pr;
 }
 
@@ -85,9 +87,9 @@ inline FwdPlan plan_forward(const Problem& pr, const KernelOptions& o, const Pla
   FwdPlan plan;
   // The Hopper forward takes every call it has a kernel for (its first, single-role version already ran 1.45x the
   // mma.sync forward at 32,4096,4,256 and 1.10-1.23x at head dim 128); dropout runs the sm80-style kernel, the only
-  // one with dropout code.
+  // one with dropout code; so do the bias tables (only the sm80-style kernels read them).
   plan.sm90 = pl.sm90_forward_built && pl.sm90_device && kSm90FwdHeadDimOk(pr.head_dim) && !pr.dropout &&
-              o.sm90_forward;
+              !pr.rab_tables && o.sm90_forward;
   if (!plan.sm90) return plan;
   Sm90FwdChoice& c = plan.sm90_choice;
   if (!o.fwd_warp_specialized) {
@@ -124,9 +126,10 @@ inline BwdPlan plan_backward(const Problem& pr, const KernelOptions& o, const Pl
   // Atomic dq: one pass over S and dP instead of two (1.2-1.5x faster backward); its dq summation order varies.
   plan.atomic_dq = !o.deterministic;
   // The Hopper backward exists for the atomic path without dropout or a bias gradient (1.25x the mma.sync atomic
-  // backward at 32,4096,4,128 in its first version).
+  // backward at 32,4096,4,128 in its first version); the bias tables run the sm80-style kernels (the only ones
+  // reading them).
   plan.sm90 = pl.sm90_backward_built && pl.sm90_device && kSm90BwdHeadDimOk(pr.head_dim) && plan.atomic_dq &&
-              !pr.drab && !pr.dropout && o.sm90_backward;
+              !pr.drab && !pr.dropout && !pr.rab_tables && o.sm90_backward;
   if (plan.sm90) {
     plan.sched_group = sm90_sched_group(pr, /*backward=*/true, kSm90BwdBlockNFor(pr.head_dim), o.grouped_schedule);
     return plan;

@@ -25,8 +25,8 @@ struct AttnParams {
   //   bias(b, h, i, j) = time_w[h][bucket(t_ref(i) - t_j)] + pos_w[h][clamp(p_i - p_j, -(M-1), M-1) + M - 1]
   // bucket(dt) = min(int(logf(max(|dt|, 1)) / time_divisor), time_buckets); t_ref(i) = t_i, or with rab_time_next the
   // next token's time (the last token of sequence b: next_timestamps[b], or its own time when that is nullptr);
-  // p_i = min(i, L_b - shared_positions[b]) (i without shared_positions). Set by the binding; no kernel reads them
-  // yet (the binding refuses tables before any launch).
+  // p_i = min(i, L_b - shared_positions[b]) (i without shared_positions). Set by the binding; the sm80-style
+  // kernels of the kHasRab units read them (rab_tables.h) when rab is nullptr.
   const float* __restrict__ rab_pos_weights;   // (Hp, 2M - 1) fp32, Hp = 1 or H, or nullptr
   const float* __restrict__ rab_time_weights;  // (Ht, K + 1) fp32, Ht = 1 or H, or nullptr
   const int64_t* __restrict__ rab_timestamps;       // (T,) seconds, with rab_time_weights
@@ -38,11 +38,14 @@ struct AttnParams {
   int rab_time_buckets; // K
   bool rab_time_next;   // time reference "next"
   float rab_time_divisor;
-  // Table gradients (backward): fp32 workspaces shaped like the tables, zero on entry, or nullptr. The kernels add
-  // alpha * dS of every entry into its weights: per-CTA shared-memory histograms, then global atomics (deterministic:
-  // per-CTA partial tables reduced in a fixed order).
+  // Table gradients (backward): fp32 workspaces shaped like the tables, zero on entry, or nullptr. The dk/dv kernel
+  // adds alpha * dS of every entry into its weights: a per-block shared-memory histogram, then global atomics (the
+  // summation order varies: the binding refuses table gradients on the deterministic path).
   float* __restrict__ drab_pos_weights;
   float* __restrict__ drab_time_weights;
+  // Floats of that shared-memory histogram (rab_table_hist_floats), set by launch.h when it fits next to the
+  // kernel's tiles; 0: every entry goes to global atomics.
+  int rab_hist_floats;
 
   // outputs (forward) / gradient inputs+outputs (backward)
   void* __restrict__ out;

@@ -115,9 +115,10 @@ float* table_grad(const std::optional<at::Tensor>& d, const std::optional<at::Te
   return d->data_ptr<float>();
 }
 
-// Checks the tables and fills the parameter block's table fields, then refuses the call: no kernel reads the tables
-// yet, and a kernel that ignored them would return attention without the bias. Runs before any launch.
-void set_tables(AttnParams& p, const BiasTables& t, const at::Tensor& q) {
+// Checks the tables and fills the parameter block's table fields (the kHasRab units' sm80-style kernels read them,
+// rab_tables.h). Refuses, before any launch, table gradients on the deterministic backward (the kernels sum them
+// with atomics in a varying order) and tables in a build without the rab units.
+void set_tables(AttnParams& p, const BiasTables& t, const at::Tensor& q, bool deterministic) {
   if (!t.given()) {
     TORCH_CHECK_VALUE(!t.timestamps && !t.next_timestamps && !t.shared_positions && !t.dposition && !t.dtime,
                       "rab_timestamps / rab_next_timestamps / rab_shared_positions / drab_position / drab_time need "
@@ -163,8 +164,12 @@ void set_tables(AttnParams& p, const BiasTables& t, const at::Tensor& q) {
   }
   p.drab_pos_weights = table_grad(t.dposition, t.position_weights, "drab_position");
   p.drab_time_weights = table_grad(t.dtime, t.time_weights, "drab_time");
-  TORCH_CHECK_VALUE(false, "rab_position_weights / rab_time_weights: the fused kernels do not read relative-bias "
-                    "tables yet; hstu_attention(rab_tables=...) runs them on the PyTorch reference");
+  TORCH_CHECK_VALUE(!deterministic || (!p.drab_pos_weights && !p.drab_time_weights),
+                    "drab_position / drab_time: the kernels' table gradients are not bitwise reproducible (atomic "
+                    "sums); a deterministic backward with table gradients runs on the dense rab instead");
+#ifdef HSTU_DISABLE_RAB
+  TORCH_CHECK_VALUE(false, "rab_position_weights / rab_time_weights: built with HSTU_DISABLE_RAB (no rab kernels)");
+#endif
 }
 
 // Dropout fields of the parameter block (dropout.h): p in [0, 1); p == 0 leaves dropout off (the kernels without
@@ -180,9 +185,10 @@ void set_dropout(AttnParams& p, double dropout_p, int64_t seed) {
   p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
 }
 
+// The kHasRab units run both the dense rab and the bias tables (rab_tables.h).
 template <bool kBwd, typename T, int D>
 void dispatch_rab(const AttnParams& p, const KernelOptions& o, cudaStream_t s) {
-  if (p.rab != nullptr) {
+  if (p.rab != nullptr || p.rab_pos_weights != nullptr || p.rab_time_weights != nullptr) {
 #ifndef HSTU_DISABLE_RAB
     if constexpr (kBwd) run_bwd<T, D, true>(p, o, s); else run_fwd<T, D, true>(p, o, s);
 #else
@@ -288,7 +294,7 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                              num_targets, group, rab);
   set_dropout(p, dropout_p, dropout_seed);
   TORCH_CHECK_VALUE(!tables.dposition && !tables.dtime, "the forward takes no table gradients");
-  set_tables(p, tables, q);
+  set_tables(p, tables, q, /*deterministic=*/false);
   check_qkv(out, q, "out");
   p.out = out.data_ptr();
   // The persistent sm90 forward's work-item counter. Uninitialised: that kernel's launcher zeroes it on the stream
@@ -316,7 +322,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   AttnParams p = make_params(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
                              num_targets, group, rab);
   set_dropout(p, dropout_p, dropout_seed);
-  set_tables(p, tables, q);
+  set_tables(p, tables, q, options.deterministic);
   check_qkv(dout, q, "grad_out");
   check_qkv(dq, q, "dq");
   check_qkv(dk, q, "dk");
@@ -385,7 +391,7 @@ at::Tensor dropout_keep_mask(int64_t seed, double dropout_p, at::Tensor out) {
 // plan, the same one the launchers follow. direction: "forward" or "backward"; dtype: "bfloat16" or "float16".
 pybind11::dict kernel_plan(const std::string& direction, const std::string& dtype, int64_t head_dim, int64_t batch,
                            int64_t heads, int64_t max_seqlen, bool rab, bool rab_grad, bool dropout,
-                           const KernelOptions& options) {
+                           const KernelOptions& options, bool rab_tables) {
   if (direction != "forward" && direction != "backward")
     throw pybind11::value_error("direction must be 'forward' or 'backward', got '" + direction + "'");
   if (dtype != "bfloat16" && dtype != "float16")
@@ -396,6 +402,7 @@ pybind11::dict kernel_plan(const std::string& direction, const std::string& dtyp
       max_seqlen >= (int64_t{1} << 30))
     throw pybind11::value_error("batch, heads and max_seqlen must be non-negative (and below 2^31, 2^31, 2^30)");
   if (rab_grad && !rab) throw pybind11::value_error("rab_grad needs rab");
+  if (rab_tables && !rab) throw pybind11::value_error("rab_tables needs rab (the tables are a relative bias)");
   Problem pr;
   pr.head_dim = static_cast<int>(head_dim);
   pr.batch = static_cast<int>(batch);
@@ -405,6 +412,7 @@ pybind11::dict kernel_plan(const std::string& direction, const std::string& dtyp
   pr.rab = rab;
   pr.drab = rab_grad;
   pr.dropout = dropout;
+  pr.rab_tables = rab_tables;
   const Platform pl = current_platform();
   pybind11::dict d;
   pybind11::list kernels;
@@ -470,8 +478,10 @@ pybind11::dict build_info() {
   d["head_dims"] = hdims;
 #ifdef HSTU_DISABLE_RAB
   d["rab"] = false;
+  d["rab_tables"] = false;
 #else
   d["rab"] = true;
+  d["rab_tables"] = true;  // the sm80-style kernels read the relative-bias tables (rab_tables.h)
 #endif
 #ifdef HSTU_DISABLE_BACKWARD
   d["backward"] = false;
@@ -518,7 +528,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("bench_bwd_warps", &hstu::KernelOptions::bench_bwd_warps)
       .def_readonly("bench_d256_two_pass", &hstu::KernelOptions::bench_d256_two_pass);
   using OptTensor = std::optional<at::Tensor>;
-  // The relative-bias tables' keywords (all optional; refused until the kernels read them).
+  // The relative-bias tables' keywords (all optional).
   auto tables = [](OptTensor position_weights, OptTensor time_weights, OptTensor timestamps, OptTensor next_timestamps,
                    OptTensor shared_positions, bool time_next, double time_divisor, OptTensor dposition,
                    OptTensor dtime) {
@@ -576,7 +586,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "which kernels a call with these properties runs on the current device (heuristics.h's plan)",
         py::arg("direction"), py::arg("dtype"), py::arg("head_dim"), py::arg("batch"), py::arg("heads"),
         py::arg("max_seqlen"), py::arg("rab"), py::arg("rab_grad"), py::arg("dropout"),
-        py::arg("options") = hstu::KernelOptions{});
+        py::arg("options") = hstu::KernelOptions{}, py::arg("rab_tables") = false);
   m.def("hstu_dropout_keep_mask", &hstu::dropout_keep_mask,
         "debug: the attention kernels' dropout keep mask (B, H, N, N) for (seed, p), written into out",
         py::arg("seed"), py::arg("dropout_p"), py::arg("out"));

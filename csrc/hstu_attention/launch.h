@@ -36,15 +36,38 @@ inline dim3 grid_for(const AttnParams& p, int tile, int heads) {
   return dim3((p.max_seqlen + tile - 1) / tile, p.batch, heads);
 }
 
+// Calls f(kTables) with kTables a compile-time bool: whether the call's bias comes from the weight tables
+// (rab_tables.h; the kHasRab units only, when no dense rab is given).
+template <bool kHasRab, typename F>
+void with_bias_source(const AttnParams& p, F&& f) {
+  if constexpr (kHasRab) {
+    if (p.rab == nullptr && has_rab_tables(p)) return f(std::true_type{});
+  }
+  f(std::false_type{});
+}
+
+// The dk/dv kernel's shared-memory table histogram: the floats its table gradients need when they fit next to the
+// kernel's `smem` bytes of tiles on this device, else 0 (global atomics).
+inline int table_hist_floats_for(const AttnParams& p, int smem) {
+  const int floats = rab_table_hist_floats(p);
+  if (floats == 0) return 0;
+  int device = 0, optin = 48 * 1024;
+  if (cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return int64_t{smem} + int64_t{4} * floats <= optin ? floats : 0;
+}
+
 // kDropout picks the kernel instantiation; p.dropout decides at launch (the p == 0 kernels carry no dropout code).
 template <typename Element, int kHeadDim, bool kHasRab, bool kDropout>
 void launch_fwd_impl(const AttnParams& p, cudaStream_t stream) {
   using Cfg = TileConfig<kHeadDim>;
   using Traits = FwdTraits<Element, kHeadDim, kHasRab, Cfg::kFwdWarps, Cfg::kFwdBlockN, Cfg::kFwdMI, Cfg::kFwdStages>;
-  auto kernel = hstu_fwd_kernel<Traits, kDropout>;
-  set_smem(kernel, Traits::kSmemBytes);
-  kernel<<<grid_for(p, Traits::kBlockM, p.heads), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-  check_cuda(cudaGetLastError(), "forward launch");
+  with_bias_source<kHasRab>(p, [&](auto tables) {
+    auto kernel = hstu_fwd_kernel<Traits, kDropout, decltype(tables)::value>;
+    set_smem(kernel, Traits::kSmemBytes);
+    kernel<<<grid_for(p, Traits::kBlockM, p.heads), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+    check_cuda(cudaGetLastError(), "forward launch");
+  });
 }
 
 template <typename Element, int kHeadDim, bool kHasRab>
@@ -81,39 +104,46 @@ void launch_dq_convert(const AttnParams& p, cudaStream_t stream) {
 }
 
 // The dk/dv kernel launches for the tile traits DkDv: one pass (kPassBoth; with kDSplit > 1 the split-head-dim kernel)
-// or, with kTwoPass, a dV pass and a dK pass. With an atomic-dq workspace the dS pass (dk, or dk + dv) also adds dq.
-template <typename DkDv, bool kTwoPass, bool kDropout>
+// or, with kTwoPass, a dV pass and a dK pass. With an atomic-dq workspace the dS pass (dk, or dk + dv) also adds dq;
+// with kTables it also adds the table gradients (its shared-memory histogram follows the tiles).
+template <typename DkDv, bool kTwoPass, bool kDropout, bool kTables>
 void launch_dkdv(const AttnParams& p, cudaStream_t stream) {
   const bool head_loop = p.drab != nullptr && p.rab_heads == 1 && p.heads > 1;
   const bool atomic_dq = p.dq_accum != nullptr;
   auto launch_ds_pass = [&](auto kernel, int smem, const char* what) {
+    AttnParams ps = p;
+    if constexpr (kTables) {
+      ps.rab_hist_floats = table_hist_floats_for(p, smem);
+      smem += 4 * ps.rab_hist_floats;
+    }
     set_smem(kernel, smem);
-    kernel<<<grid_for(p, DkDv::kBlockN, head_loop ? 1 : p.heads), DkDv::kThreads, smem, stream>>>(p);
+    kernel<<<grid_for(p, DkDv::kBlockN, head_loop ? 1 : p.heads), DkDv::kThreads, smem, stream>>>(ps);
     check_cuda(cudaGetLastError(), what);
   };
   if constexpr (DkDv::kDSplit > 1) {
-    launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout, true>, DkDv::kSmemBytesAtomic,
+    launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout, true, kTables>, DkDv::kSmemBytesAtomic,
                    "backward dk/dv/dq (split head dim) launch");
   } else if constexpr (kTwoPass) {
-    auto kdv = hstu_bwd_dkdv_kernel<DkDv, kPassDV, kDropout, false>;
+    auto kdv = hstu_bwd_dkdv_kernel<DkDv, kPassDV, kDropout, false, kTables>;
     set_smem(kdv, DkDv::kSmemBytes);
     kdv<<<grid_for(p, DkDv::kBlockN, p.heads), DkDv::kThreads, DkDv::kSmemBytes, stream>>>(p);
     check_cuda(cudaGetLastError(), "backward dv launch");
 #if defined(HSTU_BENCH_VARIANTS)
     if (atomic_dq) {
-      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDropout, true>, DkDv::kSmemBytesAtomic,
+      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDropout, true, kTables>, DkDv::kSmemBytesAtomic,
                      "backward dk+dq launch");
       return;
     }
 #endif
     if (atomic_dq) throw std::logic_error("hstu attention: the two-pass atomic backward is a benchmark variant");
-    launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDropout, false>, DkDv::kSmemBytes, "backward dk launch");
+    launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDropout, false, kTables>, DkDv::kSmemBytes,
+                   "backward dk launch");
   } else {
     if (atomic_dq)
-      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout, true>, DkDv::kSmemBytesAtomic,
+      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout, true, kTables>, DkDv::kSmemBytesAtomic,
                      "backward dk/dv/dq launch");
     else
-      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout, false>, DkDv::kSmemBytes,
+      launch_ds_pass(hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDropout, false, kTables>, DkDv::kSmemBytes,
                      "backward dk/dv launch");
   }
 }
@@ -123,19 +153,22 @@ void launch_dkdv(const AttnParams& p, cudaStream_t stream) {
 template <typename Element, int kHeadDim, bool kHasRab, bool kDropout>
 void launch_bwd_impl(const AttnParams& p, const BwdPlan& plan, cudaStream_t stream) {
   using Cfg = TileConfig<kHeadDim>;
-  const bool launched = with_sm80_dkdv_shape<Element, kHeadDim, kHasRab, kDropout>(
-      plan.dkdv, [&](auto warps, auto dsplit, auto two_pass) {
-        using DkDv = BwdDkDvTraits<Element, kHeadDim, kHasRab, decltype(warps)::value, Cfg::kDkDvBlockM,
-                                   Cfg::kDkDvStages, decltype(dsplit)::value>;
-        launch_dkdv<DkDv, decltype(two_pass)::value, kDropout>(p, stream);
-      });
-  if (!launched) throw std::logic_error("hstu attention: no sm80 dk/dv kernel for this backward plan");
-  if (plan.atomic_dq) return;  // launch_bwd converts the workspace
-  using Dq = BwdDqTraits<Element, kHeadDim, kHasRab, Cfg::kDqWarps, Cfg::kDqBlockN, Cfg::kDqMI, Cfg::kDqStages>;
-  auto kq = hstu_bwd_dq_kernel<Dq, kDropout>;
-  set_smem(kq, Dq::kSmemBytes);
-  kq<<<grid_for(p, Dq::kBlockM, p.heads), Dq::kThreads, Dq::kSmemBytes, stream>>>(p);
-  check_cuda(cudaGetLastError(), "backward dq launch");
+  with_bias_source<kHasRab>(p, [&](auto tables) {
+    constexpr bool kTables = decltype(tables)::value;
+    const bool launched = with_sm80_dkdv_shape<Element, kHeadDim, kHasRab, kDropout>(
+        plan.dkdv, [&](auto warps, auto dsplit, auto two_pass) {
+          using DkDv = BwdDkDvTraits<Element, kHeadDim, kHasRab, decltype(warps)::value, Cfg::kDkDvBlockM,
+                                     Cfg::kDkDvStages, decltype(dsplit)::value>;
+          launch_dkdv<DkDv, decltype(two_pass)::value, kDropout, kTables>(p, stream);
+        });
+    if (!launched) throw std::logic_error("hstu attention: no sm80 dk/dv kernel for this backward plan");
+    if (plan.atomic_dq) return;  // launch_bwd converts the workspace
+    using Dq = BwdDqTraits<Element, kHeadDim, kHasRab, Cfg::kDqWarps, Cfg::kDqBlockN, Cfg::kDqMI, Cfg::kDqStages>;
+    auto kq = hstu_bwd_dq_kernel<Dq, kDropout, kTables>;
+    set_smem(kq, Dq::kSmemBytes);
+    kq<<<grid_for(p, Dq::kBlockM, p.heads), Dq::kThreads, Dq::kSmemBytes, stream>>>(p);
+    check_cuda(cudaGetLastError(), "backward dq launch");
+  });
 }
 
 template <typename Element, int kHeadDim, bool kHasRab>

@@ -7,6 +7,7 @@ skips otherwise.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -22,6 +23,13 @@ pytestmark = pytest.mark.usefixtures("attention_cuda_env")
 
 
 _EMU_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "hstu_attention")
+
+# The bias tables' part of the harness's EmuArgs (AttnParams' rab_* fields), after the dropout fields.
+_TABLE_FIELDS = [(n, ctypes.c_void_p) for n in ("pos_w", "time_w", "timestamps", "next_timestamps",
+                                                "shared_positions", "dpos", "dtime")]
+_TABLE_FIELDS += [(n, ctypes.c_int) for n in ("pos_heads", "pos_size", "time_heads", "time_buckets", "time_next",
+                                              "table_hist")]
+_TABLE_FIELDS += [("time_divisor", ctypes.c_float)]  # fmt: skip
 
 
 def _cuda_include_dir():
@@ -63,42 +71,49 @@ def emulator(tmp_path_factory):
             os.environ["HSTU_EMU_LAZY_CP_ASYNC"] = old
 
 
-def _emu_impl(emu, deterministic, variant=0):
-    """hstu_attention-like callable (CPU tensors) running the emulated kernels; dropout uses the kernels' Philox."""
-    import ctypes
+class _EmuArgs(ctypes.Structure):
+    """The harness's EmuArgs (csrc/hstu_attention/emulation/harness.cpp)."""
 
-    vp, i64, i32, f32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint32
+    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "k", "v", "dout", "out", "dq", "dk", "dv", "drab", "dq_accum",
+                                               "offsets", "ctx", "tgt", "rab")]
+    _fields_ += [(n, ctypes.c_int64) for n in ("rab_bs", "rab_hs", "rab_rs", "drab_bs", "drab_hs", "drab_rs",
+                                               "row_stride", "total_rows")]
+    _fields_ += [(n, ctypes.c_int) for n in ("batch", "heads", "max_seqlen", "causal", "window", "group", "rab_heads",
+                                             "dtype", "D", "dropout", "variant")]
+    _fields_ += [(n, ctypes.c_float) for n in ("alpha", "inv_scale", "dropout_scale")]
+    _fields_ += [(n, ctypes.c_uint32) for n in ("seed_lo", "seed_hi", "threshold")]  # fmt: skip
+    _fields_ += _TABLE_FIELDS
 
-    class Args(ctypes.Structure):
-        _fields_ = [(n, vp) for n in ("q", "k", "v", "dout", "out", "dq", "dk", "dv", "drab", "dq_accum", "offsets",
-                                      "ctx", "tgt", "rab")]
-        _fields_ += [(n, i64) for n in ("rab_bs", "rab_hs", "rab_rs", "drab_bs", "drab_hs", "drab_rs", "row_stride",
-                                        "total_rows")]
-        _fields_ += [(n, i32) for n in ("batch", "heads", "max_seqlen", "causal", "window", "group", "rab_heads",
-                                        "dtype", "D", "dropout", "variant")]
-        _fields_ += [(n, f32) for n in ("alpha", "inv_scale", "dropout_scale")]
-        _fields_ += [(n, u32) for n in ("seed_lo", "seed_hi", "threshold")]  # fmt: skip
 
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _args_for(q, k, v, offsets, n, alpha, scaling, causal, window, nc, nt, group, rab, p, seed, variant):
     from hstu.ops.hstu_attention import cuda
 
-    def ptr(t):
-        return None if t is None else vp(t.data_ptr())
+    a = _EmuArgs()
+    a.q, a.k, a.v, a.offsets, a.ctx, a.tgt, a.rab = map(_ptr, (q, k, v, offsets, nc, nt, rab))
+    if rab is not None:
+        a.rab_bs, a.rab_hs, a.rab_rs, _ = rab.stride()
+        a.rab_heads = rab.shape[1]
+    a.row_stride, a.total_rows = q.stride(0), q.shape[0]
+    a.batch, a.heads, a.max_seqlen, a.D = offsets.numel() - 1, q.shape[1], n, q.shape[2]
+    a.causal, a.window, a.group, a.variant = int(causal), max(window, -1), group, variant
+    a.dtype = 0 if q.dtype == torch.bfloat16 else 1
+    a.alpha, a.inv_scale = alpha, 1.0 / scaling
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    a.dropout, a.seed_lo, a.seed_hi = int(p > 0), s & 0xFFFFFFFF, s >> 32
+    a.threshold, a.dropout_scale = cuda.dropout_threshold(p), 1.0 / (1.0 - p)
+    return a
 
-    def args_for(q, k, v, offsets, n, alpha, scaling, causal, window, nc, nt, group, rab, p, seed):
-        a = Args()
-        a.q, a.k, a.v, a.offsets, a.ctx, a.tgt, a.rab = map(ptr, (q, k, v, offsets, nc, nt, rab))
-        if rab is not None:
-            a.rab_bs, a.rab_hs, a.rab_rs, _ = rab.stride()
-            a.rab_heads = rab.shape[1]
-        a.row_stride, a.total_rows = q.stride(0), q.shape[0]
-        a.batch, a.heads, a.max_seqlen, a.D = offsets.numel() - 1, q.shape[1], n, q.shape[2]
-        a.causal, a.window, a.group, a.variant = int(causal), max(window, -1), group, variant
-        a.dtype = 0 if q.dtype == torch.bfloat16 else 1
-        a.alpha, a.inv_scale = alpha, 1.0 / scaling
-        s = seed & 0xFFFFFFFFFFFFFFFF
-        a.dropout, a.seed_lo, a.seed_hi = int(p > 0), s & 0xFFFFFFFF, s >> 32
-        a.threshold, a.dropout_scale = cuda.dropout_threshold(p), 1.0 / (1.0 - p)
-        return a
+
+def _emu_impl(emu, deterministic, variant=0):
+    """hstu_attention-like callable (CPU tensors) running the emulated kernels; dropout uses the kernels' Philox."""
+    ptr = _ptr
+
+    def args_for(*args):
+        return _args_for(*args, variant)
 
     class Fn(torch.autograd.Function):
         @staticmethod
@@ -181,7 +196,7 @@ def test_cpu_emulated_kernels_parity(emulator, case):
 
 
 def _emu_plan(emu, direction, head_dim, batch, heads, max_seqlen, *, bf16=True, rab=False, drab=False, dropout=False,
-              deterministic=False, sm90_device=True, variant=None):  # fmt: skip
+              deterministic=False, sm90_device=True, variant=None, rab_tables=False):  # fmt: skip
     """heuristics.h's plan (through the emulation library) as (sm90, kernel, persistent / atomic dq, sched_group)."""
     import ctypes
 
@@ -189,7 +204,8 @@ def _emu_plan(emu, direction, head_dim, batch, heads, max_seqlen, *, bf16=True, 
 
     v = variant or cuda.KernelVariant()
     choice = {None: -1, False: 0, True: 1}
-    problem = (ctypes.c_int * 8)(head_dim, batch, heads, max_seqlen, bf16, rab, drab, dropout)
+    problem = (ctypes.c_int * 9)(head_dim, batch, heads, max_seqlen, bf16, rab or rab_tables, drab, dropout,
+                                 rab_tables)  # fmt: skip
     options = (ctypes.c_int * 9)(deterministic, v.sm90_forward, v.sm90_backward, v.forward_warp_specialized,
                                  choice[v.forward_two_per_sm], v.forward_persistent, choice[v.grouped_schedule],
                                  v.bench_bwd_warps, v.bench_d256_two_pass)  # fmt: skip
@@ -220,6 +236,10 @@ def test_cpu_heuristics_pick_the_measured_kernels(emulator):
     assert plan("forward", 128, 8, 4, 100, dropout=True)[0] == 0
     assert plan("forward", 128, 8, 4, 100, sm90_device=False)[0] == 0
     assert plan("forward", 128, 8, 4, 100, variant=V(sm90_forward=False))[0] == 0
+    # bias tables: only the sm80-style kernels read them, in both directions
+    assert plan("forward", 128, 8, 4, 100, rab_tables=True)[0] == 0
+    assert plan("backward", 128, 8, 4, 100, rab_tables=True)[:3] == (0, _ONE_PASS, 1)
+    assert plan("backward", 256, 8, 4, 100, rab_tables=True, sm90_device=True)[:3] == (0, _SPLIT_HEAD_DIM, 1)
     assert plan("forward", 128, 8, 4, 100, variant=V(forward_warp_specialized=False))[:3] == (1, _SINGLE_ROLE, 0)
     assert plan("forward", 64, 8, 4, 4096, variant=V(forward_two_per_sm=True))[:3] == (1, _TWO_PER_SM, 1)
     assert plan("forward", 256, 8, 4, 100, variant=V(forward_two_per_sm=True))[:3] == (1, _PING_PONG, 0)
@@ -351,3 +371,151 @@ def test_cpu_emulated_kernels_select_nonfinite_entries(emulator, case):
             ", ".join(f"{tuple(e)}: {int(pattern[tuple(e)])} (want {int(expected[tuple(e)])})" for e in wrong[:6])
         finite = pattern == 0
         assert torch.equal(x[finite], c[finite]), f"{what}: finite entries differ from the clean run"
+
+
+# Relative bias tables (issue 25) on the emulated kernels: the table kernels of the rab units against the fp32
+# reference (outputs and table gradients) under the parity rule.
+_TABLE_DIVISOR = 0.301
+
+
+def _off_bucket_edges(times: list[int], extra: int | None = None) -> tuple[list[int], int | None]:
+    """Times (one sequence) nudged so that no gap |t_a - t_b| lies within 1e-4 of a bucket edge of ln|dt| / divisor:
+    float32 logf here and torch's log there may round an exact edge to different sides."""
+
+    def near_edge(dt):
+        if abs(dt) <= 1:
+            return False
+        f = math.log(abs(dt)) / _TABLE_DIVISOR
+        return abs(f - round(f)) < 1e-4 * max(1.0, f)
+
+    fixed: list[int] = []
+    for t in [*times, *([] if extra is None else [extra])]:
+        while any(near_edge(t - u) for u in fixed):
+            t += 1
+        fixed.append(t)
+    return (fixed[: len(times)], None if extra is None else fixed[-1])
+
+
+_TABLE_CASES = {
+    # name: (dim, dtype, deterministic, variant, dropout p, table_hist, table options)
+    "atomic_d64_bf16_query_shared_positions": (64, torch.bfloat16, False, 0, 0.0, 1, dict(
+        reference="query", per_head_time=True, per_head_pos=False, shared=[0, 1, 20, 9],
+        num_targets=[0, 1, 20, 9], num_contexts=[0, 0, 5, 3])),
+    "split_d32_fp16_next_dropout": (32, torch.float16, True, 0, 0.3, 1, dict(
+        reference="next", next_timestamps=True, per_head_time=False, per_head_pos=True)),
+    "atomic_d256_onepass_next_global_atomics": (256, torch.bfloat16, False, 0, 0.0, 0, dict(
+        reference="next", next_timestamps=False, per_head_time=True, per_head_pos=True, position=False,
+        window=40)),
+    "atomic_d128_fp16_position_only": (128, torch.float16, False, 0, 0.0, 1, dict(
+        time=False, per_head_pos=False, shared=[0, 0, 3, 70], causal=False)),
+}
+
+
+def _table_inputs(dim, dtype, opts, seed):
+    """q, k, v, dout, int32 offsets, n, tables (fp32, CPU), mask keywords."""
+    from hstu.ops.hstu_attention import RelativeBiasTables
+
+    lengths = [0, 1, 45, 70]
+    heads, n = 2, max(lengths)
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = int(offsets[-1])
+    q, k, v, dout = (torch.randn(total, heads, dim, generator=g).to(dtype) for _ in range(4))
+    times, next_times = [], []
+    for b, length in enumerate(lengths):
+        # gaps from 0 (equal times) to huge (clamped to the last bucket), and decreasing stretches
+        gaps = (torch.rand(length, generator=g) * 16).exp().long() * torch.randint(-1, 3, (length,), generator=g)
+        seq = (10**9 + gaps.cumsum(0)).tolist()
+        seq, nxt = _off_bucket_edges(seq, (seq[-1] if seq else 10**9) + 7919 * (b + 1))
+        times += seq
+        next_times.append(nxt)
+    time_w = pos_w = timestamps = next_ts = shared = None
+    if opts.get("time", True):
+        time_w = torch.randn((heads, 21) if opts["per_head_time"] else (21,), generator=g)
+        timestamps = torch.tensor(times, dtype=torch.int64)
+        if opts["reference"] == "next" and opts.get("next_timestamps"):
+            next_ts = torch.tensor(next_times, dtype=torch.int64)
+    if opts.get("position", True):
+        pos_w = torch.randn((heads, 2 * 50 - 1) if opts["per_head_pos"] else (2 * 50 - 1,), generator=g)
+        if opts.get("shared") is not None:
+            shared = torch.tensor(opts["shared"], dtype=torch.int32)
+    tables = RelativeBiasTables(pos_w, time_w, timestamps, opts.get("reference", "query"), next_ts, shared,
+                                _TABLE_DIVISOR)  # fmt: skip
+    i32 = lambda x: None if x is None else torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    masks = dict(causal=opts.get("causal", True), window_size=opts.get("window", -1),
+                 num_targets=i32(opts.get("num_targets")), num_contexts=i32(opts.get("num_contexts")))  # fmt: skip
+    return q, k, v, dout, offsets, n, tables, masks
+
+
+def _emu_table_run(emu, q, k, v, dout, offsets, n, tables, masks, *, alpha, deterministic, variant, table_hist, p,
+                   seed=77):  # fmt: skip
+    """out, dq, dk, dv, d position_weights, d time_weights (fp32) of the emulated table kernels, the tables packed
+    as the binding packs them."""
+
+    def args():
+        a = _args_for(q, k, v, offsets, n, alpha, n, masks["causal"], masks["window_size"], masks["num_contexts"],
+                      masks["num_targets"], 1, None, p, seed, variant)  # fmt: skip
+        t = tables
+        a.pos_w, a.time_w, a.timestamps = map(_ptr, (t.position_weights, t.time_weights, t.timestamps))
+        a.next_timestamps, a.shared_positions = _ptr(t.next_timestamps), _ptr(t.shared_positions)
+        if t.position_weights is not None:
+            a.pos_heads = 1 if t.position_weights.dim() == 1 else t.position_weights.shape[0]
+            a.pos_size = t.position_weights.shape[-1]
+        if t.time_weights is not None:
+            a.time_heads = 1 if t.time_weights.dim() == 1 else t.time_weights.shape[0]
+            a.time_buckets = t.time_weights.shape[-1] - 1
+        a.time_next, a.time_divisor, a.table_hist = int(t.time_reference == "next"), t.time_divisor, table_hist
+        return a
+
+    out = torch.full_like(q, float("nan"))
+    a = args()
+    a.out = _ptr(out)
+    emu.emu_fwd(ctypes.byref(a))
+    dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
+    grads = [None if w is None else torch.zeros(w.shape) for w in (tables.position_weights, tables.time_weights)]
+    acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32)
+    a = args()
+    a.dout, a.dq, a.dk, a.dv, a.dq_accum = map(_ptr, (dout, dq, dk, dv, acc))
+    a.dpos, a.dtime = map(_ptr, grads)
+    emu.emu_bwd(ctypes.byref(a))
+    return [out, dq, dk, dv, *grads]
+
+
+@pytest.mark.parametrize("case", list(_TABLE_CASES))
+def test_cpu_emulated_table_kernels_parity(emulator, case):
+    """The table kernels (bias from the position / time-bucket tables and per-token timestamps, table gradients by
+    shared-memory histogram or global atomics) against the fp32 reference with the same tables, parity rule for the
+    output, dq, dk, dv and both table gradients: both time references (with and without next_timestamps), shared
+    positions, per-head and shared tables, contexts / targets / window, empty and length-1 sequences, both backward
+    paths and dropout."""
+    from hstu.ops.hstu_attention import cuda, hstu_attention_reference
+    from hstu.testing.parity import BACKWARD_FACTOR, FORWARD_FACTOR, assert_parity
+
+    dim, dtype, det, variant, p, table_hist, opts = _TABLE_CASES[case]
+    q, k, v, dout, offsets, n, tables, masks = _table_inputs(dim, dtype, opts, seed=sum(map(ord, case)))
+    alpha = 1.0 / math.sqrt(dim)
+    got = _emu_table_run(emulator, q, k, v, dout, offsets, n, tables, masks, alpha=alpha, deterministic=det,
+                         variant=variant, table_hist=table_hist, p=p)  # fmt: skip
+    drop = {}
+    if p > 0:
+        drop = dict(dropout_p=p, dropout_mask=cuda.dropout_keep_mask_reference(77, 4, q.shape[1], n, p))
+
+    def reference(dt, table_dt, **kw):
+        leaves = [t.float().to(dt).requires_grad_() for t in (q, k, v)]
+        weights = {name: getattr(tables, name).to(table_dt).requires_grad_() for name in ("position_weights",
+                   "time_weights") if getattr(tables, name) is not None}  # fmt: skip
+        out = hstu_attention_reference(*leaves, offsets.long(), n, alpha=alpha, rab_tables=tables._replace(**weights),
+                                       **masks, **drop, **kw)  # fmt: skip
+        named = [weights.get("position_weights"), weights.get("time_weights")]
+        grads = torch.autograd.grad(out, leaves + [w for w in named if w is not None], dout.to(dt))
+        table_grads = iter(grads[3:])
+        return [out.detach(), *grads[:3], *(None if w is None else next(table_grads) for w in named)]
+
+    want = reference(torch.float32, torch.float32)
+    low = reference(dtype, dtype, upcast=False)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv", "d position_weights", "d time_weights"), got, want, low):
+        if b is None:
+            assert a is None
+            continue
+        assert torch.isfinite(a).all(), f"{name}: non-finite entries (unwritten?)"
+        assert_parity(name, a, b, c.to(a.dtype), factor=FORWARD_FACTOR if name == "out" else BACKWARD_FACTOR)

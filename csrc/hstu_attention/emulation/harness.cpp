@@ -82,39 +82,54 @@ dim3 grid_for(const AttnParams& p, int tile, int heads) {
   return dim3((p.max_seqlen + tile - 1) / tile, p.batch, heads);
 }
 
-template <typename Element, int D, bool kRab, bool kDrop>
+// Whether the call's bias comes from the weight tables (launch.h's with_bias_source).
+bool table_call(const AttnParams& p) { return p.rab == nullptr && has_rab_tables(p); }
+
+template <typename Element, int D, bool kRab, bool kDrop, bool kTables>
 void fwd_impl(const AttnParams& p) {
   using Cfg = TileConfig<D>;
   using Traits = FwdTraits<Element, D, kRab, Cfg::kFwdWarps, Cfg::kFwdBlockN, Cfg::kFwdMI, Cfg::kFwdStages>;
-  launch([&] { hstu_fwd_kernel<Traits, kDrop>(p); }, grid_for(p, Traits::kBlockM, p.heads), Traits::kThreads,
+  launch([&] { hstu_fwd_kernel<Traits, kDrop, kTables>(p); }, grid_for(p, Traits::kBlockM, p.heads), Traits::kThreads,
          Traits::kSmemBytes);
 }
 
+// 0: the table gradients go to global atomics; else launch.h's shared-memory histogram where it fits (227 KB)
+int g_table_hist = 1;
+
 // launch.h's launch_dkdv, on the emulator.
-template <typename DkDv, bool kTwoPass, bool kDrop>
+template <typename DkDv, bool kTwoPass, bool kDrop, bool kTables>
 void dkdv(const AttnParams& p) {
   const bool head_loop = p.drab != nullptr && p.rab_heads == 1 && p.heads > 1;
   const bool atomic = p.dq_accum != nullptr;
   const dim3 g = grid_for(p, DkDv::kBlockN, head_loop ? 1 : p.heads);
-  const int nt = DkDv::kThreads, sm = DkDv::kSmemBytes, sma = DkDv::kSmemBytesAtomic;
+  const int nt = DkDv::kThreads;
+  // the dS passes' parameters and shared memory (with the table histogram)
+  auto ds_pass = [&](int smem) {
+    AttnParams ps = p;
+    const int floats = rab_table_hist_floats(p);
+    if (kTables && g_table_hist && smem + 4 * floats <= 227 * 1024) ps.rab_hist_floats = floats;
+    return std::make_pair(ps, smem + 4 * ps.rab_hist_floats);
+  };
+  const auto [pd, sm] = ds_pass(DkDv::kSmemBytes);
+  const auto [pa, sma] = ds_pass(DkDv::kSmemBytesAtomic);
   if constexpr (DkDv::kDSplit > 1) {
-    launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, true>(p); }, g, nt, sma);
+    launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, true, kTables>(pa); }, g, nt, sma);
   } else if constexpr (kTwoPass) {
-    launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDV, kDrop, false>(p); }, grid_for(p, DkDv::kBlockN, p.heads), nt,
-           sm);
+    launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDV, kDrop, false, kTables>(p); },
+           grid_for(p, DkDv::kBlockN, p.heads), nt, DkDv::kSmemBytes);
     if (atomic)
-      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDrop, true>(p); }, g, nt, sma);
+      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDrop, true, kTables>(pa); }, g, nt, sma);
     else
-      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDrop, false>(p); }, g, nt, sm);
+      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassDK, kDrop, false, kTables>(pd); }, g, nt, sm);
   } else {
     if (atomic)
-      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, true>(p); }, g, nt, sma);
+      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, true, kTables>(pa); }, g, nt, sma);
     else
-      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, false>(p); }, g, nt, sm);
+      launch([&] { hstu_bwd_dkdv_kernel<DkDv, kPassBoth, kDrop, false, kTables>(pd); }, g, nt, sm);
   }
 }
 
-template <typename Element, int D, bool kRab, bool kDrop>
+template <typename Element, int D, bool kRab, bool kDrop, bool kTables>
 void bwd_impl(const AttnParams& p, int variant) {
   using Cfg = TileConfig<D>;
   const bool atomic = p.dq_accum != nullptr;
@@ -129,7 +144,7 @@ void bwd_impl(const AttnParams& p, int variant) {
         plan.dkdv, [&](auto warps, auto dsplit, auto two_pass) {
           using DkDv = BwdDkDvTraits<Element, D, kRab, decltype(warps)::value, Cfg::kDkDvBlockM, Cfg::kDkDvStages,
                                      decltype(dsplit)::value>;
-          dkdv<DkDv, decltype(two_pass)::value, kDrop>(p);
+          dkdv<DkDv, decltype(two_pass)::value, kDrop, kTables>(p);
         });
     if (!launched) {
       std::fprintf(stderr, "emulation: no dk/dv kernel for plan %d\n", static_cast<int>(plan.dkdv));
@@ -137,7 +152,7 @@ void bwd_impl(const AttnParams& p, int variant) {
     }
     if (!plan.atomic_dq) {
       using Dq = BwdDqTraits<Element, D, kRab, Cfg::kDqWarps, Cfg::kDqBlockN, Cfg::kDqMI, Cfg::kDqStages>;
-      launch([&] { hstu_bwd_dq_kernel<Dq, kDrop>(p); }, grid_for(p, Dq::kBlockM, p.heads), Dq::kThreads,
+      launch([&] { hstu_bwd_dq_kernel<Dq, kDrop, kTables>(p); }, grid_for(p, Dq::kBlockM, p.heads), Dq::kThreads,
              Dq::kSmemBytes);
     }
   }
@@ -154,10 +169,17 @@ void bwd_impl(const AttnParams& p, int variant) {
 template <bool kBwd, typename T, int D>
 void dispatch3(const AttnParams& p, int variant) {
   auto go = [&](auto rab, auto drop) {
-    if constexpr (kBwd) bwd_impl<T, D, decltype(rab)::value, decltype(drop)::value>(p, variant);
-    else fwd_impl<T, D, decltype(rab)::value, decltype(drop)::value>(p);
+    constexpr bool kRab = decltype(rab)::value, kDrop = decltype(drop)::value;
+    auto run = [&](auto tables) {
+      if constexpr (kBwd) bwd_impl<T, D, kRab, kDrop, decltype(tables)::value>(p, variant);
+      else fwd_impl<T, D, kRab, kDrop, decltype(tables)::value>(p);
+    };
+    if constexpr (kRab) {
+      if (table_call(p)) return run(std::true_type{});
+    }
+    run(std::false_type{});
   };
-  const bool rab = p.rab != nullptr;
+  const bool rab = p.rab != nullptr || has_rab_tables(p);
   if (rab && p.dropout) go(std::true_type{}, std::true_type{});
   else if (rab) go(std::true_type{}, std::false_type{});
   else if (p.dropout) go(std::false_type{}, std::true_type{});
@@ -188,7 +210,8 @@ void dispatch(const AttnParams& p, int dtype, int D, int variant) {
 extern "C" {
 // ints: batch, heads, max_seqlen, causal, window, group, rab_heads, dtype(0 bf16, 1 fp16), D, dropout(0/1), variant,
 // total_rows. int64s: rab strides (batch, head, row), drab strides, row_stride. floats: alpha, inv_scale,
-// dropout_scale. uint32s: seed lo, seed hi, threshold.
+// dropout_scale. uint32s: seed lo, seed hi, threshold. Then the bias tables (AttnParams' rab_* fields; table_hist 0:
+// the table gradients by global atomics instead of the shared-memory histogram).
 struct EmuArgs {
   const void *q, *k, *v, *dout;
   void *out, *dq, *dk, *dv;
@@ -199,6 +222,12 @@ struct EmuArgs {
   int batch, heads, max_seqlen, causal, window, group, rab_heads, dtype, D, dropout, variant;
   float alpha, inv_scale, dropout_scale;
   uint32_t seed_lo, seed_hi, threshold;
+  const float *pos_w, *time_w;
+  const int64_t *timestamps, *next_timestamps;
+  const int* shared_positions;
+  float *dpos, *dtime;
+  int pos_heads, pos_size, time_heads, time_buckets, time_next, table_hist;
+  float time_divisor;
 };
 
 static AttnParams to_params(const EmuArgs& a) {
@@ -212,6 +241,12 @@ static AttnParams to_params(const EmuArgs& a) {
   p.alpha = a.alpha; p.inv_scale = a.inv_scale; p.causal = a.causal != 0; p.window = a.window; p.group = a.group;
   p.dropout = a.dropout != 0; p.dropout_seed_lo = a.seed_lo; p.dropout_seed_hi = a.seed_hi;
   p.dropout_threshold = a.threshold; p.dropout_scale = a.dropout_scale;
+  p.rab_pos_weights = a.pos_w; p.rab_time_weights = a.time_w; p.rab_timestamps = a.timestamps;
+  p.rab_next_timestamps = a.next_timestamps; p.rab_shared_positions = a.shared_positions;
+  p.drab_pos_weights = a.dpos; p.drab_time_weights = a.dtime; p.rab_pos_heads = a.pos_heads;
+  p.rab_pos_size = a.pos_size; p.rab_time_heads = a.time_heads; p.rab_time_buckets = a.time_buckets;
+  p.rab_time_next = a.time_next != 0; p.rab_time_divisor = a.time_divisor;
+  g_table_hist = a.table_hist;
   return p;
 }
 
@@ -228,7 +263,8 @@ int emu_bwd(const EmuArgs* a) {
 }
 long emu_switches() { return emu::g_switches; }
 
-// heuristics.h's plans, for the tests (no device: sm90_device says what the device would be). out[0]: an sm90 kernel;
+// heuristics.h's plans, for the tests (no device: sm90_device says what the device would be). problem[]: head_dim,
+// batch, heads, max_seqlen, bf16, rab, drab, dropout, rab_tables. out[0]: an sm90 kernel;
 // out[1]: Sm90FwdKernel (forward) or Sm80DkDv (backward); out[2]: persistent (forward) or atomic dq (backward);
 // out[3]: sched_group. options[]: deterministic, sm90_forward, sm90_backward, fwd_warp_specialized, fwd_two_per_sm,
 // fwd_persistent, grouped_schedule (Choice values: -1 auto, 0 off, 1 on), bench_bwd_warps, bench_d256_two_pass.
@@ -242,6 +278,7 @@ void emu_plan(int backward, const int* problem, const int* options, int sm90_dev
   pr.rab = problem[5] != 0;
   pr.drab = problem[6] != 0;
   pr.dropout = problem[7] != 0;
+  pr.rab_tables = problem[8] != 0;
   KernelOptions o;
   o.deterministic = options[0] != 0;
   o.sm90_forward = options[1] != 0;

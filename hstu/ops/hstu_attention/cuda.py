@@ -7,8 +7,12 @@ int32 (B,); rab None or (B, H or 1, >=max_seqlen, >=max_seqlen) with unit stride
 ``scaling_seqlen`` is already resolved (never None).
 
 Relative bias tables (``AttentionArgs.rab_*``, ``rab_tables.py``): ``forward`` / ``backward`` hand them to the binding
-(hstu_api.cpp checks them and fills AttnParams' table fields), which refuses them with a ValueError before any
-launch until the kernels read them; the dispatcher sends table calls to the PyTorch reference.
+(hstu_api.cpp checks them and fills AttnParams' table fields) and the sm80-style kernels compute the bias of every
+entry from the tables and the tokens' timestamps / positions (csrc/hstu_attention/rab_tables.h; table calls run
+those kernels on Hopper too): nothing of size L x L is stored. The backward adds the tables' gradients into float32
+workspaces (a shared-memory histogram per block, then float32 atomics: their summation order varies), so the binding
+refuses table gradients with ``deterministic=True`` (ValueError naming drab_position / drab_time); such calls need
+the dense rab. ``reads_rab_tables()`` says whether the build's kernels read the tables.
 
 Kernels: which ones a call runs is decided in C++ (csrc/hstu_attention/heuristics.h) from the problem and a
 ``KernelVariant`` (its defaults are what the op runs; tests and benchmarks name others, and ``kernel_plan`` tells
@@ -72,8 +76,9 @@ def build_info() -> dict:
 
 
 def reads_rab_tables() -> bool:
-    """Whether the compiled kernels compute the relative bias from weight tables (``build_info()['rab_tables']``);
-    until they do, the binding refuses table calls and the dispatcher must not send them."""
+    """Whether the compiled kernels compute the relative bias from weight tables (``build_info()['rab_tables']``:
+    True in builds with the rab units); when False the binding refuses table calls and the dispatcher must not send
+    them. Table gradients on the deterministic backward are refused either way (see the module docstring)."""
     return bool(build_info().get("rab_tables", False))
 
 
@@ -168,7 +173,8 @@ def _ext_options(variant: KernelVariant, deterministic: bool):
 
 def kernel_plan(direction: str, *, head_dim: int, batch: int, heads: int, max_seqlen: int,
                 dtype: torch.dtype = torch.bfloat16, rab: bool = False, rab_grad: bool = False, dropout: bool = False,
-                deterministic: bool = False, variant: Optional[KernelVariant] = None) -> dict:  # fmt: skip
+                deterministic: bool = False, variant: Optional[KernelVariant] = None,
+                rab_tables: bool = False) -> dict:  # fmt: skip
     """Which kernels ``forward`` (direction "forward") or ``backward`` ("backward") would launch on the current CUDA
     device for a call with these properties and ``variant`` (default: as ``forward`` / ``backward`` resolve it).
 
@@ -176,7 +182,8 @@ def kernel_plan(direction: str, *, head_dim: int, batch: int, heads: int, max_se
     "sm80", "sm90_single_role", "sm90_ping_pong" or "sm90_two_per_sm"; backward: "sm80" or "sm90"), "kernels" (the
     names of the __global__ functions launched), "sched_group" (the Hopper launch order's pairs per group, 1: pair
     after pair); forward: "persistent", "consumer_warpgroups"; backward: "atomic_dq", "dkdv" (the sm80-style dk/dv
-    launch: "one_pass", "split_head_dim", "two_pass", "eight_warps"; None on the Hopper kernel).
+    launch: "one_pass", "split_head_dim", "two_pass", "eight_warps"; None on the Hopper kernel). ``rab_tables``: the
+    bias comes from weight tables (a relative bias: implies ``rab``; ``rab_grad`` concerns a dense rab only).
     """
     ext = load_extension()
     if ext is None or not hasattr(ext, "kernel_plan"):
@@ -185,8 +192,9 @@ def kernel_plan(direction: str, *, head_dim: int, batch: int, heads: int, max_se
     if name is None:
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
     options = _ext_options(_resolve(variant), bool(deterministic))
-    return dict(ext.kernel_plan(direction, name, int(head_dim), int(batch), int(heads), int(max_seqlen), bool(rab),
-                                bool(rab_grad), bool(dropout), options))  # fmt: skip
+    return dict(ext.kernel_plan(direction, name, int(head_dim), int(batch), int(heads), int(max_seqlen),
+                                bool(rab) or bool(rab_tables), bool(rab_grad), bool(dropout), options,
+                                rab_tables=bool(rab_tables)))  # fmt: skip
 
 
 def _poison() -> bool:
