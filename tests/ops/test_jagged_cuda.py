@@ -69,10 +69,10 @@ def test_concat_and_split_match_reference(row_shape, dtype, index_dtype):
 
 
 def test_all_empty_and_unaligned_views():
-    offsets = _offsets([0, 0, 0], torch.int64)
+    offsets = _offsets([0, 0, 0], torch.int64)  # three empty sequences
     values = torch.randn(0, 4, device="cuda")
-    assert jagged_cuda.jagged_to_padded_dense(values, offsets, 3, 0.0).shape == (2, 3, 4)
-    assert torch.equal(jagged_cuda.jagged_to_padded_dense(values, offsets, 3, 2.5), torch.full((2, 3, 4), 2.5,
+    assert jagged_cuda.jagged_to_padded_dense(values, offsets, 3, 0.0).shape == (3, 3, 4)
+    assert torch.equal(jagged_cuda.jagged_to_padded_dense(values, offsets, 3, 2.5), torch.full((3, 3, 4), 2.5,
                                                                                             device="cuda"))
     # a non-contiguous row slice (the op copies it to rows of its own)
     base = _values(sum(LENGTHS), (9,), torch.bfloat16, seed=5)
@@ -92,7 +92,10 @@ def test_gradients_match_reference_autograd(dtype):
         torch.manual_seed(0)
         values = _values(sum(LENGTHS), (2, 8), dtype, seed=6).requires_grad_(True)
         extra = _values(sum(lengths_b), (2, 8), dtype, seed=7).requires_grad_(True)
-        dense = _values(len(LENGTHS) * 50, (2, 8), dtype, seed=8).view(len(LENGTHS), 50, 2, 8).requires_grad_(True)
+        # dense_to_jagged needs every sequence to fit the dense width (the public op checks it)
+        width = max(LENGTHS) + 3
+        dense = _values(len(LENGTHS) * width, (2, 8), dtype, seed=8).view(len(LENGTHS), width, 2, 8)
+        dense.requires_grad_(True)
         if impl_cuda:
             padded = jagged_cuda.jagged_to_padded_dense(values, offsets, 40, 0.0)  # truncates the 130-long one
             back = jagged_cuda.dense_to_jagged(dense, offsets, sum(LENGTHS))
