@@ -162,8 +162,9 @@ __global__ void __launch_bounds__(kMaxThreads) bwd_kernel(const T* __restrict__ 
       const float n = (static_cast<float>(x[base + c]) - mean) * rstd;
       const float w = static_cast<float>(weight[c]);
       const float gu = g * static_cast<float>(u[base + c]);
-      sum_dn += gu * w;
-      sum_dn_n += gu * w * n;
+      const float dn = __fmul_rn(gu, w);  // rounded as the second pass rounds it (no fma contraction)
+      sum_dn += dn;
+      sum_dn_n += dn * n;
       du[base + c] = static_cast<T>(g * (n * w + static_cast<float>(bias[c])));
       dw[c] += gu * n;  // column c of this block's partial row belongs to this thread alone
       db[c] += gu;
@@ -173,7 +174,9 @@ __global__ void __launch_bounds__(kMaxThreads) bwd_kernel(const T* __restrict__ 
     for_each_column(row, d, drop, [&](int64_t c, bool keep) {
       const float g = dropped(static_cast<float>(dy[base + c]), keep, drop);
       const float n = (static_cast<float>(x[base + c]) - mean) * rstd;
-      const float dn = g * static_cast<float>(u[base + c]) * static_cast<float>(weight[c]);
+      // __fmul_rn: dn - mean_dn must not become fma(g * u, w, -mean_dn), whose unrounded product differs from the
+      // first pass's dn (at d = 1, n = 0 and dx must be exactly 0)
+      const float dn = __fmul_rn(g * static_cast<float>(u[base + c]), static_cast<float>(weight[c]));
       dx[base + c] = static_cast<T>(rstd * (dn - mean_dn - n * mean_dn_n));
     });
   }
