@@ -6,7 +6,13 @@ sizes (``host_lengths=`` ...), and ``hstu.ops.norm_mul_dropout`` fuses the layer
 """
 
 from hstu.ops._extension import extension_available
-from hstu.ops.hstu_attention import attention_mask, hstu_attention, hstu_attention_reference
+from hstu.ops.hstu_attention import (
+    RelativeBiasTables,
+    attention_mask,
+    check_attention_indices,
+    hstu_attention,
+    hstu_attention_reference,
+)
 from hstu.ops.jagged import (
     candidate_indices,
     candidate_mask,
@@ -21,9 +27,11 @@ from hstu.ops.jagged import (
 )
 
 __all__ = [
+    "RelativeBiasTables",
     "attention_mask",
     "candidate_indices",
     "candidate_mask",
+    "check_attention_indices",
     "concat_2d_jagged",
     "dense_to_jagged",
     "extension_available",
