@@ -28,6 +28,12 @@ __host__ __device__ __forceinline__ int rab_table_hist_floats(const AttnParams& 
   return n;
 }
 
+// Row `head` of a (heads, size) table (row 0 of a one-row table shared by every head), or nullptr.
+template <typename T>
+__host__ __device__ __forceinline__ T* table_row(T* table, int heads, int head, int size) {
+  return table == nullptr ? nullptr : table + static_cast<int64_t>(heads == 1 ? 0 : head) * size;
+}
+
 // Table ids of one (query, key) entry.
 struct TableIndex {
   int time;  // bucket, or -1 without a time table
@@ -46,16 +52,13 @@ struct TableBias {
   int half;         // M
   int buckets;      // K
   float divisor;
+  float inv_divisor;
   bool next;
 
   __device__ __forceinline__ TableBias(const AttnParams& p, int batch, int head, int seq_start, int L_) {
     L = L_;
-    time_w = p.rab_time_weights == nullptr
-                 ? nullptr
-                 : p.rab_time_weights + static_cast<int64_t>(p.rab_time_heads == 1 ? 0 : head) * (p.rab_time_buckets + 1);
-    pos_w = p.rab_pos_weights == nullptr
-                ? nullptr
-                : p.rab_pos_weights + static_cast<int64_t>(p.rab_pos_heads == 1 ? 0 : head) * p.rab_pos_size;
+    time_w = table_row(p.rab_time_weights, p.rab_time_heads, head, p.rab_time_buckets + 1);
+    pos_w = table_row(p.rab_pos_weights, p.rab_pos_heads, head, p.rab_pos_size);
     ts = p.rab_timestamps == nullptr ? nullptr : p.rab_timestamps + seq_start;
     next = p.rab_time_next;
     tail = 0;
@@ -65,6 +68,7 @@ struct TableBias {
     half = (p.rab_pos_size + 1) / 2;
     buckets = p.rab_time_buckets;
     divisor = p.rab_time_divisor;
+    inv_divisor = 1.f / divisor;
   }
 
   __device__ __forceinline__ static int64_t ldg_i64(const int64_t* ptr) {
@@ -85,11 +89,22 @@ struct TableBias {
   __device__ __forceinline__ int64_t key_time(int j) const { return time_w == nullptr ? 0 : ldg_i64(ts + j); }
   __device__ __forceinline__ int position(int i) const { return i < history_end ? i : history_end; }
 
+  // The reference's float32 bucket, int(logf(m) / divisor) clamped to K. The fast estimate (approximate log, times
+  // 1 / divisor: at most ~1e-4 from logf(m) / divisor for any int64 gap) truncates to the same integer unless it lies
+  // within 1e-3 of one; only those entries pay for the correctly rounded logf and division.
   __device__ __forceinline__ int bucket(int64_t t_ref, int64_t t_key) const {
     const int64_t dt = t_ref - t_key;
     uint64_t mag = dt < 0 ? uint64_t{0} - static_cast<uint64_t>(dt) : static_cast<uint64_t>(dt);
     if (mag < 1) mag = 1;
-    const float b = logf(static_cast<float>(mag)) / divisor;  // >= 0: truncation is the reference's floor
+    const float m = static_cast<float>(mag);
+#if defined(__CUDA_ARCH__)
+    const float fast = __logf(m) * inv_divisor;
+#else  // host emulation of the kernels (tests only)
+    const float fast = logf(m) * inv_divisor;
+#endif
+    if (fast >= static_cast<float>(buckets) + 1.f) return buckets;
+    float b = fast;
+    if (fabsf(fast - rintf(fast)) < 1e-3f) b = logf(m) / divisor;  // >= 0: truncation is the reference's floor
     const int id = static_cast<int>(b);
     return id < buckets ? id : buckets;
   }
@@ -129,12 +144,8 @@ struct TableGrads {
   int total;          // floats of the histogram
 
   __device__ __forceinline__ TableGrads(const AttnParams& p, int head, float* smem_hist) {
-    g_time = p.drab_time_weights == nullptr
-                 ? nullptr
-                 : p.drab_time_weights + static_cast<int64_t>(p.rab_time_heads == 1 ? 0 : head) * (p.rab_time_buckets + 1);
-    g_pos = p.drab_pos_weights == nullptr
-                ? nullptr
-                : p.drab_pos_weights + static_cast<int64_t>(p.rab_pos_heads == 1 ? 0 : head) * p.rab_pos_size;
+    g_time = table_row(p.drab_time_weights, p.rab_time_heads, head, p.rab_time_buckets + 1);
+    g_pos = table_row(p.drab_pos_weights, p.rab_pos_heads, head, p.rab_pos_size);
     time_size = g_time == nullptr ? 0 : p.rab_time_buckets + 1;
     total = rab_table_hist_floats(p);
     hist = p.rab_hist_floats > 0 ? smem_hist : nullptr;
