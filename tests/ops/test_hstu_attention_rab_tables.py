@@ -412,6 +412,11 @@ def _reference_table_call(q, k, v, dout, offsets, n, tables, masks, *, alpha, dt
 def test_cuda_table_kernels_match_the_reference(dim, dtype):
     # the kernels' table path (bias per entry from the tables, table gradients by histogram + atomics) against the
     # fp32 reference: 2x / 5x the error of the same-dtype PyTorch reference
+    from hstu.ops.hstu_attention import cuda
+
+    info = cuda.build_info()
+    if dim not in info["head_dims"] or str(dtype).split(".")[-1] not in info["dtypes"]:
+        pytest.skip(f"head dim {dim} / {dtype} is not compiled in")
     for seed, (reference, per_head) in enumerate((("next", True), ("query", False))):
         problem = _gpu_table_problem(dim, dtype, lengths=[0, 1, 300, 129, 517], seed=seed + dim, reference=reference,
                                      per_head=per_head)  # fmt: skip
