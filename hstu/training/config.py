@@ -134,7 +134,14 @@ class NetworkArgs:
     # Linear -> ReLU -> Linear as in the NVIDIA example. None: tables as wide as hidden_dim, no projection.
     item_embedding_width: Optional[int] = None
     contextual_embedding_width: Optional[int] = None
-    recompute_layers: Sequence[int] = ()
+    recompute_layers: Sequence[int] = ()  # layers checkpointed whole: they keep only their input, and run twice
+    # Activation memory for time in every layer, with bit-identical results (hstu/modules/hstu_layer.py): the backward
+    # keeps the layer input instead of its LayerNorm, uvqk_proj's input (hidden_dim values per token fewer; one
+    # LayerNorm more per layer), ...
+    recompute_input_norm: bool = False
+    # ... and uvqk_proj's pre-activation instead of SiLU's output u, v, q, k (num_heads x (2 v_dim + 2 qk_dim) values
+    # per token fewer; one SiLU more per layer). Both are single-device layers only (tensor_model_parallel_size 1).
+    recompute_silu: bool = False
     contextual_features: Sequence[str] = ()  # contextual feature names to prepend as tokens; ["*"]: all the dataset has
 
 
@@ -539,6 +546,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 def _check_combinations(args: AllArgs) -> None:
     """Rules that involve several fields."""
     n, r, k = args.network, args.retrieval, args.ranking
+    tp = args.parallelism.tensor_model_parallel_size
+    for name in ("recompute_input_norm", "recompute_silu"):
+        if getattr(n, name) and tp > 1:
+            raise ValueError(f"NetworkArgs.{name}=True needs ParallelismArgs.tensor_model_parallel_size=1, got {tp}: "
+                             "the tensor-parallel layers recompute whole layers only (NetworkArgs.recompute_layers)")
     bad_layers = [i for i in n.recompute_layers if not 0 <= i < n.num_layers]
     if bad_layers:
         raise ValueError(f"NetworkArgs.recompute_layers {bad_layers} are not layer indices 0..{n.num_layers - 1} "
@@ -833,14 +845,13 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
                  if isinstance(ex.get("DatasetArgs.max_history_seqlen"), int)
                  and 2 * (ex["DatasetArgs.max_history_seqlen"] + ex["DatasetArgs.max_num_candidates"]) > v else None,
                  rule=_at_least(1)),
-    ExampleField("NetworkArgs", "recompute_input_layernorm", bool, False, (),
-                 "ours recomputes whole layers (NetworkArgs.recompute_layers)",
-                 unsupported=_when(bool, "NetworkArgs.recompute_input_layernorm=True (LayerNorm recompute)" + _NOT_YET
-                                   + "; NetworkArgs.recompute_layers recomputes whole layers")),
-    ExampleField("NetworkArgs", "recompute_input_silu", bool, False, (),
-                 "ours recomputes whole layers (NetworkArgs.recompute_layers)",
-                 unsupported=_when(bool, "NetworkArgs.recompute_input_silu=True (SiLU recompute)" + _NOT_YET
-                                   + "; NetworkArgs.recompute_layers recomputes whole layers")),
+    *(ExampleField("NetworkArgs", name, bool, False, (f"NetworkArgs.{ours}",),
+                   f"same meaning: the backward recomputes {what} instead of keeping it (bit-identical results); "
+                   "tensor_model_parallel_size 1 only (the example's also under tensor parallelism)",
+                   unsupported=lambda v, ex, name=name: f"NetworkArgs.{name}=True with TensorModelParallelArgs."
+                   f"tensor_model_parallel_size={_tp(ex)}" + _NOT_YET if v and _tp(ex) > 1 else None)
+      for name, ours, what in (("recompute_input_layernorm", "recompute_input_norm", "the input LayerNorm's output"),
+                               ("recompute_input_silu", "recompute_silu", "the SiLU's output u, v, q, k"))),
     ExampleField("NetworkArgs", "item_embedding_dim", int, -1, ("NetworkArgs.item_embedding_width",),
                  "-1 (<= 0): item and action tables as wide as hidden_size (ours: None); > 0: tables of that width "
                  "projected to hidden_size by Linear -> ReLU -> Linear; ranking only (retrieval refuses it, as the "

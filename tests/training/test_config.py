@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hstu.training.config import ARG_CLASSES, parse_gin
+from hstu.training.config import ARG_CLASSES, NetworkArgs, parse_gin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,6 +47,16 @@ def test_bindings_reach_the_dataclasses():
     assert list(args.network.contextual_features) == ["user_id"]
     assert args.dataset.dataset_dir == "x/y"
     assert args.parallelism.embedding_sharding == {"item": "row_wise"}
+
+
+def test_layer_recompute_options_reach_the_dataclass():
+    assert (NetworkArgs().recompute_input_norm, NetworkArgs().recompute_silu) == (False, False)
+    args = parse_gin([], ["NetworkArgs.recompute_input_norm=True", "NetworkArgs.recompute_silu=True",
+                          "NetworkArgs.recompute_layers=[0]"])
+    assert (args.network.recompute_input_norm, args.network.recompute_silu) == (True, True)
+    assert list(args.network.recompute_layers) == [0]
+    with pytest.raises(TypeError, match="NetworkArgs.recompute_silu"):
+        parse_gin([], ["NetworkArgs.recompute_silu=1"])
 
 
 def test_bindings_override_files(tmp_path):
@@ -208,6 +218,10 @@ def test_out_of_range_values_name_the_field(binding):
     (["RankingArgs.num_classes=5", "RankingArgs.positive_rating_threshold=5"],
      ["RankingArgs.positive_rating_threshold", "RankingArgs.num_classes"]),
     (["ParallelismArgs.embedding_sharding={'item': 'rows'}"], ["ParallelismArgs", "embedding_sharding"]),
+    (["NetworkArgs.recompute_input_norm=True", "ParallelismArgs.tensor_model_parallel_size=2"],
+     ["NetworkArgs.recompute_input_norm", "ParallelismArgs.tensor_model_parallel_size"]),
+    (["NetworkArgs.recompute_silu=True", "ParallelismArgs.tensor_model_parallel_size=2"],
+     ["NetworkArgs.recompute_silu", "ParallelismArgs.tensor_model_parallel_size"]),
 ])
 def test_inconsistent_fields_are_named(bindings, fields):
     with pytest.raises(ValueError) as info:

@@ -276,8 +276,6 @@ def test_benchmark_objects_are_checked_before_the_not_supported_error(tmp_path, 
     ("TrainerArgs.pipeline_type='prefetch'", "TrainerArgs.pipeline_type"),
     ("TrainerArgs.pipeline_type='native'", "TrainerArgs.pipeline_type"),
     ("NetworkArgs.num_position_buckets=100", "NetworkArgs.num_position_buckets"),
-    ("NetworkArgs.recompute_input_layernorm=True", "NetworkArgs.recompute_input_layernorm"),
-    ("NetworkArgs.recompute_input_silu=True", "NetworkArgs.recompute_input_silu"),
     ("NetworkArgs.scaling_seqlen=-1", "NetworkArgs.scaling_seqlen"),
     ("NetworkArgs.embedding_backend='dynamicemb'", "NetworkArgs.embedding_backend"),
     ("RankingArgs.eval_metrics=('NDCG',)", "RankingArgs.eval_metrics"),
@@ -286,6 +284,25 @@ def test_benchmark_objects_are_checked_before_the_not_supported_error(tmp_path, 
 def test_values_we_cannot_reproduce_yet_are_named_errors(tmp_path, binding, field):
     with pytest.raises(NotSupportedYetError, match=re.escape(field) + ".*not supported yet"):
         parse_gin([_write(tmp_path, EVERY_MAIN_FIELD)], [binding])
+
+
+@pytest.mark.parametrize("layernorm, silu", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_example_s_layernorm_and_silu_recompute_set_ours(tmp_path, layernorm, silu):
+    args = parse_gin([_write(tmp_path, EVERY_MAIN_FIELD)], ["TensorModelParallelArgs.tensor_model_parallel_size=1",
+                                                            f"NetworkArgs.recompute_input_layernorm={layernorm}",
+                                                            f"NetworkArgs.recompute_input_silu={silu}"])
+    assert (args.network.recompute_input_norm, args.network.recompute_silu) == (layernorm, silu)
+    # Unbound, the example's default (False) holds.
+    args = parse_gin([], ["TrainerArgs.log_interval=5"])
+    assert (args.network.recompute_input_norm, args.network.recompute_silu) == (False, False)
+
+
+@pytest.mark.parametrize("field", ["NetworkArgs.recompute_input_layernorm", "NetworkArgs.recompute_input_silu"])
+def test_the_example_s_layernorm_and_silu_recompute_under_tensor_parallelism_are_not_supported_yet(tmp_path, field):
+    with pytest.raises(NotSupportedYetError, match=re.escape(field) + "=True with TensorModelParallelArgs"
+                       r"\.tensor_model_parallel_size=2 is not supported yet"):
+        parse_gin([_write(tmp_path, EVERY_MAIN_FIELD)],
+                  [f"{field}=True", "TensorModelParallelArgs.tensor_model_parallel_size=2"])
 
 
 @pytest.mark.parametrize("example, ours", [
@@ -297,6 +314,8 @@ def test_values_we_cannot_reproduce_yet_are_named_errors(tmp_path, binding, fiel
     ("OptimizerArgs.adam_beta2=0.9", "OptimizerArgs.betas=(0.9, 0.9)"),
     ("TensorModelParallelArgs.tensor_model_parallel_size=1", "ParallelismArgs.tensor_model_parallel_size=1"),
     ("RetrievalArgs.num_negatives=8", "RetrievalArgs.num_in_batch_negatives=8"),
+    ("NetworkArgs.recompute_input_layernorm=True", "NetworkArgs.recompute_input_norm=True"),
+    ("NetworkArgs.recompute_input_silu=False", "NetworkArgs.recompute_silu=True"),
 ])
 def test_an_example_name_and_ours_for_one_setting_is_an_error_naming_both(example, ours):
     # TrainerArgs.log_interval (a name only the example has) puts the config in the example's style, where
