@@ -261,8 +261,7 @@ class HSTULayer(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         if self.recompute and self.training and torch.is_grad_enabled():
             # Non-reentrant checkpointing restores the RNG, so dropout masks match in the recomputation. It keeps
-            # only x, so recompute_input_norm / recompute_silu have nothing left to drop (and their hooks would hide
-            # the saved tensors from the checkpoint's own).
+            # only x, so recompute_input_norm / recompute_silu have nothing left to drop: they stay off inside.
             return checkpoint(self._forward, x, inputs, False, use_reentrant=False)
         return self._forward(x, inputs)
 
