@@ -64,6 +64,10 @@ class EncoderConfig:
     attention_backend: str = "fused"  # fused | reference | triton (hstu.modules.attention_backends)
     interleave_actions: bool = False
     recompute_layers: list[int] = field(default_factory=list)  # indices of layers to checkpoint
+    # keep x instead of LayerNorm(x) / the projection before SiLU instead of u, v, q, k for the backward, and
+    # recompute them there (HSTULayer's options; outputs and gradients unchanged)
+    recompute_input_norm: bool = False
+    recompute_silu: bool = False
     l2_normalize_output: bool = False
     l2_norm_eps: float = 1e-6
 
@@ -122,6 +126,7 @@ class HSTUEncoder(nn.Module):
                     attention_dropout=c.attention_dropout, alpha=c.alpha, scaling_seqlen=scaling,
                     target_group_size=c.target_group_size, layer_norm_eps=c.layer_norm_eps,
                     relative_attention_bias=rab, recompute=index in c.recompute_layers,
+                    recompute_input_norm=c.recompute_input_norm, recompute_silu=c.recompute_silu,
                 )  # fmt: skip
             )
         self.layers = HSTUStack(layers)

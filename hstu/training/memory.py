@@ -45,10 +45,13 @@ def activation_bytes_estimate(config: EncoderConfig, num_tokens: int, dtype_byte
     """Activations the HSTU layers save for backward over ``num_tokens`` tokens: per token, a layer that is not
     recomputed keeps its input and LayerNorm (2·D), the u/v/q/k projection before and after SiLU
     (2·H·(2·dqk + 2·dv)), the attention output, its LayerNorm and the gated product (3·H·dv) and the output
-    projection's result (D); a recomputed layer keeps its input (D). Attention scores are not stored (the fused
-    kernels recompute them)."""
+    projection's result (D); a recomputed layer keeps its input (D). ``recompute_input_norm`` drops the LayerNorm
+    (D) and ``recompute_silu`` the projection after SiLU (H·(2·dqk + 2·dv)) from a layer that is not recomputed
+    whole. Attention scores are not stored (the fused kernels recompute them)."""
     c = config
     full = 3 * c.embedding_dim + 2 * c.num_heads * (2 * c.qk_dim + 2 * c.v_dim) + 3 * c.num_heads * c.v_dim
+    full -= c.embedding_dim if c.recompute_input_norm else 0
+    full -= c.num_heads * (2 * c.qk_dim + 2 * c.v_dim) if c.recompute_silu else 0
     recomputed = len(set(c.recompute_layers))
     per_token = (c.num_layers - recomputed) * full + recomputed * c.embedding_dim
     return int(num_tokens) * per_token * dtype_bytes

@@ -338,7 +338,8 @@ def build_encoder_config(args: AllArgs, max_tokens: int, interleave_actions: boo
         rab_time_reference=n.rab_time_reference, rab_use_position=n.rab_use_position, rab_use_time=n.rab_use_time,
         target_group_size=n.target_group_size, causal=n.causal, contextual_mask=n.contextual_mask,
         attention_backend=n.attention_backend, interleave_actions=interleave_actions,
-        recompute_layers=list(n.recompute_layers), l2_normalize_output=l2_normalize,
+        recompute_layers=list(n.recompute_layers), recompute_input_norm=n.recompute_input_norm,
+        recompute_silu=n.recompute_silu, l2_normalize_output=l2_normalize,
         l2_norm_eps=args.retrieval.l2_norm_eps,
     )  # fmt: skip
 

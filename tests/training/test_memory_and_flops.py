@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from hstu.modules.embeddings import EmbeddingProjection
-from hstu.modules.encoder import EncoderConfig
+from hstu.modules.encoder import EncoderConfig, HSTUEncoder
 from hstu.training.flops import input_projection_flops, train_step_flops
 from hstu.training.memory import activation_bytes_estimate
+from hstu.training.tasks import build_encoder_config
 from tests.training.test_example_features import _example_args, _train, bitmask_data  # noqa: F401 (fixture)
 
 
@@ -73,3 +74,20 @@ def test_the_summary_reports_memory(bitmask_data, tmp_path):
     # Adam keeps two moments per trained value: at least twice the dense parameters' bytes
     assert summary["memory_optimizer_state_bytes"] >= 2 * 4 * 16 * 16
     assert "memory_peak_allocated_bytes_per_rank" not in summary  # CPU run
+
+
+def test_activation_estimate_drops_what_the_recompute_options_drop():
+    base = dict(embedding_dim=4, num_layers=3, num_heads=2, qk_dim=2, v_dim=3, recompute_layers=[1])
+    plain = activation_bytes_estimate(EncoderConfig(**base), 10, 2)
+    # two kept layers each drop LayerNorm(x) (4 values per token) and u, v, q, k (2 * (2*2 + 2*3) = 20)
+    assert activation_bytes_estimate(EncoderConfig(**base, recompute_input_norm=True), 10, 2) == plain - 10 * 2 * 4 * 2
+    assert activation_bytes_estimate(EncoderConfig(**base, recompute_silu=True), 10, 2) == plain - 10 * 2 * 20 * 2
+
+
+def test_the_example_recompute_fields_reach_every_layer(bitmask_data, tmp_path):
+    args = _example_args(bitmask_data, tmp_path / "run", "NetworkArgs.recompute_input_layernorm=True",
+                         "NetworkArgs.recompute_input_silu=True")
+    config = build_encoder_config(args, 64, interleave_actions=False, l2_normalize=False)
+    assert config.recompute_input_norm and config.recompute_silu
+    layers = HSTUEncoder(config).layers.layers
+    assert all(layer.recompute_input_norm and layer.recompute_silu for layer in layers)
