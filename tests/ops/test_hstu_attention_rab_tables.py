@@ -348,7 +348,7 @@ def _kernel_reads_tables() -> bool:
         return False
     from hstu.ops.hstu_attention import cuda
 
-    return cuda.reads_rab_tables()
+    return bool(cuda.build_info().get("rab_tables", False))
 
 
 _NEEDS_TABLE_KERNELS = pytest.mark.skipif(not _kernel_reads_tables(),

@@ -172,6 +172,28 @@ def test_kernels_reading_tables_get_the_tables(fake_kernels):
     _assert_reference_results(monkeypatch, p, got_out, got)
 
 
+def test_table_kernels_are_taken_only_when_the_variant_asks_and_never_deterministically(fake_kernels):
+    # a build whose kernels read the tables: the default variant still writes the tables out as a dense rab (the
+    # path verified on a GPU); KernelVariant.table_kernels=True passes the tables, except on the deterministic
+    # backward, whose table gradients the table kernels refuse
+    ext, monkeypatch = fake_kernels
+    monkeypatch.setattr(cuda, "build_info", lambda: {"rab_tables": True})
+    p = dict(lengths=[4, 0, 6], heads=2, use_time=True, use_position=True, targets=[1, 0, 2], shared=[1, 0, 2],
+             per_head_time=True, per_head_position=False, reference="next", buckets=8, half=4, max_slack=1,
+             times=list(range(0, 10**5, 10**4)), seed=3)  # fmt: skip
+    assert not cuda.reads_rab_tables()
+    run(hstu_attention, p)
+    assert all(rab is not None and "rab_position_weights" not in kwargs for _, rab, kwargs in ext.calls)
+    ext.calls.clear()
+    with cuda.kernel_variant(table_kernels=True):
+        assert cuda.reads_rab_tables()
+        run(hstu_attention, p)
+        assert all(rab is None and "rab_position_weights" in kwargs for _, rab, kwargs in ext.calls)
+        ext.calls.clear()
+        run(hstu_attention, p, deterministic=True)
+        assert all(rab is not None and "rab_position_weights" not in kwargs for _, rab, kwargs in ext.calls)
+
+
 def test_table_call_without_grad_runs_no_backward(fake_kernels):
     ext, monkeypatch = fake_kernels
     monkeypatch.setattr(cuda, "reads_rab_tables", lambda: False)
@@ -219,3 +241,16 @@ def test_cuda_dense_table_path_meets_the_parity_rule(seed):
         first = run(hstu_attention, p, dtype, "cuda", torch.float32, deterministic=True)[1]
         second = run(hstu_attention, p, dtype, "cuda", torch.float32, deterministic=True)[1]
         assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_dense_path_takes_a_batch_of_empty_sequences(fake_kernels):
+    # with time_reference "next" the dense bias shifts each sequence's timestamps by one token: a batch whose
+    # sequences are all empty has none to shift (an index error before)
+    ext, monkeypatch = fake_kernels
+    monkeypatch.setattr(cuda, "reads_rab_tables", lambda: False)
+    p = dict(lengths=[0, 0], heads=1, use_time=True, use_position=True, targets=None, shared=None,
+             per_head_time=False, per_head_position=False, reference="next", buckets=2, half=1, max_slack=0,
+             times=[], seed=0)  # fmt: skip
+    out, grads = run(hstu_attention, p)
+    assert out.shape == (0, 1, 8) and [c[0] for c in ext.calls] == ["fwd", "bwd"]
+    assert all(float(g.abs().sum()) == 0.0 for g in grads)

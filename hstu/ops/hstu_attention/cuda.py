@@ -12,7 +12,9 @@ entry from the tables and the tokens' timestamps / positions (csrc/hstu_attentio
 those kernels on Hopper too): nothing of size L x L is stored. The backward adds the tables' gradients into float32
 workspaces (a shared-memory histogram per block, then float32 atomics: their summation order varies), so the binding
 refuses table gradients with ``deterministic=True`` (ValueError naming drab_position / drab_time); such calls need
-the dense rab. ``reads_rab_tables()`` says whether the build's kernels read the tables.
+the dense rab. ``reads_rab_tables()`` says whether table calls take these kernels: the build has them and the
+call's ``KernelVariant.table_kernels`` asks for them (off by default; otherwise the dispatcher writes the tables out
+as a dense rab for the dense-rab kernels).
 
 Kernels: which ones a call runs is decided in C++ (csrc/hstu_attention/heuristics.h) from the problem and a
 ``KernelVariant`` (its defaults are what the op runs; tests and benchmarks name others, and ``kernel_plan`` tells
@@ -75,11 +77,12 @@ def build_info() -> dict:
     return dict(ext.build_info())
 
 
-def reads_rab_tables() -> bool:
-    """Whether the compiled kernels compute the relative bias from weight tables (``build_info()['rab_tables']``:
-    True in builds with the rab units); when False the binding refuses table calls and the dispatcher must not send
-    them. Table gradients on the deterministic backward are refused either way (see the module docstring)."""
-    return bool(build_info().get("rab_tables", False))
+def reads_rab_tables(variant: Optional[KernelVariant] = None) -> bool:
+    """Whether table calls go to the kernels that compute the relative bias from the weight tables: the build has them
+    (``build_info()['rab_tables']``: builds with the rab units) and ``variant`` (resolved as ``forward`` does) asks for
+    them (``KernelVariant.table_kernels``). Otherwise the dispatcher writes the tables out as a dense rab for the
+    dense-rab kernels. Table gradients on the deterministic backward are refused by the binding either way."""
+    return bool(build_info().get("rab_tables", False)) and _resolve(variant).table_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,9 @@ class KernelVariant:
     grouped launch order on / off (None: chosen per call).
     bench_bwd_warps (0 or 8), bench_d256_two_pass: benchmark-only sm80-style backward variants, in builds with
     HSTU_BENCH_VARIANTS=1 only (the extension refuses them otherwise).
+    table_kernels: bias-table calls run the sm80-style kernels that read the tables (no L x L bias in memory);
+    False, the default, writes the tables out as a dense rab and runs the dense-rab kernels, the path verified on a
+    GPU so far (benchmarks/RESULTS.md).
     """
 
     sm90_forward: bool = True
@@ -107,6 +113,7 @@ class KernelVariant:
     grouped_schedule: Optional[bool] = None
     bench_bwd_warps: int = 0
     bench_d256_two_pass: bool = False
+    table_kernels: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

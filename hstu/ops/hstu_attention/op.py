@@ -76,9 +76,10 @@ def _use_kernel(args: AttentionArgs) -> bool:
 
 
 def _expands_tables(args: AttentionArgs) -> bool:
-    """Whether a kernel call writes the bias tables out as a dense rab: the call has tables and the built kernels do
-    not read them (``cuda.reads_rab_tables()``)."""
-    return args.has_tables() and not cuda.reads_rab_tables()
+    """Whether a kernel call writes the bias tables out as a dense rab: the call has tables and either the table
+    kernels are not taken (``cuda.reads_rab_tables()``) or the call is deterministic (the table kernels' table
+    gradients are atomic sums; the dense path reduces drab to the tables reproducibly)."""
+    return args.has_tables() and (args.deterministic or not cuda.reads_rab_tables())
 
 
 def _kernel_args(args: AttentionArgs) -> AttentionArgs:

@@ -54,7 +54,7 @@ def log_time_buckets(delta_seconds: torch.Tensor, num_buckets: int,
 def reference_times(padded: torch.Tensor, lengths: torch.Tensor, time_reference: str,
                     next_timestamps: Optional[torch.Tensor]) -> torch.Tensor:
     """t_ref of every padded token: (B, n) from the (B, n) padded timestamps and the (B,) lengths."""
-    if time_reference == "query":
+    if time_reference == "query" or padded.shape[1] == 0:  # (a batch of empty sequences has no token to shift)
         return padded
     last = (lengths.to(torch.int64) - 1).clamp(min=0)
     tail = padded.gather(1, last.unsqueeze(1)).squeeze(1) if next_timestamps is None else next_timestamps
