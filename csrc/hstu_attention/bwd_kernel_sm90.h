@@ -10,8 +10,7 @@
 // sequence end). Per query tile, per warpgroup (its 64 keys):
 //   S^T  = K Q^T       SS-wgmma  A = K (K-major), B = Q (K-major)              64 x BM, k = D
 //   dP^T = V dO^T      SS-wgmma  A = V (K-major), B = dO (K-major)             64 x BM, k = D
-//   pointwise on the fp32 accumulators: x = alpha (s + rab), P^T = SiLU(x), dS^T = dP^T SiLU'(x), both selected
-//       by the mask (dS^T too: dP^T may be non-finite where hidden, and SiLU' may be +-0 where visible)
+//   pointwise on the fp32 accumulators: x = alpha (s + rab), P^T = SiLU(x), dS^T = dP^T SiLU'(x), both masked
 //   dV  += P^T dO      RS-wgmma  A = P^T from registers, B = dO seen MN-major   64 x D,  k = BM
 //   dK  += dS^T Q      RS-wgmma  A = dS^T from registers, B = Q seen MN-major   64 x D,  k = BM
 //   dS^T -> the block's swizzled (queries x 128 keys) shared tile (read back as the MN-major A operand dS)
@@ -26,9 +25,6 @@
 // memory and get two CuTe views.
 // Epilogue: dV * (1 / N), dK * (alpha / N) from the accumulators, rows (keys) < L; the launcher then runs the usual
 // hstu_dq_convert_kernel (dq = alpha / N * workspace).
-// Non-finite operand entries (mainloop_bwd_sm90.h, BwdNonfinite): steps whose tile hides entries zero the non-finite
-// entries of Q, dO (and K) at their top (publish_step); the scores reading a zeroed entry are recomputed where
-// visible, and dV gets the terms of the zeroed dO entries back after the step's GEMMs (the split kernel likewise).
 // Overlap inside a warpgroup: S^T and dP^T are issued together; the P half of the pointwise stage runs while
 // dP^T computes and the dS half while dV computes; dK is issued before the block barrier that precedes dQ.
 // Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); compiled for any other target the kernel traps.
@@ -114,10 +110,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
   float* const gAcc = p.dq_accum + base;
   float* const dq_stage =
       reinterpret_cast<float*>(pdS + Tr::kSizeDS) + (tid / 32) * kDqStageFloatsPerWarp<Tr::kDqStagePasses>;
-  BwdNonfinite nf;
   int stage = 0;
   while (m < m_tiles) {
-    tiles.publish_step(m, stage, nf, tid);
+    publish_copies_to_block();
     const int m_next = tiles.next_query_tile(m);
     if (m_next < m_tiles) tiles.load_qdo(m_next, stage ^ 1, mk.L, tid);
     cp_async_commit();
@@ -131,10 +126,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     wg_wait<1>(tSrS);
 
     const int m0 = m * BM;
-    if (nf.k_any || nf.qdo_any)
-      recompute_nonfinite_scores<D>(tSrS, tScS, mk, m0, n0, nf.qdo_any ? tiles.q_flags(stage) : nullptr,
-                                    nf.k_any ? tiles.k_flags() : nullptr, tiles.gq + m0 * p.row_stride,
-                                    tiles.gk + n0 * p.row_stride, p.row_stride);
     // P half of bwd_kernel.h's pointwise stage (no dropout): P^T = SiLU(x) with x = alpha (s + rab), packed in q's
     // dtype into the A operand of dV (identical linear order: see KVOperandShape); S^T's registers keep SiLU'(x),
     // zero where masked, for the dS half. with_tile_mask: tiles wholly visible for this warpgroup's keys skip every
@@ -160,24 +151,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
     Tensor tKVrdO = thr_kv.partition_fragment_B(tiles.sdOt(stage));
     wg_gemm_issue</*kZeroInit=*/false, /*kARegs=*/true>(mma_kv, tKVrP, tKVrdO, tKVrdV);
     wg_wait<1>(tSrdP);
-    if (nf.qdo_any)
-      recompute_nonfinite_scores<D>(tSrdP, tScS, mk, m0, n0, tiles.do_flags(stage), nullptr,
-                                    tiles.gdo + m0 * p.row_stride, tiles.gv + n0 * p.row_stride, p.row_stride);
 
-    // dS half: dS^T = dP^T SiLU'(x), selected by the mask as the P half, in q's dtype as the A operand of dK and,
-    // values 2e, 2e + 1 being queries i, i + 1 (i even) of one key, into this warpgroup's shared tile as one 4-byte
-    // store per pair (the two queries are adjacent there; check_sm90_bwd_smem).
-    auto pointwise_ds = [&](auto mask_tag) {
+    // dS half: dS^T = dP^T SiLU'(x) (zero where masked), in q's dtype as the A operand of dK and, values 2e, 2e + 1
+    // being queries i, i + 1 (i even) of one key, into this warpgroup's shared tile as one 4-byte store per pair (the
+    // two queries are adjacent there; check_sm90_bwd_smem).
+    {
       Tensor tKVrdS32 = recast<uint32_t>(tKVrdS);
       CUTE_UNROLL
       for (int e = 0; e < size(tKVrdS32); ++e) {
-        const uint32_t ds2 = pack2<Element>(select_ds(mask_tag, mk, m0, n0, tScS, tSrdP, tSrS, 2 * e),
-                                            select_ds(mask_tag, mk, m0, n0, tScS, tSrdP, tSrS, 2 * e + 1));
+        const uint32_t ds2 = pack2<Element>(tSrdP(2 * e) * tSrS(2 * e), tSrdP(2 * e + 1) * tSrS(2 * e + 1));
         tKVrdS32(e) = ds2;
         *reinterpret_cast<uint32_t*>(pdS + ds_offset(get<1>(tScS(2 * e)), get<0>(tScS(2 * e)))) = ds2;
       }
-    };
-    with_tile_mask<kCausalPath, kZeroOutside>(mk, m0, m0 + BM, wn0, wn0 + 64, pointwise_ds);
+    }
     fence_proxy_async_smem();  // the dS^T stores (generic proxy) before the dQ wgmma (async proxy) reads them
 
     // dQ = dS K over all 128 keys of the block: both warpgroups' dS^T halves must be in place (each thread stored and
@@ -203,12 +189,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_kernel(const At
       issue_dk();
     }
     wg_wait<0>(tKVrdV, tKVrdK, tKVrP, tKVrdS);  // dV / dK retired before the next step rewrites their A operands
-    if (nf.qdo_any) {  // dV's terms from the zeroed dO entries, weights P^T from its A operand
-      add_dropped_terms_sm90<Element, BM>(
-          tKVrdV, [&](int h, int kb, int kk) { return packed_weight<Element>(tKVrP, h, kb, kk, tid % 32); },
-          [&](int h, int k) { return mk.visible(m0 + k, n0 + get<0>(tKVcKV(2 * h))); }, tiles.do_flags(stage),
-          tiles.gdo + m0 * p.row_stride, p.row_stride, tid % 32);
-    }
 
     m = m_next;
     stage ^= 1;
@@ -284,10 +264,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
   float* const gAcc = p.dq_accum + base + Tr::kHalfD * wg;  // this warpgroup's dQ columns (stage 2)
   float* const dq_stage =
       reinterpret_cast<float*>(pdSt + Tr::kSizeP) + (tid / 32) * kDqStageFloatsPerWarp<Tr::kDqStagePasses>;
-  BwdNonfinite nf;
   int stage = 0;
   while (m < m_tiles) {
-    tiles.publish_step(m, stage, nf, tid);
+    publish_copies_to_block();
     const int m_next = tiles.next_query_tile(m);
     if (m_next < m_tiles) tiles.load_qdo(m_next, stage ^ 1, mk.L, tid);
     cp_async_commit();
@@ -302,12 +281,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
     wg_wait<1>(tSrS);
 
     const int m0 = m * BM;
-    if (nf.k_any || nf.qdo_any)
-      recompute_nonfinite_scores<Tr::kHeadDim>(tSrS, tScS, mk, m0 + wq, n0,
-                                               nf.qdo_any ? tiles.q_flags(stage) + wq : nullptr,
-                                               nf.k_any ? tiles.k_flags() : nullptr,
-                                               tiles.gq + (m0 + wq) * p.row_stride, tiles.gk + n0 * p.row_stride,
-                                               p.row_stride);
     // Values 2e, 2e + 1 are queries i, i + 1 (i even) of one key: one 4-byte store per pair (ds_offset).
     auto pointwise_p = [&](auto mask_tag) {
       constexpr TileMask kMask = decltype(mask_tag)::value;
@@ -327,20 +300,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
     constexpr bool kCausalPath = true, kZeroOutside = !Tr::kHasRab;
     with_tile_mask<kCausalPath, kZeroOutside>(mk, m0 + wq, m0 + wq + Tr::kHalfM, n0, n0 + BN, pointwise_p);
     wg_wait<0>(tSrdP);
-    if (nf.qdo_any)
-      recompute_nonfinite_scores<Tr::kHeadDim>(tSrdP, tScS, mk, m0 + wq, n0, tiles.do_flags(stage) + wq, nullptr,
-                                               tiles.gdo + (m0 + wq) * p.row_stride, tiles.gv + n0 * p.row_stride,
-                                               p.row_stride);
-    // dS^T = dP^T SiLU'(x), selected by the mask as the P half.
-    auto pointwise_ds = [&](auto mask_tag) {
-      CUTE_UNROLL
-      for (int e = 0; e < size(tSrdP) / 2; ++e) {
-        *reinterpret_cast<uint32_t*>(pdSt + ds_offset(wq + get<1>(tScS(2 * e)), get<0>(tScS(2 * e)))) =
-            pack2<Element>(select_ds(mask_tag, mk, m0 + wq, n0, tScS, tSrdP, tSrS, 2 * e),
-                           select_ds(mask_tag, mk, m0 + wq, n0, tScS, tSrdP, tSrS, 2 * e + 1));
-      }
-    };
-    with_tile_mask<kCausalPath, kZeroOutside>(mk, m0 + wq, m0 + wq + Tr::kHalfM, n0, n0 + BN, pointwise_ds);
+    CUTE_UNROLL
+    for (int e = 0; e < size(tSrdP) / 2; ++e) {
+      *reinterpret_cast<uint32_t*>(pdSt + ds_offset(wq + get<1>(tScS(2 * e)), get<0>(tScS(2 * e)))) =
+          pack2<Element>(tSrdP(2 * e) * tSrS(2 * e), tSrdP(2 * e + 1) * tSrS(2 * e + 1));
+    }
     fence_proxy_async_smem();  // the P^T / dS^T stores (generic proxy) before the stage-2 wgmmas (async proxy)
     __syncthreads();           // both warpgroups' halves of P^T and dS^T are in place
 
@@ -370,16 +334,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_bwd_sm90_split_kernel(co
     issue_dq_chunk(1);
     wg_wait<0>(tDQrdQ, tKVrdV, tKVrdK);  // also retires dV / dK before the next step rewrites P^T / dS^T
     add_chunk(1);
-    if (nf.qdo_any) {  // dV's terms from the zeroed dO entries (this warpgroup's columns), weights from the P^T tile
-      add_dropped_terms_sm90<Element, BM>(
-          tKVrdV,
-          [&](int h, int kb, int kk) {
-            const Element* pt = reinterpret_cast<const Element*>(pPt);
-            return to_float<Element>(pt[ds_offset(8 * kb + kk, get<0>(tKVcKV(2 * h)))]);
-          },
-          [&](int h, int k) { return mk.visible(m0 + k, n0 + get<0>(tKVcKV(2 * h))); }, tiles.do_flags(stage),
-          tiles.gdo + m0 * p.row_stride + Tr::kHalfD * wg, p.row_stride, tid % 32);
-    }
 
     m = m_next;
     stage ^= 1;

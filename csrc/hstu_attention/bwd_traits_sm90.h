@@ -90,12 +90,10 @@ struct BwdTraitsSm90 : BwdSmemLayoutsSm90<typename CuteElement<Element_>::type, 
   // The shared tiles (BwdSmemLayoutsSm90): K, V (128 keys), Q, dO (64 queries), the block's dS tile.
   static_assert(Layouts::kSizeK == kBlockN * kHeadDim && Layouts::kSizeQ == kBlockM * kHeadDim, "tile shapes");
   // K, V, kStages x (Q, dO), the block's dS tile, then the warps' dQ staging rows (add_dq_slice, 16 rows each):
-  // 108 KB (D 64), 180 KB (D 128), then 384 bytes of row flags.
+  // 108 KB (D 64), 180 KB (D 128).
   static constexpr int kDqStagePasses = 1;
-  // Then the row flags of the non-finite scans (BwdTiles): K, then kStages x (Q, dO).
-  static constexpr int kFlagsOffset = (2 * Layouts::kSizeK + 2 * kStages * Layouts::kSizeQ + Layouts::kSizeDS) * 2 +
-                                      kDqStageFloatsPerWarp<kDqStagePasses> * 4 * (kThreads / 32);
-  static constexpr int kSmemBytes = kFlagsOffset + kBlockN + 2 * kStages * kBlockM;
+  static constexpr int kSmemBytes = (2 * Layouts::kSizeK + 2 * kStages * Layouts::kSizeQ + Layouts::kSizeDS) * 2 +
+                                    kDqStageFloatsPerWarp<kDqStagePasses> * 4 * (kThreads / 32);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
 };
 
@@ -168,13 +166,10 @@ struct BwdTraitsSm90Split : BwdSmemLayoutsSm90<typename CuteElement<Element_>::t
   static_assert(Layouts::kSizeK == kBlockN * kHeadDim && kSizeP == kBlockN * kBlockM && Layouts::kSizeDS == kSizeP,
                 "tile shapes");
   static_assert(kBlockM == 64 && kBlockN == 64, "ds_offset: 64 x 64 tiles");
-  // K, V, 2 x (Q, dO), P^T, dS^T (208 KB), then the warps' dQ staging rows (add_dq_slice, 8 rows each: 18 KB), then
-  // 320 bytes of row flags.
+  // K, V, 2 x (Q, dO), P^T, dS^T (208 KB), then the warps' dQ staging rows (add_dq_slice, 8 rows each: 18 KB).
   static constexpr int kDqStagePasses = 2;
-  // Then the row flags of the non-finite scans (BwdTiles): K, then kStages x (Q, dO).
-  static constexpr int kFlagsOffset = (2 * Layouts::kSizeK + 2 * kStages * Layouts::kSizeQ + 2 * kSizeP) * 2 +
-                                      kDqStageFloatsPerWarp<kDqStagePasses> * 4 * (kThreads / 32);
-  static constexpr int kSmemBytes = kFlagsOffset + kBlockN + 2 * kStages * kBlockM;
+  static constexpr int kSmemBytes = (2 * Layouts::kSizeK + 2 * kStages * Layouts::kSizeQ + 2 * kSizeP) * 2 +
+                                    kDqStageFloatsPerWarp<kDqStagePasses> * 4 * (kThreads / 32);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
 };
 

@@ -1,9 +1,7 @@
 // Mainloop pieces of the Hopper (sm_90a) backward: the block's shared tiles, loads and query-tile walk (BwdTiles:
-// K / V resident, a cp.async ring of Q / dO tiles, zero-filled past the sequence end, and the non-finite scans of
-// the steps' tiles: publish_step), the scores recomputed where a scan zeroed an operand entry
-// (recompute_nonfinite_scores), dS^T selected by the mask (select_ds) and the per-step dq reductions into the float32
-// workspace (add_dq_slice). The GEMMs and the pointwise stage of a step are in the kernels (bwd_kernel_sm90.h); the
-// pointwise math itself in pointwise.h.
+// K / V resident, a cp.async ring of Q / dO tiles, zero-filled past the sequence end) and the per-step dq reductions
+// into the float32 workspace (add_dq_slice). The GEMMs and the pointwise stage of a step are in the kernels
+// (bwd_kernel_sm90.h); the pointwise math itself in pointwise.h.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -61,55 +59,6 @@ __device__ __forceinline__ void add_dq_slice(Acc const& acc, Coords const& coord
   }
 }
 
-// Non-finite operand entries (sm90_common.h). The products over a step's queries and the block's keys multiply the
-// entries the mask hides by exact zeros: dV = P^T dO (P = 0), dK = dS^T Q and dQ = dS K (dS = 0, selected: dP may be
-// non-finite where hidden). On steps whose tile hides entries (tile_hides_entries) publish_step zeroes the non-finite
-// entries of the Q and dO tiles, and at the block's first such step those of the resident K tile (zeroed from then
-// on), one flag per row. A zeroed Q or K row changes S^T, a zeroed dO row dP^T: those scores are recomputed where
-// visible (recompute_nonfinite_scores, from the original rows). No term needs adding back to dK or dQ: a visible
-// score reading a non-finite Q or K entry is itself non-finite, so its dS is NaN (SiLU' of +-inf or NaN is NaN) and
-// dS^T Q, dS K are NaN in every column of that key / query row, zeroed entries or not. dV's terms from zeroed dO
-// entries are added back (P is finite there).
-struct BwdNonfinite {
-  bool k_scanned = false;  // the K tile has been scanned (and its non-finite entries zeroed)
-  bool k_any = false;      // ... and held a non-finite entry: scores of flagged keys are recomputed in every step
-  bool qdo_any = false;    // this step's scan found a non-finite entry (its Q / dO flags are valid)
-};
-
-// Scores of acc (S^T or dP^T: (key, query) coordinates c relative to (k0, q0)) whose query row (q_flags) or key row
-// (k_flags; nullptr: none) had entries zeroed, where query q0 + q sees key k0 + key: the exact value from the original
-// rows ga + q * stride (queries) and gb + key * stride (keys). Off the fast path.
-template <int kD, typename Element, typename Frag, typename Coords>
-__device__ __forceinline__ void recompute_nonfinite_scores(Frag& acc, Coords const& c, const SeqMask& mk, int q0,
-                                                           int k0, const uint8_t* q_flags, const uint8_t* k_flags,
-                                                           const Element* ga, const Element* gb, int64_t stride) {
-  using namespace cute;
-  CUTE_UNROLL
-  for (int e = 0; e < size(acc); ++e) {
-    const int key = get<0>(c(e)), q = get<1>(c(e));
-    const bool zeroed = (q_flags != nullptr && q_flags[q]) || (k_flags != nullptr && k_flags[key]);
-    if (zeroed && mk.visible(q0 + q, k0 + key)) acc(e) = nonfinite_terms<kD>(ga + q * stride, gb + key * stride);
-  }
-}
-
-// dS^T value e of a step, dP^T SiLU'(x) (dp(e) g(e)), selected as the pointwise stage's P half selects P (the same
-// with_tile_mask tag): where query q0 + q sees key k0 + key (coordinates c(e) = (key, query)), else 0. A product
-// would not do: dP^T may be non-finite where hidden.
-template <typename MaskTag, typename Coords, typename FragDP, typename FragG>
-__device__ __forceinline__ float select_ds(MaskTag, const SeqMask& mk, int q0, int k0, Coords const& c,
-                                           FragDP const& dp, FragG const& g, int e) {
-  using namespace cute;
-  constexpr TileMask kMask = MaskTag::value;
-  const float ds = dp(e) * g(e);
-  if constexpr (kMask == TileMask::kNone) {
-    return ds;
-  } else {
-    const int i = q0 + get<1>(c(e)), j = k0 + get<0>(c(e));
-    const bool vis = kMask == TileMask::kCausal ? j <= i : mk.visible(i, j);
-    return vis ? ds : 0.f;
-  }
-}
-
 // The shared tiles and global rows both sm90 backward kernels start from: K and V of the block's keys (resident), a
 // kStages ring of Q / dO tiles, then whatever the kernel keeps after them (extra()). Each tile has a K-major view and
 // an MN-major one (the same bytes: "seen MN-major" above).
@@ -141,10 +90,6 @@ struct BwdTiles {
   __device__ T* q(int stage) const { return k + 2 * Tr::kSizeK + stage * Tr::kSizeQ; }
   __device__ T* dout(int stage) const { return q(Tr::kStages) + stage * Tr::kSizeQ; }
   __device__ T* extra() const { return dout(Tr::kStages); }
-  // Row flags of the non-finite scans: the K tile's, the Q and dO tiles' of a ring stage.
-  __device__ uint8_t* k_flags() const { return reinterpret_cast<uint8_t*>(k) + Tr::kFlagsOffset; }
-  __device__ uint8_t* q_flags(int stage) const { return k_flags() + BN + stage * 2 * BM; }
-  __device__ uint8_t* do_flags(int stage) const { return q_flags(stage) + BM; }
   __device__ auto sK() const { return cute::make_tensor(cute::make_smem_ptr(k), typename Tr::SmemLayoutK{}); }
   __device__ auto sKt() const { return cute::make_tensor(cute::make_smem_ptr(k), typename Tr::SmemLayoutKt{}); }
   __device__ auto sV() const { return cute::make_tensor(cute::make_smem_ptr(v()), typename Tr::SmemLayoutK{}); }
@@ -171,28 +116,6 @@ struct BwdTiles {
   // The step loop's query tiles: the next one after m that sees this key tile (query_tiles() when none is left).
   __device__ int query_tiles() const { return (w.mask.L + BM - 1) / BM; }
   __device__ int next_query_tile(int m) const { return w.mask.next_query_tile(m, query_tiles(), BM, n0, n0 + BN); }
-  // The top of the step over query tile m (ring stage `stage`): waits for this thread's copies (that tile, at the
-  // first step also K and V) and publishes them to the async proxy and the block. A tile that hides entries from the
-  // block's keys first has the non-finite entries of this thread's chunks of Q and dO zeroed and their rows flagged,
-  // and at the block's first such step also those of K; the barrier then tells every thread whether any was found.
-  __device__ void publish_step(int m, int stage, BwdNonfinite& nf, int tid) const {
-    const int m0 = m * BM;
-    if (!tile_hides_entries(w.mask, m0, m0 + BM, n0, n0 + BN)) {
-      publish_copies_to_block();
-      nf.qdo_any = false;
-      return;
-    }
-    cp_async_wait_all();
-    const bool scan_k = !nf.k_scanned;
-    bool found = false;
-    if (scan_k) found = zero_nonfinite_chunks<BN, D, NT, Element>(k, k_flags(), tid);
-    found |= zero_nonfinite_chunks<BM, D, NT, Element>(q(stage), q_flags(stage), tid);
-    found |= zero_nonfinite_chunks<BM, D, NT, Element>(dout(stage), do_flags(stage), tid);
-    fence_proxy_async_smem();
-    nf.qdo_any = __syncthreads_or(found);
-    if (scan_k) nf.k_any = nf.qdo_any && any_flag<BN>(k_flags());
-    nf.k_scanned = true;
-  }
   // Pipeline prologue: K, V and the first visible Q / dO tile (into stage 0) as one commit group; returns that tile.
   // Rows before the key tile see none of it under a causal mask without contexts.
   __device__ int start_loads(int tid) const {
