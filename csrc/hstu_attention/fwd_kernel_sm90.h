@@ -18,10 +18,6 @@
 //       from the MMA partition of an identity tensor; masks through mask.h (next_key_tile / with_tile_mask)
 //   O += P V  : RS-wgmma, P re-packed in registers as the A operand (same register order: see POperandShape), V
 //       the B operand in MN-major form (head dim contiguous) from a 128B-swizzled MN-major tile
-// Non-finite V entries: on key tiles that hide entries from the query tile (fwd_scans_v) the threads that copied V
-// zero its non-finite entries once the copies land, with one flag per key, and after that tile's O GEMM retired the
-// consumers add the terms of the entries their rows see back (fwd_add_dropped_v): O = P V would otherwise multiply a
-// hidden NaN / inf by P = 0. S = Q K^T needs nothing: the pointwise stage selects P = 0 for hidden entries.
 // Epilogue: O * (1 / N) staged through the warpgroup's own Q rows, then 16-byte row stores (store_o); rows past the
 // sequence end skipped.
 // Device code exists only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); compiled for any other target the kernel traps.
@@ -115,9 +111,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
   // publishes it to the async proxy and the block, issues its GEMMs, then requests tile t + 1 into K slot (t + 1) % 2
   // and V slot (t + 1) % 3. Those held tiles t - 1 (K, read by S_{t-1}) and t - 2 (V, read by step t - 1's O GEMM),
   // and every warpgroup retired both batches before this step's barrier; the GEMMs in flight read K slot t % 2 and
-  // V slot (t - 1) % 3. A V tile that fwd_scans_v picks is zeroed and flagged before that barrier (each thread its
-  // own chunks), which also tells the block whether it held a non-finite entry; step t + 1 (or the last O GEMM)
-  // adds its dropped terms back after its O GEMM.
+  // V slot (t - 1) % 3.
   int n = next_tile(-1);
   load_rows_async<BM, D, NT, false>(sQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
   if (n < n_tiles) load_kv(n, 0, 0);
@@ -127,18 +121,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
   const int wm0 = m0 + 64 * wg;  // first row of this warpgroup
   int k_slot = 0, v_slot = 0;
   int v_prev = -1;  // V slot of the previous step's tile, whose P is in tOrP; -1 before the first step
-  int dropped_n0 = -1;  // that tile's first key when its V had entries zeroed, else -1
   while (n < n_tiles) {
-    const int n0 = n * BN;
-    bool v_nonfinite = false;
-    if (fwd_scans_v<Tr>(mk, m0, n0)) {
-      cp_async_wait_all();
-      const bool found = zero_nonfinite_chunks<BN, D, NT, Element>(pV + v_slot * Tr::kSizeV, v_flags<Tr>(v_slot), tid);
-      fence_proxy_async_smem();
-      v_nonfinite = __syncthreads_or(found);
-    } else {
-      publish_copies_to_block();
-    }
+    publish_copies_to_block();
     Tensor tSrK = thr_s.partition_fragment_B(sK(k_slot));
     wg_gemm_issue</*kZeroInit=*/true, /*kARegs=*/false>(mma_s, tSrQ, tSrK, tSrS);
     // The next tile's copies go out while the tensor cores run this step's GEMMs.
@@ -157,14 +141,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
       wg_wait<0>(tSrS);
     }
 
+    const int n0 = n * BN;
     fwd_pointwise<Tr>(p, mk, w.batch, hr, m0, wm0, n0, tSrS, tScS);
     // P_t, once the O GEMM reading P_{t-1} from the same registers has retired.
     wg_wait<0>(tOrO, tOrP);
-    if (dropped_n0 >= 0)
-      fwd_add_dropped_v<Tr>(p, mk, m0, gV, v_flags<Tr>(v_prev), dropped_n0, tOrO, tOcO, tOrP, tid % 32);
     pack_p<Element>(tSrS, tOrP);
 
-    dropped_n0 = v_nonfinite ? n0 : -1;
     v_prev = v_slot;
     n = n_next;
     k_slot ^= 1;
@@ -177,8 +159,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) hstu_fwd_sm90_kernel(const At
   if (v_prev >= 0) {  // the last tile's O GEMM
     Tensor tOrV = thr_o.partition_fragment_B(sVt(v_prev));
     wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
-    if (dropped_n0 >= 0)
-      fwd_add_dropped_v<Tr>(p, mk, m0, gV, v_flags<Tr>(v_prev), dropped_n0, tOrO, tOcO, tOrP, tid % 32);
   }
 
   store_o<Tr>(p, base, m0, mk.L, tOrO, tOcO, pQ, wg, tid % 128);
@@ -326,16 +306,14 @@ __global__ void __launch_bounds__(Tr::kThreads + 128, Tr::kBlocksPerSmWs) hstu_f
     }
     Tensor tSrQ = thr_s.partition_fragment_A(sQ(sq.index()));
     bool have_prev = false;  // P_{t-1} in tOrP, V_{t-1} in slot sv_prev
-    int dropped_n0 = -1;  // V_{t-1}'s first key when its V had entries zeroed, else -1
-    ws_consume_key_tiles<Tr>(p, w, hr, m0, cwg, pK, pV, pipe_k, pipe_v, sk, sv, sv_prev, have_prev, dropped_n0, mma_s,
-                             mma_o, tSrQ, tSrS, tScS, tOrO, tOcO, tOrP);
+    ws_consume_key_tiles<Tr>(p, mk, w.batch, hr, m0, cwg, pK, pV, pipe_k, pipe_v, sk, sv, sv_prev, have_prev, mma_s,
+                             mma_o, tSrQ, tSrS, tScS, tOrO, tOrP);
     if constexpr (!kPersistent) {
       if (kPingPong && cwg == 0) named_barrier_sync<256>(kTurnBarrier);  // group 1's last hand-over: the block's only item
     }
     if (have_prev) {  // the last tile's O GEMM
       Tensor tOrV = thr_o.partition_fragment_B(sVt(sv_prev.index()));
       wg_gemm</*kZeroInit=*/false, /*kARegs=*/true>(mma_o, tOrP, tOrV, tOrO);
-      if (dropped_n0 >= 0) ws_add_dropped_v<Tr>(p, w, m0, sv_prev.index(), dropped_n0, tOrO, tOcO, tOrP, ctid % 32);
       pipe_v.consumer_release(sv_prev);
     }
     store_o<Tr>(p, base_of(w), m0, mk.L, tOrO, tOcO, pQ + sq.index() * Tr::kSizeQ, cwg, ctid % 128);

@@ -69,10 +69,7 @@ struct FwdTraitsSm90 {
                 "compact shared tiles");
   // 128B-swizzled GMMA tiles need 1024-byte aligned bases: every tile size is a multiple of 8 rows x 128 bytes.
   static_assert((kSizeQ * 2) % 1024 == 0 && (kSizeK * 2) % 1024 == 0, "1024-byte aligned tiles");
-  static constexpr int kTileBytes = (kSizeQ + kStagesK * kSizeK + kStagesV * kSizeV) * 2;  // 96 / 192 / 224 KB
-  // Then per V slot and key: whether the key's V row had non-finite entries zeroed (tiles that hide entries only;
-  // zero_nonfinite_chunks).
-  static constexpr int kSmemBytes = kTileBytes + kStagesV * kBlockN;
+  static constexpr int kSmemBytes = (kSizeQ + kStagesK * kSizeK + kStagesV * kSizeV) * 2;  // 96 / 192 / 224 KB
   // Warp-specialized kernel (hstu_fwd_sm90_ws_kernel): K and V rings behind mbarrier pipelines (a slot is refilled
   // only after both consumer warpgroups released it), then the barriers. V_t is released one step after K_t (its O
   // GEMM runs during step t + 1), and the producer loads K, V in tile order: a third V slot keeps the producer from
@@ -84,9 +81,7 @@ struct FwdTraitsSm90 {
   static constexpr int kStagesWsQ = kHeadDim <= 128 ? 2 : 1;
   static constexpr int kTileBytesWs =
       (kStagesWsQ * kSizeQ + kStagesWsK * kSizeK + kStagesWsV * kSizeV) * 2;  // 112 / 224 / 224 KB
-  // The tiles, 256 bytes of pipeline barriers, then the V slots' row flags (as in kSmemBytes).
-  static constexpr int kFlagsOffsetWs = kTileBytesWs + 256;
-  static constexpr int kSmemBytesWs = kFlagsOffsetWs + kStagesWsV * kBlockN;
+  static constexpr int kSmemBytesWs = kTileBytesWs + 256;
   static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesWs <= 227 * 1024, "shared memory per block on sm_90");
   // Warp-specialized kernel: blocks per SM and the setmaxnreg split of the roles. The registers move within the
   // block's launch allocation (65536 / blocks per SM / threads, in steps of 8: 168 per thread with two consumer
@@ -107,6 +102,13 @@ struct FwdTraitsSm90 {
 // same elements in the same linear order. check_sm90_fragments (host) verifies this for every instantiated shape.
 template <typename Tr>
 using POperandShape = decltype(cute::partition_shape_A(typename Tr::MmaO{}, cute::Shape<typename Tr::BM, typename Tr::BN>{}));
+
+// Element offset of (row r, column c) in the Q tile (SmemLayoutQ: K-major, 128B-swizzled atoms of 8 rows x 64
+// columns, tiled along the rows first), written out with 32-bit math; check_sm90_traits compares it with the layout.
+template <int kRows>
+__host__ __device__ __forceinline__ constexpr int q_tile_offset(int r, int c) {
+  return (c >> 6) * (kRows * 64) + (r >> 3) * 512 + (r & 7) * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+}
 
 }  // namespace sm90
 }  // namespace hstu
