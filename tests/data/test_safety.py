@@ -140,9 +140,12 @@ def test_download_directory_cannot_be_the_output(tmp_path, layout):
 # ---- interrupts and failing writes leave the previous output intact -------------------------------------------------
 
 # Pauses the run once item.npy has been written into the temp directory, so the test can interrupt it there.
+# SIGINT gets Python's default handler first: a suite started in the background by a shell without job control runs
+# with SIGINT ignored, which the child would inherit (a user's Ctrl-C reaches a foreground process).
 PAUSE_AFTER_ITEM = """
-import os, time
+import os, signal, time
 import numpy as np
+signal.signal(signal.SIGINT, signal.default_int_handler)
 _save = np.save
 def _paused_save(file, arr, *args, **kwargs):
     _save(file, arr, *args, **kwargs)
