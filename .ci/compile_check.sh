@@ -42,18 +42,23 @@ COMMON=(-std=c++17 -O3 --expt-relaxed-constexpr --expt-extended-lambda -DHSTU_WI
   -I"$CUTLASS_INC")
 start=$(date +%s)
 
+# The plain-CUDA units (no CUTLASS), with torch's half-type switches as setup.py's build passes them: one after the
+# other in the background while the binding compiles.
+(
+  for unit in csrc/jagged/jagged.cu csrc/layer/norm_mul_dropout.cu; do
+    "$NVCC" -std=c++17 -O3 -x cu -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ -Xptxas=-warn-spills -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
+      -DTORCH_EXTENSION_NAME=_C -w -c "$unit" -o "$WORK/$(basename "$unit" .cu).o" >"$WORK/plain.log" 2>&1 ||
+      { echo "[compile_check] FAILED $unit (sm_80 and sm_90a)"; cat "$WORK/plain.log"; exit 1; }
+    echo "[compile_check] ok $unit (sm_80 and sm_90a)"
+  done
+) &
+plain_pid=$!
 echo "[compile_check] binding TU (host compiler, torch headers)"
 "$NVCC" "${COMMON[@]}" -x cu -gencode=arch=compute_90a,code=sm_90a -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
   -DTORCH_EXTENSION_NAME=_C -w -c csrc/hstu_attention/hstu_api.cpp -o "$WORK/api.o"
-
-# The plain-CUDA units (no CUTLASS), with torch's half-type switches as setup.py's build passes them.
-for unit in csrc/jagged/jagged.cu csrc/layer/norm_mul_dropout.cu; do
-  echo "[compile_check] $unit (sm_80 and sm_90a)"
-  "$NVCC" -std=c++17 -O3 -x cu -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a \
-    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-    -D__CUDA_NO_HALF2_OPERATORS__ -Xptxas=-warn-spills -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
-    -DTORCH_EXTENSION_NAME=_C -w -c "$unit" -o "$WORK/$(basename "$unit" .cu).o"
-done
+wait "$plain_pid" || exit 1
 
 INST=csrc/hstu_attention/instantiations
 if [ "${HSTU_COMPILE_CHECK_ALL:-0}" = "1" ]; then
@@ -70,7 +75,10 @@ else
     $INST/hstu_bwd_bf16_hdim128_rab_sm80.cu
     $INST/hstu_bwd_fp16_hdim256_rab_sm80.cu
   )
-  ARCHS=(80 90a)
+  ARCHS=(80)
+  # the sm80-style units for sm_90a (the Hopper-only instructions they use, e.g. the vector float atomics): one
+  # forward and one backward unit (the 90a build of every unit: HSTU_COMPILE_CHECK_ALL=1)
+  SM90A_SM80_FILES=($INST/hstu_fwd_bf16_hdim128_rab_sm80.cu $INST/hstu_bwd_bf16_hdim128_rab_sm80.cu)
 fi
 # Host self-check of the sm90 forward's and backward's layout assumptions (fragment orders, swizzled tile addressing,
 # the MN-major views of the backward's K-major tiles) for every instantiated (dtype, head dim), and of their grouped
@@ -120,6 +128,7 @@ for arch in "${ARCHS[@]}"; do
   for f in "${FILES[@]}"; do jobs_list+=("$arch $f"); done
 done
 if [ "${HSTU_COMPILE_CHECK_ALL:-0}" != "1" ]; then
+  for f in "${SM90A_SM80_FILES[@]}"; do jobs_list+=("90a $f"); done
   jobs_list+=("90a $INST/hstu_fwd_bf16_hdim128_rab_sm90.cu" "90a $INST/hstu_bwd_bf16_hdim128_rab_sm90.cu"
              "90a $INST/hstu_bwd_fp16_hdim256_rab_sm90.cu")
 fi

@@ -322,7 +322,6 @@ _NONFINITE_CASES = {
     "atomic_d64_bf16": (64, torch.bfloat16, False, 0, 0.0, {}),
     "split_d64_fp16_window": (64, torch.float16, True, 0, 0.0, dict(window_size=40)),
     "split_d32_bf16_dropout": (32, torch.bfloat16, True, 0, 0.3, {}),
-    "atomic_d256_onepass_fp16": (256, torch.float16, False, 0, 0.0, {}),
 }
 
 
