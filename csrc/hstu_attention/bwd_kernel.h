@@ -309,8 +309,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
         acc_to_a<Element, BM / 8>(pa, st);
         gemm_rs_kn<DH / 8, BM, D>(acc_dv, pa, tdO + wd * DH, lane);
         if (do_nonfinite)
-          add_dropped_terms<Element, DH / 8, BM / 8>(acc_dv, st, do_bad, gdO + m0 * p.row_stride + wd * DH,
-                                                     p.row_stride, selected, lane);
+          add_dropped_terms<Element, DH / 8, BM / 8>(
+              acc_dv, st, do_bad, StridedRows<Element>{gdO + m0 * p.row_stride + wd * DH, p.row_stride}, selected,
+              lane);
       }
       if constexpr (kDoDK) {
         uint32_t pa[BM / 16][4];
@@ -328,8 +329,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
         }
         gemm_rs_kn<DH / 8, BM, D>(acc_dk, pa, tQ + wd * DH, lane);
         if (q_nonfinite)
-          add_dropped_terms<Element, DH / 8, BM / 8>(acc_dk, dpt, q_bad, gQ + m0 * p.row_stride + wd * DH,
-                                                     p.row_stride, selected, lane);
+          add_dropped_terms<Element, DH / 8, BM / 8>(
+              acc_dk, dpt, q_bad, StridedRows<Element>{gQ + m0 * p.row_stride + wd * DH, p.row_stride}, selected,
+              lane);
         if (kAtomicDq && k_nonfinite && wd == 0) {
           // dQ's terms lost to the zeroed K entries, from this thread's own dS elements (keys j, queries i)
 #pragma unroll
@@ -534,8 +536,8 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
     for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], dp[mi]);
     gemm_rs_kn_mi<MI, D / 8, BN, D>(acc_dq, pa, tK, lane);
     if (k_nonfinite)
-      add_dropped_terms_mi<Element, kDropout>(acc_dq, dp, k_bad, gK + n0 * p.row_stride, p.row_stride, mk, row_lo, n0,
-                                             keep, lane);
+      add_dropped_terms_mi<Element, kDropout>(acc_dq, dp, k_bad, StridedRows<Element>{gK + n0 * p.row_stride,
+                                             p.row_stride}, mk, row_lo, n0, keep, lane);
     ++it;
     n = next_tile(n);
   }

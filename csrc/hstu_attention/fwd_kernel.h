@@ -4,6 +4,7 @@
 // O += SiLU(S) V with SiLU(S) converted in registers from the accumulator layout to the A-operand layout.
 #pragma once
 
+#include "cached.h"
 #include "dropout.h"
 #include "hstu.h"
 #include "mask.h"
@@ -33,10 +34,10 @@ struct FwdTraits {
 
 // add_dropped_terms (utils.h) for the kMI row blocks of a warp in the forward layout (the forward and dq kernels):
 // rows row_lo + 16 mi (+ 8), keys n0 + 8 nb + 2 t + (e & 1), an entry selected where visible and (kDropout) kept
-// (keep: dropout_bits_qk_mi's flags).
-template <typename Element, bool kDropout, int kMI, int kNB, int kKB, int kWords>
+// (keep: dropout_bits_qk_mi's flags); rows(k): the original of the tile's row k (StridedRows, CachedRows).
+template <typename Element, bool kDropout, int kMI, int kNB, int kKB, int kWords, typename Rows>
 __device__ __forceinline__ void add_dropped_terms_mi(float (&acc)[kMI][kNB][4], const float (&w)[kMI][kKB][4],
-                                                     const uint8_t* flags, const Element* orig, int64_t stride,
+                                                     const uint8_t* flags, const Rows& rows,
                                                      const SeqMask& mk, int row_lo, int n0,
                                                      const uint32_t (&keep)[kWords], int lane) {
   const int t = lane & 3;
@@ -48,16 +49,19 @@ __device__ __forceinline__ void add_dropped_terms_mi(float (&acc)[kMI][kNB][4], 
       if constexpr (kDropout) sel = sel && dropout_flag(keep, mi * (4 * kKB) + nb * 4 + e);
       return sel;
     };
-    add_dropped_terms<Element, kNB, kKB>(acc[mi], w[mi], flags, orig, stride, selected, lane);
+    add_dropped_terms<Element, kNB, kKB>(acc[mi], w[mi], flags, rows, selected, lane);
   }
 }
 
 // kDropout: attention dropout (dropout.h); the false instantiation (p == 0) contains no dropout code at all.
 // kTables (kHasRab units only): the bias comes from the weight tables (rab_tables.h) instead of the dense rab.
-template <typename Traits, bool kDropout, bool kTables = false>
+// kCached: the cached forward (cached.h): the query tiles are tiles of new rows, at absolute rows cached + local
+// row, and the keys come from the cache and the new rows; false: the full attention (cached = 0 at compile time).
+template <typename Traits, bool kDropout, bool kTables = false, bool kCached = false>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
   static_assert(!kTables || Traits::kHasRab, "the table kernels are the kHasRab instantiations");
+  static_assert(!kCached || (!kDropout && !kTables), "the cached forward has no dropout and no bias tables");
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
   static_assert(BM % 16 == 0 && BN % 16 == 0, "dropout.h's 2 x 2 Philox grouping needs 16-aligned tiles");
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -66,9 +70,12 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
   Element* sV = sK + Traits::kStages * Traits::kSmemKV;
   uint8_t* v_bad = reinterpret_cast<uint8_t*>(sV + Traits::kStages * Traits::kSmemKV);
 
-  const WorkItem w = schedule_block(p, /*reverse=*/true);
+  const FwdWork fw = schedule_fwd_block<kCached>(p);
+  const WorkItem& w = fw.item;
   const SeqMask& mk = w.mask;
-  const int m0 = w.tile * BM;
+  const int q_shift = fw.cached;  // absolute row of the sequence's first query row
+  const int m_local = w.tile * BM;  // first row of the tile in q / out
+  const int m0 = q_shift + m_local;  // first row of the tile in the sequence
   if (m0 >= mk.L) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -78,13 +85,24 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
   const Element* gK = reinterpret_cast<const Element*>(p.k) + base;
   const Element* gV = reinterpret_cast<const Element*>(p.v) + base;
 
-  load_tile_async<BM, D, NT>(sQ, gQ + m0 * p.row_stride, p.row_stride, mk.L - m0, tid);
+  load_tile_async<BM, D, NT>(sQ, gQ + m_local * p.row_stride, p.row_stride, mk.L - m0, tid);
+  // kCached: the tile's keys from the cache and the new rows
+  [[maybe_unused]] auto cached_rows = [&](const void* cache, const Element* fresh, int row0) {
+    const Element* c = reinterpret_cast<const Element*>(cache) + static_cast<int64_t>(fw.cache_start) * p.row_stride +
+                       static_cast<int64_t>(w.head) * D;
+    return CachedRows<Element>{c, fresh, p.row_stride, fw.cached, row0};
+  };
 
   const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;
   auto next_tile = [&](int n) { return mk.next_key_tile(n, n_tiles, BN, m0, m0 + BM); };
   auto load_kv = [&](int n, int stage) {
-    load_tile_pair_async<BN, D, NT>(sK + stage * Traits::kSmemKV, sV + stage * Traits::kSmemKV, gK, gV,
-                                    p.row_stride, n * BN, mk.L, tid);
+    if constexpr (kCached) {
+      load_cached_tile_async<BN, D, NT>(sK + stage * Traits::kSmemKV, cached_rows(p.k_cache, gK, n * BN), mk.L, tid);
+      load_cached_tile_async<BN, D, NT>(sV + stage * Traits::kSmemKV, cached_rows(p.v_cache, gV, n * BN), mk.L, tid);
+    } else {
+      load_tile_pair_async<BN, D, NT>(sK + stage * Traits::kSmemKV, sV + stage * Traits::kSmemKV, gK, gV,
+                                      p.row_stride, n * BN, mk.L, tid);
+    }
   };
 
   // Pipeline: the prologue requests the first kStages - 1 visible K/V tiles (one commit group each, Q rides in the
@@ -160,7 +178,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
               if (!kMasked || (i < mk.L && j < mk.L))
                 x += tb.value(tb.index(row_t[mi][e >> 1], row_p[mi][e >> 1], tb.key_time(j), tb.position(j)));
             } else if constexpr (Traits::kHasRab) {
-              if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i, j);
+              if (!kMasked || (i < mk.L && j < mk.L)) x += rab_value<Element>(p, w.batch, hr, i - q_shift, j);
             }
             x *= p.alpha;
             float pv = x * sigmoid_t<Element>(x);
@@ -181,15 +199,20 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) acc_to_a<Element, BN / 8>(pa[mi], s[mi]);
     gemm_rs_kn_mi<MI, D / 8, BN, D>(acc_o, pa, tV, lane);
-    if (v_nonfinite)
-      add_dropped_terms_mi<Element, kDropout>(acc_o, s, v_bad, gV + n0 * p.row_stride, p.row_stride, mk, row_lo, n0,
-                                             keep, lane);
+    if (v_nonfinite) {
+      if constexpr (kCached)
+        add_dropped_terms_mi<Element, kDropout>(acc_o, s, v_bad, cached_rows(p.v_cache, gV, n0), mk, row_lo, n0, keep,
+                                               lane);
+      else
+        add_dropped_terms_mi<Element, kDropout>(acc_o, s, v_bad, StridedRows<Element>{gV + n0 * p.row_stride,
+                                               p.row_stride}, mk, row_lo, n0, keep, lane);
+    }
     ++it;
     n = next_tile(n);
   }
   cp_async_wait_all();
 
-  Element* gO = reinterpret_cast<Element*>(p.out) + base + m0 * p.row_stride;
+  Element* gO = reinterpret_cast<Element*>(p.out) + base + m_local * p.row_stride;
   float o_scale = p.inv_scale;
   if constexpr (kDropout) o_scale *= p.dropout_scale;
 #pragma unroll

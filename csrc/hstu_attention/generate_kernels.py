@@ -3,6 +3,9 @@
 File names encode the parts setup.py prunes with HSTU_DISABLE_* switches:
     hstu_{fwd|bwd}_{bf16|fp16}_hdim{32|64|128|256}_{norab|rab}_sm80.cu
 (The sm80 tensor-core path is compiled for every architecture in TORCH_CUDA_ARCH_LIST, sm_90a included.)
+The forward units of CACHED_FWD_HEAD_DIMS also hold the cached forward (run_fwd_cached, cached.h: inference's new
+rows against cached keys / values, no dropout, dense rab or none), so the same switches prune it; keep the list in
+step with kCachedFwdHeadDim (hstu.h).
 Hopper forward (wgmma, fwd_launch_sm90.h) and backward (bwd_launch_sm90.h), built only when the architecture list
 holds sm_90a (heuristics.h decides per call whether they run):
     hstu_fwd_{bf16|fp16}_hdim{64|128|256}_{norab|rab}_sm90.cu
@@ -17,6 +20,7 @@ import pathlib
 
 DTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 HEAD_DIMS = (32, 64, 128, 256)
+CACHED_FWD_HEAD_DIMS = (32, 64, 128, 256)  # keep in step with kCachedFwdHeadDim (hstu.h)
 SM90_FWD_HEAD_DIMS = (64, 128, 256)  # keep in step with kSm90FwdHeadDim (fwd_sm90_api.h)
 SM90_BWD_HEAD_DIMS = (64, 128, 256)  # keep in step with kSm90BwdHeadDim (bwd_sm90_api.h)
 DIRECTIONS = ("fwd", "bwd")
@@ -52,6 +56,8 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     for direction, dtype, hdim, rab in itertools.product(DIRECTIONS, DTYPES, HEAD_DIMS, RAB):
         text = TEMPLATE.format(DIR=direction.upper(), dtype=DTYPES[dtype], hdim=hdim, rab=RAB[rab])
+        if direction == "fwd" and hdim in CACHED_FWD_HEAD_DIMS:
+            text += f"HSTU_INSTANTIATE_FWD_CACHED({DTYPES[dtype]}, {hdim}, {RAB[rab]})\n"
         (out / file_name(direction, dtype, hdim, rab)).write_text(text)
     for dtype, hdim, rab in itertools.product(DTYPES, SM90_FWD_HEAD_DIMS, RAB):
         text = TEMPLATE_SM90.format(dtype=DTYPES[dtype], hdim=hdim, rab=RAB[rab])

@@ -68,6 +68,15 @@ struct AttnParams {
   // Work items the persistent sm90 forward has handed out beyond its first wave: one int, zero at launch
   int* tile_counter;
 
+  // Cached forward (run_fwd_cached, cached.h): q, k, v, out and seq_offsets are the new rows of every sequence, and
+  // sequence b is its cached rows (k_cache / v_cache rows cache_offsets[b] .. cache_offsets[b + 1], same row stride)
+  // followed by its new rows: the masks apply at absolute positions (new row i is row cached_b + i) and max_seqlen
+  // is the largest number of new rows. Dense rab rows are new rows, its columns the keys of the whole sequence.
+  // nullptr (every other launch): full attention over seq_offsets.
+  const void* __restrict__ k_cache;
+  const void* __restrict__ v_cache;
+  const int* __restrict__ cache_offsets;  // (B + 1,)
+
   // row strides (elements) of the (T, H, D) tensors; head stride is D
   int64_t row_stride;
   int batch;
@@ -115,6 +124,14 @@ void run_fwd(const AttnParams& params, const KernelOptions& options, cudaStream_
 
 template <typename Element, int kHeadDim, bool kHasRab>
 void run_bwd(const AttnParams& params, const KernelOptions& options, cudaStream_t stream);
+
+// The cached forward (AttnParams' cached fields; no dropout, no bias tables: a dense rab or none) at the head dims
+// generate_kernels.py instantiates it for (CACHED_FWD_HEAD_DIMS); it runs the sm80-style forward on every arch.
+template <int kHeadDim>
+inline constexpr bool kCachedFwdHeadDim = kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
+
+template <typename Element, int kHeadDim, bool kHasRab>
+void run_fwd_cached(const AttnParams& params, cudaStream_t stream);
 
 // Debug: writes the dropout keep mask (batch, heads, max_seqlen, max_seqlen) as contiguous bool. Specialised in
 // every forward translation unit (so any pruned build has one); the template arguments only pick that unit.

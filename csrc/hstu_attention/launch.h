@@ -91,6 +91,22 @@ void launch_fwd(const AttnParams& p, const KernelOptions& options, cudaStream_t 
     launch_fwd_impl<Element, kHeadDim, kHasRab, false>(p, stream);
 }
 
+// The cached forward (cached.h): the sm80-style forward kernel over the new rows' query tiles, on every arch (grid:
+// tiles of the largest number of new rows x B x heads).
+template <typename Element, int kHeadDim, bool kHasRab>
+void launch_fwd_cached(const AttnParams& p, cudaStream_t stream) {
+  static_assert(kCachedFwdHeadDim<kHeadDim>, "no cached forward at this head dim (CACHED_FWD_HEAD_DIMS)");
+  if (p.batch == 0 || p.max_seqlen == 0) return;
+  if (p.cache_offsets == nullptr || p.dropout || has_rab_tables(p))
+    throw std::invalid_argument("hstu attention: the cached forward needs cache_offsets, no dropout, no bias tables");
+  using Cfg = TileConfig<kHeadDim>;
+  using Traits = FwdTraits<Element, kHeadDim, kHasRab, Cfg::kFwdWarps, Cfg::kFwdBlockN, Cfg::kFwdMI, Cfg::kFwdStages>;
+  auto kernel = hstu_fwd_kernel<Traits, /*kDropout=*/false, /*kTables=*/false, /*kCached=*/true>;
+  set_smem(kernel, Traits::kSmemBytes);
+  kernel<<<grid_for(p, Traits::kBlockM, p.heads), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  check_cuda(cudaGetLastError(), "cached forward launch");
+}
+
 template <typename Element, int kHeadDim>
 void launch_dq_convert(const AttnParams& p, cudaStream_t stream) {
   const int64_t n8 = p.total_rows * p.row_stride / 8;
@@ -221,6 +237,14 @@ static inline void launch_dropout_keep_mask(const AttnParams& p, bool* out, cuda
   void run_dropout_keep_mask<T, D, RAB>(const AttnParams& p, bool* out, cudaStream_t stream) { \
     launch_dropout_keep_mask(p, out, stream);                                                 \
   }                                                                                           \
+  }
+// The cached forward (generate_kernels.py adds it to the sm80-style forward units of CACHED_FWD_HEAD_DIMS).
+#define HSTU_INSTANTIATE_FWD_CACHED(T, D, RAB)                                          \
+  namespace hstu {                                                                     \
+  template <>                                                                          \
+  void run_fwd_cached<T, D, RAB>(const AttnParams& p, cudaStream_t stream) {           \
+    launch_fwd_cached<T, D, RAB>(p, stream);                                           \
+  }                                                                                    \
   }
 #define HSTU_INSTANTIATE_BWD(T, D, RAB)                                    \
   namespace hstu {                                                         \

@@ -400,20 +400,20 @@ __device__ HSTU_NOINLINE bool nonfinite_dot(const Element* a, const Element* b, 
 
 // The terms acc += W B lost to a zeroed tile B, added back: W is a warp's 16 x 8 kKB fp32 operand in accumulator
 // layout (w[kb][e]: row g + 8 (e >> 1), k = 8 kb + 2 t + (e & 1)), B the tile (row k, columns 8 nb + 2 t + (e & 1)
-// of acc[nb][e]) whose rows flagged in flags[k] had non-finite entries zeroed; orig + k * stride is the original row
-// k (global memory, offset to acc's first column). For each flagged k and each of this thread's two rows whose
+// of acc[nb][e]) whose rows flagged in flags[k] had non-finite entries zeroed; rows(k) is the original row k (global
+// memory, offset to acc's first column; StridedRows / CachedRows of cached.h). For each flagged k and each of this thread's two rows whose
 // (row, k) entry selected(kb, e) keeps (evaluated by the thread holding w[kb][e], which passes W[row][k] on by a quad
 // shuffle), acc += W[row][k] * b for every non-finite b of row k, with W rounded as the MMA operand holds it.
 // Entries not selected add nothing: W is zero there, and 0 * inf would be NaN. Off the fast path.
-template <typename Element, int kNB, int kKB, typename Selected>
+template <typename Element, int kNB, int kKB, typename Rows, typename Selected>
 __device__ __forceinline__ void add_dropped_terms(float (&acc)[kNB][4], const float (&w)[kKB][4],
-                                                  const uint8_t* flags, const Element* orig, int64_t stride,
-                                                  Selected&& selected, int lane) {
+                                                  const uint8_t* flags, const Rows& rows, Selected&& selected,
+                                                  int lane) {
   const int t = lane & 3;
 #pragma unroll 1
   for (int k = 0; k < 8 * kKB; ++k) {
     if (!flags[k]) continue;  // the same flag for the whole block
-    const Element* row = orig + k * stride;
+    const Element* row = rows(k);
     const int src = (lane & ~3) | ((k & 7) >> 1);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

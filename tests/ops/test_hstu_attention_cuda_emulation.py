@@ -83,6 +83,7 @@ class _EmuArgs(ctypes.Structure):
     _fields_ += [(n, ctypes.c_float) for n in ("alpha", "inv_scale", "dropout_scale")]
     _fields_ += [(n, ctypes.c_uint32) for n in ("seed_lo", "seed_hi", "threshold")]  # fmt: skip
     _fields_ += _TABLE_FIELDS
+    _fields_ += [(n, ctypes.c_void_p) for n in ("k_cache", "v_cache", "cache_offsets")]  # the cached forward
 
 
 def _ptr(t):
@@ -518,3 +519,119 @@ def test_cpu_emulated_table_kernels_parity(emulator, case):
             continue
         assert torch.isfinite(a).all(), f"{name}: non-finite entries (unwritten?)"
         assert_parity(name, a, b, c.to(a.dtype), factor=FORWARD_FACTOR if name == "out" else BACKWARD_FACTOR)
+
+
+# The cached forward (issue 26; csrc/hstu_attention/cached.h): new rows against cached keys / values plus their own,
+# the keys read from the cache and the new rows (no concatenated copy), the masks at absolute positions.
+def _emu_cached(emu, q, k, v, delta_offsets, cached_k, cached_v, cache_offsets, *, alpha, scaling_seqlen,
+                window_size=-1, num_contexts=None, num_targets=None, target_group_size=1, rab=None):  # fmt: skip
+    """cached_hstu_attention on the emulated cached forward kernel (CPU tensors of one 16-bit dtype)."""
+    i32 = lambda t: None if t is None else t.to(torch.int32).contiguous()  # noqa: E731
+    delta_offsets, cache_offsets = i32(delta_offsets), i32(cache_offsets)
+    num_contexts, num_targets = i32(num_contexts), i32(num_targets)
+    rab = None if rab is None else rab.to(q.dtype).contiguous()
+    q, k, v, cached_k, cached_v = (t.contiguous() for t in (q, k, v, cached_k, cached_v))
+    n_new = int((delta_offsets[1:] - delta_offsets[:-1]).max()) if delta_offsets.numel() > 1 else 0
+    out = torch.full_like(q, float("nan"))
+    a = _args_for(q, k, v, delta_offsets, n_new, alpha, scaling_seqlen, True, window_size, num_contexts, num_targets,
+                  target_group_size, rab, 0.0, 0, 0)  # fmt: skip
+    a.out, a.k_cache, a.v_cache, a.cache_offsets = map(_ptr, (out, cached_k, cached_v, cache_offsets))
+    if q.numel():
+        emu.emu_fwd_cached(ctypes.byref(a))
+    return out
+
+
+def _cached_problem(p):
+    """(kernel output, fp32 cached reference, same-dtype full-recompute rows) of the problem p (the keys of
+    tests/inference/test_cached_attention.problems)."""
+    from hstu.ops.cached_attention import cached_attention_reference
+    from tests.inference.test_cached_attention import _full, _full_inputs, _offsets, _rab_rows, _split
+
+    def call(fn, dtype):
+        (q, k, v), rab, _ = _full_inputs(p, dtype)
+        (_, dq), (ck, dk), (cv, dv) = _split(q, p), _split(k, p), _split(v, p)
+        return fn(dq, dk, dv, _offsets(p["delta"]), ck, cv, _offsets(p["cache"]), alpha=0.5, scaling_seqlen=40,
+                  window_size=p["window"], target_group_size=p["group"], num_targets=torch.tensor(p["targets"]),
+                  num_contexts=None if p["contexts"] is None else torch.tensor(p["contexts"]),
+                  rab=None if rab is None else _rab_rows(rab, p))  # fmt: skip
+
+    return call, call(cached_attention_reference, torch.float32), _full(p, p["dtype"], False)
+
+
+_CACHED_EMU_CASES = {
+    # empty and length-1 caches and deltas, a key tile across the cache end, M-FALCON candidates, per-head rab
+    "d64_bf16_falcon_rabH": dict(dim=64, dtype=torch.bfloat16, cache=[0, 1, 150, 37, 0], delta=[0, 1, 40, 130, 3],
+                                 targets=[0, 1, 40, 20, 3], contexts=None, group=1, window=-1, rab="heads"),
+    # contexts, target groups, a window, a one-head rab, head dim 256 (64-row query tiles)
+    "d256_fp16_ctx_groups_window": dict(dim=256, dtype=torch.float16, cache=[70, 5, 0], delta=[66, 1, 9],
+                                        targets=[12, 0, 9], contexts=[3, 6, 0], group=3, window=20, rab=1),
+}
+
+
+@pytest.mark.parametrize("case", list(_CACHED_EMU_CASES))
+def test_cpu_emulated_cached_forward_parity(emulator, case):
+    """The cached forward against the fp32 cached reference under the parity rule (bound from the same-dtype full
+    recompute's rows), with NaN-poisoned outputs: every new row is written."""
+    p = dict(_CACHED_EMU_CASES[case], heads=2, seed=sum(map(ord, case)))
+    call, want, low = _cached_problem(p)
+    got = call(functools.partial(_emu_cached, emulator), p["dtype"])
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert_parity_cached(got, want, low)
+
+
+def assert_parity_cached(got, want, low):
+    from hstu.testing.parity import FORWARD_FACTOR, assert_parity
+
+    assert_parity("cached out", got.float(), want, low.float(), factor=FORWARD_FACTOR)
+
+
+@settings(max_examples=4, deadline=None)
+@given(batch=st.integers(1, 3), data=st.data())
+def test_cpu_emulated_cached_forward_random(emulator, batch, data):
+    """Randomized cache lengths (0..160), new-row counts (0..48 with 0 and 1 likely), targets with group sizes 1-3,
+    contexts, windows and rab, head dims 32 / 64 / 128, both dtypes: the parity rule against the fp32 reference."""
+    cache = [data.draw(st.integers(0, 160)) for _ in range(batch)]
+    delta = [data.draw(st.sampled_from([0, 1, data.draw(st.integers(2, 48))])) for _ in range(batch)]
+    targets = [data.draw(st.integers(0, n)) for n in delta]
+    contexts = None
+    if data.draw(st.booleans()):
+        contexts = [data.draw(st.integers(0, min(8, c + n - t))) for c, n, t in zip(cache, delta, targets)]
+    p = dict(cache=cache, delta=delta, targets=targets, contexts=contexts, heads=data.draw(st.integers(1, 2)),
+             group=data.draw(st.sampled_from([1, 1, 2, 3])), window=data.draw(st.sampled_from([-1, -1, 0, 25])),
+             dim=data.draw(st.sampled_from([32, 64, 128])), rab=data.draw(st.sampled_from([None, 1, "heads"])),
+             dtype=data.draw(st.sampled_from([torch.bfloat16, torch.float16])), seed=data.draw(st.integers(0, 9999)))
+    if sum(delta) == 0:
+        return
+    call, want, low = _cached_problem(p)
+    got = call(functools.partial(_emu_cached, emulator), p["dtype"])
+    assert torch.isfinite(got).all()
+    assert_parity_cached(got, want, low)
+
+
+def test_cpu_emulated_cached_forward_selects_nonfinite_entries(emulator):
+    """A NaN / inf in a cached or new value reaches exactly the outputs of the new rows that see it, inside a key tile
+    that spans the cache end (cached keys 0-39, new keys 40-69, one 64-key tile): the cached NaN only the first history
+    rows (window 30), the new inf only its own candidate (M-FALCON), the cached inf nobody; the non-finite pattern is
+    the fp32 reference's and every other output equals the clean run bit for bit."""
+    from hstu.ops.cached_attention import cached_attention_reference
+    from tests.inference.test_cached_attention import _full_inputs, _offsets, _split
+
+    p = dict(dim=64, cache=[40], delta=[30], heads=1, rab=None, seed=5)
+    (q, k, v), _, _ = _full_inputs(p, torch.bfloat16)
+    (_, dq), (ck, dk), (cv, dv) = _split(q, p), _split(k, p), _split(v, p)
+    kwargs = dict(alpha=0.5, scaling_seqlen=40, window_size=30, num_targets=torch.tensor([24]))
+    offsets = (_offsets([30]), _offsets([40]))
+    clean = _emu_cached(emulator, dq, dk, dv, offsets[0], ck, cv, offsets[1], **kwargs)
+    cv, dv = cv.clone(), dv.clone()
+    cv[12, 0, 7] = float("nan")  # key 12: seen by history rows 40-42 only (window 30; the targets start at 46)
+    cv[2, 0, 5] = float("inf")  # key 2: outside every new row's window
+    dv[10, 0, 3] = float("-inf")  # key 50, a candidate: seen by itself only
+    got = _emu_cached(emulator, dq, dk, dv, offsets[0], ck, cv, offsets[1], **kwargs)
+    want = cached_attention_reference(dq.float(), dk.float(), dv.float(), offsets[0], ck.float(), cv.float(),
+                                      offsets[1], **kwargs)  # fmt: skip
+    expected = torch.zeros(got.shape, dtype=torch.bool)
+    expected[0:3, 0, 7] = True
+    expected[10, 0, 3] = True
+    assert torch.equal(_nonfinite_pattern(want) != 0, expected)
+    assert torch.equal(_nonfinite_pattern(got), _nonfinite_pattern(want))
+    assert torch.equal(got[~expected], clean[~expected])

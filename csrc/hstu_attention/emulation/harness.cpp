@@ -93,6 +93,15 @@ void fwd_impl(const AttnParams& p) {
          Traits::kSmemBytes);
 }
 
+// The cached forward (launch.h's launch_fwd_cached).
+template <typename Element, int D, bool kRab>
+void fwd_cached_impl(const AttnParams& p) {
+  using Cfg = TileConfig<D>;
+  using Traits = FwdTraits<Element, D, kRab, Cfg::kFwdWarps, Cfg::kFwdBlockN, Cfg::kFwdMI, Cfg::kFwdStages>;
+  launch([&] { hstu_fwd_kernel<Traits, false, false, true>(p); }, grid_for(p, Traits::kBlockM, p.heads),
+         Traits::kThreads, Traits::kSmemBytes);
+}
+
 // 0: the table gradients go to global atomics; else launch.h's shared-memory histogram where it fits (227 KB)
 int g_table_hist = 1;
 
@@ -186,6 +195,22 @@ void dispatch3(const AttnParams& p, int variant) {
   else go(std::false_type{}, std::false_type{});
 }
 
+template <typename T>
+void dispatch_cached(const AttnParams& p, int D) {
+  auto go = [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    if (p.rab != nullptr) fwd_cached_impl<T, kD, true>(p);
+    else fwd_cached_impl<T, kD, false>(p);
+  };
+  switch (D) {
+    case 32: return go(std::integral_constant<int, 32>{});
+    case 64: return go(std::integral_constant<int, 64>{});
+    case 128: return go(std::integral_constant<int, 128>{});
+    case 256: return go(std::integral_constant<int, 256>{});
+  }
+  std::abort();
+}
+
 template <bool kBwd>
 void dispatch(const AttnParams& p, int dtype, int D, int variant) {
   if (dtype == 0) {
@@ -228,6 +253,9 @@ struct EmuArgs {
   float *dpos, *dtime;
   int pos_heads, pos_size, time_heads, time_buckets, time_next, table_hist;
   float time_divisor;
+  // the cached forward's cached keys / values and their offsets (AttnParams' cached fields)
+  const void *k_cache, *v_cache;
+  const int* cache_offsets;
 };
 
 static AttnParams to_params(const EmuArgs& a) {
@@ -247,6 +275,7 @@ static AttnParams to_params(const EmuArgs& a) {
   p.rab_pos_size = a.pos_size; p.rab_time_heads = a.time_heads; p.rab_time_buckets = a.time_buckets;
   p.rab_time_next = a.time_next != 0; p.rab_time_divisor = a.time_divisor;
   g_table_hist = a.table_hist;
+  p.k_cache = a.k_cache; p.v_cache = a.v_cache; p.cache_offsets = a.cache_offsets;
   return p;
 }
 
@@ -254,6 +283,14 @@ int emu_fwd(const EmuArgs* a) {
   const AttnParams p = to_params(*a);
   if (p.batch == 0 || p.max_seqlen == 0) return 0;
   dispatch<false>(p, a->dtype, a->D, a->variant);
+  return 0;
+}
+// The cached forward: q, k, v, out and offsets are the new rows, max_seqlen their largest count per sequence.
+int emu_fwd_cached(const EmuArgs* a) {
+  const AttnParams p = to_params(*a);
+  if (p.batch == 0 || p.max_seqlen == 0) return 0;
+  if (a->dtype == 0) dispatch_cached<__nv_bfloat16>(p, a->D);
+  else dispatch_cached<__half>(p, a->D);
   return 0;
 }
 int emu_bwd(const EmuArgs* a) {

@@ -2,3 +2,4 @@
 #include "../launch.h"
 
 HSTU_INSTANTIATE_FWD(__nv_bfloat16, 128, true)
+HSTU_INSTANTIATE_FWD_CACHED(__nv_bfloat16, 128, true)

@@ -2,3 +2,4 @@
 #include "../launch.h"
 
 HSTU_INSTANTIATE_FWD(__nv_bfloat16, 64, false)
+HSTU_INSTANTIATE_FWD_CACHED(__nv_bfloat16, 64, false)

@@ -2,3 +2,4 @@
 #include "../launch.h"
 
 HSTU_INSTANTIATE_FWD(__half, 256, false)
+HSTU_INSTANTIATE_FWD_CACHED(__half, 256, false)

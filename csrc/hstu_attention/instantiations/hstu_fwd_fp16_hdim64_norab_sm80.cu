@@ -2,3 +2,4 @@
 #include "../launch.h"
 
 HSTU_INSTANTIATE_FWD(__half, 64, false)
+HSTU_INSTANTIATE_FWD_CACHED(__half, 64, false)

@@ -1,0 +1,80 @@
+// The cached forward's view of a sequence (hstu_fwd_kernel<..., kCached = true>, AttnParams' cached fields): the
+// cached_b rows of k_cache / v_cache followed by the n_b new rows of k / v, queried by the new rows only. The mask
+// (SeqMask) works in absolute positions: new row i is row cached_b + i of a sequence of cached_b + n_b keys.
+#pragma once
+
+#include "hstu.h"
+#include "tile_scheduler.h"
+#include "utils.h"
+
+namespace hstu {
+
+// A forward block's work item and where its keys live: key j < cached is row cache_start + j of k_cache / v_cache,
+// key j >= cached is new row j - cached (of q's sequence, item.seq_start). cached = 0 for full attention.
+struct FwdWork {
+  WorkItem item;
+  int cache_start;
+  int cached;
+};
+
+// Query tile `tile` (of new rows) of sequence `batch`, head `head` of a cached forward.
+__device__ __forceinline__ FwdWork make_cached_work_item(const AttnParams& p, int tile, int batch, int head) {
+  FwdWork f;
+  f.item = make_work_item(p, tile, batch, head);  // L, h: the new rows so far
+  f.cache_start = p.cache_offsets[batch];
+  f.cached = p.cache_offsets[batch + 1] - f.cache_start;
+  f.item.mask.L += f.cached;
+  f.item.mask.h += f.cached;
+  return f;
+}
+
+// The forward's work item (grid = (query tiles, B, heads), longest work first as schedule_block).
+template <bool kCached>
+__device__ __forceinline__ FwdWork schedule_fwd_block(const AttnParams& p) {
+  if constexpr (kCached)
+    return make_cached_work_item(p, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z);
+  else
+    return FwdWork{schedule_block(p, /*reverse=*/true), 0, 0};
+}
+
+// Rows of one (sequence, head) for add_dropped_terms: row k of a tile starting at key row0 (strided, one tensor).
+template <typename Element>
+struct StridedRows {
+  const Element* base;  // row 0
+  int64_t stride;
+  __device__ __forceinline__ const Element* operator()(int k) const { return base + k * stride; }
+};
+
+// The same for a cached sequence's keys (or values): key j < cached from the cache, the others from the new rows.
+template <typename Element>
+struct CachedRows {
+  const Element* cache;  // key 0 of the cached rows
+  const Element* fresh;  // key `cached` (the first new row)
+  int64_t stride;
+  int cached;
+  int row0;  // key of the tile's row 0
+  __device__ __forceinline__ const Element* operator()(int k) const {
+    const int j = row0 + k;
+    return j < cached ? cache + j * stride : fresh + (j - cached) * stride;
+  }
+};
+
+// Keys [row0, row0 + kRows) of a cached sequence of len keys (rows.cached of them cached) into a swizzled shared tile;
+// keys at or past len are zero-filled (no address past either buffer is formed).
+template <int kRows, int kCols, int kThreads, typename Element>
+__device__ __forceinline__ void load_cached_tile_async(Element* smem, CachedRows<Element> rows, int len, int tid) {
+  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kTotal = kRows * kChunksPerRow;
+  using Copy = cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t, cute::uint128_t>;
+#pragma unroll
+  for (int idx = tid; idx < kTotal; idx += kThreads) {
+    const int row = idx / kChunksPerRow;
+    const int col = (idx % kChunksPerRow) * 8;
+    const bool ok = rows.row0 + row < len;
+    const Element* src = ok ? rows(row) + col : rows.fresh;
+    Copy::copy(*reinterpret_cast<const cute::uint128_t*>(src),
+               *reinterpret_cast<cute::uint128_t*>(smem + SmemTile<kCols>::offset(row, col)), ok);
+  }
+}
+
+}  // namespace hstu
