@@ -13,6 +13,11 @@ anyway: ``recompute_input_norm`` drops LayerNorm(x), uvqk_proj's input (T x D; r
 LayerNorm's backward keeps), ``recompute_silu`` drops u, v, q, k, SiLU's output (T x H(2Dv + 2Dqk); recomputed from
 uvqk_proj's output, which SiLU's backward keeps). Outputs and gradients are bit for bit those without the options.
 
+On CUDA, LayerNorm(x), the projection and SiLU run as one op when its kernels apply (``hstu.ops.uvqk``: bf16 /
+fp16 GEMM, qk_dim == v_dim, widths multiples of 8; ``hstu.ops.uvqk.op.USE_CUDA_KERNELS``), with the same two
+options: the op keeps the projection's output for its own backward (as SiLU's backward does), x_norm unless
+``recompute_input_norm``, and ``recompute_silu`` recomputes the consumers' u, v, q, k from that output.
+
 Tensor-parallel friendliness: ``uvqk_proj`` lays its output out head by head ([u_h | v_h | q_h | k_h] for every
 head h), so splitting its output features into contiguous chunks (Megatron column parallel) gives every rank whole
 heads; ``output_proj`` consumes heads in the same order (row parallel). Both are plain ``nn.Linear`` modules.
@@ -34,6 +39,9 @@ from torch.utils.checkpoint import checkpoint
 from hstu.modules.attention_backends import reference_attention, triton_attention
 from hstu.ops import hstu_attention
 from hstu.ops.norm_mul_dropout import layer_norm_mul_dropout
+from hstu.ops.uvqk import cuda as uvqk_cuda
+from hstu.ops.uvqk import op as uvqk_op
+from hstu.ops.uvqk.reference import split_uvqk
 
 
 @dataclass
@@ -205,9 +213,7 @@ class HSTULayer(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
 
     def split_uvqk(self, projected: torch.Tensor):
-        per_head = projected.view(-1, self.num_heads, 2 * self.v_dim + 2 * self.qk_dim)
-        u, v, q, k = per_head.split([self.v_dim, self.v_dim, self.qk_dim, self.qk_dim], dim=-1)
-        return u.reshape(-1, self.num_heads * self.v_dim), v, q, k
+        return split_uvqk(projected, self.num_heads, self.qk_dim, self.v_dim)
 
     def project(self, x: torch.Tensor):
         """The layer's input side: (u, v, q, k) of the tokens x, u as (T, H * Dv), v / q / k as (T, H, D)."""
@@ -219,6 +225,10 @@ class HSTULayer(nn.Module):
         recompute_parts: apply recompute_input_norm / recompute_silu (when autograd records)."""
         recording = recompute_parts and torch.is_grad_enabled()
         norm = self.input_norm
+        proj = self.uvqk_proj
+        if uvqk_op.kernels_apply(x, norm.weight, norm.bias, proj.weight, proj.bias, self.num_heads, self.qk_dim,
+                                 self.v_dim):  # fmt: skip
+            return self._fused_project(x, recording)
         if recording and self.recompute_input_norm:
             normed = self._projection_input(x, norm.weight, norm.bias)
             kept = _RecomputedTensors(lambda *inputs: (self._projection_input(*inputs),), (x, norm.weight, norm.bias),
@@ -233,6 +243,20 @@ class HSTULayer(nn.Module):
         # these tensors, which the hooks recognise.
         parts = self._contiguous_parts(projected)
         return parts, _RecomputedTensors(self._contiguous_parts, (projected,), parts)
+
+    def _fused_project(self, x: torch.Tensor, recording: bool):
+        """_project through the fused kernels (``uvqk_projection``): they keep the projection's output (pre-SiLU)
+        for their own backward, and x_norm unless recompute_input_norm; with recompute_silu the consumers' saved
+        u, v, q, k are recomputed from that output."""
+        norm, proj = self.input_norm, self.uvqk_proj
+        *parts, pre = uvqk_op.uvqk_projection(
+            x, norm.weight, norm.bias, proj.weight, proj.bias, num_heads=self.num_heads, qk_dim=self.qk_dim,
+            v_dim=self.v_dim, eps=norm.eps, recompute_input_norm=recording and self.recompute_input_norm,
+            return_pre=True)  # fmt: skip
+        if not (recording and self.recompute_silu):
+            return tuple(parts), None
+        heads, dim = self.num_heads, self.qk_dim
+        return tuple(parts), _RecomputedTensors(lambda p: uvqk_cuda.silu_parts(p, heads, dim), (pre,), parts)
 
     def _projection_input(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """LayerNorm(x) as input_norm computes it, in the dtype that autocast gives uvqk_proj."""
