@@ -65,6 +65,14 @@ class _Delta:
     num_targets: int
 
 
+def _stacked(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The users' cached rows of one layer as one jagged tensor: a single user's cache as it is (no copy), several
+    users' concatenated (a copy of their caches per layer and call), none as an empty tensor like ``like``."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([like.new_zeros(0, *like.shape[1:]), *parts])
+
+
 def _ids(name: str, value, user) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         try:
@@ -236,9 +244,8 @@ class InferenceModel:
             u, v, q, k = layer.project(x)
             cached_k = [cache.keys[index] for cache in caches if cache is not None]
             cached_v = [cache.values[index] for cache in caches if cache is not None]
-            empty_k, empty_v = k.new_zeros(0, *k.shape[1:]), v.new_zeros(0, *v.shape[1:])
             attn = cached_hstu_attention(
-                q, k, v, delta_offsets, torch.cat([empty_k, *cached_k]), torch.cat([empty_v, *cached_v]),
+                q, k, v, delta_offsets, _stacked(cached_k, k), _stacked(cached_v, v),
                 cache_offsets, alpha=layer.alpha, scaling_seqlen=layer.scaling_seqlen, num_contexts=num_contexts,
                 num_targets=num_targets, target_group_size=layer.target_group_size,
                 rab=self._layer_rab(layer, buckets, relative),

@@ -71,24 +71,32 @@ def _rab_rows(rab, p):
     return out
 
 
-def _full(p, dtype, upcast):
+def _counts(p, device="cpu"):
+    return dict(num_targets=torch.tensor(p["targets"], device=device),
+                num_contexts=torch.tensor(p["contexts"], device=device) if p["contexts"] is not None else None)
+
+
+def _full(p, dtype, upcast, device="cpu"):
+    """The new rows of a full hstu_attention_reference over the whole sequences (upcast=False: the same-dtype
+    baseline of the parity rule)."""
     (q, k, v), rab, lengths = _full_inputs(p, dtype)
-    counts = dict(num_targets=torch.tensor(p["targets"]),
-                  num_contexts=torch.tensor(p["contexts"]) if p["contexts"] is not None else None)
-    out = hstu_attention_reference(q, k, v, _offsets(lengths), max(lengths), alpha=0.5, scaling_seqlen=40,
+    q, k, v = (t.to(device) for t in (q, k, v))
+    rab = None if rab is None else rab.to(device)
+    out = hstu_attention_reference(q, k, v, _offsets(lengths).to(device), max(lengths), alpha=0.5, scaling_seqlen=40,
                                    window_size=p["window"], target_group_size=p["group"], rab=rab, upcast=upcast,
-                                   **counts)
+                                   **_counts(p, device))
     return _split(out, p)[1]
 
 
-def _cached(p, dtype):
+def _cached(p, dtype, fn=cached_hstu_attention, device="cpu"):
+    """fn (cached_hstu_attention, its reference, a kernel binding) over the problem's cached and new rows."""
     (q, k, v), rab, _ = _full_inputs(p, dtype)
     (_, dq), (ck, dk), (cv, dv) = _split(q, p), _split(k, p), _split(v, p)
-    return cached_hstu_attention(
-        dq, dk, dv, _offsets(p["delta"]), ck, cv, _offsets(p["cache"]), alpha=0.5, scaling_seqlen=40,
-        window_size=p["window"], target_group_size=p["group"], num_targets=torch.tensor(p["targets"]),
-        num_contexts=torch.tensor(p["contexts"]) if p["contexts"] is not None else None,
-        rab=_rab_rows(rab, p) if rab is not None else None,
+    dq, dk, dv, ck, cv = (t.to(device) for t in (dq, dk, dv, ck, cv))
+    return fn(
+        dq, dk, dv, _offsets(p["delta"]).to(device), ck, cv, _offsets(p["cache"]).to(device), alpha=0.5,
+        scaling_seqlen=40, window_size=p["window"], target_group_size=p["group"], **_counts(p, device),
+        rab=_rab_rows(rab, p).to(device) if rab is not None else None,
     )  # fmt: skip
 
 

@@ -542,20 +542,13 @@ def _emu_cached(emu, q, k, v, delta_offsets, cached_k, cached_v, cache_offsets, 
 
 
 def _cached_problem(p):
-    """(kernel output, fp32 cached reference, same-dtype full-recompute rows) of the problem p (the keys of
+    """(kernel on the emulator, fp32 cached reference, same-dtype full-recompute rows) of the problem p (the keys of
     tests/inference/test_cached_attention.problems)."""
     from hstu.ops.cached_attention import cached_attention_reference
-    from tests.inference.test_cached_attention import _full, _full_inputs, _offsets, _rab_rows, _split
+    from tests.inference.test_cached_attention import _cached, _full
 
-    def call(fn, dtype):
-        (q, k, v), rab, _ = _full_inputs(p, dtype)
-        (_, dq), (ck, dk), (cv, dv) = _split(q, p), _split(k, p), _split(v, p)
-        return fn(dq, dk, dv, _offsets(p["delta"]), ck, cv, _offsets(p["cache"]), alpha=0.5, scaling_seqlen=40,
-                  window_size=p["window"], target_group_size=p["group"], num_targets=torch.tensor(p["targets"]),
-                  num_contexts=None if p["contexts"] is None else torch.tensor(p["contexts"]),
-                  rab=None if rab is None else _rab_rows(rab, p))  # fmt: skip
-
-    return call, call(cached_attention_reference, torch.float32), _full(p, p["dtype"], False)
+    return (lambda emu: _cached(p, p["dtype"], functools.partial(_emu_cached, emu)),
+            _cached(p, torch.float32, cached_attention_reference), _full(p, p["dtype"], False))
 
 
 _CACHED_EMU_CASES = {
@@ -573,8 +566,8 @@ def test_cpu_emulated_cached_forward_parity(emulator, case):
     """The cached forward against the fp32 cached reference under the parity rule (bound from the same-dtype full
     recompute's rows), with NaN-poisoned outputs: every new row is written."""
     p = dict(_CACHED_EMU_CASES[case], heads=2, seed=sum(map(ord, case)))
-    call, want, low = _cached_problem(p)
-    got = call(functools.partial(_emu_cached, emulator), p["dtype"])
+    run, want, low = _cached_problem(p)
+    got = run(emulator)
     assert got.shape == want.shape and torch.isfinite(got).all()
     assert_parity_cached(got, want, low)
 
@@ -602,8 +595,8 @@ def test_cpu_emulated_cached_forward_random(emulator, batch, data):
              dtype=data.draw(st.sampled_from([torch.bfloat16, torch.float16])), seed=data.draw(st.integers(0, 9999)))
     if sum(delta) == 0:
         return
-    call, want, low = _cached_problem(p)
-    got = call(functools.partial(_emu_cached, emulator), p["dtype"])
+    run, want, low = _cached_problem(p)
+    got = run(emulator)
     assert torch.isfinite(got).all()
     assert_parity_cached(got, want, low)
 

@@ -1,9 +1,9 @@
 """``cached_hstu_attention``: argument checks and the dispatcher of the cached (incremental) HSTU attention.
 
-Implementations: the PyTorch reference (``reference.py``) on every device. There is no CUDA kernel for this op yet;
-``_kernel_for`` is the one place a kernel plugs in: it returns the kernel's forward for the calls the kernel
-supports (device, dtype, head dims, rab layout), and None otherwise, which runs the reference. Inference only: the
-op has no backward.
+Implementations: the CUDA kernel (``cuda.py``: the sm80-style fused forward in its cached mode, on every
+architecture) for the calls it supports (CUDA tensors of bfloat16 / float16, Dqk == Dv at a built head dim, no rab
+or a dense rab), and the PyTorch reference (``reference.py``) for everything else, on every device. ``_kernel_for``
+is the one place that choice is made. Inference only: the op has no backward.
 """
 
 from __future__ import annotations
@@ -26,9 +26,13 @@ from hstu.ops.cached_attention.reference import cached_attention_reference
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _kernel_for(q: torch.Tensor, rab: Optional[torch.Tensor]) -> Optional[Callable[..., torch.Tensor]]:
-    """The CUDA kernel's forward for this call, or None for the reference. No kernel is built yet: always None."""
-    return None
+def _kernel_for(q: torch.Tensor, v: torch.Tensor, rab: Optional[torch.Tensor]) -> Optional[Callable[..., torch.Tensor]]:
+    """The CUDA kernel's forward for this call (q / v: the new rows), or None for the reference."""
+    if q.device.type != "cuda":
+        return None
+    from hstu.ops.cached_attention import cuda
+
+    return cuda.forward if cuda.unsupported_reason(q, v, rab) is None else None
 
 
 def _check_shapes(q, k, v, cached_k, cached_v) -> None:
@@ -117,7 +121,7 @@ def cached_hstu_attention(
                     rab.shape[3] < n_k:
                 raise ValueError(f"rab must be (B={batch}, 1 or H={q.shape[1]}, >= {n_q} new rows, >= {n_k} keys), "
                                  f"got {tuple(rab.shape)}")
-    kernel = _kernel_for(q, rab)
+    kernel = _kernel_for(q, v, rab)
     implementation = kernel if kernel is not None else cached_attention_reference
     return implementation(q, k, v, delta_offsets, cached_k, cached_v, cache_offsets, alpha=float(alpha),
                           scaling_seqlen=scaling_seqlen, window_size=window_size, num_contexts=num_contexts,

@@ -1,0 +1,138 @@
+"""Cached-attention forward benchmark (issue 26): the CUDA cached kernel against recomputing the whole sequence and
+against the PyTorch reference, and Meta's Triton cached attention (generative-recommenders,
+``triton_cached_hstu_mha``) when that package is importable, all timed in the same process on the same card.
+
+Shapes: (a) one user with a 4096-token history and 128 M-FALCON candidates (targets that see the history and
+themselves), (b) 64 such users. Per shape and path: median latency (ms) and TFLOP/s, counting 4 * D flops per
+visible (query, key) pair and head (the two GEMMs; masked pairs not counted). Paths:
+
+* ``cached_kernel``: ``hstu.ops.cached_attention.cuda.forward`` (the kernel, no argument checks);
+* ``cached_op``: ``cached_hstu_attention`` (argument checks, dispatch, then the kernel);
+* ``recompute``: ``hstu_attention`` over the whole sequences (history + candidates), what a model without a cache
+  runs; its flops are those of the full causal sequence, its TFLOP/s column says how busy the card was;
+* ``reference``: ``cached_attention_reference`` on the GPU (skipped above --reference-max-users users);
+* ``meta_triton``: ``triton_cached_hstu_mha`` over the concatenated K/V (the concatenation not timed; Meta's kernel
+  takes the whole sequences in one buffer and the same number of new rows per user).
+
+Prints one JSON object with the card name. Run: python benchmarks/bench_cached_attention.py [--heads 4 --dim 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+
+def bench(fn, warmup: int = 10, reps: int = 50) -> float:
+    """Median milliseconds of fn() over reps CUDA-event-timed calls, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def meta_cached_attention():
+    """Meta's triton_cached_hstu_mha, or None when generative-recommenders is not importable."""
+    try:
+        from generative_recommenders.ops.triton.triton_hstu_attention import triton_cached_hstu_mha
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return triton_cached_hstu_mha
+
+
+def run_shape(users: int, history: int, candidates: int, heads: int, dim: int, dtype, reference_max_users: int):
+    from hstu.ops import hstu_attention
+    from hstu.ops.cached_attention import cached_attention_mask, cached_attention_reference, cached_hstu_attention
+    from hstu.ops.cached_attention import cuda as cached_cuda
+
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(users)
+    whole = history + candidates
+
+    def rows(n):
+        return torch.randn(n, heads, dim, device=dev, generator=g).to(dtype) * 0.5
+
+    q, k, v = rows(users * candidates), rows(users * candidates), rows(users * candidates)
+    ck, cv = rows(users * history), rows(users * history)
+    delta_offsets = torch.arange(users + 1, device=dev, dtype=torch.int32) * candidates
+    cache_offsets = torch.arange(users + 1, device=dev, dtype=torch.int32) * history
+    targets = torch.full((users,), candidates, device=dev, dtype=torch.int32)
+    alpha, scaling = 1.0 / math.sqrt(dim), whole
+    kw = dict(alpha=alpha, scaling_seqlen=scaling, num_targets=targets)
+    mask = cached_attention_mask(torch.full((1,), history), torch.full((1,), candidates), candidates, whole,
+                                 num_targets=torch.full((1,), candidates))  # fmt: skip
+    flops = 4.0 * dim * heads * users * float(mask.sum())
+    # the whole sequences for the recompute path and Meta's kernel (history then candidates, per user)
+    def cat(c, d):
+        parts = [c.view(users, history, heads, dim), d.view(users, candidates, heads, dim)]
+        return torch.cat(parts, dim=1).reshape(users * whole, heads, dim)
+
+    fq, fk, fv = cat(torch.zeros_like(ck), q), cat(ck, k), cat(cv, v)
+    full_offsets = torch.arange(users + 1, device=dev, dtype=torch.int32) * whole
+    full_flops = 4.0 * dim * heads * users * (history * (history + 1) / 2 + candidates * (history + 1))
+
+    paths = {
+        "cached_kernel": (lambda: cached_cuda.forward(q, k, v, delta_offsets, ck, cv, cache_offsets, **kw), flops),
+        "cached_op": (lambda: cached_hstu_attention(q, k, v, delta_offsets, ck, cv, cache_offsets, **kw), flops),
+        "recompute": (lambda: hstu_attention(fq, fk, fv, full_offsets, whole, alpha=alpha, scaling_seqlen=scaling,
+                                             num_targets=targets), full_flops),
+    }
+    if users <= reference_max_users:
+        paths["reference"] = (lambda: cached_attention_reference(q, k, v, delta_offsets, ck, cv, cache_offsets, **kw),
+                              flops)
+    meta = meta_cached_attention()
+    if meta is not None:
+        fq_new = q.contiguous()
+        paths["meta_triton"] = (lambda: meta(N=whole, alpha=alpha, delta_q=fq_new, k=fk, v=fv, seq_offsets=full_offsets,
+                                             num_targets=targets), flops)
+    out = {"users": users, "history": history, "candidates": candidates, "heads": heads, "dim": dim,
+           "dtype": str(dtype).replace("torch.", "")}
+    with torch.no_grad():
+        for name, (fn, f) in paths.items():
+            try:
+                ms = bench(fn, warmup=3 if name == "reference" else 10, reps=10 if name == "reference" else 50)
+            except Exception as e:  # noqa: BLE001 - report a path that fails instead of losing the others
+                out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                continue
+            out[name] = {"ms": round(ms, 4), "tflops": round(f / ms / 1e9, 2)}
+    base = out.get("cached_kernel", {}).get("ms")
+    if base:
+        for name in ("recompute", "reference", "meta_triton"):
+            if "ms" in out.get(name, {}):
+                out[name]["cached_kernel_speedup"] = round(out[name]["ms"] / base, 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--history", type=int, default=4096)
+    parser.add_argument("--candidates", type=int, default=128)
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--reference-max-users", type=int, default=64)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_cached_attention: needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    results = [run_shape(u, args.history, args.candidates, args.heads, args.dim, dtype, args.reference_max_users)
+               for u in args.users]
+    meta = meta_cached_attention() is not None
+    print(json.dumps({"card": torch.cuda.get_device_name(), "meta_triton_available": meta, "results": results},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
