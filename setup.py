@@ -16,6 +16,8 @@ Environment switches:
   then every unit gets -DHSTU_WITH_SM90_FWD and the launchers pick them per call on an sm_90 device
   (csrc/hstu_attention/heuristics.h). Their device code exists for sm_90a only (other targets compile a trapping
   stub).
+  csrc/layer/uvqk.cu (the fused LayerNorm -> UVQK GEMM -> SiLU) holds its CUTLASS sm90 GEMM under the same condition
+  (HSTU_WITH_SM90_FWD; sm_90a device code only) and a cuBLAS path for every architecture.
   HSTU_BENCH_VARIANTS=1  also compile the benchmark-only kernel variants (-DHSTU_BENCH_VARIANTS; selected with
                          KernelVariant.bench_* in hstu.ops.hstu_attention.cuda); production builds leave it off
   CUTLASS_INCLUDE_DIR    CUTLASS/CuTe headers; default: the installed nvidia-cutlass package's headers
@@ -153,7 +155,7 @@ def cuda_extension_setup() -> dict:
         log("CUTLASS headers not found (set CUTLASS_INCLUDE_DIR or pip install nvidia-cutlass): pure-Python install")
         return {}
     sources = ["csrc/hstu_attention/hstu_api.cpp", "csrc/jagged/jagged.cu",
-               "csrc/layer/norm_mul_dropout.cu"] + selected_instantiations()
+               "csrc/layer/norm_mul_dropout.cu", "csrc/layer/uvqk.cu"] + selected_instantiations()
     defines = [f"-D{name}" for name in DISABLE_FLAGS if env_flag(name)]
     if env_flag("HSTU_BENCH_VARIANTS"):
         defines.append("-DHSTU_BENCH_VARIANTS")

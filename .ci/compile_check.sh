@@ -42,15 +42,20 @@ COMMON=(-std=c++17 -O3 --expt-relaxed-constexpr --expt-extended-lambda -DHSTU_WI
   -I"$CUTLASS_INC")
 start=$(date +%s)
 
-# The plain-CUDA units (no CUTLASS), with torch's half-type switches as setup.py's build passes them: one after the
-# other in the background while the binding compiles.
+# The layer and jagged units, with torch's half-type switches as setup.py's build passes them: one after the other
+# in the background while the binding compiles. csrc/layer/uvqk.cu also takes the CUTLASS headers and
+# HSTU_WITH_SM90_FWD (its CUTLASS sm90 GEMM: sm_90a device code, a stub for sm_80), as setup.py builds it.
 (
-  for unit in csrc/jagged/jagged.cu csrc/layer/norm_mul_dropout.cu; do
+  for unit in csrc/jagged/jagged.cu csrc/layer/norm_mul_dropout.cu csrc/layer/uvqk.cu; do
+    extra=()
+    [ "$unit" = csrc/layer/uvqk.cu ] && extra=(--expt-relaxed-constexpr -DHSTU_WITH_SM90_FWD -DNDEBUG -I"$CUTLASS_INC")
     "$NVCC" -std=c++17 -O3 -x cu -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
       -D__CUDA_NO_HALF2_OPERATORS__ -Xptxas=-warn-spills -I"$WORK/stub" $TORCH_INC -I"$PY_INC" -I"$CUDA_INC" \
-      -DTORCH_EXTENSION_NAME=_C -w -c "$unit" -o "$WORK/$(basename "$unit" .cu).o" >"$WORK/plain.log" 2>&1 ||
+      ${extra[@]+"${extra[@]}"} -DTORCH_EXTENSION_NAME=_C -w -c "$unit" -o "$WORK/$(basename "$unit" .cu).o" \
+      >"$WORK/plain.log" 2>&1 ||
       { echo "[compile_check] FAILED $unit (sm_80 and sm_90a)"; cat "$WORK/plain.log"; exit 1; }
+    grep -i "spill" "$WORK/plain.log" | grep -v " 0 bytes spill" | sed "s|^|[compile_check] $(basename "$unit"): |" || true
     echo "[compile_check] ok $unit (sm_80 and sm_90a)"
   done
 ) &

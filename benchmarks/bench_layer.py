@@ -9,9 +9,14 @@ Variants timed in the same rounds (round-robin, median round; CUDA events, media
   ours          HSTULayer as the models run it (fp32 parameters under bf16 autocast, the fused attention kernels)
   ours+fused    the same layer with its output side through layer_norm_mul_dropout (one kernel for
                 LayerNorm(attn) * u * dropout) and the residual add in the projection's GEMM (torch.addmm)
+  ours+uvqk     ours+fused with the input side through uvqk_projection as well (LayerNorm(x), the UVQK GEMM with
+                bias and SiLU in its epilogue: hstu.ops.uvqk, switched on for these calls only)
   meta_stu      Meta's STULayer (generative-recommenders, its Triton kernels) when --stu-checkout points at a
                 checkout (or the package is importable and --stu is given); note that its output projection also
                 takes u and x (concat_u / concat_x), a 3x wider GEMM than ours
+Projection rows (variant proj_torch / proj_fused, unless --no-projection): the layer's input side alone,
+LayerNorm(x) -> UVQK projection -> SiLU, as torch ops (LayerNorm, Linear, SiLU under autocast) and as the fused op,
+forward and forward+backward, with the GEMMs' TFLOP/s (2 T K N forward, 3x that forward+backward).
 Training mode, output dropout 0.3 as Meta's default; fwd+bwd uses a fixed random output gradient. On a machine
 without a CUDA GPU the script refuses with one line.
 """
@@ -25,6 +30,8 @@ import pathlib
 import platform
 import re
 import sys
+
+import contextlib
 
 import torch
 
@@ -86,23 +93,58 @@ def our_layer(fused: bool):
     return layer
 
 
-def our_callables(layer, x, offsets, max_len):
+@contextlib.contextmanager
+def uvqk_kernels(on: bool):
+    """hstu.ops.uvqk's CUDA kernels switched on (or off) for the calls inside."""
+    from hstu.ops.uvqk import op as uvqk_op
+
+    before = uvqk_op.USE_CUDA_KERNELS
+    uvqk_op.USE_CUDA_KERNELS = on
+    try:
+        yield
+    finally:
+        uvqk_op.USE_CUDA_KERNELS = before
+
+
+def our_callables(layer, x, offsets, max_len, uvqk: bool = False):
     from hstu.modules.hstu_layer import AttentionInputs
 
     inputs = AttentionInputs(seq_offsets=offsets, max_seqlen=max_len)
     dy = torch.randn_like(x)
 
     def fwd():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with uvqk_kernels(uvqk), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             return layer(x, inputs)
 
     def fwd_bwd():
         xg = x.detach().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with uvqk_kernels(uvqk), torch.autocast("cuda", dtype=torch.bfloat16):
             out = layer(xg, inputs)
-        out.backward(dy.to(out.dtype))
+            out.backward(dy.to(out.dtype))
 
     return fwd, fwd_bwd
+
+
+def projection_callables(layer, x, fused: bool):
+    """The layer's input side alone (HSTULayer.project), fused op on or off, under bf16 autocast."""
+    rows = x.shape[0]
+    grads = None
+
+    def fwd():
+        with uvqk_kernels(fused), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return layer.project(x)
+
+    def fwd_bwd():
+        nonlocal grads
+        xg = x.detach().requires_grad_(True)
+        with uvqk_kernels(fused), torch.autocast("cuda", dtype=torch.bfloat16):
+            parts = layer.project(xg)
+            if grads is None:
+                grads = [torch.randn_like(p) for p in parts]
+            torch.autograd.backward(parts, grads)
+
+    flops = 2.0 * rows * layer.embedding_dim * layer.uvqk_proj.out_features
+    return fwd, fwd_bwd, flops
 
 
 def meta_stu(checkout: str | None):
@@ -150,6 +192,7 @@ def main() -> None:
     ap.add_argument("--stu", action="store_true", help="time Meta's STULayer from the installed package")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--label", default="")
+    ap.add_argument("--no-projection", action="store_true", help="skip the projection-only rows")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_layer: needs a CUDA GPU, and none is visible on this machine", file=sys.stderr)
@@ -166,6 +209,7 @@ def main() -> None:
     from hstu.ops import lengths_to_offsets
     from hstu.ops._extension import load_extension
     from hstu.ops.norm_mul_dropout import cuda as nmd_cuda
+    from hstu.ops.uvqk import cuda as uvqk_cuda
 
     ext = load_extension()
     gpu = torch.cuda.get_device_name()
@@ -174,12 +218,15 @@ def main() -> None:
         "gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "extension": ext.build_info() if ext is not None and hasattr(ext, "build_info") else None,
         "fused_output_kernel": nmd_cuda.available(torch.empty(0, device="cuda")),
+        "fused_uvqk_gemm": uvqk_cuda.gemm_backend(),  # 'sm90' (CUTLASS epilogue), 'cublas', or None (not built)
         "label": args.label, "batch": BATCH, "embedding": EMBEDDING, "heads": HEADS, "head_dim": HEAD_DIM,
         "dtype": "bfloat16", "dropout": DROPOUT, "rows": [],
     }  # fmt: skip
     print(f"GPU {gpu}  torch {torch.__version__}  CUDA {torch.version.cuda}  fused output kernel: "
           f"{result['fused_output_kernel']}")
-    variants = {"ours": our_layer(False), "ours+fused": our_layer(True)}
+    variants = {"ours": (our_layer(False), False), "ours+fused": (our_layer(True), False)}
+    if result["fused_uvqk_gemm"] is not None:
+        variants["ours+uvqk"] = (variants["ours+fused"][0], True)
     for max_len in lengths_list:
         for dist in distributions:
             lengths = jagged_lengths(max_len, dist, seed=max_len)
@@ -187,7 +234,14 @@ def main() -> None:
             lengths_cuda = lengths.cuda()
             total = int(lengths.sum())
             x = torch.randn(total, EMBEDDING, device="cuda", dtype=torch.bfloat16)
-            fns = {name: our_callables(layer, x, offsets, max_len) for name, layer in variants.items()}
+            fns = {name: our_callables(layer, x, offsets, max_len, uvqk) for name, (layer, uvqk) in variants.items()}
+            flops = {}
+            if not args.no_projection:
+                proj_variants = {"proj_torch": False}
+                if result["fused_uvqk_gemm"] is not None:
+                    proj_variants["proj_fused"] = True
+                for name, fused in proj_variants.items():
+                    *fns[name], flops[name] = projection_callables(variants["ours"][0], x, fused)
             if stu is not None:
                 fns["meta_stu"] = stu_callables(stu, x, lengths_cuda, offsets, max_len)
             times = {name: {"fwd": [], "fwd_bwd": []} for name in fns}
@@ -202,10 +256,14 @@ def main() -> None:
                     "fwd_bwd_ms": sorted(times[name]["fwd_bwd"])[args.rounds // 2],
                     "fwd_peak_mib": peak_mib(fwd), "fwd_bwd_peak_mib": peak_mib(fwd_bwd),
                 }  # fmt: skip
+                if name in flops:
+                    row["fwd_tflops"] = flops[name] / (row["fwd_ms"] * 1e9)
+                    row["fwd_bwd_tflops"] = 3 * flops[name] / (row["fwd_bwd_ms"] * 1e9)
                 result["rows"].append(row)
+                tflops = f"  {row['fwd_tflops']:6.1f} / {row['fwd_bwd_tflops']:6.1f} TFLOP/s" if name in flops else ""
                 print(f"{name:11s} L={max_len:5d} {dist:12s} T={total:7d}  fwd {row['fwd_ms']:8.3f} ms  "
                       f"fwd+bwd {row['fwd_bwd_ms']:8.3f} ms  peak {row['fwd_peak_mib']:8.0f} / "
-                      f"{row['fwd_bwd_peak_mib']:8.0f} MiB")
+                      f"{row['fwd_bwd_peak_mib']:8.0f} MiB{tflops}")
             del x, fns
             torch.cuda.empty_cache()
     out_dir = pathlib.Path(args.out)
