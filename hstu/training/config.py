@@ -81,6 +81,11 @@ class TrainerArgs:
     # Dense bf16 peak of one GPU in TFLOP/s, for the MFU in the logs. None: from the card's name
     # (hstu/training/flops.py's table; an unknown card logs TFLOP/s without MFU).
     peak_tflops: Optional[float] = None
+    # The step loop (docs/training.md, "Train pipelines"): "none", our step; "sparse_dist", TorchRec's
+    # TrainPipelineSparseDist (the copy of the next batches and the sharded tables' input distribution overlap the
+    # step); "prefetch_sparse_dist", TorchRec's PrefetchTrainPipelineSparseDist (also prefetches the next batch's rows
+    # into the tables' cache). Same losses in every mode.
+    pipeline: str = "none"
 
 
 @dataclass
@@ -450,6 +455,7 @@ def _choice_rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
     return {
         "TrainerArgs.eval_split": _one_of("valid", "test"),
         "TrainerArgs.device": _one_of("auto", "cpu", "cuda"),
+        "TrainerArgs.pipeline": _one_of("none", "sparse_dist", "prefetch_sparse_dist"),
         "DatasetArgs.split_strategy": _one_of("leave_one_out", "user_ratio", "time"),
         "DatasetArgs.truncate": _one_of("recent", "oldest"),
         "NetworkArgs.position_encoding": _one_of("absolute", "reverse", "none"),
@@ -641,7 +647,7 @@ class ExampleField:
     unsupported: Optional[Callable[[Any, dict], Optional[str]]] = None
     rule: Optional[tuple[Callable[[Any], bool], str]] = None  # value rule as in _RULES (None values skip it)
     # An unbound field whose default ``unsupported`` rejects warns (ExampleDefaultWarning) unless this is False
-    # (defaults whose difference changes no number, such as the overlap pipeline).
+    # (for defaults whose difference changes no number).
     warn_default: bool = True
 
     @property
@@ -690,6 +696,8 @@ def _betas(value: float, ex: dict) -> dict:
 def _dtype(value: str, ex: dict) -> dict:
     return {"TrainerArgs.bf16": value == "bfloat16", "TrainerArgs.fp16": value == "float16"}
 
+
+_PIPELINE_TYPES = {"none": "none", "native": "sparse_dist", "prefetch": "prefetch_sparse_dist"}  # example -> ours
 
 _KERNEL_BACKENDS = {"cutlass": "fused", "pytorch": "reference", "triton": "triton"}  # example -> ours
 
@@ -785,13 +793,13 @@ EXAMPLE_FIELDS: tuple[ExampleField, ...] = (
                  "optimizer state from there, step, data order and random streams afresh (as the example); only "
                  "read, never inside ckpt_save_dir (continue a run there with --resume)",
                  lambda v, ex: {"TrainerArgs.init_from": v} if v else {}),
-    ExampleField("TrainerArgs", "pipeline_type", str, "native", (),
-                 "ours trains without an overlap pipeline (same numerics as 'none'); 'native' and 'prefetch' "
-                 "(TorchRec train pipelines) are not supported yet when bound",
-                 unsupported=_when(lambda v: v != "none", "TrainerArgs.pipeline_type='native'/'prefetch' (TorchRec "
-                                   "train pipelines that overlap the input copy, input_dist and prefetch)" + _NOT_YET
-                                   + "; bind TrainerArgs.pipeline_type='none' (same results, no overlap)"),
-                 rule=_one_of("none", "native", "prefetch"), warn_default=False),
+    ExampleField("TrainerArgs", "pipeline_type", str, "native", ("TrainerArgs.pipeline",),
+                 "TorchRec's own train pipelines: 'none' -> 'none' (our step), 'native' -> 'sparse_dist' "
+                 "(TrainPipelineSparseDist), 'prefetch' -> 'prefetch_sparse_dist' (PrefetchTrainPipelineSparseDist; "
+                 "the example also switches its model-parallel tables to FBGEMM's UVM cache, ours keeps the tables' "
+                 "kernel); same losses in every mode",
+                 lambda v, ex: {"TrainerArgs.pipeline": _PIPELINE_TYPES[v]},
+                 rule=_one_of(*_PIPELINE_TYPES)),
     ExampleField("TrainerArgs", "enable_balanced_shuffler", bool, False, ("DatasetArgs.balance_workload",),
                  "ours balances sum(L^2) per rank (longest processing time first) over the whole shard"),
     # DatasetArgs

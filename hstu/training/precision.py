@@ -55,8 +55,12 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss that backward starts from: multiplied by the loss scale in fp16, else ``loss`` itself."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
     def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self.scaled(loss).backward()
 
     def step(self, parallel) -> Any:
         """The optimizer steps of ``parallel`` (a ParallelModel) after backward and the gradient reduction; returns

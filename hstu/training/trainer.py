@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -117,6 +119,7 @@ class Trainer:
         self._set_deterministic(t.deterministic)  # the tensor-parallel layers too
         self.precision = Precision(self.ctx.device, t.bf16, t.fp16, t.loss_scale_init, t.loss_scale_growth_interval)
         self.precision.check_model(self.parallel)
+        self.steps = self._make_steps()
         if self.ctx.is_main:
             print(f"[hstu] {self.ctx.describe()}\n[hstu] {self.parallel.sparse.describe()}", flush=True)
         steps_per_epoch = len(self.train_loader)
@@ -256,7 +259,9 @@ class Trainer:
         self.model.eval()
         started = time.perf_counter()
         try:
-            metrics = self.task.evaluate(self.model, self.eval_loader, self.args.trainer.eval_max_batches, with_baseline)
+            with contextlib.nullcontext() if self.steps is None else self.steps.detached():
+                metrics = self.task.evaluate(self.model, self.eval_loader, self.args.trainer.eval_max_batches,
+                                             with_baseline)
         finally:
             self.model.train()
             ckpt.restore_rng_state(rng)
@@ -274,20 +279,33 @@ class Trainer:
             self.pending_rng = None
 
     # ---- training -----------------------------------------------------------------------------------------------
-    def train_step(self, batch) -> StepResult:
-        """Forward, backward and optimizer update of one batch; advances the step counters. Makes no device sync:
-        the loss stays on the device for the log window."""
-        ctx, parallel = self.ctx, self.parallel
-        batch = batch.to(ctx.device, non_blocking=True)
-        # Before backward: the sharded tables' fused optimizer updates inside it.
+    def _make_steps(self):
+        """The step loop of TrainerArgs.pipeline: None for our own step (:meth:`train_step`), else TorchRec's
+        pipeline (hstu/training/pipeline.py) driving the same update."""
+        kind = self.args.trainer.pipeline
+        if kind == "none":
+            return None
+        from hstu.training.pipeline import StepUpdate, TorchRecSteps
+
+        update = StepUpdate(self._begin_update, self._finish_update)
+        return TorchRecSteps(kind, self.model, self.ctx.device, update, self.precision.autocast, self.precision.scaled,
+                             pin_memory=self.ctx.device.type == "cuda", announce=self.ctx.is_main)
+
+    def _begin_update(self) -> float:
+        """Learning rates of the step and cleared gradients; returns the dense learning rate. Before the forward:
+        the sharded tables' fused optimizer updates inside backward."""
         lr, sparse_lr = self.learning_rates(self.state.step)
-        parallel.set_learning_rate(lr, sparse_lr)
-        parallel.zero_grad()
-        with self.precision.autocast():
-            out = self.model(batch)  # no wrapper: tables are sharded in place; per-rank mean loss
-        self.precision.backward(out.loss)  # scaled by the loss scale in fp16
-        parallel.finish_grad_sync()  # DP average of dense + replicated-table grads, TP partial sums
-        grad_norm = self.precision.step(parallel)  # dense optimizer (clipping inside), replicated tables
+        self.parallel.set_learning_rate(lr, sparse_lr)
+        self.parallel.zero_grad()
+        return lr
+
+    def _finish_update(self) -> Any:
+        """Gradient reduction and optimizer steps after backward; returns the clipped gradient norm (or None)."""
+        self.parallel.finish_grad_sync()  # DP average of dense + replicated-table grads, TP partial sums
+        return self.precision.step(self.parallel)  # dense optimizer (clipping inside), replicated tables
+
+    def _step_done(self, out, batch, lr: float, grad_norm) -> StepResult:
+        """Advances the step counters after the update of ``batch`` (on the device) with output ``out``."""
         self.state.step += 1
         self.state.tokens += out.num_tokens
         head = self.task.head_flops(out.extras.get("num_queries", out.extras.get("num_candidates", 0)))
@@ -295,6 +313,44 @@ class Trainer:
                                  input_projection_flops(self.model, batch))
         self.max_step_tokens = max(self.max_step_tokens, out.num_tokens)
         return StepResult(out.loss.detach(), lr, out.num_tokens, flops, grad_norm, self.precision.loss_scale())
+
+    def train_step(self, batch) -> StepResult:
+        """Forward, backward and optimizer update of one batch; advances the step counters. Makes no device sync:
+        the loss stays on the device for the log window."""
+        batch = batch.to(self.ctx.device, non_blocking=True)  # pinned by the loader on CUDA
+        lr = self._begin_update()
+        with self.precision.autocast():
+            out = self.model(batch)  # no wrapper: tables are sharded in place; per-rank mean loss
+        self.precision.backward(out.loss)  # scaled by the loss scale in fp16
+        grad_norm = self._finish_update()
+        return self._step_done(out, batch, lr, grad_norm)
+
+    def _run_steps(self, batches: Iterator) -> Iterator[StepResult]:
+        """The step results of ``batches``, through TrainerArgs.pipeline; the pipeline is empty when it ends."""
+        if self.steps is None:
+            for batch in batches:
+                yield self.train_step(batch)
+            return
+        for out, batch, lr, grad_norm in self.steps.run(batches):
+            yield self._step_done(out, batch, lr, grad_norm)
+
+    def _epoch_batches(self) -> Iterator:
+        """The training loader's batches of the current epoch; a resumed run's random streams are restored once
+        the loader's iterator exists (creating it may draw from the global RNG), before any step."""
+        for batch in self.train_loader:
+            self._restore_pending_rng()
+            yield batch
+
+    def _segment_length(self, schedule: Schedule) -> int:
+        """Steps until the next one after which the model is used outside the step loop (evaluation, checkpoint,
+        stop, end of training): a pipeline is drained there."""
+        step = self.state.step + 1
+        while step < self.total_steps:
+            stop = schedule.stop_due(step)
+            if stop or schedule.eval_due_after_step(step, False) or schedule.checkpoint_due_after_step(step, stop):
+                break
+            step += 1
+        return step - self.state.step
 
     def train(self) -> dict:
         """Steps until ``total_steps`` (or ``stop_after_steps``), with the logging, evaluation and checkpoint
@@ -317,22 +373,32 @@ class Trainer:
         self.model.train()
         while self.state.step < self.total_steps and not stopped:
             self.train_loader.set_epoch(self.state.epoch)
-            for batch in self.train_loader:
-                self._restore_pending_rng()
-                window.add(self.train_step(batch), self.state.step, self.state.epoch)
-                progress.update(1)
-                profiler.at_step(self.state.step)
-                last_step = self.state.step >= self.total_steps
-                stopped = self._after_step(schedule, window, progress, last_step)
-                if stopped or (last_step and self.train_loader.batches_consumed < len(self.train_loader)):
-                    break  # (at an epoch's end the loop ends by itself, so that the epoch counts as finished)
-            else:
-                # The loader finished the epoch (a run resumed exactly at an epoch's end gets no batch in it).
-                self._restore_pending_rng()
-                self.state.epoch += 1
-                if schedule.eval_due_at_epoch_end(self.state.step, self.state.epoch, self.state.last_eval_step,
-                                                  self.total_steps):
-                    self._periodic_eval(schedule, window, progress, stop=False)
+            batches = self._epoch_batches()
+            epoch_ended = False
+            while not epoch_ended:
+                # One segment: the steps up to the next evaluation / checkpoint / stop, or the epoch's end.
+                length, taken, ended_early = self._segment_length(schedule), 0, False
+                for result in self._run_steps(itertools.islice(batches, length)):
+                    taken += 1
+                    window.add(result, self.state.step, self.state.epoch)
+                    progress.update(1)
+                    profiler.at_step(self.state.step)
+                    last_step = self.state.step >= self.total_steps
+                    stopped = self._after_step(schedule, window, progress, last_step)
+                    if stopped or (last_step and self.train_loader.batches_consumed < len(self.train_loader)):
+                        ended_early = True  # (at an epoch's end the loop ends by itself: the epoch counts as finished)
+                        break  # the segment's last step: nothing is left in flight
+                if ended_early:
+                    break
+                epoch_ended = taken < length  # the loader finished the epoch
+            if not epoch_ended:
+                break
+            # The loader finished the epoch (a run resumed exactly at an epoch's end gets no batch in it).
+            self._restore_pending_rng()
+            self.state.epoch += 1
+            if schedule.eval_due_at_epoch_end(self.state.step, self.state.epoch, self.state.last_eval_step,
+                                              self.total_steps):
+                self._periodic_eval(schedule, window, progress, stop=False)
         progress.close()
         profiler.finish()
         if stopped:

@@ -159,6 +159,7 @@ TrainerArgs.eval_every_epochs = 0
 TrainerArgs.log_interval_steps = 1
 TrainerArgs.checkpoint_interval_steps = -1
 TrainerArgs.save_final_checkpoint = False
+TrainerArgs.pipeline = 'sparse_dist'
 DatasetArgs.dataset_name = 'synthetic'
 DatasetArgs.dataset_dir = 'data/roots/synthetic'
 DatasetArgs.batch_size = 16
@@ -273,8 +274,6 @@ def test_benchmark_objects_are_checked_before_the_not_supported_error(tmp_path, 
 
 
 @pytest.mark.parametrize("binding, field", [
-    ("TrainerArgs.pipeline_type='prefetch'", "TrainerArgs.pipeline_type"),
-    ("TrainerArgs.pipeline_type='native'", "TrainerArgs.pipeline_type"),
     ("NetworkArgs.num_position_buckets=100", "NetworkArgs.num_position_buckets"),
     ("NetworkArgs.scaling_seqlen=-1", "NetworkArgs.scaling_seqlen"),
     ("NetworkArgs.embedding_backend='dynamicemb'", "NetworkArgs.embedding_backend"),
