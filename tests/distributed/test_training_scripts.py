@@ -83,3 +83,24 @@ def test_ranking_script_two_ranks_sharded(tiny_data, tmp_path):
     ])
     final = check_run(run_dir, out, {"item": "row_wise", "action": "column_wise", "activity_level": "table_wise"})
     assert {"AUC/click", "GAUC/click", "baseline/popularity/AUC/click"} <= set(final)
+
+
+def test_ranking_script_two_ranks_pipelined_has_the_plain_losses(tiny_data, tmp_path):
+    """TorchRec's TrainPipelineSparseDist (TrainerArgs.pipeline='sparse_dist') on 2 gloo ranks with the three sharding
+    types: the input distribution of the next batch moves ahead of the step, the losses stay those of the plain
+    step, bit for bit (a mid-run evaluation drains and detaches the pipeline)."""
+    params = [f"DatasetArgs.dataset_dir='{tiny_data / 'bitmask'}'", "DatasetArgs.num_candidates=3",
+              "DatasetArgs.max_seqlen=20", "DatasetArgs.batch_size=16", "DatasetArgs.eval_batch_size=64",
+              "TrainerArgs.progress_bar=False", "TrainerArgs.log_interval_steps=1", "TrainerArgs.tensorboard=False",
+              "TrainerArgs.num_threads=1", "TrainerArgs.max_steps=6", "TrainerArgs.eval_interval_steps=3",
+              "TrainerArgs.eval_max_batches=1", "TrainerArgs.compute_baseline=False", "TrainerArgs.plot=False",
+              "ParallelismArgs.embedding_sharding={'item': 'row_wise', 'action': 'column_wise', "
+              "'activity_level': 'table_wise'}"]
+    losses = {}
+    for pipeline in ("none", "sparse_dist"):
+        run_dir = tmp_path / pipeline
+        out = torchrun2("pretrain_gr_ranking.py", "synthetic_ranking_dp2_sharded.gin", run_dir,
+                        params + [f"TrainerArgs.pipeline='{pipeline}'"])
+        losses[pipeline] = [r["loss"] for r in read_jsonl(os.path.join(run_dir, "train_log.jsonl"))]
+    assert "(TorchRec TrainPipelineSparseDist): input distribution of ['embeddings.collection']" in out
+    assert len(losses["none"]) == 6 and losses["sparse_dist"] == losses["none"]
