@@ -24,22 +24,7 @@ import json
 import math
 
 import torch
-
-
-def bench(fn, warmup: int = 10, reps: int = 50) -> float:
-    """Median milliseconds of fn() over reps CUDA-event-timed calls, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from bench_layer import time_ms  # (benchmarks/ is on the path of a script run from it; puts the repo root on it)
 
 
 def meta_cached_attention():
@@ -101,7 +86,7 @@ def run_shape(users: int, history: int, candidates: int, heads: int, dim: int, d
     with torch.no_grad():
         for name, (fn, f) in paths.items():
             try:
-                ms = bench(fn, warmup=3 if name == "reference" else 10, reps=10 if name == "reference" else 50)
+                ms = time_ms(fn, reps=10 if name == "reference" else 50, warmup=3 if name == "reference" else 10)
             except Exception as e:  # noqa: BLE001 - report a path that fails instead of losing the others
                 out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 continue

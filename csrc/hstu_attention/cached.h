@@ -62,19 +62,9 @@ struct CachedRows {
 // Keys [row0, row0 + kRows) of a cached sequence of len keys (rows.cached of them cached) into a swizzled shared tile;
 // keys at or past len are zero-filled (no address past either buffer is formed).
 template <int kRows, int kCols, int kThreads, typename Element>
-__device__ __forceinline__ void load_cached_tile_async(Element* smem, CachedRows<Element> rows, int len, int tid) {
-  constexpr int kChunksPerRow = kCols / 8;
-  constexpr int kTotal = kRows * kChunksPerRow;
-  using Copy = cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t, cute::uint128_t>;
-#pragma unroll
-  for (int idx = tid; idx < kTotal; idx += kThreads) {
-    const int row = idx / kChunksPerRow;
-    const int col = (idx % kChunksPerRow) * 8;
-    const bool ok = rows.row0 + row < len;
-    const Element* src = ok ? rows(row) + col : rows.fresh;
-    Copy::copy(*reinterpret_cast<const cute::uint128_t*>(src),
-               *reinterpret_cast<cute::uint128_t*>(smem + SmemTile<kCols>::offset(row, col)), ok);
-  }
+__device__ __forceinline__ void load_cached_tile_async(Element* smem, const CachedRows<Element>& rows, int len,
+                                                       int tid) {
+  load_rows_async<kRows, kCols, kThreads>(smem, rows, rows.fresh, len - rows.row0, tid);
 }
 
 }  // namespace hstu

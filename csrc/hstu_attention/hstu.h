@@ -127,8 +127,11 @@ void run_bwd(const AttnParams& params, const KernelOptions& options, cudaStream_
 
 // The cached forward (AttnParams' cached fields; no dropout, no bias tables: a dense rab or none) at the head dims
 // generate_kernels.py instantiates it for (CACHED_FWD_HEAD_DIMS); it runs the sm80-style forward on every arch.
+constexpr bool cached_fwd_head_dim(int head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256;
+}
 template <int kHeadDim>
-inline constexpr bool kCachedFwdHeadDim = kHeadDim == 32 || kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
+inline constexpr bool kCachedFwdHeadDim = cached_fwd_head_dim(kHeadDim);
 
 template <typename Element, int kHeadDim, bool kHasRab>
 void run_fwd_cached(const AttnParams& params, cudaStream_t stream);

@@ -37,6 +37,20 @@ const int* opt_int_ptr(const std::optional<at::Tensor>& t, int64_t batch, const 
   return t->data_ptr<int>();
 }
 
+// The dense rab (B, 1 or H, >= rows, >= cols) of a call, in q's dtype.
+void set_rab(AttnParams& p, const at::Tensor& r, const at::Tensor& q, int64_t rows, int64_t cols) {
+  TORCH_CHECK(r.is_cuda() && r.device() == q.device() && r.dim() == 4, "rab must be a 4-d CUDA tensor on q's device");
+  TORCH_CHECK(r.scalar_type() == q.scalar_type(), "rab must have q's dtype (the binding casts it)");
+  TORCH_CHECK(r.size(0) == p.batch && (r.size(1) == 1 || r.size(1) == q.size(1)), "rab must be (B, 1 or H, N, N)");
+  TORCH_CHECK(r.size(2) >= rows && r.size(3) >= cols, "rab's last two dims must be >= ", rows, " and ", cols);
+  TORCH_CHECK(r.stride(3) == 1, "rab must have unit stride in its last dim");
+  p.rab = r.data_ptr();
+  p.rab_batch_stride = r.stride(0);
+  p.rab_head_stride = r.stride(1);
+  p.rab_row_stride = r.stride(2);
+  p.rab_heads = static_cast<int>(r.size(1));
+}
+
 AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seq_offsets,
                        int64_t max_seqlen, double alpha, int64_t scaling_seqlen, bool causal, int64_t window,
                        const std::optional<at::Tensor>& num_contexts, const std::optional<at::Tensor>& num_targets,
@@ -70,19 +84,7 @@ AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.causal = causal;
   p.window = window < 0 ? -1 : static_cast<int>(std::min<int64_t>(window, 1 << 30));
   p.group = static_cast<int>(group);
-  if (rab.has_value()) {
-    const at::Tensor& r = *rab;
-    TORCH_CHECK(r.is_cuda() && r.device() == q.device() && r.dim() == 4, "rab must be a 4-d CUDA tensor on q's device");
-    TORCH_CHECK(r.scalar_type() == q.scalar_type(), "rab must have q's dtype (the binding casts it)");
-    TORCH_CHECK(r.size(0) == batch && (r.size(1) == 1 || r.size(1) == q.size(1)), "rab must be (B, 1 or H, N, N)");
-    TORCH_CHECK(r.size(2) >= max_seqlen && r.size(3) >= max_seqlen, "rab's last two dims must be >= max_seqlen");
-    TORCH_CHECK(r.stride(3) == 1, "rab must have unit stride in its last dim");
-    p.rab = r.data_ptr();
-    p.rab_batch_stride = r.stride(0);
-    p.rab_head_stride = r.stride(1);
-    p.rab_row_stride = r.stride(2);
-    p.rab_heads = static_cast<int>(r.size(1));
-  }
+  if (rab.has_value()) set_rab(p, *rab, q, max_seqlen, max_seqlen);
   return p;
 }
 
@@ -185,17 +187,33 @@ void set_dropout(AttnParams& p, double dropout_p, int64_t seed) {
   p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
 }
 
+// What a dispatch runs: the forward, the backward or the cached forward (run_fwd / run_bwd / run_fwd_cached).
+enum class Pass { kFwd, kBwd, kFwdCached };
+
+template <Pass kPass, typename T, int D, bool kRab>
+void run_pass(const AttnParams& p, const KernelOptions& o, cudaStream_t s) {
+  if constexpr (kPass == Pass::kBwd) {
+    run_bwd<T, D, kRab>(p, o, s);
+  } else if constexpr (kPass == Pass::kFwd) {
+    run_fwd<T, D, kRab>(p, o, s);
+  } else if constexpr (kCachedFwdHeadDim<D>) {
+    run_fwd_cached<T, D, kRab>(p, s);
+  } else {
+    TORCH_CHECK_VALUE(false, "hstu attention: no cached forward at head dim ", D);
+  }
+}
+
 // The kHasRab units run both the dense rab and the bias tables (rab_tables.h).
-template <bool kBwd, typename T, int D>
+template <Pass kPass, typename T, int D>
 void dispatch_rab(const AttnParams& p, const KernelOptions& o, cudaStream_t s) {
   if (p.rab != nullptr || p.rab_pos_weights != nullptr || p.rab_time_weights != nullptr) {
 #ifndef HSTU_DISABLE_RAB
-    if constexpr (kBwd) run_bwd<T, D, true>(p, o, s); else run_fwd<T, D, true>(p, o, s);
+    run_pass<kPass, T, D, true>(p, o, s);
 #else
     TORCH_CHECK(false, "hstu attention: built with HSTU_DISABLE_RAB");
 #endif
   } else {
-    if constexpr (kBwd) run_bwd<T, D, false>(p, o, s); else run_fwd<T, D, false>(p, o, s);
+    run_pass<kPass, T, D, false>(p, o, s);
   }
 }
 
@@ -218,34 +236,34 @@ bool head_dim_compiled(int64_t hdim) {
   }
 }
 
-template <bool kBwd, typename T>
+template <Pass kPass, typename T>
 void dispatch_hdim(const AttnParams& p, const KernelOptions& o, int hdim, cudaStream_t s) {
   switch (hdim) {
 #ifndef HSTU_DISABLE_HDIM32
-    case 32: return dispatch_rab<kBwd, T, 32>(p, o, s);
+    case 32: return dispatch_rab<kPass, T, 32>(p, o, s);
 #endif
 #ifndef HSTU_DISABLE_HDIM64
-    case 64: return dispatch_rab<kBwd, T, 64>(p, o, s);
+    case 64: return dispatch_rab<kPass, T, 64>(p, o, s);
 #endif
 #ifndef HSTU_DISABLE_HDIM128
-    case 128: return dispatch_rab<kBwd, T, 128>(p, o, s);
+    case 128: return dispatch_rab<kPass, T, 128>(p, o, s);
 #endif
 #ifndef HSTU_DISABLE_HDIM256
-    case 256: return dispatch_rab<kBwd, T, 256>(p, o, s);
+    case 256: return dispatch_rab<kPass, T, 256>(p, o, s);
 #endif
     default: TORCH_CHECK(false, "hstu attention: head dim ", hdim, " is not compiled in");
   }
 }
 
-template <bool kBwd>
+template <Pass kPass>
 void dispatch(const AttnParams& p, const KernelOptions& o, at::ScalarType dtype, int hdim, cudaStream_t s) {
   if (dtype == at::kBFloat16) {
 #ifndef HSTU_DISABLE_BF16
-    return dispatch_hdim<kBwd, __nv_bfloat16>(p, o, hdim, s);
+    return dispatch_hdim<kPass, __nv_bfloat16>(p, o, hdim, s);
 #endif
   } else {
 #ifndef HSTU_DISABLE_FP16
-    return dispatch_hdim<kBwd, __half>(p, o, hdim, s);
+    return dispatch_hdim<kPass, __half>(p, o, hdim, s);
 #endif
   }
   TORCH_CHECK(false, "hstu attention: dtype ", dtype, " is not compiled in");
@@ -302,7 +320,46 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   const at::Tensor tile_counter = at::empty({1}, q.options().dtype(at::kInt));
   p.tile_counter = tile_counter.data_ptr<int>();
   if (q.numel() > 0)
-    dispatch<false>(p, options, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
+    dispatch<Pass::kFwd>(p, options, q.scalar_type(), static_cast<int>(q.size(2)), c10::cuda::getCurrentCUDAStream().stream());
+  return out;
+}
+
+// The cached forward (cached.h): q, k, v (T_new, H, D) jagged by delta_offsets (B + 1) are the new rows, k_cache /
+// v_cache (T_cache, H, D) jagged by cache_offsets (B + 1) the cached rows before them; max_new_rows / max_seqlen: the
+// largest n_b and c_b + n_b. rab: dense (B, 1 or H, >= max_new_rows, >= max_seqlen), rows = new rows, or None.
+// out: preallocated like q; returns out. Runs the sm80-style forward on every architecture.
+at::Tensor fwd_cached(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& delta_offsets,
+                      int64_t max_new_rows, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& cache_offsets, int64_t max_seqlen, double alpha, int64_t scaling_seqlen,
+                      int64_t window, const std::optional<at::Tensor>& num_contexts,
+                      const std::optional<at::Tensor>& num_targets, int64_t group, const std::optional<at::Tensor>& rab,
+                      at::Tensor out) {
+  c10::cuda::CUDAGuard guard(q.device());
+  AttnParams p = make_params(q, k, v, delta_offsets, max_new_rows, alpha, scaling_seqlen, /*causal=*/true, window,
+                             num_contexts, num_targets, group, std::nullopt);
+  TORCH_CHECK(max_seqlen >= max_new_rows && max_seqlen < (1 << 30), "max_seqlen must be in [max_new_rows, 2^30)");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k_cache, "k_cache"}, {v_cache, "v_cache"}}) {
+    TORCH_CHECK(t.is_cuda() && t.device() == q.device() && t.dim() == 3 && t.scalar_type() == q.scalar_type() &&
+                    t.is_contiguous(),
+                name, " must be a contiguous (T_cache, H, D) CUDA tensor of q's dtype on q's device");
+    TORCH_CHECK(t.size(1) == q.size(1) && t.size(2) == q.size(2) && t.size(0) == k_cache.size(0), name,
+                " must have q's heads and head dim and k_cache's rows");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+  }
+  TORCH_CHECK(cache_offsets.is_cuda() && cache_offsets.device() == q.device() &&
+                  cache_offsets.scalar_type() == at::kInt && cache_offsets.dim() == 1 && cache_offsets.is_contiguous() &&
+                  cache_offsets.numel() == delta_offsets.numel(),
+              "cache_offsets must be a contiguous int32 CUDA tensor of delta_offsets' shape (B + 1,)");
+  TORCH_CHECK(k_cache.size(0) < (int64_t(1) << 31), "k_cache too large");
+  if (rab.has_value()) set_rab(p, *rab, q, max_new_rows, max_seqlen);
+  check_qkv(out, q, "out");
+  p.out = out.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.cache_offsets = cache_offsets.data_ptr<int>();
+  if (q.numel() > 0)
+    dispatch<Pass::kFwdCached>(p, KernelOptions{}, q.scalar_type(), static_cast<int>(q.size(2)),
+                               c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }
 
@@ -351,7 +408,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
     p.dq_accum = dq_accum.data_ptr<float>();
     p.total_rows = q.size(0);
   }
-  if (q.numel() > 0) dispatch<true>(p, options, q.scalar_type(), static_cast<int>(q.size(2)), stream);
+  if (q.numel() > 0) dispatch<Pass::kBwd>(p, options, q.scalar_type(), static_cast<int>(q.size(2)), stream);
 #endif
 }
 
@@ -490,6 +547,10 @@ pybind11::dict build_info() {
 #endif
   d["dropout"] = true;
   d["atomic_dq"] = true;
+  pybind11::list cached_hdims;  // the cached forward's head dims (kCachedFwdHeadDim among the compiled ones)
+  for (int hd : {32, 64, 128, 256})
+    if (head_dim_compiled(hd) && cached_fwd_head_dim(hd)) cached_hdims.append(hd);
+  d["cached_forward_head_dims"] = cached_hdims;
 #ifdef HSTU_BENCH_VARIANTS
   d["bench_variants"] = true;  // benchmark-only kernel variants (KernelOptions::bench_*) compiled in
 #else
@@ -582,6 +643,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("rab_next_timestamps") = py::none(), py::arg("rab_shared_positions") = py::none(),
       py::arg("rab_time_next") = false, py::arg("rab_time_divisor") = 0.301, py::arg("drab_position") = py::none(),
       py::arg("drab_time") = py::none());
+  m.def("hstu_attn_fwd_cached", &hstu::fwd_cached,
+        "HSTU cached attention forward: new rows against cached keys / values plus their own (inference)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("delta_offsets"), py::arg("max_new_rows"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_offsets"), py::arg("max_seqlen"), py::arg("alpha"),
+        py::arg("scaling_seqlen"), py::arg("window"), py::arg("num_contexts"), py::arg("num_targets"),
+        py::arg("group"), py::arg("rab"), py::arg("out"));
   m.def("kernel_plan", &hstu::kernel_plan,
         "which kernels a call with these properties runs on the current device (heuristics.h's plan)",
         py::arg("direction"), py::arg("dtype"), py::arg("head_dim"), py::arg("batch"), py::arg("heads"),

@@ -69,11 +69,11 @@ struct SmemTile {
   }
 };
 
-// Asynchronously copies rows [0, kRows) of a (rows, kCols) global tile (row stride in elements) into a swizzled
-// shared tile; rows >= valid_rows are zero-filled and never read from global memory.
-template <int kRows, int kCols, int kThreads, typename Element>
-__device__ __forceinline__ void load_tile_async(Element* smem, const Element* gmem, int64_t row_stride,
-                                                int valid_rows, int tid) {
+// Asynchronously copies rows [0, kRows) of a global tile, row r starting at src(r), into a swizzled shared tile of
+// kCols columns; rows >= valid_rows are zero-filled and never read (their copies name `any`, a valid address).
+template <int kRows, int kCols, int kThreads, typename Element, typename Src>
+__device__ __forceinline__ void load_rows_async(Element* smem, const Src& src, const Element* any, int valid_rows,
+                                                int tid) {
   constexpr int kChunksPerRow = kCols / 8;
   constexpr int kTotal = kRows * kChunksPerRow;
   using Copy = cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t, cute::uint128_t>;
@@ -82,10 +82,18 @@ __device__ __forceinline__ void load_tile_async(Element* smem, const Element* gm
     const int row = idx / kChunksPerRow;
     const int col = (idx % kChunksPerRow) * 8;
     const bool ok = row < valid_rows;
-    const Element* src = ok ? gmem + row * row_stride + col : gmem;  // never forms an address past the sequence
-    Copy::copy(*reinterpret_cast<const cute::uint128_t*>(src),
+    const Element* from = ok ? src(row) + col : any;  // never forms an address past the rows
+    Copy::copy(*reinterpret_cast<const cute::uint128_t*>(from),
                *reinterpret_cast<cute::uint128_t*>(smem + SmemTile<kCols>::offset(row, col)), ok);
   }
+}
+
+// load_rows_async of a (rows, kCols) global tile with a row stride in elements.
+template <int kRows, int kCols, int kThreads, typename Element>
+__device__ __forceinline__ void load_tile_async(Element* smem, const Element* gmem, int64_t row_stride,
+                                                int valid_rows, int tid) {
+  load_rows_async<kRows, kCols, kThreads>(
+      smem, [&](int row) { return gmem + row * row_stride; }, gmem, valid_rows, tid);
 }
 
 // Rows [row0, row0 + kRows) of two tensors with the same row stride (K and V, or Q and dO, of one sequence and head)
