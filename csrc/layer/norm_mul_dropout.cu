@@ -24,6 +24,7 @@
 
 #include <cstdint>
 
+#include "layer_host.h"
 #include "row_reduce.cuh"
 
 namespace hstu {
@@ -186,24 +187,7 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& u, cons
   TORCH_CHECK(u.sizes() == x.sizes() && u.scalar_type() == x.scalar_type() && u.is_contiguous() &&
                   u.device() == x.device(),
               op, ": u must be contiguous, shaped and typed as x, on x's device");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && bias.sizes() == weight.sizes() &&
-                  weight.scalar_type() == bias.scalar_type() && weight.is_contiguous() && bias.is_contiguous() &&
-                  weight.device() == x.device() && bias.device() == x.device(),
-              op, ": weight and bias must be contiguous (d,) tensors of one dtype on x's device");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, op,
-              ": weight and bias must have x's dtype or float32");
-}
-
-// f(T{}, W{}) for x's dtype T and the weight's dtype W (T or float)
-template <typename F>
-void with_types(const at::Tensor& x, const at::Tensor& weight, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hstu_layer.norm_mul_dropout", [&] {
-    if (weight.scalar_type() == x.scalar_type()) {
-      f(scalar_t{}, scalar_t{});
-    } else {
-      f(scalar_t{}, float{});
-    }
-  });
+  check_affine(op, x, weight, bias, "weight and bias", "d");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& u, const at::Tensor& weight,

@@ -31,6 +31,7 @@
 
 #include <cstdint>
 
+#include "layer_host.h"
 #include "row_reduce.cuh"
 
 #if defined(HSTU_WITH_SM90_FWD) && !defined(HSTU_DISABLE_SM90)
@@ -142,18 +143,19 @@ struct PartGrads {
   const T* g[kParts];  // du, dv, dq, dk: (T, N) each
 };
 
-// d_pre[t, h * 4D + p * D + j] = g_p[t, h * D + j] * silu'(pre[p, t, h * D + j])
+// d_pre[t, h * 4D + p * D + j] = g_p[t, h * D + j] * silu'(pre[p, t, h * D + j]); one row per block iteration
 template <typename T>
 __global__ void silu_bwd_kernel(PartGrads<T> grads, const T* __restrict__ pre, T* __restrict__ d_pre, int64_t rows,
-                                int64_t n, int64_t dim) {
-  const int64_t width = kParts * n, total = rows * width;
-  for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < total;
-       o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = o / width, col = o - t * width;
-    const int64_t h = col / (kParts * dim), within = col - h * kParts * dim;
-    const int p = static_cast<int>(within / dim);
-    const int64_t src = t * n + h * dim + (within - p * dim);
-    d_pre[o] = static_cast<T>(silu_grad(static_cast<float>(grads.g[p][src]), static_cast<float>(pre[p * rows * n + src])));
+                                int n, int dim) {
+  const int width = kParts * n, head_width = kParts * dim;
+  for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
+    for (int col = threadIdx.x; col < width; col += blockDim.x) {
+      const int h = col / head_width, within = col - h * head_width;
+      const int p = within / dim;
+      const int64_t src = t * n + h * dim + (within - p * dim);
+      d_pre[t * width + col] = static_cast<T>(
+          silu_grad(static_cast<float>(grads.g[p][src]), static_cast<float>(pre[p * rows * n + src])));
+    }
   }
 }
 
@@ -338,24 +340,7 @@ unsigned elementwise_blocks(int64_t n) {
 
 void check_norm_params(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (T, K) CUDA tensor");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && bias.sizes() == weight.sizes() &&
-                  weight.scalar_type() == bias.scalar_type() && weight.is_contiguous() && bias.is_contiguous() &&
-                  weight.device() == x.device() && bias.device() == x.device(),
-              op, ": norm_weight and norm_bias must be contiguous (K,) tensors of one dtype on x's device");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, op,
-              ": norm_weight and norm_bias must have x's dtype or float32");
-}
-
-// f(TX{}, TW{}) for x's dtype TX and the LayerNorm weight's dtype TW (TX or float)
-template <typename F>
-void with_norm_types(const at::Tensor& x, const at::Tensor& weight, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hstu_layer.uvqk_norm", [&] {
-    if (weight.scalar_type() == x.scalar_type()) {
-      f(scalar_t{}, scalar_t{});
-    } else {
-      f(scalar_t{}, float{});
-    }
-  });
+  check_affine(op, x, weight, bias, "norm_weight and norm_bias", "K");
 }
 
 // f(TO{}) for a half type (the GEMM's dtype)
@@ -377,7 +362,7 @@ at::Tensor run_norm(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   if (rows == 0 || d == 0) return out;
   const unsigned blocks = blocks_for(rows, 8);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  with_norm_types(x, weight, [&](auto tx, auto tw) {
+  with_types(x, weight, [&](auto tx, auto tw) {
     using TX = decltype(tx);
     using TW = decltype(tw);
     with_half_type(out_dtype, "hstu_layer.uvqk_norm", [&](auto to) {
@@ -485,7 +470,7 @@ at::Tensor silu_bwd(const at::Tensor& du, const at::Tensor& dv, const at::Tensor
   TORCH_CHECK(pre.is_cuda() && pre.dim() == 3 && pre.size(0) == kParts && pre.is_contiguous(), op,
               ": pre must be the forward's contiguous (4, T, N) tensor");
   const int64_t rows = pre.size(1), n = pre.size(2);
-  TORCH_CHECK(heads > 0 && n % heads == 0, op, ": heads must divide N");
+  TORCH_CHECK(heads > 0 && n % heads == 0 && kParts * n <= INT32_MAX, op, ": heads must divide N (4 N < 2^31)");
   const at::Tensor* grads[kParts] = {&du, &dv, &dq, &dk};
   for (const at::Tensor* g : grads) {
     TORCH_CHECK(g->is_contiguous() && g->numel() == rows * n && g->scalar_type() == pre.scalar_type() &&
@@ -501,8 +486,8 @@ at::Tensor silu_bwd(const at::Tensor& du, const at::Tensor& dv, const at::Tensor
     using T = decltype(t);
     PartGrads<T> g;
     for (int p = 0; p < kParts; ++p) g.g[p] = grads[p]->data_ptr<T>();
-    silu_bwd_kernel<T><<<elementwise_blocks(total), 256, 0, stream>>>(g, pre.data_ptr<T>(), d_pre.data_ptr<T>(),
-                                                                      rows, n, n / heads);
+    silu_bwd_kernel<T><<<blocks_for(rows, 8), 256, 0, stream>>>(g, pre.data_ptr<T>(), d_pre.data_ptr<T>(), rows,
+                                                                 static_cast<int>(n), static_cast<int>(n / heads));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return d_pre;
@@ -526,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& dxn, c
   at::Tensor dweight_part = at::zeros({static_cast<int64_t>(blocks), d}, x.options().dtype(at::kFloat));
   at::Tensor dbias_part = at::zeros_like(dweight_part);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  with_norm_types(x, norm_weight, [&](auto tx, auto tw) {
+  with_types(x, norm_weight, [&](auto tx, auto tw) {
     using TX = decltype(tx);
     using TW = decltype(tw);
     with_half_type(dxn.scalar_type(), op, [&](auto tg) {
