@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
-from torchrec.distributed.model_parallel import ShardedModule
+from torchrec.distributed.types import ShardedModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 

@@ -65,6 +65,18 @@ class Schedule:
         interval = self.checkpoint_interval_steps
         return interval is not None and interval > 0 and step % interval == 0 and not stop
 
+    def steps_to_break(self, step: int, total_steps: int) -> int:
+        """How many steps after ``step`` (the steps taken) the next one comes after which the model is used outside
+        the step loop: an evaluation, a checkpoint, the stop or the end of training. A train pipeline is drained
+        there, so that nothing is in flight while the model evaluates or its state and data position are saved."""
+        end = step + 1
+        while end < total_steps:
+            stop = self.stop_due(end)
+            if stop or self.eval_due_after_step(end, False) or self.checkpoint_due_after_step(end, stop):
+                break
+            end += 1
+        return end - step
+
     def checkpoint_due_after_eval(self, stop: bool) -> bool:
         """With ``checkpoint_interval_steps`` None, every periodic evaluation is followed by a checkpoint."""
         return self.checkpoint_interval_steps is None and not stop

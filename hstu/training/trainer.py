@@ -341,17 +341,6 @@ class Trainer:
             self._restore_pending_rng()
             yield batch
 
-    def _segment_length(self, schedule: Schedule) -> int:
-        """Steps until the next one after which the model is used outside the step loop (evaluation, checkpoint,
-        stop, end of training): a pipeline is drained there."""
-        step = self.state.step + 1
-        while step < self.total_steps:
-            stop = schedule.stop_due(step)
-            if stop or schedule.eval_due_after_step(step, False) or schedule.checkpoint_due_after_step(step, stop):
-                break
-            step += 1
-        return step - self.state.step
-
     def train(self) -> dict:
         """Steps until ``total_steps`` (or ``stop_after_steps``), with the logging, evaluation and checkpoint
         cadences of :class:`~hstu.training.policies.Schedule`; then the final evaluation and summary."""
@@ -372,26 +361,8 @@ class Trainer:
         stopped = False
         self.model.train()
         while self.state.step < self.total_steps and not stopped:
-            self.train_loader.set_epoch(self.state.epoch)
-            batches = self._epoch_batches()
-            epoch_ended = False
-            while not epoch_ended:
-                # One segment: the steps up to the next evaluation / checkpoint / stop, or the epoch's end.
-                length, taken, ended_early = self._segment_length(schedule), 0, False
-                for result in self._run_steps(itertools.islice(batches, length)):
-                    taken += 1
-                    window.add(result, self.state.step, self.state.epoch)
-                    progress.update(1)
-                    profiler.at_step(self.state.step)
-                    last_step = self.state.step >= self.total_steps
-                    stopped = self._after_step(schedule, window, progress, last_step)
-                    if stopped or (last_step and self.train_loader.batches_consumed < len(self.train_loader)):
-                        ended_early = True  # (at an epoch's end the loop ends by itself: the epoch counts as finished)
-                        break  # the segment's last step: nothing is left in flight
-                if ended_early:
-                    break
-                epoch_ended = taken < length  # the loader finished the epoch
-            if not epoch_ended:
+            finished, stopped = self._train_epoch(schedule, window, progress, profiler)
+            if not finished:
                 break
             # The loader finished the epoch (a run resumed exactly at an epoch's end gets no batch in it).
             self._restore_pending_rng()
@@ -404,6 +375,25 @@ class Trainer:
         if stopped:
             return self._stop()
         return self._finish(time.perf_counter() - train_started, first_step, first_epoch, window.run_throughput())
+
+    def _train_epoch(self, schedule: Schedule, window: LogWindow, progress, profiler) -> tuple[bool, bool]:
+        """The steps of the current epoch, in segments that end where the model is next used outside the step loop
+        (Schedule.steps_to_break); returns (whether the loader finished the epoch, whether the run stops)."""
+        self.train_loader.set_epoch(self.state.epoch)
+        batches = self._epoch_batches()
+        while True:
+            length, taken = schedule.steps_to_break(self.state.step, self.total_steps), 0
+            for result in self._run_steps(itertools.islice(batches, length)):
+                taken += 1
+                window.add(result, self.state.step, self.state.epoch)
+                progress.update(1)
+                profiler.at_step(self.state.step)
+                last_step = self.state.step >= self.total_steps
+                stopped = self._after_step(schedule, window, progress, last_step)
+                if stopped or (last_step and self.train_loader.batches_consumed < len(self.train_loader)):
+                    return False, stopped  # (at an epoch's end the loop ends by itself: the epoch counts as finished)
+            if taken < length:
+                return True, False
 
     def _after_step(self, schedule: Schedule, window: LogWindow, progress, last_step: bool) -> bool:
         """Logging, evaluation and checkpoint of the step just taken, when due; returns whether the run stops now."""

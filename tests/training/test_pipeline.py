@@ -11,7 +11,7 @@ import os
 
 import gin
 import pytest
-from torchrec.distributed.train_pipeline import runtime_forwards
+from torchrec.distributed.train_pipeline.utils import PipelinedForward
 
 from hstu.training.config import parse_gin
 from tests.training.test_example_features import _example_args, bitmask_data  # noqa: F401 (fixture)
@@ -87,13 +87,13 @@ def _retrieval(data, run_dir, *bindings):
 def pipelined_lookups(monkeypatch):
     """Counts the lookups answered from the input TorchRec distributed ahead (its PipelinedForward)."""
     calls = []
-    original = runtime_forwards.PipelinedForward.__call__
+    original = PipelinedForward.__call__
 
     def counted(self, *args, **kwargs):
         calls.append(self.name)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(runtime_forwards.PipelinedForward, "__call__", counted)
+    monkeypatch.setattr(PipelinedForward, "__call__", counted)
     return calls
 
 
