@@ -76,6 +76,12 @@ struct AttnParams {
   const void* __restrict__ k_cache;
   const void* __restrict__ v_cache;
   const int* __restrict__ cache_offsets;  // (B + 1,)
+  // Paged cache (page_table != nullptr): k_cache / v_cache are pools of pages of 2^page_shift rows, and cached row r
+  // of sequence b is pool row page_table[b * page_table_stride + (r >> page_shift)] * 2^page_shift + r % 2^page_shift;
+  // cache_offsets then only give the cached lengths (cache_offsets[b + 1] - cache_offsets[b]).
+  const int* __restrict__ page_table;
+  int64_t page_table_stride;
+  int page_shift;
 
   // row strides (elements) of the (T, H, D) tensors; head stride is D
   int64_t row_stride;
