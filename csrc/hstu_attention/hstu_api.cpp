@@ -328,12 +328,14 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 // v_cache (T_cache, H, D) jagged by cache_offsets (B + 1) the cached rows before them; max_new_rows / max_seqlen: the
 // largest n_b and c_b + n_b. rab: dense (B, 1 or H, >= max_new_rows, >= max_seqlen), rows = new rows, or None.
 // out: preallocated like q; returns out. Runs the sm80-style forward on every architecture.
+// page_table (B, max_pages) int32 with page_size (a power of two): k_cache / v_cache are pools of pages and
+// cache_offsets only give the cached lengths (AttnParams::page_table); None: the contiguous cache.
 at::Tensor fwd_cached(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& delta_offsets,
                       int64_t max_new_rows, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& cache_offsets, int64_t max_seqlen, double alpha, int64_t scaling_seqlen,
                       int64_t window, const std::optional<at::Tensor>& num_contexts,
                       const std::optional<at::Tensor>& num_targets, int64_t group, const std::optional<at::Tensor>& rab,
-                      at::Tensor out) {
+                      at::Tensor out, const std::optional<at::Tensor>& page_table, int64_t page_size) {
   c10::cuda::CUDAGuard guard(q.device());
   AttnParams p = make_params(q, k, v, delta_offsets, max_new_rows, alpha, scaling_seqlen, /*causal=*/true, window,
                              num_contexts, num_targets, group, std::nullopt);
@@ -351,6 +353,20 @@ at::Tensor fwd_cached(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                   cache_offsets.numel() == delta_offsets.numel(),
               "cache_offsets must be a contiguous int32 CUDA tensor of delta_offsets' shape (B + 1,)");
   TORCH_CHECK(k_cache.size(0) < (int64_t(1) << 31), "k_cache too large");
+  if (page_table.has_value()) {
+    const at::Tensor& t = *page_table;
+    TORCH_CHECK_VALUE(page_size > 0 && page_size <= (1 << 20) && (page_size & (page_size - 1)) == 0,
+                      "page_size must be a power of two in [1, 2^20], got ", page_size);
+    TORCH_CHECK_VALUE(t.is_cuda() && t.device() == q.device() && t.scalar_type() == at::kInt && t.dim() == 2 &&
+                          t.is_contiguous() && t.size(0) == delta_offsets.numel() - 1,
+                      "page_table must be a contiguous (B, max_pages) int32 CUDA tensor on q's device");
+    TORCH_CHECK_VALUE(k_cache.size(0) % page_size == 0, "k_cache must hold whole pages of page_size rows");
+    p.page_table = t.data_ptr<int>();
+    p.page_table_stride = t.size(1);
+    int shift = 0;
+    while ((int64_t(1) << shift) < page_size) ++shift;
+    p.page_shift = shift;
+  }
   if (rab.has_value()) set_rab(p, *rab, q, max_new_rows, max_seqlen);
   check_qkv(out, q, "out");
   p.out = out.data_ptr();
@@ -648,7 +664,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("delta_offsets"), py::arg("max_new_rows"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_offsets"), py::arg("max_seqlen"), py::arg("alpha"),
         py::arg("scaling_seqlen"), py::arg("window"), py::arg("num_contexts"), py::arg("num_targets"),
-        py::arg("group"), py::arg("rab"), py::arg("out"));
+        py::arg("group"), py::arg("rab"), py::arg("out"), py::arg("page_table") = py::none(),
+        py::arg("page_size") = 0);
   m.def("kernel_plan", &hstu::kernel_plan,
         "which kernels a call with these properties runs on the current device (heuristics.h's plan)",
         py::arg("direction"), py::arg("dtype"), py::arg("head_dim"), py::arg("batch"), py::arg("heads"),
