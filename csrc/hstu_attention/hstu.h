@@ -39,12 +39,13 @@ struct AttnParams {
   bool rab_time_next;   // time reference "next"
   float rab_time_divisor;
   // Table gradients (backward): fp32 workspaces shaped like the tables, zero on entry, or nullptr. The dk/dv kernel
-  // adds alpha * dS of every entry into its weights: a per-block shared-memory histogram, then global atomics (the
-  // summation order varies: the binding refuses table gradients on the deterministic path).
+  // adds alpha * dS of every entry into its weights: on the atomic-dq path a per-block shared-memory histogram, then
+  // global atomics (the summation order varies); on the deterministic path per-warp histograms written to
+  // rab_table_slots and summed in a fixed order by the dq kernel (bitwise reproducible).
   float* __restrict__ drab_pos_weights;
   float* __restrict__ drab_time_weights;
   // Floats of that shared-memory histogram (rab_table_hist_floats), set by launch.h when it fits next to the
-  // kernel's tiles; 0: every entry goes to global atomics.
+  // kernel's tiles; 0: every entry goes to global atomics (deterministic path: each warp's histogram is its slot).
   int rab_hist_floats;
 
   // outputs (forward) / gradient inputs+outputs (backward)
@@ -100,7 +101,26 @@ struct AttnParams {
   uint32_t dropout_seed_hi;
   uint32_t dropout_threshold;  // min(ceil(p * 2^32), 2^32 - 1)
   float dropout_scale;         // 1 / (1 - p)
+
+  // Deterministic backward with table gradients (dq_accum == nullptr): rab_table_slot_floats floats, one histogram of
+  // rab_table_grad_floats per (batch, head, 16-key block) that the dk/dv kernel's warps write (no atomics) and the
+  // dq kernel sums in a fixed order into drab_*_weights (rab_tables.h); nullptr otherwise.
+  float* __restrict__ rab_table_slots;
 };
+
+// Floats of one table-gradient histogram: the time row (K + 1) then the position row (2M - 1) of the gradients p
+// asks for; 0 without table gradients.
+__host__ __device__ inline int rab_table_grad_floats(const AttnParams& p) {
+  int n = 0;
+  if (p.drab_time_weights != nullptr) n += p.rab_time_buckets + 1;
+  if (p.drab_pos_weights != nullptr) n += p.rab_pos_size;
+  return n;
+}
+// Floats of the deterministic path's slot workspace (rab_table_slots): batch x heads x ceil(max_seqlen / 16)
+// histograms.
+__host__ __device__ inline int64_t rab_table_slot_floats(const AttnParams& p) {
+  return int64_t{p.batch} * p.heads * ((p.max_seqlen + 15) / 16) * rab_table_grad_floats(p);
+}
 
 // A tri-state choice: let heuristics.h decide, or force it off / on.
 enum class Choice : signed char { kAuto = -1, kOff = 0, kOn = 1 };
