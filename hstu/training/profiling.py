@@ -9,8 +9,8 @@ Two ways to choose the window (``TrainerArgs``):
   ``cudaProfilerStop`` range on every rank, which ``nsys profile --capture-range=cudaProfilerApi`` records, as the
   example's.
 
-The main rank writes ``profile.txt`` (mean step time of the window, then the ops sorted by device and by host time)
-and ``profile_trace.json`` (a Chrome trace, for chrome://tracing or Perfetto), each through a temporary file that is
+The main rank writes ``profile.txt`` (mean step time of the window, the window's per-category breakdown of
+:mod:`hstu.training.breakdown`, then the ops sorted by device and by host time) and ``profile_trace.json`` (a Chrome trace, for chrome://tracing or Perfetto), each through a temporary file that is
 fsynced and renamed. A run that ends inside the window writes what it captured.
 """
 
@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from hstu.training.breakdown import format_breakdown, step_breakdown
 from hstu.training.run_logging import fsync_directory, write_text_atomic
 
 WARMUP_STEPS = 10  # steps skipped first: allocator growth, autotuning and lazy initialisation are not steady state
@@ -44,6 +45,7 @@ class StepProfiler:
         self.started_at = 0.0
         self.started_step = 0
         self.last_step = 0
+        self.breakdown: Optional[dict] = None  # the finished window's step_breakdown (main rank)
 
     @classmethod
     def of(cls, profile_steps: int, profile_range: Optional[Sequence[int]], run_dir: str, is_main: bool,
@@ -100,14 +102,16 @@ class StepProfiler:
         profiler.__exit__(None, None, None)
         steps = max(self.last_step - self.started_step, 1)
         averages = profiler.key_averages()
+        self.breakdown = step_breakdown(profiler.events(), elapsed, steps, self.device.type)
         sections = [f"profiled steps {self.started_step + 1}..{self.started_step + steps}: {1e3 * elapsed / steps:.2f} "
-                    "ms per step (wall, incl. profiler overhead)"]
+                    "ms per step (wall, incl. profiler overhead)", format_breakdown(self.breakdown)]
         if self.device.type == "cuda":
             sections += ["== by device time ==", averages.table(sort_by="self_cuda_time_total", row_limit=40)]
         sections += ["== by host time ==", averages.table(sort_by="self_cpu_time_total", row_limit=40)]
         write_text_atomic(os.path.join(self.run_dir, SUMMARY_FILE), "\n\n".join(sections) + "\n")
         trace = os.path.join(self.run_dir, TRACE_FILE)
         export_trace_atomic(profiler, trace)
+        print(format_breakdown(self.breakdown), flush=True)
         print(f"[hstu] profile of {steps} steps written to {os.path.join(self.run_dir, SUMMARY_FILE)} and {trace}",
               flush=True)
 

@@ -20,6 +20,7 @@ from hstu.distributed import ParallelModel, parallelize
 from hstu.distributed.agreement import run_agreed
 from hstu.modules.hstu_layer import HSTULayer
 from hstu.training import checkpoint as ckpt
+from hstu.training.breakdown import format_breakdown
 from hstu.training.config import AllArgs, OptimizerArgs
 from hstu.training.distributed import ParallelContext, setup_parallelism, teardown
 from hstu.training.flops import device_peak, input_projection_flops, train_step_flops
@@ -143,6 +144,7 @@ class Trainer:
         self.peak_eval: dict = {}
         self.last_eval: dict = {}
         self.max_step_tokens = 0  # the largest training step's token count (memory report)
+        self.profile_breakdown: Optional[dict] = None  # the profiled window's step breakdown (main rank)
 
     def _prepare_run_dir(self, run_dir: str, resume: bool, fresh: bool, dataset_dir: str) -> tuple[Optional[str], dict]:
         """Collective: rank 0 applies the run-directory rules and picks the checkpoint; every rank gets the outcome
@@ -372,6 +374,7 @@ class Trainer:
                 self._periodic_eval(schedule, window, progress, stop=False)
         progress.close()
         profiler.finish()
+        self.profile_breakdown = profiler.breakdown
         if stopped:
             return self._stop()
         return self._finish(time.perf_counter() - train_started, first_step, first_epoch, window.run_throughput())
@@ -434,6 +437,8 @@ class Trainer:
         memory = memory_report(self.ctx, self.model, self.parallel, self.model.encoder.config, self.max_step_tokens,
                                dtype_bytes=4 if self.precision.dtype is None else 2)
         final.update({f"memory_{k}": v for k, v in memory.items()})
+        if self.profile_breakdown is not None:
+            final["profile_breakdown"] = self.profile_breakdown
         epochs = self.state.epoch - first_epoch
         if self.ctx.is_main:
             per_epoch = f", {train_seconds / epochs:.2f} s per epoch" if epochs > 0 else ""
@@ -447,6 +452,8 @@ class Trainer:
                     rate += f", MFU {100 * throughput['mfu']:.1f}%"
                 print(rate, flush=True)
             print(format_memory(memory), flush=True)
+            if self.profile_breakdown is not None:
+                print(format_breakdown(self.profile_breakdown), flush=True)
         if t.save_final_checkpoint:
             self._save()
         self._report(final, None, final_summary=True)

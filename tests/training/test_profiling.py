@@ -107,4 +107,14 @@ def test_a_three_step_example_run_writes_a_trace_of_its_profiled_steps(tmp_path)
     assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
     summary = (run_dir / SUMMARY_FILE).read_text()
     assert summary.startswith("profiled steps 2..3:") and "== by host time ==" in summary
+    # the window's per-category breakdown (CPU time here), in profile.txt and summary.json
+    assert "step breakdown over 2 profiled steps (CPU time" in summary
+    with open(run_dir / "summary.json") as f:
+        breakdown = json.load(f)["profile_breakdown"]
+    assert breakdown["time"] == "cpu" and breakdown["steps"] == 2
+    assert sum(breakdown["share"].values()) == pytest.approx(1.0)
+    assert set(breakdown["share"]) == {"attention", "embeddings", "collectives", "optimizer", "gemm", "other", "idle"}
+    for category in ("attention", "embeddings", "optimizer", "gemm", "other", "idle"):  # one process: no collectives
+        assert breakdown["ms_per_step"][category] > 0, category
+    assert breakdown["busy_ms"] <= breakdown["window_ms"]
     assert not [p for p in os.listdir(run_dir) if p.endswith(".tmp")]
