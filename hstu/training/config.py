@@ -81,6 +81,9 @@ class TrainerArgs:
     # Dense bf16 peak of one GPU in TFLOP/s, for the MFU in the logs. None: from the card's name
     # (hstu/training/flops.py's table; an unknown card logs TFLOP/s without MFU).
     peak_tflops: Optional[float] = None
+    # The run's mean throughput (the summary's train_* numbers) leaves out this many first steps of the run
+    # (allocator growth, autotuning, lazy initialisation); a log window ends after the last of them.
+    throughput_warmup_steps: int = 0
     # The step loop (docs/training.md, "Train pipelines"): "none", our step; "sparse_dist", TorchRec's
     # TrainPipelineSparseDist (the copy of the next batches and the sharded tables' input distribution overlap the
     # step); "prefetch_sparse_dist", TorchRec's PrefetchTrainPipelineSparseDist (also prefetches the next batch's rows
@@ -487,6 +490,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "TrainerArgs.profile_range": ((lambda v: len(v) == 2 and 0 <= v[0] < v[1]), "two steps (start, end) with "
                                   "0 <= start < end"),
     "TrainerArgs.peak_tflops": _positive(),
+    "TrainerArgs.throughput_warmup_steps": _at_least(0),
     "TrainerArgs.loss_scale_init": _positive(),
     "TrainerArgs.loss_scale_growth_interval": _at_least(1),
     "DatasetArgs.max_seqlen": _at_least(1),

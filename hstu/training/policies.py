@@ -35,17 +35,20 @@ class Schedule:
     eval_every_epochs: int
     checkpoint_interval_steps: Optional[int]
     stop_after_steps: Optional[int]
+    warmup_end: Optional[int] = None  # the step that ends the throughput warm-up (a log window ends there)
 
     @classmethod
-    def of(cls, t: TrainerArgs) -> "Schedule":
+    def of(cls, t: TrainerArgs, first_step: int = 0) -> "Schedule":
+        """The cadences of ``t`` for a run whose first step follows ``first_step`` steps taken."""
+        warmup_end = first_step + t.throughput_warmup_steps if t.throughput_warmup_steps > 0 else None
         return cls(t.log_interval_steps, t.eval_interval_steps, t.eval_every_epochs, t.checkpoint_interval_steps,
-                   t.stop_after_steps)
+                   t.stop_after_steps, warmup_end)
 
     def stop_due(self, step: int) -> bool:
         return self.stop_after_steps is not None and step >= self.stop_after_steps
 
     def log_due(self, step: int, last_step: bool, stop: bool) -> bool:
-        return step % self.log_interval_steps == 0 or last_step or stop
+        return step % self.log_interval_steps == 0 or last_step or stop or step == self.warmup_end
 
     def eval_due_after_step(self, step: int, last_step: bool) -> bool:
         """Every ``eval_interval_steps`` steps; the last step is left to the final evaluation."""
@@ -89,6 +92,8 @@ class LogWindow:
 
     ctx: Any  # the run's ParallelContext
     peak_tflops: Optional[float] = None  # one GPU's dense bf16 peak: records get "mfu" when known
+    # windows that end at or before this step are left out of the run's totals (TrainerArgs.throughput_warmup_steps)
+    count_after_step: int = 0
     losses: list = field(default_factory=list)
     records: list = field(default_factory=list)
     tokens: int = 0
@@ -132,9 +137,10 @@ class LogWindow:
         if self.loss_scale is not None:
             records[-1]["loss_scale"] = float(self.loss_scale)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.total_seconds += elapsed
-        self.total_flops += self.flops
-        self.total_tokens += global_tokens
+        if records[-1]["step"] > self.count_after_step:
+            self.total_seconds += elapsed
+            self.total_flops += self.flops
+            self.total_tokens += global_tokens
         throughput = self._throughput(global_tokens, self.flops, elapsed)
         records[-1].update(throughput)
         postfix = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{throughput['tokens_per_s']:,.0f}"}
@@ -158,7 +164,8 @@ class LogWindow:
         return {k: round(v, 4 if k == "mfu" else 3) for k, v in out.items()}
 
     def run_throughput(self) -> dict:
-        """The mean throughput over every flushed window (evaluations and checkpoints left out)."""
+        """The mean throughput over every flushed window after ``count_after_step`` (evaluations and checkpoints
+        left out)."""
         if self.total_seconds <= 0:
             return {}
         return self._throughput(self.total_tokens, self.total_flops, self.total_seconds)

@@ -352,7 +352,8 @@ class Trainer:
             print(f"[hstu] MFU against {card}'s dense bf16 peak of {peak:g} TFLOP/s per GPU" if peak else
                   f"[hstu] no dense bf16 peak known for {card}: TFLOP/s are logged without MFU "
                   "(set TrainerArgs.peak_tflops)", flush=True)
-        schedule, window = Schedule.of(t), LogWindow(self.ctx, peak_tflops=peak)
+        schedule = Schedule.of(t, first_step=self.state.step)
+        window = LogWindow(self.ctx, peak_tflops=peak, count_after_step=self.state.step + t.throughput_warmup_steps)
         progress = tqdm(total=self.total_steps, initial=self.state.step,
                         disable=not (t.progress_bar and self.ctx.is_main), desc=f"{self.task.name}", unit="step",
                         dynamic_ncols=True, file=sys.stdout, mininterval=0.1 if sys.stdout.isatty() else 5.0)
@@ -445,7 +446,8 @@ class Trainer:
             print(f"[hstu] trained {self.state.step - first_step} steps ({epochs} epochs) in {train_seconds:.1f} s"
                   f"{per_epoch} (periodic evaluation and checkpoints included)", flush=True)
             if throughput:
-                rate = f"[hstu] training steps: {throughput['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU"
+                warmup = f" after {t.throughput_warmup_steps} warm-up steps" if t.throughput_warmup_steps else ""
+                rate = f"[hstu] training steps{warmup}: {throughput['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU"
                 if "tflops" in throughput:
                     rate += f", {throughput['tflops']:.1f} model TFLOP/s per GPU"
                 if "mfu" in throughput:

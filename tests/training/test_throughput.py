@@ -44,3 +44,23 @@ def test_run_throughput_is_the_mean_over_flushed_windows_only():
     assert window.run_throughput() == {}
     window.total_seconds, window.total_tokens, window.total_flops = 4.0, 1000.0, 0.0
     assert window.run_throughput() == {"tokens_per_s": 250.0, "tokens_per_s_per_gpu": 250.0}
+
+
+def test_throughput_warmup_steps_are_left_out_of_the_run_mean():
+    """TrainerArgs.throughput_warmup_steps: a log window ends at the warm-up's last step, and the windows up to it
+    are not in the run's totals."""
+    from hstu.training.config import TrainerArgs
+    from hstu.training.policies import Schedule, StepResult
+
+    args = TrainerArgs(log_interval_steps=10, throughput_warmup_steps=3)
+    schedule = Schedule.of(args, first_step=20)  # a resumed run: the warm-up is its own first 3 steps
+    assert [s for s in range(21, 41) if schedule.log_due(s, False, False)] == [23, 30, 40]
+    assert [s for s in range(1, 21) if Schedule.of(TrainerArgs(log_interval_steps=10)).log_due(s, False, False)] \
+        == [10, 20]
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), world_size=1, dp_size=1)
+    window = LogWindow(ctx, count_after_step=23)
+    for step in range(21, 31):
+        window.add(StepResult(torch.tensor(1.0), 1e-3, num_tokens=100 if step <= 23 else 7, flops=0.0), step, 0)
+        if schedule.log_due(step, False, False):
+            window.flush()
+    assert window.total_tokens == 7 * 7  # steps 24..30 only
