@@ -118,9 +118,8 @@ float* table_grad(const std::optional<at::Tensor>& d, const std::optional<at::Te
 }
 
 // Checks the tables and fills the parameter block's table fields (the kHasRab units' sm80-style kernels read them,
-// rab_tables.h). Refuses, before any launch, table gradients on the deterministic backward (the kernels sum them
-// with atomics in a varying order) and tables in a build without the rab units.
-void set_tables(AttnParams& p, const BiasTables& t, const at::Tensor& q, bool deterministic) {
+// rab_tables.h). Refuses, before any launch, tables in a build without the rab units.
+void set_tables(AttnParams& p, const BiasTables& t, const at::Tensor& q) {
   if (!t.given()) {
     TORCH_CHECK_VALUE(!t.timestamps && !t.next_timestamps && !t.shared_positions && !t.dposition && !t.dtime,
                       "rab_timestamps / rab_next_timestamps / rab_shared_positions / drab_position / drab_time need "
@@ -166,9 +165,6 @@ void set_tables(AttnParams& p, const BiasTables& t, const at::Tensor& q, bool de
   }
   p.drab_pos_weights = table_grad(t.dposition, t.position_weights, "drab_position");
   p.drab_time_weights = table_grad(t.dtime, t.time_weights, "drab_time");
-  TORCH_CHECK_VALUE(!deterministic || (!p.drab_pos_weights && !p.drab_time_weights),
-                    "drab_position / drab_time: the kernels' table gradients are not bitwise reproducible (atomic "
-                    "sums); a deterministic backward with table gradients runs on the dense rab instead");
 #ifdef HSTU_DISABLE_RAB
   TORCH_CHECK_VALUE(false, "rab_position_weights / rab_time_weights: built with HSTU_DISABLE_RAB (no rab kernels)");
 #endif
@@ -312,7 +308,7 @@ at::Tensor fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                              num_targets, group, rab);
   set_dropout(p, dropout_p, dropout_seed);
   TORCH_CHECK_VALUE(!tables.dposition && !tables.dtime, "the forward takes no table gradients");
-  set_tables(p, tables, q, /*deterministic=*/false);
+  set_tables(p, tables, q);
   check_qkv(out, q, "out");
   p.out = out.data_ptr();
   // The persistent sm90 forward's work-item counter. Uninitialised: that kernel's launcher zeroes it on the stream
@@ -395,7 +391,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   AttnParams p = make_params(q, k, v, seq_offsets, max_seqlen, alpha, scaling_seqlen, causal, window, num_contexts,
                              num_targets, group, rab);
   set_dropout(p, dropout_p, dropout_seed);
-  set_tables(p, tables, q, options.deterministic);
+  set_tables(p, tables, q);
   check_qkv(dout, q, "grad_out");
   check_qkv(dq, q, "dq");
   check_qkv(dk, q, "dk");
@@ -423,6 +419,12 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
     C10_CUDA_CHECK(cudaMemsetAsync(dq_accum.data_ptr(), 0, dq_accum.numel() * sizeof(float), stream));
     p.dq_accum = dq_accum.data_ptr<float>();
     p.total_rows = q.size(0);
+  }
+  at::Tensor table_slots;
+  if (options.deterministic && q.numel() > 0 && rab_table_slot_floats(p) > 0) {
+    // every slot the dq kernel sums is written by the dk/dv kernel first: no zeroing
+    table_slots = at::empty({rab_table_slot_floats(p)}, q.options().dtype(at::kFloat));
+    p.rab_table_slots = table_slots.data_ptr<float>();
   }
   if (q.numel() > 0) dispatch<Pass::kBwd>(p, options, q.scalar_type(), static_cast<int>(q.size(2)), stream);
 #endif
