@@ -74,9 +74,11 @@ struct BwdDqTraits {
 
 
 // kAtomicDq: also accumulate dq into p.dq_accum (needs the dS pass: kPassBoth or kPassDK).
-// kTables (kHasRab units only): the bias comes from the weight tables (rab_tables.h); the dS pass adds the tables'
-// gradients into p.drab_*_weights (a shared-memory histogram of p.rab_hist_floats floats past the tiles, then
-// global atomics).
+// kTables (kHasRab units only): the bias comes from the weight tables (rab_tables.h); the dS pass sums the tables'
+// gradients in histograms (shared memory past the tiles when p.rab_hist_floats reserves it): with kAtomicDq one per
+// block, added into p.drab_*_weights with global atomics (TableGrads); without (the deterministic path) one per
+// warp, written to the warp's slot of p.rab_table_slots in a fixed order and summed by the dq kernel
+// (DetTableGrads).
 template <typename Traits, int kPass, bool kDropout, bool kAtomicDq, bool kTables = false>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
@@ -114,7 +116,11 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
   const int wk = warp / DS, wd = warp % DS;  // key block, head-dim part of this warp
   const int key_lo = n0 + wk * 16 + g;       // keys key_lo and key_lo + 8 of this thread
   const auto tb = make_table_bias<kTables>(p, w.batch, w.head, w.seq_start, mk.L);
-  const auto tg = make_table_grads<kTables && kDoDK>(p, w.head, table_hist);
+  const auto tg = make_table_grads<kTables && kDoDK && kAtomicDq>(p, w.head, table_hist);
+  constexpr bool kDetTables = kTables && kDoDK && !kAtomicDq;
+  static_assert(!kDetTables || DS == 1, "deterministic table gradients: one warp per 16-key block");
+  const auto dg = make_det_table_grads<kDetTables>(p, w.batch, w.head, n0 + wk * 16, mk.L, wk, Traits::kWarps,
+                                                   table_hist);
   [[maybe_unused]] int64_t key_t[2];  // kTables: t_j and position of this thread's keys
   [[maybe_unused]] int key_p[2];
   if constexpr (kTables) {
@@ -125,7 +131,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
       key_p[h] = j < mk.L ? tb.position(j) : 0;
     }
   }
-  if constexpr (kTables && kDoDK) tg.template clear<NT>(tid);  // ordered before any add by the head loop's barrier
+  if constexpr (kTables && kDoDK && kAtomicDq) tg.template clear<NT>(tid);  // ordered before any add by the head
+                                                                            // loop's barrier
+  if constexpr (kDetTables) dg.clear(lane);
   float ds_scale = p.alpha * p.inv_scale;  // dS (dk, drab) scale; P (dv) uses p_scale
   float p_scale = p.inv_scale;
   if constexpr (kDropout) {
@@ -281,7 +289,9 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
             if constexpr (kDoDK) {
               const float ds = vis ? dpt[nb][e] * silu_grad(x, sig) : 0.f;
               dpt[nb][e] = ds;
-              if constexpr (kTables) {
+              if constexpr (kDetTables) {
+                dg.add(ids, ds * ds_scale, vis && inside, lane);  // warp-collective
+              } else if constexpr (kTables) {
                 if (vis && inside && tg.active() && (DS == 1 || wd == 0)) tg.add(ids, ds * ds_scale);
               }
               if (p.drab != nullptr && inside && (DS == 1 || wd == 0)) {
@@ -391,10 +401,13 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dkdv_kernel(const A
       store_acc_rows<Element, DH / 8>(gdK, p.row_stride, acc_dk, ds_scale, wk * 16, mk.L - n0, lane);
     }
   }
-  if constexpr (kTables && kDoDK) tg.template flush<NT>(tid);
+  if constexpr (kTables && kDoDK && kAtomicDq) tg.template flush<NT>(tid);
+  if constexpr (kDetTables) dg.flush(lane);
 }
 
-// kTables (kHasRab units only): the bias comes from the weight tables (rab_tables.h).
+// kTables (kHasRab units only): the bias comes from the weight tables (rab_tables.h), and the blocks first sum the
+// dk/dv launch's table-gradient slots into p.drab_*_weights (reduce_table_slots; this kernel runs on the
+// deterministic path only).
 template <typename Traits, bool kDropout, bool kTables = false>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
@@ -408,6 +421,10 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_bwd_dq_kernel(const Att
   Element* sV = sK + Traits::kStages * Traits::kSmemKV;
   uint8_t* k_bad = reinterpret_cast<uint8_t*>(sV + Traits::kStages * Traits::kSmemKV);
 
+  if constexpr (kTables) {
+    const int64_t block = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
+    reduce_table_slots<NT>(p, block, static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z, threadIdx.x);
+  }
   const WorkItem w = schedule_block(p, /*reverse=*/true);
   const SeqMask& mk = w.mask;
   const int m0 = w.tile * BM;

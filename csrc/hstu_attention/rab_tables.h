@@ -8,6 +8,9 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(HSTU_HOST_EMULATION)
+#include <vector>
+#endif
 
 #include "hstu.h"
 #include "utils.h"
@@ -19,13 +22,15 @@ __host__ __device__ __forceinline__ bool has_rab_tables(const AttnParams& p) {
   return p.rab_pos_weights != nullptr || p.rab_time_weights != nullptr;
 }
 
-// Floats of the backward's shared-memory table histograms (this head's time row, then its position row) for the
-// gradient workspaces p asks for; 0 without table gradients.
+// Warps of the deterministic path's dk/dv kernels with a bias (TileConfig::kDkDvWarps); each keeps its own
+// histogram.
+constexpr int kDetTableWarps = 4;
+
+// Floats of the dS pass's shared-memory table histograms (rab_table_grad_floats each, hstu.h): one per block on the
+// atomic-dq path, one per warp (kDetTableWarps) on the deterministic path; 0 without table gradients.
 __host__ __device__ __forceinline__ int rab_table_hist_floats(const AttnParams& p) {
-  int n = 0;
-  if (p.drab_time_weights != nullptr) n += p.rab_time_buckets + 1;
-  if (p.drab_pos_weights != nullptr) n += p.rab_pos_size;
-  return n;
+  const int n = rab_table_grad_floats(p);
+  return p.dq_accum == nullptr ? kDetTableWarps * n : n;
 }
 
 // Row `head` of a (heads, size) table (row 0 of a one-row table shared by every head), or nullptr.
@@ -147,7 +152,7 @@ struct TableGrads {
     g_time = table_row(p.drab_time_weights, p.rab_time_heads, head, p.rab_time_buckets + 1);
     g_pos = table_row(p.drab_pos_weights, p.rab_pos_heads, head, p.rab_pos_size);
     time_size = g_time == nullptr ? 0 : p.rab_time_buckets + 1;
-    total = rab_table_hist_floats(p);
+    total = rab_table_grad_floats(p);
     hist = p.rab_hist_floats > 0 ? smem_hist : nullptr;
   }
 
@@ -181,6 +186,145 @@ struct TableGrads {
   }
 };
 
+// Warp collectives of the deterministic histograms (the host emulation: through the fiber scheduler's warp barrier).
+#if defined(HSTU_HOST_EMULATION)
+inline int g_emu_warp_ints[32][32];  // [warp][lane]
+// Every lane's v, after a warp barrier: v of lane l in vals[l].
+inline const int* emu_warp_exchange(int v) {
+  int* row = g_emu_warp_ints[emu::warp()];
+  emu::warp_sync();  // the previous exchange's reads are done
+  row[emu::lane()] = v;
+  emu::warp_sync();
+  return row;
+}
+inline unsigned warp_match_any(int v) {
+  const int* vals = emu_warp_exchange(v);
+  unsigned peers = 0;
+  for (int l = 0; l < 32; ++l) peers |= vals[l] == v ? 1u << l : 0u;
+  return peers;
+}
+inline int warp_max(int v) {
+  const int* vals = emu_warp_exchange(v);
+  int m = vals[0];
+  for (int l = 1; l < 32; ++l) m = vals[l] > m ? vals[l] : m;
+  return m;
+}
+inline void warp_sync_all() { emu::warp_sync(); }
+inline int popcount(unsigned v) { return __builtin_popcount(v); }
+#else
+__device__ __forceinline__ unsigned warp_match_any(int v) { return __match_any_sync(0xffffffffu, v); }
+__device__ __forceinline__ int warp_max(int v) { return __reduce_max_sync(0xffffffffu, v); }
+__device__ __forceinline__ void warp_sync_all() { __syncwarp(); }
+__device__ __forceinline__ int popcount(unsigned v) { return __popc(v); }
+#endif
+
+// The deterministic path's slot workspace: p.rab_table_slots (the host emulation, whose harness passes none, keeps
+// one of rab_table_slot_floats in a static buffer shared by the dk/dv and dq launches of a call).
+#if defined(HSTU_HOST_EMULATION)
+inline float* table_slots(const AttnParams& p) {
+  static std::vector<float> slots;
+  if (p.rab_table_slots != nullptr) return p.rab_table_slots;
+  const size_t n = static_cast<size_t>(rab_table_slot_floats(p));
+  if (slots.size() < n) slots.resize(n);
+  return slots.data();
+}
+#else
+__device__ __forceinline__ float* table_slots(const AttnParams& p) { return p.rab_table_slots; }
+#endif
+
+// The deterministic table gradients of one warp of the dk/dv kernel (16 keys, starting at key0): a histogram of
+// rab_table_grad_floats (time row, then position row) in shared memory when the launch reserved one per warp
+// (p.rab_hist_floats), else directly in the warp's slot of the workspace, slot (batch, head, key0 / 16). Lanes that
+// hit the same id add in ascending lane order, one lane per id and round, so every sum has a fixed order; flush()
+// copies a shared histogram to the slot. Warps whose keys all lie past the sequence have no slot (nothing to add).
+struct DetTableGrads {
+  float* hist;  // this warp's histogram, or nullptr
+  float* slot;  // its slot
+  int time_size;
+  int total;
+  bool time_on;
+  bool pos_on;
+
+  __device__ __forceinline__ DetTableGrads(const AttnParams& p, int batch, int head, int key0, int L, int warp,
+                                           int warps, float* smem_hist) {
+    time_on = p.drab_time_weights != nullptr;
+    pos_on = p.drab_pos_weights != nullptr;
+    time_size = time_on ? p.rab_time_buckets + 1 : 0;
+    total = rab_table_grad_floats(p);
+    hist = slot = nullptr;
+    if (total == 0 || key0 >= L) return;
+    const int64_t index = (static_cast<int64_t>(batch) * p.heads + head) * ((p.max_seqlen + 15) / 16) + key0 / 16;
+    slot = table_slots(p) + index * total;
+    hist = p.rab_hist_floats >= warps * total ? smem_hist + warp * total : slot;
+  }
+
+  // Zero the histogram (the warp's lanes; ordered before the first add by the warp barrier).
+  __device__ __forceinline__ void clear(int lane) const {
+    if (hist == nullptr) return;
+    for (int k = lane; k < total; k += 32) hist[k] = 0.f;
+    warp_sync_all();
+  }
+
+  // hist[id] += g for the lanes with `on` (all 32 lanes call it).
+  __device__ __forceinline__ void add_one(int id, float g, bool on, int lane) const {
+    const unsigned peers = warp_match_any(on ? id : -1);
+    const int rank = popcount(peers & ((1u << lane) - 1u));
+    const int rounds = warp_max(on ? rank + 1 : 0);
+    for (int r = 0; r < rounds; ++r) {
+      if (on && rank == r) hist[id] += g;
+      warp_sync_all();
+    }
+  }
+
+  // d w_time[id.time] += g, d w_pos[id.pos] += g for the lanes with `on` (all 32 lanes call it).
+  __device__ __forceinline__ void add(const TableIndex& id, float g, bool on, int lane) const {
+    if (hist == nullptr) return;
+    if (time_on) add_one(id.time, g, on, lane);
+    if (pos_on) add_one(time_size + id.pos, g, on, lane);
+  }
+
+  // After the warp's last add: a shared histogram into the slot.
+  __device__ __forceinline__ void flush(int lane) const {
+    if (hist == nullptr || hist == slot) return;
+    warp_sync_all();
+    for (int k = lane; k < total; k += 32) slot[k] = hist[k];
+  }
+};
+
+// The dq kernel's part of the deterministic table gradients (the dk/dv launches have written every slot it reads):
+// each gradient entry is the sum of its slots in the order batch, head, key block (every head's slots for a table
+// shared by the heads), stored into p.drab_*_weights. The blocks of the grid split the entries (thread tid of
+// block `block` of `blocks`).
+template <int kThreads>
+__device__ __forceinline__ void reduce_table_slots(const AttnParams& p, int64_t block, int64_t blocks, int tid) {
+  const int per = rab_table_grad_floats(p);
+  if (per == 0) return;
+  const int time_size = p.drab_time_weights != nullptr ? p.rab_time_buckets + 1 : 0;
+  const int pos_size = p.drab_pos_weights != nullptr ? p.rab_pos_size : 0;
+  const int64_t time_entries = time_size == 0 ? 0 : int64_t{p.rab_time_heads} * time_size;
+  const int64_t entries = time_entries + (pos_size == 0 ? 0 : int64_t{p.rab_pos_heads} * pos_size);
+  const int key_blocks = (p.max_seqlen + 15) / 16;
+  const float* slots = table_slots(p);
+  for (int64_t e = block * kThreads + tid; e < entries; e += blocks * kThreads) {
+    const bool time = e < time_entries;
+    const int64_t r = time ? e : e - time_entries;
+    const int size = time ? time_size : pos_size;
+    const int table_heads = time ? p.rab_time_heads : p.rab_pos_heads;
+    const int th = static_cast<int>(r / size);
+    const int offset = (time ? 0 : time_size) + static_cast<int>(r % size);
+    const int h_begin = table_heads == 1 ? 0 : th, h_end = table_heads == 1 ? p.heads : th + 1;
+    float sum = 0.f;
+    for (int b = 0; b < p.batch; ++b) {
+      const int blocks_b = (p.seq_offsets[b + 1] - p.seq_offsets[b] + 15) / 16;
+      for (int h = h_begin; h < h_end; ++h) {
+        const float* s = slots + ((static_cast<int64_t>(b) * p.heads + h) * key_blocks) * per + offset;
+        for (int kb = 0; kb < blocks_b; ++kb) sum += s[static_cast<int64_t>(kb) * per];
+      }
+    }
+    (time ? p.drab_time_weights : p.drab_pos_weights)[r] = sum;
+  }
+}
+
 // The kernels' table state: TableBias with kTables, an empty stand-in otherwise (no code, no registers).
 struct NoTableBias {};
 template <bool kTables>
@@ -197,6 +341,15 @@ template <bool kOn>
 __device__ __forceinline__ auto make_table_grads(const AttnParams& p, int head, float* smem_hist) {
   if constexpr (kOn)
     return TableGrads(p, head, smem_hist);
+  else
+    return NoTableGrads{};
+}
+// The same for the deterministic path's per-warp state: DetTableGrads with kOn.
+template <bool kOn>
+__device__ __forceinline__ auto make_det_table_grads(const AttnParams& p, int batch, int head, int key0, int L,
+                                                     int warp, int warps, float* smem_hist) {
+  if constexpr (kOn)
+    return DetTableGrads(p, batch, head, key0, L, warp, warps, smem_hist);
   else
     return NoTableGrads{};
 }

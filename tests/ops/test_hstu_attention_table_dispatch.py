@@ -172,10 +172,10 @@ def test_kernels_reading_tables_get_the_tables(fake_kernels):
     _assert_reference_results(monkeypatch, p, got_out, got)
 
 
-def test_table_kernels_are_taken_only_when_the_variant_asks_and_never_deterministically(fake_kernels):
+def test_table_kernels_are_taken_only_when_the_variant_asks_on_both_backward_paths(fake_kernels):
     # a build whose kernels read the tables: the default variant still writes the tables out as a dense rab (the
-    # path verified on a GPU); KernelVariant.table_kernels=True passes the tables, except on the deterministic
-    # backward, whose table gradients the table kernels refuse
+    # path verified on a GPU); KernelVariant.table_kernels=True passes the tables, on the deterministic backward too
+    # (its table gradients are summed in a fixed order), with the table-gradient workspaces
     ext, monkeypatch = fake_kernels
     monkeypatch.setattr(cuda, "build_info", lambda: {"rab_tables": True})
     p = dict(lengths=[4, 0, 6], heads=2, use_time=True, use_position=True, targets=[1, 0, 2], shared=[1, 0, 2],
@@ -191,7 +191,9 @@ def test_table_kernels_are_taken_only_when_the_variant_asks_and_never_determinis
         assert all(rab is None and "rab_position_weights" in kwargs for _, rab, kwargs in ext.calls)
         ext.calls.clear()
         run(hstu_attention, p, deterministic=True)
-        assert all(rab is not None and "rab_position_weights" not in kwargs for _, rab, kwargs in ext.calls)
+        assert ext.calls and all(rab is None and "rab_position_weights" in kwargs for _, rab, kwargs in ext.calls)
+        assert [kwargs["options"].fields["deterministic"] for _, _, kwargs in ext.calls] == [False, True]
+        assert ext.calls[1][2]["drab_position"].shape == (7,) and ext.calls[1][2]["drab_time"].shape == (2, 9)
 
 
 def test_table_call_without_grad_runs_no_backward(fake_kernels):

@@ -9,10 +9,12 @@ int32 (B,); rab None or (B, H or 1, >=max_seqlen, >=max_seqlen) with unit stride
 Relative bias tables (``AttentionArgs.rab_*``, ``rab_tables.py``): ``forward`` / ``backward`` hand them to the binding
 (hstu_api.cpp checks them and fills AttnParams' table fields) and the sm80-style kernels compute the bias of every
 entry from the tables and the tokens' timestamps / positions (csrc/hstu_attention/rab_tables.h; table calls run
-those kernels on Hopper too): nothing of size L x L is stored. The backward adds the tables' gradients into float32
-workspaces (a shared-memory histogram per block, then float32 atomics: their summation order varies), so the binding
-refuses table gradients with ``deterministic=True`` (ValueError naming drab_position / drab_time); such calls need
-the dense rab. ``reads_rab_tables()`` says whether table calls take these kernels: the build has them and the
+those kernels on Hopper too): nothing of size L x L is stored. The backward sums the tables' gradients into float32
+workspaces shaped like the tables: with ``deterministic=False`` a shared-memory histogram per block, then float32
+atomics (their summation order varies); with ``deterministic=True`` a histogram per warp (16 keys) whose lanes add
+in a fixed order, written to its own slot of a float32 workspace of B x H x ceil(max_seqlen / 16) x (K + 1 + 2M - 1)
+floats that the binding allocates for the call, and summed slot after slot in a fixed order by the dq kernel:
+bitwise reproducible. ``reads_rab_tables()`` says whether table calls take these kernels: the build has them and the
 call's ``KernelVariant.table_kernels`` asks for them (off by default; otherwise the dispatcher writes the tables out
 as a dense rab for the dense-rab kernels).
 
@@ -81,7 +83,7 @@ def reads_rab_tables(variant: Optional[KernelVariant] = None) -> bool:
     """Whether table calls go to the kernels that compute the relative bias from the weight tables: the build has them
     (``build_info()['rab_tables']``: builds with the rab units) and ``variant`` (resolved as ``forward`` does) asks for
     them (``KernelVariant.table_kernels``). Otherwise the dispatcher writes the tables out as a dense rab for the
-    dense-rab kernels. Table gradients on the deterministic backward are refused by the binding either way."""
+    dense-rab kernels. Both backward paths take them (deterministic=True: table gradients in a fixed order)."""
     return bool(build_info().get("rab_tables", False)) and _resolve(variant).table_kernels
 
 

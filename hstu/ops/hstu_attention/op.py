@@ -76,10 +76,10 @@ def _use_kernel(args: AttentionArgs) -> bool:
 
 
 def _expands_tables(args: AttentionArgs) -> bool:
-    """Whether a kernel call writes the bias tables out as a dense rab: the call has tables and either the table
-    kernels are not taken (``cuda.reads_rab_tables()``) or the call is deterministic (the table kernels' table
-    gradients are atomic sums; the dense path reduces drab to the tables reproducibly)."""
-    return args.has_tables() and (args.deterministic or not cuda.reads_rab_tables())
+    """Whether a kernel call writes the bias tables out as a dense rab: the call has tables and the table kernels
+    are not taken (``cuda.reads_rab_tables()``). The table kernels serve both backward paths (deterministic=True:
+    their table gradients are summed in a fixed order, bitwise reproducible)."""
+    return args.has_tables() and not cuda.reads_rab_tables()
 
 
 def _kernel_args(args: AttentionArgs) -> AttentionArgs:
