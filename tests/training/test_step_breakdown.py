@@ -5,6 +5,7 @@ event type."""
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
@@ -107,3 +108,28 @@ def test_cpu_time_counts_self_time_of_nested_ops():
 def test_an_empty_window_is_a_named_error(kwargs, field):
     with pytest.raises(ValueError, match=field):
         step_breakdown([], device_type="cpu", **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_cuda_kernels_are_classified():
+    """torch.profiler on the GPU: a cuBLAS GEMM, an embedding lookup and a fused Adam step land in their categories."""
+    import time
+
+    device = torch.device("cuda")
+    table = torch.nn.Embedding(1000, 64).to(device)
+    weight = torch.nn.Parameter(torch.randn(64, 64, device=device))
+    optimizer = torch.optim.Adam([weight, *table.parameters()], fused=True)
+    ids = torch.randint(0, 1000, (4096,), device=device)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        (table(ids) @ weight).square().mean().backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    got = step_breakdown(prof.events(), elapsed, 1, "cuda")
+    assert got["time"] == "device"
+    for category in ("gemm", "embeddings", "optimizer"):
+        assert got["ms_per_step"][category] > 0, (category, got)
+    assert got["ms_per_step"]["attention"] == 0 and sum(got["share"].values()) == pytest.approx(1.0)
