@@ -57,11 +57,13 @@ __device__ __forceinline__ void add_dropped_terms_mi(float (&acc)[kMI][kNB][4], 
 // kTables (kHasRab units only): the bias comes from the weight tables (rab_tables.h) instead of the dense rab.
 // kCached: the cached forward (cached.h): the query tiles are tiles of new rows, at absolute rows cached + local
 // row, and the keys come from the cache and the new rows; false: the full attention (cached = 0 at compile time).
-template <typename Traits, bool kDropout, bool kTables = false, bool kCached = false>
+// kPaged (kCached only): the cached keys / values are read through the page table (AttnParams::page_table).
+template <typename Traits, bool kDropout, bool kTables = false, bool kCached = false, bool kPaged = false>
 __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnParams p) {
   using Element = typename Traits::Element;
   static_assert(!kTables || Traits::kHasRab, "the table kernels are the kHasRab instantiations");
   static_assert(!kCached || (!kDropout && !kTables), "the cached forward has no dropout and no bias tables");
+  static_assert(kCached || !kPaged, "only the cached forward reads a paged cache");
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, NT = Traits::kThreads;
   static_assert(BM % 16 == 0 && BN % 16 == 0, "dropout.h's 2 x 2 Philox grouping needs 16-aligned tiles");
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
   Element* sV = sK + Traits::kStages * Traits::kSmemKV;
   uint8_t* v_bad = reinterpret_cast<uint8_t*>(sV + Traits::kStages * Traits::kSmemKV);
 
-  const FwdWork fw = schedule_fwd_block<kCached>(p);
+  const FwdWork fw = schedule_fwd_block<kCached, kPaged>(p);
   const WorkItem& w = fw.item;
   const SeqMask& mk = w.mask;
   const int q_shift = fw.cached;  // absolute row of the sequence's first query row
@@ -88,9 +90,7 @@ __global__ void __launch_bounds__(Traits::kThreads) hstu_fwd_kernel(const AttnPa
   load_tile_async<BM, D, NT>(sQ, gQ + m_local * p.row_stride, p.row_stride, mk.L - m0, tid);
   // kCached: the tile's keys from the cache and the new rows
   [[maybe_unused]] auto cached_rows = [&](const void* cache, const Element* fresh, int row0) {
-    const Element* c = reinterpret_cast<const Element*>(cache) + static_cast<int64_t>(fw.cache_start) * p.row_stride +
-                       static_cast<int64_t>(w.head) * D;
-    return CachedRows<Element>{c, fresh, p.row_stride, fw.cached, row0};
+    return make_cached_rows<kPaged, D>(p, fw, cache, fresh, row0);
   };
 
   const int n_tiles = (mk.key_end(m0, m0 + BM) + BN - 1) / BN;

@@ -101,10 +101,15 @@ void launch_fwd_cached(const AttnParams& p, cudaStream_t stream) {
     throw std::invalid_argument("hstu attention: the cached forward needs cache_offsets, no dropout, no bias tables");
   using Cfg = TileConfig<kHeadDim>;
   using Traits = FwdTraits<Element, kHeadDim, kHasRab, Cfg::kFwdWarps, Cfg::kFwdBlockN, Cfg::kFwdMI, Cfg::kFwdStages>;
-  auto kernel = hstu_fwd_kernel<Traits, /*kDropout=*/false, /*kTables=*/false, /*kCached=*/true>;
-  set_smem(kernel, Traits::kSmemBytes);
-  kernel<<<grid_for(p, Traits::kBlockM, p.heads), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-  check_cuda(cudaGetLastError(), "cached forward launch");
+  auto run = [&](auto kernel) {
+    set_smem(kernel, Traits::kSmemBytes);
+    kernel<<<grid_for(p, Traits::kBlockM, p.heads), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+    check_cuda(cudaGetLastError(), "cached forward launch");
+  };
+  if (p.page_table != nullptr)
+    run(hstu_fwd_kernel<Traits, /*kDropout=*/false, /*kTables=*/false, /*kCached=*/true, /*kPaged=*/true>);
+  else
+    run(hstu_fwd_kernel<Traits, /*kDropout=*/false, /*kTables=*/false, /*kCached=*/true, /*kPaged=*/false>);
 }
 
 template <typename Element, int kHeadDim>

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.ops.attention_cuda_common import _build_inputs
@@ -84,6 +84,7 @@ class _EmuArgs(ctypes.Structure):
     _fields_ += [(n, ctypes.c_uint32) for n in ("seed_lo", "seed_hi", "threshold")]  # fmt: skip
     _fields_ += _TABLE_FIELDS
     _fields_ += [(n, ctypes.c_void_p) for n in ("k_cache", "v_cache", "cache_offsets")]  # the cached forward
+    _fields_ += [("page_table", ctypes.c_void_p), ("page_table_stride", ctypes.c_int64), ("page_shift", ctypes.c_int)]
 
 
 def _ptr(t):
@@ -524,8 +525,10 @@ def test_cpu_emulated_table_kernels_parity(emulator, case):
 # The cached forward (issue 26; csrc/hstu_attention/cached.h): new rows against cached keys / values plus their own,
 # the keys read from the cache and the new rows (no concatenated copy), the masks at absolute positions.
 def _emu_cached(emu, q, k, v, delta_offsets, cached_k, cached_v, cache_offsets, *, alpha, scaling_seqlen,
-                window_size=-1, num_contexts=None, num_targets=None, target_group_size=1, rab=None):  # fmt: skip
-    """cached_hstu_attention on the emulated cached forward kernel (CPU tensors of one 16-bit dtype)."""
+                window_size=-1, num_contexts=None, num_targets=None, target_group_size=1, rab=None, page_table=None,
+                page_size=0):  # fmt: skip
+    """cached_hstu_attention on the emulated cached forward kernel (CPU tensors of one 16-bit dtype; with
+    page_table, cached_k / cached_v are pools of pages of page_size rows)."""
     i32 = lambda t: None if t is None else t.to(torch.int32).contiguous()  # noqa: E731
     delta_offsets, cache_offsets = i32(delta_offsets), i32(cache_offsets)
     num_contexts, num_targets = i32(num_contexts), i32(num_targets)
@@ -536,6 +539,10 @@ def _emu_cached(emu, q, k, v, delta_offsets, cached_k, cached_v, cache_offsets, 
     a = _args_for(q, k, v, delta_offsets, n_new, alpha, scaling_seqlen, True, window_size, num_contexts, num_targets,
                   target_group_size, rab, 0.0, 0, 0)  # fmt: skip
     a.out, a.k_cache, a.v_cache, a.cache_offsets = map(_ptr, (out, cached_k, cached_v, cache_offsets))
+    if page_table is not None:
+        page_table = i32(page_table)
+        a.page_table, a.page_table_stride = _ptr(page_table), page_table.shape[1]
+        a.page_shift = page_size.bit_length() - 1
     if q.numel():
         emu.emu_fwd_cached(ctypes.byref(a))
     return out
@@ -628,3 +635,62 @@ def test_cpu_emulated_cached_forward_selects_nonfinite_entries(emulator):
     assert torch.equal(_nonfinite_pattern(want) != 0, expected)
     assert torch.equal(_nonfinite_pattern(got), _nonfinite_pattern(want))
     assert torch.equal(got[~expected], clean[~expected])
+
+
+from hstu.ops.cached_attention import cached_attention_reference  # noqa: E402
+from tests.inference.test_cached_attention import _cached  # noqa: E402  (outside the @given test below)
+
+
+def _page_layout(lengths, page_size, pages_per_seq, generator):
+    """A page table (B, pages_per_seq) int32 over a shuffled pool (a sequence's pages out of order, two spare pages,
+    unused slots -1), the pool's page count and the pool row of every cached row in jagged order."""
+    used = [(n + page_size - 1) // page_size for n in lengths]
+    num_pages = sum(used) + 2
+    order = iter(torch.randperm(num_pages, generator=generator).tolist())
+    table = torch.full((len(lengths), pages_per_seq), -1, dtype=torch.int32)
+    for b, count in enumerate(used):
+        table[b, :count] = torch.tensor([next(order) for _ in range(count)], dtype=torch.int32)
+    rows = [int(table[b, r // page_size]) * page_size + r % page_size for b, n in enumerate(lengths) for r in range(n)]
+    return table, num_pages, torch.tensor(rows, dtype=torch.int64)
+
+
+def _to_pool(cached, rows, num_pages, page_size):
+    """The jagged cached rows placed at their pool rows; every other pool row (spare pages, page tails) is NaN."""
+    pool = torch.full((num_pages * page_size, *cached.shape[1:]), float("nan"), dtype=cached.dtype)
+    pool[rows] = cached
+    return pool
+
+
+@settings(max_examples=4, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))  # no slow shrinking
+@given(batch=st.integers(1, 3), data=st.data())
+def test_cpu_emulated_paged_cached_forward(emulator, batch, data):
+    """The paged cached forward (cached.h's kPaged CachedRows): every user's cache spread over pages of 16, 32 or 64
+    rows of a shuffled pool (spare pages and page tails NaN, so a read outside the page table shows), users with 0, 1
+    or many pages: the outputs equal the contiguous cached forward's bit for bit (same tiles, same order), and the
+    reference gathers the same pages."""
+    page_size = data.draw(st.sampled_from([16, 32, 64]))
+    cache = [data.draw(st.sampled_from([0, data.draw(st.integers(1, page_size)), data.draw(st.integers(1, 150))]))
+             for _ in range(batch)]
+    delta = [data.draw(st.sampled_from([1, data.draw(st.integers(2, 40))])) for _ in range(batch)]
+    targets = [data.draw(st.integers(0, n)) for n in delta]
+    p = dict(cache=cache, delta=delta, targets=targets, contexts=None, heads=data.draw(st.integers(1, 2)),
+             group=data.draw(st.sampled_from([1, 2])), window=data.draw(st.sampled_from([-1, 30])),
+             dim=data.draw(st.sampled_from([32, 64])), rab=data.draw(st.sampled_from([None, "heads"])),
+             dtype=data.draw(st.sampled_from([torch.bfloat16, torch.float16])), seed=data.draw(st.integers(0, 9999)))
+    spare_slots = data.draw(st.integers(0, 2))
+    pages_per_seq = max((n + page_size - 1) // page_size for n in cache) + spare_slots
+    table, num_pages, rows = _page_layout(cache, page_size, pages_per_seq, torch.Generator().manual_seed(p["seed"]))
+
+    def paged(fn):
+        def run(q, k, v, delta_offsets, cached_k, cached_v, cache_offsets, **kw):
+            pools = (_to_pool(t, rows, num_pages, page_size) for t in (cached_k, cached_v))
+            return fn(q, k, v, delta_offsets, *pools, cache_offsets, page_table=table, page_size=page_size, **kw)
+        return run
+
+    got = _cached(p, p["dtype"], paged(functools.partial(_emu_cached, emulator)))
+    contiguous = _cached(p, p["dtype"], functools.partial(_emu_cached, emulator))
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, contiguous)  # the contiguous kernel's parity: the tests above
+    # the reference reads the same pools through the page table
+    assert torch.equal(_cached(p, torch.float32, paged(cached_attention_reference)),
+                       _cached(p, torch.float32, cached_attention_reference))

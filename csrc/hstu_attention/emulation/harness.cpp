@@ -98,8 +98,12 @@ template <typename Element, int D, bool kRab>
 void fwd_cached_impl(const AttnParams& p) {
   using Cfg = TileConfig<D>;
   using Traits = FwdTraits<Element, D, kRab, Cfg::kFwdWarps, Cfg::kFwdBlockN, Cfg::kFwdMI, Cfg::kFwdStages>;
-  launch([&] { hstu_fwd_kernel<Traits, false, false, true>(p); }, grid_for(p, Traits::kBlockM, p.heads),
-         Traits::kThreads, Traits::kSmemBytes);
+  if (p.page_table != nullptr)
+    launch([&] { hstu_fwd_kernel<Traits, false, false, true, true>(p); }, grid_for(p, Traits::kBlockM, p.heads),
+           Traits::kThreads, Traits::kSmemBytes);
+  else
+    launch([&] { hstu_fwd_kernel<Traits, false, false, true>(p); }, grid_for(p, Traits::kBlockM, p.heads),
+           Traits::kThreads, Traits::kSmemBytes);
 }
 
 // 0: the table gradients go to global atomics; else launch.h's shared-memory histogram where it fits (227 KB)
@@ -256,6 +260,10 @@ struct EmuArgs {
   // the cached forward's cached keys / values and their offsets (AttnParams' cached fields)
   const void *k_cache, *v_cache;
   const int* cache_offsets;
+  // the paged cache (AttnParams' page_table fields; page_table nullptr: the contiguous cache)
+  const int* page_table;
+  int64_t page_table_stride;
+  int page_shift;
 };
 
 static AttnParams to_params(const EmuArgs& a) {
@@ -276,6 +284,7 @@ static AttnParams to_params(const EmuArgs& a) {
   p.rab_time_next = a.time_next != 0; p.rab_time_divisor = a.time_divisor;
   g_table_hist = a.table_hist;
   p.k_cache = a.k_cache; p.v_cache = a.v_cache; p.cache_offsets = a.cache_offsets;
+  p.page_table = a.page_table; p.page_table_stride = a.page_table_stride; p.page_shift = a.page_shift;
   return p;
 }
 

@@ -3,7 +3,8 @@
 The kernel is the sm80-style (mma.sync) forward of the fused HSTU attention with a compile-time cached mode; it runs
 on every architecture the extension is built for (Hopper included). Its query tiles are tiles of the new rows, and
 the keys / values of sequence b are read from two places: the cached rows (``cached_k`` / ``cached_v``, jagged by
-``cache_offsets``) followed by the new rows (``k`` / ``v``, jagged by ``delta_offsets``). Nothing is concatenated
+``cache_offsets``, or pages of a pool listed by ``page_table``) followed by the new rows (``k`` / ``v``, jagged by
+``delta_offsets``). Nothing is concatenated
 per call: the cache is read where it lies, once per query tile (M-FALCON's candidates share one or two tiles). The
 masks apply at absolute positions (new row i of b is row c_b + i), so outputs equal those rows of a full causal
 ``hstu_attention`` over ``cache_b ++ delta_b``.
@@ -78,9 +79,12 @@ def forward(
     num_targets: Optional[torch.Tensor] = None,
     target_group_size: int = 1,
     rab: Optional[torch.Tensor] = None,
+    page_table: Optional[torch.Tensor] = None,
+    page_size: int = 0,
 ) -> torch.Tensor:
     """The cached kernel; the arguments as ``cached_hstu_attention`` takes them once it has checked them (this does
-    not check values: offsets must be non-decreasing, counts within the rules of the reference)."""
+    not check values: offsets must be non-decreasing, counts within the rules of the reference, page table entries
+    inside the pool)."""
     ext = load_extension()
     delta_offsets, cache_offsets = _int32(delta_offsets), _int32(cache_offsets)
     batch = delta_offsets.numel() - 1
@@ -95,5 +99,5 @@ def forward(
     return ext.hstu_attn_fwd_cached(
         q, k, v, delta_offsets, int(max_new), cached_k, cached_v, cache_offsets, int(max_whole), float(alpha),
         int(scaling_seqlen), int(window_size), _int32(num_contexts), _int32(num_targets), int(target_group_size),
-        _rab_for_kernel(rab, q.dtype), out,
+        _rab_for_kernel(rab, q.dtype), out, _int32(page_table), int(page_size) if page_table is not None else 0,
     )  # fmt: skip

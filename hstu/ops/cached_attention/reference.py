@@ -21,6 +21,10 @@ j of the whole sequence. Accumulation is float32 (float64 stays float64); the ou
 
 Masks select (torch.where), they never multiply: a key, value or rab entry that a row does not see changes nothing
 in that row's output, even when it is NaN or infinite.
+
+Paged caches (``page_table`` given): ``cached_k`` / ``cached_v`` are pools of pages of ``page_size`` rows, and cached
+row r of sequence b is pool row ``page_table[b, r // page_size] * page_size + r % page_size``; ``cache_offsets``
+still give the cached lengths. :func:`gather_pages` turns that into the jagged layout.
 """
 
 from __future__ import annotations
@@ -81,6 +85,26 @@ def cached_attention_mask(
     return inside & (context_rows | history_rows | target_rows)
 
 
+def page_rows(page_table: torch.Tensor, cache_offsets: torch.Tensor, page_size: int) -> torch.Tensor:
+    """(T_cache,) int64 pool rows of the cached rows of every sequence, in the jagged order of ``cache_offsets``
+    (row r of sequence b: ``page_table[b, r // page_size] * page_size + r % page_size``)."""
+    offsets = cache_offsets.to(torch.int64)
+    lengths = offsets[1:] - offsets[:-1]
+    total = int(offsets[-1]) if offsets.numel() else 0
+    device = page_table.device
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths.to(device),
+                                  output_size=total)
+    row = torch.arange(total, device=device) - offsets[:-1].to(device)[seq]
+    pages = page_table.to(torch.int64)[seq, torch.div(row, page_size, rounding_mode="floor")]
+    return pages * page_size + row % page_size
+
+
+def gather_pages(pool: torch.Tensor, page_table: torch.Tensor, cache_offsets: torch.Tensor,
+                 page_size: int) -> torch.Tensor:
+    """The cached rows of a paged pool (P_rows, H, D) as one jagged tensor (T_cache, H, D) by ``cache_offsets``."""
+    return pool[page_rows(page_table, cache_offsets, page_size)]
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -113,12 +137,18 @@ def cached_attention_reference(
     num_targets: Optional[torch.Tensor] = None,
     target_group_size: int = 1,
     rab: Optional[torch.Tensor] = None,
+    page_table: Optional[torch.Tensor] = None,
+    page_size: int = 0,
 ) -> torch.Tensor:
     """The cached attention of the module docstring without argument checks (``cached_hstu_attention`` checks).
 
     q, k: (T_new, H, Dqk), v: (T_new, H, Dv) jagged by ``delta_offsets`` (B+1); cached_k (T_cache, H, Dqk) and
-    cached_v (T_cache, H, Dv) jagged by ``cache_offsets`` (B+1). Returns (T_new, H, Dv) in q's dtype.
+    cached_v (T_cache, H, Dv) jagged by ``cache_offsets`` (B+1), or, with ``page_table`` (B, max_pages), pools of
+    pages of ``page_size`` rows. Returns (T_new, H, Dv) in q's dtype.
     """
+    if page_table is not None:
+        rows = page_rows(page_table, cache_offsets, page_size)
+        cached_k, cached_v = cached_k[rows], cached_v[rows]
     dtype = _compute_dtype(q.dtype)
     num_heads, dim_v = v.shape[1], v.shape[2]
     delta_lengths = (delta_offsets[1:] - delta_offsets[:-1]).to(torch.int64)
