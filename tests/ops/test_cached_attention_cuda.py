@@ -95,3 +95,29 @@ def test_cached_kernel_dispatch():
     assert op._kernel_for(torch.zeros(1, 2, 48, dtype=torch.bfloat16, device="cuda"),
                           torch.zeros(1, 2, 48, dtype=torch.bfloat16, device="cuda"), None) is None
     assert op._kernel_for(q.cpu(), q.cpu(), None) is None
+
+
+@gpu_test
+@pytest.mark.parametrize("seed", range(12))
+def test_paged_cached_kernel_equals_contiguous(seed):
+    """The paged cached kernel (page tables into a shuffled pool, pages of 16 / 32 / 64 rows, spare pages NaN) gives
+    the contiguous kernel's outputs bit for bit, and the contiguous kernel's parity (test above) carries over."""
+    from hstu.ops.cached_attention import cached_hstu_attention
+    from tests.inference.test_cached_attention import _cached
+    from tests.ops.test_hstu_attention_cuda_emulation import _page_layout, _to_pool
+
+    p = _random_problem(1000 + seed)
+    if sum(p["delta"]) == 0:
+        p["delta"][0] = 1
+    page_size = random.Random(seed).choice([16, 32, 64])
+    pages_per_seq = max((n + page_size - 1) // page_size for n in p["cache"]) + 1
+    table, num_pages, rows = _page_layout(p["cache"], page_size, pages_per_seq, torch.Generator().manual_seed(seed))
+
+    def paged(q, k, v, delta_offsets, cached_k, cached_v, cache_offsets, **kw):
+        pools = (_to_pool(t.cpu(), rows, num_pages, page_size).cuda() for t in (cached_k, cached_v))
+        return cached_hstu_attention(q, k, v, delta_offsets, *pools, cache_offsets, page_table=table.cuda(),
+                                     page_size=page_size, **kw)
+
+    got = _cached(p, p["dtype"], paged, device="cuda")
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, _cached(p, p["dtype"], cached_hstu_attention, device="cuda"))
