@@ -522,6 +522,35 @@ def test_cpu_emulated_table_kernels_parity(emulator, case):
         assert_parity(name, a, b, c.to(a.dtype), factor=FORWARD_FACTOR if name == "out" else BACKWARD_FACTOR)
 
 
+def test_cpu_emulated_deterministic_table_grads_are_fixed_order_sums(emulator):
+    """The deterministic backward's table gradients (per-warp histograms whose lanes add in a fixed order, one slot per
+    16-key block, summed slot after slot by the dq kernel): the histograms in shared memory (table_hist=1) and in the
+    global slots (table_hist=0) give bitwise-equal results, every output bitwise equal between the two runs, and the
+    parity rule against the fp32 reference holds (per-head time table, shared position table, targets, shared
+    positions, "next" time reference)."""
+    from hstu.ops.hstu_attention import hstu_attention_reference
+    from hstu.testing.parity import BACKWARD_FACTOR, assert_parity
+
+    opts = dict(reference="next", next_timestamps=True, per_head_time=True, per_head_pos=False, shared=[0, 1, 6, 9],
+                num_targets=[0, 1, 6, 9], num_contexts=[0, 0, 2, 3])  # fmt: skip
+    q, k, v, dout, offsets, n, tables, masks = _table_inputs(32, torch.bfloat16, opts, seed=25)
+    runs = [_emu_table_run(emulator, q, k, v, dout, offsets, n, tables, masks, alpha=0.3, deterministic=True,
+                           variant=0, table_hist=hist, p=0.0) for hist in (1, 0)]  # fmt: skip
+    for name, a, b in zip(("out", "dq", "dk", "dv", "d position_weights", "d time_weights"), *runs):
+        assert torch.equal(a, b), f"{name}: shared-memory and global histograms differ"
+    weights = [w.clone().requires_grad_() for w in (tables.position_weights, tables.time_weights)]
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    low = [w.to(torch.bfloat16).requires_grad_() for w in weights]
+    grads = []
+    for ws, xs, kw in ((weights, leaves, {}), (low, [t.detach().requires_grad_() for t in (q, k, v)],
+                                               dict(upcast=False))):  # fmt: skip
+        t = tables._replace(position_weights=ws[0], time_weights=ws[1])
+        out = hstu_attention_reference(*xs, offsets.long(), n, alpha=0.3, rab_tables=t, **masks, **kw)
+        grads.append(torch.autograd.grad(out, ws, dout.to(out.dtype)))
+    for name, a, b, c in zip(("d position_weights", "d time_weights"), runs[0][4:], *grads):
+        assert torch.isfinite(a).all(), f"{name}: non-finite entries (unwritten?)"
+        assert_parity(name, a, b, c.to(a.dtype), factor=BACKWARD_FACTOR)
+
 # The cached forward (issue 26; csrc/hstu_attention/cached.h): new rows against cached keys / values plus their own,
 # the keys read from the cache and the new rows (no concatenated copy), the masks at absolute positions.
 def _emu_cached(emu, q, k, v, delta_offsets, cached_k, cached_v, cache_offsets, *, alpha, scaling_seqlen,
