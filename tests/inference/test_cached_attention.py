@@ -106,8 +106,11 @@ def test_delta_rows_match_full_recompute(p):
     dtype = p["dtype"]
     out = _cached(p, dtype)
     assert out.dtype == dtype and out.shape == (sum(p["delta"]), p["heads"], p["dim"])
-    assert_parity("cached attention", out, _full(p, torch.float64, True), _full(p, dtype, False),
-                  factor=FORWARD_FACTOR)
+    ref = _full(p, torch.float64, True)
+    # The cached rows sum their keys in another order than the full pass: allow a few ulps of the output's scale on
+    # top of the 2x rule (the same-dtype full pass can land within one rounding of the float64 result).
+    floor = 8 * torch.finfo(dtype).eps * max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-3)
+    assert_parity("cached attention", out, ref, _full(p, dtype, False), factor=FORWARD_FACTOR, abs_floor=floor)
 
 
 def test_m_falcon_candidates_do_not_see_each_other():
