@@ -611,7 +611,9 @@ def test_cpu_emulated_cached_forward_parity(emulator, case):
 def assert_parity_cached(got, want, low):
     from hstu.testing.parity import FORWARD_FACTOR, assert_parity
 
-    assert_parity("cached out", got.float(), want, low.float(), factor=FORWARD_FACTOR)
+    # floor: one rounding of the output's own dtype (a single output row can leave the same-dtype error near 0)
+    floor = torch.finfo(got.dtype).eps * max(float(want.abs().max()) if want.numel() else 0.0, 1e-3)
+    assert_parity("cached out", got.float(), want, low.float(), factor=FORWARD_FACTOR, abs_floor=floor)
 
 
 @settings(max_examples=4, deadline=None)
