@@ -7,23 +7,15 @@ GPU.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from hstu.ops._extension import load_extension
-
-
-@functools.lru_cache(maxsize=None)
-def _library_loaded() -> bool:
-    # loading hstu._C registers the hstu_jagged library
-    return load_extension() is not None and hasattr(torch.ops, "hstu_jagged") and hasattr(
-        torch.ops.hstu_jagged, "to_padded")
+from hstu.ops._extension import kernels_take
 
 
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the CUDA kernels take these tensors (all on a CUDA device, extension built)."""
-    return all(t.is_cuda for t in tensors) and _library_loaded()
+    return kernels_take("hstu_jagged", "to_padded", tensors)
 
 
 def _ops():

@@ -3,25 +3,17 @@ argument checks here (``op.py`` makes them)."""
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from hstu.ops._extension import load_extension
+from hstu.ops._extension import kernels_take
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
-def _library_loaded() -> bool:
-    # loading hstu._C registers the hstu_layer library
-    return load_extension() is not None and hasattr(torch.ops, "hstu_layer") and hasattr(
-        torch.ops.hstu_layer, "norm_mul_dropout_fwd")
-
-
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the kernels take these tensors (all on a CUDA device, extension built)."""
-    return all(t.is_cuda for t in tensors) and _library_loaded()
+    return kernels_take("hstu_layer", "norm_mul_dropout_fwd", tensors)
 
 
 class NormMulDropout(torch.autograd.Function):

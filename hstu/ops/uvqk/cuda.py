@@ -9,12 +9,11 @@ gradient of the projection's output in the weight's own row order, so dW, db and
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
-from hstu.ops._extension import load_extension
+from hstu.ops._extension import kernels_take, library_registered
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # the GEMM's dtype (the LayerNorm input may also be float32)
 PARTS = 4  # u, v, q, k
@@ -23,16 +22,9 @@ PARTS = 4  # u, v, q, k
 SM90_GEMM = True
 
 
-@functools.lru_cache(maxsize=None)
-def _library_loaded() -> bool:
-    # loading hstu._C registers the hstu_layer library
-    return load_extension() is not None and hasattr(torch.ops, "hstu_layer") and hasattr(
-        torch.ops.hstu_layer, "uvqk_fwd")
-
-
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the kernels take these tensors (all on a CUDA device, extension built)."""
-    return all(t.is_cuda for t in tensors) and _library_loaded()
+    return kernels_take("hstu_layer", "uvqk_fwd", tensors)
 
 
 def regrouped(weight: torch.Tensor, bias: torch.Tensor, heads: int, dim: int, dtype: torch.dtype):
@@ -104,6 +96,6 @@ def uvqk_projection(x, norm_weight, norm_bias, weight, bias, eps: float, heads: 
 
 def gemm_backend() -> Optional[str]:
     """'sm90' when the extension has the CUTLASS sm90 GEMM, 'cublas' when only the cuBLAS path, None without it."""
-    if not _library_loaded():
+    if not library_registered("hstu_layer", "uvqk_fwd"):
         return None
     return "sm90" if torch.ops.hstu_layer.uvqk_has_sm90_gemm() else "cublas"
