@@ -3,7 +3,8 @@
 Implementations: the CUDA kernel (``cuda.py``: the sm80-style fused forward in its cached mode, on every
 architecture, with a contiguous or a paged cache) for the calls it supports (CUDA tensors of bfloat16 / float16,
 Dqk == Dv at a built head dim, no rab or a dense rab), and the PyTorch reference (``reference.py``) for everything else, on every device. ``_kernel_for``
-is the one place that choice is made. Inference only: the op has no backward.
+is the one place that choice is made; it picks the kernel only when ``USE_CUDA_KERNELS`` is on, which it is not
+until tests/ops/test_cached_attention_cuda.py has passed on a GPU. Inference only: the op has no backward.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from hstu.ops._validation import (
 from hstu.ops.cached_attention.reference import cached_attention_reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The CUDA kernel for supported CUDA calls; False: the reference everywhere (the kernel has not yet run on a GPU).
+USE_CUDA_KERNELS = False
 
 
 def _kernel_for(q: torch.Tensor, v: torch.Tensor, rab: Optional[torch.Tensor]) -> Optional[Callable[..., torch.Tensor]]:
     """The CUDA kernel's forward for this call (q / v: the new rows), or None for the reference."""
-    if q.device.type != "cuda":
+    if not USE_CUDA_KERNELS or q.device.type != "cuda":
         return None
     from hstu.ops.cached_attention import cuda
 
