@@ -7,6 +7,7 @@ trained with.
   ``step_N`` directory) supplies the weights: the tables from the DCP directory ``sparse/`` (DCP keeps every shard
   with its global offsets, so the full tables load into plain tensors without a process group) and the dense part
   from ``dense_tp0.pt``. A tensor-parallel checkpoint (TP > 1: the dense weights split over files) is refused.
+* :func:`resolve_device` / :func:`training_dtype`: the device the model serves on and its default compute dtype.
 
 Only reads the run directory.
 """
@@ -38,7 +39,7 @@ _GROUPS = typing.get_type_hints(AllArgs)
 @dataclasses.dataclass
 class LoadedRun:
     task: str  # "retrieval" or "ranking"
-    model: nn.Module  # RetrievalModel / RankingModel in eval mode, on CPU, gradients off
+    model: nn.Module  # RetrievalModel / RankingModel in eval mode, on the CPU, gradients off
     args: AllArgs
     checkpoint: str  # the step directory the weights come from
     step: int
@@ -111,6 +112,43 @@ def _load_dense(model: nn.Module, path: str, manifest: dict) -> None:
         dense_modules(model, exclude=[model.embeddings]).load_state_dict(state["dense"])
     except (KeyError, RuntimeError) as err:
         raise ckpt.CheckpointError(f"{dense_path}: does not fit the model built from config.json: {err}") from None
+
+
+def resolve_device(device) -> torch.device:
+    """The torch.device of ``device``: None or "cpu" the CPU, "cuda" / "cuda:N" / a torch.device, "auto" CUDA when
+    available. ValueError naming ``device`` for anything else, or CUDA on a machine without it."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be None, 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got "
+                         f"{type(device).__name__} {device!r}")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"device {device!r} is not a device name ('cpu', 'cuda', 'cuda:N' or 'auto'): {err}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: inference runs on 'cpu' or 'cuda', not {resolved.type!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}); use device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
+def training_dtype(args: AllArgs, device: torch.device) -> torch.dtype:
+    """The compute dtype a run trained in, on ``device``: the trainer autocasts on CUDA only (TrainerArgs.bf16 /
+    fp16), so a run whose TrainerArgs.device is 'cpu', and any serving on the CPU, is float32; on CUDA float16 for
+    an fp16 run, bfloat16 for a bf16 run, float32 otherwise."""
+    t = args.trainer
+    if device.type != "cuda" or t.device == "cpu":
+        return torch.float32
+    if t.fp16:
+        return torch.float16
+    return torch.bfloat16 if t.bf16 else torch.float32
 
 
 def load_run(run_dir: str, checkpoint: Optional[str] = None) -> LoadedRun:

@@ -1,7 +1,12 @@
 """Cached incremental inference of a trained HSTU model (M-FALCON scoring).
 
-Per user, the cache (:mod:`hstu.inference.cache`) keeps the keys and values of every HSTU layer for every token of
-the user's sequence. Two entry points use it:
+The keys and values of every HSTU layer for every token of a user's sequence live in a
+:class:`~hstu.inference.paged_cache.PagedKVCache` (per-layer page pools on the model's device, a page table per user,
+LRU under a byte budget of pool pages); a :class:`UserCache` per user keeps the rest (the events, token times, the
+encoder output at the last event). The layers read the cache in place through ``lookup()``'s page table. The model,
+the pools and every tensor a request computes with are on the model's device; the events' bookkeeping stays on the
+host, so a request reads nothing back from the device except its results. ``dtype`` is the compute dtype (autocast,
+as the trainer's mixed precision) and the pools' dtype. Two entry points use the cache:
 
 * :meth:`InferenceModel.append`: new events of users go through the layers as new rows attending to their cache
   (``hstu.ops.cached_hstu_attention``); their keys / values extend the cache. A model whose token encodings or
@@ -31,14 +36,40 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.data.batch import SEQUENCE_KEYS, JaggedBatch
-from hstu.inference.cache import KVCache, UserCache
-from hstu.inference.errors import InvalidRequestError, UnsupportedModelError
+from hstu.inference.errors import InvalidRequestError, SequenceTooLongError, UnsupportedModelError
+from hstu.inference.paged_cache import PagedKVCache
 from hstu.modules.encoder import EncoderInputs, l2_normalize
 from hstu.modules.hstu_layer import layer_attention
 from hstu.modules.positional import log_time_buckets
 from hstu.modules.token_layout import sequence_tokens
 from hstu.ops import lengths_to_offsets
 from hstu.ops.cached_attention import cached_hstu_attention
+
+
+DEFAULT_PAGE_SIZE = 32
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass
+class UserCache:
+    """What scoring and appending need of one user besides the keys / values (those are in the PagedKVCache): the
+    raw events (so that a model whose token encodings depend on the whole history can rebuild the cache exactly)
+    and the token times (relative attention bias) on the host, the encoder output at the last event on the device."""
+
+    items: torch.Tensor  # (E,) int64 item ids of the user's events, oldest first
+    timestamps: torch.Tensor  # (E,) int64 seconds
+    actions: Optional[torch.Tensor]  # (E,) int64 action ids (ranking), else None
+    contextual: Optional[torch.Tensor]  # (C,) int64 contextual feature ids, in the model's feature order
+    token_times: torch.Tensor  # (P,) int64 time of every token
+    last_output: torch.Tensor  # (D,) encoder output at the last event's token
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_times.numel())
+
+    @property
+    def num_events(self) -> int:
+        return int(self.items.numel())
 
 
 @dataclasses.dataclass
@@ -63,14 +94,6 @@ class _Delta:
     positions: torch.Tensor
     history_end: int
     num_targets: int
-
-
-def _stacked(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The users' cached rows of one layer as one jagged tensor: a single user's cache as it is (no copy), several
-    users' concatenated (a copy of their caches per layer and call), none as an empty tensor like ``like``."""
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([like.new_zeros(0, *like.shape[1:]), *parts])
 
 
 def _ids(name: str, value, user) -> torch.Tensor:
@@ -101,15 +124,32 @@ def _table_sizes(embeddings: nn.Module) -> dict[str, int]:
     return sizes
 
 
-class InferenceModel:
-    """Cached inference of ``model`` (a trained RetrievalModel / RankingModel, ``task`` its kind); ``cache_bytes``:
-    the byte budget of all users' caches (None: unbounded)."""
+def _checked_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype) if dtype in ("float32", "bfloat16", "float16") else dtype
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16 (or their names), got "
+                         f"{dtype!r}")
+    return dtype
 
-    def __init__(self, model: nn.Module, task: str, cache_bytes: Optional[int] = None):
+
+_KEEP = object()
+
+
+class InferenceModel:
+    """Cached inference of ``model`` (a trained RetrievalModel / RankingModel on its device, ``task`` its kind).
+    ``cache_bytes``: the byte budget of the key / value page pools (None: unbounded, the pools grow); ``page_size``:
+    cached rows per page (16, 32 or 64); ``dtype``: the compute dtype (float32 runs the model as it is, bfloat16 /
+    float16 under autocast as the trainer's mixed precision) and the dtype of the cached keys and values."""
+
+    def __init__(self, model: nn.Module, task: str, cache_bytes: Optional[int] = None, *,
+                 page_size: int = DEFAULT_PAGE_SIZE, dtype: torch.dtype | str = torch.float32):
         if task not in ("retrieval", "ranking"):
             raise ValueError(f"task must be 'retrieval' or 'ranking', got {task!r}")
         self.model, self.task = model.eval(), task
         self.encoder = model.encoder
+        self.dtype = _checked_dtype(dtype)
+        self.device = next(model.parameters()).device
         c = self.encoder.config
         if not c.causal:
             raise UnsupportedModelError("NetworkArgs.causal=False (full attention): every token sees later tokens, "
@@ -125,14 +165,32 @@ class InferenceModel:
         self.incremental = (c.position_encoding != "reverse" and c.num_time_buckets == 0
                             and not (self.num_contextual > 0 and c.contextual_mask))
         self.contexts_masked = self.num_contextual > 0 and c.contextual_mask
-        room = self.group if self.ranking else 0  # ranking keeps room for one candidate group
-        self.cache = KVCache(cache_bytes, c.max_tokens - room)
+        self.page_size = page_size
+        self.clear(cache_bytes)
         self.table_sizes = _table_sizes(model.embeddings)
         self._catalogue: Optional[torch.Tensor] = None
 
+    def clear(self, cache_bytes=_KEEP) -> None:
+        """Drop every user's cache; ``cache_bytes`` (default: the current budget) is the budget of the new pools."""
+        c = self.encoder.config
+        if cache_bytes is _KEEP:
+            cache_bytes = self.cache.max_bytes
+        room = self.group if self.ranking else 0  # ranking keeps room for one candidate group
+        self.cache = PagedKVCache(c.num_layers, c.num_heads, c.qk_dim, c.v_dim, page_size=self.page_size,
+                                  max_bytes=cache_bytes, max_tokens=c.max_tokens - room, dtype=self.dtype,
+                                  device=self.device)
+        self.states: dict[Hashable, UserCache] = {}
+
+    def peek(self, user: Hashable) -> Optional[UserCache]:
+        """The user's :class:`UserCache` or None, without counting as a use."""
+        return self.states.get(user)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
     # ---- embeddings ----------------------------------------------------------------------------------------------
     def _embed(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
-        values = self.model.embeddings.lookup(feature, ids)
+        values = self.model.embeddings.lookup(feature, ids.to(self.device, non_blocking=True))
         projection = None
         if self.ranking:
             projection = (self.model.item_projection if feature in ("item", "action")
@@ -178,7 +236,9 @@ class InferenceModel:
                 source = d.times[fresh_history - 1] if fresh_history > 0 else cache.token_times[-1]
                 last.append(source.reshape(1).expand(d.times.numel()))
             query_times = torch.cat(last)
-        return self.encoder.input_encoder(tokens, positions, times, query_times)
+        device = self.device
+        return self.encoder.input_encoder(tokens, positions.to(device), times.to(device),
+                                          None if query_times is None else query_times.to(device))
 
     def _rab_inputs(self, deltas: list[_Delta], caches: list[Optional[UserCache]], n_q: int, n_k: int):
         """(time buckets, relative positions), each (B, n_q, n_k) or None, of the new rows against every key."""
@@ -201,13 +261,14 @@ class InferenceModel:
             key_times[b, cached:cached + n] = d.times
             key_pos[b, cached:cached + n] = d.positions
         buckets = None
+        query_times, key_times = query_times.to(self.device), key_times.to(self.device)
+        query_pos, key_pos = query_pos.to(self.device), key_pos.to(self.device)
         if c.rab_use_time:
             buckets = log_time_buckets(query_times.unsqueeze(2) - key_times.unsqueeze(1), c.rab_num_time_buckets)
         relative = query_pos.unsqueeze(2) - key_pos.unsqueeze(1) if c.rab_use_position else None
         return buckets, relative
 
-    @staticmethod
-    def _layer_rab(layer: nn.Module, buckets: Optional[torch.Tensor], relative: Optional[torch.Tensor]):
+    def _layer_rab(self, layer: nn.Module, buckets: Optional[torch.Tensor], relative: Optional[torch.Tensor]):
         """(B, 1, n_q, n_k) relative attention bias of ``layer`` (RelativeAttentionBias's sum of the time and the
         position weights)."""
         module = layer.relative_attention_bias
@@ -222,38 +283,39 @@ class InferenceModel:
             bias = position_bias if bias is None else bias + position_bias
         if bias is None:
             shape = (buckets if buckets is not None else relative).shape
-            bias = torch.zeros(shape)
+            bias = torch.zeros(shape, device=self.device)
         return bias.unsqueeze(1)
 
-    def _run_delta(self, deltas: list[_Delta], caches: list[Optional[UserCache]]):
-        """The layers over the new rows of every user against their caches: (outputs (T_new, D), per-layer new
-        keys, per-layer new values, the new rows' offsets)."""
+    def _run_delta(self, deltas: list[_Delta], users: list[Hashable], caches: list[Optional[UserCache]]):
+        """The layers over the new rows of every user against their cached rows (read in place from the page
+        pools): (outputs (T_new, D), per-layer new keys, per-layer new values, the new rows' offsets as a list)."""
         lengths = [d.tokens.shape[0] for d in deltas]
         cached = [0 if cache is None else cache.num_tokens for cache in caches]
-        delta_offsets = lengths_to_offsets(torch.tensor(lengths, dtype=torch.int64))
-        cache_offsets = lengths_to_offsets(torch.tensor(cached, dtype=torch.int64))
+        offsets = lengths_to_offsets(torch.tensor(lengths, dtype=torch.int64))
+        delta_offsets = offsets.to(self.device, non_blocking=True)
+        page_table, cache_offsets = self.cache.lookup(users, touch=False, unknown_empty=True)
         n_q, n_k = max(lengths), max(a + b for a, b in zip(lengths, cached))
         buckets, relative = self._rab_inputs(deltas, caches, n_q, n_k)
-        num_targets = torch.tensor([d.num_targets for d in deltas], dtype=torch.int64)
+        num_targets = torch.tensor([d.num_targets for d in deltas], dtype=torch.int64).to(self.device)
         num_contexts = None
         if self.contexts_masked:
-            num_contexts = torch.full((len(deltas),), self.num_contextual, dtype=torch.int64)
+            num_contexts = torch.full((len(deltas),), self.num_contextual, dtype=torch.int64, device=self.device)
         x = self._encode_inputs(deltas, caches)
         new_keys, new_values = [], []
         for index, layer in enumerate(self.encoder.layers.layers):
             u, v, q, k = layer.project(x)
-            cached_k = [cache.keys[index] for cache in caches if cache is not None]
-            cached_v = [cache.values[index] for cache in caches if cache is not None]
+            q, k, v = (t.to(self.dtype) for t in (q, k, v))
             attn = cached_hstu_attention(
-                q, k, v, delta_offsets, _stacked(cached_k, k), _stacked(cached_v, v),
-                cache_offsets, alpha=layer.alpha, scaling_seqlen=layer.scaling_seqlen, num_contexts=num_contexts,
+                q, k, v, delta_offsets, self.cache.keys[index], self.cache.values[index], cache_offsets,
+                alpha=layer.alpha, scaling_seqlen=layer.scaling_seqlen, num_contexts=num_contexts,
                 num_targets=num_targets, target_group_size=layer.target_group_size,
-                rab=self._layer_rab(layer, buckets, relative),
+                rab=self._layer_rab(layer, buckets, relative), page_table=page_table,
+                page_size=self.cache.page_size,
             )  # fmt: skip
             x = layer.combine(x, attn, u)
             new_keys.append(k)
             new_values.append(v)
-        return x, new_keys, new_values, delta_offsets
+        return x, new_keys, new_values, offsets.tolist()
 
     def _outputs(self, x: torch.Tensor) -> torch.Tensor:
         c = self.encoder.config
@@ -285,11 +347,14 @@ class InferenceModel:
             elif e.actions is not None:
                 raise InvalidRequestError(f"user {e.user!r}: actions given, but the retrieval model has no action "
                                           "tokens")
-            known = self.cache.peek(e.user)
+            known = self.states.get(e.user)
             contextual = self._checked_contextual(e, known)
             before = known.num_tokens if known is not None else self.num_contextual
             added = sequence_tokens(items.numel(), 0, 0, self.ranking)
-            self.cache.check_tokens(e.user, before + added, f"appending {items.numel()} events")
+            if before + added > self.cache.max_tokens:
+                raise SequenceTooLongError(f"user {e.user!r}: appending {items.numel()} events makes "
+                                           f"{before + added} tokens, more than the model's maximum of "
+                                           f"{self.cache.max_tokens}")
             checked.append(UserEvents(e.user, items, times, actions, contextual))
         return checked
 
@@ -320,14 +385,17 @@ class InferenceModel:
         """Append the new events of users (one :class:`UserEvents` each; a user without a cache starts one).
         Returns the users evicted to stay within the cache budget. Nothing changes when the request is bad."""
         events = self._checked_events(events)
-        known = [self.cache.peek(e.user) for e in events]
-        if self.incremental:
-            updates = self._extend(events, known)
-        else:
-            updates = self._rebuild(events, known)
-        return self.cache.commit(updates)
+        known = [self.states.get(e.user) for e in events]
+        with self._autocast():
+            states, rows, replace = (self._extend if self.incremental else self._rebuild)(events, known)
+        evicted = self.cache.append(rows, replace=replace)  # raises, changing nothing, over the budget
+        for user in evicted:
+            del self.states[user]
+        self.states.update(states)
+        return evicted
 
-    def _extend(self, events: list[UserEvents], known: list[Optional[UserCache]]) -> dict:
+    def _extend(self, events: list[UserEvents], known: list[Optional[UserCache]]):
+        """(states, new K/V rows, users to replace) of appends that extend the users' caches."""
         deltas = []
         for e, cache in zip(events, known):
             tokens = self._history_tokens(e.items, e.actions)
@@ -338,33 +406,27 @@ class InferenceModel:
             start = 0 if new_user else cache.num_tokens
             positions = torch.arange(start, start + tokens.shape[0])
             deltas.append(_Delta(tokens, times, positions, start + tokens.shape[0], 0))
-        x, keys, values, offsets = self._run_delta(deltas, known)
+        x, keys, values, offsets = self._run_delta(deltas, [e.user for e in events], known)
         x = self._outputs(x)
-        updates = {}
+        states, rows = {}, {}
         for b, (e, cache, d) in enumerate(zip(events, known, deltas)):
-            rows = slice(int(offsets[b]), int(offsets[b + 1]))
-            last_item_row = rows.stop - (2 if self.ranking else 1)
-
-            def grown(old: Optional[list], new: list[torch.Tensor]) -> list[torch.Tensor]:
-                return [t[rows].clone() if old is None else torch.cat([o, t[rows]]) for o, t in
-                        zip(old or [None] * len(new), new)]
-
-            updates[e.user] = UserCache(
+            span = slice(offsets[b], offsets[b + 1])
+            rows[e.user] = ([k[span] for k in keys], [v[span] for v in values])
+            states[e.user] = UserCache(
                 items=e.items if cache is None else torch.cat([cache.items, e.items]),
                 timestamps=e.timestamps if cache is None else torch.cat([cache.timestamps, e.timestamps]),
                 actions=None if e.actions is None else (e.actions if cache is None else torch.cat([cache.actions,
                                                                                                    e.actions])),
                 contextual=e.contextual,
-                keys=grown(None if cache is None else cache.keys, keys),
-                values=grown(None if cache is None else cache.values, values),
                 token_times=d.times if cache is None else torch.cat([cache.token_times, d.times]),
-                last_output=x[last_item_row].clone(),
+                last_output=x[span.stop - (2 if self.ranking else 1)].clone(),
             )  # fmt: skip
-        return updates
+        return states, rows, ()
 
-    def _rebuild(self, events: list[UserEvents], known: list[Optional[UserCache]]) -> dict:
-        """Caches rebuilt from every stored event plus the new ones, with the training encoder's preprocessing and
-        layers (for models whose token encodings or masks depend on the whole history)."""
+    def _rebuild(self, events: list[UserEvents], known: list[Optional[UserCache]]):
+        """(states, K/V rows, users to replace) of caches rebuilt from every stored event plus the new ones, with
+        the training encoder's preprocessing and layers (for models whose token encodings or masks depend on the
+        whole history)."""
         merged = []
         for e, cache in zip(events, known):
             if cache is not None:
@@ -376,10 +438,11 @@ class InferenceModel:
         contextual = None
         if self.num_contextual:
             contextual = torch.cat([self._contextual_embeddings(e.contextual) for e in merged])
+        device = self.device
         inputs = EncoderInputs(
-            item_embeddings=self._embed("item", items), seq_lengths=lengths,
-            timestamps=torch.cat([e.timestamps for e in merged]),
-            num_candidates=torch.zeros_like(lengths) if self.ranking else None,
+            item_embeddings=self._embed("item", items), seq_lengths=lengths.to(device),
+            timestamps=torch.cat([e.timestamps for e in merged]).to(device),
+            num_candidates=torch.zeros_like(lengths, device=device) if self.ranking else None,
             action_embeddings=self._embed("action", torch.cat([e.actions for e in merged])) if self.ranking else None,
             contextual_embeddings=contextual, num_contextual=self.num_contextual, host_seq_lengths=lengths,
         )  # fmt: skip
@@ -391,24 +454,26 @@ class InferenceModel:
             keys.append(k)
             values.append(v)
         x = self._outputs(x)
-        offsets = tokens.layout.token_offsets.tolist()
-        updates = {}
+        counts = [sequence_tokens(e.items.numel(), 0, self.num_contextual, self.ranking) for e in merged]
+        offsets = lengths_to_offsets(torch.tensor(counts, dtype=torch.int64)).tolist()
+        states, rows = {}, {}
         for b, e in enumerate(merged):
-            rows = slice(offsets[b], offsets[b + 1])
-            updates[e.user] = UserCache(
+            span = slice(offsets[b], offsets[b + 1])
+            rows[e.user] = ([k[span] for k in keys], [v[span] for v in values])
+            states[e.user] = UserCache(
                 items=e.items, timestamps=e.timestamps, actions=e.actions, contextual=e.contextual,
-                keys=[k[rows].clone() for k in keys], values=[v[rows].clone() for v in values],
                 token_times=self._token_times(e.timestamps, e.timestamps[0], self.num_contextual > 0),
-                last_output=x[rows.stop - (2 if self.ranking else 1)].clone(),
+                last_output=x[span.stop - (2 if self.ranking else 1)].clone(),
             )  # fmt: skip
-        return updates
+        return states, rows, [e.user for e, cache in zip(events, known) if cache is not None]
 
     # ---- scoring -------------------------------------------------------------------------------------------------
     def _checked_users(self, users: Sequence[Hashable]) -> list[UserCache]:
         users = list(users)
         if len(set(users)) != len(users):
             raise InvalidRequestError(f"a request names a user more than once ({users})")
-        return self.cache.lookup(users)
+        self.cache.touch(users)  # unknown users: UnknownUserError, nothing changes
+        return [self.states[u] for u in users]
 
     def _checked_candidates(self, users, candidates, timestamps) -> tuple[list, list]:
         if self.task != "ranking":
@@ -452,38 +517,43 @@ class InferenceModel:
         """Task probabilities (N_b, tasks) of every user's candidates (bitmask tasks: sigmoid of each task;
         rating: the class distribution), scored against the cached histories in one pass. ``timestamps``: the
         candidates' times (default: each user's last event time)."""
+        users = list(users)
         items, times, caches = self._candidate_request(users, candidates, timestamps)
         keep = [b for b, ids in enumerate(items) if ids.numel() > 0]
-        results = [torch.zeros(0, self.model.loss.num_outputs) for _ in users]
+        results = [torch.zeros(0, self.model.loss.num_outputs, device=self.device) for _ in users]
         if not keep:
             return results
-        deltas = []
-        for b in keep:
-            history = caches[b].num_tokens
-            n = items[b].numel()
-            deltas.append(_Delta(self._embed("item", items[b]), times[b], torch.full((n,), history), history, n))
-        x, _, _, offsets = self._run_delta(deltas, [caches[b] for b in keep])
-        probabilities = self._probabilities(self.model.head(self._outputs(x)))
+        with self._autocast():
+            deltas = []
+            for b in keep:
+                history = caches[b].num_tokens
+                n = items[b].numel()
+                deltas.append(_Delta(self._embed("item", items[b]), times[b], torch.full((n,), history), history, n))
+            x, _, _, offsets = self._run_delta(deltas, [users[b] for b in keep], [caches[b] for b in keep])
+            logits = self.model.head(self._outputs(x))
+        probabilities = self._probabilities(logits)
         for position, b in enumerate(keep):
-            results[b] = probabilities[int(offsets[position]):int(offsets[position + 1])]
+            results[b] = probabilities[offsets[position]:offsets[position + 1]]
         return results
 
     def catalogue(self) -> torch.Tensor:
         """L2-normalised embeddings of the catalogue (item ids from ``item_id_low``), computed once."""
         if self._catalogue is None:
-            self._catalogue = self.model.catalogue_embeddings()
+            with torch.no_grad(), self._autocast():
+                self._catalogue = self.model.catalogue_embeddings()
         return self._catalogue
 
     def _top_k(self, user_outputs: torch.Tensor, caches: list[UserCache], k: int, filter_seen: bool):
         low = self.model.item_id_low
-        catalogue = self.catalogue()
+        catalogue = self.catalogue().float()
         users = l2_normalize(user_outputs.float(), self.model.l2_norm_eps)
         scores = users @ catalogue.T
         if filter_seen:
-            seen = torch.zeros_like(scores, dtype=torch.bool)
+            seen = torch.zeros(scores.shape, dtype=torch.bool)
             for b, cache in enumerate(caches):
                 columns = cache.items[(cache.items >= low) & (cache.items < low + catalogue.shape[0])] - low
                 seen[b, columns] = True
+            seen = seen.to(self.device, non_blocking=True)
             scores = torch.where(seen, torch.full_like(scores, float("-inf")), scores)
         top_scores, columns = scores.topk(k, dim=1)
         ids = torch.where(torch.isinf(top_scores), torch.full_like(columns, -1), columns + low)
@@ -525,9 +595,10 @@ class InferenceModel:
             feature_major = torch.stack([cache.contextual for cache in caches], dim=1).reshape(-1)
             contextual = KeyedJaggedTensor(keys=list(self.model.contextual_keys), values=feature_major,
                                            lengths=torch.ones(feature_major.numel(), dtype=torch.int64))
-        return JaggedBatch(sequence=sequence, num_candidates=torch.tensor([c.numel() for c in candidates]),
-                           is_padding=torch.zeros(len(caches), dtype=torch.bool), max_seqlen=int(lengths.max()),
-                           contextual=contextual, host_seq_lengths=lengths)
+        batch = JaggedBatch(sequence=sequence, num_candidates=torch.tensor([c.numel() for c in candidates]),
+                            is_padding=torch.zeros(len(caches), dtype=torch.bool), max_seqlen=int(lengths.max()),
+                            contextual=contextual, host_seq_lengths=lengths)
+        return batch.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def rank_full(self, users: Sequence[Hashable], candidates: Sequence, timestamps: Optional[Sequence] = None
@@ -542,15 +613,16 @@ class InferenceModel:
         while any(start * r < ids.numel() for r, ids in zip(room, items)):
             chosen = [b for b, ids in enumerate(items) if start * room[b] < ids.numel()]
             pieces = [slice(start * room[b], (start + 1) * room[b]) for b in chosen]
-            batch = self._batch([caches[b] for b in chosen], [items[b][s] for b, s in zip(chosen, pieces)],
-                                [times[b][s] for b, s in zip(chosen, pieces)])
-            logits, outputs = self.model.predict(batch)
+            chosen_items = [items[b][s] for b, s in zip(chosen, pieces)]
+            batch = self._batch([caches[b] for b in chosen], chosen_items, [times[b][s] for b, s in zip(chosen, pieces)])
+            with self._autocast():
+                logits, outputs = self.model.predict(batch)
             probabilities = self._probabilities(logits)
-            counts = batch.num_candidates.tolist()
+            counts = [ids.numel() for ids in chosen_items]
             for b, chunk in zip(chosen, probabilities.split(counts)):
                 parts[b].append(chunk)
             start += 1
-        return [torch.cat(p) if p else torch.zeros(0, self.model.loss.num_outputs) for p in parts]
+        return [torch.cat(p) if p else torch.zeros(0, self.model.loss.num_outputs, device=self.device) for p in parts]
 
     @torch.no_grad()
     def retrieve_full(self, users: Sequence[Hashable], k: int = 10, filter_seen: bool = True
@@ -560,15 +632,25 @@ class InferenceModel:
         caches = self._checked_users(users)
         empty = [torch.zeros(0, dtype=torch.int64)] * len(caches)
         batch = self._batch(caches, empty, empty)
-        _, outputs = self.model.encode(batch)
-        last = outputs.item_outputs[outputs.layout.last_rows()]
+        with self._autocast():
+            _, outputs = self.model.encode(batch)
+            last = outputs.item_outputs[outputs.layout.last_rows()]
         return self._top_k(last, caches, k, filter_seen)
 
 
-def load_inference_model(run_dir: str, checkpoint: Optional[str] = None,
-                         cache_bytes: Optional[int] = None) -> InferenceModel:
-    """:class:`InferenceModel` of the newest verified checkpoint of training run ``run_dir`` (or ``checkpoint``)."""
-    from hstu.inference.loading import load_run
+def load_inference_model(run_dir: str, checkpoint: Optional[str] = None, cache_bytes: Optional[int] = None, *,
+                         device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype | str] = None,
+                         page_size: int = DEFAULT_PAGE_SIZE) -> InferenceModel:
+    """:class:`InferenceModel` of the newest verified checkpoint of training run ``run_dir`` (or ``checkpoint``) on
+    ``device`` (None / "cpu": the CPU; "cuda", "cuda:N" or a torch.device; "auto": CUDA when available).
+    ``dtype`` (None: the run's training precision on that device, see
+    :func:`hstu.inference.loading.training_dtype`); ``page_size``: rows per page of the key / value cache."""
+    from hstu.inference.loading import load_run, resolve_device, training_dtype
 
+    device = resolve_device(device)
+    if dtype is not None:
+        dtype = _checked_dtype(dtype)
     run = load_run(run_dir, checkpoint)
-    return InferenceModel(run.model, run.task, cache_bytes=cache_bytes)
+    if dtype is None:
+        dtype = training_dtype(run.args, device)
+    return InferenceModel(run.model.to(device), run.task, cache_bytes=cache_bytes, page_size=page_size, dtype=dtype)

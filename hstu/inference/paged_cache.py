@@ -107,19 +107,31 @@ class PagedKVCache:
             raise UnknownUserError(f"user {missing[0]!r} has no cache (never appended to, or evicted under the "
                                    f"cache budget of {self.max_bytes} bytes); append its events first")
 
-    def lookup(self, users: Iterable[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(page_table (B, max pages) int32, cache_offsets (B + 1) int32) of ``users`` on the pools' device, as
-        ``cached_hstu_attention`` takes them (unused slots -1); marks the users as the most recently used. Unknown
-        users raise :class:`UnknownUserError` and change nothing."""
+    def touch(self, users: Iterable[Hashable]) -> None:
+        """Marks ``users`` as the most recently used; unknown users raise :class:`UnknownUserError` and change
+        nothing."""
         users = list(users)
         self._require(users)
         for user in users:
             self._pages.move_to_end(user)
-        width = max([len(self._pages[u]) for u in users], default=0)
+
+    def lookup(self, users: Iterable[Hashable], *, touch: bool = True,
+               unknown_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page_table (B, max pages) int32, cache_offsets (B + 1) int32) of ``users`` on the pools' device, as
+        ``cached_hstu_attention`` takes them (unused slots -1); with ``touch`` marks the users as the most recently
+        used. Unknown users raise :class:`UnknownUserError` and change nothing, or with ``unknown_empty`` read as
+        users with no cached rows."""
+        users = list(users)
+        if touch:
+            self.touch(users)
+        elif not unknown_empty:
+            self._require(users)
+        pages = [self._pages.get(u, []) for u in users]
+        width = max([len(p) for p in pages], default=0)
         table = torch.full((len(users), width), -1, dtype=torch.int32)
-        for b, user in enumerate(users):
-            table[b, :len(self._pages[user])] = torch.tensor(self._pages[user], dtype=torch.int32)
-        lengths = torch.tensor([0] + [self._lengths[u] for u in users], dtype=torch.int64)
+        for b, owned in enumerate(pages):
+            table[b, :len(owned)] = torch.tensor(owned, dtype=torch.int32)
+        lengths = torch.tensor([0] + [self._lengths.get(u, 0) for u in users], dtype=torch.int64)
         offsets = lengths.cumsum(0).to(torch.int32)
         return table.to(self.device, non_blocking=True), offsets.to(self.device, non_blocking=True)
 

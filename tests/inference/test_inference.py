@@ -42,12 +42,12 @@ def _events(model, user, draw_ints, count, start_time):
     items = torch.tensor(draw_ints(count, 1, 80))
     times = start_time + torch.tensor(sorted(draw_ints(count, 0, 200_000)))
     actions = torch.tensor(draw_ints(count, 0, 255)) if model.ranking else None
-    contextual = torch.tensor([hash(user) % 4]) if model.num_contextual and model.cache.peek(user) is None else None
+    contextual = torch.tensor([hash(user) % 4]) if model.num_contextual and model.peek(user) is None else None
     return UserEvents(user, items, times, actions, contextual)
 
 
-def _fresh(model):
-    model.cache = type(model.cache)(model.cache.max_bytes, model.cache.max_tokens)
+def _fresh(model, cache_bytes=None):
+    model.clear(cache_bytes)
     return model
 
 
@@ -66,7 +66,7 @@ def test_cached_scores_equal_full_recompute(models, name, data):
     for step in range(rounds):
         batch = []
         for user in users:
-            cache = model.cache.peek(user)
+            cache = model.peek(user)
             used = cache.num_events if cache else 0
             left = budget - used - (rounds - step - 1)
             if left < 1:
@@ -91,7 +91,7 @@ def test_cached_scores_equal_full_recompute(models, name, data):
         assert torch.equal(ids == -1, full_ids == -1)
         if filter_seen:
             for b, user in enumerate(users):
-                assert not set(ids[b].tolist()) & set(model.cache.peek(user).items.tolist())
+                assert not set(ids[b].tolist()) & set(model.peek(user).items.tolist())
 
 
 def test_candidates_do_not_see_each_other(models):
@@ -110,8 +110,13 @@ def test_candidates_do_not_see_each_other(models):
 
 
 def _snapshot(model):
-    return {user: [t.clone() for t in (entry.items, *entry.keys, *entry.values, entry.last_output)]
-            for user, entry in ((u, model.cache.peek(u)) for u in model.cache.users())}
+    """Every cached user's events, keys / values of every layer and last output."""
+    snapshot = {}
+    for user in model.cache.users():
+        entry = model.peek(user)
+        rows = [t for layer in range(model.cache.num_layers) for t in model.cache.gather(user, layer)]
+        snapshot[user] = [t.clone() for t in (entry.items, *rows, entry.last_output)]
+    return snapshot
 
 
 def _same(a, b):
@@ -151,8 +156,9 @@ def test_lru_eviction_under_the_byte_budget(models):
     model = _fresh(models["retrieval"])
     one = UserEvents("x", torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3]))
     model.append([one])
-    size = model.cache.total_bytes
-    model.cache.max_bytes = 2 * size + size // 2  # room for two such users
+    size = model.cache.total_bytes  # one page
+    model = _fresh(model, cache_bytes=2 * size + size // 2)  # room for two such users
+    model.append([one])
     model.append([UserEvents("y", one.items, one.timestamps)])
     model.retrieve(["x"], k=2)  # x is now the most recently used
     evicted = model.append([UserEvents("z", one.items, one.timestamps)])
