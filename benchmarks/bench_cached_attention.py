@@ -14,7 +14,12 @@ visible (query, key) pair and head (the two GEMMs; masked pairs not counted). Pa
 * ``meta_triton``: ``triton_cached_hstu_mha`` over the concatenated K/V (the concatenation not timed; Meta's kernel
   takes the whole sequences in one buffer and the same number of new rows per user).
 
+``--paged P``: the cache is a pool of pages of P rows in a shuffled page order (as ``PagedKVCache`` leaves it after
+interleaved appends); the cached paths read it through the page table, the others get the same rows gathered into
+one contiguous buffer. ``--device``: the CUDA device to run on. Latencies: p50 and p99 of CUDA-event timings.
+
 Prints one JSON object with the card name. Run: python benchmarks/bench_cached_attention.py [--heads 4 --dim 128]
+[--paged 32] [--device cuda:0]
 """
 
 from __future__ import annotations
@@ -36,12 +41,20 @@ def meta_cached_attention():
     return triton_cached_hstu_mha
 
 
-def run_shape(users: int, history: int, candidates: int, heads: int, dim: int, dtype, reference_max_users: int):
+def percentiles_ms(fn, reps: int, warmup: int) -> tuple[float, float]:
+    """(p50, p99) of ``reps`` CUDA-event timings of fn() after ``warmup`` calls."""
+    time_ms(fn, reps=1, warmup=warmup)
+    samples = sorted(time_ms(fn, reps=1, warmup=0) for _ in range(reps))
+    return samples[len(samples) // 2], samples[min(reps - 1, round(0.99 * (reps - 1)))]
+
+
+def run_shape(users: int, history: int, candidates: int, heads: int, dim: int, dtype, reference_max_users: int,
+              dev: torch.device, page_size: int = 0):
     from hstu.ops import hstu_attention
     from hstu.ops.cached_attention import cached_attention_mask, cached_attention_reference, cached_hstu_attention
     from hstu.ops.cached_attention import cuda as cached_cuda
+    from hstu.ops.cached_attention import gather_pages
 
-    dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(users)
     whole = history + candidates
 
@@ -55,6 +68,14 @@ def run_shape(users: int, history: int, candidates: int, heads: int, dim: int, d
     targets = torch.full((users,), candidates, device=dev, dtype=torch.int32)
     alpha, scaling = 1.0 / math.sqrt(dim), whole
     kw = dict(alpha=alpha, scaling_seqlen=scaling, num_targets=targets)
+    cached_kw, pool_k, pool_v = kw, ck, cv  # what the cached paths read
+    if page_size:
+        per_user = -(-history // page_size)
+        pool_k, pool_v = rows(users * per_user * page_size), rows(users * per_user * page_size)
+        order = torch.randperm(users * per_user, device=dev, generator=g).to(torch.int32)
+        cached_kw = dict(kw, page_table=order.view(users, per_user), page_size=page_size)
+        ck = gather_pages(pool_k, cached_kw["page_table"], cache_offsets, page_size)
+        cv = gather_pages(pool_v, cached_kw["page_table"], cache_offsets, page_size)
     mask = cached_attention_mask(torch.full((1,), history), torch.full((1,), candidates), candidates, whole,
                                  num_targets=torch.full((1,), candidates))  # fmt: skip
     flops = 4.0 * dim * heads * users * float(mask.sum())
@@ -68,8 +89,10 @@ def run_shape(users: int, history: int, candidates: int, heads: int, dim: int, d
     full_flops = 4.0 * dim * heads * users * (history * (history + 1) / 2 + candidates * (history + 1))
 
     paths = {
-        "cached_kernel": (lambda: cached_cuda.forward(q, k, v, delta_offsets, ck, cv, cache_offsets, **kw), flops),
-        "cached_op": (lambda: cached_hstu_attention(q, k, v, delta_offsets, ck, cv, cache_offsets, **kw), flops),
+        "cached_kernel": (lambda: cached_cuda.forward(q, k, v, delta_offsets, pool_k, pool_v, cache_offsets,
+                                                      **cached_kw), flops),
+        "cached_op": (lambda: cached_hstu_attention(q, k, v, delta_offsets, pool_k, pool_v, cache_offsets,
+                                                    **cached_kw), flops),
         "recompute": (lambda: hstu_attention(fq, fk, fv, full_offsets, whole, alpha=alpha, scaling_seqlen=scaling,
                                              num_targets=targets), full_flops),
     }
@@ -82,15 +105,16 @@ def run_shape(users: int, history: int, candidates: int, heads: int, dim: int, d
         paths["meta_triton"] = (lambda: meta(N=whole, alpha=alpha, delta_q=fq_new, k=fk, v=fv, seq_offsets=full_offsets,
                                              num_targets=targets), flops)
     out = {"users": users, "history": history, "candidates": candidates, "heads": heads, "dim": dim,
-           "dtype": str(dtype).replace("torch.", "")}
+           "dtype": str(dtype).replace("torch.", ""), "page_size": page_size or None}
     with torch.no_grad():
         for name, (fn, f) in paths.items():
             try:
-                ms = time_ms(fn, reps=10 if name == "reference" else 50, warmup=3 if name == "reference" else 10)
+                ms, p99 = percentiles_ms(fn, reps=10 if name == "reference" else 50,
+                                         warmup=3 if name == "reference" else 10)
             except Exception as e:  # noqa: BLE001 - report a path that fails instead of losing the others
                 out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 continue
-            out[name] = {"ms": round(ms, 4), "tflops": round(f / ms / 1e9, 2)}
+            out[name] = {"ms": round(ms, 4), "p99_ms": round(p99, 4), "tflops": round(f / ms / 1e9, 2)}
     base = out.get("cached_kernel", {}).get("ms")
     if base:
         for name in ("recompute", "reference", "meta_triton"):
@@ -108,15 +132,25 @@ def main() -> None:
     parser.add_argument("--users", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--reference-max-users", type=int, default=64)
+    parser.add_argument("--device", default="cuda", help="the CUDA device (cuda or cuda:N)")
+    parser.add_argument("--paged", type=int, default=0, choices=[0, 16, 32, 64], metavar="PAGE_SIZE",
+                        help="read the cache through a page table of pages of PAGE_SIZE rows (0: contiguous)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_cached_attention: needs a CUDA GPU")
+    from hstu.inference.loading import resolve_device
+
+    try:
+        dev = resolve_device(args.device)
+    except ValueError as err:
+        raise SystemExit(f"bench_cached_attention: {err}") from None
+    if dev.type != "cuda":
+        raise SystemExit(f"bench_cached_attention: --device {args.device!r}: needs a CUDA GPU")
+    torch.cuda.set_device(dev)
     dtype = getattr(torch, args.dtype)
-    results = [run_shape(u, args.history, args.candidates, args.heads, args.dim, dtype, args.reference_max_users)
-               for u in args.users]
+    results = [run_shape(u, args.history, args.candidates, args.heads, args.dim, dtype, args.reference_max_users,
+                         dev, args.paged) for u in args.users]
     meta = meta_cached_attention() is not None
-    print(json.dumps({"card": torch.cuda.get_device_name(), "meta_triton_available": meta, "results": results},
-                     indent=1))
+    print(json.dumps({"card": torch.cuda.get_device_name(dev), "device": str(dev), "meta_triton_available": meta,
+                      "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ candidates; (b) batches of ``--batch-users`` users with ``--batch-history`` even
 candidates (``rank`` against ``rank_full``); retrieval models rank the catalogue (``retrieve`` against
 ``retrieve_full``; there are no candidates). The requests are drawn from the model's own tables (valid ids,
 increasing timestamps, a fixed seed), so any run directory works as it is, e.g. the synthetic runs of the README.
-Also reported: the latency of appending one event to a cached user.
+Also reported: the latency of appending one event to a cached user. ``--device cuda`` runs the model, its paged
+key / value cache and every request on the GPU (each request timed to its results on the device: the clock stops
+after a CUDA synchronize); the JSON names the card.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from hstu.inference.model import InferenceModel, UserEvents, load_inference_model
+from hstu.inference.model import DEFAULT_PAGE_SIZE, InferenceModel, UserEvents, load_inference_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=int, default=20, help="timed requests per measurement")
     bench.add_argument("--warmup", type=int, default=3, help="untimed requests before each measurement")
     bench.add_argument("--top-k", type=int, default=10, help="k of retrieval scoring")
+    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="compute / cache dtype (default: the run's training precision on the device)")
+    bench.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, choices=[16, 32, 64],
+                       help="rows per page of the key / value cache")
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
@@ -53,13 +60,20 @@ def _percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def measure(request: Callable[[], object], iterations: int, warmup: int, users: int) -> dict:
+def measure(request: Callable[[], object], iterations: int, warmup: int, users: int,
+            device: torch.device = torch.device("cpu")) -> dict:
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         request()
     samples = []
     for _ in range(iterations):
+        synchronize()
         started = time.perf_counter()
         request()
+        synchronize()
         samples.append(time.perf_counter() - started)
     total = sum(samples)
     return {"p50_ms": 1e3 * _percentile(samples, 0.5), "p99_ms": 1e3 * _percentile(samples, 0.99),
@@ -102,13 +116,13 @@ def _scenario(model: InferenceModel, name: str, users: list[str], history: int, 
               "candidates": args.candidates if model.ranking else None}
     for label, request in (("cached", cached), ("full_recompute", full)):
         print(f"[bench] {name}: timing {label} scoring ({args.iterations} requests)", flush=True)
-        result[label] = measure(request, args.iterations, args.warmup, len(users))
+        result[label] = measure(request, args.iterations, args.warmup, len(users), model.device)
     result["speedup_p50"] = result["full_recompute"]["p50_ms"] / result["cached"]["p50_ms"]
     return result
 
 
 def _append_latency(model: InferenceModel, user: str, args, generator) -> dict:
-    cache = model.cache.peek(user)
+    cache = model.peek(user)
     budget = model.cache.max_tokens - cache.num_tokens
     steps = min(args.iterations + args.warmup, budget // (2 if model.ranking else 1))
     if steps <= args.warmup:
@@ -121,7 +135,7 @@ def _append_latency(model: InferenceModel, user: str, args, generator) -> dict:
         model.append([UserEvents(user, torch.randint(1, model.table_sizes["item"], (1,), generator=generator),
                                  torch.tensor([t]), actions)])
 
-    return measure(append_one, steps - args.warmup, args.warmup, 1)
+    return measure(append_one, steps - args.warmup, args.warmup, 1, model.device)
 
 
 def bench(args) -> dict:
@@ -131,12 +145,14 @@ def bench(args) -> dict:
     if args.threads:
         torch.set_num_threads(_positive("threads", args.threads))
     print(f"[bench] loading {args.checkpoint}", flush=True)
-    model = load_inference_model(args.checkpoint)
+    model = load_inference_model(args.checkpoint, device=args.device, dtype=args.dtype, page_size=args.page_size)
     per_event = 2 if model.ranking else 1
     most = (model.cache.max_tokens - model.num_contextual) // per_event
     generator = torch.Generator().manual_seed(args.seed)
     results = {"task": model.task, "max_history_events": most, "incremental_appends": model.incremental,
-               "threads": torch.get_num_threads(), "device": "cpu"}
+               "threads": torch.get_num_threads(), "device": str(model.device),
+               "card": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
+               "dtype": str(model.dtype).replace("torch.", ""), "page_size": model.cache.page_size}
     history = min(args.history, most)
     if history < args.history:
         print(f"[bench] (a): the model takes at most {most} events per user: history {args.history} -> {history}",
@@ -150,7 +166,8 @@ def bench(args) -> dict:
 
 
 def _report(results: dict) -> str:
-    lines = [f"task {results['task']}, {results['threads']} CPU threads; appends "
+    lines = [f"task {results['task']} on {results['card']} ({results['dtype']}, pages of {results['page_size']} "
+             f"rows), {results['threads']} CPU threads; appends "
              f"{'extend the cache' if results['incremental_appends'] else 'rebuild the cache (model needs it)'}"]
     for key in ("a_one_user", "b_batch"):
         r = results[key]

@@ -23,9 +23,10 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-def build_inference_model(config: str, data_dir, overrides=(), cache_bytes=None, seed=0) -> InferenceModel:
+def build_inference_model(config: str, data_dir, overrides=(), cache_bytes=None, seed=0, page_size=32,
+                          dtype=torch.float32, device="cpu") -> InferenceModel:
     """The task's model of ``configs/<config>`` (random weights: the biases and norms perturbed so that every
-    parameter matters) wrapped for inference."""
+    parameter matters) on ``device``, wrapped for inference in ``dtype``."""
     args = parse_gin([os.path.join(ROOT, "configs", config)],
                      [f"DatasetArgs.dataset_dir='{data_dir}'", *SMALL, *overrides])
     task = "ranking" if "ranking" in config else "retrieval"
@@ -35,4 +36,4 @@ def build_inference_model(config: str, data_dir, overrides=(), cache_bytes=None,
         for name, parameter in model.named_parameters():
             if "embeddings" not in name:
                 parameter.add_(0.05 * torch.randn_like(parameter))
-    return InferenceModel(model, task, cache_bytes=cache_bytes)
+    return InferenceModel(model.to(device), task, cache_bytes=cache_bytes, page_size=page_size, dtype=dtype)
